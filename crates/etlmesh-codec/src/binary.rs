@@ -1,0 +1,218 @@
+//! Typed inputs: Parquet and Arrow IPC. Their rows are already typed; when a schema is
+//! declared, [`conform`] casts each column to it and rejects the rows whose values do
+//! not fit, instead of failing the whole batch.
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::Path;
+use std::sync::Arc;
+
+use arrow::array::{Array, ArrayRef, BooleanArray, RecordBatch, new_null_array};
+use arrow::compute::{CastOptions, cast_with_options, filter_record_batch};
+use arrow::datatypes::SchemaRef;
+use arrow::ipc::reader::{FileReader, StreamReader};
+use bytes::Bytes;
+use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
+
+use crate::CodecError;
+use crate::record::{DecodedBatch, Provenance, Reject, Stage};
+
+/// Casts `batch` to `target` by column name. Rows with a value that does not cast, or
+/// a null in a required field, are returned as rejects and left out.
+pub fn conform(batch: &RecordBatch, target: &SchemaRef, prov: &Provenance) -> (Option<DecodedBatch>, Vec<Reject>) {
+    if batch.schema() == *target {
+        return (Some(DecodedBatch { batch: batch.clone(), provenance: prov.clone() }), Vec::new());
+    }
+    let rows = batch.num_rows();
+    let mut bad: Vec<Option<(String, String)>> = vec![None; rows];
+    let opts = CastOptions { safe: true, ..Default::default() };
+    let mut columns: Vec<ArrayRef> = Vec::with_capacity(target.fields().len());
+    for field in target.fields() {
+        let col = match batch.schema().index_of(field.name()) {
+            Ok(i) => {
+                let src = batch.column(i);
+                let cast = if src.data_type() == field.data_type() {
+                    Ok(src.clone())
+                } else {
+                    cast_with_options(src, field.data_type(), &opts)
+                };
+                match cast {
+                    Ok(c) => {
+                        for r in 0..rows {
+                            if bad[r].is_none() && c.is_null(r) && !src.is_null(r) {
+                                let value = arrow::util::display::array_value_to_string(src, r).unwrap_or_default();
+                                bad[r] = Some((
+                                    field.name().clone(),
+                                    format!(
+                                        "cannot read {} ({}) as {}",
+                                        crate::decode::show(value.as_bytes()),
+                                        crate::schema::type_name(src.data_type()),
+                                        crate::schema::type_name(field.data_type())
+                                    ),
+                                ));
+                            }
+                        }
+                        c
+                    }
+                    Err(e) => {
+                        let reason = format!(
+                            "cannot cast {} to {}: {e}",
+                            crate::schema::type_name(src.data_type()),
+                            crate::schema::type_name(field.data_type())
+                        );
+                        for b in bad.iter_mut().filter(|b| b.is_none()) {
+                            *b = Some((field.name().clone(), reason.clone()));
+                        }
+                        new_null_array(field.data_type(), rows)
+                    }
+                }
+            }
+            Err(_) => new_null_array(field.data_type(), rows),
+        };
+        if !field.is_nullable() {
+            for (r, b) in bad.iter_mut().enumerate() {
+                if b.is_none() && col.is_null(r) {
+                    *b = Some((field.name().clone(), "is required but missing".into()));
+                }
+            }
+        }
+        columns.push(col);
+    }
+    let mut rejects = Vec::new();
+    for (r, b) in bad.iter().enumerate() {
+        if let Some((field, reason)) = b {
+            rejects.push(prov.reject(batch, r, Stage::Cast, reason.clone()).in_field(field.clone()));
+        }
+    }
+    let Ok(cast) = RecordBatch::try_new(target.clone(), columns) else {
+        let all = (0..rows).map(|r| prov.reject(batch, r, Stage::Cast, "does not fit the schema")).collect();
+        return (None, all);
+    };
+    if rejects.is_empty() {
+        return (Some(DecodedBatch { batch: cast, provenance: prov.clone() }), rejects);
+    }
+    // Kept rows are no longer contiguous: their provenance becomes per-row JSON.
+    let keep = BooleanArray::from(bad.iter().map(Option::is_none).collect::<Vec<_>>());
+    let kept = filter_record_batch(&cast, &keep).ok().map(|b| DecodedBatch {
+        batch: b,
+        provenance: Provenance::Rows { source: source_of(prov), first_row: 0 },
+    });
+    (kept.filter(|k| k.batch.num_rows() > 0), rejects)
+}
+
+fn source_of(p: &Provenance) -> Arc<str> {
+    match p {
+        Provenance::Text { source, .. } | Provenance::Rows { source, .. } => source.clone(),
+    }
+}
+
+/// A Parquet file's schema and row groups.
+pub struct ParquetFile {
+    /// The file.
+    pub path: Arc<str>,
+    /// Its Arrow schema.
+    pub schema: SchemaRef,
+    /// Rows in each row group.
+    pub row_group_rows: Vec<u64>,
+}
+
+impl ParquetFile {
+    /// Reads a file's footer.
+    pub fn open(path: &Path) -> Result<Self, CodecError> {
+        let name: Arc<str> = Arc::from(path.display().to_string());
+        let file = File::open(path).map_err(|e| CodecError::Io { input: name.to_string(), error: e })?;
+        let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| parquet_error(&name, e))?;
+        let row_group_rows = builder.metadata().row_groups().iter().map(|rg| rg.num_rows() as u64).collect();
+        Ok(Self { path: name, schema: builder.schema().clone(), row_group_rows })
+    }
+
+    /// A reader over some row groups.
+    pub fn read_groups(&self, groups: Vec<usize>, batch_size: usize) -> Result<ParquetRecordBatchReader, CodecError> {
+        let file = File::open(&*self.path).map_err(|e| CodecError::Io { input: self.path.to_string(), error: e })?;
+        ParquetRecordBatchReaderBuilder::try_new(file)
+            .and_then(|b| b.with_row_groups(groups).with_batch_size(batch_size).build())
+            .map_err(|e| parquet_error(&self.path, e))
+    }
+
+    /// The 1-based number of the first record of row group `g`.
+    pub fn first_row_of(&self, g: usize) -> u64 {
+        self.row_group_rows[..g].iter().sum::<u64>() + 1
+    }
+}
+
+fn parquet_error(source: &str, e: parquet::errors::ParquetError) -> CodecError {
+    CodecError::Input {
+        input: source.to_string(),
+        message: format!("not a readable Parquet file: {e}"),
+        help: "check that the file is complete Parquet, or set the source's format".into(),
+    }
+}
+
+fn ipc_error(source: &str, e: arrow::error::ArrowError) -> CodecError {
+    CodecError::Input {
+        input: source.to_string(),
+        message: format!("not a readable Arrow IPC stream or file: {e}"),
+        help: "send an Arrow IPC stream (or file), or set the format".into(),
+    }
+}
+
+/// Batches from an Arrow IPC input, file or stream format (told apart by the magic).
+pub fn ipc_batches<R: Read + Seek + Send + 'static>(
+    mut reader: R,
+    source: &str,
+) -> Result<(SchemaRef, Box<dyn Iterator<Item = Result<RecordBatch, CodecError>> + Send>), CodecError> {
+    let mut magic = [0u8; 6];
+    let n = reader.read(&mut magic).map_err(|e| CodecError::Io { input: source.into(), error: e })?;
+    reader.seek(SeekFrom::Start(0)).map_err(|e| CodecError::Io { input: source.into(), error: e })?;
+    let src = source.to_string();
+    if n == 6 && &magic == b"ARROW1" {
+        let r = FileReader::try_new(reader, None).map_err(|e| ipc_error(source, e))?;
+        let schema = r.schema();
+        Ok((schema, Box::new(r.map(move |b| b.map_err(|e| ipc_error(&src, e))))))
+    } else {
+        let r = StreamReader::try_new(reader, None).map_err(|e| ipc_error(source, e))?;
+        let schema = r.schema();
+        Ok((schema, Box::new(r.map(move |b| b.map_err(|e| ipc_error(&src, e))))))
+    }
+}
+
+/// Batches from an in-memory Parquet body.
+pub fn parquet_body(
+    body: Bytes,
+    source: &str,
+    batch_size: usize,
+) -> Result<(SchemaRef, ParquetRecordBatchReader), CodecError> {
+    let b = ParquetRecordBatchReaderBuilder::try_new(body).map_err(|e| parquet_error(source, e))?;
+    let schema = b.schema().clone();
+    let r = b.with_batch_size(batch_size).build().map_err(|e| parquet_error(source, e))?;
+    Ok((schema, r))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{AsArray, Int64Array, StringArray};
+    use arrow::datatypes::{DataType, Field, Float64Type, Schema};
+
+    #[test]
+    fn conform_rejects_only_bad_rows() {
+        let src = RecordBatch::try_from_iter(vec![
+            ("id", Arc::new(Int64Array::from(vec![1, 2, 3])) as ArrayRef),
+            ("t", Arc::new(StringArray::from(vec![Some("1.5"), Some("hot"), None])) as ArrayRef),
+        ])
+        .expect("batch");
+        let target = Arc::new(Schema::new(vec![
+            Field::new("t", DataType::Float64, true),
+            Field::new("id", DataType::Utf8, false),
+        ]));
+        let prov = Provenance::Rows { source: Arc::from("in.parquet"), first_row: 1 };
+        let (kept, rejects) = conform(&src, &target, &prov);
+        let kept = kept.expect("rows kept");
+        assert_eq!(kept.batch.num_rows(), 2);
+        assert_eq!(kept.batch.column(0).as_primitive::<Float64Type>().value(0), 1.5);
+        assert_eq!(rejects.len(), 1);
+        assert_eq!(rejects[0].row, Some(2));
+        assert_eq!(rejects[0].field.as_deref(), Some("t"));
+        assert_eq!(&rejects[0].raw[..], br#"{"id":2,"t":"hot"}"#);
+    }
+}

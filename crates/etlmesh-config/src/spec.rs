@@ -1,0 +1,511 @@
+//! Checked, typed specifications built from the raw file. Everything the runtime reads
+//! comes from here; nothing downstream sees a raw YAML value.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::raw::{RawCsv, RawFile, RawPipeline, RawSink, RawSinkKind, RawSource, RawSourceKind};
+use crate::types::{FieldSpec, Format};
+use crate::{OnError, diag::Diagnostic};
+
+/// Settings of the platform, shared by every pipeline of the file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Platform {
+    /// Memory the SQL engine may hold before it spills to disk.
+    pub memory_limit: u64,
+    /// Worker threads; 0 means one per core.
+    pub threads: usize,
+    /// Records per batch.
+    pub batch_size: usize,
+    /// The longest record (a CSV or NDJSON line, a JSON element) accepted; longer ones
+    /// are rejected without being read whole.
+    pub max_record_bytes: u64,
+    /// Bytes read from an input at a time (the unit of parallel decoding).
+    pub read_chunk: u64,
+    /// Where the SQL engine spills; the system temporary directory when unset.
+    pub spill_dir: Option<PathBuf>,
+    /// Period of progress log lines when the output is not a terminal.
+    pub progress_interval: Duration,
+}
+
+impl Default for Platform {
+    fn default() -> Self {
+        Self {
+            memory_limit: 1 << 30,
+            threads: 0,
+            batch_size: 65_536,
+            max_record_bytes: 1 << 20,
+            read_chunk: 4 << 20,
+            spill_dir: None,
+            progress_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+impl Platform {
+    /// The number of threads to use.
+    pub fn effective_threads(&self) -> usize {
+        if self.threads > 0 {
+            self.threads
+        } else {
+            std::thread::available_parallelism().map_or(2, |n| n.get())
+        }
+    }
+}
+
+/// One declared pipeline.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PipelineSpec {
+    /// Its name (the key under `pipelines`).
+    pub name: String,
+    /// Free text.
+    pub description: Option<String>,
+    /// Where records come from when the pipeline runs as a job.
+    pub source: SourceSpec,
+    /// The declared schema; inferred from a sample when absent.
+    pub schema: Option<Vec<FieldSpec>>,
+    /// SQL over the table `input`.
+    pub transform: String,
+    /// Where transformed records go.
+    pub sinks: Vec<SinkSpec>,
+    /// Where bad records go.
+    pub dead_letter: Option<DeadLetterSpec>,
+    /// What to do with a bad record.
+    pub on_error: OnError,
+}
+
+/// Where a pipeline reads from in a batch job.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SourceSpec {
+    /// File or standard input.
+    pub kind: SourceKind,
+    /// The format; from the file extension when absent.
+    pub format: Option<Format>,
+    /// CSV settings.
+    pub csv: CsvOptions,
+    /// Records sampled to infer a schema.
+    pub infer_rows: usize,
+}
+
+impl Default for SourceSpec {
+    fn default() -> Self {
+        Self {
+            kind: SourceKind::File { path: None },
+            format: None,
+            csv: CsvOptions::default(),
+            infer_rows: 1000,
+        }
+    }
+}
+
+/// The kinds of batch source.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourceKind {
+    /// Files: a path, a directory or a glob (`data/*.csv`); command-line inputs override it.
+    File {
+        /// The path or pattern.
+        path: Option<String>,
+    },
+    /// Standard input.
+    Stdin,
+}
+
+/// How CSV is read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CsvOptions {
+    /// The first line names the columns.
+    pub header: bool,
+    /// Field separator.
+    pub delimiter: u8,
+    /// Quote character.
+    pub quote: u8,
+    /// Escape character inside quotes (doubled quotes are always accepted).
+    pub escape: Option<u8>,
+    /// Field values read as null (the empty field always is, except in text columns).
+    pub null_values: Vec<String>,
+}
+
+impl Default for CsvOptions {
+    fn default() -> Self {
+        Self {
+            header: true,
+            delimiter: b',',
+            quote: b'"',
+            escape: None,
+            null_values: Vec::new(),
+        }
+    }
+}
+
+/// Parquet compression.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    /// zstd at the given level.
+    Zstd(i32),
+    /// Snappy.
+    Snappy,
+    /// LZ4 (raw).
+    Lz4,
+    /// None.
+    None,
+}
+
+/// A sink.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SinkSpec {
+    /// Files in a directory.
+    File(FileSinkSpec),
+    /// Standard output.
+    Stdout {
+        /// The encoding.
+        format: Format,
+    },
+}
+
+impl SinkSpec {
+    /// A short description for logs: `parquet:out/clean` or `stdout:ndjson`.
+    pub fn describe(&self) -> String {
+        match self {
+            SinkSpec::File(f) => format!("{}:{}", f.format, f.path.display()),
+            SinkSpec::Stdout { format } => format!("stdout:{format}"),
+        }
+    }
+}
+
+/// Files written into a directory, atomically.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FileSinkSpec {
+    /// The directory.
+    pub path: PathBuf,
+    /// The encoding.
+    pub format: Format,
+    /// Hive-style partition columns (`device_id=d1/part-….parquet`).
+    pub partition_by: Vec<String>,
+    /// Parquet compression.
+    pub compression: Compression,
+    /// Rows per Parquet row group.
+    pub row_group_rows: usize,
+    /// CSV header line.
+    pub header: bool,
+    /// CSV delimiter.
+    pub delimiter: u8,
+    /// Open partition files at most; the least recently used is finished past it.
+    pub max_open_files: usize,
+}
+
+/// Where bad records go: NDJSON files in a directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetterSpec {
+    /// The directory.
+    pub path: PathBuf,
+}
+
+/// The pipelines and platform settings of one file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Spec {
+    /// Platform settings.
+    pub platform: Platform,
+    /// Pipelines in file order.
+    pub pipelines: Vec<PipelineSpec>,
+}
+
+/// Turns the raw file into specs; every problem becomes a diagnostic with its field path.
+pub(crate) fn resolve(raw: RawFile, file: &PathBuf, out: &mut Vec<Diagnostic>) -> Spec {
+    let d = |field: String, msg: String| Diagnostic::new(file.clone(), field, msg);
+    let p = raw.platform;
+    let defaults = Platform::default();
+    let mut platform = Platform {
+        memory_limit: p.memory_limit.map_or(defaults.memory_limit, |s| s.0),
+        threads: p.threads.unwrap_or(0),
+        batch_size: p.batch_size.unwrap_or(defaults.batch_size),
+        max_record_bytes: p.max_record_bytes.map_or(defaults.max_record_bytes, |s| s.0),
+        read_chunk: p.read_chunk.map_or(defaults.read_chunk, |s| s.0),
+        spill_dir: p.spill_dir,
+        progress_interval: p.progress_interval.map_or(defaults.progress_interval, |s| s.0),
+    };
+    if platform.batch_size == 0 {
+        out.push(d("platform.batch_size".into(), "must be at least 1".into()).with_help("try 65536"));
+        platform.batch_size = defaults.batch_size;
+    }
+    if platform.memory_limit < (16 << 20) {
+        out.push(
+            d("platform.memory_limit".into(), "is below 16MiB, too little for the SQL engine".into())
+                .with_help("give at least 64MiB; the engine spills to disk past the limit"),
+        );
+    }
+    if platform.max_record_bytes < 64 {
+        out.push(d("platform.max_record_bytes".into(), "must be at least 64 bytes".into()));
+    }
+    if platform.read_chunk < platform.max_record_bytes.min(64 << 10) {
+        out.push(d("platform.read_chunk".into(), "must be at least 64KiB".into()));
+    }
+
+    if raw.pipelines.is_empty() {
+        out.push(
+            d("pipelines".into(), "the file declares no pipeline".into())
+                .with_help("add one under `pipelines:`; see examples/iot.yaml"),
+        );
+    }
+    let pipelines = raw
+        .pipelines
+        .into_iter()
+        .map(|(name, rp)| resolve_pipeline(name, rp, file, out))
+        .collect();
+    Spec { platform, pipelines }
+}
+
+fn resolve_pipeline(name: String, rp: RawPipeline, file: &PathBuf, out: &mut Vec<Diagnostic>) -> PipelineSpec {
+    let base = format!("pipelines.{name}");
+    let d = |field: &str, msg: String| Diagnostic::new(file.clone(), format!("{base}.{field}"), msg);
+    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+        out.push(
+            Diagnostic::new(file.clone(), base.clone(), format!("`{name}` is not a valid pipeline name"))
+                .with_help("use letters, digits, `_` and `-`"),
+        );
+    }
+    let source = rp
+        .source
+        .map(|s| resolve_source(s, &format!("{base}.source"), file, out))
+        .unwrap_or_default();
+
+    let schema = rp.schema.map(|fields| {
+        if fields.is_empty() {
+            out.push(d("schema", "is empty".into()).with_help("list the fields, or remove `schema` to infer it"));
+        }
+        fields
+            .into_iter()
+            .map(|(name, f)| FieldSpec { name, ty: f.ty, nullable: f.nullable })
+            .collect::<Vec<_>>()
+    });
+
+    let transform = match rp.transform {
+        Some(sql) if !sql.trim().is_empty() => sql,
+        Some(_) => {
+            out.push(d("transform", "is empty".into()).with_help("write SQL over the table `input`, or remove the key to pass records through"));
+            "SELECT * FROM input".into()
+        }
+        None => "SELECT * FROM input".into(),
+    };
+
+    if rp.sinks.is_empty() {
+        out.push(
+            d("sinks", "the pipeline has no sink".into())
+                .with_help("add one, for example `sinks: [{ type: parquet, path: out/clean }]`"),
+        );
+    }
+    let sinks = rp
+        .sinks
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, s)| resolve_sink(s, &format!("{base}.sinks[{i}]"), file, out))
+        .collect();
+
+    let dead_letter = rp.dead_letter.map(|dl| crate::spec::DeadLetterSpec { path: dl.path });
+    let on_error = match (rp.on_error, &dead_letter) {
+        (Some(OnError::DeadLetter), None) => {
+            out.push(
+                d("on_error", "is dead_letter, but the pipeline has no dead_letter sink".into())
+                    .with_help("add `dead_letter: { type: ndjson, path: out/dead_letter }`, or set `on_error: fail`"),
+            );
+            OnError::Fail
+        }
+        (Some(policy), _) => policy,
+        (None, Some(_)) => OnError::DeadLetter,
+        (None, None) => OnError::Fail,
+    };
+
+    PipelineSpec {
+        name,
+        description: rp.description,
+        source,
+        schema,
+        transform,
+        sinks,
+        dead_letter,
+        on_error,
+    }
+}
+
+fn single_byte(value: &str, field: String, file: &PathBuf, out: &mut Vec<Diagnostic>) -> Option<u8> {
+    let v = match value {
+        "\\t" | "tab" => "\t",
+        other => other,
+    };
+    if v.len() == 1 && v.is_ascii() {
+        Some(v.as_bytes()[0])
+    } else {
+        out.push(
+            Diagnostic::new(file.clone(), field, format!("`{value}` is not a single ASCII character"))
+                .with_help("write one character, such as \",\", \";\" or \"\\t\""),
+        );
+        None
+    }
+}
+
+fn resolve_csv(c: RawCsv, base: &str, file: &PathBuf, out: &mut Vec<Diagnostic>) -> CsvOptions {
+    let def = CsvOptions::default();
+    CsvOptions {
+        header: c.header.unwrap_or(def.header),
+        delimiter: c
+            .delimiter
+            .and_then(|v| single_byte(&v, format!("{base}.delimiter"), file, out))
+            .unwrap_or(def.delimiter),
+        quote: c
+            .quote
+            .and_then(|v| single_byte(&v, format!("{base}.quote"), file, out))
+            .unwrap_or(def.quote),
+        escape: c.escape.and_then(|v| single_byte(&v, format!("{base}.escape"), file, out)),
+        null_values: c.null.unwrap_or_default(),
+    }
+}
+
+fn resolve_source(s: RawSource, base: &str, file: &PathBuf, out: &mut Vec<Diagnostic>) -> SourceSpec {
+    let kind = match s.kind {
+        RawSourceKind::File => SourceKind::File { path: s.path },
+        RawSourceKind::Stdin => {
+            if s.path.is_some() {
+                out.push(
+                    Diagnostic::new(file.clone(), format!("{base}.path"), "is not used by a stdin source")
+                        .with_help("remove it, or use `type: file`"),
+                );
+            }
+            if s.format.is_none() {
+                out.push(
+                    Diagnostic::new(file.clone(), format!("{base}.format"), "is required for a stdin source")
+                        .with_help("add `format: csv` (or ndjson, json, parquet, arrow)"),
+                );
+            }
+            SourceKind::Stdin
+        }
+    };
+    SourceSpec {
+        kind,
+        format: s.format,
+        csv: resolve_csv(s.csv.unwrap_or_default(), &format!("{base}.csv"), file, out),
+        infer_rows: s.infer_rows.unwrap_or(1000).max(1),
+    }
+}
+
+fn parse_compression(v: &str) -> Option<Compression> {
+    let v = v.to_ascii_lowercase();
+    if let Some(level) = v.strip_prefix("zstd") {
+        let level = level.trim_start_matches([':', '(', '-']).trim_end_matches(')');
+        return if level.is_empty() {
+            Some(Compression::Zstd(1))
+        } else {
+            level.parse().ok().filter(|l| (1..=22).contains(l)).map(Compression::Zstd)
+        };
+    }
+    match v.as_str() {
+        "snappy" => Some(Compression::Snappy),
+        "lz4" => Some(Compression::Lz4),
+        "none" | "uncompressed" => Some(Compression::None),
+        _ => None,
+    }
+}
+
+fn resolve_sink(s: RawSink, base: &str, file: &PathBuf, out: &mut Vec<Diagnostic>) -> Option<SinkSpec> {
+    let d = |field: &str, msg: String| Diagnostic::new(file.clone(), format!("{base}.{field}"), msg);
+    let not_for = |field: &str, kind: &str, out: &mut Vec<Diagnostic>| {
+        out.push(d(field, format!("is not a setting of a `{kind}` sink")).with_help("remove it"));
+    };
+    let format = match s.kind {
+        RawSinkKind::Stdout => {
+            for (set, field) in [
+                (s.path.is_some(), "path"),
+                (s.partition_by.is_some(), "partition_by"),
+                (s.compression.is_some(), "compression"),
+                (s.max_open_files.is_some(), "max_open_files"),
+                (s.row_group_rows.is_some(), "row_group_rows"),
+            ] {
+                if set {
+                    not_for(field, "stdout", out);
+                }
+            }
+            let format = s.format.unwrap_or(Format::Ndjson);
+            if matches!(format, Format::Parquet | Format::Json) {
+                out.push(
+                    d("format", format!("stdout cannot stream `{format}`"))
+                        .with_help("use ndjson, csv or arrow on stdout, or a file sink for parquet"),
+                );
+            }
+            return Some(SinkSpec::Stdout { format });
+        }
+        RawSinkKind::Parquet => Format::Parquet,
+        RawSinkKind::Csv => Format::Csv,
+        RawSinkKind::Ndjson => Format::Ndjson,
+        RawSinkKind::Arrow => Format::Arrow,
+    };
+    if s.format.is_some() {
+        out.push(
+            d("format", "is set by the sink type".into()).with_help("remove it; `type: parquet` already says the format"),
+        );
+    }
+    if format != Format::Parquet {
+        if s.compression.is_some() {
+            not_for("compression", &format.to_string(), out);
+        }
+        if s.row_group_rows.is_some() {
+            not_for("row_group_rows", &format.to_string(), out);
+        }
+    }
+    if format != Format::Csv {
+        if s.header.is_some() {
+            not_for("header", &format.to_string(), out);
+        }
+        if s.delimiter.is_some() {
+            not_for("delimiter", &format.to_string(), out);
+        }
+    }
+    let Some(path) = s.path else {
+        out.push(
+            d("path", "is required for a file sink".into())
+                .with_help(format!("add `path: out/{}`, the directory the files go into", format.extension())),
+        );
+        return None;
+    };
+    let partition_by = s.partition_by.unwrap_or_default();
+    for (i, col) in partition_by.iter().enumerate() {
+        if col.is_empty() || partition_by[..i].contains(col) {
+            out.push(d(&format!("partition_by[{i}]"), format!("`{col}` is empty or repeated")));
+        }
+    }
+    let compression = match s.compression.as_deref() {
+        None => Compression::Zstd(1),
+        Some(v) => parse_compression(v).unwrap_or_else(|| {
+            out.push(
+                d("compression", format!("`{v}` is not a Parquet compression"))
+                    .with_help("use zstd, zstd(1..22), snappy, lz4 or none"),
+            );
+            Compression::Zstd(1)
+        }),
+    };
+    let delimiter = s
+        .delimiter
+        .and_then(|v| single_byte(&v, format!("{base}.delimiter"), file, out))
+        .unwrap_or(b',');
+    Some(SinkSpec::File(FileSinkSpec {
+        path,
+        format,
+        partition_by,
+        compression,
+        row_group_rows: s.row_group_rows.unwrap_or(1 << 20).max(1),
+        header: s.header.unwrap_or(true),
+        delimiter,
+        max_open_files: s.max_open_files.unwrap_or(256).max(1),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compression_names() {
+        assert_eq!(parse_compression("zstd"), Some(Compression::Zstd(1)));
+        assert_eq!(parse_compression("zstd(9)"), Some(Compression::Zstd(9)));
+        assert_eq!(parse_compression("snappy"), Some(Compression::Snappy));
+        assert_eq!(parse_compression("zstd(99)"), None);
+        assert_eq!(parse_compression("gzip"), None);
+    }
+}
