@@ -1,1 +1,171 @@
-//! placeholder
+//! Sinks: where a pipeline's rows and its dead letters go.
+//!
+//! Every sink writes atomically: data goes to hidden temporary files (`.name.tmp`)
+//! next to their final place, and [`Sink::commit`] renames them when the run
+//! succeeds; [`Sink::abort`] removes them when it fails. A crash never leaves a
+//! half-written file under a final name.
+//!
+//! - [`file::FileSink`]: CSV, NDJSON, Parquet or Arrow files in a directory,
+//!   optionally Hive-partitioned (`device_id=d1/part-….parquet`).
+//! - [`stdout::StdoutSink`]: the encoded rows on standard output, written at commit.
+//! - [`dead_letter::DeadLetterSink`]: rejected records as NDJSON with their origin
+//!   and reason.
+//!
+//! [`build`] is the one list of sink kinds.
+
+pub mod dead_letter;
+pub mod file;
+mod partition;
+pub mod stdout;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow::array::RecordBatch;
+use arrow::datatypes::SchemaRef;
+use etlmesh_config::SinkSpec;
+
+/// Errors of sinks.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    /// A directory or file cannot be written.
+    #[error("sink {sink}: cannot write to {path}: {error}\n  help: {help}")]
+    Io {
+        /// The sink.
+        sink: String,
+        /// The path.
+        path: PathBuf,
+        /// The error.
+        error: std::io::Error,
+        /// What to do.
+        help: String,
+    },
+    /// The settings do not fit the data.
+    #[error("sink {sink}: {message}")]
+    Config {
+        /// The sink.
+        sink: String,
+        /// What is wrong, and what to do.
+        message: String,
+    },
+    /// Encoding failed.
+    #[error("sink {sink}: {error}")]
+    Encode {
+        /// The sink.
+        sink: String,
+        /// The error.
+        error: etlmesh_codec::CodecError,
+    },
+}
+
+pub(crate) fn io_error(sink: &str, path: &Path, error: std::io::Error) -> SinkError {
+    let help = match error.kind() {
+        std::io::ErrorKind::PermissionDenied => "fix the directory's permissions, or choose another path".to_string(),
+        std::io::ErrorKind::NotADirectory | std::io::ErrorKind::AlreadyExists => {
+            "a file stands where a directory is needed; choose another path".to_string()
+        }
+        std::io::ErrorKind::StorageFull => "free some disk space".to_string(),
+        _ => "check that the path is a directory you can write to".to_string(),
+    };
+    SinkError::Io { sink: sink.to_string(), path: path.to_path_buf(), error, help }
+}
+
+/// What a commit made visible.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Committed {
+    /// Files now under their final names.
+    pub files: Vec<PathBuf>,
+    /// Bytes in them.
+    pub bytes: u64,
+}
+
+/// A destination of rows.
+pub trait Sink: Send + Sync {
+    /// For logs: `parquet:out/clean`.
+    fn describe(&self) -> String;
+    /// A writer for one worker thread; each writes its own files.
+    fn writer(&self) -> Result<Box<dyn SinkWriter>, SinkError>;
+    /// Makes everything written visible under final names.
+    fn commit(&self) -> Result<Committed, SinkError>;
+    /// Removes everything written.
+    fn abort(&self);
+}
+
+/// Writes one worker's rows.
+pub trait SinkWriter: Send {
+    /// Writes rows.
+    fn write(&mut self, batch: &RecordBatch) -> Result<(), SinkError>;
+    /// Finishes this writer's files (they still wait for the sink's commit).
+    fn close(self: Box<Self>) -> Result<(), SinkError>;
+}
+
+/// A name unique to one run, used in file names: `20261126T105501Z-1a2b3c`.
+pub fn run_id() -> String {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let secs = now.as_secs() as i64;
+    let days = secs.div_euclid(86_400);
+    let (y, m, d) = civil_from_days(days);
+    let t = secs.rem_euclid(86_400);
+    let salt = (now.subsec_nanos() ^ std::process::id().rotate_left(16)) & 0xff_ffff;
+    format!("{y:04}{m:02}{d:02}T{:02}{:02}{:02}Z-{salt:06x}", t / 3600, t / 60 % 60, t % 60)
+}
+
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+/// Builds the sink a spec describes, for rows of `schema`. This is the one list of
+/// sink kinds.
+pub fn build(spec: &SinkSpec, schema: &SchemaRef, run_id: &str) -> Result<Arc<dyn Sink>, SinkError> {
+    Ok(match spec {
+        SinkSpec::File(f) => Arc::new(file::FileSink::create(f.clone(), schema.clone(), run_id)?),
+        SinkSpec::Stdout { format } => Arc::new(stdout::StdoutSink::create(*format, schema.clone(), run_id)?),
+    })
+}
+
+/// Checks, without writing anything, that a file sink's directory could be created
+/// and written: the nearest existing ancestor must be a writable directory.
+pub fn check_writable(spec: &SinkSpec) -> Result<(), SinkError> {
+    let SinkSpec::File(f) = spec else { return Ok(()) };
+    let sink = spec.describe();
+    let mut p: &Path = &f.path;
+    loop {
+        match std::fs::metadata(p) {
+            Ok(m) if m.is_dir() => {
+                return if m.permissions().readonly() {
+                    Err(io_error(&sink, p, std::io::Error::from(std::io::ErrorKind::PermissionDenied)))
+                } else {
+                    Ok(())
+                };
+            }
+            Ok(_) => return Err(io_error(&sink, p, std::io::Error::from(std::io::ErrorKind::NotADirectory))),
+            Err(_) => match p.parent() {
+                Some(parent) if !parent.as_os_str().is_empty() => p = parent,
+                _ => return Ok(()),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_ids_look_like_timestamps() {
+        let id = run_id();
+        assert_eq!(id.len(), 23, "{id}");
+        assert!(id.starts_with("20"), "{id}");
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(19782), (2024, 2, 29));
+    }
+}
