@@ -1,1 +1,98 @@
-//! placeholder
+//! The `etlmesh` command line: argument types and one module per subcommand. The
+//! binary only parses arguments, sets up logging and calls [`execute`].
+
+mod demo;
+mod generate;
+mod run;
+mod sql_diag;
+mod validate;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// etlmesh: an ETL platform with its own service mesh.
+#[derive(Debug, Parser)]
+#[command(name = "etlmesh", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Log format on stderr: text on a terminal and JSON otherwise, unless set.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Auto, env = "ETLMESH_LOG_FORMAT")]
+    pub log_format: LogFormat,
+    /// The subcommand.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Log formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Text on a terminal, JSON otherwise.
+    Auto,
+    /// Human-readable text.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Check a pipeline file: keys, values, the SQL against the schema, the sinks.
+    Validate(validate::ValidateArgs),
+    /// Run a pipeline as a batch job over files (or stdin), on this machine.
+    Run(run::RunArgs),
+    /// Write realistic IoT readings (with some bad rows) to a file or stdout.
+    Generate(generate::GenerateArgs),
+    /// Try it: generate readings and run the example pipelines over them.
+    Demo(demo::DemoArgs),
+}
+
+/// Errors a subcommand reports before exiting non-zero.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// A pipeline file problem.
+    #[error("{0}")]
+    Config(#[from] etlmesh_config::ConfigError),
+    /// A job failed.
+    #[error("{0}")]
+    Job(#[from] etlmesh_batch::JobError),
+    /// Something else, with what to do.
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Runs a parsed command line.
+pub fn execute(cli: Cli) -> ExitCode {
+    let result = match cli.command {
+        Command::Validate(a) => validate::validate(&a),
+        Command::Run(a) => run::run(&a),
+        Command::Generate(a) => generate::generate(&a),
+        Command::Demo(a) => demo::demo(&a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A runtime for async work, with `threads` workers.
+pub(crate) fn runtime(threads: usize) -> Result<tokio::runtime::Runtime, CliError> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads.max(1))
+        .thread_name("etlmesh")
+        .enable_all()
+        .build()
+        .map_err(|e| CliError::Other(format!("cannot start the async runtime: {e}")))
+}
+
+/// The pipeline file argument, shared by subcommands.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ConfigArg {
+    /// The pipeline file.
+    #[arg(short, long = "config", value_name = "FILE")]
+    pub config: PathBuf,
+}

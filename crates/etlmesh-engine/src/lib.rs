@@ -27,6 +27,7 @@ use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
 use datafusion::execution::memory_pool::FairSpillPool;
 use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
 
+pub use datafusion::execution::SendableRecordBatchStream;
 pub use diagnostics::SqlPosition;
 pub use etlmesh_codec::{DecodedBatch, Reject};
 pub use stream::StreamJob;
@@ -58,6 +59,11 @@ pub enum EngineError {
     /// The engine could not be set up.
     #[error("the SQL engine could not start: {0}")]
     Setup(String),
+}
+
+/// An error met while running SQL, as an [`EngineError`] naming the pipeline.
+pub fn execution_error(pipeline: &str, e: &datafusion::error::DataFusionError) -> EngineError {
+    EngineError::Execution { pipeline: pipeline.to_string(), message: transform::message(e) }
 }
 
 /// Settings shared by every transform.

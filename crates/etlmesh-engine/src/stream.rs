@@ -23,6 +23,7 @@ pub struct StreamJob {
     /// The output partitions.
     pub outputs: Vec<SendableRecordBatchStream>,
     plan: Arc<dyn ExecutionPlan>,
+    rx: Arc<tokio::sync::Mutex<mpsc::Receiver<RecordBatch>>>,
 }
 
 impl std::fmt::Debug for StreamJob {
@@ -50,7 +51,7 @@ impl Transform {
             pipeline: self.pipeline.clone(),
             message: message(&e),
         })?;
-        Ok(StreamJob { input: Some(tx), outputs, plan })
+        Ok(StreamJob { input: Some(tx), outputs, plan, rx })
     }
 }
 
@@ -66,6 +67,13 @@ const ROW_WISE: &[&str] = &[
 ];
 
 impl StreamJob {
+    /// Refuses further input: senders get an error. Call it once the outputs are
+    /// drained, so that feeders blocked on a SQL that stopped reading (a LIMIT) are
+    /// released.
+    pub async fn close_input(&self) {
+        self.rx.lock().await.close();
+    }
+
     /// After the job: how many input rows reached the first operator that needs all
     /// rows (an aggregate, a sort), that is, the rows the SQL did not filter out.
     pub fn rows_into_state(&self) -> Option<u64> {

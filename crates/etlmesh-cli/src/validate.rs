@@ -1,0 +1,94 @@
+//! `etlmesh validate FILE`: every check that can be made without running anything.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use etlmesh_config::{Diagnostic, PipelineFile, SinkSpec, SourceKind};
+use etlmesh_engine::{Engine, EngineConfig, Kind};
+
+use crate::{CliError, runtime, sql_diag};
+
+/// Arguments of `validate`.
+#[derive(Debug, clap::Args)]
+pub struct ValidateArgs {
+    /// The pipeline file.
+    pub file: PathBuf,
+}
+
+pub(crate) fn validate(args: &ValidateArgs) -> Result<(), CliError> {
+    let file = PipelineFile::load(&args.file)?;
+    let rt = runtime(1)?;
+    let mut diags: Vec<Diagnostic> = Vec::new();
+    let engine = Engine::new(EngineConfig { partitions: 1, ..EngineConfig::default() })
+        .map_err(|e| CliError::Other(e.to_string()))?;
+    for p in &file.spec.pipelines {
+        for (i, sink) in p.sinks.iter().enumerate() {
+            if let Err(e) = etlmesh_sink::check_writable(sink) {
+                diags.push(file.diagnostic(format!("pipelines.{}.sinks[{i}].path", p.name), e.to_string()));
+            }
+        }
+        let schema = match &p.schema {
+            Some(fields) => Some(etlmesh_codec::schema::arrow_schema(fields)),
+            None => infer_from_source(&file, p),
+        };
+        let Some(schema) = schema else {
+            println!(
+                "pipeline {}: no schema declared and no sample to infer one; the SQL is checked at run time",
+                p.name
+            );
+            continue;
+        };
+        match rt.block_on(engine.compile(&p.name, &p.transform, schema.clone())) {
+            Ok(t) => {
+                for (i, sink) in p.sinks.iter().enumerate() {
+                    if let SinkSpec::File(f) = sink {
+                        for (j, col) in f.partition_by.iter().enumerate() {
+                            if t.output_schema().index_of(col).is_err() {
+                                diags.push(
+                                    file.diagnostic(
+                                        format!("pipelines.{}.sinks[{i}].partition_by[{j}]", p.name),
+                                        format!("`{col}` is not a column of the transform's output"),
+                                    )
+                                    .with_help(format!(
+                                        "the output has: {}",
+                                        etlmesh_codec::schema::describe(t.output_schema())
+                                    )),
+                                );
+                            }
+                        }
+                    }
+                }
+                let mode = match t.kind() {
+                    Kind::RowWise => "per-batch",
+                    Kind::WholeInput => "whole-input",
+                };
+                println!(
+                    "pipeline {}: ok ({mode} SQL)\n  input:  {}\n  output: {}",
+                    p.name,
+                    etlmesh_codec::schema::describe(&schema),
+                    etlmesh_codec::schema::describe(t.output_schema())
+                );
+            }
+            Err(e) => diags.push(sql_diag::plan_diagnostic(&file, &p.name, &e)),
+        }
+    }
+    if diags.is_empty() {
+        println!("{}: valid", args.file.display());
+        Ok(())
+    } else {
+        Err(CliError::Config(file.located(diags)))
+    }
+}
+
+/// A schema inferred from the source's first file, when it names one that exists.
+fn infer_from_source(file: &PipelineFile, p: &etlmesh_config::PipelineSpec) -> Option<Arc<arrow::datatypes::Schema>> {
+    let SourceKind::File { path: Some(_) } = &p.source.kind else { return None };
+    let inputs = etlmesh_batch::resolve_inputs(p, &[]).ok()?;
+    let first = inputs.first()?;
+    let limits = etlmesh_codec::Limits {
+        batch_size: file.spec.platform.batch_size,
+        max_record_bytes: file.spec.platform.max_record_bytes,
+    };
+    etlmesh_batch::infer_schema(first, &p.source.csv, &limits, file.spec.platform.read_chunk as usize, p.source.infer_rows)
+        .ok()
+}
