@@ -63,7 +63,10 @@ pub fn resolve(spec: &PipelineSpec, given: &[String]) -> Result<Vec<Input>, JobE
     for p in &patterns {
         if p == "-" {
             let format = spec.source.format.ok_or_else(|| {
-                JobError::Input("reading standard input needs a format\n  help: set the source's `format`".into())
+                JobError::Input(
+                    "reading standard input needs a format\n  help: set the source's `format`"
+                        .into(),
+                )
             })?;
             inputs.push(Input::Stdin { format });
             continue;
@@ -85,7 +88,10 @@ pub fn resolve(spec: &PipelineSpec, given: &[String]) -> Result<Vec<Input>, JobE
                 })?,
             };
             let size = std::fs::metadata(&path).map(|m| m.len()).map_err(|e| {
-                JobError::Input(format!("{}: {e}\n  help: check that the file exists and is readable", path.display()))
+                JobError::Input(format!(
+                    "{}: {e}\n  help: check that the file exists and is readable",
+                    path.display()
+                ))
             })?;
             inputs.push(Input::File { path, format, size });
         }
@@ -103,7 +109,9 @@ fn expand(p: &str) -> Result<Vec<PathBuf>, JobError> {
         return Ok(vec![path.to_path_buf()]);
     }
     let (dir, pattern) = match (path.parent(), path.file_name()) {
-        (Some(d), Some(f)) if !d.as_os_str().is_empty() => (d.to_path_buf(), f.to_string_lossy().into_owned()),
+        (Some(d), Some(f)) if !d.as_os_str().is_empty() => {
+            (d.to_path_buf(), f.to_string_lossy().into_owned())
+        }
         _ => (PathBuf::from("."), p.to_string()),
     };
     if dir.to_string_lossy().contains(['*', '?']) {
@@ -115,13 +123,17 @@ fn expand(p: &str) -> Result<Vec<PathBuf>, JobError> {
 }
 
 fn list_dir(dir: &Path, pattern: &str) -> Result<Vec<PathBuf>, JobError> {
-    let entries = std::fs::read_dir(dir).map_err(|e| JobError::Input(format!("{}: {e}", dir.display())))?;
+    let entries =
+        std::fs::read_dir(dir).map_err(|e| JobError::Input(format!("{}: {e}", dir.display())))?;
     let mut out: Vec<PathBuf> = entries
         .flatten()
         .map(|e| e.path())
         .filter(|p| p.is_file())
         .filter(|p| {
-            let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let name = p
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
             !name.starts_with('.') && wildcard(pattern.as_bytes(), name.as_bytes())
         })
         .collect();
@@ -171,8 +183,16 @@ mod tests {
         }
         let pat = dir.path().join("*.csv").display().to_string();
         let got = expand(&pat).expect("expand");
-        let names: Vec<_> = got.iter().map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned())).collect();
+        let names: Vec<_> = got
+            .iter()
+            .map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .collect();
         assert_eq!(names, vec![Some("a.csv".into()), Some("b.csv".into())]);
-        assert_eq!(expand(&dir.path().display().to_string()).expect("dir").len(), 3);
+        assert_eq!(
+            expand(&dir.path().display().to_string())
+                .expect("dir")
+                .len(),
+            3
+        );
     }
 }

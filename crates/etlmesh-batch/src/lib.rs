@@ -57,7 +57,9 @@ pub enum JobError {
     #[error("{0}")]
     Sink(#[from] SinkError),
     /// A bad record, with `on_error: fail`.
-    #[error("{0}\n  help: the pipeline stops at the first bad record (on_error: fail); add a dead_letter sink and `on_error: dead_letter` to keep going")]
+    #[error(
+        "{0}\n  help: the pipeline stops at the first bad record (on_error: fail); add a dead_letter sink and `on_error: dead_letter` to keep going"
+    )]
     Record(Box<Reject>),
 }
 
@@ -76,13 +78,22 @@ pub async fn run(file: &PipelineFile, name: &str, opts: &JobOptions) -> Result<S
     let spec = file.pipeline(name)?.clone();
     let platform = file.spec.platform.clone();
     let threads = platform.effective_threads();
-    let limits = Limits { batch_size: platform.batch_size, max_record_bytes: platform.max_record_bytes };
+    let limits = Limits {
+        batch_size: platform.batch_size,
+        max_record_bytes: platform.max_record_bytes,
+    };
     let read_chunk = platform.read_chunk as usize;
     let inputs = inputs::resolve(&spec, &opts.inputs)?;
 
     let (schema, prefetched) = match &spec.schema {
         Some(fields) => (etlmesh_codec::schema::arrow_schema(fields), None),
-        None => infer(&inputs, &spec.source.csv, &limits, read_chunk, spec.source.infer_rows)?,
+        None => infer(
+            &inputs,
+            &spec.source.csv,
+            &limits,
+            read_chunk,
+            spec.source.infer_rows,
+        )?,
     };
     let engine = Engine::new(EngineConfig {
         memory_limit: platform.memory_limit,
@@ -90,7 +101,11 @@ pub async fn run(file: &PipelineFile, name: &str, opts: &JobOptions) -> Result<S
         partitions: threads,
         batch_size: platform.batch_size,
     })?;
-    let transform = Arc::new(engine.compile(&spec.name, &spec.transform, schema.clone()).await?);
+    let transform = Arc::new(
+        engine
+            .compile(&spec.name, &spec.transform, schema.clone())
+            .await?,
+    );
     tracing::info!(
         pipeline = %spec.name,
         inputs = inputs.len(),
@@ -121,7 +136,13 @@ pub async fn run(file: &PipelineFile, name: &str, opts: &JobOptions) -> Result<S
             Input::Stdin { .. } => None,
         })
         .sum::<Option<u64>>();
-    let reporter = Reporter::start(&spec.name, counters.clone(), total, opts.progress, platform.progress_interval);
+    let reporter = Reporter::start(
+        &spec.name,
+        counters.clone(),
+        total,
+        opts.progress,
+        platform.progress_interval,
+    );
     let shared = Arc::new(Shared {
         transform: transform.clone(),
         dead: dead.clone(),
@@ -222,24 +243,38 @@ fn infer(
                 etlmesh_codec::binary::ParquetFile::open(path).map(|f| f.schema)
             } else {
                 std::fs::File::open(path)
-                    .map_err(|e| etlmesh_codec::CodecError::Io { input: first.name(), error: e })
-                    .and_then(|f| etlmesh_codec::binary::ipc_batches(f, &first.name()).map(|(s, _)| s))
+                    .map_err(|e| etlmesh_codec::CodecError::Io {
+                        input: first.name(),
+                        error: e,
+                    })
+                    .and_then(|f| {
+                        etlmesh_codec::binary::ipc_batches(f, &first.name()).map(|(s, _)| s)
+                    })
             }
             .map_err(|e| JobError::Input(e.to_string()))?;
             Ok((schema, None))
         }
         format => {
             let mut chunker = reader::open_text(first, csv, limits, read_chunk)?;
-            let chunk = chunker.next_chunk().map_err(|e| JobError::Input(e.to_string()))?;
+            let chunk = chunker
+                .next_chunk()
+                .map_err(|e| JobError::Input(e.to_string()))?;
             let Some(chunk) = chunk else {
                 return Err(JobError::Input(format!(
                     "{}: the input is empty, so no schema can be inferred\n  help: declare the pipeline's `schema`",
                     first.name()
                 )));
             };
-            let schema = etlmesh_codec::infer_schema(format, &chunk, csv, rows).map_err(|e| JobError::Input(e.to_string()))?;
+            let schema = etlmesh_codec::infer_schema(format, &chunk, csv, rows)
+                .map_err(|e| JobError::Input(e.to_string()))?;
             tracing::info!(input = %first.name(), "inferred schema: {}", etlmesh_codec::schema::describe(&schema));
-            Ok((schema, Some(Prefetched { chunker, first: Some(chunk) })))
+            Ok((
+                schema,
+                Some(Prefetched {
+                    chunker,
+                    first: Some(chunk),
+                }),
+            ))
         }
     }
 }
@@ -259,12 +294,17 @@ async fn execute(
         .map_err(|e| JobError::Input(format!("cannot start the reader thread: {e}")))?;
     let rx = Arc::new(Mutex::new(rx));
     let writers = |sinks: &[Arc<dyn Sink>]| -> Result<Vec<_>, JobError> {
-        sinks.iter().map(|s| s.writer().map_err(JobError::Sink)).collect()
+        sinks
+            .iter()
+            .map(|s| s.writer().map_err(JobError::Sink))
+            .collect()
     };
     let mut first_error: Option<JobError> = None;
     let mut keep = |r: Result<(), JobError>, shared: &Shared| {
         if let Err(e) = r {
-            shared.cancel.store(true, std::sync::atomic::Ordering::Relaxed);
+            shared
+                .cancel
+                .store(true, std::sync::atomic::Ordering::Relaxed);
             first_error.get_or_insert(e);
         }
     };
@@ -274,7 +314,11 @@ async fn execute(
             let mut tasks = Vec::new();
             for _ in 0..threads {
                 let output = Output::PerBatch(writers(sinks)?);
-                tasks.push(tokio::spawn(worker::run(rx.clone(), shared.clone(), output)));
+                tasks.push(tokio::spawn(worker::run(
+                    rx.clone(),
+                    shared.clone(),
+                    output,
+                )));
             }
             drop(rx);
             for t in tasks {
@@ -283,18 +327,27 @@ async fn execute(
         }
         Kind::WholeInput => {
             let mut job = shared.transform.start_stream().await?;
-            let input = job.input.take().ok_or_else(|| JobError::Input("internal: no stream input".into()))?;
+            let input = job
+                .input
+                .take()
+                .ok_or_else(|| JobError::Input("internal: no stream input".into()))?;
             let mut drains = Vec::new();
             for stream in std::mem::take(&mut job.outputs) {
                 let mut ws = writers(sinks)?;
                 let counters = shared.counters.clone();
                 let pipeline = shared.transform.pipeline().to_string();
-                drains.push(tokio::spawn(async move { drain(stream, &mut ws, &counters, &pipeline).await }));
+                drains.push(tokio::spawn(async move {
+                    drain(stream, &mut ws, &counters, &pipeline).await
+                }));
             }
             let mut feeders = Vec::new();
             for _ in 0..threads {
                 let output = Output::Stream(input.clone());
-                feeders.push(tokio::spawn(worker::run(rx.clone(), shared.clone(), output)));
+                feeders.push(tokio::spawn(worker::run(
+                    rx.clone(),
+                    shared.clone(),
+                    output,
+                )));
             }
             drop((rx, input));
             for d in drains {
@@ -340,4 +393,3 @@ async fn drain(
     }
     Ok(())
 }
-

@@ -64,7 +64,10 @@ impl Reporter {
         interval: Duration,
     ) -> Self {
         if mode == ProgressMode::Off {
-            return Self { stop: None, task: None };
+            return Self {
+                stop: None,
+                task: None,
+            };
         }
         let (tx, mut rx) = tokio::sync::oneshot::channel();
         let bar = (mode == ProgressMode::Auto && std::io::stderr().is_terminal()).then(|| {
@@ -83,7 +86,11 @@ impl Reporter {
         let pipeline = pipeline.to_string();
         let task = tokio::spawn(async move {
             let start = Instant::now();
-            let tick = if bar.is_some() { Duration::from_millis(250) } else { interval };
+            let tick = if bar.is_some() {
+                Duration::from_millis(250)
+            } else {
+                interval
+            };
             let mut last_log = Instant::now();
             loop {
                 tokio::select! {
@@ -105,7 +112,9 @@ impl Reporter {
                     }
                     None if last_log.elapsed() >= interval => {
                         last_log = Instant::now();
-                        let pct = total.filter(|t| *t > 0).map(|t| format!(" ({:.0}%)", 100.0 * bytes as f64 / t as f64));
+                        let pct = total
+                            .filter(|t| *t > 0)
+                            .map(|t| format!(" ({:.0}%)", 100.0 * bytes as f64 / t as f64));
                         tracing::info!(
                             pipeline = %pipeline,
                             bytes_in = bytes,
@@ -125,7 +134,10 @@ impl Reporter {
                 bar.finish_and_clear();
             }
         });
-        Self { stop: Some(tx), task: Some(task) }
+        Self {
+            stop: Some(tx),
+            task: Some(task),
+        }
     }
 
     /// Stops and clears the display.

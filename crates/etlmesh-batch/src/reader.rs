@@ -14,9 +14,9 @@ use etlmesh_codec::{Chunk, Chunker, CsvLayout, Decoder, Limits, Provenance};
 use etlmesh_config::{CsvOptions, Format};
 use tokio::sync::mpsc;
 
+use crate::JobError;
 use crate::inputs::Input;
 use crate::progress::Counters;
-use crate::JobError;
 
 /// Largest Parquet or Arrow input read from standard input (it must be held whole).
 const MAX_STDIN_BINARY: u64 = 2 << 30;
@@ -24,11 +24,23 @@ const MAX_STDIN_BINARY: u64 = 2 << 30;
 /// A unit of work for a worker.
 pub(crate) enum Work {
     /// Text records.
-    Text { chunk: Chunk, layout: Arc<CsvLayout>, decoder: Arc<Decoder> },
+    Text {
+        chunk: Chunk,
+        layout: Arc<CsvLayout>,
+        decoder: Arc<Decoder>,
+    },
     /// A Parquet row group.
-    ParquetGroup { file: Arc<ParquetFile>, group: usize, decoder: Arc<Decoder> },
+    ParquetGroup {
+        file: Arc<ParquetFile>,
+        group: usize,
+        decoder: Arc<Decoder>,
+    },
     /// Typed rows (Arrow IPC).
-    Typed { batch: RecordBatch, provenance: Provenance, decoder: Arc<Decoder> },
+    Typed {
+        batch: RecordBatch,
+        provenance: Provenance,
+        decoder: Arc<Decoder>,
+    },
 }
 
 pub(crate) type ChunkSource = Chunker<Box<dyn Read + Send>>;
@@ -51,7 +63,12 @@ pub(crate) struct ReaderSetup {
     pub cancel: Arc<AtomicBool>,
 }
 
-pub(crate) fn open_text(input: &Input, csv: &CsvOptions, limits: &Limits, read_chunk: usize) -> Result<ChunkSource, JobError> {
+pub(crate) fn open_text(
+    input: &Input,
+    csv: &CsvOptions,
+    limits: &Limits,
+    read_chunk: usize,
+) -> Result<ChunkSource, JobError> {
     let framing = etlmesh_codec::framing(input.format(), csv)
         .ok_or_else(|| JobError::Input(format!("{}: not a text format", input.name())))?;
     let reader: Box<dyn Read + Send> = match input {
@@ -60,7 +77,13 @@ pub(crate) fn open_text(input: &Input, csv: &CsvOptions, limits: &Limits, read_c
         ),
         Input::Stdin { .. } => Box::new(std::io::stdin()),
     };
-    Ok(Chunker::new(reader, Arc::from(input.name()), framing, read_chunk, limits.max_record_bytes as usize))
+    Ok(Chunker::new(
+        reader,
+        Arc::from(input.name()),
+        framing,
+        read_chunk,
+        limits.max_record_bytes as usize,
+    ))
 }
 
 fn codec(e: etlmesh_codec::CodecError) -> JobError {
@@ -80,9 +103,15 @@ pub(crate) fn read_all(mut setup: ReaderSetup, tx: mpsc::Sender<Result<Work, Job
             csv: setup.csv.clone(),
             limits: setup.limits,
         });
-        let prefetched = if i == 0 { setup.prefetched.take() } else { None };
+        let prefetched = if i == 0 {
+            setup.prefetched.take()
+        } else {
+            None
+        };
         let result = match input.format() {
-            Format::Csv | Format::Ndjson | Format::Json => read_text(input, &setup, decoder, prefetched, &tx),
+            Format::Csv | Format::Ndjson | Format::Json => {
+                read_text(input, &setup, decoder, prefetched, &tx)
+            }
             Format::Parquet => read_parquet(input, &setup, decoder, &tx),
             Format::Arrow => read_arrow(input, &setup, decoder, &tx),
         };
@@ -122,7 +151,11 @@ fn read_text(
         let n = chunker.bytes_read();
         Counters::add(&setup.counters.bytes_in, n - read_so_far);
         read_so_far = n;
-        let work = Work::Text { chunk, layout: layout.clone(), decoder: decoder.clone() };
+        let work = Work::Text {
+            chunk,
+            layout: layout.clone(),
+            decoder: decoder.clone(),
+        };
         if tx.blocking_send(Ok(work)).is_err() {
             return Ok(false);
         }
@@ -148,15 +181,24 @@ fn read_parquet(
         let bytes = read_stdin()?;
         Counters::add(&setup.counters.bytes_in, bytes.len() as u64);
         let (_, reader) =
-            etlmesh_codec::binary::parquet_body(bytes.into(), "stdin", setup.limits.batch_size).map_err(codec)?;
-        let batches = reader.map(|b| b.map_err(|e| JobError::Input(format!("stdin: bad Parquet data: {e}"))));
+            etlmesh_codec::binary::parquet_body(bytes.into(), "stdin", setup.limits.batch_size)
+                .map_err(codec)?;
+        let batches =
+            reader.map(|b| b.map_err(|e| JobError::Input(format!("stdin: bad Parquet data: {e}"))));
         return send_batches(input, setup, decoder, tx, batches);
     };
     let file = Arc::new(ParquetFile::open(path).map_err(codec)?);
     let total_rows: u64 = file.row_group_rows.iter().sum::<u64>().max(1);
     for group in 0..file.row_group_rows.len() {
-        Counters::add(&setup.counters.bytes_in, size * file.row_group_rows[group] / total_rows);
-        let work = Work::ParquetGroup { file: file.clone(), group, decoder: decoder.clone() };
+        Counters::add(
+            &setup.counters.bytes_in,
+            size * file.row_group_rows[group] / total_rows,
+        );
+        let work = Work::ParquetGroup {
+            file: file.clone(),
+            group,
+            decoder: decoder.clone(),
+        };
         if tx.blocking_send(Ok(work)).is_err() || setup.cancel.load(Ordering::Relaxed) {
             return Ok(false);
         }
@@ -194,7 +236,11 @@ fn read_arrow(
     let batches = match input {
         Input::File { path, size, .. } => {
             Counters::add(&setup.counters.bytes_in, *size);
-            open(File::open(path).map_err(|e| JobError::Input(format!("{}: {e}", path.display())))?, &input.name())?
+            open(
+                File::open(path)
+                    .map_err(|e| JobError::Input(format!("{}: {e}", path.display())))?,
+                &input.name(),
+            )?
         }
         Input::Stdin { .. } => {
             let bytes = read_stdin()?;
@@ -216,9 +262,18 @@ fn send_batches(
     let mut row = 1u64;
     for b in batches {
         let batch = b?;
-        let provenance = Provenance::Rows { source: source.clone(), first_row: row };
+        let provenance = Provenance::Rows {
+            source: source.clone(),
+            first_row: row,
+        };
         row += batch.num_rows() as u64;
-        if tx.blocking_send(Ok(Work::Typed { batch, provenance, decoder: decoder.clone() })).is_err()
+        if tx
+            .blocking_send(Ok(Work::Typed {
+                batch,
+                provenance,
+                decoder: decoder.clone(),
+            }))
+            .is_err()
             || setup.cancel.load(Ordering::Relaxed)
         {
             return Ok(false);

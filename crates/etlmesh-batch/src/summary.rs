@@ -112,7 +112,11 @@ impl Summary {
 
 impl fmt::Display for Summary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "pipeline {} ({} SQL), {} input(s)", self.pipeline, self.mode, self.inputs)?;
+        writeln!(
+            f,
+            "pipeline {} ({} SQL), {} input(s)",
+            self.pipeline, self.mode, self.inputs
+        )?;
         writeln!(
             f,
             "  records  in {}  out {}  filtered {}  dead-lettered {}",
@@ -134,7 +138,11 @@ impl fmt::Display for Summary {
             self.mb_per_sec
         )?;
         if self.spilled_bytes > 0 {
-            writeln!(f, "  spilled  {} to disk (over the memory limit)", human_bytes(self.spilled_bytes))?;
+            writeln!(
+                f,
+                "  spilled  {} to disk (over the memory limit)",
+                human_bytes(self.spilled_bytes)
+            )?;
         }
         if let Some(d) = &self.dead_letter_file {
             writeln!(f, "  dead letters: {}", d.display())?;

@@ -47,7 +47,10 @@ impl Shared {
             }
             _ => {
                 self.cancel.store(true, Ordering::Relaxed);
-                match rejects.into_iter().min_by_key(|r| r.line.or(r.row).unwrap_or(0)) {
+                match rejects
+                    .into_iter()
+                    .min_by_key(|r| r.line.or(r.row).unwrap_or(0))
+                {
                     Some(first) => Err(JobError::Record(Box::new(first))),
                     None => Ok(()),
                 }
@@ -59,15 +62,34 @@ impl Shared {
 fn decode(work: Work) -> Result<DecodeOutput, JobError> {
     let codec = |e: etlmesh_codec::CodecError| JobError::Input(e.to_string());
     match work {
-        Work::Text { chunk, layout, decoder } => decoder.decode_text(&chunk, &layout).map_err(codec),
-        Work::Typed { batch, provenance, decoder } => Ok(decoder.decode_typed(&batch, &provenance)),
-        Work::ParquetGroup { file, group, decoder } => {
-            let reader = file.read_groups(vec![group], decoder.limits.batch_size).map_err(codec)?;
+        Work::Text {
+            chunk,
+            layout,
+            decoder,
+        } => decoder.decode_text(&chunk, &layout).map_err(codec),
+        Work::Typed {
+            batch,
+            provenance,
+            decoder,
+        } => Ok(decoder.decode_typed(&batch, &provenance)),
+        Work::ParquetGroup {
+            file,
+            group,
+            decoder,
+        } => {
+            let reader = file
+                .read_groups(vec![group], decoder.limits.batch_size)
+                .map_err(codec)?;
             let mut out = DecodeOutput::default();
             let mut row = file.first_row_of(group);
             for b in reader {
-                let b = b.map_err(|e| JobError::Input(format!("{}: bad Parquet data: {e}", file.path)))?;
-                let prov = Provenance::Rows { source: file.path.clone(), first_row: row };
+                let b = b.map_err(|e| {
+                    JobError::Input(format!("{}: bad Parquet data: {e}", file.path))
+                })?;
+                let prov = Provenance::Rows {
+                    source: file.path.clone(),
+                    first_row: row,
+                };
                 row += b.num_rows() as u64;
                 let o = decoder.decode_typed(&b, &prov);
                 out.records += o.records;
@@ -113,7 +135,11 @@ async fn work_loop(
         for batch in decoded.batches {
             match output {
                 Output::PerBatch(writers) => {
-                    let r = shared.transform.apply(&batch).await.map_err(JobError::Engine)?;
+                    let r = shared
+                        .transform
+                        .apply(&batch)
+                        .await
+                        .map_err(JobError::Engine)?;
                     Counters::add(&c.records_out, r.rows_out);
                     Counters::add(&c.filtered, r.filtered());
                     shared.rejects(r.rejects)?;

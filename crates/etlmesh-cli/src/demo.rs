@@ -31,8 +31,15 @@ pub(crate) fn demo(args: &DemoArgs) -> Result<(), CliError> {
     std::fs::write(&config, EXAMPLE).map_err(|e| io("write data/iot.yaml", e))?;
     let readings = PathBuf::from("data/readings.csv");
     let file = std::fs::File::create(&readings).map_err(|e| io("write data/readings.csv", e))?;
-    let stats = etlmesh_datagen::generate(file, &GenOptions { rows: args.rows, bad_fraction: 0.002, ..Default::default() })
-        .map_err(|e| io("generate readings", e))?;
+    let stats = etlmesh_datagen::generate(
+        file,
+        &GenOptions {
+            rows: args.rows,
+            bad_fraction: 0.002,
+            ..Default::default()
+        },
+    )
+    .map_err(|e| io("generate readings", e))?;
     eprintln!(
         "generated {} readings ({} malformed) into {}\n",
         stats.rows,
@@ -42,11 +49,21 @@ pub(crate) fn demo(args: &DemoArgs) -> Result<(), CliError> {
     let file = PipelineFile::load(&config)?;
     let rt = runtime(file.spec.platform.effective_threads())?;
     for p in &file.spec.pipelines {
-        let opts = JobOptions { inputs: vec![readings.display().to_string()], progress: ProgressMode::Auto };
+        let opts = JobOptions {
+            inputs: vec![readings.display().to_string()],
+            progress: ProgressMode::Auto,
+        };
         let summary = rt.block_on(etlmesh_batch::run(&file, &p.name, &opts))?;
         eprintln!("{summary}");
     }
-    eprintln!("outputs are under {}/data/out; the pipeline file is {}", args.dir.display(), config.display());
-    eprintln!("next: etlmesh run -c {} --pipeline readings_per_minute data/readings.csv", config.display());
+    eprintln!(
+        "outputs are under {}/data/out; the pipeline file is {}",
+        args.dir.display(),
+        config.display()
+    );
+    eprintln!(
+        "next: etlmesh run -c {} --pipeline readings_per_minute data/readings.csv",
+        config.display()
+    );
     Ok(())
 }

@@ -41,12 +41,19 @@ pub struct GenerateArgs {
 
 pub(crate) fn generate(args: &GenerateArgs) -> Result<(), CliError> {
     if !(0.0..=1.0).contains(&args.bad_fraction) {
-        return Err(CliError::Other("--bad-fraction must be between 0 and 1".into()));
+        return Err(CliError::Other(
+            "--bad-fraction must be between 0 and 1".into(),
+        ));
     }
     let format = match args.format {
         Some(Format::Csv) => GenFormat::Csv,
         Some(Format::Ndjson) => GenFormat::Ndjson,
-        None => match args.output.as_ref().and_then(|p| p.extension()).and_then(|e| e.to_str()) {
+        None => match args
+            .output
+            .as_ref()
+            .and_then(|p| p.extension())
+            .and_then(|e| e.to_str())
+        {
             Some("ndjson" | "jsonl") => GenFormat::Ndjson,
             _ => GenFormat::Csv,
         },
@@ -62,8 +69,9 @@ pub(crate) fn generate(args: &GenerateArgs) -> Result<(), CliError> {
     let stats = match &args.output {
         Some(path) => {
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                std::fs::create_dir_all(dir)
-                    .map_err(|e| CliError::Other(format!("cannot create {}: {e}", dir.display())))?;
+                std::fs::create_dir_all(dir).map_err(|e| {
+                    CliError::Other(format!("cannot create {}: {e}", dir.display()))
+                })?;
             }
             let f = std::fs::File::create(path)
                 .map_err(|e| CliError::Other(format!("cannot write {}: {e}", path.display())))?;
@@ -78,7 +86,10 @@ pub(crate) fn generate(args: &GenerateArgs) -> Result<(), CliError> {
         stats.bad_rows,
         args.devices,
         stats.bytes,
-        args.output.as_ref().map(|p| format!(" to {}", p.display())).unwrap_or_default()
+        args.output
+            .as_ref()
+            .map(|p| format!(" to {}", p.display()))
+            .unwrap_or_default()
     );
     Ok(())
 }

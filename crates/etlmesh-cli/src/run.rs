@@ -74,9 +74,14 @@ pub(crate) fn run(args: &RunArgs) -> Result<(), CliError> {
         "run finished"
     );
     if let Some(path) = &args.summary_json {
-        let json = serde_json::to_vec_pretty(&summary).map_err(|e| CliError::Other(e.to_string()))?;
-        std::fs::write(path, json)
-            .map_err(|e| CliError::Other(format!("cannot write the summary to {}: {e}", path.display())))?;
+        let json =
+            serde_json::to_vec_pretty(&summary).map_err(|e| CliError::Other(e.to_string()))?;
+        std::fs::write(path, json).map_err(|e| {
+            CliError::Other(format!(
+                "cannot write the summary to {}: {e}",
+                path.display()
+            ))
+        })?;
     }
     Ok(())
 }

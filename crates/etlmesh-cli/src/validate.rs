@@ -19,12 +19,18 @@ pub(crate) fn validate(args: &ValidateArgs) -> Result<(), CliError> {
     let file = PipelineFile::load(&args.file)?;
     let rt = runtime(1)?;
     let mut diags: Vec<Diagnostic> = Vec::new();
-    let engine = Engine::new(EngineConfig { partitions: 1, ..EngineConfig::default() })
-        .map_err(|e| CliError::Other(e.to_string()))?;
+    let engine = Engine::new(EngineConfig {
+        partitions: 1,
+        ..EngineConfig::default()
+    })
+    .map_err(|e| CliError::Other(e.to_string()))?;
     for p in &file.spec.pipelines {
         for (i, sink) in p.sinks.iter().enumerate() {
             if let Err(e) = etlmesh_sink::check_writable(sink) {
-                diags.push(file.diagnostic(format!("pipelines.{}.sinks[{i}].path", p.name), e.to_string()));
+                diags.push(file.diagnostic(
+                    format!("pipelines.{}.sinks[{i}].path", p.name),
+                    e.to_string(),
+                ));
             }
         }
         let schema = match &p.schema {
@@ -46,8 +52,13 @@ pub(crate) fn validate(args: &ValidateArgs) -> Result<(), CliError> {
                             if t.output_schema().index_of(col).is_err() {
                                 diags.push(
                                     file.diagnostic(
-                                        format!("pipelines.{}.sinks[{i}].partition_by[{j}]", p.name),
-                                        format!("`{col}` is not a column of the transform's output"),
+                                        format!(
+                                            "pipelines.{}.sinks[{i}].partition_by[{j}]",
+                                            p.name
+                                        ),
+                                        format!(
+                                            "`{col}` is not a column of the transform's output"
+                                        ),
                                     )
                                     .with_help(format!(
                                         "the output has: {}",
@@ -81,14 +92,25 @@ pub(crate) fn validate(args: &ValidateArgs) -> Result<(), CliError> {
 }
 
 /// A schema inferred from the source's first file, when it names one that exists.
-fn infer_from_source(file: &PipelineFile, p: &etlmesh_config::PipelineSpec) -> Option<Arc<arrow::datatypes::Schema>> {
-    let SourceKind::File { path: Some(_) } = &p.source.kind else { return None };
+fn infer_from_source(
+    file: &PipelineFile,
+    p: &etlmesh_config::PipelineSpec,
+) -> Option<Arc<arrow::datatypes::Schema>> {
+    let SourceKind::File { path: Some(_) } = &p.source.kind else {
+        return None;
+    };
     let inputs = etlmesh_batch::resolve_inputs(p, &[]).ok()?;
     let first = inputs.first()?;
     let limits = etlmesh_codec::Limits {
         batch_size: file.spec.platform.batch_size,
         max_record_bytes: file.spec.platform.max_record_bytes,
     };
-    etlmesh_batch::infer_schema(first, &p.source.csv, &limits, file.spec.platform.read_chunk as usize, p.source.infer_rows)
-        .ok()
+    etlmesh_batch::infer_schema(
+        first,
+        &p.source.csv,
+        &limits,
+        file.spec.platform.read_chunk as usize,
+        p.source.infer_rows,
+    )
+    .ok()
 }

@@ -19,13 +19,26 @@ use crate::record::{DecodedBatch, Provenance, Reject, Stage};
 
 /// Casts `batch` to `target` by column name. Rows with a value that does not cast, or
 /// a null in a required field, are returned as rejects and left out.
-pub fn conform(batch: &RecordBatch, target: &SchemaRef, prov: &Provenance) -> (Option<DecodedBatch>, Vec<Reject>) {
+pub fn conform(
+    batch: &RecordBatch,
+    target: &SchemaRef,
+    prov: &Provenance,
+) -> (Option<DecodedBatch>, Vec<Reject>) {
     if batch.schema() == *target {
-        return (Some(DecodedBatch { batch: batch.clone(), provenance: prov.clone() }), Vec::new());
+        return (
+            Some(DecodedBatch {
+                batch: batch.clone(),
+                provenance: prov.clone(),
+            }),
+            Vec::new(),
+        );
     }
     let rows = batch.num_rows();
     let mut bad: Vec<Option<(String, String)>> = vec![None; rows];
-    let opts = CastOptions { safe: true, ..Default::default() };
+    let opts = CastOptions {
+        safe: true,
+        ..Default::default()
+    };
     let mut columns: Vec<ArrayRef> = Vec::with_capacity(target.fields().len());
     for field in target.fields() {
         let col = match batch.schema().index_of(field.name()) {
@@ -38,10 +51,11 @@ pub fn conform(batch: &RecordBatch, target: &SchemaRef, prov: &Provenance) -> (O
                 };
                 match cast {
                     Ok(c) => {
-                        for r in 0..rows {
-                            if bad[r].is_none() && c.is_null(r) && !src.is_null(r) {
-                                let value = arrow::util::display::array_value_to_string(src, r).unwrap_or_default();
-                                bad[r] = Some((
+                        for (r, slot) in bad.iter_mut().enumerate() {
+                            if slot.is_none() && c.is_null(r) && !src.is_null(r) {
+                                let value = arrow::util::display::array_value_to_string(src, r)
+                                    .unwrap_or_default();
+                                *slot = Some((
                                     field.name().clone(),
                                     format!(
                                         "cannot read {} ({}) as {}",
@@ -81,22 +95,38 @@ pub fn conform(batch: &RecordBatch, target: &SchemaRef, prov: &Provenance) -> (O
     let mut rejects = Vec::new();
     for (r, b) in bad.iter().enumerate() {
         if let Some((field, reason)) = b {
-            rejects.push(prov.reject(batch, r, Stage::Cast, reason.clone()).in_field(field.clone()));
+            rejects.push(
+                prov.reject(batch, r, Stage::Cast, reason.clone())
+                    .in_field(field.clone()),
+            );
         }
     }
     let Ok(cast) = RecordBatch::try_new(target.clone(), columns) else {
-        let all = (0..rows).map(|r| prov.reject(batch, r, Stage::Cast, "does not fit the schema")).collect();
+        let all = (0..rows)
+            .map(|r| prov.reject(batch, r, Stage::Cast, "does not fit the schema"))
+            .collect();
         return (None, all);
     };
     if rejects.is_empty() {
-        return (Some(DecodedBatch { batch: cast, provenance: prov.clone() }), rejects);
+        return (
+            Some(DecodedBatch {
+                batch: cast,
+                provenance: prov.clone(),
+            }),
+            rejects,
+        );
     }
     // Kept rows are no longer contiguous: their provenance becomes per-row JSON.
     let keep = BooleanArray::from(bad.iter().map(Option::is_none).collect::<Vec<_>>());
-    let kept = filter_record_batch(&cast, &keep).ok().map(|b| DecodedBatch {
-        batch: b,
-        provenance: Provenance::Rows { source: source_of(prov), first_row: 0 },
-    });
+    let kept = filter_record_batch(&cast, &keep)
+        .ok()
+        .map(|b| DecodedBatch {
+            batch: b,
+            provenance: Provenance::Rows {
+                source: source_of(prov),
+                first_row: 0,
+            },
+        });
     (kept.filter(|k| k.batch.num_rows() > 0), rejects)
 }
 
@@ -120,17 +150,41 @@ impl ParquetFile {
     /// Reads a file's footer.
     pub fn open(path: &Path) -> Result<Self, CodecError> {
         let name: Arc<str> = Arc::from(path.display().to_string());
-        let file = File::open(path).map_err(|e| CodecError::Io { input: name.to_string(), error: e })?;
-        let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| parquet_error(&name, e))?;
-        let row_group_rows = builder.metadata().row_groups().iter().map(|rg| rg.num_rows() as u64).collect();
-        Ok(Self { path: name, schema: builder.schema().clone(), row_group_rows })
+        let file = File::open(path).map_err(|e| CodecError::Io {
+            input: name.to_string(),
+            error: e,
+        })?;
+        let builder =
+            ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| parquet_error(&name, e))?;
+        let row_group_rows = builder
+            .metadata()
+            .row_groups()
+            .iter()
+            .map(|rg| rg.num_rows() as u64)
+            .collect();
+        Ok(Self {
+            path: name,
+            schema: builder.schema().clone(),
+            row_group_rows,
+        })
     }
 
     /// A reader over some row groups.
-    pub fn read_groups(&self, groups: Vec<usize>, batch_size: usize) -> Result<ParquetRecordBatchReader, CodecError> {
-        let file = File::open(&*self.path).map_err(|e| CodecError::Io { input: self.path.to_string(), error: e })?;
+    pub fn read_groups(
+        &self,
+        groups: Vec<usize>,
+        batch_size: usize,
+    ) -> Result<ParquetRecordBatchReader, CodecError> {
+        let file = File::open(&*self.path).map_err(|e| CodecError::Io {
+            input: self.path.to_string(),
+            error: e,
+        })?;
         ParquetRecordBatchReaderBuilder::try_new(file)
-            .and_then(|b| b.with_row_groups(groups).with_batch_size(batch_size).build())
+            .and_then(|b| {
+                b.with_row_groups(groups)
+                    .with_batch_size(batch_size)
+                    .build()
+            })
             .map_err(|e| parquet_error(&self.path, e))
     }
 
@@ -156,23 +210,40 @@ fn ipc_error(source: &str, e: arrow::error::ArrowError) -> CodecError {
     }
 }
 
+/// Batches read one after another.
+pub type BatchIter = Box<dyn Iterator<Item = Result<RecordBatch, CodecError>> + Send>;
+
 /// Batches from an Arrow IPC input, file or stream format (told apart by the magic).
 pub fn ipc_batches<R: Read + Seek + Send + 'static>(
     mut reader: R,
     source: &str,
-) -> Result<(SchemaRef, Box<dyn Iterator<Item = Result<RecordBatch, CodecError>> + Send>), CodecError> {
+) -> Result<(SchemaRef, BatchIter), CodecError> {
     let mut magic = [0u8; 6];
-    let n = reader.read(&mut magic).map_err(|e| CodecError::Io { input: source.into(), error: e })?;
-    reader.seek(SeekFrom::Start(0)).map_err(|e| CodecError::Io { input: source.into(), error: e })?;
+    let n = reader.read(&mut magic).map_err(|e| CodecError::Io {
+        input: source.into(),
+        error: e,
+    })?;
+    reader
+        .seek(SeekFrom::Start(0))
+        .map_err(|e| CodecError::Io {
+            input: source.into(),
+            error: e,
+        })?;
     let src = source.to_string();
     if n == 6 && &magic == b"ARROW1" {
         let r = FileReader::try_new(reader, None).map_err(|e| ipc_error(source, e))?;
         let schema = r.schema();
-        Ok((schema, Box::new(r.map(move |b| b.map_err(|e| ipc_error(&src, e))))))
+        Ok((
+            schema,
+            Box::new(r.map(move |b| b.map_err(|e| ipc_error(&src, e)))),
+        ))
     } else {
         let r = StreamReader::try_new(reader, None).map_err(|e| ipc_error(source, e))?;
         let schema = r.schema();
-        Ok((schema, Box::new(r.map(move |b| b.map_err(|e| ipc_error(&src, e))))))
+        Ok((
+            schema,
+            Box::new(r.map(move |b| b.map_err(|e| ipc_error(&src, e)))),
+        ))
     }
 }
 
@@ -184,7 +255,10 @@ pub fn parquet_body(
 ) -> Result<(SchemaRef, ParquetRecordBatchReader), CodecError> {
     let b = ParquetRecordBatchReaderBuilder::try_new(body).map_err(|e| parquet_error(source, e))?;
     let schema = b.schema().clone();
-    let r = b.with_batch_size(batch_size).build().map_err(|e| parquet_error(source, e))?;
+    let r = b
+        .with_batch_size(batch_size)
+        .build()
+        .map_err(|e| parquet_error(source, e))?;
     Ok((schema, r))
 }
 
@@ -198,18 +272,27 @@ mod tests {
     fn conform_rejects_only_bad_rows() {
         let src = RecordBatch::try_from_iter(vec![
             ("id", Arc::new(Int64Array::from(vec![1, 2, 3])) as ArrayRef),
-            ("t", Arc::new(StringArray::from(vec![Some("1.5"), Some("hot"), None])) as ArrayRef),
+            (
+                "t",
+                Arc::new(StringArray::from(vec![Some("1.5"), Some("hot"), None])) as ArrayRef,
+            ),
         ])
         .expect("batch");
         let target = Arc::new(Schema::new(vec![
             Field::new("t", DataType::Float64, true),
             Field::new("id", DataType::Utf8, false),
         ]));
-        let prov = Provenance::Rows { source: Arc::from("in.parquet"), first_row: 1 };
+        let prov = Provenance::Rows {
+            source: Arc::from("in.parquet"),
+            first_row: 1,
+        };
         let (kept, rejects) = conform(&src, &target, &prov);
         let kept = kept.expect("rows kept");
         assert_eq!(kept.batch.num_rows(), 2);
-        assert_eq!(kept.batch.column(0).as_primitive::<Float64Type>().value(0), 1.5);
+        assert_eq!(
+            kept.batch.column(0).as_primitive::<Float64Type>().value(0),
+            1.5
+        );
         assert_eq!(rejects.len(), 1);
         assert_eq!(rejects[0].row, Some(2));
         assert_eq!(rejects[0].field.as_deref(), Some("t"));

@@ -86,7 +86,13 @@ pub struct Chunker<R> {
 
 impl<R: Read> Chunker<R> {
     /// A chunker over `reader`.
-    pub fn new(reader: R, source: Arc<str>, framing: Framing, chunk_size: usize, max_record: usize) -> Self {
+    pub fn new(
+        reader: R,
+        source: Arc<str>,
+        framing: Framing,
+        chunk_size: usize,
+        max_record: usize,
+    ) -> Self {
         Self {
             reader,
             source,
@@ -127,7 +133,10 @@ impl<R: Read> Chunker<R> {
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => {
                     self.buf.truncate(filled);
-                    return Err(CodecError::Io { input: self.source.to_string(), error: e });
+                    return Err(CodecError::Io {
+                        input: self.source.to_string(),
+                        error: e,
+                    });
                 }
             }
         }
@@ -181,7 +190,8 @@ impl<R: Read> Chunker<R> {
         if self.state.in_elem {
             self.state.elem_start -= at;
         }
-        let spans = matches!(self.framing, Framing::JsonArray).then(|| std::mem::take(&mut self.spans));
+        let spans =
+            matches!(self.framing, Framing::JsonArray).then(|| std::mem::take(&mut self.spans));
         Chunk {
             source: self.source.clone(),
             data: Bytes::from(data),
@@ -205,11 +215,20 @@ impl<R: Read> Chunker<R> {
                     return Ok(self.take_skipped_only());
                 }
                 if !self.state.ended {
-                    let line = if self.state.in_elem { self.state.elem_line } else { self.line + self.lines_scanned };
+                    let line = if self.state.in_elem {
+                        self.state.elem_line
+                    } else {
+                        self.line + self.lines_scanned
+                    };
                     let raw = Bytes::copy_from_slice(&rest[..rest.len().min(MAX_RAW_BYTES)]);
                     self.skipped.push(
-                        Reject::new(&self.source, Stage::Decode, "the JSON array is not closed (a truncated file?)", raw)
-                            .at_line(line),
+                        Reject::new(
+                            &self.source,
+                            Stage::Decode,
+                            "the JSON array is not closed (a truncated file?)",
+                            raw,
+                        )
+                        .at_line(line),
                     );
                 }
                 self.buf.clear();
@@ -380,7 +399,10 @@ impl<R: Read> Chunker<R> {
             } else if !c.is_ascii_whitespace() {
                 return Err(CodecError::Input {
                     input: self.source.to_string(),
-                    message: format!("line {}: text after the end of the JSON array", self.line + self.lines_scanned),
+                    message: format!(
+                        "line {}: text after the end of the JSON array",
+                        self.line + self.lines_scanned
+                    ),
                     help: "send exactly one JSON array".into(),
                 });
             }

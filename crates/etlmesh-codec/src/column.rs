@@ -4,8 +4,9 @@
 use std::sync::Arc;
 
 use arrow::array::{
-    ArrayRef, BooleanArray, Date32Array, Float32Array, Float64Array, Int32Array, Int64Array, StringArray,
-    TimestampMicrosecondArray, TimestampMillisecondArray, TimestampNanosecondArray, TimestampSecondArray,
+    ArrayRef, BooleanArray, Date32Array, Float32Array, Float64Array, Int32Array, Int64Array,
+    StringArray, TimestampMicrosecondArray, TimestampMillisecondArray, TimestampNanosecondArray,
+    TimestampSecondArray,
 };
 use arrow::buffer::{NullBuffer, OffsetBuffer, ScalarBuffer};
 use arrow::datatypes::{DataType, Field, TimeUnit};
@@ -160,15 +161,22 @@ impl ColumnBuilder {
     /// Appends a JSON number given by its text; integers into timestamps are epoch ms.
     pub fn push_number(&mut self, b: &[u8]) -> Result<(), ValueError> {
         match &mut self.values {
-            Values::I32(_) | Values::I64(_) | Values::F32(_) | Values::F64(_) | Values::Utf8 { .. } => {
-                self.push_text(b, true)
-            }
+            Values::I32(_)
+            | Values::I64(_)
+            | Values::F32(_)
+            | Values::F64(_)
+            | Values::Utf8 { .. } => self.push_text(b, true),
             Values::Ts(v, unit) => {
                 let ms = match parse::parse_i64(b) {
                     Some(ms) => ms,
-                    None => parse::parse_f64(b).filter(|f| f.is_finite()).ok_or(ValueError::Invalid)? as i64,
+                    None => parse::parse_f64(b)
+                        .filter(|f| f.is_finite())
+                        .ok_or(ValueError::Invalid)? as i64,
                 };
-                v.push(from_nanos(ms.checked_mul(1_000_000).ok_or(ValueError::Invalid)?, *unit));
+                v.push(from_nanos(
+                    ms.checked_mul(1_000_000).ok_or(ValueError::Invalid)?,
+                    *unit,
+                ));
                 self.valid.push(true);
                 Ok(())
             }
@@ -201,7 +209,11 @@ impl ColumnBuilder {
     /// Builds the array and empties the builder.
     pub fn finish(&mut self) -> Result<ArrayRef, ArrowError> {
         let valid = std::mem::take(&mut self.valid);
-        let nulls = if valid.iter().all(|v| *v) { None } else { Some(NullBuffer::from(valid)) };
+        let nulls = if valid.iter().all(|v| *v) {
+            None
+        } else {
+            Some(NullBuffer::from(valid))
+        };
         Ok(match &mut self.values {
             Values::Utf8 { offsets, data } => {
                 let offsets = std::mem::replace(offsets, vec![0]);
@@ -222,7 +234,9 @@ impl ColumnBuilder {
                 let v = ScalarBuffer::from(std::mem::take(v));
                 let utc: Option<Arc<str>> = Some("UTC".into());
                 match unit {
-                    TimeUnit::Second => Arc::new(TimestampSecondArray::new(v, nulls).with_timezone_opt(utc)),
+                    TimeUnit::Second => {
+                        Arc::new(TimestampSecondArray::new(v, nulls).with_timezone_opt(utc))
+                    }
                     TimeUnit::Millisecond => {
                         Arc::new(TimestampMillisecondArray::new(v, nulls).with_timezone_opt(utc))
                     }
@@ -268,7 +282,8 @@ mod tests {
 
     #[test]
     fn typed_errors() {
-        let mut f = ColumnBuilder::new(&Field::new("f", DataType::Float64, false), 4).expect("builder");
+        let mut f =
+            ColumnBuilder::new(&Field::new("f", DataType::Float64, false), 4).expect("builder");
         assert_eq!(f.push_text(b"abc", false), Err(ValueError::Invalid));
         assert_eq!(f.push_null(), Err(ValueError::Missing));
         let mut s = ColumnBuilder::new(&Field::new("s", DataType::Utf8, true), 4).expect("builder");
@@ -277,12 +292,19 @@ mod tests {
 
     #[test]
     fn timestamps_from_text_and_epoch_numbers() {
-        let field = Field::new("ts", DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())), true);
+        let field = Field::new(
+            "ts",
+            DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())),
+            true,
+        );
         let mut t = ColumnBuilder::new(&field, 2).expect("builder");
         t.push_text(b"1970-01-01T00:00:01Z", true).expect("rfc3339");
         t.push_number(b"2500").expect("epoch ms");
         let a = t.finish().expect("finish");
-        let a = a.as_any().downcast_ref::<TimestampMillisecondArray>().expect("ts");
+        let a = a
+            .as_any()
+            .downcast_ref::<TimestampMillisecondArray>()
+            .expect("ts");
         assert_eq!(a.values().to_vec(), vec![1000, 2500]);
     }
 }

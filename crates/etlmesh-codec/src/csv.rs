@@ -11,11 +11,11 @@ use arrow::datatypes::{Schema, SchemaRef};
 use bytes::Bytes;
 use etlmesh_config::CsvOptions;
 
+use crate::CodecError;
 use crate::chunk::Chunk;
 use crate::column::ValueError;
 use crate::decode::{BatchAssembler, DecodeOutput, Limits};
 use crate::record::{Reject, Stage};
-use crate::CodecError;
 
 /// How the fields of one CSV input map to the schema's columns.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,12 +27,21 @@ pub struct CsvLayout {
 impl CsvLayout {
     /// Fields in schema order, no header.
     pub fn positional(schema: &Schema) -> Self {
-        Self { map: (0..schema.fields().len()).map(Some).collect() }
+        Self {
+            map: (0..schema.fields().len()).map(Some).collect(),
+        }
     }
 
     /// Maps a header's names to the schema. Every schema column must be in the header.
-    pub fn from_header(header: &[String], schema: &Schema, source: &str) -> Result<Self, CodecError> {
-        let map: Vec<Option<usize>> = header.iter().map(|h| schema.index_of(h.trim()).ok()).collect();
+    pub fn from_header(
+        header: &[String],
+        schema: &Schema,
+        source: &str,
+    ) -> Result<Self, CodecError> {
+        let map: Vec<Option<usize>> = header
+            .iter()
+            .map(|h| schema.index_of(h.trim()).ok())
+            .collect();
         for (i, f) in schema.fields().iter().enumerate() {
             if !map.contains(&Some(i)) {
                 return Err(CodecError::Input {
@@ -79,7 +88,11 @@ pub fn parse_record(line: &[u8], opts: &CsvOptions) -> Vec<String> {
     let mut fields = Vec::with_capacity(e);
     let mut start = 0;
     for &end in &ends[..e] {
-        fields.push(String::from_utf8_lossy(&out[start..end]).trim_start_matches('\u{feff}').to_string());
+        fields.push(
+            String::from_utf8_lossy(&out[start..end])
+                .trim_start_matches('\u{feff}')
+                .to_string(),
+        );
         start = end;
     }
     fields
@@ -87,7 +100,9 @@ pub fn parse_record(line: &[u8], opts: &CsvOptions) -> Vec<String> {
 
 fn reader(opts: &CsvOptions) -> csv_core::Reader {
     let mut b = csv_core::ReaderBuilder::new();
-    b.delimiter(opts.delimiter).quote(opts.quote).double_quote(true);
+    b.delimiter(opts.delimiter)
+        .quote(opts.quote)
+        .double_quote(true);
     if let Some(esc) = opts.escape {
         b.escape(Some(esc));
     }
@@ -128,10 +143,18 @@ struct RecordCtx<'a> {
 
 impl RecordCtx<'_> {
     /// Pushes the fields in `buf` (ranges in `self.fields`) into the columns.
-    fn push(&self, buf: &[u8], asm: &mut BatchAssembler<'_>) -> Result<(), (Stage, Option<String>, String)> {
+    fn push(
+        &self,
+        buf: &[u8],
+        asm: &mut BatchAssembler<'_>,
+    ) -> Result<(), (Stage, Option<String>, String)> {
         let n = self.fields.len();
         if n != self.layout.fields() {
-            let hint = if n < self.layout.fields() { " (a truncated line?)" } else { "" };
+            let hint = if n < self.layout.fields() {
+                " (a truncated line?)"
+            } else {
+                ""
+            };
             return Err((
                 Stage::Decode,
                 None,
@@ -139,7 +162,9 @@ impl RecordCtx<'_> {
             ));
         }
         for (fi, &(s, e)) in self.fields.iter().enumerate() {
-            let Some(col) = self.layout.map[fi] else { continue };
+            let Some(col) = self.layout.map[fi] else {
+                continue;
+            };
             let v = &buf[s..e];
             let builder = asm.column(col);
             let res = if v.is_empty() || self.opts.null_values.iter().any(|nv| nv.as_bytes() == v) {
@@ -151,12 +176,20 @@ impl RecordCtx<'_> {
                 let field = self.schema.field(col);
                 let reason = match err {
                     ValueError::Invalid => {
-                        format!("cannot read {} as {}", crate::decode::show(v), crate::schema::type_name(field.data_type()))
+                        format!(
+                            "cannot read {} as {}",
+                            crate::decode::show(v),
+                            crate::schema::type_name(field.data_type())
+                        )
                     }
                     ValueError::Utf8 => "invalid UTF-8".to_string(),
                     ValueError::Missing => "is required but empty".to_string(),
                 };
-                let stage = if err == ValueError::Utf8 { Stage::Decode } else { Stage::Cast };
+                let stage = if err == ValueError::Utf8 {
+                    Stage::Decode
+                } else {
+                    Stage::Cast
+                };
                 return Err((stage, Some(field.name().clone()), reason));
             }
         }
@@ -164,7 +197,12 @@ impl RecordCtx<'_> {
     }
 }
 
-fn fast_path(chunk: &Chunk, asm: &mut BatchAssembler<'_>, ctx: &mut RecordCtx<'_>, limits: &Limits) {
+fn fast_path(
+    chunk: &Chunk,
+    asm: &mut BatchAssembler<'_>,
+    ctx: &mut RecordCtx<'_>,
+    limits: &Limits,
+) {
     let data = &chunk.data[..];
     let delim = ctx.opts.delimiter;
     let mut line = chunk.first_line;
@@ -189,7 +227,9 @@ fn fast_path(chunk: &Chunk, asm: &mut BatchAssembler<'_>, ctx: &mut RecordCtx<'_
                 ctx.fields.push((pos + s, pos + rec.len()));
                 match ctx.push(data, asm) {
                     Ok(()) => asm.commit(pos, rec_end, line),
-                    Err((stage, field, reason)) => asm.fail_row(stage, field, reason, pos, rec_end, line),
+                    Err((stage, field, reason)) => {
+                        asm.fail_row(stage, field, reason, pos, rec_end, line)
+                    }
                 }
             }
         }
@@ -198,7 +238,12 @@ fn fast_path(chunk: &Chunk, asm: &mut BatchAssembler<'_>, ctx: &mut RecordCtx<'_
     }
 }
 
-fn quoted_path(chunk: &Chunk, asm: &mut BatchAssembler<'_>, ctx: &mut RecordCtx<'_>, limits: &Limits) {
+fn quoted_path(
+    chunk: &Chunk,
+    asm: &mut BatchAssembler<'_>,
+    ctx: &mut RecordCtx<'_>,
+    limits: &Limits,
+) {
     let data = &chunk.data[..];
     let mut reader = reader(ctx.opts);
     let mut out = vec![0u8; 64 << 10];
@@ -246,7 +291,14 @@ fn quoted_path(chunk: &Chunk, asm: &mut BatchAssembler<'_>, ctx: &mut RecordCtx<
         if (rec_end - start) as u64 > limits.max_record_bytes {
             asm.reject(over_limit(chunk, start, rec_end, line, limits));
         } else if input_done && unterminated_quote(&data[start..rec_end], ctx.opts.quote) {
-            asm.fail_row(Stage::Decode, None, "unterminated quoted field (a truncated record?)".into(), start, rec_end, line);
+            asm.fail_row(
+                Stage::Decode,
+                None,
+                "unterminated quoted field (a truncated record?)".into(),
+                start,
+                rec_end,
+                line,
+            );
         } else {
             ctx.fields.clear();
             let mut s = 0;
@@ -256,7 +308,9 @@ fn quoted_path(chunk: &Chunk, asm: &mut BatchAssembler<'_>, ctx: &mut RecordCtx<
             }
             match ctx.push(&out[..o], asm) {
                 Ok(()) => asm.commit(start, rec_end, line),
-                Err((stage, field, reason)) => asm.fail_row(stage, field, reason, start, rec_end, line),
+                Err((stage, field, reason)) => {
+                    asm.fail_row(stage, field, reason, start, rec_end, line)
+                }
             }
         }
         line += lines_in_record.max(1);
@@ -293,102 +347,12 @@ pub fn test_chunk(text: &str) -> Chunk {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use arrow::array::{Array, AsArray};
-    use arrow::datatypes::{DataType, Field, Float64Type};
-
-    fn schema() -> SchemaRef {
-        Arc::new(Schema::new(vec![
-            Field::new("device_id", DataType::Utf8, false),
-            Field::new("temperature_c", DataType::Float64, true),
-        ]))
-    }
-
-    fn decode(text: &str) -> DecodeOutput {
-        let s = schema();
-        decode_csv(&test_chunk(text), &CsvLayout::positional(&s), &s, &CsvOptions::default(), &Limits::default())
-            .expect("decode")
-    }
-
-    #[test]
-    fn good_rows() {
-        let out = decode("d1,21.5\nd2,\r\nd3,-4\n");
-        assert!(out.rejects.is_empty());
-        let b = &out.batches[0].batch;
-        assert_eq!(b.num_rows(), 3);
-        let t = b.column(1).as_primitive::<Float64Type>();
-        assert_eq!(t.value(0), 21.5);
-        assert!(t.is_null(1));
-        assert_eq!(out.records, 3);
-    }
-
-    #[test]
-    fn bad_rows_are_rejected_with_lines() {
-        let out = decode("d1,21.5\nd2\nd3,abc\n,1\nd5,1,2\nd6,7\n");
-        let lines: Vec<_> = out.rejects.iter().map(|r| (r.line, r.stage, r.field.clone())).collect();
-        assert_eq!(
-            lines,
-            vec![
-                (Some(2), Stage::Decode, None),
-                (Some(3), Stage::Cast, Some("temperature_c".to_string())),
-                (Some(4), Stage::Cast, Some("device_id".to_string())),
-                (Some(5), Stage::Decode, None),
-            ]
-        );
-        assert!(out.rejects[0].reason.contains("expected 2 fields, found 1"));
-        assert!(out.rejects[1].reason.contains("cannot read \"abc\" as float64"));
-        assert_eq!(&out.rejects[1].raw[..], b"d3,abc");
-        assert_eq!(out.batches[0].batch.num_rows(), 2);
-        assert_eq!(out.records, 6);
-    }
-
-    #[test]
-    fn quoted_fields_and_embedded_newlines() {
-        let out = decode("\"d,1\",\"2\"\n\"multi\nline\",3\nd4,\"x\"\"y\"\n");
-        let b = &out.batches[0].batch;
-        assert_eq!(b.num_rows(), 2, "{:?}", out.rejects);
-        assert_eq!(b.column(0).as_string::<i32>().value(0), "d,1");
-        assert_eq!(b.column(0).as_string::<i32>().value(1), "multi\nline");
-        assert_eq!(out.rejects.len(), 1);
-        assert_eq!(out.rejects[0].line, Some(4));
-    }
-
-    #[test]
-    fn invalid_utf8_is_rejected() {
-        let mut text = b"d1,1\n".to_vec();
-        text.extend_from_slice(b"d\xff\xfe,2\nd3,3\n");
-        let chunk = Chunk { source: Arc::from("x.csv"), data: Bytes::from(text), first_line: 1, ..Chunk::default() };
-        let s = schema();
-        let out = decode_csv(&chunk, &CsvLayout::positional(&s), &s, &CsvOptions::default(), &Limits::default())
-            .expect("decode");
-        assert_eq!(out.rejects.len(), 1);
-        assert_eq!(out.rejects[0].reason, "invalid UTF-8");
-        assert_eq!(out.rejects[0].line, Some(2));
-        assert_eq!(out.batches[0].batch.num_rows(), 2);
-    }
-
-    #[test]
-    fn unterminated_quote_at_the_end() {
-        let out = decode("d1,1\n\"d2,2\n");
-        assert_eq!(out.rejects.len(), 1);
-        assert!(out.rejects[0].reason.contains("unterminated"), "{}", out.rejects[0].reason);
-    }
-
-    #[test]
-    fn header_maps_by_name() {
-        let s = schema();
-        let header = parse_record(b"temperature_c,extra,device_id", &CsvOptions::default());
-        let layout = CsvLayout::from_header(&header, &s, "x.csv").expect("layout");
-        assert_eq!(layout.map, vec![Some(1), None, Some(0)]);
-        let err = CsvLayout::from_header(&["device_id".into()], &s, "x.csv").expect_err("missing column");
-        assert!(err.to_string().contains("no column `temperature_c`"));
-    }
-}
-
 /// Infers column names and types from the first `max_rows` records of `data`.
-pub fn infer_csv(data: &[u8], opts: &CsvOptions, max_rows: usize) -> Vec<(String, crate::schema::Inferred)> {
+pub fn infer_csv(
+    data: &[u8],
+    opts: &CsvOptions,
+    max_rows: usize,
+) -> Vec<(String, crate::schema::Inferred)> {
     use crate::schema::Inferred;
     let mut reader = reader(opts);
     let mut out = vec![0u8; data.len().min(16 << 20) + 1024];
@@ -407,20 +371,41 @@ pub fn infer_csv(data: &[u8], opts: &CsvOptions, max_rows: usize) -> Vec<(String
                 // End of the sample: finish the last record, if any.
                 let (res, _, nout, nend) = reader.read_record(&[], &mut out, &mut ends);
                 if matches!(res, csv_core::ReadRecordResult::Record) && nend > 0 {
-                    take_record(&out[..nout], &ends[..nend], opts, &mut names, &mut types, rows == 0);
+                    take_record(
+                        &out[..nout],
+                        &ends[..nend],
+                        opts,
+                        &mut names,
+                        &mut types,
+                        rows == 0,
+                    );
                 }
                 break;
             }
             _ => break,
         }
         let _ = nout;
-        take_record(&out[..nout], &ends[..nend], opts, &mut names, &mut types, rows == 0);
+        take_record(
+            &out[..nout],
+            &ends[..nend],
+            opts,
+            &mut names,
+            &mut types,
+            rows == 0,
+        );
         rows += 1;
     }
     if !opts.header {
         names = (1..=types.len()).map(|i| format!("column_{i}")).collect();
     }
-    names.into_iter().zip(types.into_iter().chain(std::iter::repeat(Inferred::Unknown))).collect()
+    names
+        .into_iter()
+        .zip(
+            types
+                .into_iter()
+                .chain(std::iter::repeat(Inferred::Unknown)),
+        )
+        .collect()
 }
 
 fn take_record(
@@ -441,7 +426,12 @@ fn take_record(
     if first && opts.header {
         *names = fields
             .iter()
-            .map(|f| String::from_utf8_lossy(f).trim_start_matches('\u{feff}').trim().to_string())
+            .map(|f| {
+                String::from_utf8_lossy(f)
+                    .trim_start_matches('\u{feff}')
+                    .trim()
+                    .to_string()
+            })
             .collect();
         types.resize(names.len(), Inferred::Unknown);
         return;
@@ -457,5 +447,129 @@ fn take_record(
             continue;
         }
         types[i] = types[i].merge(Inferred::of_text(f));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{Array, AsArray};
+    use arrow::datatypes::{DataType, Field, Float64Type};
+
+    fn schema() -> SchemaRef {
+        Arc::new(Schema::new(vec![
+            Field::new("device_id", DataType::Utf8, false),
+            Field::new("temperature_c", DataType::Float64, true),
+        ]))
+    }
+
+    fn decode(text: &str) -> DecodeOutput {
+        let s = schema();
+        decode_csv(
+            &test_chunk(text),
+            &CsvLayout::positional(&s),
+            &s,
+            &CsvOptions::default(),
+            &Limits::default(),
+        )
+        .expect("decode")
+    }
+
+    #[test]
+    fn good_rows() {
+        let out = decode("d1,21.5\nd2,\r\nd3,-4\n");
+        assert!(out.rejects.is_empty());
+        let b = &out.batches[0].batch;
+        assert_eq!(b.num_rows(), 3);
+        let t = b.column(1).as_primitive::<Float64Type>();
+        assert_eq!(t.value(0), 21.5);
+        assert!(t.is_null(1));
+        assert_eq!(out.records, 3);
+    }
+
+    #[test]
+    fn bad_rows_are_rejected_with_lines() {
+        let out = decode("d1,21.5\nd2\nd3,abc\n,1\nd5,1,2\nd6,7\n");
+        let lines: Vec<_> = out
+            .rejects
+            .iter()
+            .map(|r| (r.line, r.stage, r.field.clone()))
+            .collect();
+        assert_eq!(
+            lines,
+            vec![
+                (Some(2), Stage::Decode, None),
+                (Some(3), Stage::Cast, Some("temperature_c".to_string())),
+                (Some(4), Stage::Cast, Some("device_id".to_string())),
+                (Some(5), Stage::Decode, None),
+            ]
+        );
+        assert!(out.rejects[0].reason.contains("expected 2 fields, found 1"));
+        assert!(
+            out.rejects[1]
+                .reason
+                .contains("cannot read \"abc\" as float64")
+        );
+        assert_eq!(&out.rejects[1].raw[..], b"d3,abc");
+        assert_eq!(out.batches[0].batch.num_rows(), 2);
+        assert_eq!(out.records, 6);
+    }
+
+    #[test]
+    fn quoted_fields_and_embedded_newlines() {
+        let out = decode("\"d,1\",\"2\"\n\"multi\nline\",3\nd4,\"x\"\"y\"\n");
+        let b = &out.batches[0].batch;
+        assert_eq!(b.num_rows(), 2, "{:?}", out.rejects);
+        assert_eq!(b.column(0).as_string::<i32>().value(0), "d,1");
+        assert_eq!(b.column(0).as_string::<i32>().value(1), "multi\nline");
+        assert_eq!(out.rejects.len(), 1);
+        assert_eq!(out.rejects[0].line, Some(4));
+    }
+
+    #[test]
+    fn invalid_utf8_is_rejected() {
+        let mut text = b"d1,1\n".to_vec();
+        text.extend_from_slice(b"d\xff\xfe,2\nd3,3\n");
+        let chunk = Chunk {
+            source: Arc::from("x.csv"),
+            data: Bytes::from(text),
+            first_line: 1,
+            ..Chunk::default()
+        };
+        let s = schema();
+        let out = decode_csv(
+            &chunk,
+            &CsvLayout::positional(&s),
+            &s,
+            &CsvOptions::default(),
+            &Limits::default(),
+        )
+        .expect("decode");
+        assert_eq!(out.rejects.len(), 1);
+        assert_eq!(out.rejects[0].reason, "invalid UTF-8");
+        assert_eq!(out.rejects[0].line, Some(2));
+        assert_eq!(out.batches[0].batch.num_rows(), 2);
+    }
+
+    #[test]
+    fn unterminated_quote_at_the_end() {
+        let out = decode("d1,1\n\"d2,2\n");
+        assert_eq!(out.rejects.len(), 1);
+        assert!(
+            out.rejects[0].reason.contains("unterminated"),
+            "{}",
+            out.rejects[0].reason
+        );
+    }
+
+    #[test]
+    fn header_maps_by_name() {
+        let s = schema();
+        let header = parse_record(b"temperature_c,extra,device_id", &CsvOptions::default());
+        let layout = CsvLayout::from_header(&header, &s, "x.csv").expect("layout");
+        assert_eq!(layout.map, vec![Some(1), None, Some(0)]);
+        let err =
+            CsvLayout::from_header(&["device_id".into()], &s, "x.csv").expect_err("missing column");
+        assert!(err.to_string().contains("no column `temperature_c`"));
     }
 }

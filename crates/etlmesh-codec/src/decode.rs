@@ -23,7 +23,10 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Self { batch_size: 65_536, max_record_bytes: 1 << 20 }
+        Self {
+            batch_size: 65_536,
+            max_record_bytes: 1 << 20,
+        }
     }
 }
 
@@ -48,7 +51,11 @@ impl DecodeOutput {
 /// A value shown in a message: quoted, cut at 64 bytes.
 pub fn show(v: &[u8]) -> String {
     let s = String::from_utf8_lossy(&v[..v.len().min(64)]);
-    if v.len() > 64 { format!("{:?}…", s) } else { format!("{:?}", s) }
+    if v.len() > 64 {
+        format!("{:?}…", s)
+    } else {
+        format!("{:?}", s)
+    }
 }
 
 /// Text bytes in one batch past which it is cut early (keeps offsets in range).
@@ -100,18 +107,41 @@ impl<'a> BatchAssembler<'a> {
     pub fn commit(&mut self, start: usize, end: usize, line: u64) {
         self.rows += 1;
         self.out.records += 1;
-        self.spans.push(RecordSpan { start: start as u32, len: (end - start) as u32, line });
-        if self.rows >= self.batch_size || self.builders.iter().any(|b| b.text_bytes() > MAX_BATCH_TEXT) {
+        self.spans.push(RecordSpan {
+            start: start as u32,
+            len: (end - start) as u32,
+            line,
+        });
+        if self.rows >= self.batch_size
+            || self
+                .builders
+                .iter()
+                .any(|b| b.text_bytes() > MAX_BATCH_TEXT)
+        {
             self.flush();
         }
     }
 
     /// Drops the row being pushed and records why.
-    pub fn fail_row(&mut self, stage: Stage, field: Option<String>, reason: String, start: usize, end: usize, line: u64) {
+    pub fn fail_row(
+        &mut self,
+        stage: Stage,
+        field: Option<String>,
+        reason: String,
+        start: usize,
+        end: usize,
+        line: u64,
+    ) {
         for b in &mut self.builders {
             b.truncate(self.rows);
         }
-        let mut r = Reject::new(&self.chunk.source, stage, reason, self.chunk.data.slice(start..end)).at_line(line);
+        let mut r = Reject::new(
+            &self.chunk.source,
+            stage,
+            reason,
+            self.chunk.data.slice(start..end),
+        )
+        .at_line(line);
         r.field = field;
         self.reject(r);
     }
@@ -126,7 +156,11 @@ impl<'a> BatchAssembler<'a> {
         if self.rows == 0 {
             return;
         }
-        let columns: Result<Vec<_>, _> = self.builders.iter_mut().map(ColumnBuilder::finish).collect();
+        let columns: Result<Vec<_>, _> = self
+            .builders
+            .iter_mut()
+            .map(ColumnBuilder::finish)
+            .collect();
         let batch = columns.and_then(|c| RecordBatch::try_new(self.schema.clone(), c));
         match batch {
             Ok(batch) => self.out.batches.push(DecodedBatch {
@@ -142,10 +176,18 @@ impl<'a> BatchAssembler<'a> {
             // the rows are still accounted for.
             Err(e) => {
                 for s in std::mem::take(&mut self.spans) {
-                    let raw = self.chunk.data.slice(s.start as usize..(s.start + s.len) as usize);
+                    let raw = self
+                        .chunk
+                        .data
+                        .slice(s.start as usize..(s.start + s.len) as usize);
                     self.out.rejects.push(
-                        Reject::new(&self.chunk.source, Stage::Decode, format!("internal decode error: {e}"), raw)
-                            .at_line(s.line),
+                        Reject::new(
+                            &self.chunk.source,
+                            Stage::Decode,
+                            format!("internal decode error: {e}"),
+                            raw,
+                        )
+                        .at_line(s.line),
                     );
                 }
             }

@@ -126,7 +126,9 @@ impl<W: Write + Send> BatchWriter for IpcStream<W> {
 /// Parquet writer properties for a compression setting.
 pub fn parquet_properties(compression: Compression, row_group_rows: usize) -> WriterProperties {
     let c = match compression {
-        Compression::Zstd(level) => PqCompression::ZSTD(ZstdLevel::try_new(level).unwrap_or_default()),
+        Compression::Zstd(level) => {
+            PqCompression::ZSTD(ZstdLevel::try_new(level).unwrap_or_default())
+        }
         Compression::Snappy => PqCompression::SNAPPY,
         Compression::Lz4 => PqCompression::LZ4_RAW,
         Compression::None => PqCompression::UNCOMPRESSED,
@@ -152,15 +154,23 @@ pub fn writer<W: Write + Send + 'static>(
         Format::Json => Box::new(JsonArray(arrow::json::ArrayWriter::new(w))),
         Format::Parquet => {
             let props = parquet_properties(opts.compression, opts.row_group_rows);
-            Box::new(Parquet(ArrowWriter::try_new(w, schema.clone(), Some(props)).map_err(enc)?))
+            Box::new(Parquet(
+                ArrowWriter::try_new(w, schema.clone(), Some(props)).map_err(enc)?,
+            ))
         }
-        Format::Arrow if opts.ipc_file => Box::new(IpcFile(FileWriter::try_new(w, schema).map_err(enc)?)),
+        Format::Arrow if opts.ipc_file => {
+            Box::new(IpcFile(FileWriter::try_new(w, schema).map_err(enc)?))
+        }
         Format::Arrow => Box::new(IpcStream(StreamWriter::try_new(w, schema).map_err(enc)?)),
     })
 }
 
 /// Encodes batches into a byte vector (a response body).
-pub fn encode_to_vec(batches: &[RecordBatch], schema: &SchemaRef, opts: &EncodeOptions) -> Result<Vec<u8>, CodecError> {
+pub fn encode_to_vec(
+    batches: &[RecordBatch],
+    schema: &SchemaRef,
+    opts: &EncodeOptions,
+) -> Result<Vec<u8>, CodecError> {
     let buf = SharedBuf::default();
     let mut w = writer(buf.clone(), schema, opts)?;
     for b in batches {
@@ -176,7 +186,10 @@ struct SharedBuf(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
 
 impl SharedBuf {
     fn take(&self) -> Vec<u8> {
-        self.0.lock().map(|mut v| std::mem::take(&mut *v)).unwrap_or_default()
+        self.0
+            .lock()
+            .map(|mut v| std::mem::take(&mut *v))
+            .unwrap_or_default()
     }
 }
 

@@ -15,9 +15,17 @@ use crate::decode::{BatchAssembler, DecodeOutput, Limits, show};
 use crate::record::{Reject, Stage};
 
 /// Decodes a chunk of NDJSON lines, or of JSON array elements when the chunk has spans.
-pub fn decode_json(chunk: &Chunk, schema: &SchemaRef, limits: &Limits) -> Result<DecodeOutput, CodecError> {
+pub fn decode_json(
+    chunk: &Chunk,
+    schema: &SchemaRef,
+    limits: &Limits,
+) -> Result<DecodeOutput, CodecError> {
     let mut asm = BatchAssembler::new(schema.clone(), chunk, limits)?;
-    let names: Vec<&[u8]> = schema.fields().iter().map(|f| f.name().as_bytes()).collect();
+    let names: Vec<&[u8]> = schema
+        .fields()
+        .iter()
+        .map(|f| f.name().as_bytes())
+        .collect();
     let mut rd = RecordDecoder {
         names,
         seen: vec![false; schema.fields().len()],
@@ -32,7 +40,11 @@ pub fn decode_json(chunk: &Chunk, schema: &SchemaRef, limits: &Limits) -> Result
                 Reject::new(
                     &chunk.source,
                     Stage::Limit,
-                    format!("record is {} bytes, over max_record_bytes = {}", end - start, limits.max_record_bytes),
+                    format!(
+                        "record is {} bytes, over max_record_bytes = {}",
+                        end - start,
+                        limits.max_record_bytes
+                    ),
                     chunk.data.slice(start..end),
                 )
                 .at_line(line),
@@ -47,7 +59,12 @@ pub fn decode_json(chunk: &Chunk, schema: &SchemaRef, limits: &Limits) -> Result
     match &chunk.spans {
         Some(spans) => {
             for s in spans {
-                handle(&mut asm, s.start as usize, (s.start + s.len) as usize, s.line);
+                handle(
+                    &mut asm,
+                    s.start as usize,
+                    (s.start + s.len) as usize,
+                    s.line,
+                );
             }
         }
         None => {
@@ -98,7 +115,13 @@ impl RecordDecoder<'_> {
     }
 
     fn decode(&mut self, rec: &[u8], asm: &mut BatchAssembler<'_>) -> Result<(), Failure> {
-        let syntax = |at: usize, what: &str| (Stage::Decode, None, format!("invalid JSON at column {}: {what}", at + 1));
+        let syntax = |at: usize, what: &str| {
+            (
+                Stage::Decode,
+                None,
+                format!("invalid JSON at column {}: {what}", at + 1),
+            )
+        };
         self.seen.iter_mut().for_each(|s| *s = false);
         let mut sc = Scanner { b: rec, i: 0 };
         sc.ws();
@@ -123,7 +146,9 @@ impl RecordDecoder<'_> {
                 if sc.peek() != Some(b'"') {
                     return Err(syntax(sc.i, "expected a key in double quotes"));
                 }
-                let key = sc.string(&mut self.scratch).map_err(|at| syntax(at, "unterminated or malformed key"))?;
+                let key = sc
+                    .string(&mut self.scratch)
+                    .map_err(|at| syntax(at, "unterminated or malformed key"))?;
                 let key = key.into_owned();
                 sc.ws();
                 if sc.peek() != Some(b':') {
@@ -132,11 +157,17 @@ impl RecordDecoder<'_> {
                 sc.i += 1;
                 sc.ws();
                 let at = sc.i;
-                let value = sc.value(&mut self.scratch).map_err(|(at, what)| syntax(at, what))?;
+                let value = sc
+                    .value(&mut self.scratch)
+                    .map_err(|(at, what)| syntax(at, what))?;
                 if let Some(col) = self.column(&key, hint) {
                     hint = col + 1;
                     if self.seen[col] {
-                        return Err((Stage::Decode, Some(field_name(self.schema, col)), "the key appears twice".into()));
+                        return Err((
+                            Stage::Decode,
+                            Some(field_name(self.schema, col)),
+                            "the key appears twice".into(),
+                        ));
                     }
                     self.seen[col] = true;
                     self.push(col, value, &rec[at..sc.i], asm)?;
@@ -149,7 +180,9 @@ impl RecordDecoder<'_> {
                         break;
                     }
                     Some(_) => return Err(syntax(sc.i, "expected `,` or `}` after a value")),
-                    None => return Err(syntax(sc.i, "the object is not closed (a truncated line?)")),
+                    None => {
+                        return Err(syntax(sc.i, "the object is not closed (a truncated line?)"));
+                    }
                 }
             }
         }
@@ -159,13 +192,23 @@ impl RecordDecoder<'_> {
         }
         for col in 0..self.seen.len() {
             if !self.seen[col] && asm.column(col).push_null().is_err() {
-                return Err((Stage::Cast, Some(field_name(self.schema, col)), "is required but missing".into()));
+                return Err((
+                    Stage::Cast,
+                    Some(field_name(self.schema, col)),
+                    "is required but missing".into(),
+                ));
             }
         }
         Ok(())
     }
 
-    fn push(&self, col: usize, value: Value<'_>, text: &[u8], asm: &mut BatchAssembler<'_>) -> Result<(), Failure> {
+    fn push(
+        &self,
+        col: usize,
+        value: Value<'_>,
+        text: &[u8],
+        asm: &mut BatchAssembler<'_>,
+    ) -> Result<(), Failure> {
         let b = asm.column(col);
         let res = match &value {
             Value::Null => b.push_null(),
@@ -186,7 +229,11 @@ impl RecordDecoder<'_> {
                 ValueError::Utf8 => "invalid UTF-8".into(),
                 ValueError::Missing => "is required but null".into(),
             };
-            let stage = if e == ValueError::Utf8 { Stage::Decode } else { Stage::Cast };
+            let stage = if e == ValueError::Utf8 {
+                Stage::Decode
+            } else {
+                Stage::Cast
+            };
             (stage, Some(field.name().clone()), reason)
         })
     }
@@ -226,13 +273,18 @@ impl<'a> Scanner<'a> {
         match self.peek() {
             Some(b'"') => self
                 .string(scratch)
-                .map(|s| Value::Str(match s {
-                    Cow::Borrowed(b) => Cow::Borrowed(b),
-                    Cow::Owned(o) => Cow::Owned(o),
-                }))
+                .map(|s| {
+                    Value::Str(match s {
+                        Cow::Borrowed(b) => Cow::Borrowed(b),
+                        Cow::Owned(o) => Cow::Owned(o),
+                    })
+                })
                 .map_err(|at| (at, "unterminated or malformed string")),
             Some(b'-' | b'0'..=b'9') => {
-                while matches!(self.peek(), Some(b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9')) {
+                while matches!(
+                    self.peek(),
+                    Some(b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9')
+                ) {
                     self.i += 1;
                 }
                 Ok(Value::Number(&self.b[at..self.i]))
@@ -241,11 +293,15 @@ impl<'a> Scanner<'a> {
             Some(b'f') if self.literal(b"false") => Ok(Value::Bool(false)),
             Some(b'n') if self.literal(b"null") => Ok(Value::Null),
             Some(b'{' | b'[') => {
-                self.skip_nested().map_err(|at| (at, "unterminated object or array"))?;
+                self.skip_nested()
+                    .map_err(|at| (at, "unterminated object or array"))?;
                 Ok(Value::Nested(&self.b[at..self.i]))
             }
             Some(_) => Err((at, "expected a value")),
-            None => Err((at, "the record ends where a value was expected (a truncated line?)")),
+            None => Err((
+                at,
+                "the record ends where a value was expected (a truncated line?)",
+            )),
         }
     }
 
@@ -288,7 +344,9 @@ impl<'a> Scanner<'a> {
         }
         scratch.clear();
         loop {
-            let Some(off) = memchr::memchr2(b'"', b'\\', &b[i..]) else { return Err(self.i) };
+            let Some(off) = memchr::memchr2(b'"', b'\\', &b[i..]) else {
+                return Err(self.i);
+            };
             scratch.extend_from_slice(&b[i..i + off]);
             i += off;
             if b[i] == b'"' {
@@ -337,89 +395,6 @@ fn hex4(b: &[u8]) -> Option<u32> {
     u32::from_str_radix(s, 16).ok()
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::sync::Arc;
-
-    use arrow::array::{Array, AsArray};
-    use arrow::datatypes::{DataType, Field, Float64Type, Schema, TimeUnit, TimestampMillisecondType};
-    use bytes::Bytes;
-
-    use crate::chunk::{Chunker, Framing};
-
-    fn schema() -> SchemaRef {
-        Arc::new(Schema::new(vec![
-            Field::new("device_id", DataType::Utf8, false),
-            Field::new("ts", DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())), true),
-            Field::new("temperature_c", DataType::Float64, true),
-            Field::new("meta", DataType::Utf8, true),
-        ]))
-    }
-
-    fn ndjson(text: &str) -> DecodeOutput {
-        let chunk = Chunk { source: Arc::from("t.ndjson"), data: Bytes::from(text.to_string()), first_line: 1, ..Chunk::default() };
-        decode_json(&chunk, &schema(), &Limits::default()).expect("decode")
-    }
-
-    #[test]
-    fn objects_with_any_key_order_escapes_and_nesting() {
-        let out = ndjson(concat!(
-            r#"{"device_id":"d1","ts":"2026-01-01T00:00:00Z","temperature_c":21.5}"#,
-            "\n",
-            r#"{"temperature_c": -3, "device_id": "d\"2\u00e9", "ts": 1000, "meta": {"a": [1, "}"]}, "extra": true}"#,
-            "\n\n"
-        ));
-        assert!(out.rejects.is_empty(), "{:?}", out.rejects);
-        let b = &out.batches[0].batch;
-        assert_eq!(b.num_rows(), 2);
-        assert_eq!(b.column(0).as_string::<i32>().value(1), "d\"2é");
-        assert_eq!(b.column(1).as_primitive::<TimestampMillisecondType>().value(1), 1000);
-        assert_eq!(b.column(2).as_primitive::<Float64Type>().value(1), -3.0);
-        assert_eq!(b.column(3).as_string::<i32>().value(1), r#"{"a": [1, "}"]}"#);
-        assert!(b.column(3).is_null(0));
-    }
-
-    #[test]
-    fn bad_lines_are_rejected_alone() {
-        let out = ndjson(concat!(
-            r#"{"device_id":"d1","temperature_c":1}"#, "\n",
-            r#"{"device_id":"d2","temperature_c":}"#, "\n",
-            r#"{"device_id":"d3","temperature_c":"hot"}"#, "\n",
-            r#"{"temperature_c":4}"#, "\n",
-            r#"["not", "an", "object"]"#, "\n",
-            r#"{"device_id":"d6","temperature_c":6"#, "\n",
-            r#"{"device_id":"d7","temperature_c":7}"#, "\n",
-        ));
-        let got: Vec<_> = out.rejects.iter().map(|r| (r.line, r.stage, r.field.clone())).collect();
-        assert_eq!(
-            got,
-            vec![
-                (Some(2), Stage::Decode, None),
-                (Some(3), Stage::Cast, Some("temperature_c".into())),
-                (Some(4), Stage::Cast, Some("device_id".into())),
-                (Some(5), Stage::Decode, None),
-                (Some(6), Stage::Decode, None),
-            ]
-        );
-        assert!(out.rejects[1].reason.contains(r#"cannot read "\"hot\"" as float64"#), "{}", out.rejects[1].reason);
-        assert_eq!(out.batches[0].batch.num_rows(), 2);
-        assert_eq!(out.records, 7);
-    }
-
-    #[test]
-    fn json_array_elements_via_the_chunker() {
-        let text = "[\n  {\"device_id\": \"a\", \"temperature_c\": 1},\n  {\"device_id\": \"b\",\n   \"temperature_c\": \"x\"},\n  {\"device_id\": \"c\"}\n]\n";
-        let mut ch = Chunker::new(text.as_bytes(), Arc::from("a.json"), Framing::JsonArray, 4096, 1 << 20);
-        let chunk = ch.next_chunk().expect("read").expect("a chunk");
-        assert!(ch.next_chunk().expect("read").is_none());
-        let out = decode_json(&chunk, &schema(), &Limits::default()).expect("decode");
-        assert_eq!(out.batches[0].batch.num_rows(), 2);
-        assert_eq!(out.rejects.len(), 1);
-        assert_eq!(out.rejects[0].line, Some(3));
-    }
-}
-
 /// Infers column names (in order of first appearance) and types from the first
 /// `max_rows` records of a chunk.
 pub fn infer_json(chunk: &Chunk, max_rows: usize) -> Vec<(String, crate::schema::Inferred)> {
@@ -428,7 +403,10 @@ pub fn infer_json(chunk: &Chunk, max_rows: usize) -> Vec<(String, crate::schema:
     let mut scratch = Vec::new();
     let data = &chunk.data[..];
     let records: Vec<(usize, usize)> = match &chunk.spans {
-        Some(spans) => spans.iter().map(|s| (s.start as usize, (s.start + s.len) as usize)).collect(),
+        Some(spans) => spans
+            .iter()
+            .map(|s| (s.start as usize, (s.start + s.len) as usize))
+            .collect(),
         None => {
             let mut v = Vec::new();
             let mut pos = 0;
@@ -441,7 +419,10 @@ pub fn infer_json(chunk: &Chunk, max_rows: usize) -> Vec<(String, crate::schema:
         }
     };
     for (start, end) in records.into_iter().take(max_rows) {
-        let mut sc = Scanner { b: &data[start..end], i: 0 };
+        let mut sc = Scanner {
+            b: &data[start..end],
+            i: 0,
+        };
         sc.ws();
         if sc.peek() != Some(b'{') {
             continue;
@@ -452,7 +433,9 @@ pub fn infer_json(chunk: &Chunk, max_rows: usize) -> Vec<(String, crate::schema:
             if sc.peek() != Some(b'"') {
                 break;
             }
-            let Ok(key) = sc.string(&mut scratch) else { break };
+            let Ok(key) = sc.string(&mut scratch) else {
+                break;
+            };
             let key = String::from_utf8_lossy(&key).into_owned();
             sc.ws();
             if sc.peek() != Some(b':') {
@@ -460,11 +443,15 @@ pub fn infer_json(chunk: &Chunk, max_rows: usize) -> Vec<(String, crate::schema:
             }
             sc.i += 1;
             sc.ws();
-            let Ok(value) = sc.value(&mut scratch) else { break };
+            let Ok(value) = sc.value(&mut scratch) else {
+                break;
+            };
             let t = match value {
                 Value::Null => Inferred::Unknown,
                 Value::Bool(_) => Inferred::Bool,
-                Value::Number(n) if n.iter().any(|c| matches!(c, b'.' | b'e' | b'E')) => Inferred::Float,
+                Value::Number(n) if n.iter().any(|c| matches!(c, b'.' | b'e' | b'E')) => {
+                    Inferred::Float
+                }
                 Value::Number(_) => Inferred::Int,
                 Value::Str(s) => match Inferred::of_text(&s) {
                     t @ (Inferred::Timestamp | Inferred::Date) => t,
@@ -485,4 +472,129 @@ pub fn infer_json(chunk: &Chunk, max_rows: usize) -> Vec<(String, crate::schema:
         }
     }
     cols
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    use arrow::array::{Array, AsArray};
+    use arrow::datatypes::{
+        DataType, Field, Float64Type, Schema, TimeUnit, TimestampMillisecondType,
+    };
+    use bytes::Bytes;
+
+    use crate::chunk::{Chunker, Framing};
+
+    fn schema() -> SchemaRef {
+        Arc::new(Schema::new(vec![
+            Field::new("device_id", DataType::Utf8, false),
+            Field::new(
+                "ts",
+                DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())),
+                true,
+            ),
+            Field::new("temperature_c", DataType::Float64, true),
+            Field::new("meta", DataType::Utf8, true),
+        ]))
+    }
+
+    fn ndjson(text: &str) -> DecodeOutput {
+        let chunk = Chunk {
+            source: Arc::from("t.ndjson"),
+            data: Bytes::from(text.to_string()),
+            first_line: 1,
+            ..Chunk::default()
+        };
+        decode_json(&chunk, &schema(), &Limits::default()).expect("decode")
+    }
+
+    #[test]
+    fn objects_with_any_key_order_escapes_and_nesting() {
+        let out = ndjson(concat!(
+            r#"{"device_id":"d1","ts":"2026-01-01T00:00:00Z","temperature_c":21.5}"#,
+            "\n",
+            r#"{"temperature_c": -3, "device_id": "d\"2\u00e9", "ts": 1000, "meta": {"a": [1, "}"]}, "extra": true}"#,
+            "\n\n"
+        ));
+        assert!(out.rejects.is_empty(), "{:?}", out.rejects);
+        let b = &out.batches[0].batch;
+        assert_eq!(b.num_rows(), 2);
+        assert_eq!(b.column(0).as_string::<i32>().value(1), "d\"2é");
+        assert_eq!(
+            b.column(1)
+                .as_primitive::<TimestampMillisecondType>()
+                .value(1),
+            1000
+        );
+        assert_eq!(b.column(2).as_primitive::<Float64Type>().value(1), -3.0);
+        assert_eq!(
+            b.column(3).as_string::<i32>().value(1),
+            r#"{"a": [1, "}"]}"#
+        );
+        assert!(b.column(3).is_null(0));
+    }
+
+    #[test]
+    fn bad_lines_are_rejected_alone() {
+        let out = ndjson(concat!(
+            r#"{"device_id":"d1","temperature_c":1}"#,
+            "\n",
+            r#"{"device_id":"d2","temperature_c":}"#,
+            "\n",
+            r#"{"device_id":"d3","temperature_c":"hot"}"#,
+            "\n",
+            r#"{"temperature_c":4}"#,
+            "\n",
+            r#"["not", "an", "object"]"#,
+            "\n",
+            r#"{"device_id":"d6","temperature_c":6"#,
+            "\n",
+            r#"{"device_id":"d7","temperature_c":7}"#,
+            "\n",
+        ));
+        let got: Vec<_> = out
+            .rejects
+            .iter()
+            .map(|r| (r.line, r.stage, r.field.clone()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (Some(2), Stage::Decode, None),
+                (Some(3), Stage::Cast, Some("temperature_c".into())),
+                (Some(4), Stage::Cast, Some("device_id".into())),
+                (Some(5), Stage::Decode, None),
+                (Some(6), Stage::Decode, None),
+            ]
+        );
+        assert!(
+            out.rejects[1]
+                .reason
+                .contains(r#"cannot read "\"hot\"" as float64"#),
+            "{}",
+            out.rejects[1].reason
+        );
+        assert_eq!(out.batches[0].batch.num_rows(), 2);
+        assert_eq!(out.records, 7);
+    }
+
+    #[test]
+    fn json_array_elements_via_the_chunker() {
+        let text = "[\n  {\"device_id\": \"a\", \"temperature_c\": 1},\n  {\"device_id\": \"b\",\n   \"temperature_c\": \"x\"},\n  {\"device_id\": \"c\"}\n]\n";
+        let mut ch = Chunker::new(
+            text.as_bytes(),
+            Arc::from("a.json"),
+            Framing::JsonArray,
+            4096,
+            1 << 20,
+        );
+        let chunk = ch.next_chunk().expect("read").expect("a chunk");
+        assert!(ch.next_chunk().expect("read").is_none());
+        let out = decode_json(&chunk, &schema(), &Limits::default()).expect("decode");
+        assert_eq!(out.batches[0].batch.num_rows(), 2);
+        assert_eq!(out.rejects.len(), 1);
+        assert_eq!(out.rejects[0].line, Some(3));
+    }
 }

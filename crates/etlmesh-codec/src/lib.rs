@@ -96,12 +96,19 @@ impl Decoder {
     }
 
     /// Decodes a text chunk.
-    pub fn decode_text(&self, chunk: &Chunk, layout: &CsvLayout) -> Result<DecodeOutput, CodecError> {
+    pub fn decode_text(
+        &self,
+        chunk: &Chunk,
+        layout: &CsvLayout,
+    ) -> Result<DecodeOutput, CodecError> {
         let mut out = match self.format {
             Format::Csv => csv::decode_csv(chunk, layout, &self.schema, &self.csv, &self.limits)?,
             Format::Ndjson | Format::Json => json::decode_json(chunk, &self.schema, &self.limits)?,
             Format::Parquet | Format::Arrow => {
-                return Err(CodecError::Encode(format!("{} is not a text format", self.format)));
+                return Err(CodecError::Encode(format!(
+                    "{} is not a text format",
+                    self.format
+                )));
             }
         };
         if !chunk.skipped.is_empty() {
@@ -112,7 +119,11 @@ impl Decoder {
     }
 
     /// Conforms a typed batch (Parquet, Arrow) to the schema.
-    pub fn decode_typed(&self, batch: &arrow::array::RecordBatch, prov: &Provenance) -> DecodeOutput {
+    pub fn decode_typed(
+        &self,
+        batch: &arrow::array::RecordBatch,
+        prov: &Provenance,
+    ) -> DecodeOutput {
         let (kept, rejects) = binary::conform(batch, &self.schema, prov);
         DecodeOutput {
             records: batch.num_rows() as u64,
@@ -125,7 +136,10 @@ impl Decoder {
 /// The framing of a text format.
 pub fn framing(format: Format, csv: &CsvOptions) -> Option<Framing> {
     match format {
-        Format::Csv => Some(Framing::Csv { quote: csv.quote, escape: csv.escape }),
+        Format::Csv => Some(Framing::Csv {
+            quote: csv.quote,
+            escape: csv.escape,
+        }),
         Format::Ndjson => Some(Framing::Lines),
         Format::Json => Some(Framing::JsonArray),
         Format::Parquet | Format::Arrow => None,
@@ -145,7 +159,12 @@ fn take_first_line(chunk: &mut Chunk) -> Vec<u8> {
 }
 
 /// Infers a schema from the first chunk of a text input.
-pub fn infer_schema(format: Format, first: &Chunk, csv: &CsvOptions, rows: usize) -> Result<SchemaRef, CodecError> {
+pub fn infer_schema(
+    format: Format,
+    first: &Chunk,
+    csv: &CsvOptions,
+    rows: usize,
+) -> Result<SchemaRef, CodecError> {
     let cols = match format {
         Format::Csv => csv::infer_csv(&first.data, csv, rows),
         Format::Ndjson | Format::Json => json::infer_json(first, rows),
@@ -154,7 +173,10 @@ pub fn infer_schema(format: Format, first: &Chunk, csv: &CsvOptions, rows: usize
     if cols.is_empty() {
         return Err(CodecError::Input {
             input: first.source.to_string(),
-            message: format!("cannot infer a schema: no {format} record in the first {} bytes", first.data.len()),
+            message: format!(
+                "cannot infer a schema: no {format} record in the first {} bytes",
+                first.data.len()
+            ),
             help: "declare the pipeline's `schema`, or check the input's format".into(),
         });
     }
@@ -176,20 +198,33 @@ pub fn decode_body(
     match framing(format, csv) {
         Some(fr) => {
             let len = body.len();
-            let mut chunker = Chunker::new(Cursor::new(body), name, fr, len.max(4096), limits.max_record_bytes as usize);
+            let mut chunker = Chunker::new(
+                Cursor::new(body),
+                name,
+                fr,
+                len.max(4096),
+                limits.max_record_bytes as usize,
+            );
             let mut chunks = Vec::new();
             while let Some(c) = chunker.next_chunk()? {
                 chunks.push(c);
             }
             let Some(first) = chunks.first() else {
-                let schema = schema.cloned().unwrap_or_else(|| Arc::new(arrow::datatypes::Schema::empty()));
+                let schema = schema
+                    .cloned()
+                    .unwrap_or_else(|| Arc::new(arrow::datatypes::Schema::empty()));
                 return Ok((schema, DecodeOutput::default()));
             };
             let schema = match schema {
                 Some(s) => s.clone(),
                 None => infer_schema(format, first, csv, infer_rows)?,
             };
-            let dec = Decoder { format, schema: schema.clone(), csv: csv.clone(), limits: *limits };
+            let dec = Decoder {
+                format,
+                schema: schema.clone(),
+                csv: csv.clone(),
+                limits: *limits,
+            };
             let layout = dec.layout(&mut chunks[0])?;
             let mut out = DecodeOutput::default();
             for c in &chunks {
@@ -201,15 +236,23 @@ pub fn decode_body(
             Ok((schema, out))
         }
         None => {
-            let (file_schema, batches): (SchemaRef, Box<dyn Iterator<Item = Result<_, CodecError>>>) = match format {
+            let (file_schema, batches): (
+                SchemaRef,
+                Box<dyn Iterator<Item = Result<_, CodecError>>>,
+            ) = match format {
                 Format::Parquet => {
                     let (s, r) = binary::parquet_body(body, source, limits.batch_size)?;
                     let src = source.to_string();
-                    (s, Box::new(r.map(move |b| b.map_err(|e| CodecError::Input {
-                        input: src.clone(),
-                        message: format!("bad Parquet data: {e}"),
-                        help: "send a complete Parquet file".into(),
-                    }))))
+                    (
+                        s,
+                        Box::new(r.map(move |b| {
+                            b.map_err(|e| CodecError::Input {
+                                input: src.clone(),
+                                message: format!("bad Parquet data: {e}"),
+                                help: "send a complete Parquet file".into(),
+                            })
+                        })),
+                    )
                 }
                 _ => {
                     let (s, it) = binary::ipc_batches(Cursor::new(body), source)?;
@@ -217,12 +260,23 @@ pub fn decode_body(
                 }
             };
             let schema = schema.cloned().unwrap_or(file_schema);
-            let dec = Decoder { format, schema: schema.clone(), csv: csv.clone(), limits: *limits };
+            let dec = Decoder {
+                format,
+                schema: schema.clone(),
+                csv: csv.clone(),
+                limits: *limits,
+            };
             let mut out = DecodeOutput::default();
             let mut row = 1u64;
             for b in batches {
                 let b = b?;
-                let o = dec.decode_typed(&b, &Provenance::Rows { source: name.clone(), first_row: row });
+                let o = dec.decode_typed(
+                    &b,
+                    &Provenance::Rows {
+                        source: name.clone(),
+                        first_row: row,
+                    },
+                );
                 row += b.num_rows() as u64;
                 out.records += o.records;
                 out.batches.extend(o.batches);

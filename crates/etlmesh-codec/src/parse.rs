@@ -35,7 +35,11 @@ pub fn parse_f64(b: &[u8]) -> Option<f64> {
 /// Parses `true`/`false` (any case), `t`/`f`, `yes`/`no`, `1`/`0`.
 pub fn parse_bool(b: &[u8]) -> Option<bool> {
     let b = b.trim_ascii();
-    if b.eq_ignore_ascii_case(b"true") || b.eq_ignore_ascii_case(b"t") || b.eq_ignore_ascii_case(b"yes") || b == b"1" {
+    if b.eq_ignore_ascii_case(b"true")
+        || b.eq_ignore_ascii_case(b"t")
+        || b.eq_ignore_ascii_case(b"yes")
+        || b == b"1"
+    {
         Some(true)
     } else if b.eq_ignore_ascii_case(b"false")
         || b.eq_ignore_ascii_case(b"f")
@@ -216,9 +220,17 @@ mod tests {
 
     #[test]
     fn agrees_with_chrono() {
-        for s in ["2001-09-09T01:46:40.5-07:30", "1969-12-31T23:59:59.999Z", "2400-02-29T12:00:00+14:00"] {
+        for s in [
+            "2001-09-09T01:46:40.5-07:30",
+            "1969-12-31T23:59:59.999Z",
+            "2400-02-29T12:00:00+14:00",
+        ] {
             let expected = chrono::DateTime::parse_from_rfc3339(s).expect("chrono parses it");
-            assert_eq!(parse_rfc3339_nanos(s.as_bytes()), expected.timestamp_nanos_opt(), "{s}");
+            assert_eq!(
+                parse_rfc3339_nanos(s.as_bytes()),
+                expected.timestamp_nanos_opt(),
+                "{s}"
+            );
         }
     }
 }

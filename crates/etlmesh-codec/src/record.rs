@@ -74,7 +74,11 @@ impl Reject {
             stage,
             field: None,
             reason: reason.into(),
-            raw: if raw_truncated { raw.slice(..MAX_RAW_BYTES) } else { raw },
+            raw: if raw_truncated {
+                raw.slice(..MAX_RAW_BYTES)
+            } else {
+                raw
+            },
             raw_truncated,
         }
     }
@@ -155,7 +159,12 @@ impl Provenance {
     /// The provenance of rows `offset..` of this one (matching `RecordBatch::slice`).
     pub fn slice(&self, offset: usize) -> Provenance {
         match self {
-            Provenance::Text { source, data, spans, offset: o } => Provenance::Text {
+            Provenance::Text {
+                source,
+                data,
+                spans,
+                offset: o,
+            } => Provenance::Text {
                 source: source.clone(),
                 data: data.clone(),
                 spans: spans.clone(),
@@ -169,9 +178,20 @@ impl Provenance {
     }
 
     /// A reject for row `i` of `batch` (the batch these rows are in).
-    pub fn reject(&self, batch: &RecordBatch, i: usize, stage: Stage, reason: impl Into<String>) -> Reject {
+    pub fn reject(
+        &self,
+        batch: &RecordBatch,
+        i: usize,
+        stage: Stage,
+        reason: impl Into<String>,
+    ) -> Reject {
         match self {
-            Provenance::Text { source, data, spans, offset } => match spans.get(offset + i) {
+            Provenance::Text {
+                source,
+                data,
+                spans,
+                offset,
+            } => match spans.get(offset + i) {
                 Some(s) => {
                     let raw = data.slice(s.start as usize..(s.start + s.len) as usize);
                     Reject::new(source, stage, reason, raw).at_line(s.line)
@@ -193,7 +213,10 @@ pub fn row_as_json(batch: &RecordBatch, i: usize) -> Bytes {
     }
     let mut out = Vec::new();
     let mut w = arrow::json::LineDelimitedWriter::new(&mut out);
-    if w.write(&batch.slice(i, 1)).and_then(|_| w.finish()).is_err() {
+    if w.write(&batch.slice(i, 1))
+        .and_then(|_| w.finish())
+        .is_err()
+    {
         return Bytes::from_static(b"{}");
     }
     while out.last() == Some(&b'\n') {

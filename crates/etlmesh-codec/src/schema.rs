@@ -144,7 +144,10 @@ mod tests {
     fn widening() {
         assert_eq!(Inferred::of_text(b"12"), Inferred::Int);
         assert_eq!(Inferred::of_text(b"12.5"), Inferred::Float);
-        assert_eq!(Inferred::of_text(b"2026-01-01T10:00:00Z"), Inferred::Timestamp);
+        assert_eq!(
+            Inferred::of_text(b"2026-01-01T10:00:00Z"),
+            Inferred::Timestamp
+        );
         assert_eq!(Inferred::of_text(b"2026-01-01"), Inferred::Date);
         assert_eq!(Inferred::of_text(b"ok"), Inferred::Text);
         assert_eq!(Inferred::Int.merge(Inferred::Float), Inferred::Float);

@@ -6,15 +6,29 @@ use arrow::datatypes::Float64Type;
 use encode::{EncodeOptions, encode_to_vec};
 
 fn limits() -> Limits {
-    Limits { batch_size: 1024, max_record_bytes: 1 << 16 }
+    Limits {
+        batch_size: 1024,
+        max_record_bytes: 1 << 16,
+    }
 }
 
 #[test]
 fn infers_csv_schema_and_decodes() {
     let body = Bytes::from_static(b"device_id,ts,temperature_c,ok\nd1,2026-01-01T00:00:00Z,21.5,true\nd2,2026-01-01T00:00:01Z,22,false\n");
-    let (schema, out) =
-        decode_body(body, "req", Format::Csv, None, &CsvOptions::default(), &limits(), 100).expect("decode");
-    assert_eq!(schema::describe(&schema), "device_id: utf8, ts: timestamp_ms, temperature_c: float64, ok: bool");
+    let (schema, out) = decode_body(
+        body,
+        "req",
+        Format::Csv,
+        None,
+        &CsvOptions::default(),
+        &limits(),
+        100,
+    )
+    .expect("decode");
+    assert_eq!(
+        schema::describe(&schema),
+        "device_id: utf8, ts: timestamp_ms, temperature_c: float64, ok: bool"
+    );
     assert_eq!(out.rows(), 2);
     assert!(out.rejects.is_empty());
 }
@@ -22,23 +36,47 @@ fn infers_csv_schema_and_decodes() {
 #[test]
 fn infers_ndjson_schema() {
     let body = Bytes::from_static(b"{\"a\":1,\"b\":\"x\"}\n{\"a\":2.5,\"c\":null,\"b\":\"y\"}\n");
-    let (schema, out) =
-        decode_body(body, "req", Format::Ndjson, None, &CsvOptions::default(), &limits(), 100).expect("decode");
+    let (schema, out) = decode_body(
+        body,
+        "req",
+        Format::Ndjson,
+        None,
+        &CsvOptions::default(),
+        &limits(),
+        100,
+    )
+    .expect("decode");
     assert_eq!(schema::describe(&schema), "a: float64, b: utf8, c: utf8");
     assert_eq!(out.rows(), 2);
 }
 
 #[test]
 fn an_empty_body_has_no_rows() {
-    let (_, out) =
-        decode_body(Bytes::new(), "req", Format::Csv, None, &CsvOptions::default(), &limits(), 100).expect("decode");
+    let (_, out) = decode_body(
+        Bytes::new(),
+        "req",
+        Format::Csv,
+        None,
+        &CsvOptions::default(),
+        &limits(),
+        100,
+    )
+    .expect("decode");
     assert_eq!(out.records, 0);
 }
 
 fn sample() -> RecordBatch {
     let body = Bytes::from_static(b"{\"id\":\"a\",\"t\":1.5,\"ts\":\"2026-01-01T00:00:00.250Z\"}\n{\"id\":\"b\",\"t\":null,\"ts\":0}\n");
-    let (_, out) =
-        decode_body(body, "s", Format::Ndjson, None, &CsvOptions::default(), &limits(), 10).expect("decode");
+    let (_, out) = decode_body(
+        body,
+        "s",
+        Format::Ndjson,
+        None,
+        &CsvOptions::default(),
+        &limits(),
+        10,
+    )
+    .expect("decode");
     out.batches[0].batch.clone()
 }
 
@@ -46,15 +84,42 @@ fn sample() -> RecordBatch {
 fn round_trips_through_every_format() {
     let batch = sample();
     let schema = batch.schema();
-    for format in [Format::Csv, Format::Ndjson, Format::Json, Format::Parquet, Format::Arrow] {
-        let bytes = encode_to_vec(std::slice::from_ref(&batch), &schema, &EncodeOptions::new(format)).expect("encode");
-        let (_, out) = decode_body(Bytes::from(bytes), "rt", format, Some(&schema), &CsvOptions::default(), &limits(), 10)
-            .unwrap_or_else(|e| panic!("{format}: {e}"));
+    for format in [
+        Format::Csv,
+        Format::Ndjson,
+        Format::Json,
+        Format::Parquet,
+        Format::Arrow,
+    ] {
+        let bytes = encode_to_vec(
+            std::slice::from_ref(&batch),
+            &schema,
+            &EncodeOptions::new(format),
+        )
+        .expect("encode");
+        let (_, out) = decode_body(
+            Bytes::from(bytes),
+            "rt",
+            format,
+            Some(&schema),
+            &CsvOptions::default(),
+            &limits(),
+            10,
+        )
+        .unwrap_or_else(|e| panic!("{format}: {e}"));
         assert!(out.rejects.is_empty(), "{format}: {:?}", out.rejects);
         let got = &out.batches[0].batch;
         assert_eq!(got.num_rows(), 2, "{format}");
-        assert_eq!(got.column(1).as_primitive::<Float64Type>().value(0), 1.5, "{format}");
-        assert_eq!(got.column(2), batch.column(2), "{format}: timestamps survive");
+        assert_eq!(
+            got.column(1).as_primitive::<Float64Type>().value(0),
+            1.5,
+            "{format}"
+        );
+        assert_eq!(
+            got.column(2),
+            batch.column(2),
+            "{format}: timestamps survive"
+        );
     }
 }
 
@@ -70,8 +135,19 @@ fn oversized_lines_are_skipped_without_reading_them_whole() {
     )]);
     let schema = Arc::new(schema);
     // A chunker with a small read size, so the long line spans many reads.
-    let mut ch = Chunker::new(&text[..], Arc::from("big.ndjson"), Framing::Lines, 4096, 1000);
-    let dec = Decoder { format: Format::Ndjson, schema, csv: CsvOptions::default(), limits: limits() };
+    let mut ch = Chunker::new(
+        &text[..],
+        Arc::from("big.ndjson"),
+        Framing::Lines,
+        4096,
+        1000,
+    );
+    let dec = Decoder {
+        format: Format::Ndjson,
+        schema,
+        csv: CsvOptions::default(),
+        limits: limits(),
+    };
     let layout = CsvLayout { map: vec![] };
     let (mut rows, mut rejects) = (0, Vec::new());
     while let Some(c) = ch.next_chunk().expect("read") {
@@ -99,14 +175,25 @@ fn chunks_end_on_record_boundaries_and_count_lines() {
     }
     text.push_str("last,1"); // no final newline
     let csv = CsvOptions::default();
-    let mut ch = Chunker::new(text.as_bytes(), Arc::from("x.csv"), framing(Format::Csv, &csv).expect("text"), 4096, 1 << 16);
+    let mut ch = Chunker::new(
+        text.as_bytes(),
+        Arc::from("x.csv"),
+        framing(Format::Csv, &csv).expect("text"),
+        4096,
+        1 << 16,
+    );
     let mut chunks = Vec::new();
     while let Some(c) = ch.next_chunk().expect("read") {
         chunks.push(c);
     }
     assert!(chunks.len() > 5);
     let schema = infer_schema(Format::Csv, &chunks[0], &csv, 100).expect("schema");
-    let dec = Decoder { format: Format::Csv, schema, csv, limits: limits() };
+    let dec = Decoder {
+        format: Format::Csv,
+        schema,
+        csv,
+        limits: limits(),
+    };
     let layout = dec.layout(&mut chunks[0]).expect("layout");
     let mut rows = 0;
     let mut last_line = 0;
@@ -121,5 +208,9 @@ fn chunks_end_on_record_boundaries_and_count_lines() {
         }
     }
     assert_eq!(rows, 5001);
-    assert_eq!(last_line, 1 + 5000 + 5 + 1, "header, 5000 rows with 5 embedded newlines, then the last row");
+    assert_eq!(
+        last_line,
+        1 + 5000 + 5 + 1,
+        "header, 5000 rows with 5 embedded newlines, then the last row"
+    );
 }

@@ -24,7 +24,11 @@ pub struct Diagnostic {
 
 impl Diagnostic {
     /// A diagnostic with no position yet.
-    pub fn new(file: impl Into<PathBuf>, field: impl Into<String>, message: impl Into<String>) -> Self {
+    pub fn new(
+        file: impl Into<PathBuf>,
+        field: impl Into<String>,
+        message: impl Into<String>,
+    ) -> Self {
         Self {
             file: file.into(),
             line: None,
@@ -90,7 +94,9 @@ pub struct ConfigError {
 impl ConfigError {
     /// An error with one diagnostic.
     pub fn one(d: Diagnostic) -> Self {
-        Self { diagnostics: vec![d] }
+        Self {
+            diagnostics: vec![d],
+        }
     }
 }
 

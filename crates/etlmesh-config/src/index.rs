@@ -61,8 +61,14 @@ impl PositionIndex {
 }
 
 enum Frame {
-    Map { path: String, key: Option<(String, Marker)> },
-    Seq { path: String, next: usize },
+    Map {
+        path: String,
+        key: Option<(String, Marker)>,
+    },
+    Seq {
+        path: String,
+        next: usize,
+    },
 }
 
 #[derive(Default)]
@@ -85,7 +91,11 @@ impl Builder {
             }
             Some(Frame::Map { path, key }) => {
                 let (k, key_mark) = key.take()?;
-                let p = if path.is_empty() { k } else { format!("{path}.{k}") };
+                let p = if path.is_empty() {
+                    k
+                } else {
+                    format!("{path}.{k}")
+                };
                 Some((p, key_mark))
             }
         }
@@ -127,7 +137,10 @@ impl MarkedEventReceiver for Builder {
                 let is_map = matches!(ev, Event::MappingStart(..));
                 let Some((path, key_mark)) = self.value_path(mark) else {
                     // A complex key: not used in pipeline files; give it a throwaway frame.
-                    self.stack.push(Frame::Seq { path: "?".into(), next: 0 });
+                    self.stack.push(Frame::Seq {
+                        path: "?".into(),
+                        next: 0,
+                    });
                     return;
                 };
                 if !path.is_empty() {
@@ -157,17 +170,32 @@ mod tests {
     fn finds_nested_keys_and_items() {
         let idx = PositionIndex::build(TEXT);
         assert_eq!(idx.locate("pipelines.clean").map(|p| p.line), Some(2));
-        assert_eq!(idx.locate("pipelines.clean.transform").map(|p| p.line), Some(3));
-        let path = idx.locate("pipelines.clean.sinks[0].path").map(|p| (p.line, p.column));
+        assert_eq!(
+            idx.locate("pipelines.clean.transform").map(|p| p.line),
+            Some(3)
+        );
+        let path = idx
+            .locate("pipelines.clean.sinks[0].path")
+            .map(|p| (p.line, p.column));
         assert_eq!(path, Some((7, 9)));
-        assert_eq!(idx.locate("pipelines.clean.sinks[0].type").map(|p| p.line), Some(6));
+        assert_eq!(
+            idx.locate("pipelines.clean.sinks[0].type").map(|p| p.line),
+            Some(6)
+        );
     }
 
     #[test]
     fn missing_fields_fall_back_to_the_parent() {
         let idx = PositionIndex::build(TEXT);
-        assert_eq!(idx.locate("pipelines.clean.sinks[0].missing").map(|p| p.line), Some(6));
-        assert_eq!(idx.locate("pipelines.clean.schema").map(|p| p.line), Some(2));
+        assert_eq!(
+            idx.locate("pipelines.clean.sinks[0].missing")
+                .map(|p| p.line),
+            Some(6)
+        );
+        assert_eq!(
+            idx.locate("pipelines.clean.schema").map(|p| p.line),
+            Some(2)
+        );
     }
 
     #[test]

@@ -21,8 +21,8 @@ use std::path::{Path, PathBuf};
 pub use diag::{ConfigError, Diagnostic};
 pub use raw::OnError;
 pub use spec::{
-    Compression, CsvOptions, DeadLetterSpec, FileSinkSpec, PipelineSpec, Platform, SinkSpec, SourceKind,
-    SourceSpec, Spec,
+    Compression, CsvOptions, DeadLetterSpec, FileSinkSpec, PipelineSpec, Platform, SinkSpec,
+    SourceKind, SourceSpec, Spec,
 };
 pub use types::{FieldSpec, FieldType, Format};
 
@@ -57,7 +57,8 @@ impl PipelineFile {
         let path = path.into();
         let text = text.into();
         let index = index::PositionIndex::build(&text);
-        let raw: raw::RawFile = serde_yaml::from_str(&text).map_err(|e| ConfigError::one(yaml_error(&path, &e)))?;
+        let raw: raw::RawFile =
+            serde_yaml::from_str(&text).map_err(|e| ConfigError::one(yaml_error(&path, &e)))?;
         let mut diags: Vec<Diagnostic> = index
             .duplicates()
             .iter()
@@ -68,7 +69,12 @@ impl PipelineFile {
             })
             .collect();
         let spec = spec::resolve(raw, &path, &mut diags);
-        let file = Self { path, text, index, spec };
+        let file = Self {
+            path,
+            text,
+            index,
+            spec,
+        };
         if diags.is_empty() {
             Ok(file)
         } else {
@@ -78,14 +84,33 @@ impl PipelineFile {
 
     /// The pipeline called `name`.
     pub fn pipeline(&self, name: &str) -> Result<&PipelineSpec, ConfigError> {
-        self.spec.pipelines.iter().find(|p| p.name == name).ok_or_else(|| {
-            let names: Vec<&str> = self.spec.pipelines.iter().map(|p| p.name.as_str()).collect();
-            let hint = match diag::suggest(name, names.iter().copied()) {
-                Some(s) => format!("did you mean `{s}`? The file declares: {}", names.join(", ")),
-                None => format!("the file declares: {}", names.join(", ")),
-            };
-            ConfigError::one(Diagnostic::new(&self.path, "pipelines", format!("no pipeline named `{name}`")).with_help(hint))
-        })
+        self.spec
+            .pipelines
+            .iter()
+            .find(|p| p.name == name)
+            .ok_or_else(|| {
+                let names: Vec<&str> = self
+                    .spec
+                    .pipelines
+                    .iter()
+                    .map(|p| p.name.as_str())
+                    .collect();
+                let hint = match diag::suggest(name, names.iter().copied()) {
+                    Some(s) => format!(
+                        "did you mean `{s}`? The file declares: {}",
+                        names.join(", ")
+                    ),
+                    None => format!("the file declares: {}", names.join(", ")),
+                };
+                ConfigError::one(
+                    Diagnostic::new(
+                        &self.path,
+                        "pipelines",
+                        format!("no pipeline named `{name}`"),
+                    )
+                    .with_help(hint),
+                )
+            })
     }
 
     /// A diagnostic about `field`, placed at its line.
@@ -115,7 +140,12 @@ impl PipelineFile {
 
     /// Maps a 1-based (line, column) inside pipeline `name`'s transform SQL to the
     /// file's line and column, and returns the file line's text for a snippet.
-    pub fn sql_position(&self, name: &str, sql_line: usize, sql_col: usize) -> Option<(usize, usize, &str)> {
+    pub fn sql_position(
+        &self,
+        name: &str,
+        sql_line: usize,
+        sql_col: usize,
+    ) -> Option<(usize, usize, &str)> {
         let pipeline = self.spec.pipelines.iter().find(|p| p.name == name)?;
         let key = self.index.locate(&format!("pipelines.{name}.transform"))?;
         let file_lines: Vec<&str> = self.text.lines().collect();
@@ -123,11 +153,16 @@ impl PipelineFile {
         let first = sql_lines.iter().position(|l| !l.trim().is_empty())?;
         let first_text = sql_lines[first].trim();
         // The first file line at or after the key that holds the SQL's first line.
-        let start = (key.line.saturating_sub(1)..file_lines.len()).find(|&i| file_lines[i].contains(first_text))?;
+        let start = (key.line.saturating_sub(1)..file_lines.len())
+            .find(|&i| file_lines[i].contains(first_text))?;
         let target = start + sql_line.checked_sub(1 + first)?;
         let text = *file_lines.get(target)?;
         let sql_text = sql_lines.get(sql_line - 1)?.trim_end();
-        let offset = if sql_text.trim().is_empty() { 0 } else { text.find(sql_text.trim_start())? };
+        let offset = if sql_text.trim().is_empty() {
+            0
+        } else {
+            text.find(sql_text.trim_start())?
+        };
         let lead = sql_text.len() - sql_text.trim_start().len();
         let col = offset + sql_col.saturating_sub(lead);
         Some((target + 1, col.max(1), text))
@@ -150,7 +185,11 @@ fn yaml_error(path: &Path, e: &serde_yaml::Error) -> Diagnostic {
         let ticked: Vec<&str> = message.split('`').skip(1).step_by(2).collect();
         if let Some((bad, expected)) = ticked.split_first() {
             if message.starts_with("unknown field") {
-                field = if field.is_empty() { bad.to_string() } else { format!("{field}.{bad}") };
+                field = if field.is_empty() {
+                    bad.to_string()
+                } else {
+                    format!("{field}.{bad}")
+                };
             }
             help = Some(match diag::suggest(bad, expected.iter().copied()) {
                 Some(s) => format!("did you mean `{s}`?"),
@@ -159,7 +198,10 @@ fn yaml_error(path: &Path, e: &serde_yaml::Error) -> Diagnostic {
             message = if message.starts_with("unknown field") {
                 format!("unknown key `{bad}`")
             } else {
-                format!("unknown value `{bad}`; expected one of: {}", expected.join(", "))
+                format!(
+                    "unknown value `{bad}`; expected one of: {}",
+                    expected.join(", ")
+                )
             };
         }
     }

@@ -118,7 +118,8 @@ pub(crate) enum RawDeadLetterKind {
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawDeadLetter {
     #[serde(rename = "type")]
-    #[allow(dead_code)] // one kind for now; the key is kept so that files stay forward-compatible
+    #[allow(dead_code)]
+    // one kind for now; the key is kept so that files stay forward-compatible
     pub kind: RawDeadLetterKind,
     pub path: PathBuf,
 }
@@ -150,7 +151,10 @@ impl<'de> Visitor<'de> for FieldVisitor {
         f.write_str("a type name such as float64, or { type: float64, nullable: false }")
     }
     fn visit_str<E: de::Error>(self, v: &str) -> Result<RawField, E> {
-        Ok(RawField { ty: field_type(v)?, nullable: true })
+        Ok(RawField {
+            ty: field_type(v)?,
+            nullable: true,
+        })
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawField, A::Error> {
         let mut ty = None;

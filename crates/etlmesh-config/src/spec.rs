@@ -1,7 +1,7 @@
 //! Checked, typed specifications built from the raw file. Everything the runtime reads
 //! comes from here; nothing downstream sees a raw YAML value.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::raw::{RawCsv, RawFile, RawPipeline, RawSink, RawSinkKind, RawSource, RawSourceKind};
@@ -210,34 +210,49 @@ pub struct Spec {
 }
 
 /// Turns the raw file into specs; every problem becomes a diagnostic with its field path.
-pub(crate) fn resolve(raw: RawFile, file: &PathBuf, out: &mut Vec<Diagnostic>) -> Spec {
-    let d = |field: String, msg: String| Diagnostic::new(file.clone(), field, msg);
+pub(crate) fn resolve(raw: RawFile, file: &Path, out: &mut Vec<Diagnostic>) -> Spec {
+    let d = |field: String, msg: String| Diagnostic::new(file, field, msg);
     let p = raw.platform;
     let defaults = Platform::default();
     let mut platform = Platform {
         memory_limit: p.memory_limit.map_or(defaults.memory_limit, |s| s.0),
         threads: p.threads.unwrap_or(0),
         batch_size: p.batch_size.unwrap_or(defaults.batch_size),
-        max_record_bytes: p.max_record_bytes.map_or(defaults.max_record_bytes, |s| s.0),
+        max_record_bytes: p
+            .max_record_bytes
+            .map_or(defaults.max_record_bytes, |s| s.0),
         read_chunk: p.read_chunk.map_or(defaults.read_chunk, |s| s.0),
         spill_dir: p.spill_dir,
-        progress_interval: p.progress_interval.map_or(defaults.progress_interval, |s| s.0),
+        progress_interval: p
+            .progress_interval
+            .map_or(defaults.progress_interval, |s| s.0),
     };
     if platform.batch_size == 0 {
-        out.push(d("platform.batch_size".into(), "must be at least 1".into()).with_help("try 65536"));
+        out.push(
+            d("platform.batch_size".into(), "must be at least 1".into()).with_help("try 65536"),
+        );
         platform.batch_size = defaults.batch_size;
     }
     if platform.memory_limit < (16 << 20) {
         out.push(
-            d("platform.memory_limit".into(), "is below 16MiB, too little for the SQL engine".into())
-                .with_help("give at least 64MiB; the engine spills to disk past the limit"),
+            d(
+                "platform.memory_limit".into(),
+                "is below 16MiB, too little for the SQL engine".into(),
+            )
+            .with_help("give at least 64MiB; the engine spills to disk past the limit"),
         );
     }
     if platform.max_record_bytes < 64 {
-        out.push(d("platform.max_record_bytes".into(), "must be at least 64 bytes".into()));
+        out.push(d(
+            "platform.max_record_bytes".into(),
+            "must be at least 64 bytes".into(),
+        ));
     }
     if platform.read_chunk < platform.max_record_bytes.min(64 << 10) {
-        out.push(d("platform.read_chunk".into(), "must be at least 64KiB".into()));
+        out.push(d(
+            "platform.read_chunk".into(),
+            "must be at least 64KiB".into(),
+        ));
     }
 
     if raw.pipelines.is_empty() {
@@ -251,16 +266,32 @@ pub(crate) fn resolve(raw: RawFile, file: &PathBuf, out: &mut Vec<Diagnostic>) -
         .into_iter()
         .map(|(name, rp)| resolve_pipeline(name, rp, file, out))
         .collect();
-    Spec { platform, pipelines }
+    Spec {
+        platform,
+        pipelines,
+    }
 }
 
-fn resolve_pipeline(name: String, rp: RawPipeline, file: &PathBuf, out: &mut Vec<Diagnostic>) -> PipelineSpec {
+fn resolve_pipeline(
+    name: String,
+    rp: RawPipeline,
+    file: &Path,
+    out: &mut Vec<Diagnostic>,
+) -> PipelineSpec {
     let base = format!("pipelines.{name}");
-    let d = |field: &str, msg: String| Diagnostic::new(file.clone(), format!("{base}.{field}"), msg);
-    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+    let d = |field: &str, msg: String| Diagnostic::new(file, format!("{base}.{field}"), msg);
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
         out.push(
-            Diagnostic::new(file.clone(), base.clone(), format!("`{name}` is not a valid pipeline name"))
-                .with_help("use letters, digits, `_` and `-`"),
+            Diagnostic::new(
+                file,
+                base.clone(),
+                format!("`{name}` is not a valid pipeline name"),
+            )
+            .with_help("use letters, digits, `_` and `-`"),
         );
     }
     let source = rp
@@ -270,18 +301,27 @@ fn resolve_pipeline(name: String, rp: RawPipeline, file: &PathBuf, out: &mut Vec
 
     let schema = rp.schema.map(|fields| {
         if fields.is_empty() {
-            out.push(d("schema", "is empty".into()).with_help("list the fields, or remove `schema` to infer it"));
+            out.push(
+                d("schema", "is empty".into())
+                    .with_help("list the fields, or remove `schema` to infer it"),
+            );
         }
         fields
             .into_iter()
-            .map(|(name, f)| FieldSpec { name, ty: f.ty, nullable: f.nullable })
+            .map(|(name, f)| FieldSpec {
+                name,
+                ty: f.ty,
+                nullable: f.nullable,
+            })
             .collect::<Vec<_>>()
     });
 
     let transform = match rp.transform {
         Some(sql) if !sql.trim().is_empty() => sql,
         Some(_) => {
-            out.push(d("transform", "is empty".into()).with_help("write SQL over the table `input`, or remove the key to pass records through"));
+            out.push(d("transform", "is empty".into()).with_help(
+                "write SQL over the table `input`, or remove the key to pass records through",
+            ));
             "SELECT * FROM input".into()
         }
         None => "SELECT * FROM input".into(),
@@ -300,7 +340,9 @@ fn resolve_pipeline(name: String, rp: RawPipeline, file: &PathBuf, out: &mut Vec
         .filter_map(|(i, s)| resolve_sink(s, &format!("{base}.sinks[{i}]"), file, out))
         .collect();
 
-    let dead_letter = rp.dead_letter.map(|dl| crate::spec::DeadLetterSpec { path: dl.path });
+    let dead_letter = rp
+        .dead_letter
+        .map(|dl| crate::spec::DeadLetterSpec { path: dl.path });
     let on_error = match (rp.on_error, &dead_letter) {
         (Some(OnError::DeadLetter), None) => {
             out.push(
@@ -326,7 +368,7 @@ fn resolve_pipeline(name: String, rp: RawPipeline, file: &PathBuf, out: &mut Vec
     }
 }
 
-fn single_byte(value: &str, field: String, file: &PathBuf, out: &mut Vec<Diagnostic>) -> Option<u8> {
+fn single_byte(value: &str, field: String, file: &Path, out: &mut Vec<Diagnostic>) -> Option<u8> {
     let v = match value {
         "\\t" | "tab" => "\t",
         other => other,
@@ -335,14 +377,18 @@ fn single_byte(value: &str, field: String, file: &PathBuf, out: &mut Vec<Diagnos
         Some(v.as_bytes()[0])
     } else {
         out.push(
-            Diagnostic::new(file.clone(), field, format!("`{value}` is not a single ASCII character"))
-                .with_help("write one character, such as \",\", \";\" or \"\\t\""),
+            Diagnostic::new(
+                file,
+                field,
+                format!("`{value}` is not a single ASCII character"),
+            )
+            .with_help("write one character, such as \",\", \";\" or \"\\t\""),
         );
         None
     }
 }
 
-fn resolve_csv(c: RawCsv, base: &str, file: &PathBuf, out: &mut Vec<Diagnostic>) -> CsvOptions {
+fn resolve_csv(c: RawCsv, base: &str, file: &Path, out: &mut Vec<Diagnostic>) -> CsvOptions {
     let def = CsvOptions::default();
     CsvOptions {
         header: c.header.unwrap_or(def.header),
@@ -354,25 +400,35 @@ fn resolve_csv(c: RawCsv, base: &str, file: &PathBuf, out: &mut Vec<Diagnostic>)
             .quote
             .and_then(|v| single_byte(&v, format!("{base}.quote"), file, out))
             .unwrap_or(def.quote),
-        escape: c.escape.and_then(|v| single_byte(&v, format!("{base}.escape"), file, out)),
+        escape: c
+            .escape
+            .and_then(|v| single_byte(&v, format!("{base}.escape"), file, out)),
         null_values: c.null.unwrap_or_default(),
     }
 }
 
-fn resolve_source(s: RawSource, base: &str, file: &PathBuf, out: &mut Vec<Diagnostic>) -> SourceSpec {
+fn resolve_source(s: RawSource, base: &str, file: &Path, out: &mut Vec<Diagnostic>) -> SourceSpec {
     let kind = match s.kind {
         RawSourceKind::File => SourceKind::File { path: s.path },
         RawSourceKind::Stdin => {
             if s.path.is_some() {
                 out.push(
-                    Diagnostic::new(file.clone(), format!("{base}.path"), "is not used by a stdin source")
-                        .with_help("remove it, or use `type: file`"),
+                    Diagnostic::new(
+                        file,
+                        format!("{base}.path"),
+                        "is not used by a stdin source",
+                    )
+                    .with_help("remove it, or use `type: file`"),
                 );
             }
             if s.format.is_none() {
                 out.push(
-                    Diagnostic::new(file.clone(), format!("{base}.format"), "is required for a stdin source")
-                        .with_help("add `format: csv` (or ndjson, json, parquet, arrow)"),
+                    Diagnostic::new(
+                        file,
+                        format!("{base}.format"),
+                        "is required for a stdin source",
+                    )
+                    .with_help("add `format: csv` (or ndjson, json, parquet, arrow)"),
                 );
             }
             SourceKind::Stdin
@@ -389,11 +445,17 @@ fn resolve_source(s: RawSource, base: &str, file: &PathBuf, out: &mut Vec<Diagno
 fn parse_compression(v: &str) -> Option<Compression> {
     let v = v.to_ascii_lowercase();
     if let Some(level) = v.strip_prefix("zstd") {
-        let level = level.trim_start_matches([':', '(', '-']).trim_end_matches(')');
+        let level = level
+            .trim_start_matches([':', '(', '-'])
+            .trim_end_matches(')');
         return if level.is_empty() {
             Some(Compression::Zstd(1))
         } else {
-            level.parse().ok().filter(|l| (1..=22).contains(l)).map(Compression::Zstd)
+            level
+                .parse()
+                .ok()
+                .filter(|l| (1..=22).contains(l))
+                .map(Compression::Zstd)
         };
     }
     match v.as_str() {
@@ -404,8 +466,13 @@ fn parse_compression(v: &str) -> Option<Compression> {
     }
 }
 
-fn resolve_sink(s: RawSink, base: &str, file: &PathBuf, out: &mut Vec<Diagnostic>) -> Option<SinkSpec> {
-    let d = |field: &str, msg: String| Diagnostic::new(file.clone(), format!("{base}.{field}"), msg);
+fn resolve_sink(
+    s: RawSink,
+    base: &str,
+    file: &Path,
+    out: &mut Vec<Diagnostic>,
+) -> Option<SinkSpec> {
+    let d = |field: &str, msg: String| Diagnostic::new(file, format!("{base}.{field}"), msg);
     let not_for = |field: &str, kind: &str, out: &mut Vec<Diagnostic>| {
         out.push(d(field, format!("is not a setting of a `{kind}` sink")).with_help("remove it"));
     };
@@ -425,8 +492,9 @@ fn resolve_sink(s: RawSink, base: &str, file: &PathBuf, out: &mut Vec<Diagnostic
             let format = s.format.unwrap_or(Format::Ndjson);
             if matches!(format, Format::Parquet | Format::Json) {
                 out.push(
-                    d("format", format!("stdout cannot stream `{format}`"))
-                        .with_help("use ndjson, csv or arrow on stdout, or a file sink for parquet"),
+                    d("format", format!("stdout cannot stream `{format}`")).with_help(
+                        "use ndjson, csv or arrow on stdout, or a file sink for parquet",
+                    ),
                 );
             }
             return Some(SinkSpec::Stdout { format });
@@ -438,7 +506,8 @@ fn resolve_sink(s: RawSink, base: &str, file: &PathBuf, out: &mut Vec<Diagnostic
     };
     if s.format.is_some() {
         out.push(
-            d("format", "is set by the sink type".into()).with_help("remove it; `type: parquet` already says the format"),
+            d("format", "is set by the sink type".into())
+                .with_help("remove it; `type: parquet` already says the format"),
         );
     }
     if format != Format::Parquet {
@@ -459,15 +528,20 @@ fn resolve_sink(s: RawSink, base: &str, file: &PathBuf, out: &mut Vec<Diagnostic
     }
     let Some(path) = s.path else {
         out.push(
-            d("path", "is required for a file sink".into())
-                .with_help(format!("add `path: out/{}`, the directory the files go into", format.extension())),
+            d("path", "is required for a file sink".into()).with_help(format!(
+                "add `path: out/{}`, the directory the files go into",
+                format.extension()
+            )),
         );
         return None;
     };
     let partition_by = s.partition_by.unwrap_or_default();
     for (i, col) in partition_by.iter().enumerate() {
         if col.is_empty() || partition_by[..i].contains(col) {
-            out.push(d(&format!("partition_by[{i}]"), format!("`{col}` is empty or repeated")));
+            out.push(d(
+                &format!("partition_by[{i}]"),
+                format!("`{col}` is empty or repeated"),
+            ));
         }
     }
     let compression = match s.compression.as_deref() {

@@ -62,7 +62,10 @@ fn a_typo_in_a_nested_key() {
     let text = GOOD.replace("partition_by: [device_id]", "partiton_by: [device_id]");
     let e = err(&text);
     assert_eq!(e.diagnostics[0].line, Some(17), "{e}");
-    assert!(e.to_string().contains("did you mean `partition_by`?"), "{e}");
+    assert!(
+        e.to_string().contains("did you mean `partition_by`?"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -77,7 +80,10 @@ fn an_unknown_type_names_its_line() {
 fn semantic_mistakes_are_all_reported_with_lines() {
     let text = GOOD
         .replace("{ type: parquet, path: out/clean,", "{ type: parquet,")
-        .replace("{ type: stdout, format: csv }", "{ type: stdout, format: csv, path: x }");
+        .replace(
+            "{ type: stdout, format: csv }",
+            "{ type: stdout, format: csv, path: x }",
+        );
     let e = err(&text);
     assert_eq!(e.diagnostics.len(), 2, "{e}");
     assert_eq!(e.diagnostics[0].field, "pipelines.clean.sinks[0].path");
@@ -88,14 +94,20 @@ fn semantic_mistakes_are_all_reported_with_lines() {
 
 #[test]
 fn dead_letter_policy_needs_a_sink() {
-    let text = GOOD.replace("    dead_letter: { type: ndjson, path: out/dead }\n", "    on_error: dead_letter\n");
+    let text = GOOD.replace(
+        "    dead_letter: { type: ndjson, path: out/dead }\n",
+        "    on_error: dead_letter\n",
+    );
     let e = err(&text);
     assert!(e.to_string().contains("no dead_letter sink"), "{e}");
 }
 
 #[test]
 fn duplicate_keys_are_errors() {
-    let text = GOOD.replace("      ts: timestamp_ms\n", "      ts: timestamp_ms\n      ts: utf8\n");
+    let text = GOOD.replace(
+        "      ts: timestamp_ms\n",
+        "      ts: timestamp_ms\n      ts: utf8\n",
+    );
     let e = err(&text);
     assert!(e.to_string().contains("given twice"), "{e}");
 }
@@ -119,5 +131,8 @@ fn sql_positions_map_into_the_file() {
     // Line 2, column 8 of the SQL: "temperature_c" after seven spaces.
     let (line, col, text) = f.sql_position("clean", 2, 8).expect("position");
     assert_eq!(line, 14);
-    assert_eq!(&text[col - 1..col - 1 + "temperature_c".len()], "temperature_c");
+    assert_eq!(
+        &text[col - 1..col - 1 + "temperature_c".len()],
+        "temperature_c"
+    );
 }

@@ -25,7 +25,13 @@ pub enum Format {
 
 impl Format {
     /// Every format, for messages.
-    pub const ALL: [Format; 5] = [Format::Csv, Format::Ndjson, Format::Json, Format::Parquet, Format::Arrow];
+    pub const ALL: [Format; 5] = [
+        Format::Csv,
+        Format::Ndjson,
+        Format::Json,
+        Format::Parquet,
+        Format::Arrow,
+    ];
 
     /// The format a file name suggests.
     pub fn from_path(path: &Path) -> Option<Format> {
@@ -81,14 +87,17 @@ impl Format {
         let base = ct.split(';').next()?.trim().to_ascii_lowercase();
         Some(match base.as_str() {
             "text/csv" | "application/csv" => Format::Csv,
-            "application/x-ndjson" | "application/ndjson" | "application/jsonl" | "application/json-lines" => {
-                Format::Ndjson
-            }
+            "application/x-ndjson"
+            | "application/ndjson"
+            | "application/jsonl"
+            | "application/json-lines" => Format::Ndjson,
             "application/json" => Format::Json,
-            "application/vnd.apache.parquet" | "application/parquet" | "application/x-parquet" => Format::Parquet,
-            "application/vnd.apache.arrow.stream" | "application/vnd.apache.arrow.file" | "application/x-arrow" => {
-                Format::Arrow
+            "application/vnd.apache.parquet" | "application/parquet" | "application/x-parquet" => {
+                Format::Parquet
             }
+            "application/vnd.apache.arrow.stream"
+            | "application/vnd.apache.arrow.file"
+            | "application/x-arrow" => Format::Arrow,
             _ => return None,
         })
     }
@@ -215,16 +224,28 @@ mod tests {
     #[test]
     fn formats_from_paths_and_content_types() {
         assert_eq!(Format::from_path(Path::new("a/b.CSV")), Some(Format::Csv));
-        assert_eq!(Format::from_path(Path::new("x.jsonl")), Some(Format::Ndjson));
+        assert_eq!(
+            Format::from_path(Path::new("x.jsonl")),
+            Some(Format::Ndjson)
+        );
         assert_eq!(Format::from_path(Path::new("x.bin")), None);
-        assert_eq!(Format::from_content_type("text/csv; charset=utf-8"), Some(Format::Csv));
-        assert_eq!(Format::from_content_type("application/vnd.apache.arrow.stream"), Some(Format::Arrow));
+        assert_eq!(
+            Format::from_content_type("text/csv; charset=utf-8"),
+            Some(Format::Csv)
+        );
+        assert_eq!(
+            Format::from_content_type("application/vnd.apache.arrow.stream"),
+            Some(Format::Arrow)
+        );
     }
 
     #[test]
     fn type_aliases() {
         assert_eq!(FieldType::from_name("string"), Some(FieldType::Utf8));
-        assert_eq!(FieldType::from_name("timestamp"), Some(FieldType::TimestampMs));
+        assert_eq!(
+            FieldType::from_name("timestamp"),
+            Some(FieldType::TimestampMs)
+        );
         assert_eq!(FieldType::from_name("flaot64"), None);
     }
 }

@@ -17,11 +17,13 @@ pub struct Span(pub Duration);
 /// Parses `64MiB`, `1.5GB`, `512k`, `4096`.
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let s = s.trim();
-    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let num: f64 = num
-        .parse()
-        .map_err(|_| format!("`{s}` is not a size; write a number and a unit, like 64MiB or 2GB"))?;
+    let num: f64 = num.parse().map_err(|_| {
+        format!("`{s}` is not a size; write a number and a unit, like 64MiB or 2GB")
+    })?;
     let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1,
         "k" | "kb" => 1_000,
@@ -53,7 +55,9 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let mut total = Duration::ZERO;
     let mut rest = t;
     while !rest.is_empty() {
-        let num_end = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(rest.len());
+        let num_end = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
         let unit_end = rest[num_end..]
             .find(|c: char| c.is_ascii_digit())
             .map_or(rest.len(), |i| num_end + i);
@@ -66,7 +70,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
             "m" | "min" => num * 60.0,
             "h" => num * 3600.0,
             "d" => num * 86400.0,
-            u => return Err(format!("unknown duration unit `{u}` in `{s}`; use ms, s, m, h or d")),
+            u => {
+                return Err(format!(
+                    "unknown duration unit `{u}` in `{s}`; use ms, s, m, h or d"
+                ));
+            }
         };
         total += Duration::from_secs_f64(secs);
         rest = &rest[unit_end..];
@@ -85,7 +93,9 @@ impl Visitor<'_> for SizeVisitor {
         Ok(ByteSize(v))
     }
     fn visit_i64<E: de::Error>(self, v: i64) -> Result<ByteSize, E> {
-        u64::try_from(v).map(ByteSize).map_err(|_| E::custom("a size cannot be negative"))
+        u64::try_from(v)
+            .map(ByteSize)
+            .map_err(|_| E::custom("a size cannot be negative"))
     }
     fn visit_str<E: de::Error>(self, v: &str) -> Result<ByteSize, E> {
         parse_size(v).map(ByteSize).map_err(E::custom)
@@ -144,7 +154,11 @@ mod tests {
         assert_eq!(parse_size("1GB"), Ok(1_000_000_000));
         assert_eq!(parse_size("4096"), Ok(4096));
         assert_eq!(parse_size("1.5kib"), Ok(1536));
-        assert!(parse_size("12 parsecs").unwrap_err().contains("unknown size unit"));
+        assert!(
+            parse_size("12 parsecs")
+                .expect_err("not a size")
+                .contains("unknown size unit")
+        );
     }
 
     #[test]

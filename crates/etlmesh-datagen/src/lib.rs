@@ -96,7 +96,11 @@ pub fn generate<W: Write>(w: W, opts: &GenOptions) -> io::Result<GenStats> {
         let jitter = rng.random_range(-step / 4..=step / 4);
         let ts = opts.start_ms + i as i64 * step + jitter;
         let outlier = rng.random_bool(0.005);
-        let temp = if outlier { if rng.random_bool(0.5) { 999.9 } else { -273.1 } } else { d.temp };
+        let temp = if outlier {
+            if rng.random_bool(0.5) { 999.9 } else { -273.1 }
+        } else {
+            d.temp
+        };
         let roll: f64 = rng.random();
         let status = if roll < 0.02 {
             "err"
@@ -197,7 +201,13 @@ pub fn rfc3339_ms(ms: i64, out: &mut String) {
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
     out.clear();
-    let _ = write!(out, "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{milli:03}Z", t / 3600, t / 60 % 60, t % 60);
+    let _ = write!(
+        out,
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{milli:03}Z",
+        t / 3600,
+        t / 60 % 60,
+        t % 60
+    );
 }
 
 struct Counting<W> {
@@ -231,7 +241,11 @@ mod tests {
 
     #[test]
     fn deterministic_with_the_requested_bad_fraction() {
-        let opts = GenOptions { rows: 20_000, bad_fraction: 0.05, ..Default::default() };
+        let opts = GenOptions {
+            rows: 20_000,
+            bad_fraction: 0.05,
+            ..Default::default()
+        };
         let mut a = Vec::new();
         let stats = generate(&mut a, &opts).expect("generate");
         let mut b = Vec::new();
@@ -245,11 +259,19 @@ mod tests {
 
     #[test]
     fn clean_ndjson_is_valid_json() {
-        let opts = GenOptions { rows: 500, bad_fraction: 0.0, format: GenFormat::Ndjson, ..Default::default() };
+        let opts = GenOptions {
+            rows: 500,
+            bad_fraction: 0.0,
+            format: GenFormat::Ndjson,
+            ..Default::default()
+        };
         let mut out = Vec::new();
         generate(&mut out, &opts).expect("generate");
         for line in String::from_utf8(out).expect("utf8").lines() {
-            assert!(line.starts_with("{\"device_id\":\"dev-") && line.ends_with('}'), "{line}");
+            assert!(
+                line.starts_with("{\"device_id\":\"dev-") && line.ends_with('}'),
+                "{line}"
+            );
         }
     }
 }

@@ -33,9 +33,12 @@ impl PartitionStream for SlotPartition {
             .session_config()
             .get_extension::<BatchSlot>()
             .and_then(|slot| slot.0.lock().ok().and_then(|mut b| b.take()));
-        let item: Result<RecordBatch, DataFusionError> =
-            batch.ok_or_else(|| DataFusionError::Internal("no input batch for this execution".into()));
-        Box::pin(RecordBatchStreamAdapter::new(self.schema.clone(), futures::stream::iter([item])))
+        let item: Result<RecordBatch, DataFusionError> = batch
+            .ok_or_else(|| DataFusionError::Internal("no input batch for this execution".into()));
+        Box::pin(RecordBatchStreamAdapter::new(
+            self.schema.clone(),
+            futures::stream::iter([item]),
+        ))
     }
 }
 
@@ -58,6 +61,9 @@ impl PartitionStream for ChannelPartition {
             let next = rx.lock().await.recv().await;
             next.map(|b| (Ok(b), rx))
         });
-        Box::pin(RecordBatchStreamAdapter::new(self.schema.clone(), stream.boxed()))
+        Box::pin(RecordBatchStreamAdapter::new(
+            self.schema.clone(),
+            stream.boxed(),
+        ))
     }
 }

@@ -63,7 +63,10 @@ pub enum EngineError {
 
 /// An error met while running SQL, as an [`EngineError`] naming the pipeline.
 pub fn execution_error(pipeline: &str, e: &datafusion::error::DataFusionError) -> EngineError {
-    EngineError::Execution { pipeline: pipeline.to_string(), message: transform::message(e) }
+    EngineError::Execution {
+        pipeline: pipeline.to_string(),
+        message: transform::message(e),
+    }
 }
 
 /// Settings shared by every transform.
@@ -81,7 +84,12 @@ pub struct EngineConfig {
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        Self { memory_limit: 1 << 30, spill_dir: None, partitions: 2, batch_size: 65_536 }
+        Self {
+            memory_limit: 1 << 30,
+            spill_dir: None,
+            partitions: 2,
+            batch_size: 65_536,
+        }
     }
 }
 

@@ -28,7 +28,9 @@ pub struct StreamJob {
 
 impl std::fmt::Debug for StreamJob {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("StreamJob").field("outputs", &self.outputs.len()).finish()
+        f.debug_struct("StreamJob")
+            .field("outputs", &self.outputs.len())
+            .finish()
     }
 }
 
@@ -40,18 +42,34 @@ impl Transform {
         let (tx, rx) = mpsc::channel(partitions * 2);
         let rx = Arc::new(tokio::sync::Mutex::new(rx));
         let parts: Vec<Arc<dyn PartitionStream>> = (0..partitions)
-            .map(|_| Arc::new(ChannelPartition { schema: self.input_schema.clone(), rx: rx.clone() }) as _)
+            .map(|_| {
+                Arc::new(ChannelPartition {
+                    schema: self.input_schema.clone(),
+                    rx: rx.clone(),
+                }) as _
+            })
             .collect();
         let plan_err = |e| plan_error(&self.pipeline, &self.sql, &self.input_schema, e);
         let table = StreamingTable::try_new(self.input_schema.clone(), parts).map_err(plan_err)?;
-        ctx.register_table("input", Arc::new(table)).map_err(plan_err)?;
-        let df = ctx.sql_with_options(&self.sql, sql_options()).await.map_err(plan_err)?;
+        ctx.register_table("input", Arc::new(table))
+            .map_err(plan_err)?;
+        let df = ctx
+            .sql_with_options(&self.sql, sql_options())
+            .await
+            .map_err(plan_err)?;
         let plan = df.create_physical_plan().await.map_err(plan_err)?;
-        let outputs = execute_stream_partitioned(plan.clone(), ctx.task_ctx()).map_err(|e| EngineError::Execution {
-            pipeline: self.pipeline.clone(),
-            message: message(&e),
+        let outputs = execute_stream_partitioned(plan.clone(), ctx.task_ctx()).map_err(|e| {
+            EngineError::Execution {
+                pipeline: self.pipeline.clone(),
+                message: message(&e),
+            }
         })?;
-        Ok(StreamJob { input: Some(tx), outputs, plan, rx })
+        Ok(StreamJob {
+            input: Some(tx),
+            outputs,
+            plan,
+            rx,
+        })
     }
 }
 
@@ -82,7 +100,9 @@ impl StreamJob {
 
     /// The physical plan, with metrics, for logs.
     pub fn plan_display(&self) -> String {
-        datafusion::physical_plan::displayable(self.plan.as_ref()).indent(true).to_string()
+        datafusion::physical_plan::displayable(self.plan.as_ref())
+            .indent(true)
+            .to_string()
     }
 
     /// Bytes spilled to disk so far.

@@ -23,14 +23,25 @@ fn batch(rows: &[(&str, f64, &str)]) -> DecodedBatch {
     let b = RecordBatch::try_new(
         schema(),
         vec![
-            Arc::new(StringArray::from(rows.iter().map(|r| r.0).collect::<Vec<_>>())) as ArrayRef,
-            Arc::new(Float64Array::from(rows.iter().map(|r| r.1).collect::<Vec<_>>())),
-            Arc::new(StringArray::from(rows.iter().map(|r| r.2).collect::<Vec<_>>())),
+            Arc::new(StringArray::from(
+                rows.iter().map(|r| r.0).collect::<Vec<_>>(),
+            )) as ArrayRef,
+            Arc::new(Float64Array::from(
+                rows.iter().map(|r| r.1).collect::<Vec<_>>(),
+            )),
+            Arc::new(StringArray::from(
+                rows.iter().map(|r| r.2).collect::<Vec<_>>(),
+            )),
         ],
     )
     .expect("batch");
-    let spans: Vec<RecordSpan> =
-        (0..rows.len()).map(|i| RecordSpan { start: i as u32, len: 1, line: i as u64 + 2 }).collect();
+    let spans: Vec<RecordSpan> = (0..rows.len())
+        .map(|i| RecordSpan {
+            start: i as u32,
+            len: 1,
+            line: i as u64 + 2,
+        })
+        .collect();
     DecodedBatch {
         batch: b,
         provenance: Provenance::Text {
@@ -43,31 +54,66 @@ fn batch(rows: &[(&str, f64, &str)]) -> DecodedBatch {
 }
 
 fn engine() -> Engine {
-    Engine::new(EngineConfig { memory_limit: 64 << 20, batch_size: 8192, ..Default::default() }).expect("engine")
+    Engine::new(EngineConfig {
+        memory_limit: 64 << 20,
+        batch_size: 8192,
+        ..Default::default()
+    })
+    .expect("engine")
 }
 
 #[tokio::test]
 async fn row_wise_sql_filters_and_projects() {
     let t = engine()
-        .compile("p", "SELECT device_id, temperature_c * 9 / 5 + 32 AS f FROM input WHERE temperature_c > 0", schema())
+        .compile(
+            "p",
+            "SELECT device_id, temperature_c * 9 / 5 + 32 AS f FROM input WHERE temperature_c > 0",
+            schema(),
+        )
         .await
         .expect("plans");
     assert_eq!(t.kind(), Kind::RowWise);
-    let r = t.apply(&batch(&[("a", 10.0, "1"), ("b", -5.0, "2"), ("c", 100.0, "3")])).await.expect("runs");
+    let r = t
+        .apply(&batch(&[
+            ("a", 10.0, "1"),
+            ("b", -5.0, "2"),
+            ("c", 100.0, "3"),
+        ]))
+        .await
+        .expect("runs");
     assert_eq!((r.rows_in, r.rows_out, r.filtered()), (3, 2, 1));
-    assert_eq!(r.batches[0].column(1).as_primitive::<arrow::datatypes::Float64Type>().value(1), 212.0);
+    assert_eq!(
+        r.batches[0]
+            .column(1)
+            .as_primitive::<arrow::datatypes::Float64Type>()
+            .value(1),
+        212.0
+    );
 }
 
 #[tokio::test]
 async fn rows_the_sql_cannot_evaluate_are_rejected_alone() {
-    let t = engine().compile("p", "SELECT device_id, CAST(raw AS INT) AS n FROM input", schema()).await.expect("plans");
-    let rows: Vec<(&str, f64, &str)> = (0..100).map(|i| ("d", 0.0, if i == 37 || i == 80 { "x" } else { "7" })).collect();
+    let t = engine()
+        .compile(
+            "p",
+            "SELECT device_id, CAST(raw AS INT) AS n FROM input",
+            schema(),
+        )
+        .await
+        .expect("plans");
+    let rows: Vec<(&str, f64, &str)> = (0..100)
+        .map(|i| ("d", 0.0, if i == 37 || i == 80 { "x" } else { "7" }))
+        .collect();
     let r = t.apply(&batch(&rows)).await.expect("runs");
     assert_eq!(r.rows_out, 98);
     assert_eq!(r.rejects.len(), 2);
     assert_eq!(r.rejects[0].line, Some(39));
     assert_eq!(r.rejects[1].line, Some(82));
-    assert!(r.rejects[0].reason.to_lowercase().contains("cast"), "{}", r.rejects[0].reason);
+    assert!(
+        r.rejects[0].reason.to_lowercase().contains("cast"),
+        "{}",
+        r.rejects[0].reason
+    );
     assert_eq!(r.filtered(), 0);
 }
 
@@ -85,16 +131,26 @@ async fn planning_errors_point_into_the_sql() {
         }
         other => panic!("unexpected {other:?}"),
     }
-    let err = engine().compile("p", "SELEC 1", schema()).await.expect_err("syntax");
+    let err = engine()
+        .compile("p", "SELEC 1", schema())
+        .await
+        .expect_err("syntax");
     assert!(matches!(err, EngineError::Plan { .. }), "{err}");
-    let err = engine().compile("p", "CREATE TABLE x (a INT)", schema()).await.expect_err("ddl");
+    let err = engine()
+        .compile("p", "CREATE TABLE x (a INT)", schema())
+        .await
+        .expect_err("ddl");
     assert!(matches!(err, EngineError::Plan { .. }), "{err}");
 }
 
 #[tokio::test]
 async fn aggregates_are_whole_input() {
     let t = engine()
-        .compile("p", "SELECT device_id, count(*) AS n FROM input GROUP BY device_id", schema())
+        .compile(
+            "p",
+            "SELECT device_id, count(*) AS n FROM input GROUP BY device_id",
+            schema(),
+        )
         .await
         .expect("plans");
     assert_eq!(t.kind(), Kind::WholeInput);
@@ -102,11 +158,23 @@ async fn aggregates_are_whole_input() {
 
 #[tokio::test]
 async fn a_group_by_larger_than_memory_spills_and_completes() {
-    let engine = Engine::new(EngineConfig { memory_limit: 24 << 20, batch_size: 8192, partitions: 2, spill_dir: None })
-        .expect("engine");
-    let schema = Arc::new(Schema::new(vec![Field::new("k", DataType::Int64, false), Field::new("v", DataType::Int64, false)]));
+    let engine = Engine::new(EngineConfig {
+        memory_limit: 24 << 20,
+        batch_size: 8192,
+        partitions: 2,
+        spill_dir: None,
+    })
+    .expect("engine");
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("k", DataType::Int64, false),
+        Field::new("v", DataType::Int64, false),
+    ]));
     let t = engine
-        .compile("agg", "SELECT k, sum(v) AS s, count(*) AS n FROM input GROUP BY k", schema.clone())
+        .compile(
+            "agg",
+            "SELECT k, sum(v) AS s, count(*) AS n FROM input GROUP BY k",
+            schema.clone(),
+        )
         .await
         .expect("plans");
     let mut job = t.start_stream().await.expect("starts");
@@ -118,7 +186,10 @@ async fn a_group_by_larger_than_memory_spills_and_completes() {
             let ks: Vec<i64> = (0..50_000).map(|i| (chunk * 50_000 + i) % keys).collect();
             let b = RecordBatch::try_new(
                 schema.clone(),
-                vec![Arc::new(Int64Array::from(ks.clone())) as ArrayRef, Arc::new(Int64Array::from(ks))],
+                vec![
+                    Arc::new(Int64Array::from(ks.clone())) as ArrayRef,
+                    Arc::new(Int64Array::from(ks)),
+                ],
             )
             .expect("batch");
             if input.send(b).await.is_err() {
@@ -136,7 +207,12 @@ async fn a_group_by_larger_than_memory_spills_and_completes() {
             while let Some(b) = s.next().await {
                 let b = b.expect("no error: the aggregate spills instead");
                 n += b.num_rows();
-                sum += b.column(2).as_primitive::<Int64Type>().iter().map(|v| v.unwrap_or(0)).sum::<i64>();
+                sum += b
+                    .column(2)
+                    .as_primitive::<Int64Type>()
+                    .iter()
+                    .map(|v| v.unwrap_or(0))
+                    .sum::<i64>();
             }
             (n, sum)
         }));
@@ -149,6 +225,10 @@ async fn a_group_by_larger_than_memory_spills_and_completes() {
     }
     assert_eq!(groups as i64, keys);
     assert_eq!(total, 2 * keys);
-    assert!(job.spilled_bytes() > 0, "the aggregate should have spilled:\n{}", job.plan_display());
+    assert!(
+        job.spilled_bytes() > 0,
+        "the aggregate should have spilled:\n{}",
+        job.plan_display()
+    );
     assert_eq!(job.rows_into_state(), Some(2 * keys as u64));
 }

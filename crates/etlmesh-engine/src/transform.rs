@@ -86,9 +86,16 @@ impl Engine {
 
     /// Plans `sql` for pipeline `pipeline` over an `input` table of `input_schema`.
     /// Fails with the SQL position of the mistake when it does not plan.
-    pub async fn compile(&self, pipeline: &str, sql: &str, input_schema: SchemaRef) -> Result<Transform, EngineError> {
+    pub async fn compile(
+        &self,
+        pipeline: &str,
+        sql: &str,
+        input_schema: SchemaRef,
+    ) -> Result<Transform, EngineError> {
         let ctx = self.session(1);
-        let part: Arc<dyn PartitionStream> = Arc::new(SlotPartition { schema: input_schema.clone() });
+        let part: Arc<dyn PartitionStream> = Arc::new(SlotPartition {
+            schema: input_schema.clone(),
+        });
         let table = StreamingTable::try_new(input_schema.clone(), vec![part])
             .map_err(|e| plan_error(pipeline, sql, &input_schema, e))?;
         ctx.register_table("input", Arc::new(table))
@@ -127,7 +134,8 @@ fn classify(plan: &LogicalPlan) -> Kind {
     let mut scans = 0;
     let _ = plan.apply_with_subqueries(|node| {
         match node {
-            LogicalPlan::Projection(_) | LogicalPlan::Filter(_) | LogicalPlan::SubqueryAlias(_) => {}
+            LogicalPlan::Projection(_) | LogicalPlan::Filter(_) | LogicalPlan::SubqueryAlias(_) => {
+            }
             LogicalPlan::TableScan(_) => scans += 1,
             _ => {
                 row_wise = false;
@@ -136,7 +144,11 @@ fn classify(plan: &LogicalPlan) -> Kind {
         }
         Ok(TreeNodeRecursion::Continue)
     });
-    if row_wise && scans == 1 { Kind::RowWise } else { Kind::WholeInput }
+    if row_wise && scans == 1 {
+        Kind::RowWise
+    } else {
+        Kind::WholeInput
+    }
 }
 
 /// Errors that no single record explains: they fail the run instead of a record.
@@ -196,7 +208,10 @@ impl Transform {
     /// For [`Kind::WholeInput`] SQL this gives the SQL's answer over this batch alone.
     pub async fn apply(&self, input: &DecodedBatch) -> Result<BatchResult, EngineError> {
         let rows = input.batch.num_rows();
-        let mut out = BatchResult { rows_in: rows as u64, ..Default::default() };
+        let mut out = BatchResult {
+            rows_in: rows as u64,
+            ..Default::default()
+        };
         if rows == 0 {
             return Ok(out);
         }
@@ -210,11 +225,18 @@ impl Transform {
                     }
                 }
                 Err(e) if is_fatal(&e) || self.kind == Kind::WholeInput => {
-                    return Err(EngineError::Execution { pipeline: self.pipeline.clone(), message: message(&e) });
+                    return Err(EngineError::Execution {
+                        pipeline: self.pipeline.clone(),
+                        message: message(&e),
+                    });
                 }
                 Err(e) if len == 1 => {
-                    out.rejects
-                        .push(input.provenance.reject(&input.batch, offset, Stage::Transform, message(&e)));
+                    out.rejects.push(input.provenance.reject(
+                        &input.batch,
+                        offset,
+                        Stage::Transform,
+                        message(&e),
+                    ));
                 }
                 Err(_) => {
                     let half = len / 2;

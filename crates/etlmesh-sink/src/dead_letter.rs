@@ -63,7 +63,9 @@ impl<'a> DeadLetter<'a> {
             field: r.field.as_deref(),
             reason: &r.reason,
             raw: text,
-            raw_base64: text.is_none().then(|| base64::engine::general_purpose::STANDARD.encode(&r.raw)),
+            raw_base64: text
+                .is_none()
+                .then(|| base64::engine::general_purpose::STANDARD.encode(&r.raw)),
             raw_truncated: r.raw_truncated,
         }
     }
@@ -116,13 +118,17 @@ impl DeadLetterSink {
             let f = File::create(&tmp).map_err(|e| io_error(&self.describe, &tmp, e))?;
             *guard = Some(BufWriter::new(f));
         }
-        let Some(w) = guard.as_mut() else { return Ok(()) };
+        let Some(w) = guard.as_mut() else {
+            return Ok(());
+        };
         for r in rejects {
             serde_json::to_writer(&mut *w, &DeadLetter::of(&self.pipeline, r))
                 .map_err(|e| io_error(&self.describe, &tmp, e.into()))?;
-            w.write_all(b"\n").map_err(|e| io_error(&self.describe, &tmp, e))?;
+            w.write_all(b"\n")
+                .map_err(|e| io_error(&self.describe, &tmp, e))?;
         }
-        self.count.fetch_add(rejects.len() as u64, Ordering::Relaxed);
+        self.count
+            .fetch_add(rejects.len() as u64, Ordering::Relaxed);
         Ok(())
     }
 
@@ -134,12 +140,24 @@ impl DeadLetterSink {
         let tmp = tmp_name(&self.target);
         w.flush().map_err(|e| io_error(&self.describe, &tmp, e))?;
         drop(w);
-        commit_files(&self.describe, vec![Pending { tmp, target: self.target.clone() }])
+        commit_files(
+            &self.describe,
+            vec![Pending {
+                tmp,
+                target: self.target.clone(),
+            }],
+        )
     }
 
     /// Removes what was written.
     pub fn abort(&self) {
-        if self.file.lock().unwrap_or_else(|p| p.into_inner()).take().is_some() {
+        if self
+            .file
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .is_some()
+        {
             let _ = std::fs::remove_file(tmp_name(&self.target));
         }
     }
@@ -156,21 +174,36 @@ mod tests {
     #[test]
     fn writes_origin_reason_and_bytes() {
         let dir = tempfile::tempdir().expect("tmp");
-        let spec = DeadLetterSpec { path: dir.path().join("dl") };
+        let spec = DeadLetterSpec {
+            path: dir.path().join("dl"),
+        };
         let sink = DeadLetterSink::create(&spec, "clean", "r1").expect("sink");
         let src: Arc<str> = Arc::from("in.csv");
         let rejects = vec![
-            Reject::new(&src, Stage::Cast, "cannot read \"abc\" as float64", Bytes::from_static(b"d1,abc"))
-                .at_line(7)
-                .in_field("temperature_c"),
-            Reject::new(&src, Stage::Decode, "invalid UTF-8", Bytes::from_static(b"d\xff")).at_line(9),
+            Reject::new(
+                &src,
+                Stage::Cast,
+                "cannot read \"abc\" as float64",
+                Bytes::from_static(b"d1,abc"),
+            )
+            .at_line(7)
+            .in_field("temperature_c"),
+            Reject::new(
+                &src,
+                Stage::Decode,
+                "invalid UTF-8",
+                Bytes::from_static(b"d\xff"),
+            )
+            .at_line(9),
         ];
         sink.write(&rejects).expect("write");
         assert!(!sink.path().exists());
         sink.commit().expect("commit");
         let text = std::fs::read_to_string(sink.path()).expect("read");
-        let lines: Vec<serde_json::Value> =
-            text.lines().map(|l| serde_json::from_str(l).expect("json")).collect();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("json"))
+            .collect();
         assert_eq!(lines[0]["pipeline"], "clean");
         assert_eq!(lines[0]["line"], 7);
         assert_eq!(lines[0]["field"], "temperature_c");

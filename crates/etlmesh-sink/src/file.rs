@@ -35,7 +35,10 @@ pub(crate) fn commit_files(sink: &str, pending: Vec<Pending>) -> Result<Committe
 
 /// The hidden temporary name of a final path: `dir/.name.tmp`.
 pub(crate) fn tmp_name(target: &Path) -> PathBuf {
-    let name = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = target
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     target.with_file_name(format!(".{name}.tmp"))
 }
 
@@ -64,8 +67,12 @@ impl FileSink {
             None
         } else {
             Some(
-                Partitioner::new(&schema, &spec.partition_by)
-                    .map_err(|message| SinkError::Config { sink: describe.clone(), message })?,
+                Partitioner::new(&schema, &spec.partition_by).map_err(|message| {
+                    SinkError::Config {
+                        sink: describe.clone(),
+                        message,
+                    }
+                })?,
             )
         };
         let options = EncodeOptions {
@@ -91,7 +98,9 @@ impl FileSink {
 
     /// The schema of the files (without partition columns).
     pub fn file_schema(&self) -> &SchemaRef {
-        self.partitioner.as_ref().map_or(&self.schema, |p| p.file_schema())
+        self.partitioner
+            .as_ref()
+            .map_or(&self.schema, |p| p.file_schema())
     }
 }
 
@@ -166,16 +175,38 @@ impl FileSinkWriter {
             if self.open.len() >= self.max_open {
                 self.close_least_recent()?;
             }
-            let dir = if part.is_empty() { self.dir.clone() } else { self.dir.join(part) };
+            let dir = if part.is_empty() {
+                self.dir.clone()
+            } else {
+                self.dir.join(part)
+            };
             std::fs::create_dir_all(&dir).map_err(|e| io_error(&self.sink, &dir, e))?;
             let target = dir.join(format!("{}-{:04}.{}", self.prefix, self.seq, self.ext));
             self.seq += 1;
             let tmp = tmp_name(&target);
             let file = File::create(&tmp).map_err(|e| io_error(&self.sink, &tmp, e))?;
-            self.open_tmp.lock().unwrap_or_else(|p| p.into_inner()).push(tmp.clone());
-            let w = writer(BufWriter::with_capacity(1 << 20, file), &self.schema, &self.options)
-                .map_err(|error| SinkError::Encode { sink: self.sink.clone(), error })?;
-            self.open.insert(part.to_string(), OpenFile { writer: w, tmp, target, last_used: 0 });
+            self.open_tmp
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(tmp.clone());
+            let w = writer(
+                BufWriter::with_capacity(1 << 20, file),
+                &self.schema,
+                &self.options,
+            )
+            .map_err(|error| SinkError::Encode {
+                sink: self.sink.clone(),
+                error,
+            })?;
+            self.open.insert(
+                part.to_string(),
+                OpenFile {
+                    writer: w,
+                    tmp,
+                    target,
+                    last_used: 0,
+                },
+            );
         }
         let f = self.open.get_mut(part).ok_or_else(|| SinkError::Config {
             sink: self.sink.clone(),
@@ -186,7 +217,12 @@ impl FileSinkWriter {
     }
 
     fn close_least_recent(&mut self) -> Result<(), SinkError> {
-        let Some(key) = self.open.iter().min_by_key(|(_, f)| f.last_used).map(|(k, _)| k.clone()) else {
+        let Some(key) = self
+            .open
+            .iter()
+            .min_by_key(|(_, f)| f.last_used)
+            .map(|(k, _)| k.clone())
+        else {
             return Ok(());
         };
         if let Some(f) = self.open.remove(&key) {
@@ -196,12 +232,21 @@ impl FileSinkWriter {
     }
 
     fn finish_file(&self, f: OpenFile) -> Result<(), SinkError> {
-        f.writer.finish().map_err(|error| SinkError::Encode { sink: self.sink.clone(), error })?;
-        self.open_tmp.lock().unwrap_or_else(|p| p.into_inner()).retain(|p| *p != f.tmp);
+        f.writer.finish().map_err(|error| SinkError::Encode {
+            sink: self.sink.clone(),
+            error,
+        })?;
+        self.open_tmp
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|p| *p != f.tmp);
         self.pending
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .push(Pending { tmp: f.tmp, target: f.target });
+            .push(Pending {
+                tmp: f.tmp,
+                target: f.target,
+            });
         Ok(())
     }
 }
@@ -211,7 +256,10 @@ impl SinkWriter for FileSinkWriter {
         if batch.num_rows() == 0 {
             return Ok(());
         }
-        let encode = |sink: &str, error| SinkError::Encode { sink: sink.to_string(), error };
+        let encode = |sink: &str, error| SinkError::Encode {
+            sink: sink.to_string(),
+            error,
+        };
         match self.partitioner.clone() {
             None => {
                 let sink = self.sink.clone();
@@ -262,8 +310,14 @@ mod tests {
 
     fn batch() -> RecordBatch {
         RecordBatch::try_from_iter(vec![
-            ("d", Arc::new(StringArray::from(vec!["a", "b", "c", "a"])) as ArrayRef),
-            ("v", Arc::new(Int64Array::from(vec![1, 2, 3, 4])) as ArrayRef),
+            (
+                "d",
+                Arc::new(StringArray::from(vec!["a", "b", "c", "a"])) as ArrayRef,
+            ),
+            (
+                "v",
+                Arc::new(Int64Array::from(vec![1, 2, 3, 4])) as ArrayRef,
+            ),
         ])
         .expect("batch")
     }
@@ -281,7 +335,11 @@ mod tests {
         let mut out = Vec::new();
         for e in std::fs::read_dir(dir).expect("dir").flatten() {
             let p = e.path();
-            if p.is_dir() { out.extend(walk(&p)) } else { out.push(p) }
+            if p.is_dir() {
+                out.extend(walk(&p))
+            } else {
+                out.push(p)
+            }
         }
         out
     }
@@ -290,11 +348,16 @@ mod tests {
     fn nothing_is_visible_before_commit_and_everything_after() {
         let dir = tempfile::tempdir().expect("tmp");
         let b = batch();
-        let sink = FileSink::create(spec(dir.path(), Format::Csv, vec![]), b.schema(), "run1").expect("sink");
+        let sink = FileSink::create(spec(dir.path(), Format::Csv, vec![]), b.schema(), "run1")
+            .expect("sink");
         let mut w = sink.writer().expect("writer");
         w.write(&b).expect("write");
         w.close().expect("close");
-        assert!(files(dir.path()).iter().all(|f| f.starts_with('.')), "{:?}", files(dir.path()));
+        assert!(
+            files(dir.path()).iter().all(|f| f.starts_with('.')),
+            "{:?}",
+            files(dir.path())
+        );
         let done = sink.commit().expect("commit");
         assert_eq!(done.files.len(), 1);
         let text = std::fs::read_to_string(&done.files[0]).expect("read");
@@ -306,7 +369,12 @@ mod tests {
     fn abort_leaves_nothing() {
         let dir = tempfile::tempdir().expect("tmp");
         let b = batch();
-        let sink = FileSink::create(spec(dir.path(), Format::Parquet, vec![]), b.schema(), "run1").expect("sink");
+        let sink = FileSink::create(
+            spec(dir.path(), Format::Parquet, vec![]),
+            b.schema(),
+            "run1",
+        )
+        .expect("sink");
         let mut w = sink.writer().expect("writer");
         w.write(&b).expect("write");
         // One writer closed, one still open: both are removed.
@@ -321,14 +389,22 @@ mod tests {
     fn hive_partitions_with_a_bound_on_open_files() {
         let dir = tempfile::tempdir().expect("tmp");
         let b = batch();
-        let sink = FileSink::create(spec(dir.path(), Format::Ndjson, vec!["d".into()]), b.schema(), "r").expect("sink");
+        let sink = FileSink::create(
+            spec(dir.path(), Format::Ndjson, vec!["d".into()]),
+            b.schema(),
+            "r",
+        )
+        .expect("sink");
         let mut w = sink.writer().expect("writer");
         w.write(&b).expect("write");
         w.write(&b).expect("write");
         w.close().expect("close");
         sink.commit().expect("commit");
         let got = files(dir.path());
-        assert!(got.iter().any(|f| f.starts_with("d=a/part-r-00-")), "{got:?}");
+        assert!(
+            got.iter().any(|f| f.starts_with("d=a/part-r-00-")),
+            "{got:?}"
+        );
         assert!(got.iter().any(|f| f.starts_with("d=c/")), "{got:?}");
         let rows: usize = walk(dir.path())
             .iter()
@@ -345,10 +421,17 @@ mod tests {
         let dir = tempfile::tempdir().expect("tmp");
         let file = dir.path().join("a-file");
         std::fs::write(&file, "x").expect("write");
-        let err = FileSink::create(spec(&file.join("out"), Format::Csv, vec![]), batch().schema(), "r")
-            .err()
-            .expect("cannot create a directory under a file");
+        let err = FileSink::create(
+            spec(&file.join("out"), Format::Csv, vec![]),
+            batch().schema(),
+            "r",
+        )
+        .err()
+        .expect("cannot create a directory under a file");
         let msg = err.to_string();
-        assert!(msg.contains("cannot write to") && msg.contains("help:"), "{msg}");
+        assert!(
+            msg.contains("cannot write to") && msg.contains("help:"),
+            "{msg}"
+        );
     }
 }

@@ -60,14 +60,21 @@ pub enum SinkError {
 
 pub(crate) fn io_error(sink: &str, path: &Path, error: std::io::Error) -> SinkError {
     let help = match error.kind() {
-        std::io::ErrorKind::PermissionDenied => "fix the directory's permissions, or choose another path".to_string(),
+        std::io::ErrorKind::PermissionDenied => {
+            "fix the directory's permissions, or choose another path".to_string()
+        }
         std::io::ErrorKind::NotADirectory | std::io::ErrorKind::AlreadyExists => {
             "a file stands where a directory is needed; choose another path".to_string()
         }
         std::io::ErrorKind::StorageFull => "free some disk space".to_string(),
         _ => "check that the path is a directory you can write to".to_string(),
     };
-    SinkError::Io { sink: sink.to_string(), path: path.to_path_buf(), error, help }
+    SinkError::Io {
+        sink: sink.to_string(),
+        path: path.to_path_buf(),
+        error,
+        help,
+    }
 }
 
 /// What a commit made visible.
@@ -101,13 +108,20 @@ pub trait SinkWriter: Send {
 
 /// A name unique to one run, used in file names: `20261126T105501Z-1a2b3c`.
 pub fn run_id() -> String {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
     let secs = now.as_secs() as i64;
     let days = secs.div_euclid(86_400);
     let (y, m, d) = civil_from_days(days);
     let t = secs.rem_euclid(86_400);
     let salt = (now.subsec_nanos() ^ std::process::id().rotate_left(16)) & 0xff_ffff;
-    format!("{y:04}{m:02}{d:02}T{:02}{:02}{:02}Z-{salt:06x}", t / 3600, t / 60 % 60, t % 60)
+    format!(
+        "{y:04}{m:02}{d:02}T{:02}{:02}{:02}Z-{salt:06x}",
+        t / 3600,
+        t / 60 % 60,
+        t % 60
+    )
 }
 
 fn civil_from_days(z: i64) -> (i64, u32, u32) {
@@ -125,29 +139,47 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 
 /// Builds the sink a spec describes, for rows of `schema`. This is the one list of
 /// sink kinds.
-pub fn build(spec: &SinkSpec, schema: &SchemaRef, run_id: &str) -> Result<Arc<dyn Sink>, SinkError> {
+pub fn build(
+    spec: &SinkSpec,
+    schema: &SchemaRef,
+    run_id: &str,
+) -> Result<Arc<dyn Sink>, SinkError> {
     Ok(match spec {
         SinkSpec::File(f) => Arc::new(file::FileSink::create(f.clone(), schema.clone(), run_id)?),
-        SinkSpec::Stdout { format } => Arc::new(stdout::StdoutSink::create(*format, schema.clone(), run_id)?),
+        SinkSpec::Stdout { format } => {
+            Arc::new(stdout::StdoutSink::create(*format, schema.clone(), run_id)?)
+        }
     })
 }
 
 /// Checks, without writing anything, that a file sink's directory could be created
 /// and written: the nearest existing ancestor must be a writable directory.
 pub fn check_writable(spec: &SinkSpec) -> Result<(), SinkError> {
-    let SinkSpec::File(f) = spec else { return Ok(()) };
+    let SinkSpec::File(f) = spec else {
+        return Ok(());
+    };
     let sink = spec.describe();
     let mut p: &Path = &f.path;
     loop {
         match std::fs::metadata(p) {
             Ok(m) if m.is_dir() => {
                 return if m.permissions().readonly() {
-                    Err(io_error(&sink, p, std::io::Error::from(std::io::ErrorKind::PermissionDenied)))
+                    Err(io_error(
+                        &sink,
+                        p,
+                        std::io::Error::from(std::io::ErrorKind::PermissionDenied),
+                    ))
                 } else {
                     Ok(())
                 };
             }
-            Ok(_) => return Err(io_error(&sink, p, std::io::Error::from(std::io::ErrorKind::NotADirectory))),
+            Ok(_) => {
+                return Err(io_error(
+                    &sink,
+                    p,
+                    std::io::Error::from(std::io::ErrorKind::NotADirectory),
+                ));
+            }
             Err(_) => match p.parent() {
                 Some(parent) if !parent.as_os_str().is_empty() => p = parent,
                 _ => return Ok(()),

@@ -35,12 +35,26 @@ impl Partitioner {
             })?;
             columns.push(i);
         }
-        let keep: Vec<usize> = (0..schema.fields().len()).filter(|i| !columns.contains(i)).collect();
+        let keep: Vec<usize> = (0..schema.fields().len())
+            .filter(|i| !columns.contains(i))
+            .collect();
         if keep.is_empty() {
-            return Err("every output column is a partition column; leave at least one column in the files".into());
+            return Err(
+                "every output column is a partition column; leave at least one column in the files"
+                    .into(),
+            );
         }
-        let file_schema = Arc::new(Schema::new(keep.iter().map(|&i| schema.field(i).clone()).collect::<Vec<_>>()));
-        Ok(Self { columns, names: names.to_vec(), keep, file_schema })
+        let file_schema = Arc::new(Schema::new(
+            keep.iter()
+                .map(|&i| schema.field(i).clone())
+                .collect::<Vec<_>>(),
+        ));
+        Ok(Self {
+            columns,
+            names: names.to_vec(),
+            keep,
+            file_schema,
+        })
     }
 
     /// The schema of the files (without the partition columns).
@@ -49,7 +63,10 @@ impl Partitioner {
     }
 
     /// Splits a batch into (relative directory, rows) groups.
-    pub fn split(&self, batch: &RecordBatch) -> Result<Vec<(String, RecordBatch)>, arrow::error::ArrowError> {
+    pub fn split(
+        &self,
+        batch: &RecordBatch,
+    ) -> Result<Vec<(String, RecordBatch)>, arrow::error::ArrowError> {
         let opts = FormatOptions::default().with_null(NULL_PARTITION);
         let formatters = self
             .columns
@@ -123,14 +140,35 @@ mod tests {
     #[test]
     fn splits_by_value_and_escapes() {
         let b = RecordBatch::try_from_iter(vec![
-            ("d", Arc::new(StringArray::from(vec![Some("a/b"), Some("c"), None, Some("c")])) as ArrayRef),
-            ("v", Arc::new(Int64Array::from(vec![1, 2, 3, 4])) as ArrayRef),
+            (
+                "d",
+                Arc::new(StringArray::from(vec![
+                    Some("a/b"),
+                    Some("c"),
+                    None,
+                    Some("c"),
+                ])) as ArrayRef,
+            ),
+            (
+                "v",
+                Arc::new(Int64Array::from(vec![1, 2, 3, 4])) as ArrayRef,
+            ),
         ])
         .expect("batch");
         let p = Partitioner::new(&b.schema(), &["d".to_string()]).expect("partitioner");
         let parts = p.split(&b).expect("split");
-        let keys: Vec<(&str, usize)> = parts.iter().map(|(k, b)| (k.as_str(), b.num_rows())).collect();
-        assert_eq!(keys, vec![("d=a%2Fb", 1), ("d=c", 2), ("d=__HIVE_DEFAULT_PARTITION__", 1)]);
+        let keys: Vec<(&str, usize)> = parts
+            .iter()
+            .map(|(k, b)| (k.as_str(), b.num_rows()))
+            .collect();
+        assert_eq!(
+            keys,
+            vec![
+                ("d=a%2Fb", 1),
+                ("d=c", 2),
+                ("d=__HIVE_DEFAULT_PARTITION__", 1)
+            ]
+        );
         assert_eq!(parts[1].1.num_columns(), 1);
         assert!(Partitioner::new(&b.schema(), &["nope".to_string()]).is_err());
     }

@@ -24,11 +24,22 @@ impl StdoutSink {
     /// A sink that prints rows of `schema` as `format`.
     pub fn create(format: Format, schema: SchemaRef, run_id: &str) -> Result<Self, SinkError> {
         let describe = format!("stdout:{format}");
-        let path = std::env::temp_dir().join(format!(".etlmesh-stdout-{run_id}-{}.tmp", std::process::id()));
+        let path = std::env::temp_dir().join(format!(
+            ".etlmesh-stdout-{run_id}-{}.tmp",
+            std::process::id()
+        ));
         let file = File::create(&path).map_err(|e| io_error(&describe, &path, e))?;
-        let w = writer(BufWriter::new(file), &schema, &EncodeOptions::new(format))
-            .map_err(|error| SinkError::Encode { sink: describe.clone(), error })?;
-        Ok(Self { describe, path, writer: Arc::new(Mutex::new(Some(w))) })
+        let w = writer(BufWriter::new(file), &schema, &EncodeOptions::new(format)).map_err(
+            |error| SinkError::Encode {
+                sink: describe.clone(),
+                error,
+            },
+        )?;
+        Ok(Self {
+            describe,
+            path,
+            writer: Arc::new(Mutex::new(Some(w))),
+        })
     }
 }
 
@@ -41,7 +52,10 @@ impl SinkWriter for Shared {
     fn write(&mut self, batch: &RecordBatch) -> Result<(), SinkError> {
         let mut guard = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         match guard.as_mut() {
-            Some(w) => w.write(batch).map_err(|error| SinkError::Encode { sink: self.sink.clone(), error }),
+            Some(w) => w.write(batch).map_err(|error| SinkError::Encode {
+                sink: self.sink.clone(),
+                error,
+            }),
             None => Ok(()),
         }
     }
@@ -57,21 +71,33 @@ impl Sink for StdoutSink {
     }
 
     fn writer(&self) -> Result<Box<dyn SinkWriter>, SinkError> {
-        Ok(Box::new(Shared { sink: self.describe.clone(), writer: self.writer.clone() }))
+        Ok(Box::new(Shared {
+            sink: self.describe.clone(),
+            writer: self.writer.clone(),
+        }))
     }
 
     fn commit(&self) -> Result<Committed, SinkError> {
         let w = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(w) = w {
-            w.finish().map_err(|error| SinkError::Encode { sink: self.describe.clone(), error })?;
+            w.finish().map_err(|error| SinkError::Encode {
+                sink: self.describe.clone(),
+                error,
+            })?;
         }
-        let mut file = File::open(&self.path).map_err(|e| io_error(&self.describe, &self.path, e))?;
+        let mut file =
+            File::open(&self.path).map_err(|e| io_error(&self.describe, &self.path, e))?;
         let stdout = std::io::stdout();
         let mut out = stdout.lock();
-        let bytes = std::io::copy(&mut file, &mut out).map_err(|e| io_error(&self.describe, &self.path, e))?;
-        out.flush().map_err(|e| io_error(&self.describe, &self.path, e))?;
+        let bytes = std::io::copy(&mut file, &mut out)
+            .map_err(|e| io_error(&self.describe, &self.path, e))?;
+        out.flush()
+            .map_err(|e| io_error(&self.describe, &self.path, e))?;
         let _ = std::fs::remove_file(&self.path);
-        Ok(Committed { files: Vec::new(), bytes })
+        Ok(Committed {
+            files: Vec::new(),
+            bytes,
+        })
     }
 
     fn abort(&self) {
