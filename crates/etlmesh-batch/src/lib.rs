@@ -100,6 +100,7 @@ pub async fn run(file: &PipelineFile, name: &str, opts: &JobOptions) -> Result<S
         spill_dir: platform.spill_dir.clone(),
         partitions: threads,
         batch_size: platform.batch_size,
+        options: platform.sql_options.clone(),
     })?;
     let transform = Arc::new(
         engine

@@ -21,9 +21,12 @@ pub(crate) fn validate(args: &ValidateArgs) -> Result<(), CliError> {
     let mut diags: Vec<Diagnostic> = Vec::new();
     let engine = Engine::new(EngineConfig {
         partitions: 1,
+        options: file.spec.platform.sql_options.clone(),
         ..EngineConfig::default()
     })
-    .map_err(|e| CliError::Other(e.to_string()))?;
+    .map_err(|e| {
+        CliError::Config(file.located(vec![file.diagnostic("platform.sql_options", e.to_string())]))
+    })?;
     for p in &file.spec.pipelines {
         for (i, sink) in p.sinks.iter().enumerate() {
             if let Err(e) = etlmesh_sink::check_writable(sink) {

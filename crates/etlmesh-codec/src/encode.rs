@@ -4,12 +4,13 @@
 use std::io::Write;
 
 use arrow::array::RecordBatch;
-use arrow::datatypes::SchemaRef;
+use arrow::datatypes::{DataType, SchemaRef};
 use arrow::ipc::writer::{FileWriter, StreamWriter};
 use etlmesh_config::{Compression, Format};
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression as PqCompression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
+use parquet::schema::types::ColumnPath;
 
 use crate::CodecError;
 
@@ -123,8 +124,14 @@ impl<W: Write + Send> BatchWriter for IpcStream<W> {
     }
 }
 
-/// Parquet writer properties for a compression setting.
-pub fn parquet_properties(compression: Compression, row_group_rows: usize) -> WriterProperties {
+/// Parquet writer properties for a compression setting. Dictionary encoding is kept
+/// for text and integers and left out for floats and timestamps, whose values rarely
+/// repeat: building a dictionary only to drop it costs time.
+pub fn parquet_properties(
+    schema: &SchemaRef,
+    compression: Compression,
+    row_group_rows: usize,
+) -> WriterProperties {
     let c = match compression {
         Compression::Zstd(level) => {
             PqCompression::ZSTD(ZstdLevel::try_new(level).unwrap_or_default())
@@ -133,10 +140,18 @@ pub fn parquet_properties(compression: Compression, row_group_rows: usize) -> Wr
         Compression::Lz4 => PqCompression::LZ4_RAW,
         Compression::None => PqCompression::UNCOMPRESSED,
     };
-    WriterProperties::builder()
+    let mut b = WriterProperties::builder()
         .set_compression(c)
-        .set_max_row_group_row_count(Some(row_group_rows))
-        .build()
+        .set_max_row_group_row_count(Some(row_group_rows));
+    for f in schema.fields() {
+        if matches!(
+            f.data_type(),
+            DataType::Float16 | DataType::Float32 | DataType::Float64 | DataType::Timestamp(..)
+        ) {
+            b = b.set_column_dictionary_enabled(ColumnPath::from(f.name().as_str()), false);
+        }
+    }
+    b.build()
 }
 
 /// A writer of `schema`'s batches into `w`.
@@ -153,7 +168,7 @@ pub fn writer<W: Write + Send + 'static>(
         Format::Ndjson => Box::new(Ndjson(arrow::json::LineDelimitedWriter::new(w))),
         Format::Json => Box::new(JsonArray(arrow::json::ArrayWriter::new(w))),
         Format::Parquet => {
-            let props = parquet_properties(opts.compression, opts.row_group_rows);
+            let props = parquet_properties(schema, opts.compression, opts.row_group_rows);
             Box::new(Parquet(
                 ArrowWriter::try_new(w, schema.clone(), Some(props)).map_err(enc)?,
             ))

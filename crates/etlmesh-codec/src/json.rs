@@ -149,7 +149,7 @@ impl RecordDecoder<'_> {
                 let key = sc
                     .string(&mut self.scratch)
                     .map_err(|at| syntax(at, "unterminated or malformed key"))?;
-                let key = key.into_owned();
+                let col = self.column(&key, hint);
                 sc.ws();
                 if sc.peek() != Some(b':') {
                     return Err(syntax(sc.i, "expected `:` after a key"));
@@ -160,7 +160,7 @@ impl RecordDecoder<'_> {
                 let value = sc
                     .value(&mut self.scratch)
                     .map_err(|(at, what)| syntax(at, what))?;
-                if let Some(col) = self.column(&key, hint) {
+                if let Some(col) = col {
                     hint = col + 1;
                     if self.seen[col] {
                         return Err((

@@ -23,9 +23,48 @@ pub fn parse_i64(b: &[u8]) -> Option<i64> {
     Some(if neg { -v } else { v })
 }
 
+/// Exact powers of ten as f64 (10^0 to 10^22 are exactly representable).
+const POW10: [f64; 23] = [
+    1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15, 1e16,
+    1e17, 1e18, 1e19, 1e20, 1e21, 1e22,
+];
+
+/// Plain decimals (`-12.345`) with at most 15 significant digits: the digits as an
+/// integer divided by an exact power of ten, which IEEE division rounds correctly
+/// (Clinger's fast path). `None` sends other shapes to the general parser.
+fn parse_simple_decimal(b: &[u8]) -> Option<f64> {
+    let (neg, digits) = match b.first()? {
+        b'-' => (true, &b[1..]),
+        b'+' => (false, &b[1..]),
+        _ => (false, b),
+    };
+    let mut mantissa: u64 = 0;
+    let mut count = 0usize;
+    let mut frac = None;
+    for (i, &c) in digits.iter().enumerate() {
+        match c {
+            b'0'..=b'9' => {
+                mantissa = mantissa * 10 + u64::from(c - b'0');
+                count += 1;
+            }
+            b'.' if frac.is_none() => frac = Some(digits.len() - i - 1),
+            _ => return None,
+        }
+    }
+    if count == 0 || count > 15 {
+        return None;
+    }
+    let v = mantissa as f64 / POW10[frac.unwrap_or(0)];
+    Some(if neg { -v } else { v })
+}
+
 /// Parses a float (`21.5`, `-1e3`, `NaN`, `inf`).
 pub fn parse_f64(b: &[u8]) -> Option<f64> {
-    let s = std::str::from_utf8(b.trim_ascii()).ok()?;
+    let b = b.trim_ascii();
+    if let Some(v) = parse_simple_decimal(b) {
+        return Some(v);
+    }
+    let s = std::str::from_utf8(b).ok()?;
     if s.is_empty() {
         return None;
     }
@@ -183,6 +222,43 @@ mod tests {
         assert_eq!(parse_i64(b"9223372036854775808"), None);
         assert_eq!(parse_i64(b"4x"), None);
         assert_eq!(parse_i64(b""), None);
+    }
+
+    #[test]
+    fn the_fast_float_path_agrees_with_std() {
+        for s in [
+            "0",
+            "-0.0",
+            "21.5",
+            "3.141592653589",
+            "999999999999999",
+            "0.000000000000001",
+            "12.",
+            ".5",
+            "-273.10",
+        ] {
+            assert_eq!(
+                parse_f64(s.as_bytes()).map(f64::to_bits),
+                s.parse::<f64>().ok().map(f64::to_bits),
+                "{s}"
+            );
+        }
+        // Shapes the fast path leaves to std.
+        for s in [
+            "1e3",
+            "1234567890123456789.5",
+            "NaN",
+            "-inf",
+            "1.2.3",
+            "--1",
+            ".",
+        ] {
+            assert_eq!(
+                parse_f64(s.as_bytes()).map(f64::to_bits),
+                s.parse::<f64>().ok().map(f64::to_bits),
+                "{s}"
+            );
+        }
     }
 
     #[test]

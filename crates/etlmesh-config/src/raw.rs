@@ -9,7 +9,7 @@ use serde::Deserialize;
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 
 use crate::types::{FieldType, Format};
-use crate::units::{ByteSize, Span};
+use crate::units::{ByteSize, ScalarText, Span};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -30,6 +30,7 @@ pub(crate) struct RawPlatform {
     pub read_chunk: Option<ByteSize>,
     pub spill_dir: Option<PathBuf>,
     pub progress_interval: Option<Span>,
+    pub sql_options: Option<IndexMap<String, ScalarText>>,
 }
 
 #[derive(Debug, Deserialize)]

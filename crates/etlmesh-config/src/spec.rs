@@ -26,6 +26,8 @@ pub struct Platform {
     pub spill_dir: Option<PathBuf>,
     /// Period of progress log lines when the output is not a terminal.
     pub progress_interval: Duration,
+    /// DataFusion settings passed through (`datafusion.execution.…`), checked by the engine.
+    pub sql_options: Vec<(String, String)>,
 }
 
 impl Default for Platform {
@@ -35,9 +37,10 @@ impl Default for Platform {
             threads: 0,
             batch_size: 65_536,
             max_record_bytes: 1 << 20,
-            read_chunk: 4 << 20,
+            read_chunk: 1 << 20,
             spill_dir: None,
             progress_interval: Duration::from_secs(5),
+            sql_options: Vec::new(),
         }
     }
 }
@@ -226,6 +229,12 @@ pub(crate) fn resolve(raw: RawFile, file: &Path, out: &mut Vec<Diagnostic>) -> S
         progress_interval: p
             .progress_interval
             .map_or(defaults.progress_interval, |s| s.0),
+        sql_options: p
+            .sql_options
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(k, v)| (k, v.0))
+            .collect(),
     };
     if platform.batch_size == 0 {
         out.push(

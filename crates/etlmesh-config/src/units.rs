@@ -144,6 +144,41 @@ impl Serialize for Span {
     }
 }
 
+/// A scalar written as text, a number or a boolean, kept as text (for settings passed
+/// through to other components).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScalarText(pub String);
+
+struct ScalarVisitor;
+
+impl Visitor<'_> for ScalarVisitor {
+    type Value = ScalarText;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a text, number or boolean value")
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<ScalarText, E> {
+        Ok(ScalarText(v.to_string()))
+    }
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<ScalarText, E> {
+        Ok(ScalarText(v.to_string()))
+    }
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<ScalarText, E> {
+        Ok(ScalarText(v.to_string()))
+    }
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<ScalarText, E> {
+        Ok(ScalarText(v.to_string()))
+    }
+    fn visit_bool<E: de::Error>(self, v: bool) -> Result<ScalarText, E> {
+        Ok(ScalarText(v.to_string()))
+    }
+}
+
+impl<'de> Deserialize<'de> for ScalarText {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(ScalarVisitor)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -80,6 +80,8 @@ pub struct EngineConfig {
     pub partitions: usize,
     /// Rows per batch.
     pub batch_size: usize,
+    /// DataFusion settings (`datafusion.execution.…`) set on every session.
+    pub options: Vec<(String, String)>,
 }
 
 impl Default for EngineConfig {
@@ -89,6 +91,7 @@ impl Default for EngineConfig {
             spill_dir: None,
             partitions: 2,
             batch_size: 65_536,
+            options: Vec::new(),
         }
     }
 }
@@ -112,6 +115,15 @@ impl Engine {
             .with_disk_manager_builder(DiskManagerBuilder::default().with_mode(mode))
             .build_arc()
             .map_err(|e| EngineError::Setup(e.to_string()))?;
+        let mut probe = datafusion::prelude::SessionConfig::new();
+        for (k, v) in &config.options {
+            probe.options_mut().set(k, v).map_err(|e| {
+                EngineError::Setup(format!(
+                    "platform.sql_options: `{k}: {v}` is not a DataFusion setting: {}",
+                    transform::message(&e)
+                ))
+            })?;
+        }
         Ok(Self { runtime, config })
     }
 

@@ -162,7 +162,7 @@ async fn a_group_by_larger_than_memory_spills_and_completes() {
         memory_limit: 24 << 20,
         batch_size: 8192,
         partitions: 2,
-        spill_dir: None,
+        ..Default::default()
     })
     .expect("engine");
     let schema = Arc::new(Schema::new(vec![

@@ -79,8 +79,17 @@ impl Engine {
             .with_target_partitions(partitions.max(1))
             .with_batch_size(self.config.batch_size)
             .with_information_schema(false);
+        // Skip the partial phase of an aggregation when it does not shrink the rows at
+        // least tenfold: each partial table would hold most groups again.
+        config
+            .options_mut()
+            .execution
+            .skip_partial_aggregation_probe_ratio_threshold = 0.1;
+        for (k, v) in &self.config.options {
+            // Checked in Engine::new.
+            let _ = config.options_mut().set(k, v);
+        }
         config.options_mut().sql_parser.collect_spans = true;
-        config.options_mut().sql_parser.enable_ident_normalization = true;
         SessionContext::new_with_config_rt(config, self.runtime.clone())
     }
 
