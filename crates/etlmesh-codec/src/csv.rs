@@ -65,48 +65,95 @@ impl CsvLayout {
 
 /// Splits one CSV record (a header line) into its fields.
 pub fn parse_record(line: &[u8], opts: &CsvOptions) -> Vec<String> {
-    let mut reader = reader(opts);
-    let mut out = vec![0u8; line.len() + 16];
-    let mut ends = vec![0usize; line.len() + 2];
-    let (mut i, mut o, mut e) = (0, 0, 0);
-    loop {
-        let (res, nin, nout, nend) = reader.read_record(&line[i..], &mut out[o..], &mut ends[e..]);
-        i += nin;
-        o += nout;
-        e += nend;
-        match res {
-            csv_core::ReadRecordResult::InputEmpty if i < line.len() => continue,
-            // Empty input tells csv-core the record is complete.
-            csv_core::ReadRecordResult::InputEmpty => {
-                let (_, _, _, nend) = reader.read_record(&[], &mut out[o..], &mut ends[e..]);
-                e += nend;
-                break;
-            }
-            _ => break,
-        }
+    let mut recs = Records::new(line, opts, 8);
+    if recs.next().is_none() {
+        return Vec::new();
     }
-    let mut fields = Vec::with_capacity(e);
-    let mut start = 0;
-    for &end in &ends[..e] {
-        fields.push(
-            String::from_utf8_lossy(&out[start..end])
+    recs.fields()
+        .map(|f| {
+            String::from_utf8_lossy(f)
                 .trim_start_matches('\u{feff}')
-                .to_string(),
-        );
-        start = end;
-    }
-    fields
+                .to_string()
+        })
+        .collect()
 }
 
-fn reader(opts: &CsvOptions) -> csv_core::Reader {
-    let mut b = csv_core::ReaderBuilder::new();
-    b.delimiter(opts.delimiter)
-        .quote(opts.quote)
-        .double_quote(true);
-    if let Some(esc) = opts.escape {
-        b.escape(Some(esc));
+/// Records of a buffer of whole records, read with `csv-core` (quoting, escapes,
+/// newlines inside quotes). The end of the buffer ends the last record.
+struct Records<'a> {
+    reader: csv_core::Reader,
+    data: &'a [u8],
+    pos: usize,
+    out: Vec<u8>,
+    ends: Vec<usize>,
+    fields: usize,
+    /// The last record was ended by the end of the buffer, not by a newline.
+    ended_by_eof: bool,
+}
+
+impl<'a> Records<'a> {
+    fn new(data: &'a [u8], opts: &CsvOptions, fields: usize) -> Self {
+        let mut b = csv_core::ReaderBuilder::new();
+        b.delimiter(opts.delimiter)
+            .quote(opts.quote)
+            .double_quote(true);
+        if let Some(esc) = opts.escape {
+            b.escape(Some(esc));
+        }
+        Self {
+            reader: b.build(),
+            data,
+            pos: 0,
+            out: vec![0; 4096],
+            ends: vec![0; fields.max(1) + 8],
+            fields: 0,
+            ended_by_eof: false,
+        }
     }
-    b.build()
+
+    /// Reads the next record: `(start, end)` of its bytes in the buffer (terminator
+    /// included), or `None` at the end.
+    fn next(&mut self) -> Option<(usize, usize)> {
+        let start = self.pos;
+        let (mut o, mut e) = (0, 0);
+        let mut eof = false;
+        loop {
+            let input = if eof { &[][..] } else { &self.data[self.pos..] };
+            let (res, nin, nout, nend) =
+                self.reader
+                    .read_record(input, &mut self.out[o..], &mut self.ends[e..]);
+            self.pos += nin;
+            o += nout;
+            e += nend;
+            match res {
+                csv_core::ReadRecordResult::Record => {
+                    self.fields = e;
+                    self.ended_by_eof = eof;
+                    self.reader.reset();
+                    return Some((start, self.pos));
+                }
+                csv_core::ReadRecordResult::End => return None,
+                csv_core::ReadRecordResult::InputEmpty => eof = true,
+                csv_core::ReadRecordResult::OutputFull => {
+                    let len = self.out.len() * 2;
+                    self.out.resize(len, 0);
+                }
+                csv_core::ReadRecordResult::OutputEndsFull => {
+                    let len = self.ends.len() * 2;
+                    self.ends.resize(len, 0);
+                }
+            }
+        }
+    }
+
+    /// The fields of the last record, unquoted.
+    fn fields(&self) -> impl Iterator<Item = &[u8]> {
+        let ends = &self.ends[..self.fields];
+        ends.iter().enumerate().map(|(i, &end)| {
+            let start = if i == 0 { 0 } else { ends[i - 1] };
+            &self.out[start..end]
+        })
+    }
 }
 
 /// Decodes a chunk of CSV records (the header already removed).
@@ -245,52 +292,25 @@ fn quoted_path(
     limits: &Limits,
 ) {
     let data = &chunk.data[..];
-    let mut reader = reader(ctx.opts);
-    let mut out = vec![0u8; 64 << 10];
-    let mut ends = vec![0usize; ctx.layout.fields() + 8];
+    let mut recs = Records::new(data, ctx.opts, ctx.layout.fields());
     let mut line = chunk.first_line;
-    let mut pos = 0;
-    while pos < data.len() {
-        // Skip blank lines, as the fast path does.
-        while pos < data.len() && (data[pos] == b'\n' || data[pos] == b'\r') {
-            if data[pos] == b'\n' {
-                line += 1;
-            }
-            pos += 1;
-        }
-        if pos >= data.len() {
-            break;
-        }
-        let start = pos;
-        let (mut o, mut e) = (0, 0);
-        let mut input_done = false;
-        loop {
-            let input = if input_done { &[][..] } else { &data[pos..] };
-            let (res, nin, nout, nend) = reader.read_record(input, &mut out[o..], &mut ends[e..]);
-            pos += nin;
-            o += nout;
-            e += nend;
-            match res {
-                csv_core::ReadRecordResult::Record | csv_core::ReadRecordResult::End => break,
-                csv_core::ReadRecordResult::InputEmpty => input_done = true,
-                csv_core::ReadRecordResult::OutputFull => {
-                    let len = out.len() * 2;
-                    out.resize(len, 0);
-                }
-                csv_core::ReadRecordResult::OutputEndsFull => {
-                    let len = ends.len() * 2;
-                    ends.resize(len, 0);
-                }
-            }
+    while let Some((mut start, pos)) = recs.next() {
+        // Blank lines before a record are not records.
+        while start < pos && matches!(data[start], b'\n' | b'\r') {
+            line += u64::from(data[start] == b'\n');
+            start += 1;
         }
         let mut rec_end = pos;
         while rec_end > start && matches!(data[rec_end - 1], b'\n' | b'\r') {
             rec_end -= 1;
         }
+        if start == rec_end {
+            continue;
+        }
         let lines_in_record = memchr::memchr_iter(b'\n', &data[start..pos]).count() as u64;
         if (rec_end - start) as u64 > limits.max_record_bytes {
             asm.reject(over_limit(chunk, start, rec_end, line, limits));
-        } else if input_done && unterminated_quote(&data[start..rec_end], ctx.opts.quote) {
+        } else if recs.ended_by_eof && unterminated_quote(&data[start..rec_end], ctx.opts.quote) {
             asm.fail_row(
                 Stage::Decode,
                 None,
@@ -301,12 +321,11 @@ fn quoted_path(
             );
         } else {
             ctx.fields.clear();
-            let mut s = 0;
-            for &end in &ends[..e] {
-                ctx.fields.push((s, end));
-                s = end;
+            let ends = &recs.ends[..recs.fields];
+            for (i, &end) in ends.iter().enumerate() {
+                ctx.fields.push((if i == 0 { 0 } else { ends[i - 1] }, end));
             }
-            match ctx.push(&out[..o], asm) {
+            match ctx.push(&recs.out, asm) {
                 Ok(()) => asm.commit(start, rec_end, line),
                 Err((stage, field, reason)) => {
                     asm.fail_row(stage, field, reason, start, rec_end, line)
@@ -314,7 +333,6 @@ fn quoted_path(
             }
         }
         line += lines_in_record.max(1);
-        reader.reset();
     }
 }
 
@@ -354,45 +372,19 @@ pub fn infer_csv(
     max_rows: usize,
 ) -> Vec<(String, crate::schema::Inferred)> {
     use crate::schema::Inferred;
-    let mut reader = reader(opts);
-    let mut out = vec![0u8; data.len().min(16 << 20) + 1024];
-    let mut ends = vec![0usize; 4096];
-    let mut pos = 0;
+    let mut recs = Records::new(data, opts, 64);
     let mut names: Vec<String> = Vec::new();
     let mut types: Vec<Inferred> = Vec::new();
     let mut rows = 0;
-    while pos <= data.len() && rows <= max_rows {
-        let (res, nin, nout, nend) = reader.read_record(&data[pos..], &mut out, &mut ends);
-        pos += nin;
-        match res {
-            csv_core::ReadRecordResult::Record => {}
-            csv_core::ReadRecordResult::InputEmpty if pos < data.len() => continue,
-            csv_core::ReadRecordResult::InputEmpty => {
-                // End of the sample: finish the last record, if any.
-                let (res, _, nout, nend) = reader.read_record(&[], &mut out, &mut ends);
-                if matches!(res, csv_core::ReadRecordResult::Record) && nend > 0 {
-                    take_record(
-                        &out[..nout],
-                        &ends[..nend],
-                        opts,
-                        &mut names,
-                        &mut types,
-                        rows == 0,
-                    );
-                }
-                break;
-            }
-            _ => break,
+    while rows <= max_rows {
+        let Some((start, end)) = recs.next() else {
+            break;
+        };
+        if data[start..end].iter().all(|b| matches!(b, b'\n' | b'\r')) {
+            continue;
         }
-        let _ = nout;
-        take_record(
-            &out[..nout],
-            &ends[..nend],
-            opts,
-            &mut names,
-            &mut types,
-            rows == 0,
-        );
+        let fields: Vec<&[u8]> = recs.fields().collect();
+        take_record(&fields, opts, &mut names, &mut types, rows == 0);
         rows += 1;
     }
     if !opts.header {
@@ -409,20 +401,13 @@ pub fn infer_csv(
 }
 
 fn take_record(
-    out: &[u8],
-    ends: &[usize],
+    fields: &[&[u8]],
     opts: &CsvOptions,
     names: &mut Vec<String>,
     types: &mut Vec<crate::schema::Inferred>,
     first: bool,
 ) {
     use crate::schema::Inferred;
-    let mut start = 0;
-    let mut fields = Vec::with_capacity(ends.len());
-    for &e in ends {
-        fields.push(&out[start..e]);
-        start = e;
-    }
     if first && opts.header {
         *names = fields
             .iter()
@@ -524,6 +509,15 @@ mod tests {
         assert_eq!(b.column(0).as_string::<i32>().value(1), "multi\nline");
         assert_eq!(out.rejects.len(), 1);
         assert_eq!(out.rejects[0].line, Some(4));
+    }
+
+    #[test]
+    fn blank_lines_between_quoted_records_are_skipped() {
+        let out = decode("\"a\",1\n\n\"b\",2\n\r\n\"c\",x\n");
+        assert_eq!(out.batches[0].batch.num_rows(), 2);
+        assert_eq!(out.rejects.len(), 1);
+        assert_eq!(out.rejects[0].line, Some(5));
+        assert_eq!(out.records, 3);
     }
 
     #[test]

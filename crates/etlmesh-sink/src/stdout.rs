@@ -4,6 +4,7 @@
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arrow::array::RecordBatch;
@@ -24,8 +25,11 @@ impl StdoutSink {
     /// A sink that prints rows of `schema` as `format`.
     pub fn create(format: Format, schema: SchemaRef, run_id: &str) -> Result<Self, SinkError> {
         let describe = format!("stdout:{format}");
+        // Two stdout sinks in one run each get their own spool file.
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let path = std::env::temp_dir().join(format!(
-            ".etlmesh-stdout-{run_id}-{}.tmp",
+            ".etlmesh-stdout-{run_id}-{}-{n}.tmp",
             std::process::id()
         ));
         let file = File::create(&path).map_err(|e| io_error(&describe, &path, e))?;

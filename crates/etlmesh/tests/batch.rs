@@ -318,7 +318,7 @@ fn stdin_to_stdout_and_json_arrays() {
     let s = Scratch::new();
     s.write(
         "p.yaml",
-        "pipelines:\n  p:\n    source: { type: stdin, format: json }\n    transform: SELECT upper(name) AS name, n * 2 AS n2 FROM input WHERE n > 1\n    sinks: [{ type: stdout, format: csv }]\n",
+        "pipelines:\n  p:\n    source: { type: stdin, format: json }\n    transform: SELECT upper(name) AS name, n * 2 AS n2 FROM input WHERE n > 1\n    sinks: [{ type: stdout, format: csv }, { type: stdout, format: ndjson }]\n",
     );
     let body = br#"[ {"name": "a", "n": 1}, {"name": "b", "n": 2},
       {"name": "c", "n": 3} ]"#;
@@ -335,7 +335,10 @@ fn stdin_to_stdout_and_json_arrays() {
         Some(body),
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
-    assert_eq!(text(&out.stdout), "name,n2\nB,4\nC,6\n");
+    assert_eq!(
+        text(&out.stdout),
+        "name,n2\nB,4\nC,6\n{\"name\":\"B\",\"n2\":4}\n{\"name\":\"C\",\"n2\":6}\n"
+    );
 }
 
 #[test]
