@@ -23,6 +23,26 @@ pub struct DemoArgs {
     pub dir: PathBuf,
 }
 
+/// Writes `data/iot.yaml` and a small sample for `etlmesh up --demo`; returns the file.
+pub(crate) fn prepare_mesh_demo() -> Result<PathBuf, CliError> {
+    let io = |what: &str, e: std::io::Error| CliError::Other(format!("demo: cannot {what}: {e}"));
+    std::fs::create_dir_all("data").map_err(|e| io("create data/", e))?;
+    let config = PathBuf::from("data/iot.yaml");
+    std::fs::write(&config, EXAMPLE).map_err(|e| io("write data/iot.yaml", e))?;
+    let sample =
+        std::fs::File::create("data/sample.csv").map_err(|e| io("write data/sample.csv", e))?;
+    etlmesh_datagen::generate(
+        sample,
+        &GenOptions {
+            rows: 1000,
+            bad_fraction: 0.01,
+            ..Default::default()
+        },
+    )
+    .map_err(|e| io("generate data/sample.csv", e))?;
+    Ok(config)
+}
+
 pub(crate) fn demo(args: &DemoArgs) -> Result<(), CliError> {
     let io = |what: &str, e: std::io::Error| CliError::Other(format!("demo: cannot {what}: {e}"));
     std::fs::create_dir_all(args.dir.join("data")).map_err(|e| io("create data/", e))?;

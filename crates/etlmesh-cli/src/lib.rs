@@ -3,6 +3,7 @@
 
 mod demo;
 mod generate;
+mod mesh;
 mod run;
 mod sql_diag;
 mod validate;
@@ -44,8 +45,16 @@ pub enum Command {
     Run(run::RunArgs),
     /// Write realistic IoT readings (with some bad rows) to a file or stdout.
     Generate(generate::GenerateArgs),
-    /// Try it: generate readings and run the example pipelines over them.
+    /// Try it: generate readings and run the example pipelines over them as batch jobs.
     Demo(demo::DemoArgs),
+    /// The embedded default: control plane and gateway here, workers as child processes.
+    Up(mesh::UpArgs),
+    /// An ETL worker: serves transforms, registers with the control plane.
+    Worker(mesh::WorkerArgs),
+    /// The control plane: registry of workers, endpoint streams, admin API.
+    ControlPlane(mesh::ControlArgs),
+    /// The gateway: the front door, routing requests to workers.
+    Gateway(mesh::GatewayArgs),
 }
 
 /// Errors a subcommand reports before exiting non-zero.
@@ -69,6 +78,10 @@ pub fn execute(cli: Cli) -> ExitCode {
         Command::Run(a) => run::run(&a),
         Command::Generate(a) => generate::generate(&a),
         Command::Demo(a) => demo::demo(&a),
+        Command::Up(a) => mesh::up(&a),
+        Command::Worker(a) => mesh::worker(&a),
+        Command::ControlPlane(a) => mesh::control_plane(&a),
+        Command::Gateway(a) => mesh::gateway(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,6 +1,7 @@
 //! Whole-input mode: the SQL reads every batch of a job as one streaming table with one
 //! partition per thread, and DataFusion spills past the memory limit.
 
+use std::future::Future;
 use std::sync::Arc;
 
 use arrow::array::RecordBatch;
@@ -73,6 +74,50 @@ impl Transform {
     }
 }
 
+impl Transform {
+    /// Runs whole-input SQL over a handful of batches held in memory (a request's
+    /// rows) and returns its output, with the rows that reached the SQL's state.
+    pub async fn run_all(
+        &self,
+        batches: Vec<RecordBatch>,
+    ) -> Result<(Vec<RecordBatch>, Option<u64>), EngineError> {
+        use futures::StreamExt;
+        let mut job = self.start_stream().await?;
+        let input = job.input.take().ok_or_else(|| EngineError::Execution {
+            pipeline: self.pipeline.clone(),
+            message: "internal: the stream has no input".into(),
+        })?;
+        let feed = tokio::spawn(async move {
+            for b in batches {
+                if input.send(b).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let outputs = std::mem::take(&mut job.outputs);
+        let drain = futures::future::try_join_all(outputs.into_iter().map(|mut s| async move {
+            let mut out = Vec::new();
+            while let Some(b) = s.next().await {
+                out.push(b?);
+            }
+            Ok::<_, datafusion::error::DataFusionError>(out)
+        }));
+        let drained = drain.await;
+        // A SQL that stopped early (a LIMIT) leaves the feeder waiting: release it.
+        job.close_input().await;
+        let _ = feed.await;
+        let drained = drained.map_err(|e| crate::execution_error(&self.pipeline, &e))?;
+        Ok((
+            drained
+                .into_iter()
+                .flatten()
+                .filter(|b| b.num_rows() > 0)
+                .collect(),
+            job.rows_into_state(),
+        ))
+    }
+}
+
 /// Operators that pass rows through one by one (or only move them).
 const ROW_WISE: &[&str] = &[
     "ProjectionExec",
@@ -88,8 +133,9 @@ impl StreamJob {
     /// Refuses further input: senders get an error. Call it once the outputs are
     /// drained, so that feeders blocked on a SQL that stopped reading (a LIMIT) are
     /// released.
-    pub async fn close_input(&self) {
-        self.rx.lock().await.close();
+    pub fn close_input(&self) -> impl Future<Output = ()> + Send + 'static {
+        let rx = self.rx.clone();
+        async move { rx.lock().await.close() }
     }
 
     /// After the job: how many input rows reached the first operator that needs all

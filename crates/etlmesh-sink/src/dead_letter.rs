@@ -163,6 +163,72 @@ impl DeadLetterSink {
     }
 }
 
+/// Dead letters of a long-running service (a worker): appended to one NDJSON file per
+/// pipeline and instance, flushed after every write, so they survive a crash.
+pub struct DeadLetterLog {
+    pipeline: String,
+    describe: String,
+    path: PathBuf,
+    file: Mutex<Option<BufWriter<File>>>,
+    count: AtomicU64,
+}
+
+impl DeadLetterLog {
+    /// Creates the directory; the file appears with the first dead letter.
+    pub fn open(spec: &DeadLetterSpec, pipeline: &str, instance: &str) -> Result<Self, SinkError> {
+        let describe = format!("dead_letter:{}", spec.path.display());
+        std::fs::create_dir_all(&spec.path).map_err(|e| io_error(&describe, &spec.path, e))?;
+        Ok(Self {
+            pipeline: pipeline.to_string(),
+            describe,
+            path: spec.path.join(format!("dead-{pipeline}-{instance}.ndjson")),
+            file: Mutex::new(None),
+            count: AtomicU64::new(0),
+        })
+    }
+
+    /// The file.
+    pub fn path(&self) -> &PathBuf {
+        &self.path
+    }
+
+    /// Dead letters written.
+    pub fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    /// Appends rejects and flushes.
+    pub fn write(&self, rejects: &[Reject]) -> Result<(), SinkError> {
+        if rejects.is_empty() {
+            return Ok(());
+        }
+        let mut guard = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        if guard.is_none() {
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.path)
+                .map_err(|e| io_error(&self.describe, &self.path, e))?;
+            *guard = Some(BufWriter::new(f));
+        }
+        let Some(w) = guard.as_mut() else {
+            return Ok(());
+        };
+        let mut buf = Vec::new();
+        for r in rejects {
+            serde_json::to_writer(&mut buf, &DeadLetter::of(&self.pipeline, r))
+                .map_err(|e| io_error(&self.describe, &self.path, e.into()))?;
+            buf.push(b'\n');
+        }
+        w.write_all(&buf)
+            .and_then(|()| w.flush())
+            .map_err(|e| io_error(&self.describe, &self.path, e))?;
+        self.count
+            .fetch_add(rejects.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

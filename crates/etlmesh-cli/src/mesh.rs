@@ -1,0 +1,239 @@
+//! The mesh's processes: `etlmesh worker`, `control-plane`, `gateway` and `up`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use etlmesh_config::PipelineFile;
+
+use crate::{CliError, runtime};
+
+/// Completes on SIGTERM or SIGINT (Ctrl-C).
+pub(crate) async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let term = async {
+        match signal(SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = term => tracing::info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupt received"),
+    }
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    etlmesh_config::units::parse_duration(s)
+}
+
+/// Arguments of `worker`.
+#[derive(Debug, clap::Args)]
+pub struct WorkerArgs {
+    /// The pipeline file.
+    #[arg(short, long = "config", value_name = "FILE")]
+    pub config: PathBuf,
+    /// Where to listen (port 0: any free port).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub listen: SocketAddr,
+    /// The control plane to register with (`http://host:port`); standalone without.
+    #[arg(long, env = "ETLMESH_CONTROL_PLANE")]
+    pub control_plane: Option<String>,
+    /// The worker's id (default: worker-<pid>).
+    #[arg(long)]
+    pub id: Option<String>,
+    /// The address gateways use (default: from --listen).
+    #[arg(long)]
+    pub advertise: Option<String>,
+    /// Requests served at once; more get 503.
+    #[arg(long, default_value_t = 64)]
+    pub max_in_flight: usize,
+    /// Worker threads (default: the file's platform.threads, else one per core).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Fault injection: latency added to every transform (`50ms`).
+    #[arg(long, value_parser = duration)]
+    pub inject_latency: Option<Duration>,
+}
+
+pub(crate) fn worker(args: &WorkerArgs) -> Result<(), CliError> {
+    let file = PipelineFile::load(&args.config)?;
+    let id = args
+        .id
+        .clone()
+        .unwrap_or_else(|| format!("worker-{}", std::process::id()));
+    let mut opts = etlmesh_worker::WorkerOptions::new(id, args.listen);
+    opts.control_plane = args.control_plane.clone();
+    opts.advertise = args.advertise.clone();
+    opts.max_in_flight = args.max_in_flight.max(1);
+    opts.inject_latency = args.inject_latency;
+    let threads = args
+        .threads
+        .unwrap_or_else(|| file.spec.platform.effective_threads());
+    let rt = runtime(threads)?;
+    rt.block_on(etlmesh_worker::run(file, opts, shutdown_signal()))
+        .map_err(|e| CliError::Other(e.to_string()))
+}
+
+/// Arguments of `control-plane`.
+#[derive(Debug, clap::Args)]
+pub struct ControlArgs {
+    /// Where to listen.
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    pub listen: SocketAddr,
+    /// A worker silent for this long is removed.
+    #[arg(long, default_value = "2500ms", value_parser = duration)]
+    pub heartbeat_timeout: Duration,
+}
+
+pub(crate) fn control_plane(args: &ControlArgs) -> Result<(), CliError> {
+    let rt = runtime(2)?;
+    rt.block_on(async {
+        let mut opts = etlmesh_control::ControlOptions::new(args.listen);
+        opts.heartbeat_timeout = args.heartbeat_timeout;
+        let bound = etlmesh_control::bind(&opts).await?;
+        bound.serve(shutdown_signal()).await
+    })
+    .map_err(|e| CliError::Other(e.to_string()))
+}
+
+/// Arguments of `gateway`.
+#[derive(Debug, clap::Args)]
+pub struct GatewayArgs {
+    /// Where to listen for HTTP.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// The control plane (`http://host:port`).
+    #[arg(
+        long,
+        env = "ETLMESH_CONTROL_PLANE",
+        default_value = "http://127.0.0.1:7070"
+    )]
+    pub control_plane: String,
+    /// Threads (default: one per core).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    #[command(flatten)]
+    pub tuning: GatewayTuning,
+}
+
+/// Gateway settings shared by `gateway` and `up`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct GatewayTuning {
+    /// The largest request body, in bytes.
+    #[arg(long, default_value_t = 64 << 20)]
+    pub max_body_bytes: usize,
+    /// Bodies up to this size are kept for a retry, in bytes.
+    #[arg(long, default_value_t = 4 << 20)]
+    pub retry_buffer_bytes: usize,
+    /// Deadline of requests that ask for none.
+    #[arg(long, default_value = "10s", value_parser = duration)]
+    pub default_deadline: Duration,
+    /// Requests held for a worker before new ones get 503.
+    #[arg(long, default_value_t = 256)]
+    pub queue: usize,
+    /// Requests in flight to one worker at most.
+    #[arg(long, default_value_t = 64)]
+    pub endpoint_concurrency: usize,
+}
+
+impl GatewayTuning {
+    fn apply(&self, o: &mut etlmesh_gateway::GatewayOptions) {
+        o.max_body_bytes = self.max_body_bytes;
+        o.retry_buffer_bytes = self.retry_buffer_bytes.min(self.max_body_bytes);
+        o.default_deadline = self.default_deadline;
+        o.route.queue = self.queue.max(1);
+        o.route.endpoint_concurrency = self.endpoint_concurrency.max(1);
+    }
+}
+
+fn threads_default() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get())
+}
+
+pub(crate) fn gateway(args: &GatewayArgs) -> Result<(), CliError> {
+    let rt = runtime(args.threads.unwrap_or_else(threads_default))?;
+    rt.block_on(async {
+        let mut opts =
+            etlmesh_gateway::GatewayOptions::new(args.listen, args.control_plane.clone());
+        args.tuning.apply(&mut opts);
+        let bound = etlmesh_gateway::bind(opts).await?;
+        bound.serve(shutdown_signal()).await
+    })
+    .map_err(|e| CliError::Other(e.to_string()))
+}
+
+/// Arguments of `up`.
+#[derive(Debug, clap::Args)]
+pub struct UpArgs {
+    /// The pipeline file (or --demo).
+    #[arg(
+        short,
+        long = "config",
+        value_name = "FILE",
+        required_unless_present = "demo"
+    )]
+    pub config: Option<PathBuf>,
+    /// Run the demo pipelines built into the binary, with a sample to send.
+    #[arg(long)]
+    pub demo: bool,
+    /// Workers to run.
+    #[arg(long, default_value_t = 2)]
+    pub workers: usize,
+    /// The gateway's HTTP address.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub http: SocketAddr,
+    /// The control plane's address (admin API).
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    pub admin: SocketAddr,
+    /// Extra arguments for every worker (for example `--inject-latency=5ms`).
+    #[arg(long = "worker-arg", allow_hyphen_values = true)]
+    pub worker_args: Vec<String>,
+    #[command(flatten)]
+    pub tuning: GatewayTuning,
+}
+
+pub(crate) fn up(args: &UpArgs) -> Result<(), CliError> {
+    let config = match (&args.config, args.demo) {
+        (Some(c), _) => c.clone(),
+        (None, _) => crate::demo::prepare_mesh_demo()?,
+    };
+    // Fail early, with line numbers, if the file is wrong.
+    PipelineFile::load(&config)?;
+    let exe = std::env::current_exe()
+        .map_err(|e| CliError::Other(format!("cannot find the etlmesh executable: {e}")))?;
+    let mut gw = etlmesh_gateway::GatewayOptions::new(args.http, String::new());
+    args.tuning.apply(&mut gw);
+    let options = etlmesh_up::UpOptions {
+        config,
+        workers: args.workers.max(1),
+        http: args.http,
+        admin: args.admin,
+        exe,
+        worker_args: args.worker_args.clone(),
+        gateway: Some(gw),
+    };
+    let demo = args.demo;
+    let rt = runtime(threads_default())?;
+    rt.block_on(etlmesh_up::run(
+        options,
+        move |urls| {
+            eprintln!("etlmesh is up");
+            eprintln!("  gateway        {}/v1/pipelines", urls.gateway);
+            eprintln!("  control plane  {}/api/v1/workers", urls.admin);
+            eprintln!("  metrics        {}/metrics  {}/metrics", urls.gateway, urls.admin);
+            if demo {
+                eprintln!("try:");
+                eprintln!(
+                    "  curl -s -H 'Content-Type: text/csv' -H 'Accept: application/x-ndjson' --data-binary @data/sample.csv {}/v1/pipelines/clean_readings | head -3",
+                    urls.gateway
+                );
+            }
+            eprintln!("Ctrl-C stops it (workers drain first).");
+        },
+        shutdown_signal(),
+    ))
+    .map_err(|e| CliError::Other(e.to_string()))
+}

@@ -1,0 +1,104 @@
+//! The control plane: `etlmesh control-plane`.
+//!
+//! It keeps the registry of workers ([`registry::Registry`]): what each serves, its
+//! state (ready, draining) and load, and when it last reported. A worker whose
+//! heartbeats stop is removed after `heartbeat_timeout` (2.5 s by default). Gateways
+//! follow the endpoint set through `GET /v1/endpoints/watch`, one long-lived response
+//! of NDJSON events: never polling. The admin API serves the workers, the pipelines
+//! and health as JSON; `/metrics` serves Prometheus metrics.
+
+mod api;
+pub mod registry;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+
+pub use api::router;
+pub use registry::Registry;
+
+/// Errors that stop the control plane.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// It cannot listen.
+    #[error(
+        "control plane: cannot listen on {addr}: {error}\n  help: choose a free port with --listen"
+    )]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// The error.
+        error: std::io::Error,
+    },
+    /// Serving failed.
+    #[error("control plane: {0}")]
+    Serve(String),
+}
+
+/// How the control plane runs.
+#[derive(Debug, Clone)]
+pub struct ControlOptions {
+    /// Where it listens.
+    pub listen: SocketAddr,
+    /// A worker silent for this long is removed.
+    pub heartbeat_timeout: Duration,
+}
+
+impl ControlOptions {
+    /// Defaults for `listen`.
+    pub fn new(listen: SocketAddr) -> Self {
+        Self {
+            listen,
+            heartbeat_timeout: Duration::from_millis(2500),
+        }
+    }
+}
+
+/// A control plane listening on a socket: its address and registry.
+pub struct Bound {
+    /// The address it listens on.
+    pub addr: SocketAddr,
+    /// Its registry.
+    pub registry: Arc<Registry>,
+    listener: TcpListener,
+}
+
+/// Binds the control plane's socket (so that callers learn the port before serving).
+pub async fn bind(options: &ControlOptions) -> Result<Bound, ControlError> {
+    let listener =
+        TcpListener::bind(options.listen)
+            .await
+            .map_err(|error| ControlError::Listen {
+                addr: options.listen,
+                error,
+            })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| ControlError::Serve(e.to_string()))?;
+    let registry = Arc::new(Registry::new(options.heartbeat_timeout));
+    Ok(Bound {
+        addr,
+        registry,
+        listener,
+    })
+}
+
+impl Bound {
+    /// Serves until `shutdown` completes.
+    pub async fn serve(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ControlError> {
+        let reaper = tokio::spawn(registry::reap_forever(self.registry.clone()));
+        tracing::info!(addr = %self.addr, "control plane listening on http://{}", self.addr);
+        let result = axum::serve(self.listener, router(self.registry))
+            .with_graceful_shutdown(shutdown)
+            .await
+            .map_err(|e| ControlError::Serve(e.to_string()));
+        reaper.abort();
+        result
+    }
+}

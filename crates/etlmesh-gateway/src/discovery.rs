@@ -1,0 +1,238 @@
+//! Following the control plane's endpoint set (`GET /v1/endpoints/watch`, NDJSON
+//! events) and keeping every pipeline's route in step. While the control plane is
+//! unreachable the last known set stays in use, and the gateway reconnects with backoff.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use etlmesh_proto::{Endpoint as EndpointInfo, EndpointEvent, PipelineInfo, WorkerState};
+use http_body_util::BodyExt;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use tokio::sync::watch;
+
+use crate::accrual::OnEject;
+use crate::endpoint::{Endpoint, H2Client};
+use crate::metrics::{GatewayMetrics, PipelineLabels, WorkerLabels};
+use crate::route::{Route, RouteOptions};
+
+/// A line must arrive this often (the control plane sends keepalives every 3 s).
+const SILENCE: Duration = Duration::from_secs(10);
+
+/// Every pipeline's route, and the endpoints behind them.
+pub struct Routes {
+    inner: Mutex<Inner>,
+    client: H2Client,
+    options: RouteOptions,
+    metrics: GatewayMetrics,
+}
+
+#[derive(Default)]
+struct Inner {
+    routes: HashMap<String, Arc<Route>>,
+    endpoints: HashMap<String, EndpointInfo>,
+}
+
+impl Routes {
+    /// No route yet.
+    pub fn new(client: H2Client, options: RouteOptions, metrics: GatewayMetrics) -> Self {
+        Self {
+            inner: Mutex::default(),
+            client,
+            options,
+            metrics,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The route of a pipeline, if any worker ever served it.
+    pub fn get(&self, pipeline: &str) -> Option<Arc<Route>> {
+        self.lock().routes.get(pipeline).cloned()
+    }
+
+    /// Pipelines known, with what workers say about them and their ready workers.
+    pub fn pipelines(&self) -> Vec<(PipelineInfo, usize)> {
+        let inner = self.lock();
+        let mut out: Vec<(PipelineInfo, usize)> = Vec::new();
+        let mut names: Vec<&String> = inner.routes.keys().collect();
+        names.sort();
+        for name in names {
+            let info = inner
+                .endpoints
+                .values()
+                .flat_map(|e| e.pipelines.iter())
+                .find(|p| &p.name == name)
+                .cloned()
+                .unwrap_or_else(|| PipelineInfo {
+                    name: name.clone(),
+                    description: None,
+                    input_schema: None,
+                    output_schema: None,
+                });
+            out.push((info, inner.routes.get(name).map_or(0, |r| r.ready())));
+        }
+        out
+    }
+
+    fn on_eject(&self) -> OnEject {
+        let m = self.metrics.ejections.clone();
+        Arc::new(move |worker: &str, _| {
+            m.get_or_create(&WorkerLabels {
+                worker: worker.to_string(),
+            })
+            .inc();
+        })
+    }
+
+    fn publish_gauges(&self, inner: &Inner) {
+        for (name, r) in &inner.routes {
+            self.metrics
+                .endpoints
+                .get_or_create(&PipelineLabels {
+                    pipeline: name.clone(),
+                })
+                .set(r.ready() as i64);
+        }
+    }
+
+    /// Applies an event.
+    pub fn apply(&self, ev: EndpointEvent) {
+        match ev {
+            EndpointEvent::Snapshot { endpoints } => {
+                let known: Vec<String> = self.lock().endpoints.keys().cloned().collect();
+                for id in known {
+                    if !endpoints.iter().any(|e| e.id == id) {
+                        self.remove(&id);
+                    }
+                }
+                for e in endpoints {
+                    self.upsert(e);
+                }
+            }
+            EndpointEvent::Upsert { endpoint } => self.upsert(endpoint),
+            EndpointEvent::Remove { id } => self.remove(&id),
+            EndpointEvent::Keepalive => {}
+        }
+    }
+
+    fn upsert(&self, e: EndpointInfo) {
+        let mut inner = self.lock();
+        if let Some(old) = inner.endpoints.get(&e.id)
+            && old.address != e.address
+        {
+            for r in inner.routes.values() {
+                r.remove(&e.id);
+            }
+        }
+        for p in &e.pipelines {
+            if !inner.routes.contains_key(&p.name) {
+                inner
+                    .routes
+                    .insert(p.name.clone(), Arc::new(Route::new(&p.name, self.options)));
+            }
+        }
+        for r in inner.routes.values() {
+            let serves = e.pipelines.iter().any(|p| *p.name == *r.pipeline);
+            if serves && e.state == WorkerState::Ready {
+                if !r.contains(&e.id) {
+                    r.insert(
+                        Endpoint::new(&e.id, &e.address, self.client.clone()),
+                        self.on_eject(),
+                    );
+                    tracing::info!(pipeline = %r.pipeline, worker = %e.id, address = %e.address, "endpoint added");
+                }
+            } else if r.contains(&e.id) {
+                r.remove(&e.id);
+                tracing::info!(pipeline = %r.pipeline, worker = %e.id, state = ?e.state, "endpoint removed");
+            }
+        }
+        inner.endpoints.insert(e.id.clone(), e);
+        self.publish_gauges(&inner);
+    }
+
+    fn remove(&self, id: &str) {
+        let mut inner = self.lock();
+        inner.endpoints.remove(id);
+        for r in inner.routes.values() {
+            if r.contains(id) {
+                r.remove(id);
+                tracing::info!(pipeline = %r.pipeline, worker = %id, "endpoint removed");
+            }
+        }
+        self.publish_gauges(&inner);
+    }
+}
+
+/// Follows the control plane forever; `connected` says whether the stream is up.
+pub async fn follow(control_plane: String, routes: Arc<Routes>, connected: watch::Sender<bool>) {
+    let client: Client<_, http_body_util::Empty<bytes::Bytes>> =
+        Client::builder(TokioExecutor::new()).build_http();
+    let url = format!("{}/v1/endpoints/watch", control_plane.trim_end_matches('/'));
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match watch_once(&client, &url, &routes, &connected).await {
+            Ok(()) => tracing::warn!(url = %url, "the endpoint stream ended; reconnecting"),
+            Err(e) => {
+                tracing::warn!(url = %url, error = %e, "cannot follow the control plane; retrying in {backoff:?} with the last known endpoints")
+            }
+        }
+        connected.send_replace(false);
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+async fn watch_once(
+    client: &Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        http_body_util::Empty<bytes::Bytes>,
+    >,
+    url: &str,
+    routes: &Routes,
+    connected: &watch::Sender<bool>,
+) -> Result<(), String> {
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|e| format!("bad control plane URL: {e}"))?;
+    let resp = tokio::time::timeout(Duration::from_secs(3), client.get(uri))
+        .await
+        .map_err(|_| "no answer within 3s".to_string())?
+        .map_err(|e| e.to_string())?;
+    if !resp.status().is_success() {
+        return Err(format!("status {}", resp.status()));
+    }
+    let mut body = resp.into_body();
+    let mut buf = BytesMut::new();
+    loop {
+        let frame = tokio::time::timeout(SILENCE, body.frame())
+            .await
+            .map_err(|_| format!("no event for {SILENCE:?}"))?;
+        let Some(frame) = frame else { return Ok(()) };
+        let frame = frame.map_err(|e| e.to_string())?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        buf.extend_from_slice(&data);
+        while let Some(nl) = buf.iter().position(|&b| b == b'\n') {
+            let line = buf.split_to(nl + 1);
+            buf.advance(0);
+            match serde_json::from_slice::<EndpointEvent>(&line[..nl]) {
+                Ok(ev) => {
+                    if matches!(ev, EndpointEvent::Snapshot { .. }) {
+                        connected.send_replace(true);
+                    }
+                    routes.apply(ev);
+                }
+                Err(e) => tracing::warn!(error = %e, "ignoring a malformed endpoint event"),
+            }
+        }
+        if buf.len() > 16 << 20 {
+            return Err("an endpoint event is over 16 MiB".into());
+        }
+    }
+}

@@ -1,0 +1,149 @@
+//! One worker as a tower service: a request to `POST /v1/transform/{pipeline}` over
+//! a shared HTTP/2 client (one multiplexed connection per worker).
+
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use http::{HeaderMap, Request, Response, Uri};
+use http_body_util::BodyExt;
+use http_body_util::combinators::UnsyncBoxBody;
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use tower::{BoxError, Service};
+
+/// A request body the gateway streams to a worker.
+pub type StreamBody = UnsyncBoxBody<Bytes, BoxError>;
+
+/// What a request carries to a worker.
+pub enum Payload {
+    /// Held whole: may be sent again on a retry.
+    Buffered(Bytes),
+    /// Streamed through once: no retry.
+    Streaming(Mutex<Option<StreamBody>>),
+}
+
+/// A transform request on its way to some worker.
+pub struct WorkerRequest {
+    /// The pipeline.
+    pub pipeline: Arc<str>,
+    /// Headers passed on (content type, accept, deadline, trace context).
+    pub headers: HeaderMap,
+    /// The body.
+    pub payload: Payload,
+    /// Attempts so far.
+    pub attempt: u32,
+    /// When the client stops waiting; workers get the time left.
+    pub deadline: tokio::time::Instant,
+}
+
+impl WorkerRequest {
+    /// A copy for a retry, when the body was buffered.
+    pub fn try_clone(&self) -> Option<Self> {
+        match &self.payload {
+            Payload::Buffered(b) => Some(Self {
+                pipeline: self.pipeline.clone(),
+                headers: self.headers.clone(),
+                payload: Payload::Buffered(b.clone()),
+                attempt: self.attempt,
+                deadline: self.deadline,
+            }),
+            Payload::Streaming(_) => None,
+        }
+    }
+
+    fn body(&self) -> StreamBody {
+        match &self.payload {
+            Payload::Buffered(b) => http_body_util::Full::new(b.clone())
+                .map_err(|e| match e {})
+                .boxed_unsync(),
+            Payload::Streaming(s) => s
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take()
+                .unwrap_or_else(|| {
+                    http_body_util::Empty::new()
+                        .map_err(|e| match e {})
+                        .boxed_unsync()
+                }),
+        }
+    }
+}
+
+/// The HTTP/2 client shared by every endpoint.
+pub type H2Client = Client<HttpConnector, StreamBody>;
+
+/// A client speaking HTTP/2 with prior knowledge (h2c).
+pub fn h2_client() -> H2Client {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(std::time::Duration::from_secs(2)));
+    Client::builder(TokioExecutor::new())
+        .timer(hyper_util::rt::TokioTimer::new())
+        .http2_only(true)
+        .http2_keep_alive_interval(std::time::Duration::from_secs(10))
+        .http2_keep_alive_while_idle(true)
+        .build(connector)
+}
+
+/// One worker.
+#[derive(Clone)]
+pub struct Endpoint {
+    /// The worker's id.
+    pub id: Arc<str>,
+    base: Arc<str>,
+    client: H2Client,
+}
+
+impl Endpoint {
+    /// The worker `id` at `address` (`http://host:port`).
+    pub fn new(id: &str, address: &str, client: H2Client) -> Self {
+        Self {
+            id: Arc::from(id),
+            base: Arc::from(address.trim_end_matches('/')),
+            client,
+        }
+    }
+}
+
+/// A worker's answer, with the worker's id.
+pub struct WorkerResponse {
+    /// The response; its body streams from the worker.
+    pub response: Response<Incoming>,
+    /// Which worker answered.
+    pub worker: Arc<str>,
+}
+
+impl Service<WorkerRequest> for Endpoint {
+    type Response = WorkerResponse;
+    type Error = BoxError;
+    type Future = BoxFuture<'static, Result<WorkerResponse, BoxError>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: WorkerRequest) -> Self::Future {
+        let uri: Result<Uri, _> = format!("{}/v1/transform/{}", self.base, req.pipeline).parse();
+        let client = self.client.clone();
+        let worker = self.id.clone();
+        let body = req.body();
+        let mut headers = req.headers;
+        let left = req
+            .deadline
+            .saturating_duration_since(tokio::time::Instant::now());
+        headers.insert(
+            etlmesh_proto::headers::DEADLINE_MS,
+            (left.as_millis() as u64).into(),
+        );
+        Box::pin(async move {
+            let mut r = Request::post(uri?).body(body)?;
+            *r.headers_mut() = headers;
+            let response = client.request(r).await?;
+            Ok(WorkerResponse { response, worker })
+        })
+    }
+}

@@ -1,0 +1,382 @@
+//! The HTTP front door: `POST /v1/pipelines/{name}`, `GET /v1/pipelines`, `/healthz`,
+//! `/readyz`, `/metrics`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::response::Response;
+use etlmesh_config::Format;
+use etlmesh_http::{error_response, json_response};
+use etlmesh_proto::headers;
+use etlmesh_telemetry::TraceContext;
+use http::{HeaderMap, HeaderValue, StatusCode, header};
+use http_body_util::{BodyExt, Limited};
+use tower::{BoxError, ServiceExt};
+use tracing::Instrument;
+
+use crate::Gateway;
+use crate::endpoint::{Payload, WorkerRequest, WorkerResponse};
+use crate::metrics::{EndpointLabels, PipelineLabels, RecordLabels, RequestLabels};
+use crate::route::RetryPolicy;
+
+const FORMATS: &str = "text/csv, application/x-ndjson, application/json, application/vnd.apache.parquet or application/vnd.apache.arrow.stream";
+
+/// Query parameters of a transform request.
+#[derive(Debug, Default, serde::Deserialize)]
+pub struct TransformQuery {
+    /// The deadline, in milliseconds (also `etlmesh-timeout-ms`).
+    pub timeout_ms: Option<u64>,
+}
+
+pub(crate) async fn healthz() -> Response {
+    json_response(&serde_json::json!({ "status": "ok" }))
+}
+
+pub(crate) async fn readyz(State(gw): State<Arc<Gateway>>) -> Response {
+    let connected = *gw.connected.borrow();
+    let ready: usize = gw.routes.pipelines().iter().map(|(_, n)| *n).sum();
+    if connected {
+        json_response(
+            &serde_json::json!({ "status": "ready", "control_plane": true, "ready_endpoints": ready }),
+        )
+    } else {
+        error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_ready",
+            "the gateway has not received the endpoint set from the control plane yet",
+            None,
+        )
+    }
+}
+
+pub(crate) async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {
+    etlmesh_http::metrics_response(etlmesh_telemetry::metrics::render(&gw.registry))
+}
+
+pub(crate) async fn list(State(gw): State<Arc<Gateway>>) -> Response {
+    let list: Vec<serde_json::Value> = gw
+        .routes
+        .pipelines()
+        .into_iter()
+        .map(|(info, ready)| {
+            let mut v = serde_json::to_value(&info).unwrap_or_default();
+            if let Some(o) = v.as_object_mut() {
+                o.insert("ready_workers".into(), ready.into());
+            }
+            v
+        })
+        .collect();
+    json_response(&list)
+}
+
+pub(crate) async fn transform(
+    State(gw): State<Arc<Gateway>>,
+    Path(name): Path<String>,
+    Query(q): Query<TransformQuery>,
+    req_headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let started = Instant::now();
+    let parent = req_headers
+        .get(headers::TRACEPARENT)
+        .and_then(|v| v.to_str().ok());
+    let trace = TraceContext::from_header_or_new(parent);
+    let trace_id = trace.trace_id_hex();
+    let span = tracing::info_span!("request", pipeline = %name, trace_id = %trace_id);
+    let known = gw.routes.get(&name).is_some();
+    let label = PipelineLabels {
+        pipeline: if known {
+            name.clone()
+        } else {
+            "unknown".into()
+        },
+    };
+    let in_flight = gw.metrics.in_flight.get_or_create(&label).clone();
+    in_flight.inc();
+    let mut resp = route(&gw, &name, q, req_headers, body, trace)
+        .instrument(span.clone())
+        .await;
+    in_flight.dec();
+    let code = resp.status().as_u16();
+    gw.metrics
+        .requests
+        .get_or_create(&RequestLabels {
+            pipeline: label.pipeline.clone(),
+            code,
+        })
+        .inc();
+    gw.metrics
+        .latency
+        .get_or_create(&label)
+        .observe(started.elapsed().as_secs_f64());
+    let h = resp.headers_mut();
+    if !h.contains_key(headers::TRACE_ID)
+        && let Ok(v) = HeaderValue::from_str(&trace_id)
+    {
+        h.insert(headers::TRACE_ID, v);
+    }
+    if code >= 500 {
+        span.in_scope(|| {
+            tracing::warn!(
+                status = code,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "request failed"
+            )
+        });
+    }
+    resp
+}
+
+fn deadline(gw: &Gateway, q: &TransformQuery, h: &HeaderMap) -> Duration {
+    let asked = q.timeout_ms.or_else(|| {
+        h.get(headers::TIMEOUT_MS)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+    });
+    asked
+        .map_or(gw.options.default_deadline, Duration::from_millis)
+        .min(gw.options.max_deadline)
+}
+
+async fn route(
+    gw: &Arc<Gateway>,
+    name: &str,
+    q: TransformQuery,
+    h: HeaderMap,
+    body: Body,
+    trace: TraceContext,
+) -> Response {
+    let tid = Some(trace.trace_id_hex());
+    let Some(route) = gw.routes.get(name) else {
+        let names: Vec<String> = gw
+            .routes
+            .pipelines()
+            .into_iter()
+            .map(|(i, _)| i.name)
+            .collect();
+        return error_response(
+            StatusCode::NOT_FOUND,
+            "unknown_pipeline",
+            format!(
+                "no pipeline named `{name}`; the mesh serves: {}",
+                if names.is_empty() {
+                    "nothing yet".into()
+                } else {
+                    names.join(", ")
+                }
+            ),
+            tid,
+        );
+    };
+    if route.ready() == 0 {
+        return no_worker(name, tid);
+    }
+    let ct = h.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
+    if ct.and_then(Format::from_content_type).is_none() {
+        return error_response(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            format!(
+                "set Content-Type to one of {FORMATS} (got {})",
+                ct.unwrap_or("none")
+            ),
+            tid,
+        );
+    }
+    let max = gw.options.max_body_bytes;
+    let length = h
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if length.is_some_and(|l| l > max) {
+        return too_large(max, tid);
+    }
+    let payload = match length {
+        Some(l) if l <= gw.options.retry_buffer_bytes => {
+            match Limited::new(body, max).collect().await {
+                Ok(b) => Payload::Buffered(b.to_bytes()),
+                Err(e) if e.is::<http_body_util::LengthLimitError>() => return too_large(max, tid),
+                Err(_) => {
+                    return error_response(
+                        StatusCode::BAD_REQUEST,
+                        "bad_body",
+                        "the body could not be read",
+                        tid,
+                    );
+                }
+            }
+        }
+        _ => streaming(body, max),
+    };
+    let mut out = HeaderMap::new();
+    for k in [header::CONTENT_TYPE, header::ACCEPT, header::CONTENT_LENGTH] {
+        if let Some(v) = h.get(&k) {
+            out.insert(k, v.clone());
+        }
+    }
+    if let Ok(v) = HeaderValue::from_str(&trace.child().header()) {
+        out.insert(headers::TRACEPARENT, v);
+    }
+    let timeout = deadline(gw, &q, &h);
+    let deadline = tokio::time::Instant::now() + timeout;
+    let req = WorkerRequest {
+        pipeline: route.pipeline.clone(),
+        headers: out,
+        payload,
+        attempt: 0,
+        deadline,
+    };
+    RetryPolicy::deposit(&gw.budget);
+    let pipeline = name.to_string();
+    let metrics = gw.metrics.clone();
+    let policy = RetryPolicy {
+        budget: gw.budget.clone(),
+        left: gw.options.max_retries,
+        on_retry: Arc::new(move |granted| {
+            let l = PipelineLabels {
+                pipeline: pipeline.clone(),
+            };
+            if granted {
+                metrics.retries.get_or_create(&l).inc();
+            } else {
+                metrics.budget_exhausted.get_or_create(&l).inc();
+            }
+        }),
+    };
+    let call = send(policy, route.service.clone(), req);
+    // Requests waiting for a worker fail fast once none is left for a while.
+    let mut ready = route.watch_ready();
+    let gone = async {
+        loop {
+            if ready.wait_for(|n| *n == 0).await.is_err() {
+                return futures::future::pending().await;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            if *ready.borrow() == 0 {
+                return;
+            }
+        }
+    };
+    let result = tokio::select! {
+        r = tokio::time::timeout(timeout, call) => r,
+        () = gone => return no_worker(name, tid),
+    };
+    match result {
+        Err(_) => error_response(
+            StatusCode::GATEWAY_TIMEOUT,
+            "deadline_exceeded",
+            format!(
+                "no answer within the deadline of {} ms; give a longer one with `etlmesh-timeout-ms`, or send fewer records",
+                timeout.as_millis()
+            ),
+            tid,
+        ),
+        Ok(Err(e)) if e.is::<tower::load_shed::error::Overloaded>() => {
+            gw.metrics
+                .shed
+                .get_or_create(&PipelineLabels {
+                    pipeline: name.to_string(),
+                })
+                .inc();
+            error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "overloaded",
+                format!(
+                    "every worker of `{name}` is busy and the queue is full; retry after the Retry-After delay"
+                ),
+                tid,
+            )
+        }
+        Ok(Err(e)) => error_response(
+            StatusCode::BAD_GATEWAY,
+            "worker_unreachable",
+            format!("the workers of `{name}` could not be reached ({e}); retry later"),
+            tid,
+        ),
+        Ok(Ok(r)) => relay(gw, name, r),
+    }
+}
+
+/// The request through retries and the route, as a boxed future: naming the type here
+/// keeps the handler's future provably `Send`.
+fn send(
+    policy: RetryPolicy,
+    service: crate::route::RouteService,
+    req: WorkerRequest,
+) -> futures::future::BoxFuture<'static, Result<WorkerResponse, BoxError>> {
+    Box::pin(tower::retry::Retry::new(policy, service).oneshot(req))
+}
+
+/// A body passed through once, cut at `max` bytes.
+fn streaming(body: Body, max: usize) -> Payload {
+    fn boxed(e: Box<dyn std::error::Error + Send + Sync>) -> BoxError {
+        e
+    }
+    Payload::Streaming(std::sync::Mutex::new(Some(
+        Limited::new(body, max).map_err(boxed).boxed_unsync(),
+    )))
+}
+
+fn no_worker(name: &str, tid: Option<String>) -> Response {
+    error_response(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "no_ready_worker",
+        format!("no worker of `{name}` is ready; retry after the Retry-After delay"),
+        tid,
+    )
+}
+
+fn too_large(max: usize, tid: Option<String>) -> Response {
+    error_response(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "payload_too_large",
+        format!(
+            "the body is over the gateway's limit of {max} bytes; split it into smaller requests"
+        ),
+        tid,
+    )
+}
+
+fn count(h: &HeaderMap, name: &str) -> u64 {
+    h.get(name)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Passes a worker's answer on, body streaming.
+fn relay(gw: &Gateway, name: &str, r: WorkerResponse) -> Response {
+    let (parts, body) = r.response.into_parts();
+    let code = parts.status.as_u16();
+    gw.metrics
+        .endpoint_requests
+        .get_or_create(&EndpointLabels {
+            pipeline: name.to_string(),
+            worker: r.worker.to_string(),
+            code,
+        })
+        .inc();
+    for (outcome, h) in [
+        ("in", headers::RECORDS_IN),
+        ("out", headers::RECORDS_OUT),
+        ("filtered", headers::RECORDS_FILTERED),
+        ("dead_lettered", headers::RECORDS_DEAD_LETTERED),
+    ] {
+        let n = count(&parts.headers, h);
+        if n > 0 {
+            gw.metrics
+                .records
+                .get_or_create(&RecordLabels {
+                    pipeline: name.to_string(),
+                    outcome,
+                })
+                .inc_by(n);
+        }
+    }
+    let mut resp = Response::new(Body::new(body));
+    *resp.status_mut() = parts.status;
+    *resp.headers_mut() = parts.headers;
+    resp
+}

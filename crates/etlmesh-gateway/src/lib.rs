@@ -1,0 +1,167 @@
+//! The gateway: `etlmesh gateway`, the front door of the mesh.
+//!
+//! It follows the control plane's endpoint set ([`discovery`]) and routes each
+//! request to a worker that serves its pipeline ([`route`]): power of two choices over
+//! peak-EWMA load, a concurrency limit and failure accrual per worker ([`accrual`]), a
+//! bounded queue that sheds load with 503 and Retry-After, retries on another worker
+//! under a budget when the body was kept, and a deadline on every request. It does not
+//! decode: the body streams to the worker, and the answer streams back ([`http`]).
+
+pub mod accrual;
+pub mod discovery;
+pub mod endpoint;
+mod http;
+mod metrics;
+pub mod route;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tower::retry::budget::TpsBudget;
+
+pub use route::RouteOptions;
+
+/// Errors that stop the gateway.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    /// It cannot listen.
+    #[error("gateway: cannot listen on {addr}: {error}\n  help: choose a free port with --listen")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// The error.
+        error: std::io::Error,
+    },
+    /// Serving failed.
+    #[error("gateway: {0}")]
+    Serve(String),
+}
+
+/// How the gateway runs.
+#[derive(Debug, Clone)]
+pub struct GatewayOptions {
+    /// The HTTP listener.
+    pub listen: SocketAddr,
+    /// The control plane (`http://host:port`).
+    pub control_plane: String,
+    /// The largest request body.
+    pub max_body_bytes: usize,
+    /// Bodies up to this size are kept, so that a failed request can be retried.
+    pub retry_buffer_bytes: usize,
+    /// Deadline of a request that asks for none.
+    pub default_deadline: Duration,
+    /// The longest deadline a request may ask for.
+    pub max_deadline: Duration,
+    /// Retries of one request at most.
+    pub max_retries: u32,
+    /// Routing settings.
+    pub route: RouteOptions,
+}
+
+impl GatewayOptions {
+    /// Defaults for a gateway on `listen` following `control_plane`.
+    pub fn new(listen: SocketAddr, control_plane: impl Into<String>) -> Self {
+        Self {
+            listen,
+            control_plane: control_plane.into(),
+            max_body_bytes: 64 << 20,
+            retry_buffer_bytes: 4 << 20,
+            default_deadline: Duration::from_secs(10),
+            max_deadline: Duration::from_secs(300),
+            max_retries: 2,
+            route: RouteOptions::default(),
+        }
+    }
+}
+
+/// What the handlers share.
+pub struct Gateway {
+    options: GatewayOptions,
+    routes: Arc<discovery::Routes>,
+    budget: Arc<TpsBudget>,
+    metrics: metrics::GatewayMetrics,
+    registry: etlmesh_telemetry::metrics::SharedRegistry,
+    connected: watch::Receiver<bool>,
+}
+
+/// A gateway bound to its socket.
+pub struct Bound {
+    /// The HTTP address.
+    pub addr: SocketAddr,
+    listener: TcpListener,
+    gateway: Arc<Gateway>,
+    connected: watch::Sender<bool>,
+}
+
+/// Binds the gateway's socket.
+pub async fn bind(options: GatewayOptions) -> Result<Bound, GatewayError> {
+    let listener =
+        TcpListener::bind(options.listen)
+            .await
+            .map_err(|error| GatewayError::Listen {
+                addr: options.listen,
+                error,
+            })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| GatewayError::Serve(e.to_string()))?;
+    let registry = etlmesh_telemetry::metrics::registry();
+    let metrics = metrics::GatewayMetrics::register(&registry);
+    let routes = Arc::new(discovery::Routes::new(
+        endpoint::h2_client(),
+        options.route,
+        metrics.clone(),
+    ));
+    let (connected, connected_rx) = watch::channel(false);
+    let gateway = Arc::new(Gateway {
+        options,
+        routes,
+        budget: route::RetryPolicy::budget(),
+        metrics,
+        registry,
+        connected: connected_rx,
+    });
+    Ok(Bound {
+        addr,
+        listener,
+        gateway,
+        connected,
+    })
+}
+
+impl Bound {
+    /// Follows the control plane and serves until `shutdown` completes.
+    pub async fn serve(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), GatewayError> {
+        let gw = self.gateway;
+        let follower = tokio::spawn(discovery::follow(
+            gw.options.control_plane.clone(),
+            gw.routes.clone(),
+            self.connected,
+        ));
+        let router = Router::new()
+            .route("/v1/pipelines/{name}", post(http::transform))
+            .route("/v1/pipelines", get(http::list))
+            .route("/healthz", get(http::healthz))
+            .route("/readyz", get(http::readyz))
+            .route("/metrics", get(http::metrics))
+            .layer(DefaultBodyLimit::disable())
+            .with_state(gw.clone());
+        tracing::info!(addr = %self.addr, control_plane = %gw.options.control_plane, "gateway listening on http://{}", self.addr);
+        let result = axum::serve(self.listener, router)
+            .with_graceful_shutdown(shutdown)
+            .await
+            .map_err(|e| GatewayError::Serve(e.to_string()));
+        follower.abort();
+        result
+    }
+}

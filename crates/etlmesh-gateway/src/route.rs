@@ -1,0 +1,230 @@
+//! A pipeline's route: the workers that serve it behind a power-of-two-choices
+//! balancer over peak-EWMA load, each with a concurrency limit and failure accrual,
+//! in front of a bounded queue that sheds load when full; and the retry policy.
+
+use std::collections::HashSet;
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures::Stream;
+use futures::future::BoxFuture;
+use tokio::sync::{mpsc, watch};
+use tower::BoxError;
+use tower::balance::p2c::Balance;
+use tower::buffer::Buffer;
+use tower::discover::Change;
+use tower::limit::ConcurrencyLimit;
+use tower::load::{CompleteOnResponse, PeakEwmaDiscover};
+use tower::load_shed::LoadShed;
+use tower::retry::budget::{Budget, TpsBudget};
+use tower::util::BoxService;
+
+use crate::accrual::{Accrual, AccrualPolicy, OnEject};
+use crate::endpoint::{Endpoint, WorkerRequest, WorkerResponse};
+
+/// Settings of every route.
+#[derive(Debug, Clone, Copy)]
+pub struct RouteOptions {
+    /// Requests held waiting for a worker before new ones are shed (503).
+    pub queue: usize,
+    /// Requests in flight to one worker at most.
+    pub endpoint_concurrency: usize,
+    /// Failure accrual.
+    pub accrual: AccrualPolicy,
+    /// Peak-EWMA: the RTT assumed for a new endpoint.
+    pub default_rtt: Duration,
+    /// Peak-EWMA: the decay.
+    pub decay: Duration,
+}
+
+impl Default for RouteOptions {
+    fn default() -> Self {
+        Self {
+            queue: 256,
+            endpoint_concurrency: 64,
+            accrual: AccrualPolicy::default(),
+            default_rtt: Duration::from_millis(30),
+            decay: Duration::from_secs(10),
+        }
+    }
+}
+
+type EndpointStack = ConcurrencyLimit<Accrual<Endpoint>>;
+
+/// Endpoint changes as a [`tower::discover::Discover`] stream.
+struct Changes(mpsc::Receiver<Change<String, EndpointStack>>);
+
+impl Stream for Changes {
+    type Item = Result<Change<String, EndpointStack>, Infallible>;
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.0.poll_recv(cx).map(|c| c.map(Ok))
+    }
+}
+
+/// The service a request goes through: shed when the queue is full.
+pub type RouteService =
+    LoadShed<Buffer<WorkerRequest, BoxFuture<'static, Result<WorkerResponse, BoxError>>>>;
+
+/// One pipeline's route.
+pub struct Route {
+    /// The pipeline.
+    pub pipeline: Arc<str>,
+    /// The balanced, queued service.
+    pub service: RouteService,
+    changes: mpsc::Sender<Change<String, EndpointStack>>,
+    members: Mutex<HashSet<String>>,
+    ready: AtomicUsize,
+    ready_tx: watch::Sender<usize>,
+    options: RouteOptions,
+}
+
+impl Route {
+    /// A route with no endpoint yet. Must be called inside a Tokio runtime.
+    pub fn new(pipeline: &str, options: RouteOptions) -> Self {
+        let (tx, rx) = mpsc::channel(4096);
+        let discover = PeakEwmaDiscover::new::<WorkerRequest>(
+            Changes(rx),
+            options.default_rtt,
+            options.decay,
+            CompleteOnResponse::default(),
+        );
+        let balance: Balance<_, WorkerRequest> = Balance::new(discover);
+        let service = LoadShed::new(Buffer::new(BoxService::new(balance), options.queue));
+        Self {
+            pipeline: Arc::from(pipeline),
+            service,
+            changes: tx,
+            members: Mutex::default(),
+            ready: AtomicUsize::new(0),
+            ready_tx: watch::channel(0).0,
+            options,
+        }
+    }
+
+    /// Ready endpoints.
+    pub fn ready(&self) -> usize {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    /// Follows the number of ready endpoints.
+    pub fn watch_ready(&self) -> watch::Receiver<usize> {
+        self.ready_tx.subscribe()
+    }
+
+    fn set_ready(&self, n: usize) {
+        self.ready.store(n, Ordering::Release);
+        self.ready_tx.send_replace(n);
+    }
+
+    /// Whether `id` is in the route.
+    pub fn contains(&self, id: &str) -> bool {
+        self.members
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(id)
+    }
+
+    /// Adds an endpoint.
+    pub fn insert(&self, endpoint: Endpoint, on_eject: OnEject) {
+        let id = endpoint.id.to_string();
+        let mut members = self.members.lock().unwrap_or_else(|p| p.into_inner());
+        if !members.insert(id.clone()) {
+            return;
+        }
+        let stack = ConcurrencyLimit::new(
+            Accrual::new(
+                endpoint.clone(),
+                endpoint.id.clone(),
+                self.options.accrual,
+                on_eject,
+            ),
+            self.options.endpoint_concurrency,
+        );
+        if self
+            .changes
+            .try_send(Change::Insert(id.clone(), stack))
+            .is_err()
+        {
+            tracing::error!(pipeline = %self.pipeline, worker = %id, "endpoint change dropped: the balancer is not keeping up");
+        }
+        self.set_ready(members.len());
+    }
+
+    /// Removes an endpoint (requests in flight to it finish).
+    pub fn remove(&self, id: &str) {
+        let mut members = self.members.lock().unwrap_or_else(|p| p.into_inner());
+        if !members.remove(id) {
+            return;
+        }
+        if self
+            .changes
+            .try_send(Change::Remove(id.to_string()))
+            .is_err()
+        {
+            tracing::error!(pipeline = %self.pipeline, worker = %id, "endpoint change dropped: the balancer is not keeping up");
+        }
+        self.set_ready(members.len());
+    }
+}
+
+/// Retries transforms (they are pure) on transport errors and on 502/503/504, under a
+/// budget shared by the gateway, when the body was kept.
+#[derive(Clone)]
+pub struct RetryPolicy {
+    /// The budget.
+    pub budget: Arc<TpsBudget>,
+    /// Retries left for this request.
+    pub left: u32,
+    /// Called on every retry (metrics), and when the budget refuses one.
+    pub on_retry: Arc<dyn Fn(bool) + Send + Sync>,
+}
+
+impl RetryPolicy {
+    /// A policy with the Linkerd defaults: 20 % of requests plus 10 per second, over 10 s.
+    pub fn budget() -> Arc<TpsBudget> {
+        Arc::new(TpsBudget::new(Duration::from_secs(10), 10, 0.2))
+    }
+
+    /// Counts a request into the budget.
+    pub fn deposit(budget: &TpsBudget) {
+        budget.deposit();
+    }
+}
+
+/// Whether an outcome is worth another worker's try.
+pub fn retryable(r: &Result<WorkerResponse, BoxError>) -> bool {
+    match r {
+        Ok(resp) => matches!(resp.response.status().as_u16(), 502..=504),
+        Err(e) => !e.is::<tower::load_shed::error::Overloaded>(),
+    }
+}
+
+impl tower::retry::Policy<WorkerRequest, WorkerResponse, BoxError> for RetryPolicy {
+    type Future = futures::future::Ready<()>;
+
+    fn retry(
+        &mut self,
+        req: &mut WorkerRequest,
+        result: &mut Result<WorkerResponse, BoxError>,
+    ) -> Option<Self::Future> {
+        if !retryable(result) || self.left == 0 || tokio::time::Instant::now() >= req.deadline {
+            return None;
+        }
+        if !self.budget.withdraw() {
+            (self.on_retry)(false);
+            return None;
+        }
+        self.left -= 1;
+        req.attempt += 1;
+        (self.on_retry)(true);
+        Some(futures::future::ready(()))
+    }
+
+    fn clone_request(&mut self, req: &WorkerRequest) -> Option<WorkerRequest> {
+        req.try_clone()
+    }
+}

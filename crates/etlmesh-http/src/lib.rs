@@ -1,0 +1,212 @@
+//! HTTP plumbing shared by the mesh's processes: a small JSON client ([`JsonClient`])
+//! for the control-plane protocol, and JSON error responses ([`error_response`]).
+
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::response::Response;
+use bytes::Bytes;
+use etlmesh_proto::ErrorBody;
+use http::{HeaderValue, Method, Request, StatusCode, header};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+/// Errors of [`JsonClient`].
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    /// The URL is not valid.
+    #[error("bad URL {url}: {message}")]
+    Url {
+        /// The URL.
+        url: String,
+        /// Why.
+        message: String,
+    },
+    /// The peer could not be reached, or the exchange failed.
+    #[error("{url}: {message}")]
+    Transport {
+        /// The URL.
+        url: String,
+        /// Why.
+        message: String,
+    },
+    /// The peer answered with an error status.
+    #[error("{url}: {status}: {body}")]
+    Status {
+        /// The URL.
+        url: String,
+        /// The status.
+        status: StatusCode,
+        /// The body, as text.
+        body: String,
+    },
+    /// The answer is not the JSON expected.
+    #[error("{url}: unexpected answer: {message}")]
+    Decode {
+        /// The URL.
+        url: String,
+        /// Why.
+        message: String,
+    },
+}
+
+impl HttpError {
+    /// The status, when the peer answered.
+    pub fn status(&self) -> Option<StatusCode> {
+        match self {
+            HttpError::Status { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+/// A JSON-over-HTTP/1.1 client with a per-request timeout.
+#[derive(Clone, Debug)]
+pub struct JsonClient {
+    client: Client<HttpConnector, Full<Bytes>>,
+    timeout: Duration,
+}
+
+impl JsonClient {
+    /// A client whose requests time out after `timeout`.
+    pub fn new(timeout: Duration) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(timeout));
+        Self {
+            client: Client::builder(TokioExecutor::new()).build(connector),
+            timeout,
+        }
+    }
+
+    /// Sends `body` (or nothing) and reads a JSON answer (`()` for none).
+    pub async fn call<B: Serialize, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        url: &str,
+        body: Option<&B>,
+    ) -> Result<T, HttpError> {
+        let bytes = match body {
+            Some(b) => serde_json::to_vec(b).map_err(|e| HttpError::Decode {
+                url: url.into(),
+                message: e.to_string(),
+            })?,
+            None => Vec::new(),
+        };
+        let req = Request::builder()
+            .method(method)
+            .uri(url)
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(bytes)))
+            .map_err(|e| HttpError::Url {
+                url: url.into(),
+                message: e.to_string(),
+            })?;
+        let exchange = async {
+            let resp = self
+                .client
+                .request(req)
+                .await
+                .map_err(|e| HttpError::Transport {
+                    url: url.into(),
+                    message: e.to_string(),
+                })?;
+            let status = resp.status();
+            let body = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| HttpError::Transport {
+                    url: url.into(),
+                    message: e.to_string(),
+                })?
+                .to_bytes();
+            Ok::<_, HttpError>((status, body))
+        };
+        let (status, body) = tokio::time::timeout(self.timeout, exchange)
+            .await
+            .map_err(|_| HttpError::Transport {
+                url: url.into(),
+                message: format!("no answer within {:?}", self.timeout),
+            })??;
+        if !status.is_success() {
+            return Err(HttpError::Status {
+                url: url.into(),
+                status,
+                body: String::from_utf8_lossy(&body).into_owned(),
+            });
+        }
+        let body = if body.is_empty() {
+            Bytes::from_static(b"null")
+        } else {
+            body
+        };
+        serde_json::from_slice(&body).map_err(|e| HttpError::Decode {
+            url: url.into(),
+            message: e.to_string(),
+        })
+    }
+
+    /// GET a JSON document.
+    pub async fn get<T: DeserializeOwned>(&self, url: &str) -> Result<T, HttpError> {
+        self.call::<(), T>(Method::GET, url, None).await
+    }
+}
+
+/// A JSON error response: `{"code", "message", "trace_id"}`.
+pub fn error_response(
+    status: StatusCode,
+    code: &str,
+    message: impl Into<String>,
+    trace_id: Option<String>,
+) -> Response {
+    let body = ErrorBody::new(code, message, trace_id).to_json();
+    let mut resp = Response::new(Body::from(body));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    if matches!(
+        status,
+        StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS
+    ) {
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    resp
+}
+
+/// A JSON response.
+pub fn json_response<T: Serialize>(value: &T) -> Response {
+    match serde_json::to_vec(value) {
+        Ok(body) => {
+            let mut resp = Response::new(Body::from(body));
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            resp
+        }
+        Err(e) => error_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            e.to_string(),
+            None,
+        ),
+    }
+}
+
+/// A Prometheus `/metrics` response.
+pub fn metrics_response(text: String) -> Response {
+    let mut resp = Response::new(Body::from(text));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+    );
+    resp
+}

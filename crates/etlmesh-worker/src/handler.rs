@@ -1,0 +1,415 @@
+//! `POST /v1/transform/{pipeline}`: decode the body, run the pipeline's SQL, encode
+//! the answer in the format asked for, and say what happened to every record.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arrow::array::RecordBatch;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::response::Response;
+use bytes::Bytes;
+use etlmesh_codec::encode::{EncodeOptions, encode_to_vec};
+use etlmesh_codec::{DecodeOutput, Reject};
+use etlmesh_config::{Format, OnError};
+use etlmesh_engine::Kind;
+use etlmesh_http::error_response;
+use etlmesh_proto::headers;
+use etlmesh_telemetry::TraceContext;
+use http::{HeaderMap, HeaderValue, StatusCode, header};
+use tracing::Instrument;
+
+use crate::App;
+use crate::metrics::{PipelineLabels, RequestLabels};
+use crate::pipelines::Pipeline;
+
+/// Bodies larger than this are decoded off the async threads.
+const BLOCKING_DECODE_BYTES: usize = 256 << 10;
+
+/// What a transform did with the request's records.
+#[derive(Debug, Default)]
+struct Counts {
+    records_in: u64,
+    out: u64,
+    filtered: u64,
+    dead: u64,
+    first_error: Option<String>,
+}
+
+pub(crate) async fn healthz(State(app): State<Arc<App>>) -> Response {
+    if *app.draining.borrow() {
+        return error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "draining",
+            "the worker is draining",
+            None,
+        );
+    }
+    etlmesh_http::json_response(&serde_json::json!({ "status": "ok", "worker": app.id }))
+}
+
+pub(crate) async fn metrics(State(app): State<Arc<App>>) -> Response {
+    etlmesh_http::metrics_response(etlmesh_telemetry::metrics::render(&app.registry))
+}
+
+pub(crate) async fn transform(
+    State(app): State<Arc<App>>,
+    Path(name): Path<String>,
+    req_headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let started = Instant::now();
+    let parent = req_headers
+        .get(headers::TRACEPARENT)
+        .and_then(|v| v.to_str().ok());
+    let trace = TraceContext::from_header_or_new(parent).child();
+    let trace_id = trace.trace_id_hex();
+    let span =
+        tracing::info_span!("transform", pipeline = %name, trace_id = %trace_id, worker = %app.id);
+    let mut resp = serve(&app, &name, &req_headers, body, &trace_id)
+        .instrument(span.clone())
+        .await;
+    let code = resp.status().as_u16();
+    let h = resp.headers_mut();
+    h.insert(headers::TRACEPARENT, value(&trace.header()));
+    h.insert(headers::TRACE_ID, value(&trace_id));
+    h.insert(headers::WORKER, value(&app.id));
+    let known = app.pipelines.get(&name).is_some();
+    let label = if known {
+        name.clone()
+    } else {
+        "unknown".to_string()
+    };
+    app.metrics
+        .requests
+        .get_or_create(&RequestLabels {
+            pipeline: label.clone(),
+            code,
+        })
+        .inc();
+    app.metrics
+        .latency
+        .get_or_create(&PipelineLabels { pipeline: label })
+        .observe(started.elapsed().as_secs_f64());
+    span.in_scope(|| {
+        tracing::debug!(
+            status = code,
+            elapsed_ms = started.elapsed().as_secs_f64() * 1000.0,
+            "transform served"
+        );
+    });
+    resp
+}
+
+fn value(s: &str) -> HeaderValue {
+    HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+}
+
+fn deadline(h: &HeaderMap, default: Duration) -> Duration {
+    h.get(headers::DEADLINE_MS)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .map_or(default, Duration::from_millis)
+}
+
+/// The response format: `Accept` if it names one, else the request's.
+fn response_format(h: &HeaderMap, request: Format) -> Result<Format, String> {
+    let Some(accept) = h.get(header::ACCEPT).and_then(|v| v.to_str().ok()) else {
+        return Ok(request);
+    };
+    let mut any = false;
+    for part in accept.split(',') {
+        let mime = part.split(';').next().unwrap_or("").trim();
+        if mime == "*/*" || mime.is_empty() {
+            any = true;
+            continue;
+        }
+        if let Some(f) = Format::from_content_type(mime) {
+            return Ok(f);
+        }
+    }
+    if any {
+        Ok(request)
+    } else {
+        Err(accept.to_string())
+    }
+}
+
+const FORMATS: &str = "text/csv, application/x-ndjson, application/json, application/vnd.apache.parquet or application/vnd.apache.arrow.stream";
+
+async fn serve(app: &Arc<App>, name: &str, h: &HeaderMap, body: Body, trace_id: &str) -> Response {
+    let tid = Some(trace_id.to_string());
+    let Some(pipeline) = app.pipelines.get(name) else {
+        return error_response(
+            StatusCode::NOT_FOUND,
+            "unknown_pipeline",
+            format!(
+                "no pipeline named `{name}`; this worker serves: {}",
+                app.pipelines.names().join(", ")
+            ),
+            tid,
+        );
+    };
+    let Some(_in_flight) = app.load.try_start(app.options.max_in_flight) else {
+        return error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded",
+            format!(
+                "the worker already serves {} requests; retry shortly",
+                app.options.max_in_flight
+            ),
+            tid,
+        );
+    };
+    app.metrics.in_flight.set(i64::from(app.load.in_flight()));
+    let format = match h
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(Format::from_content_type)
+    {
+        Some(f) => f,
+        None => {
+            return error_response(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                format!("set Content-Type to one of {FORMATS}"),
+                tid,
+            );
+        }
+    };
+    let out_format = match response_format(h, format) {
+        Ok(f) => f,
+        Err(accept) => {
+            return error_response(
+                StatusCode::NOT_ACCEPTABLE,
+                "not_acceptable",
+                format!("cannot answer in `{accept}`; ask for one of {FORMATS}"),
+                tid,
+            );
+        }
+    };
+    let deadline = deadline(h, app.options.default_deadline);
+    let work = run(app, &pipeline, format, out_format, body, tid.clone());
+    match tokio::time::timeout(deadline, work).await {
+        Ok(resp) => resp,
+        Err(_) => error_response(
+            StatusCode::GATEWAY_TIMEOUT,
+            "deadline_exceeded",
+            format!(
+                "the transform did not finish within its deadline of {} ms; send fewer records per request or a longer deadline",
+                deadline.as_millis()
+            ),
+            tid,
+        ),
+    }
+}
+
+async fn run(
+    app: &Arc<App>,
+    p: &Arc<Pipeline>,
+    format: Format,
+    out_format: Format,
+    body: Body,
+    tid: Option<String>,
+) -> Response {
+    if let Some(delay) = app.options.inject_latency {
+        tokio::time::sleep(delay).await;
+    }
+    let limit = app.options.max_body_bytes;
+    let bytes = match axum::body::to_bytes(body, limit).await {
+        Ok(b) => b,
+        Err(e) => {
+            let too_large = e.into_inner().is::<http_body_util::LengthLimitError>();
+            return if too_large {
+                error_response(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "payload_too_large",
+                    format!(
+                        "the body is over the worker's limit of {limit} bytes; split it into smaller requests"
+                    ),
+                    tid,
+                )
+            } else {
+                error_response(
+                    StatusCode::BAD_REQUEST,
+                    "bad_body",
+                    "the body could not be read",
+                    tid,
+                )
+            };
+        }
+    };
+    let decoded = match decode(app, p, format, bytes).await {
+        Ok(d) => d,
+        Err(message) => {
+            return error_response(StatusCode::BAD_REQUEST, "bad_body", message, tid);
+        }
+    };
+    let (schema, decoded) = decoded;
+    let mut counts = Counts {
+        records_in: decoded.records,
+        ..Default::default()
+    };
+    let decoded_rows = decoded.rows() as u64;
+    if let Some(resp) = rejects(p, &mut counts, decoded.rejects, &tid) {
+        return resp;
+    }
+    let transform = match p.transform_for(&app.pipelines.engine, &schema).await {
+        Ok(t) => t,
+        Err(e) => {
+            return error_response(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "sql_does_not_plan",
+                format!(
+                    "the pipeline's SQL does not plan for this body's columns ({}): {e}",
+                    etlmesh_codec::schema::describe(&schema)
+                ),
+                tid,
+            );
+        }
+    };
+    let mut outputs: Vec<RecordBatch> = Vec::new();
+    match transform.kind() {
+        Kind::RowWise => {
+            for batch in &decoded.batches {
+                match transform.apply(batch).await {
+                    Ok(r) => {
+                        counts.out += r.rows_out;
+                        counts.filtered += r.filtered();
+                        let failed = r.rejects;
+                        outputs.extend(r.batches);
+                        if let Some(resp) = rejects(p, &mut counts, failed, &tid) {
+                            return resp;
+                        }
+                    }
+                    Err(e) => return execution_failed(&e.to_string(), tid),
+                }
+            }
+        }
+        Kind::WholeInput => {
+            let batches = decoded.batches.into_iter().map(|b| b.batch).collect();
+            match transform.run_all(batches).await {
+                Ok((out, into_state)) => {
+                    let passed = into_state.unwrap_or(decoded_rows).min(decoded_rows);
+                    counts.out = passed;
+                    counts.filtered = decoded_rows - passed;
+                    outputs = out;
+                }
+                Err(e) => return execution_failed(&e.to_string(), tid),
+            }
+        }
+    }
+    let name = &p.spec.name;
+    app.load.add_records(counts.records_in);
+    app.metrics.record(name, "in", counts.records_in);
+    app.metrics.record(name, "out", counts.out);
+    app.metrics.record(name, "filtered", counts.filtered);
+    app.metrics.record(name, "dead_lettered", counts.dead);
+    let schema = transform.output_schema().clone();
+    let encode = move || encode_to_vec(&outputs, &schema, &EncodeOptions::new(out_format));
+    let encoded = if counts.records_in as usize > 10_000 {
+        tokio::task::block_in_place(encode)
+    } else {
+        encode()
+    };
+    let bytes = match encoded {
+        Ok(b) => b,
+        Err(e) => return execution_failed(&format!("encoding the answer failed: {e}"), tid),
+    };
+    let mut resp = Response::new(Body::from(bytes));
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(out_format.content_type()),
+    );
+    h.insert(headers::RECORDS_IN, counts.records_in.into());
+    h.insert(headers::RECORDS_OUT, counts.out.into());
+    h.insert(headers::RECORDS_FILTERED, counts.filtered.into());
+    h.insert(headers::RECORDS_DEAD_LETTERED, counts.dead.into());
+    if let Some(e) = counts
+        .first_error
+        .as_deref()
+        .and_then(|e| HeaderValue::from_str(&e.replace(['\r', '\n'], " ")).ok())
+    {
+        h.insert(headers::FIRST_ERROR, e);
+    }
+    resp
+}
+
+async fn decode(
+    app: &Arc<App>,
+    p: &Arc<Pipeline>,
+    format: Format,
+    bytes: Bytes,
+) -> Result<(arrow::datatypes::SchemaRef, DecodeOutput), String> {
+    let limits = app.pipelines.limits;
+    let schema = p.schema.clone();
+    let csv = p.spec.source.csv.clone();
+    let infer = p.spec.source.infer_rows;
+    let big = bytes.len() > BLOCKING_DECODE_BYTES;
+    let job = move || {
+        etlmesh_codec::decode_body(
+            bytes,
+            "request",
+            format,
+            schema.as_ref(),
+            &csv,
+            &limits,
+            infer,
+        )
+        .map_err(|e| e.to_string())
+    };
+    if big {
+        tokio::task::block_in_place(job)
+    } else {
+        job()
+    }
+}
+
+/// Dead-letters rejects; with `on_error: fail` (or when dead letters cannot be
+/// written), the response that refuses the request.
+fn rejects(
+    p: &Pipeline,
+    counts: &mut Counts,
+    rejects: Vec<Reject>,
+    tid: &Option<String>,
+) -> Option<Response> {
+    let first = rejects.first()?;
+    if counts.first_error.is_none() {
+        counts.first_error = Some(first.to_string());
+    }
+    match (&p.spec.on_error, &p.dead) {
+        (OnError::DeadLetter, Some(dead)) => {
+            if let Err(e) = dead.write(&rejects) {
+                tracing::error!(pipeline = %p.spec.name, error = %e, "dead letters could not be written");
+                return Some(error_response(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "dead_letter_failed",
+                    format!(
+                        "bad records could not be dead-lettered, so the request is refused: {e}"
+                    ),
+                    tid.clone(),
+                ));
+            }
+            counts.dead += rejects.len() as u64;
+            None
+        }
+        _ => Some(error_response(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "bad_record",
+            format!(
+                "{first}; the pipeline refuses bad records (on_error: fail): fix the record, or give the pipeline a dead_letter sink"
+            ),
+            tid.clone(),
+        )),
+    }
+}
+
+fn execution_failed(message: &str, tid: Option<String>) -> Response {
+    error_response(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "transform_failed",
+        message.to_string(),
+        tid,
+    )
+}

@@ -1,0 +1,82 @@
+//! The worker's Prometheus metrics.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+
+use etlmesh_telemetry::metrics::{SharedRegistry, latency_histogram};
+
+/// Labels of a request.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub pipeline: String,
+    pub code: u16,
+}
+
+/// Labels of record counts.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RecordLabels {
+    pub pipeline: String,
+    pub outcome: &'static str,
+}
+
+/// Labels of a pipeline.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PipelineLabels {
+    pub pipeline: String,
+}
+
+/// The worker's metrics.
+#[derive(Clone)]
+pub struct WorkerMetrics {
+    pub requests: Family<RequestLabels, Counter>,
+    pub latency: Family<PipelineLabels, Histogram, fn() -> Histogram>,
+    pub records: Family<RecordLabels, Counter>,
+    pub in_flight: Gauge,
+}
+
+impl WorkerMetrics {
+    pub fn register(registry: &SharedRegistry) -> Self {
+        let m = Self {
+            requests: Family::default(),
+            latency: Family::new_with_constructor(latency_histogram),
+            records: Family::default(),
+            in_flight: Gauge::default(),
+        };
+        let mut r = registry.lock().unwrap_or_else(|p| p.into_inner());
+        r.register(
+            "worker_requests",
+            "Transform requests served, by pipeline and status",
+            m.requests.clone(),
+        );
+        r.register(
+            "worker_request_duration_seconds",
+            "Time to serve a transform request",
+            m.latency.clone(),
+        );
+        r.register(
+            "worker_records",
+            "Records by pipeline and outcome (in, out, filtered, dead_lettered)",
+            m.records.clone(),
+        );
+        r.register(
+            "worker_in_flight",
+            "Requests being served",
+            m.in_flight.clone(),
+        );
+        m
+    }
+
+    pub fn record(&self, pipeline: &str, outcome: &'static str, n: u64) {
+        if n > 0 {
+            self.records
+                .get_or_create(&RecordLabels {
+                    pipeline: pipeline.to_string(),
+                    outcome,
+                })
+                .inc_by(n);
+        }
+    }
+}

@@ -1,0 +1,158 @@
+//! The pipelines a worker serves: compiled once when their schema is declared, per
+//! distinct body schema (a small cache) when it is inferred.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use arrow::datatypes::SchemaRef;
+use etlmesh_codec::Limits;
+use etlmesh_config::{PipelineFile, PipelineSpec};
+use etlmesh_engine::{Engine, EngineConfig, EngineError, Transform};
+use etlmesh_proto::PipelineInfo;
+use etlmesh_sink::dead_letter::DeadLetterLog;
+
+use crate::WorkerError;
+
+/// Inferred schemas kept compiled per pipeline.
+const INFERRED_CACHE: usize = 16;
+
+/// One pipeline.
+pub(crate) struct Pipeline {
+    pub spec: PipelineSpec,
+    pub schema: Option<SchemaRef>,
+    pub transform: Option<Arc<Transform>>,
+    pub dead: Option<DeadLetterLog>,
+    inferred: Mutex<Vec<(SchemaRef, Arc<Transform>)>>,
+}
+
+impl Pipeline {
+    /// The transform for rows of `schema`.
+    pub async fn transform_for(
+        &self,
+        engine: &Engine,
+        schema: &SchemaRef,
+    ) -> Result<Arc<Transform>, EngineError> {
+        if let Some(t) = &self.transform {
+            return Ok(t.clone());
+        }
+        if let Some((_, t)) = self
+            .inferred
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .find(|(s, _)| s == schema)
+        {
+            return Ok(t.clone());
+        }
+        let t = Arc::new(
+            engine
+                .compile(&self.spec.name, &self.spec.transform, schema.clone())
+                .await?,
+        );
+        let mut cache = self.inferred.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.len() >= INFERRED_CACHE {
+            cache.remove(0);
+        }
+        cache.push((schema.clone(), t.clone()));
+        Ok(t)
+    }
+}
+
+/// Every pipeline of the file.
+pub(crate) struct Pipelines {
+    pub engine: Engine,
+    pub limits: Limits,
+    map: HashMap<String, Arc<Pipeline>>,
+    order: Vec<String>,
+}
+
+impl Pipelines {
+    /// Compiles the pipelines whose schema is declared; opens dead-letter logs.
+    pub async fn compile(file: &PipelineFile, worker: &str) -> Result<Self, WorkerError> {
+        let platform = &file.spec.platform;
+        let engine = Engine::new(EngineConfig {
+            memory_limit: platform.memory_limit,
+            spill_dir: platform.spill_dir.clone(),
+            partitions: 1,
+            batch_size: platform.batch_size,
+            options: platform.sql_options.clone(),
+        })
+        .map_err(|e| WorkerError::Pipeline(e.to_string()))?;
+        let mut map = HashMap::new();
+        let mut order = Vec::new();
+        for spec in &file.spec.pipelines {
+            let schema = spec
+                .schema
+                .as_ref()
+                .map(|f| etlmesh_codec::schema::arrow_schema(f));
+            let transform = match &schema {
+                Some(s) => Some(Arc::new(
+                    engine
+                        .compile(&spec.name, &spec.transform, s.clone())
+                        .await
+                        .map_err(|e| WorkerError::Pipeline(e.to_string()))?,
+                )),
+                None => None,
+            };
+            let dead = spec
+                .dead_letter
+                .as_ref()
+                .map(|d| DeadLetterLog::open(d, &spec.name, worker))
+                .transpose()
+                .map_err(|e| WorkerError::Pipeline(e.to_string()))?;
+            order.push(spec.name.clone());
+            map.insert(
+                spec.name.clone(),
+                Arc::new(Pipeline {
+                    spec: spec.clone(),
+                    schema,
+                    transform,
+                    dead,
+                    inferred: Mutex::default(),
+                }),
+            );
+        }
+        let limits = Limits {
+            batch_size: platform.batch_size,
+            max_record_bytes: platform.max_record_bytes,
+        };
+        Ok(Self {
+            engine,
+            limits,
+            map,
+            order,
+        })
+    }
+
+    pub fn get(&self, name: &str) -> Option<Arc<Pipeline>> {
+        self.map.get(name).cloned()
+    }
+
+    pub fn len(&self) -> usize {
+        self.order.len()
+    }
+
+    pub fn names(&self) -> &[String] {
+        &self.order
+    }
+
+    /// What the worker tells the control plane about its pipelines.
+    pub fn infos(&self) -> Vec<PipelineInfo> {
+        self.order
+            .iter()
+            .filter_map(|n| self.map.get(n))
+            .map(|p| PipelineInfo {
+                name: p.spec.name.clone(),
+                description: p.spec.description.clone(),
+                input_schema: p
+                    .schema
+                    .as_ref()
+                    .map(|s| etlmesh_codec::schema::describe(s)),
+                output_schema: p
+                    .transform
+                    .as_ref()
+                    .map(|t| etlmesh_codec::schema::describe(t.output_schema())),
+            })
+            .collect()
+    }
+}
