@@ -77,12 +77,27 @@ impl<S> Accrual<S> {
     }
 }
 
-/// Whether an outcome counts against the endpoint: it could not be reached, or it
-/// answered that it cannot serve (502, 503, 504). A 4xx or a failed SQL is not its fault.
-fn is_failure(r: &Result<WorkerResponse, BoxError>) -> bool {
+/// How an outcome counts against the endpoint.
+#[derive(Debug, PartialEq, Eq)]
+enum Verdict {
+    Success,
+    /// It failed, or answered that it cannot serve (502, 503, 504). A 4xx or a failed
+    /// SQL is not its fault.
+    Failure,
+    /// Nothing listens there: it is ejected at once rather than after `threshold`
+    /// failures, since a refused connection fails fast and would otherwise look like
+    /// the least loaded endpoint.
+    Unreachable,
+}
+
+fn verdict(r: &Result<WorkerResponse, BoxError>) -> Verdict {
     match r {
-        Ok(resp) => matches!(resp.response.status().as_u16(), 502..=504),
-        Err(_) => true,
+        Ok(resp) if matches!(resp.response.status().as_u16(), 502..=504) => Verdict::Failure,
+        Ok(_) => Verdict::Success,
+        Err(e) => match e.downcast_ref::<hyper_util::client::legacy::Error>() {
+            Some(h) if h.is_connect() => Verdict::Unreachable,
+            _ => Verdict::Failure,
+        },
     }
 }
 
@@ -136,9 +151,10 @@ where
         Box::pin(async move {
             let r = fut.await;
             let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
-            if is_failure(&r) {
+            let v = verdict(&r);
+            if v != Verdict::Success {
                 st.failures += 1;
-                if st.probation || st.failures >= policy.threshold {
+                if st.probation || st.failures >= policy.threshold || v == Verdict::Unreachable {
                     let d = jitter(st.backoff);
                     st.ejected_until = Some(Instant::now() + d);
                     if st.probation {
@@ -147,7 +163,7 @@ where
                     st.failures = 0;
                     st.probation = false;
                     drop(st);
-                    tracing::warn!(worker = %id, ejected_ms = d.as_millis() as u64, "endpoint ejected after consecutive failures");
+                    tracing::warn!(worker = %id, ejected_ms = d.as_millis() as u64, reason = ?v, "endpoint ejected");
                     on_eject(&id, d);
                 }
             } else {

@@ -1,0 +1,257 @@
+//! Helpers for end-to-end tests of the mesh: processes that print where they listen,
+//! and an HTTP client.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
+/// An `etlmesh` process whose stderr is captured.
+pub struct Proc {
+    pub child: Child,
+    pub lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Proc {
+    /// Starts `etlmesh ARGS` in `dir`.
+    pub fn start(dir: &Path, args: &[&str]) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_etlmesh"))
+            .args(args)
+            .current_dir(dir)
+            .env("ETLMESH_LOG_FORMAT", "text")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("etlmesh starts");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().expect("stderr");
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().expect("lines").push(line);
+            }
+        });
+        Self { child, lines }
+    }
+
+    /// Waits for a line containing `needle`; returns it.
+    pub fn wait_for(&self, needle: &str, timeout: Duration) -> String {
+        let start = Instant::now();
+        loop {
+            if let Some(l) = self
+                .lines
+                .lock()
+                .expect("lines")
+                .iter()
+                .find(|l| l.contains(needle))
+            {
+                return l.clone();
+            }
+            if start.elapsed() > timeout {
+                panic!(
+                    "no line with {needle:?} within {timeout:?}:\n{}",
+                    self.output()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The URL in the first line that says `{what} listening on http://…`.
+    pub fn url(&self, what: &str) -> String {
+        let line = self.wait_for(
+            &format!("{what} listening on http://"),
+            Duration::from_secs(20),
+        );
+        let at = line.find("http://").expect("a URL");
+        line[at..]
+            .split_whitespace()
+            .next()
+            .expect("url")
+            .to_string()
+    }
+
+    pub fn output(&self) -> String {
+        self.lines.lock().expect("lines").join("\n")
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), sig);
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(5) {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// An answer.
+#[derive(Debug)]
+pub struct Answer {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Answer {
+    pub fn header(&self, name: &str) -> String {
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string()
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+}
+
+/// A plain HTTP/1.1 client.
+#[derive(Clone)]
+pub struct Http(Client<HttpConnector, Full<Bytes>>);
+
+impl Http {
+    pub fn new() -> Self {
+        Self(Client::builder(TokioExecutor::new()).build_http())
+    }
+
+    pub async fn send(
+        &self,
+        method: Method,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: Bytes,
+    ) -> Result<Answer, String> {
+        let mut b = Request::builder().method(method).uri(url);
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        let req = b.body(Full::new(body)).map_err(|e| e.to_string())?;
+        let resp = self.0.request(req).await.map_err(|e| format!("{e:?}"))?;
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        Ok(Answer {
+            status,
+            headers,
+            body,
+        })
+    }
+
+    pub async fn get(&self, url: &str) -> Answer {
+        self.send(Method::GET, url, &[], Bytes::new())
+            .await
+            .expect("GET")
+    }
+
+    pub async fn post_csv(&self, url: &str, body: Bytes) -> Result<Answer, String> {
+        self.send(
+            Method::POST,
+            url,
+            &[
+                ("content-type", "text/csv"),
+                ("accept", "application/x-ndjson"),
+            ],
+            body,
+        )
+        .await
+    }
+}
+
+/// The mesh pipeline file used by the tests.
+pub const MESH_YAML: &str = r#"
+platform:
+  threads: 1
+  batch_size: 8192
+pipelines:
+  clean:
+    schema:
+      device_id: { type: utf8, nullable: false }
+      ts: { type: timestamp_ms, nullable: false }
+      temperature_c: float64
+      humidity: float64
+      battery_v: float64
+      status: utf8
+    transform: |
+      SELECT device_id, ts, temperature_c * 9 / 5 + 32 AS temperature_f, status
+      FROM input WHERE status <> 'err' AND temperature_c BETWEEN -50 AND 150
+    sinks: [ { type: stdout, format: ndjson } ]
+    dead_letter: { type: ndjson, path: dead }
+"#;
+
+/// `rows` readings as CSV, `bad` of them malformed.
+pub fn readings(rows: u64, bad: f64, seed: u64) -> Bytes {
+    let mut out = Vec::new();
+    let opts = etlmesh_datagen_opts(rows, bad, seed);
+    let status = Command::new(env!("CARGO_BIN_EXE_etlmesh"))
+        .args(opts)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .output()
+        .expect("generate");
+    out.extend_from_slice(&status.stdout);
+    Bytes::from(out)
+}
+
+fn etlmesh_datagen_opts(rows: u64, bad: f64, seed: u64) -> Vec<String> {
+    vec![
+        "generate".into(),
+        "--rows".into(),
+        rows.to_string(),
+        "--bad-fraction".into(),
+        bad.to_string(),
+        "--seed".into(),
+        seed.to_string(),
+    ]
+}
+
+/// Polls until `check` holds.
+pub async fn eventually(
+    timeout: Duration,
+    what: &str,
+    mut check: impl AsyncFnMut() -> bool,
+) -> Duration {
+    let start = Instant::now();
+    loop {
+        if check().await {
+            return start.elapsed();
+        }
+        if start.elapsed() > timeout {
+            panic!("{what}: not within {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

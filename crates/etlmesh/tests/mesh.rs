@@ -1,0 +1,502 @@
+//! End-to-end tests of the mesh with real processes: control plane, gateway and
+//! workers (separately, or under `etlmesh up`), under load, with workers killed,
+//! slowed down and drained.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::Scratch;
+use common::mesh::*;
+use http::{Method, StatusCode};
+use nix::sys::signal::Signal;
+
+/// Mesh tests start many processes; on a small machine they run one at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Control plane, gateway and workers as separate processes.
+struct Mesh {
+    scratch: Scratch,
+    cp_url: String,
+    gw_url: String,
+    workers: Vec<Proc>,
+    // Kept alive (and stopped) with the mesh.
+    _processes: [Proc; 2],
+}
+
+impl Mesh {
+    async fn start(workers: &[&[&str]], gateway_args: &[&str]) -> Self {
+        let scratch = Scratch::new();
+        scratch.write("mesh.yaml", MESH_YAML);
+        let dir = scratch.dir.path().to_path_buf();
+        let cp = Proc::start(&dir, &["control-plane", "--listen", "127.0.0.1:0"]);
+        let cp_url = cp.url("control plane");
+        let mut args = vec![
+            "gateway",
+            "--listen",
+            "127.0.0.1:0",
+            "--control-plane",
+            &cp_url,
+        ];
+        args.extend_from_slice(gateway_args);
+        let gw = Proc::start(&dir, &args);
+        let gw_url = gw.url("gateway");
+        let mut mesh = Self {
+            scratch,
+            cp_url,
+            gw_url,
+            workers: Vec::new(),
+            _processes: [cp, gw],
+        };
+        for (i, extra) in workers.iter().enumerate() {
+            mesh.add_worker(&format!("w{}", i + 1), extra);
+        }
+        mesh.wait_ready(workers.len()).await;
+        mesh
+    }
+
+    fn add_worker(&mut self, id: &str, extra: &[&str]) {
+        let mut args = vec![
+            "worker",
+            "-c",
+            "mesh.yaml",
+            "--control-plane",
+            &self.cp_url,
+            "--id",
+            id,
+        ];
+        args.extend_from_slice(extra);
+        let w = Proc::start(self.scratch.dir.path(), &args);
+        w.url("worker");
+        self.workers.push(w);
+    }
+
+    async fn ready_workers(&self) -> u64 {
+        let list = Http::new()
+            .get(&format!("{}/v1/pipelines", self.gw_url))
+            .await
+            .json();
+        list.as_array()
+            .and_then(|a| a.iter().find(|p| p["name"] == "clean"))
+            .and_then(|p| p["ready_workers"].as_u64())
+            .unwrap_or(0)
+    }
+
+    async fn wait_ready(&self, n: usize) {
+        eventually(
+            Duration::from_secs(20),
+            "workers ready at the gateway",
+            async || self.ready_workers().await == n as u64,
+        )
+        .await;
+    }
+
+    fn transform_url(&self) -> String {
+        format!("{}/v1/pipelines/clean", self.gw_url)
+    }
+}
+
+/// One request's outcome under load.
+#[derive(Debug, Clone)]
+struct Outcome {
+    at: Instant,
+    status: Result<StatusCode, String>,
+    worker: String,
+}
+
+/// Sends `body` from `concurrency` clients until `stop`.
+fn load(
+    url: String,
+    body: Bytes,
+    concurrency: usize,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<Vec<Outcome>> {
+    tokio::spawn(async move {
+        let client = Http::new();
+        let mut tasks = Vec::new();
+        for _ in 0..concurrency {
+            let (client, url, body, stop) =
+                (client.clone(), url.clone(), body.clone(), stop.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut out = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let r = client.post_csv(&url, body.clone()).await;
+                    out.push(Outcome {
+                        at: Instant::now(),
+                        worker: r
+                            .as_ref()
+                            .map(|a| a.header("etlmesh-worker"))
+                            .unwrap_or_default(),
+                        status: r.map(|a| a.status),
+                    });
+                }
+                out
+            }));
+        }
+        let mut all = Vec::new();
+        for t in tasks {
+            all.extend(t.await.unwrap_or_default());
+        }
+        all
+    })
+}
+
+fn failures(outcomes: &[Outcome]) -> Vec<&Outcome> {
+    outcomes
+        .iter()
+        .filter(|o| o.status != Ok(StatusCode::OK))
+        .collect()
+}
+
+fn per_worker(outcomes: &[Outcome]) -> HashMap<String, usize> {
+    let mut m = HashMap::new();
+    for o in outcomes {
+        *m.entry(o.worker.clone()).or_insert(0) += 1;
+    }
+    m
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_under_load_fails_no_request_and_is_replaced() {
+    let _serial = serial();
+    let scratch = Scratch::new();
+    scratch.write("mesh.yaml", MESH_YAML);
+    let up = Proc::start(
+        scratch.dir.path(),
+        &[
+            "up",
+            "-c",
+            "mesh.yaml",
+            "--workers",
+            "3",
+            "--http",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+        ],
+    );
+    let gw = up.url("gateway");
+    let admin = up.url("control plane");
+    let http = Http::new();
+    let workers_url = format!("{admin}/api/v1/workers");
+    eventually(Duration::from_secs(20), "three workers", async || {
+        http.get(&workers_url)
+            .await
+            .json()
+            .as_array()
+            .map_or(0, |a| a.len())
+            == 3
+    })
+    .await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let running = load(
+        format!("{gw}/v1/pipelines/clean"),
+        readings(500, 0.0, 1),
+        6,
+        stop.clone(),
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let workers = http.get(&workers_url).await.json();
+    let victim = workers
+        .as_array()
+        .and_then(|a| a.iter().find(|w| w["id"] == "worker-2"))
+        .cloned()
+        .expect("worker-2");
+    let (pid, old_address) = (
+        victim["pid"].as_i64().expect("pid") as i32,
+        victim["address"].clone(),
+    );
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL).expect("kill -9");
+    let killed = Instant::now();
+
+    let gone = eventually(
+        Duration::from_secs(5),
+        "the dead worker leaves the endpoint set",
+        async || {
+            let list = http.get(&workers_url).await.json();
+            !list
+                .as_array()
+                .is_some_and(|a| a.iter().any(|w| w["address"] == old_address))
+        },
+    )
+    .await;
+    assert!(gone <= Duration::from_secs(3), "left after {gone:?}");
+    eventually(
+        Duration::from_secs(15),
+        "worker-2 restarted and registered",
+        async || {
+            let list = http.get(&workers_url).await.json();
+            list.as_array().is_some_and(|a| {
+                a.iter().any(|w| {
+                    w["id"] == "worker-2" && w["address"] != old_address && w["state"] == "ready"
+                })
+            })
+        },
+    )
+    .await;
+    let rejoined = Instant::now();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.store(true, Ordering::Relaxed);
+    let outcomes = running.await.expect("load");
+
+    let failed = failures(&outcomes);
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed: {:?}",
+        failed.len(),
+        outcomes.len(),
+        &failed[..failed.len().min(5)]
+    );
+    let after: Vec<Outcome> = outcomes
+        .iter()
+        .filter(|o| o.at > rejoined)
+        .cloned()
+        .collect();
+    let by = per_worker(&after);
+    assert!(
+        by.get("worker-2").copied().unwrap_or(0) > 0,
+        "the restarted worker takes load: {by:?}"
+    );
+    assert!(
+        outcomes.len() > 50,
+        "steady load: {} requests",
+        outcomes.len()
+    );
+    eprintln!(
+        "kill -9: {} requests, none failed; endpoint gone after {gone:?}; restarted after {:?}",
+        outcomes.len(),
+        rejoined - killed
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_worker_gets_fewer_requests() {
+    let _serial = serial();
+    let mesh = Mesh::start(&[&[], &[], &["--inject-latency", "60ms"]], &[]).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let running = load(mesh.transform_url(), readings(200, 0.0, 2), 6, stop.clone());
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    stop.store(true, Ordering::Relaxed);
+    let outcomes = running.await.expect("load");
+    assert!(failures(&outcomes).is_empty());
+    let by = per_worker(&outcomes);
+    let (w1, w2, w3) = (
+        by.get("w1").copied().unwrap_or(0),
+        by.get("w2").copied().unwrap_or(0),
+        by.get("w3").copied().unwrap_or(0),
+    );
+    assert!(
+        w3 * 3 < w1.min(w2),
+        "the slow worker w3 should get clearly fewer requests: {by:?}"
+    );
+    eprintln!("requests per worker with w3 slowed by 60 ms: {by:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_every_worker_gone_the_gateway_answers_503_at_once() {
+    let _serial = serial();
+    let mut mesh = Mesh::start(&[&[], &[]], &[]).await;
+    for w in &mesh.workers {
+        w.signal(Signal::SIGKILL);
+    }
+    eventually(Duration::from_secs(5), "no ready worker left", async || {
+        mesh.ready_workers().await == 0
+    })
+    .await;
+    let started = Instant::now();
+    let a = Http::new()
+        .post_csv(&mesh.transform_url(), readings(10, 0.0, 3))
+        .await
+        .expect("an answer");
+    let took = started.elapsed();
+    assert_eq!(a.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(a.header("retry-after"), "1");
+    let body = a.json();
+    assert_eq!(body["code"], "no_ready_worker");
+    assert!(
+        body["trace_id"].as_str().is_some_and(|t| t.len() == 32),
+        "{body}"
+    );
+    assert!(took < Duration::from_millis(500), "answered in {took:?}");
+    mesh.workers.clear();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_clear_4xx_and_bad_records_are_dead_lettered() {
+    let _serial = serial();
+    let mesh = Mesh::start(&[&[]], &["--max-body-bytes", "200000"]).await;
+    let http = Http::new();
+    let url = mesh.transform_url();
+
+    let a = http
+        .post_csv(
+            &format!("{}/v1/pipelines/nope", mesh.gw_url),
+            readings(5, 0.0, 4),
+        )
+        .await
+        .expect("answer");
+    assert_eq!(a.status, StatusCode::NOT_FOUND);
+    assert_eq!(a.json()["code"], "unknown_pipeline");
+    assert!(
+        a.json()["message"].as_str().unwrap_or("").contains("clean"),
+        "{}",
+        a.json()
+    );
+
+    let a = http
+        .send(
+            Method::POST,
+            &url,
+            &[("content-type", "text/plain")],
+            readings(5, 0.0, 4),
+        )
+        .await
+        .expect("answer");
+    assert_eq!(a.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    assert_eq!(a.json()["code"], "unsupported_media_type");
+
+    let a = http
+        .send(
+            Method::POST,
+            &url,
+            &[("content-type", "text/csv"), ("accept", "image/png")],
+            readings(5, 0.0, 4),
+        )
+        .await
+        .expect("answer");
+    assert_eq!(a.status, StatusCode::NOT_ACCEPTABLE);
+
+    let a = http
+        .post_csv(&url, Bytes::from(vec![b'x'; 300_000]))
+        .await
+        .expect("answer");
+    assert_eq!(a.status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert!(
+        a.json()["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("200000"),
+        "{}",
+        a.json()
+    );
+
+    let a = http
+        .send(
+            Method::POST,
+            &url,
+            &[("content-type", "application/vnd.apache.parquet")],
+            Bytes::from_static(b"not parquet at all"),
+        )
+        .await
+        .expect("answer");
+    assert_eq!(a.status, StatusCode::BAD_REQUEST);
+    assert_eq!(a.json()["code"], "bad_body");
+    assert!(!a.header("etlmesh-trace-id").is_empty());
+
+    let a = http
+        .send(
+            Method::POST,
+            &url,
+            &[("content-type", "application/json")],
+            Bytes::from_static(b"{\"device_id\": 1}"),
+        )
+        .await
+        .expect("answer");
+    assert_eq!(
+        a.status,
+        StatusCode::BAD_REQUEST,
+        "{}",
+        String::from_utf8_lossy(&a.body)
+    );
+
+    // A partly bad body: the good records come back, the bad ones are dead-lettered.
+    let a = http
+        .post_csv(&url, readings(2000, 0.05, 5))
+        .await
+        .expect("answer");
+    assert_eq!(
+        a.status,
+        StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&a.body)
+    );
+    let n = |h: &str| a.header(h).parse::<u64>().expect(h);
+    let (records_in, out, filtered, dead) = (
+        n("etlmesh-records-in"),
+        n("etlmesh-records-out"),
+        n("etlmesh-records-filtered"),
+        n("etlmesh-records-dead-lettered"),
+    );
+    assert_eq!(records_in, 2000);
+    assert_eq!(records_in, out + filtered + dead);
+    assert!(dead > 30, "about 5% bad: {dead}");
+    assert_eq!(String::from_utf8_lossy(&a.body).lines().count() as u64, out);
+    assert!(!a.header("etlmesh-first-error").is_empty());
+    let letters = std::fs::read_to_string(mesh.scratch.path("dead/dead-clean-w1.ndjson"))
+        .expect("dead letters");
+    assert_eq!(letters.lines().count() as u64, dead);
+    let first: serde_json::Value =
+        serde_json::from_str(letters.lines().next().expect("a line")).expect("json");
+    assert_eq!(first["pipeline"], "clean");
+    assert!(first["line"].as_u64().is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_a_worker_without_failing_requests() {
+    let _serial = serial();
+    let mut mesh = Mesh::start(&[&[], &[], &[]], &[]).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let running = load(mesh.transform_url(), readings(500, 0.0, 6), 6, stop.clone());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let drained = mesh.workers.remove(1);
+    drained.signal(Signal::SIGTERM);
+    let mut drained = drained;
+    let started = Instant::now();
+    let status = loop {
+        if let Ok(Some(s)) = drained.child.try_wait() {
+            break s;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the worker did not exit:\n{}",
+            drained.output()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, Ordering::Relaxed);
+    let outcomes = running.await.expect("load");
+    assert!(
+        status.success(),
+        "the drained worker exits cleanly: {status:?}"
+    );
+    assert!(
+        drained.output().contains("draining"),
+        "{}",
+        drained.output()
+    );
+    let failed = failures(&outcomes);
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed: {:?}",
+        failed.len(),
+        outcomes.len(),
+        &failed[..failed.len().min(5)]
+    );
+    assert_eq!(mesh.ready_workers().await, 2);
+    eprintln!(
+        "SIGTERM: worker exited after {:?}; {} requests, none failed",
+        started.elapsed(),
+        outcomes.len()
+    );
+}
