@@ -16,11 +16,7 @@ use http::{Method, StatusCode};
 use nix::sys::signal::Signal;
 
 /// Mesh tests start many processes; on a small machine they run one at a time.
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
-}
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Control plane, gateway and workers as separate processes.
 struct Mesh {
@@ -166,7 +162,7 @@ fn per_worker(outcomes: &[Outcome]) -> HashMap<String, usize> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_killed_under_load_fails_no_request_and_is_replaced() {
-    let _serial = serial();
+    let _serial = SERIAL.lock().await;
     let scratch = Scratch::new();
     scratch.write("mesh.yaml", MESH_YAML);
     let up = Proc::start(
@@ -281,7 +277,7 @@ async fn a_worker_killed_under_load_fails_no_request_and_is_replaced() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_worker_gets_fewer_requests() {
-    let _serial = serial();
+    let _serial = SERIAL.lock().await;
     let mesh = Mesh::start(&[&[], &[], &["--inject-latency", "60ms"]], &[]).await;
     let stop = Arc::new(AtomicBool::new(false));
     let running = load(mesh.transform_url(), readings(200, 0.0, 2), 6, stop.clone());
@@ -304,7 +300,7 @@ async fn a_slow_worker_gets_fewer_requests() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_every_worker_gone_the_gateway_answers_503_at_once() {
-    let _serial = serial();
+    let _serial = SERIAL.lock().await;
     let mut mesh = Mesh::start(&[&[], &[]], &[]).await;
     for w in &mesh.workers {
         w.signal(Signal::SIGKILL);
@@ -333,7 +329,7 @@ async fn with_every_worker_gone_the_gateway_answers_503_at_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_clear_4xx_and_bad_records_are_dead_lettered() {
-    let _serial = serial();
+    let _serial = SERIAL.lock().await;
     let mesh = Mesh::start(&[&[]], &["--max-body-bytes", "200000"]).await;
     let http = Http::new();
     let url = mesh.transform_url();
@@ -453,7 +449,7 @@ async fn bad_input_gets_clear_4xx_and_bad_records_are_dead_lettered() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_a_worker_without_failing_requests() {
-    let _serial = serial();
+    let _serial = SERIAL.lock().await;
     let mut mesh = Mesh::start(&[&[], &[], &[]], &[]).await;
     let stop = Arc::new(AtomicBool::new(false));
     let running = load(mesh.transform_url(), readings(500, 0.0, 6), 6, stop.clone());
