@@ -25,6 +25,19 @@ pub(crate) async fn shutdown_signal() {
     }
 }
 
+/// A listening address, or `off`.
+#[derive(Debug, Clone, Copy)]
+pub struct Listen(pub Option<SocketAddr>);
+
+fn listen_or_off(s: &str) -> Result<Listen, String> {
+    if s == "off" {
+        return Ok(Listen(None));
+    }
+    s.parse()
+        .map(|a| Listen(Some(a)))
+        .map_err(|e| format!("`{s}` is not host:port or `off`: {e}"))
+}
+
 fn duration(s: &str) -> Result<Duration, String> {
     etlmesh_config::units::parse_duration(s)
 }
@@ -105,6 +118,9 @@ pub struct GatewayArgs {
     /// Where to listen for HTTP.
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
+    /// Where to listen for Arrow Flight (`off` to disable).
+    #[arg(long, default_value = "127.0.0.1:8815", value_parser = listen_or_off)]
+    pub flight: Listen,
     /// The control plane (`http://host:port`).
     #[arg(
         long,
@@ -158,6 +174,7 @@ pub(crate) fn gateway(args: &GatewayArgs) -> Result<(), CliError> {
     rt.block_on(async {
         let mut opts =
             etlmesh_gateway::GatewayOptions::new(args.listen, args.control_plane.clone());
+        opts.flight = args.flight.0;
         args.tuning.apply(&mut opts);
         let bound = etlmesh_gateway::bind(opts).await?;
         bound.serve(shutdown_signal()).await
@@ -185,6 +202,9 @@ pub struct UpArgs {
     /// The gateway's HTTP address.
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub http: SocketAddr,
+    /// The gateway's Arrow Flight address (`off` to disable).
+    #[arg(long, default_value = "127.0.0.1:8815", value_parser = listen_or_off)]
+    pub flight: Listen,
     /// The control plane's address (admin API).
     #[arg(long, default_value = "127.0.0.1:7070")]
     pub admin: SocketAddr,
@@ -205,6 +225,7 @@ pub(crate) fn up(args: &UpArgs) -> Result<(), CliError> {
     let exe = std::env::current_exe()
         .map_err(|e| CliError::Other(format!("cannot find the etlmesh executable: {e}")))?;
     let mut gw = etlmesh_gateway::GatewayOptions::new(args.http, String::new());
+    gw.flight = args.flight.0;
     args.tuning.apply(&mut gw);
     let options = etlmesh_up::UpOptions {
         config,
@@ -222,6 +243,9 @@ pub(crate) fn up(args: &UpArgs) -> Result<(), CliError> {
         move |urls| {
             eprintln!("etlmesh is up");
             eprintln!("  gateway        {}/v1/pipelines", urls.gateway);
+            if let Some(f) = &urls.flight {
+                eprintln!("  Arrow Flight   {f}");
+            }
             eprintln!("  control plane  {}/api/v1/workers", urls.admin);
             eprintln!("  metrics        {}/metrics  {}/metrics", urls.gateway, urls.admin);
             if demo {

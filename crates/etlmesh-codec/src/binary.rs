@@ -101,38 +101,41 @@ pub fn conform(
             );
         }
     }
-    let Ok(cast) = RecordBatch::try_new(target.clone(), columns) else {
-        let all = (0..rows)
-            .map(|r| prov.reject(batch, r, Stage::Cast, "does not fit the schema"))
-            .collect();
-        return (None, all);
+    // Rows about to be rejected may hold nulls in required fields: build with every
+    // field nullable, drop them, then check the target schema.
+    let loose = Arc::new(arrow::datatypes::Schema::new(
+        target
+            .fields()
+            .iter()
+            .map(|f| f.as_ref().clone().with_nullable(true))
+            .collect::<Vec<_>>(),
+    ));
+    let reject_all = |e: arrow::error::ArrowError| {
+        let reason = format!("does not fit the schema: {e}");
+        (0..rows)
+            .map(|r| prov.reject(batch, r, Stage::Cast, reason.clone()))
+            .collect::<Vec<_>>()
     };
-    if rejects.is_empty() {
-        return (
-            Some(DecodedBatch {
-                batch: cast,
-                provenance: prov.clone(),
-            }),
-            rejects,
-        );
+    let cast = match RecordBatch::try_new(loose, columns) {
+        Ok(c) => c,
+        Err(e) => return (None, reject_all(e)),
+    };
+    let (kept, provenance) = if rejects.is_empty() {
+        (cast, prov.clone())
+    } else {
+        let keep = BooleanArray::from(bad.iter().map(Option::is_none).collect::<Vec<_>>());
+        let kept_rows: Vec<usize> = (0..rows).filter(|r| bad[*r].is_none()).collect();
+        match filter_record_batch(&cast, &keep) {
+            Ok(b) => (b, prov.pick(&kept_rows)),
+            Err(e) => return (None, reject_all(e)),
+        }
+    };
+    if kept.num_rows() == 0 {
+        return (None, rejects);
     }
-    // Kept rows are no longer contiguous: their provenance becomes per-row JSON.
-    let keep = BooleanArray::from(bad.iter().map(Option::is_none).collect::<Vec<_>>());
-    let kept = filter_record_batch(&cast, &keep)
-        .ok()
-        .map(|b| DecodedBatch {
-            batch: b,
-            provenance: Provenance::Rows {
-                source: source_of(prov),
-                first_row: 0,
-            },
-        });
-    (kept.filter(|k| k.batch.num_rows() > 0), rejects)
-}
-
-fn source_of(p: &Provenance) -> Arc<str> {
-    match p {
-        Provenance::Text { source, .. } | Provenance::Rows { source, .. } => source.clone(),
+    match RecordBatch::try_new(target.clone(), kept.columns().to_vec()) {
+        Ok(batch) => (Some(DecodedBatch { batch, provenance }), rejects),
+        Err(e) => (None, reject_all(e)),
     }
 }
 
@@ -267,6 +270,51 @@ mod tests {
     use super::*;
     use arrow::array::{AsArray, Int64Array, StringArray};
     use arrow::datatypes::{DataType, Field, Float64Type, Schema};
+
+    #[test]
+    fn conform_casts_binary_text_and_timestamp_units() {
+        use arrow::array::{BinaryArray, TimestampNanosecondArray};
+        use arrow::datatypes::TimeUnit;
+        let src = RecordBatch::try_from_iter(vec![
+            (
+                "d",
+                Arc::new(BinaryArray::from(vec![&b"a"[..], b"\xff\xfe", b"c"])) as ArrayRef,
+            ),
+            (
+                "ts",
+                Arc::new(
+                    TimestampNanosecondArray::from(vec![1_000_000, 2_000_000, 3_000_000])
+                        .with_timezone("UTC"),
+                ) as ArrayRef,
+            ),
+        ])
+        .expect("batch");
+        let target = Arc::new(Schema::new(vec![
+            Field::new("d", DataType::Utf8, false),
+            Field::new(
+                "ts",
+                DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())),
+                false,
+            ),
+        ]));
+        let prov = Provenance::Rows {
+            source: Arc::from("in"),
+            first_row: 1,
+        };
+        let (kept, rejects) = conform(&src, &target, &prov);
+        assert_eq!(rejects.len(), 1, "the row whose text is not UTF-8");
+        assert_eq!(rejects[0].row, Some(2));
+        let kept = kept.expect("kept");
+        assert_eq!(kept.batch.num_rows(), 2);
+        assert_eq!(kept.batch.schema(), target);
+        // The kept rows keep their record numbers.
+        assert_eq!(
+            kept.provenance
+                .reject(&kept.batch, 1, Stage::Transform, "x")
+                .row,
+            Some(3)
+        );
+    }
 
     #[test]
     fn conform_rejects_only_bad_rows() {

@@ -153,6 +153,15 @@ pub enum Provenance {
         /// 1-based number of the batch's first record.
         first_row: u64,
     },
+    /// Rows picked out of a typed batch: row `i` is record `rows[offset + i]`.
+    Picked {
+        /// The input.
+        source: Arc<str>,
+        /// 1-based record numbers.
+        rows: Arc<[u64]>,
+        /// First row of this batch in `rows`.
+        offset: usize,
+    },
 }
 
 impl Provenance {
@@ -173,6 +182,53 @@ impl Provenance {
             Provenance::Rows { source, first_row } => Provenance::Rows {
                 source: source.clone(),
                 first_row: first_row + offset as u64,
+            },
+            Provenance::Picked {
+                source,
+                rows,
+                offset: o,
+            } => Provenance::Picked {
+                source: source.clone(),
+                rows: rows.clone(),
+                offset: o + offset,
+            },
+        }
+    }
+
+    /// The provenance of the rows `picked` (indices into this batch, ascending), for a
+    /// batch filtered down to them.
+    pub fn pick(&self, picked: &[usize]) -> Provenance {
+        match self {
+            Provenance::Text {
+                source,
+                data,
+                spans,
+                offset,
+            } => Provenance::Text {
+                source: source.clone(),
+                data: data.clone(),
+                spans: picked
+                    .iter()
+                    .filter_map(|&i| spans.get(offset + i).copied())
+                    .collect(),
+                offset: 0,
+            },
+            Provenance::Rows { source, first_row } => Provenance::Picked {
+                source: source.clone(),
+                rows: picked.iter().map(|&i| first_row + i as u64).collect(),
+                offset: 0,
+            },
+            Provenance::Picked {
+                source,
+                rows,
+                offset,
+            } => Provenance::Picked {
+                source: source.clone(),
+                rows: picked
+                    .iter()
+                    .filter_map(|&i| rows.get(offset + i).copied())
+                    .collect(),
+                offset: 0,
             },
         }
     }
@@ -201,6 +257,18 @@ impl Provenance {
             Provenance::Rows { source, first_row } => {
                 let raw = row_as_json(batch, i);
                 Reject::new(source, stage, reason, raw).at_row(first_row + i as u64)
+            }
+            Provenance::Picked {
+                source,
+                rows,
+                offset,
+            } => {
+                let raw = row_as_json(batch, i);
+                let r = Reject::new(source, stage, reason, raw);
+                match rows.get(offset + i) {
+                    Some(n) => r.at_row(*n),
+                    None => r,
+                }
             }
         }
     }

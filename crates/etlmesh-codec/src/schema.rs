@@ -136,9 +136,50 @@ pub fn inferred_schema(columns: Vec<(String, Inferred)>) -> SchemaRef {
     ))
 }
 
+/// A schema as base64 of an Arrow IPC stream holding only it, to pass schemas through
+/// JSON (the endpoint set) without losing types.
+pub fn schema_to_base64(schema: &Schema) -> Option<String> {
+    use base64::Engine as _;
+    let mut buf = Vec::new();
+    let mut w = arrow::ipc::writer::StreamWriter::try_new(&mut buf, schema).ok()?;
+    w.finish().ok()?;
+    drop(w);
+    Some(base64::engine::general_purpose::STANDARD.encode(buf))
+}
+
+/// The schema [`schema_to_base64`] encoded.
+pub fn schema_from_base64(text: &str) -> Option<SchemaRef> {
+    use base64::Engine as _;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(text)
+        .ok()?;
+    let reader =
+        arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(bytes), None).ok()?;
+    Some(reader.schema())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn schemas_survive_base64() {
+        let s = arrow_schema(&[
+            FieldSpec {
+                name: "a".into(),
+                ty: FieldType::TimestampMs,
+                nullable: false,
+            },
+            FieldSpec {
+                name: "b".into(),
+                ty: FieldType::Utf8,
+                nullable: true,
+            },
+        ]);
+        let text = schema_to_base64(&s).expect("encodes");
+        assert_eq!(schema_from_base64(&text).expect("decodes"), s);
+        assert!(schema_from_base64("not base64!").is_none());
+    }
 
     #[test]
     fn widening() {

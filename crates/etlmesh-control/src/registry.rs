@@ -306,6 +306,7 @@ mod tests {
                 description: None,
                 input_schema: None,
                 output_schema: None,
+                output_schema_ipc: None,
             }],
             pid: 1,
             version: "0".into(),

@@ -73,6 +73,7 @@ impl Routes {
                     description: None,
                     input_schema: None,
                     output_schema: None,
+                    output_schema_ipc: None,
                 });
             out.push((info, inner.routes.get(name).map_or(0, |r| r.ready())));
         }

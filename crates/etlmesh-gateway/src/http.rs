@@ -13,13 +13,13 @@ use etlmesh_proto::headers;
 use etlmesh_telemetry::TraceContext;
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use http_body_util::{BodyExt, Limited};
-use tower::{BoxError, ServiceExt};
+use tower::BoxError;
 use tracing::Instrument;
 
 use crate::Gateway;
-use crate::endpoint::{Payload, WorkerRequest, WorkerResponse};
+use crate::dispatch::Refusal;
+use crate::endpoint::{Payload, WorkerResponse};
 use crate::metrics::{EndpointLabels, PipelineLabels, RecordLabels, RequestLabels};
-use crate::route::RetryPolicy;
 
 const FORMATS: &str = "text/csv, application/x-ndjson, application/json, application/vnd.apache.parquet or application/vnd.apache.arrow.stream";
 
@@ -149,30 +149,14 @@ async fn route(
     trace: TraceContext,
 ) -> Response {
     let tid = Some(trace.trace_id_hex());
-    let Some(route) = gw.routes.get(name) else {
-        let names: Vec<String> = gw
-            .routes
-            .pipelines()
-            .into_iter()
-            .map(|(i, _)| i.name)
-            .collect();
-        return error_response(
-            StatusCode::NOT_FOUND,
-            "unknown_pipeline",
-            format!(
-                "no pipeline named `{name}`; the mesh serves: {}",
-                if names.is_empty() {
-                    "nothing yet".into()
-                } else {
-                    names.join(", ")
-                }
-            ),
-            tid,
-        );
+    let refused = |r: Refusal, tid: Option<String>| {
+        let (status, code, message) = r.parts();
+        error_response(status, code, message, tid)
     };
-    if route.ready() == 0 {
-        return no_worker(name, tid);
-    }
+    let route = match gw.lookup(name) {
+        Ok(r) => r,
+        Err(r) => return refused(r, tid),
+    };
     let ct = h.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
     if ct.and_then(Format::from_content_type).is_none() {
         return error_response(
@@ -216,97 +200,11 @@ async fn route(
             out.insert(k, v.clone());
         }
     }
-    if let Ok(v) = HeaderValue::from_str(&trace.child().header()) {
-        out.insert(headers::TRACEPARENT, v);
-    }
     let timeout = deadline(gw, &q, &h);
-    let deadline = tokio::time::Instant::now() + timeout;
-    let req = WorkerRequest {
-        pipeline: route.pipeline.clone(),
-        headers: out,
-        payload,
-        attempt: 0,
-        deadline,
-    };
-    RetryPolicy::deposit(&gw.budget);
-    let pipeline = name.to_string();
-    let metrics = gw.metrics.clone();
-    let policy = RetryPolicy {
-        budget: gw.budget.clone(),
-        left: gw.options.max_retries,
-        on_retry: Arc::new(move |granted| {
-            let l = PipelineLabels {
-                pipeline: pipeline.clone(),
-            };
-            if granted {
-                metrics.retries.get_or_create(&l).inc();
-            } else {
-                metrics.budget_exhausted.get_or_create(&l).inc();
-            }
-        }),
-    };
-    let call = send(policy, route.service.clone(), req);
-    // Requests waiting for a worker fail fast once none is left for a while.
-    let mut ready = route.watch_ready();
-    let gone = async {
-        loop {
-            if ready.wait_for(|n| *n == 0).await.is_err() {
-                return futures::future::pending().await;
-            }
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            if *ready.borrow() == 0 {
-                return;
-            }
-        }
-    };
-    let result = tokio::select! {
-        r = tokio::time::timeout(timeout, call) => r,
-        () = gone => return no_worker(name, tid),
-    };
-    match result {
-        Err(_) => error_response(
-            StatusCode::GATEWAY_TIMEOUT,
-            "deadline_exceeded",
-            format!(
-                "no answer within the deadline of {} ms; give a longer one with `etlmesh-timeout-ms`, or send fewer records",
-                timeout.as_millis()
-            ),
-            tid,
-        ),
-        Ok(Err(e)) if e.is::<tower::load_shed::error::Overloaded>() => {
-            gw.metrics
-                .shed
-                .get_or_create(&PipelineLabels {
-                    pipeline: name.to_string(),
-                })
-                .inc();
-            error_response(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "overloaded",
-                format!(
-                    "every worker of `{name}` is busy and the queue is full; retry after the Retry-After delay"
-                ),
-                tid,
-            )
-        }
-        Ok(Err(e)) => error_response(
-            StatusCode::BAD_GATEWAY,
-            "worker_unreachable",
-            format!("the workers of `{name}` could not be reached ({e}); retry later"),
-            tid,
-        ),
-        Ok(Ok(r)) => relay(gw, name, r),
+    match gw.dispatch(route, out, payload, &trace, timeout).await {
+        Ok(r) => relay(gw, name, r),
+        Err(r) => refused(r, tid),
     }
-}
-
-/// The request through retries and the route, as a boxed future: naming the type here
-/// keeps the handler's future provably `Send`.
-fn send(
-    policy: RetryPolicy,
-    service: crate::route::RouteService,
-    req: WorkerRequest,
-) -> futures::future::BoxFuture<'static, Result<WorkerResponse, BoxError>> {
-    Box::pin(tower::retry::Retry::new(policy, service).oneshot(req))
 }
 
 /// A body passed through once, cut at `max` bytes.
@@ -317,15 +215,6 @@ fn streaming(body: Body, max: usize) -> Payload {
     Payload::Streaming(std::sync::Mutex::new(Some(
         Limited::new(body, max).map_err(boxed).boxed_unsync(),
     )))
-}
-
-fn no_worker(name: &str, tid: Option<String>) -> Response {
-    error_response(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "no_ready_worker",
-        format!("no worker of `{name}` is ready; retry after the Retry-After delay"),
-        tid,
-    )
 }
 
 fn too_large(max: usize, tid: Option<String>) -> Response {

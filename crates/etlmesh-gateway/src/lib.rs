@@ -9,7 +9,9 @@
 
 pub mod accrual;
 pub mod discovery;
+mod dispatch;
 pub mod endpoint;
+mod flight;
 mod http;
 mod metrics;
 pub mod route;
@@ -49,6 +51,8 @@ pub enum GatewayError {
 pub struct GatewayOptions {
     /// The HTTP listener.
     pub listen: SocketAddr,
+    /// The Arrow Flight listener, if any.
+    pub flight: Option<SocketAddr>,
     /// The control plane (`http://host:port`).
     pub control_plane: String,
     /// The largest request body.
@@ -70,6 +74,7 @@ impl GatewayOptions {
     pub fn new(listen: SocketAddr, control_plane: impl Into<String>) -> Self {
         Self {
             listen,
+            flight: None,
             control_plane: control_plane.into(),
             max_body_bytes: 64 << 20,
             retry_buffer_bytes: 4 << 20,
@@ -91,11 +96,14 @@ pub struct Gateway {
     connected: watch::Receiver<bool>,
 }
 
-/// A gateway bound to its socket.
+/// A gateway bound to its sockets.
 pub struct Bound {
     /// The HTTP address.
     pub addr: SocketAddr,
+    /// The Arrow Flight address.
+    pub flight_addr: Option<SocketAddr>,
     listener: TcpListener,
+    flight: Option<TcpListener>,
     gateway: Arc<Gateway>,
     connected: watch::Sender<bool>,
 }
@@ -112,6 +120,15 @@ pub async fn bind(options: GatewayOptions) -> Result<Bound, GatewayError> {
     let addr = listener
         .local_addr()
         .map_err(|e| GatewayError::Serve(e.to_string()))?;
+    let flight = match options.flight {
+        Some(a) => Some(
+            TcpListener::bind(a)
+                .await
+                .map_err(|error| GatewayError::Listen { addr: a, error })?,
+        ),
+        None => None,
+    };
+    let flight_addr = flight.as_ref().and_then(|l| l.local_addr().ok());
     let registry = etlmesh_telemetry::metrics::registry();
     let metrics = metrics::GatewayMetrics::register(&registry);
     let routes = Arc::new(discovery::Routes::new(
@@ -130,7 +147,9 @@ pub async fn bind(options: GatewayOptions) -> Result<Bound, GatewayError> {
     });
     Ok(Bound {
         addr,
+        flight_addr,
         listener,
+        flight,
         gateway,
         connected,
     })
@@ -156,11 +175,36 @@ impl Bound {
             .route("/metrics", get(http::metrics))
             .layer(DefaultBodyLimit::disable())
             .with_state(gw.clone());
+        let (stop_tx, stop_rx) = watch::channel(false);
+        tokio::spawn(async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+        });
+        let stopped = |mut rx: watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+        let flight_task = self.flight.map(|listener| {
+            let addr = self.flight_addr;
+            let svc = arrow_flight::flight_service_server::FlightServiceServer::new(flight::FlightGateway::new(gw.clone()))
+                .max_decoding_message_size(gw.options.max_body_bytes)
+                .max_encoding_message_size(gw.options.max_body_bytes);
+            tracing::info!(addr = ?addr, "gateway Arrow Flight listening on grpc://{}", addr.map(|a| a.to_string()).unwrap_or_default());
+            tokio::spawn(
+                tonic::transport::Server::builder()
+                    .add_service(svc)
+                    .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener), stopped(stop_rx.clone())),
+            )
+        });
         tracing::info!(addr = %self.addr, control_plane = %gw.options.control_plane, "gateway listening on http://{}", self.addr);
         let result = axum::serve(self.listener, router)
-            .with_graceful_shutdown(shutdown)
+            .with_graceful_shutdown(stopped(stop_rx))
             .await
             .map_err(|e| GatewayError::Serve(e.to_string()));
+        if let Some(t) = flight_task
+            && let Ok(Err(e)) = t.await
+        {
+            tracing::warn!(error = %e, "Arrow Flight server stopped with an error");
+        }
         follower.abort();
         result
     }

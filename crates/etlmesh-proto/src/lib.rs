@@ -61,6 +61,9 @@ pub struct PipelineInfo {
     /// The output schema, when the input schema is declared.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output_schema: Option<String>,
+    /// The output schema as base64 of an Arrow IPC stream (for Arrow Flight clients).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_schema_ipc: Option<String>,
 }
 
 /// What a worker says when it starts.

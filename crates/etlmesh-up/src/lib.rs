@@ -51,6 +51,8 @@ pub struct Urls {
     pub gateway: String,
     /// The control plane.
     pub admin: String,
+    /// Arrow Flight, when on.
+    pub flight: Option<String>,
 }
 
 /// Starts everything, calls `ready` with the URLs, and runs until `shutdown`.
@@ -72,6 +74,7 @@ pub async fn run(
     let urls = Urls {
         gateway: format!("http://{}", gateway.addr),
         admin: admin.clone(),
+        flight: gateway.flight_addr.map(|a| format!("grpc://{a}")),
     };
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

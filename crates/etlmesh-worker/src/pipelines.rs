@@ -152,6 +152,10 @@ impl Pipelines {
                     .transform
                     .as_ref()
                     .map(|t| etlmesh_codec::schema::describe(t.output_schema())),
+                output_schema_ipc: p
+                    .transform
+                    .as_ref()
+                    .and_then(|t| etlmesh_codec::schema::schema_to_base64(t.output_schema())),
             })
             .collect()
     }

@@ -30,6 +30,11 @@ struct Mesh {
 
 impl Mesh {
     async fn start(workers: &[&[&str]], gateway_args: &[&str]) -> Self {
+        Self::start_with(workers, gateway_args).await.0
+    }
+
+    /// Also returns the gateway's Arrow Flight URL.
+    async fn start_with(workers: &[&[&str]], gateway_args: &[&str]) -> (Self, String) {
         let scratch = Scratch::new();
         scratch.write("mesh.yaml", MESH_YAML);
         let dir = scratch.dir.path().to_path_buf();
@@ -39,12 +44,15 @@ impl Mesh {
             "gateway",
             "--listen",
             "127.0.0.1:0",
+            "--flight",
+            "127.0.0.1:0",
             "--control-plane",
             &cp_url,
         ];
         args.extend_from_slice(gateway_args);
         let gw = Proc::start(&dir, &args);
         let gw_url = gw.url("gateway");
+        let flight = gw.url("Arrow Flight").replace("grpc://", "http://");
         let mut mesh = Self {
             scratch,
             cp_url,
@@ -56,7 +64,7 @@ impl Mesh {
             mesh.add_worker(&format!("w{}", i + 1), extra);
         }
         mesh.wait_ready(workers.len()).await;
-        mesh
+        (mesh, flight)
     }
 
     fn add_worker(&mut self, id: &str, extra: &[&str]) {
@@ -175,6 +183,8 @@ async fn a_worker_killed_under_load_fails_no_request_and_is_replaced() {
             "3",
             "--http",
             "127.0.0.1:0",
+            "--flight",
+            "off",
             "--admin",
             "127.0.0.1:0",
         ],
@@ -495,4 +505,87 @@ async fn sigterm_drains_a_worker_without_failing_requests() {
         started.elapsed(),
         outcomes.len()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn arrow_flight_lists_pipelines_and_exchanges_tables() {
+    use arrow_flight::encode::FlightDataEncoderBuilder;
+    use arrow_flight::{FlightClient, FlightDescriptor};
+    use futures::TryStreamExt;
+
+    let _serial = SERIAL.lock().await;
+    let (mesh, flight) = Mesh::start_with(&[&[]], &[]).await;
+    let channel = tonic::transport::Channel::from_shared(flight.clone())
+        .expect("url")
+        .connect()
+        .await
+        .expect("connects");
+    let mut client = FlightClient::new(channel);
+
+    let infos: Vec<_> = client
+        .list_flights(bytes::Bytes::new())
+        .await
+        .expect("list")
+        .try_collect()
+        .await
+        .expect("infos");
+    assert_eq!(infos.len(), 1);
+    assert_eq!(
+        infos[0].flight_descriptor.as_ref().map(|d| d.path.clone()),
+        Some(vec!["clean".to_string()])
+    );
+    let schema = infos[0].clone().try_decode_schema().expect("schema");
+    assert_eq!(schema.field(2).name(), "temperature_f");
+
+    let csv = readings(300, 0.05, 7);
+    let decl = etlmesh_config::PipelineFile::parse("mesh.yaml", MESH_YAML).expect("yaml");
+    let fields = decl.spec.pipelines[0].schema.clone().expect("schema");
+    let input_schema = etlmesh_codec::schema::arrow_schema(&fields);
+    let limits = etlmesh_codec::Limits::default();
+    let (_, decoded) = etlmesh_codec::decode_body(
+        csv.clone(),
+        "test",
+        etlmesh_config::Format::Csv,
+        Some(&input_schema),
+        &etlmesh_config::CsvOptions::default(),
+        &limits,
+        10,
+    )
+    .expect("decodes");
+    let batches: Vec<_> = decoded.batches.into_iter().map(|b| Ok(b.batch)).collect();
+    let data = FlightDataEncoderBuilder::new()
+        .with_flight_descriptor(Some(FlightDescriptor::new_path(vec!["clean".into()])))
+        .build(futures::stream::iter(batches));
+    let out: Vec<arrow::array::RecordBatch> = client
+        .do_exchange(data)
+        .await
+        .expect("exchange")
+        .try_collect()
+        .await
+        .expect("batches");
+    let rows: usize = out.iter().map(|b| b.num_rows()).sum();
+
+    let http = Http::new()
+        .post_csv(&mesh.transform_url(), csv)
+        .await
+        .expect("http");
+    let good = http
+        .header("etlmesh-records-out")
+        .parse::<usize>()
+        .expect("count");
+    assert!(rows > 200, "{rows}");
+    assert_eq!(rows, good, "Flight and HTTP agree on the clean rows");
+    assert_eq!(out[0].schema().field(2).name(), "temperature_f");
+
+    let bad = FlightDataEncoderBuilder::new()
+        .with_flight_descriptor(Some(FlightDescriptor::new_path(vec!["nope".into()])))
+        .build(futures::stream::iter(vec![Ok(out[0].clone())]));
+    let err = match client.do_exchange(bad).await {
+        Ok(s) => s
+            .try_collect::<Vec<_>>()
+            .await
+            .expect_err("unknown pipeline"),
+        Err(e) => e,
+    };
+    assert!(err.to_string().contains("unknown_pipeline"), "{err}");
 }

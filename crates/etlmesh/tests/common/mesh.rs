@@ -69,13 +69,11 @@ impl Proc {
         }
     }
 
-    /// The URL in the first line that says `{what} listening on http://…`.
+    /// The URL in the first line that says `{what} listening on <url>`.
     pub fn url(&self, what: &str) -> String {
-        let line = self.wait_for(
-            &format!("{what} listening on http://"),
-            Duration::from_secs(20),
-        );
-        let at = line.find("http://").expect("a URL");
+        let needle = format!("{what} listening on ");
+        let line = self.wait_for(&needle, Duration::from_secs(20));
+        let at = line.find(&needle).expect("found") + needle.len();
         line[at..]
             .split_whitespace()
             .next()
