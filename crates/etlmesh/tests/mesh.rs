@@ -589,3 +589,115 @@ async fn arrow_flight_lists_pipelines_and_exchanges_tables() {
     };
     assert!(err.to_string().contains("unknown_pipeline"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deadlines_load_shedding_tracing_and_metrics() {
+    let _serial = SERIAL.lock().await;
+    let mesh = Mesh::start(
+        &[&["--inject-latency", "400ms"]],
+        &["--queue", "2", "--endpoint-concurrency", "1"],
+    )
+    .await;
+    let http = Http::new();
+    let url = mesh.transform_url();
+    let body = readings(20, 0.0, 8);
+
+    // The worker honours the deadline it is given.
+    let started = Instant::now();
+    let a = http
+        .send(
+            Method::POST,
+            &format!("{url}?timeout_ms=150"),
+            &[("content-type", "text/csv")],
+            body.clone(),
+        )
+        .await
+        .expect("answer");
+    assert_eq!(
+        a.status,
+        StatusCode::GATEWAY_TIMEOUT,
+        "{}",
+        String::from_utf8_lossy(&a.body)
+    );
+    assert_eq!(a.json()["code"], "deadline_exceeded");
+    assert!(
+        started.elapsed() < Duration::from_millis(380),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // The trace id goes through and comes back.
+    let trace = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let a = http
+        .send(
+            Method::POST,
+            &url,
+            &[("content-type", "text/csv"), ("traceparent", trace)],
+            body.clone(),
+        )
+        .await
+        .expect("answer");
+    assert_eq!(a.status, StatusCode::OK);
+    assert_eq!(
+        a.header("etlmesh-trace-id"),
+        "4bf92f3577b34da6a3ce929d0e0e4736"
+    );
+    assert!(
+        a.header("traceparent")
+            .starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-")
+    );
+    assert!(
+        !a.header("traceparent").contains("00f067aa0ba902b7"),
+        "the worker's span is a child"
+    );
+
+    // One request at a time per worker, two queued: the rest are shed at once.
+    let mut tasks = Vec::new();
+    for _ in 0..10 {
+        let (http, url, body) = (http.clone(), url.clone(), body.clone());
+        tasks.push(tokio::spawn(async move {
+            let started = Instant::now();
+            let a = http.post_csv(&url, body).await.expect("answer");
+            (a, started.elapsed())
+        }));
+    }
+    let mut shed = 0;
+    for t in tasks {
+        let (a, took) = t.await.expect("task");
+        if a.status == StatusCode::SERVICE_UNAVAILABLE {
+            shed += 1;
+            assert_eq!(a.json()["code"], "overloaded");
+            assert_eq!(a.header("retry-after"), "1");
+            assert!(
+                took < Duration::from_millis(300),
+                "shed at once, not queued: {took:?}"
+            );
+        } else {
+            assert_eq!(a.status, StatusCode::OK);
+        }
+    }
+    assert!(shed >= 5, "{shed} of 10 shed");
+
+    // Metrics move on the gateway and on the worker.
+    let gw = http.get(&format!("{}/metrics", mesh.gw_url)).await;
+    let text = String::from_utf8_lossy(&gw.body).to_string();
+    assert!(
+        text.contains("etlmesh_gateway_requests_total{pipeline=\"clean\",code=\"200\"}"),
+        "{text}"
+    );
+    assert!(
+        text.contains("etlmesh_gateway_shed_total{pipeline=\"clean\"}"),
+        "{text}"
+    );
+    assert!(
+        text.contains("etlmesh_gateway_request_duration_seconds_bucket"),
+        "{text}"
+    );
+    let worker_url = mesh.workers[0].url("worker");
+    let w = http.get(&format!("{worker_url}/metrics")).await;
+    let text = String::from_utf8_lossy(&w.body).to_string();
+    assert!(
+        text.contains("etlmesh_worker_records_total{pipeline=\"clean\",outcome=\"in\"}"),
+        "{text}"
+    );
+}
