@@ -15,6 +15,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 
 pub use api::router;
@@ -94,10 +95,13 @@ impl Bound {
     ) -> Result<(), ControlError> {
         let reaper = tokio::spawn(registry::reap_forever(self.registry.clone()));
         tracing::info!(addr = %self.addr, "control plane listening on http://{}", self.addr);
-        let result = axum::serve(self.listener, router(self.registry))
-            .with_graceful_shutdown(shutdown)
-            .await
-            .map_err(|e| ControlError::Serve(e.to_string()));
+        let result = axum::serve(
+            self.listener.tap_io(etlmesh_http::no_delay),
+            router(self.registry),
+        )
+        .with_graceful_shutdown(shutdown)
+        .await
+        .map_err(|e| ControlError::Serve(e.to_string()));
         reaper.abort();
         result
     }

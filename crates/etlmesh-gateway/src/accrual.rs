@@ -95,10 +95,22 @@ fn verdict(r: &Result<WorkerResponse, BoxError>) -> Verdict {
         Ok(resp) if matches!(resp.response.status().as_u16(), 502..=504) => Verdict::Failure,
         Ok(_) => Verdict::Success,
         Err(e) => match e.downcast_ref::<hyper_util::client::legacy::Error>() {
-            Some(h) if h.is_connect() => Verdict::Unreachable,
+            Some(h) if h.is_connect() || connection_lost(h) => Verdict::Unreachable,
             _ => Verdict::Failure,
         },
     }
+}
+
+/// Whether the connection died under the request (the worker's process went away).
+fn connection_lost(e: &hyper_util::client::legacy::Error) -> bool {
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(h) = s.downcast_ref::<hyper::Error>() {
+            return h.is_closed() || h.is_incomplete_message() || h.is_canceled();
+        }
+        source = s.source();
+    }
+    false
 }
 
 fn jitter(d: Duration) -> Duration {

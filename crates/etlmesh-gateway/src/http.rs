@@ -79,10 +79,7 @@ pub(crate) async fn transform(
     body: Body,
 ) -> Response {
     let started = Instant::now();
-    let parent = req_headers
-        .get(headers::TRACEPARENT)
-        .and_then(|v| v.to_str().ok());
-    let trace = TraceContext::from_header_or_new(parent);
+    let trace = etlmesh_http::trace_context(&req_headers);
     let trace_id = trace.trace_id_hex();
     let span = tracing::info_span!("request", pipeline = %name, trace_id = %trace_id);
     let known = gw.routes.get(&name).is_some();

@@ -24,6 +24,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
+use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tower::retry::budget::TpsBudget;
@@ -80,7 +81,7 @@ impl GatewayOptions {
             retry_buffer_bytes: 4 << 20,
             default_deadline: Duration::from_secs(10),
             max_deadline: Duration::from_secs(300),
-            max_retries: 2,
+            max_retries: 3,
             route: RouteOptions::default(),
         }
     }
@@ -196,7 +197,7 @@ impl Bound {
             )
         });
         tracing::info!(addr = %self.addr, control_plane = %gw.options.control_plane, "gateway listening on http://{}", self.addr);
-        let result = axum::serve(self.listener, router)
+        let result = axum::serve(self.listener.tap_io(etlmesh_http::no_delay), router)
             .with_graceful_shutdown(stopped(stop_rx))
             .await
             .map_err(|e| GatewayError::Serve(e.to_string()));

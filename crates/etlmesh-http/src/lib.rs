@@ -157,6 +157,20 @@ impl JsonClient {
     }
 }
 
+/// Turns Nagle's algorithm off on an accepted connection: small writes (headers, the
+/// end of a body) must not wait for the peer's delayed ACK, which costs up to 40 ms.
+pub fn no_delay(stream: &mut tokio::net::TcpStream) {
+    let _ = stream.set_nodelay(true);
+}
+
+/// The trace context of a request (its `traceparent`), or a new trace.
+pub fn trace_context(h: &http::HeaderMap) -> etlmesh_telemetry::TraceContext {
+    let parent = h
+        .get(etlmesh_proto::headers::TRACEPARENT)
+        .and_then(|v| v.to_str().ok());
+    etlmesh_telemetry::TraceContext::from_header_or_new(parent)
+}
+
 /// A JSON error response: `{"code", "message", "trace_id"}`.
 pub fn error_response(
     status: StatusCode,

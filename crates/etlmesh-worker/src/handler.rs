@@ -15,7 +15,6 @@ use etlmesh_config::{Format, OnError};
 use etlmesh_engine::Kind;
 use etlmesh_http::error_response;
 use etlmesh_proto::headers;
-use etlmesh_telemetry::TraceContext;
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use tracing::Instrument;
 
@@ -59,10 +58,7 @@ pub(crate) async fn transform(
     body: Body,
 ) -> Response {
     let started = Instant::now();
-    let parent = req_headers
-        .get(headers::TRACEPARENT)
-        .and_then(|v| v.to_str().ok());
-    let trace = TraceContext::from_header_or_new(parent).child();
+    let trace = etlmesh_http::trace_context(&req_headers).child();
     let trace_id = trace.trace_id_hex();
     let span =
         tracing::info_span!("transform", pipeline = %name, trace_id = %trace_id, worker = %app.id);

@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::routing::{get, post};
+use axum::serve::ListenerExt;
 use etlmesh_config::PipelineFile;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -190,9 +191,10 @@ pub async fn run(
         tokio::time::sleep(grace).await;
         let _ = stop_tx.send(());
     });
-    let serve = axum::serve(listener, router).with_graceful_shutdown(async {
-        let _ = stop_rx.await;
-    });
+    let serve = axum::serve(listener.tap_io(etlmesh_http::no_delay), router)
+        .with_graceful_shutdown(async {
+            let _ = stop_rx.await;
+        });
     let drain_timeout = options.drain_timeout;
     let served = async {
         serve.await.map_err(|e| WorkerError::Serve(e.to_string()))?;
