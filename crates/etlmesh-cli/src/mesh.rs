@@ -69,6 +69,9 @@ pub struct WorkerArgs {
     /// Fault injection: latency added to every transform (`50ms`).
     #[arg(long, value_parser = duration)]
     pub inject_latency: Option<Duration>,
+    /// Serve only this pipeline (repeatable; every pipeline of the file by default).
+    #[arg(long = "pipeline", value_name = "NAME")]
+    pub pipelines: Vec<String>,
 }
 
 pub(crate) fn worker(args: &WorkerArgs) -> Result<(), CliError> {
@@ -82,6 +85,7 @@ pub(crate) fn worker(args: &WorkerArgs) -> Result<(), CliError> {
     opts.advertise = args.advertise.clone();
     opts.max_in_flight = args.max_in_flight.max(1);
     opts.inject_latency = args.inject_latency;
+    opts.pipelines = args.pipelines.clone();
     let threads = args
         .threads
         .unwrap_or_else(|| file.spec.platform.effective_threads());
@@ -99,6 +103,19 @@ pub struct ControlArgs {
     /// A worker silent for this long is removed.
     #[arg(long, default_value = "2500ms", value_parser = duration)]
     pub heartbeat_timeout: Duration,
+    /// The pipeline file: with it, the control plane scales each pipeline's workers.
+    #[arg(short, long = "config", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Who runs the workers when scaling.
+    #[arg(long, value_enum, default_value_t = ScalerKind::Process)]
+    pub scaler: ScalerKind,
+}
+
+/// Scalers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ScalerKind {
+    /// Workers as child processes of the control plane.
+    Process,
 }
 
 pub(crate) fn control_plane(args: &ControlArgs) -> Result<(), CliError> {
@@ -107,7 +124,32 @@ pub(crate) fn control_plane(args: &ControlArgs) -> Result<(), CliError> {
         let mut opts = etlmesh_control::ControlOptions::new(args.listen);
         opts.heartbeat_timeout = args.heartbeat_timeout;
         let bound = etlmesh_control::bind(&opts).await?;
-        bound.serve(shutdown_signal()).await
+        let autoscale = match &args.config {
+            Some(config) => {
+                let file = PipelineFile::load(config)
+                    .map_err(|e| etlmesh_control::ControlError::Serve(e.to_string()))?;
+                let exe = std::env::current_exe()
+                    .map_err(|e| etlmesh_control::ControlError::Serve(e.to_string()))?;
+                let scaler: std::sync::Arc<dyn etlmesh_scale::Scaler> = match args.scaler {
+                    ScalerKind::Process => {
+                        std::sync::Arc::new(etlmesh_scale::process::ProcessScaler::new(
+                            etlmesh_scale::process::WorkerCommand {
+                                exe,
+                                config: config.clone(),
+                                control_plane: format!("http://{}", bound.addr),
+                                extra: Vec::new(),
+                            },
+                        ))
+                    }
+                };
+                Some(etlmesh_control::AutoscaleConfig {
+                    pools: etlmesh_up::pools(&file, None),
+                    scaler,
+                })
+            }
+            None => None,
+        };
+        bound.serve(autoscale, shutdown_signal()).await
     })
     .map_err(|e| CliError::Other(e.to_string()))
 }
@@ -196,9 +238,10 @@ pub struct UpArgs {
     /// Run the demo pipelines built into the binary, with a sample to send.
     #[arg(long)]
     pub demo: bool,
-    /// Workers to run.
-    #[arg(long, default_value_t = 2)]
-    pub workers: usize,
+    /// Workers per pipeline, fixed; without it each pipeline scales with its load
+    /// within its `scaling` policy.
+    #[arg(long)]
+    pub workers: Option<u32>,
     /// The gateway's HTTP address.
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub http: SocketAddr,
@@ -221,7 +264,7 @@ pub(crate) fn up(args: &UpArgs) -> Result<(), CliError> {
         (None, _) => crate::demo::prepare_mesh_demo()?,
     };
     // Fail early, with line numbers, if the file is wrong.
-    PipelineFile::load(&config)?;
+    let file = PipelineFile::load(&config)?;
     let exe = std::env::current_exe()
         .map_err(|e| CliError::Other(format!("cannot find the etlmesh executable: {e}")))?;
     let mut gw = etlmesh_gateway::GatewayOptions::new(args.http, String::new());
@@ -229,17 +272,17 @@ pub(crate) fn up(args: &UpArgs) -> Result<(), CliError> {
     args.tuning.apply(&mut gw);
     let options = etlmesh_up::UpOptions {
         config,
-        workers: args.workers.max(1),
-        http: args.http,
+        fixed_workers: args.workers,
         admin: args.admin,
         exe,
         worker_args: args.worker_args.clone(),
-        gateway: Some(gw),
+        gateway: gw,
     };
     let demo = args.demo;
     let rt = runtime(threads_default())?;
     rt.block_on(etlmesh_up::run(
         options,
+        &file,
         move |urls| {
             eprintln!("etlmesh is up");
             eprintln!("  gateway        {}/v1/pipelines", urls.gateway);

@@ -12,6 +12,7 @@
 pub mod diag;
 pub mod index;
 mod raw;
+pub mod scaling;
 pub mod spec;
 pub mod types;
 pub mod units;
@@ -20,6 +21,7 @@ use std::path::{Path, PathBuf};
 
 pub use diag::{ConfigError, Diagnostic};
 pub use raw::OnError;
+pub use scaling::ScalingSpec;
 pub use spec::{
     Compression, CsvOptions, DeadLetterSpec, FileSinkSpec, PipelineSpec, Platform, SinkSpec,
     SourceKind, SourceSpec, Spec,

@@ -31,6 +31,18 @@ pub(crate) struct RawPlatform {
     pub spill_dir: Option<PathBuf>,
     pub progress_interval: Option<Span>,
     pub sql_options: Option<IndexMap<String, ScalarText>>,
+    pub scaling: Option<RawScaling>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawScaling {
+    pub min_replicas: Option<u32>,
+    pub max_replicas: Option<u32>,
+    pub target_in_flight: Option<f64>,
+    pub target_cpu_percent: Option<f64>,
+    pub scale_down_window: Option<Span>,
+    pub idle_before_zero: Option<Span>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -44,6 +56,7 @@ pub(crate) struct RawPipeline {
     pub sinks: Vec<RawSink>,
     pub dead_letter: Option<RawDeadLetter>,
     pub on_error: Option<OnError>,
+    pub scaling: Option<RawScaling>,
 }
 
 /// What a pipeline does with a record it cannot decode, cast or transform.

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::raw::{RawCsv, RawFile, RawPipeline, RawSink, RawSinkKind, RawSource, RawSourceKind};
+use crate::scaling::ScalingSpec;
 use crate::types::{FieldSpec, Format};
 use crate::{OnError, diag::Diagnostic};
 
@@ -28,6 +29,8 @@ pub struct Platform {
     pub progress_interval: Duration,
     /// DataFusion settings passed through (`datafusion.execution.…`), checked by the engine.
     pub sql_options: Vec<(String, String)>,
+    /// The scaling policy of pipelines that set none.
+    pub scaling: ScalingSpec,
 }
 
 impl Default for Platform {
@@ -41,6 +44,7 @@ impl Default for Platform {
             spill_dir: None,
             progress_interval: Duration::from_secs(5),
             sql_options: Vec::new(),
+            scaling: ScalingSpec::default(),
         }
     }
 }
@@ -75,6 +79,8 @@ pub struct PipelineSpec {
     pub dead_letter: Option<DeadLetterSpec>,
     /// What to do with a bad record.
     pub on_error: OnError,
+    /// How its workers scale.
+    pub scaling: ScalingSpec,
 }
 
 /// Where a pipeline reads from in a batch job.
@@ -235,6 +241,13 @@ pub(crate) fn resolve(raw: RawFile, file: &Path, out: &mut Vec<Diagnostic>) -> S
             .into_iter()
             .map(|(k, v)| (k, v.0))
             .collect(),
+        scaling: crate::scaling::resolve(
+            &ScalingSpec::default(),
+            p.scaling,
+            "platform.scaling",
+            file,
+            out,
+        ),
     };
     if platform.batch_size == 0 {
         out.push(
@@ -273,7 +286,7 @@ pub(crate) fn resolve(raw: RawFile, file: &Path, out: &mut Vec<Diagnostic>) -> S
     let pipelines = raw
         .pipelines
         .into_iter()
-        .map(|(name, rp)| resolve_pipeline(name, rp, file, out))
+        .map(|(name, rp)| resolve_pipeline(name, rp, &platform.scaling, file, out))
         .collect();
     Spec {
         platform,
@@ -284,6 +297,7 @@ pub(crate) fn resolve(raw: RawFile, file: &Path, out: &mut Vec<Diagnostic>) -> S
 fn resolve_pipeline(
     name: String,
     rp: RawPipeline,
+    scaling: &ScalingSpec,
     file: &Path,
     out: &mut Vec<Diagnostic>,
 ) -> PipelineSpec {
@@ -374,6 +388,13 @@ fn resolve_pipeline(
         sinks,
         dead_letter,
         on_error,
+        scaling: crate::scaling::resolve(
+            scaling,
+            rp.scaling,
+            &format!("{base}.scaling"),
+            file,
+            out,
+        ),
     }
 }
 

@@ -16,13 +16,25 @@ use http::{HeaderValue, StatusCode, header};
 use tokio::sync::broadcast::error::RecvError;
 
 use crate::Registry;
+use crate::autoscale::Autoscaling;
 
 /// A keepalive line goes out when nothing else did for this long.
 const KEEPALIVE: Duration = Duration::from_secs(3);
 
+/// What the handlers share.
+pub struct ControlState {
+    /// The registry of workers.
+    pub registry: Arc<Registry>,
+    /// The autoscaler, when the control plane scales.
+    pub autoscaling: Option<Arc<Autoscaling>>,
+}
+
 /// The control plane's routes.
-pub fn router(registry: Arc<Registry>) -> Router {
+pub fn router(state: Arc<ControlState>) -> Router {
     Router::new()
+        .route("/v1/gateways/{id}/load", put(gateway_load))
+        .route("/v1/pools/{pipeline}/activate", post(activate))
+        .route("/api/v1/scaling", get(scaling))
         .route("/v1/workers", post(register))
         .route("/v1/workers/{id}/heartbeat", put(heartbeat))
         .route("/v1/workers/{id}", axum::routing::delete(deregister))
@@ -31,10 +43,46 @@ pub fn router(registry: Arc<Registry>) -> Router {
         .route("/api/v1/pipelines", get(pipelines))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
-        .with_state(registry)
+        .with_state(state)
 }
 
-async fn register(State(r): State<Arc<Registry>>, Json(reg): Json<Registration>) -> Response {
+async fn gateway_load(
+    State(st): State<Arc<ControlState>>,
+    Path(id): Path<String>,
+    Json(load): Json<etlmesh_proto::GatewayLoad>,
+) -> Response {
+    if let Some(a) = &st.autoscaling {
+        a.report(&id, load);
+    }
+    json_response(&serde_json::json!({}))
+}
+
+async fn activate(State(st): State<Arc<ControlState>>, Path(pipeline): Path<String>) -> Response {
+    match &st.autoscaling {
+        Some(a) if a.activate(&pipeline) => {
+            json_response(&serde_json::json!({ "activating": pipeline }))
+        }
+        _ => error_response(
+            StatusCode::NOT_FOUND,
+            "not_scaled",
+            format!("`{pipeline}` is not a pipeline this control plane scales"),
+            None,
+        ),
+    }
+}
+
+async fn scaling(State(st): State<Arc<ControlState>>) -> Response {
+    match &st.autoscaling {
+        Some(a) => json_response(&serde_json::json!({
+            "scaler": a.scaler_name(),
+            "pools": a.view(&st.registry),
+            "events": a.events(),
+        })),
+        None => json_response(&serde_json::json!({ "scaler": null, "pools": [], "events": [] })),
+    }
+}
+
+async fn register(State(st): State<Arc<ControlState>>, Json(reg): Json<Registration>) -> Response {
     if reg.id.is_empty() || reg.address.is_empty() {
         return error_response(
             StatusCode::BAD_REQUEST,
@@ -43,16 +91,16 @@ async fn register(State(r): State<Arc<Registry>>, Json(reg): Json<Registration>)
             None,
         );
     }
-    r.register(reg);
+    st.registry.register(reg);
     json_response(&serde_json::json!({ "heartbeat_ms": 1000 }))
 }
 
 async fn heartbeat(
-    State(r): State<Arc<Registry>>,
+    State(st): State<Arc<ControlState>>,
     Path(id): Path<String>,
     Json(beat): Json<Heartbeat>,
 ) -> Response {
-    if r.heartbeat(&id, beat) {
+    if st.registry.heartbeat(&id, beat) {
         json_response(&serde_json::json!({}))
     } else {
         error_response(
@@ -64,8 +112,8 @@ async fn heartbeat(
     }
 }
 
-async fn deregister(State(r): State<Arc<Registry>>, Path(id): Path<String>) -> Response {
-    if r.remove(&id, "deregistered") {
+async fn deregister(State(st): State<Arc<ControlState>>, Path(id): Path<String>) -> Response {
+    if st.registry.remove(&id, "deregistered") {
         tracing::info!(worker = %id, "worker deregistered");
     }
     json_response(&serde_json::json!({}))
@@ -78,28 +126,36 @@ fn line(ev: &EndpointEvent) -> Bytes {
 }
 
 /// The endpoint set as NDJSON: a snapshot, then every change, with keepalives.
-async fn watch(State(r): State<Arc<Registry>>) -> Response {
-    let (snapshot, rx) = r.subscribe();
-    r.watchers.inc();
+async fn watch(State(st): State<Arc<ControlState>>) -> Response {
+    let (snapshot, rx) = st.registry.subscribe();
+    st.registry.watchers.inc();
+    let pipelines = st.autoscaling.as_ref().map(|a| {
+        line(&EndpointEvent::Pipelines {
+            pipelines: a.pipelines(),
+        })
+    });
     struct Watch {
         registry: Arc<Registry>,
         rx: tokio::sync::broadcast::Receiver<EndpointEvent>,
-        first: Option<Bytes>,
+        first: Vec<Bytes>,
     }
     impl Drop for Watch {
         fn drop(&mut self) {
             self.registry.watchers.dec();
         }
     }
+    let mut first: Vec<Bytes> = pipelines.into_iter().collect();
+    first.push(line(&EndpointEvent::Snapshot {
+        endpoints: snapshot,
+    }));
+    first.reverse();
     let state = Watch {
-        registry: r.clone(),
+        registry: st.registry.clone(),
         rx,
-        first: Some(line(&EndpointEvent::Snapshot {
-            endpoints: snapshot,
-        })),
+        first,
     };
     let stream = futures::stream::unfold(state, |mut st| async move {
-        if let Some(first) = st.first.take() {
+        if let Some(first) = st.first.pop() {
             return Some((Ok::<_, Infallible>(first), st));
         }
         let ev = match tokio::time::timeout(KEEPALIVE, st.rx.recv()).await {
@@ -120,18 +176,18 @@ async fn watch(State(r): State<Arc<Registry>>) -> Response {
     resp
 }
 
-async fn workers(State(r): State<Arc<Registry>>) -> Response {
-    json_response(&r.workers())
+async fn workers(State(st): State<Arc<ControlState>>) -> Response {
+    json_response(&st.registry.workers())
 }
 
-async fn pipelines(State(r): State<Arc<Registry>>) -> Response {
-    json_response(&r.pipelines())
+async fn pipelines(State(st): State<Arc<ControlState>>) -> Response {
+    json_response(&st.registry.pipelines())
 }
 
-async fn healthz(State(r): State<Arc<Registry>>) -> Response {
-    json_response(&serde_json::json!({ "status": "ok", "workers": r.endpoints().len() }))
+async fn healthz(State(st): State<Arc<ControlState>>) -> Response {
+    json_response(&serde_json::json!({ "status": "ok", "workers": st.registry.endpoints().len() }))
 }
 
-async fn metrics(State(r): State<Arc<Registry>>) -> Response {
-    etlmesh_http::metrics_response(etlmesh_telemetry::metrics::render(&r.metrics))
+async fn metrics(State(st): State<Arc<ControlState>>) -> Response {
+    etlmesh_http::metrics_response(etlmesh_telemetry::metrics::render(&st.registry.metrics))
 }

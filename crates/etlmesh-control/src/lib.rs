@@ -8,6 +8,7 @@
 //! and health as JSON; `/metrics` serves Prometheus metrics.
 
 mod api;
+pub mod autoscale;
 pub mod registry;
 
 use std::future::Future;
@@ -18,7 +19,8 @@ use std::time::Duration;
 use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 
-pub use api::router;
+pub use api::{ControlState, router};
+pub use autoscale::{AutoscaleConfig, Autoscaling};
 pub use registry::Registry;
 
 /// Errors that stop the control plane.
@@ -88,20 +90,43 @@ pub async fn bind(options: &ControlOptions) -> Result<Bound, ControlError> {
 }
 
 impl Bound {
-    /// Serves until `shutdown` completes.
+    /// Serves until `shutdown` completes; with `autoscale`, also scales the pools, and
+    /// drains their workers before returning.
     pub async fn serve(
         self,
+        autoscale: Option<AutoscaleConfig>,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ControlError> {
         let reaper = tokio::spawn(registry::reap_forever(self.registry.clone()));
+        let autoscaling = autoscale.map(|c| Arc::new(Autoscaling::new(c, &self.registry)));
+        let scaler_loop = autoscaling
+            .clone()
+            .map(|a| tokio::spawn(a.run(self.registry.clone())));
+        let state = Arc::new(ControlState {
+            registry: self.registry.clone(),
+            autoscaling: autoscaling.clone(),
+        });
         tracing::info!(addr = %self.addr, "control plane listening on http://{}", self.addr);
-        let result = axum::serve(
-            self.listener.tap_io(etlmesh_http::no_delay),
-            router(self.registry),
-        )
-        .with_graceful_shutdown(shutdown)
-        .await
-        .map_err(|e| ControlError::Serve(e.to_string()));
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let scaling = autoscaling.clone();
+        let loop_task = scaler_loop;
+        tokio::spawn(async move {
+            shutdown.await;
+            // Workers drain while the control plane still answers them.
+            if let Some(t) = loop_task {
+                t.abort();
+            }
+            if let Some(a) = scaling {
+                a.shutdown().await;
+            }
+            let _ = stop_tx.send(());
+        });
+        let result = axum::serve(self.listener.tap_io(etlmesh_http::no_delay), router(state))
+            .with_graceful_shutdown(async {
+                let _ = stop_rx.await;
+            })
+            .await
+            .map_err(|e| ControlError::Serve(e.to_string()));
         reaper.abort();
         result
     }

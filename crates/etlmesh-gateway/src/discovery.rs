@@ -33,6 +33,8 @@ pub struct Routes {
 struct Inner {
     routes: HashMap<String, Arc<Route>>,
     endpoints: HashMap<String, EndpointInfo>,
+    /// What the control plane says of the pipelines it scales.
+    infos: HashMap<String, PipelineInfo>,
 }
 
 impl Routes {
@@ -67,6 +69,7 @@ impl Routes {
                 .values()
                 .flat_map(|e| e.pipelines.iter())
                 .find(|p| &p.name == name)
+                .or_else(|| inner.infos.get(name))
                 .cloned()
                 .unwrap_or_else(|| PipelineInfo {
                     name: name.clone(),
@@ -117,8 +120,30 @@ impl Routes {
             }
             EndpointEvent::Upsert { endpoint } => self.upsert(endpoint),
             EndpointEvent::Remove { id } => self.remove(&id),
+            EndpointEvent::Pipelines { pipelines } => self.scaled(pipelines),
             EndpointEvent::Keepalive => {}
         }
+    }
+
+    /// Pipelines the control plane scales: their routes exist with no worker.
+    fn scaled(&self, pipelines: Vec<PipelineInfo>) {
+        let mut inner = self.lock();
+        for p in pipelines {
+            let route = inner
+                .routes
+                .entry(p.name.clone())
+                .or_insert_with(|| Arc::new(Route::new(&p.name, self.options)))
+                .clone();
+            route
+                .scalable
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+            inner.infos.entry(p.name.clone()).or_insert(p);
+        }
+    }
+
+    /// Every route, for load reports.
+    pub fn all(&self) -> Vec<Arc<Route>> {
+        self.lock().routes.values().cloned().collect()
     }
 
     fn upsert(&self, e: EndpointInfo) {

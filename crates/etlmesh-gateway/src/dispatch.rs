@@ -2,6 +2,7 @@
 //! fast when no worker is left. Shared by the HTTP front door and Arrow Flight.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use etlmesh_telemetry::TraceContext;
@@ -26,6 +27,8 @@ pub(crate) enum Refusal {
     Deadline(Duration),
     /// The workers could not be reached, retries included.
     Unreachable(String, String),
+    /// Too many requests already wait for a worker to start.
+    ActivationFull(String, usize),
 }
 
 impl Refusal {
@@ -64,6 +67,13 @@ impl Refusal {
                     d.as_millis()
                 ),
             ),
+            Refusal::ActivationFull(name, n) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "activation_queue_full",
+                format!(
+                    "`{name}` has no worker yet and {n} requests already wait for one to start; retry after the Retry-After delay"
+                ),
+            ),
             Refusal::Unreachable(name, e) => (
                 StatusCode::BAD_GATEWAY,
                 "worker_unreachable",
@@ -88,7 +98,7 @@ impl Gateway {
                 known,
             });
         };
-        if route.ready() == 0 {
+        if route.ready() == 0 && !route.scalable.load(Ordering::Relaxed) {
             return Err(Refusal::NoWorker(name.to_string()));
         }
         Ok(route)
@@ -104,10 +114,15 @@ impl Gateway {
         timeout: Duration,
     ) -> Result<WorkerResponse, Refusal> {
         let name = route.pipeline.to_string();
+        route.requests.fetch_add(1, Ordering::Relaxed);
+        let deadline = tokio::time::Instant::now() + timeout;
+        if route.ready() == 0 {
+            self.activate(&route, deadline, timeout).await?;
+        }
+        let _in_flight = Counted::new(&route.in_flight);
         if let Ok(v) = HeaderValue::from_str(&trace.child().header()) {
             headers.insert(etlmesh_proto::headers::TRACEPARENT, v);
         }
-        let deadline = tokio::time::Instant::now() + timeout;
         let req = WorkerRequest {
             pipeline: route.pipeline.clone(),
             headers,
@@ -132,9 +147,14 @@ impl Gateway {
             }),
         };
         let call = send(policy, route.service.clone(), req);
-        // Requests waiting for a worker fail fast once none is left for a while.
+        // Requests waiting for a worker fail fast once none is left for a while —
+        // unless the control plane scales the pipeline and brings one back.
         let mut ready = route.watch_ready();
+        let scalable = route.scalable.load(Ordering::Relaxed);
         let gone = async {
+            if scalable {
+                return futures::future::pending().await;
+            }
             loop {
                 if ready.wait_for(|n| *n == 0).await.is_err() {
                     return futures::future::pending().await;
@@ -163,6 +183,55 @@ impl Gateway {
             Ok(Err(e)) => Err(Refusal::Unreachable(name, e.to_string())),
             Ok(Ok(r)) => Ok(r),
         }
+    }
+}
+
+impl Gateway {
+    /// Holds a request while the pipeline has no ready worker: asks the control plane
+    /// for one and waits, within the deadline and the bound on held requests.
+    async fn activate(
+        &self,
+        route: &Route,
+        deadline: tokio::time::Instant,
+        timeout: Duration,
+    ) -> Result<(), Refusal> {
+        let name = route.pipeline.to_string();
+        let _held = Counted::new(&route.held);
+        let held = route.held.load(Ordering::Relaxed) as usize;
+        if held > self.options.activation_queue {
+            return Err(Refusal::ActivationFull(name, self.options.activation_queue));
+        }
+        // The reporter tells the control plane at once.
+        let _ = self.activations.try_send(name.clone());
+        let mut ready = route.watch_ready();
+        let started = tokio::time::Instant::now();
+        match tokio::time::timeout_at(deadline, ready.wait_for(|n| *n > 0)).await {
+            Ok(Ok(_)) => {
+                tracing::debug!(pipeline = %name, waited_ms = started.elapsed().as_millis() as u64, "held request released: a worker is ready");
+                Ok(())
+            }
+            _ => Err(if started.elapsed() >= timeout {
+                Refusal::Deadline(timeout)
+            } else {
+                Refusal::NoWorker(name)
+            }),
+        }
+    }
+}
+
+/// Counts one in an atomic until dropped.
+struct Counted<'a>(&'a AtomicU32);
+
+impl<'a> Counted<'a> {
+    fn new(c: &'a AtomicU32) -> Self {
+        c.fetch_add(1, Ordering::Relaxed);
+        Self(c)
+    }
+}
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

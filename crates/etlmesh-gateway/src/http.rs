@@ -75,6 +75,7 @@ pub(crate) async fn transform(
     State(gw): State<Arc<Gateway>>,
     Path(name): Path<String>,
     Query(q): Query<TransformQuery>,
+    version: http::Version,
     req_headers: HeaderMap,
     body: Body,
 ) -> Response {
@@ -109,6 +110,11 @@ pub(crate) async fn transform(
         .get_or_create(&label)
         .observe(started.elapsed().as_secs_f64());
     let h = resp.headers_mut();
+    // An HTTP/1 body refused unread leaves the connection unusable: say so,
+    // or a client may reuse it and lose its next request.
+    if code == 413 && version < http::Version::HTTP_2 {
+        h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     if !h.contains_key(headers::TRACE_ID)
         && let Ok(v) = HeaderValue::from_str(&trace_id)
     {

@@ -14,6 +14,7 @@ pub mod endpoint;
 mod flight;
 mod http;
 mod metrics;
+mod report;
 pub mod route;
 
 use std::future::Future;
@@ -66,6 +67,10 @@ pub struct GatewayOptions {
     pub max_deadline: Duration,
     /// Retries of one request at most.
     pub max_retries: u32,
+    /// Requests held at most per pipeline while no worker is ready (activation).
+    pub activation_queue: usize,
+    /// This gateway's id in load reports.
+    pub id: String,
     /// Routing settings.
     pub route: RouteOptions,
 }
@@ -82,6 +87,8 @@ impl GatewayOptions {
             default_deadline: Duration::from_secs(10),
             max_deadline: Duration::from_secs(300),
             max_retries: 3,
+            activation_queue: 256,
+            id: format!("gateway-{}", std::process::id()),
             route: RouteOptions::default(),
         }
     }
@@ -95,6 +102,7 @@ pub struct Gateway {
     metrics: metrics::GatewayMetrics,
     registry: etlmesh_telemetry::metrics::SharedRegistry,
     connected: watch::Receiver<bool>,
+    activations: tokio::sync::mpsc::Sender<String>,
 }
 
 /// A gateway bound to its sockets.
@@ -107,6 +115,7 @@ pub struct Bound {
     flight: Option<TcpListener>,
     gateway: Arc<Gateway>,
     connected: watch::Sender<bool>,
+    activations: tokio::sync::mpsc::Receiver<String>,
 }
 
 /// Binds the gateway's socket.
@@ -138,6 +147,7 @@ pub async fn bind(options: GatewayOptions) -> Result<Bound, GatewayError> {
         metrics.clone(),
     ));
     let (connected, connected_rx) = watch::channel(false);
+    let (activations_tx, activations) = tokio::sync::mpsc::channel(64);
     let gateway = Arc::new(Gateway {
         options,
         routes,
@@ -145,6 +155,7 @@ pub async fn bind(options: GatewayOptions) -> Result<Bound, GatewayError> {
         metrics,
         registry,
         connected: connected_rx,
+        activations: activations_tx,
     });
     Ok(Bound {
         addr,
@@ -153,6 +164,7 @@ pub async fn bind(options: GatewayOptions) -> Result<Bound, GatewayError> {
         flight,
         gateway,
         connected,
+        activations,
     })
 }
 
@@ -167,6 +179,12 @@ impl Bound {
             gw.options.control_plane.clone(),
             gw.routes.clone(),
             self.connected,
+        ));
+        let reporter = tokio::spawn(report::report(
+            gw.options.control_plane.clone(),
+            gw.options.id.clone(),
+            gw.routes.clone(),
+            self.activations,
         ));
         let router = Router::new()
             .route("/v1/pipelines/{name}", post(http::transform))
@@ -207,6 +225,7 @@ impl Bound {
             tracing::warn!(error = %e, "Arrow Flight server stopped with an error");
         }
         follower.abort();
+        reporter.abort();
         result
     }
 }

@@ -5,7 +5,7 @@
 use std::collections::HashSet;
 use std::convert::Infallible;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -80,6 +80,15 @@ pub struct Route {
     ready: AtomicUsize,
     ready_tx: watch::Sender<usize>,
     options: RouteOptions,
+    /// The control plane scales this pipeline: with no worker, requests are held
+    /// while one starts (activation) instead of refused.
+    pub scalable: AtomicBool,
+    /// Requests sent to a worker and not answered yet.
+    pub in_flight: AtomicU32,
+    /// Requests held for a worker to start.
+    pub held: AtomicU32,
+    /// Requests since start.
+    pub requests: AtomicU64,
 }
 
 impl Route {
@@ -102,6 +111,19 @@ impl Route {
             ready: AtomicUsize::new(0),
             ready_tx: watch::channel(0).0,
             options,
+            scalable: AtomicBool::new(false),
+            in_flight: AtomicU32::new(0),
+            held: AtomicU32::new(0),
+            requests: AtomicU64::new(0),
+        }
+    }
+
+    /// This pipeline's load, for the control plane.
+    pub fn load(&self) -> etlmesh_proto::PipelineLoad {
+        etlmesh_proto::PipelineLoad {
+            in_flight: self.in_flight.load(Ordering::Relaxed),
+            held: self.held.load(Ordering::Relaxed),
+            requests_total: self.requests.load(Ordering::Relaxed),
         }
     }
 

@@ -139,8 +139,47 @@ pub enum EndpointEvent {
         /// Its id.
         id: String,
     },
+    /// The pipelines the control plane scales (they exist even with no worker, so
+    /// gateways hold their requests while a worker starts instead of refusing them).
+    Pipelines {
+        /// Every scaled pipeline.
+        pipelines: Vec<PipelineInfo>,
+    },
     /// Nothing changed; the stream is alive.
     Keepalive,
+}
+
+/// One pipeline's load at a gateway.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct PipelineLoad {
+    /// Requests sent to workers and not yet answered.
+    pub in_flight: u32,
+    /// Requests held while no worker is ready.
+    pub held: u32,
+    /// Requests since the gateway started.
+    pub requests_total: u64,
+}
+
+/// What a gateway reports to the control plane, twice a second.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct GatewayLoad {
+    /// By pipeline.
+    pub pipelines: std::collections::BTreeMap<String, PipelineLoad>,
+}
+
+/// A scaling decision, as the admin API lists it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScaleEvent {
+    /// When (RFC 3339).
+    pub time: String,
+    /// The pipeline.
+    pub pipeline: String,
+    /// Replicas before.
+    pub from: u32,
+    /// Replicas after.
+    pub to: u32,
+    /// Why: `2 → 5: in-flight 38, target 8`.
+    pub reason: String,
 }
 
 /// Every error response: what is wrong, what to do, and the trace id.

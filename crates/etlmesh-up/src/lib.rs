@@ -1,18 +1,18 @@
-//! `etlmesh up`: the embedded default. The control plane and the gateway run in this
-//! process; N workers run as child processes (`etlmesh worker`), restarted with
-//! backoff when they exit, their log lines interleaved with a `[worker-N]` prefix. On
-//! shutdown the workers get SIGTERM and drain.
-
-mod supervisor;
+//! `etlmesh up`: the embedded default. The control plane (with its autoscaler) and the
+//! gateway run in this process; workers run as child processes (`etlmesh worker`), one
+//! pool per pipeline, started, scaled with the load (down to zero where the pipeline
+//! allows it), restarted when they crash, and drained on shutdown — the `process`
+//! scaler.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::sync::Arc;
 
+use etlmesh_config::{PipelineFile, ScalingSpec};
 use etlmesh_gateway::GatewayOptions;
-
-pub use supervisor::Supervisor;
+use etlmesh_proto::PipelineInfo;
+use etlmesh_scale::process::{ProcessScaler, WorkerCommand};
 
 /// Errors of `up`.
 #[derive(Debug, thiserror::Error)]
@@ -30,18 +30,16 @@ pub enum UpError {
 pub struct UpOptions {
     /// The pipeline file the workers serve.
     pub config: PathBuf,
-    /// Workers.
-    pub workers: usize,
-    /// The gateway's HTTP address.
-    pub http: SocketAddr,
+    /// Workers per pipeline, fixed (no autoscaling); the file's `scaling` otherwise.
+    pub fixed_workers: Option<u32>,
     /// The control plane's address (admin API, worker protocol).
     pub admin: SocketAddr,
     /// The `etlmesh` executable that runs workers.
     pub exe: PathBuf,
     /// Extra arguments for every worker.
     pub worker_args: Vec<String>,
-    /// Gateway settings (its `listen` and `control_plane` are set by `up`).
-    pub gateway: Option<GatewayOptions>,
+    /// Gateway settings (its `control_plane` is set by `up`).
+    pub gateway: GatewayOptions,
 }
 
 /// The addresses `up` serves on.
@@ -55,20 +53,40 @@ pub struct Urls {
     pub flight: Option<String>,
 }
 
+/// The pools of a pipeline file: one per pipeline, with its scaling policy.
+pub fn pools(file: &PipelineFile, fixed: Option<u32>) -> Vec<(PipelineInfo, ScalingSpec)> {
+    file.spec
+        .pipelines
+        .iter()
+        .map(|p| {
+            let mut spec = p.scaling.clone();
+            if let Some(n) = fixed {
+                spec.min_replicas = n.max(1);
+                spec.max_replicas = n.max(1);
+            }
+            let info = PipelineInfo {
+                name: p.name.clone(),
+                description: p.description.clone(),
+                input_schema: None,
+                output_schema: None,
+                output_schema_ipc: None,
+            };
+            (info, spec)
+        })
+        .collect()
+}
+
 /// Starts everything, calls `ready` with the URLs, and runs until `shutdown`.
 pub async fn run(
     options: UpOptions,
+    file: &PipelineFile,
     ready: impl FnOnce(&Urls),
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), UpError> {
     let control =
         etlmesh_control::bind(&etlmesh_control::ControlOptions::new(options.admin)).await?;
     let admin = format!("http://{}", control.addr);
-    let mut gw_opts = options
-        .gateway
-        .clone()
-        .unwrap_or_else(|| GatewayOptions::new(options.http, admin.clone()));
-    gw_opts.listen = options.http;
+    let mut gw_opts = options.gateway.clone();
     gw_opts.control_plane = admin.clone();
     let gateway = etlmesh_gateway::bind(gw_opts).await?;
     let urls = Urls {
@@ -76,38 +94,37 @@ pub async fn run(
         admin: admin.clone(),
         flight: gateway.flight_addr.map(|a| format!("grpc://{a}")),
     };
+    let scaler = Arc::new(ProcessScaler::new(WorkerCommand {
+        exe: options.exe.clone(),
+        config: options.config.clone(),
+        control_plane: admin,
+        extra: options.worker_args.clone(),
+    }));
+    let autoscale = etlmesh_control::AutoscaleConfig {
+        pools: pools(file, options.fixed_workers),
+        scaler,
+    };
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let cp_stop = {
-        let mut rx = stop_rx.clone();
-        async move {
-            let _ = rx.wait_for(|s| *s).await;
-        }
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
     };
-    let gw_stop = {
-        let mut rx = stop_rx.clone();
-        async move {
-            let _ = rx.wait_for(|s| *s).await;
-        }
-    };
-    let cp_task = tokio::spawn(control.serve(cp_stop));
-    let gw_task = tokio::spawn(gateway.serve(gw_stop));
-    let supervisor = Supervisor::start(
-        options.exe.clone(),
-        options.config.clone(),
-        admin.clone(),
-        options.workers,
-        options.worker_args.clone(),
-    );
+    // The control plane drains the workers first; the gateway stops after it.
+    let cp_task = tokio::spawn(control.serve(Some(autoscale), stopped(stop_rx.clone())));
+    let (gw_stop_tx, gw_stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let gw_task = tokio::spawn(gateway.serve(async {
+        let _ = gw_stop_rx.await;
+    }));
     ready(&urls);
     shutdown.await;
     tracing::info!("shutting down: draining workers");
-    supervisor.stop(Duration::from_secs(35)).await;
     let _ = stop_tx.send(true);
+    let cp = cp_task.await;
+    let _ = gw_stop_tx.send(());
     if let Ok(r) = gw_task.await {
         r?;
     }
-    if let Ok(r) = cp_task.await {
+    if let Ok(r) = cp {
         r?;
     }
     Ok(())

@@ -69,6 +69,8 @@ pub struct WorkerOptions {
     pub drain_timeout: Duration,
     /// Fault injection: extra latency added to every transform.
     pub inject_latency: Option<Duration>,
+    /// The pipelines served (every pipeline of the file when empty).
+    pub pipelines: Vec<String>,
 }
 
 impl WorkerOptions {
@@ -85,6 +87,7 @@ impl WorkerOptions {
             drain_grace: Duration::from_millis(1500),
             drain_timeout: Duration::from_secs(30),
             inject_latency: None,
+            pipelines: Vec::new(),
         }
     }
 }
@@ -122,7 +125,7 @@ pub async fn run(
         .unwrap_or_else(|| format!("http://{local}"));
     let registry = etlmesh_telemetry::metrics::registry();
     let metrics = metrics::WorkerMetrics::register(&registry);
-    let pipelines = pipelines::Pipelines::compile(&file, &options.id).await?;
+    let pipelines = pipelines::Pipelines::compile(&file, &options.id, &options.pipelines).await?;
     let load = Arc::new(LoadTracker::default());
     let (drain_tx, drain_rx) = watch::channel(false);
     let app = Arc::new(App {

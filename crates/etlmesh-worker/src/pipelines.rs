@@ -68,7 +68,16 @@ pub(crate) struct Pipelines {
 
 impl Pipelines {
     /// Compiles the pipelines whose schema is declared; opens dead-letter logs.
-    pub async fn compile(file: &PipelineFile, worker: &str) -> Result<Self, WorkerError> {
+    /// Compiles the pipelines named in `only` (every pipeline when empty).
+    pub async fn compile(
+        file: &PipelineFile,
+        worker: &str,
+        only: &[String],
+    ) -> Result<Self, WorkerError> {
+        for name in only {
+            file.pipeline(name)
+                .map_err(|e| WorkerError::Pipeline(e.to_string()))?;
+        }
         let platform = &file.spec.platform;
         let engine = Engine::new(EngineConfig {
             memory_limit: platform.memory_limit,
@@ -80,7 +89,12 @@ impl Pipelines {
         .map_err(|e| WorkerError::Pipeline(e.to_string()))?;
         let mut map = HashMap::new();
         let mut order = Vec::new();
-        for spec in &file.spec.pipelines {
+        for spec in file
+            .spec
+            .pipelines
+            .iter()
+            .filter(|p| only.is_empty() || only.contains(&p.name))
+        {
             let schema = spec
                 .schema
                 .as_ref()

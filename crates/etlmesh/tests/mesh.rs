@@ -215,9 +215,9 @@ async fn a_worker_killed_under_load_fails_no_request_and_is_replaced() {
     let workers = http.get(&workers_url).await.json();
     let victim = workers
         .as_array()
-        .and_then(|a| a.iter().find(|w| w["id"] == "worker-2"))
+        .and_then(|a| a.iter().find(|w| w["id"] == "clean-2"))
         .cloned()
-        .expect("worker-2");
+        .expect("clean-2");
     let (pid, old_address) = (
         victim["pid"].as_i64().expect("pid") as i32,
         victim["address"].clone(),
@@ -239,12 +239,12 @@ async fn a_worker_killed_under_load_fails_no_request_and_is_replaced() {
     assert!(gone <= Duration::from_secs(3), "left after {gone:?}");
     eventually(
         Duration::from_secs(15),
-        "worker-2 restarted and registered",
+        "clean-2 restarted and registered",
         async || {
             let list = http.get(&workers_url).await.json();
             list.as_array().is_some_and(|a| {
                 a.iter().any(|w| {
-                    w["id"] == "worker-2" && w["address"] != old_address && w["state"] == "ready"
+                    w["id"] == "clean-2" && w["address"] != old_address && w["state"] == "ready"
                 })
             })
         },
@@ -270,7 +270,7 @@ async fn a_worker_killed_under_load_fails_no_request_and_is_replaced() {
         .collect();
     let by = per_worker(&after);
     assert!(
-        by.get("worker-2").copied().unwrap_or(0) > 0,
+        by.get("clean-2").copied().unwrap_or(0) > 0,
         "the restarted worker takes load: {by:?}"
     );
     assert!(

@@ -1,0 +1,326 @@
+//! The autoscaler loop: every second (and at once when a gateway holds requests for a
+//! pipeline with no worker), each pipeline's load — what its workers report, and what
+//! gateways have in flight or held — goes through its [`Autoscaler`]; a decision is
+//! carried out by the [`Scaler`], logged, counted, and kept for the admin API.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use etlmesh_config::ScalingSpec;
+use etlmesh_proto::{GatewayLoad, PipelineInfo, ScaleEvent, WorkerState};
+use etlmesh_scale::{Autoscaler, Observation, Scaler};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use serde::Serialize;
+use tokio::sync::Notify;
+
+use crate::Registry;
+
+/// Decisions kept for the admin API.
+const EVENTS: usize = 200;
+/// A gateway report older than this is ignored.
+const REPORT_TTL: Duration = Duration::from_secs(3);
+
+/// What to scale, and with what.
+#[derive(Clone)]
+pub struct AutoscaleConfig {
+    /// The pipelines (one pool of workers each) and their policies.
+    pub pools: Vec<(PipelineInfo, ScalingSpec)>,
+    /// Who runs the workers.
+    pub scaler: Arc<dyn Scaler>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PoolLabels {
+    pipeline: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DecisionLabels {
+    pipeline: String,
+    direction: &'static str,
+}
+
+struct Pool {
+    autoscaler: Autoscaler,
+    info: PipelineInfo,
+    requests_seen: u64,
+    panic: bool,
+}
+
+/// A pool as the admin API shows it.
+#[derive(Debug, Serialize)]
+pub struct PoolView {
+    /// The pipeline.
+    pub pipeline: String,
+    /// Replicas the autoscaler wants.
+    pub desired: u32,
+    /// Workers ready.
+    pub ready: usize,
+    /// The policy.
+    pub min_replicas: u32,
+    /// The policy.
+    pub max_replicas: u32,
+    /// The policy.
+    pub target_in_flight: f64,
+    /// Whether the last decision came from panic mode.
+    pub panic: bool,
+}
+
+/// The autoscaler of every pool.
+pub struct Autoscaling {
+    pools: Mutex<BTreeMap<String, Pool>>,
+    scaler: Arc<dyn Scaler>,
+    gateways: Mutex<HashMap<String, (Instant, GatewayLoad)>>,
+    events: Mutex<VecDeque<ScaleEvent>>,
+    wake: Notify,
+    replicas: Family<PoolLabels, Gauge>,
+    ready: Family<PoolLabels, Gauge>,
+    decisions: Family<DecisionLabels, Counter>,
+}
+
+impl Autoscaling {
+    /// Sets up the pools (not started yet); metrics go to the registry's.
+    pub fn new(config: AutoscaleConfig, registry: &Registry) -> Self {
+        let now = Instant::now();
+        let pools = config
+            .pools
+            .into_iter()
+            .map(|(info, spec)| {
+                let name = info.name.clone();
+                (
+                    name,
+                    Pool {
+                        autoscaler: Autoscaler::new(spec, now),
+                        info,
+                        requests_seen: 0,
+                        panic: false,
+                    },
+                )
+            })
+            .collect();
+        let (replicas, ready, decisions) =
+            (Family::default(), Family::default(), Family::default());
+        {
+            let mut r = registry.metrics.lock().unwrap_or_else(|p| p.into_inner());
+            r.register(
+                "autoscaler_desired_replicas",
+                "Workers the autoscaler wants, by pipeline",
+                Family::clone(&replicas),
+            );
+            r.register(
+                "autoscaler_ready_replicas",
+                "Workers ready, by pipeline",
+                Family::clone(&ready),
+            );
+            r.register(
+                "autoscaler_decisions",
+                "Scaling decisions, by pipeline and direction (up, down)",
+                Family::clone(&decisions),
+            );
+        }
+        Self {
+            pools: Mutex::new(pools),
+            scaler: config.scaler,
+            gateways: Mutex::default(),
+            events: Mutex::default(),
+            wake: Notify::new(),
+            replicas,
+            ready,
+            decisions,
+        }
+    }
+
+    /// The scaler's name.
+    pub fn scaler_name(&self) -> &'static str {
+        self.scaler.name()
+    }
+
+    /// The scaled pipelines, for gateways.
+    pub fn pipelines(&self) -> Vec<PipelineInfo> {
+        self.pools
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .map(|p| p.info.clone())
+            .collect()
+    }
+
+    /// Records a gateway's load; wakes the loop when requests are held.
+    pub fn report(&self, gateway: &str, load: GatewayLoad) {
+        let held = load.pipelines.values().any(|p| p.held > 0);
+        self.gateways
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(gateway.to_string(), (Instant::now(), load));
+        if held {
+            self.wake.notify_one();
+        }
+    }
+
+    /// Asks for an evaluation now (a gateway holds requests for `pipeline`).
+    pub fn activate(&self, pipeline: &str) -> bool {
+        let known = self
+            .pools
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(pipeline);
+        if known {
+            self.wake.notify_one();
+        }
+        known
+    }
+
+    /// Recent decisions, newest last.
+    pub fn events(&self) -> Vec<ScaleEvent> {
+        self.events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    /// The pools.
+    pub fn view(&self, registry: &Registry) -> Vec<PoolView> {
+        let workers = registry.workers();
+        self.pools
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(name, p)| {
+                let spec = p.autoscaler.spec();
+                PoolView {
+                    pipeline: name.clone(),
+                    desired: p.autoscaler.current(),
+                    ready: workers
+                        .iter()
+                        .filter(|w| w.state == WorkerState::Ready && w.pipelines.contains(name))
+                        .count(),
+                    min_replicas: spec.min_replicas,
+                    max_replicas: spec.max_replicas,
+                    target_in_flight: spec.target_in_flight,
+                    panic: p.panic,
+                }
+            })
+            .collect()
+    }
+
+    /// Starts every pool at its minimum, then decides every second, or at once when woken.
+    pub async fn run(self: Arc<Self>, registry: Arc<Registry>) {
+        let initial: Vec<(String, u32)> = self
+            .pools
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(n, p)| (n.clone(), p.autoscaler.current()))
+            .collect();
+        for (pool, n) in initial {
+            self.replicas
+                .get_or_create(&PoolLabels {
+                    pipeline: pool.clone(),
+                })
+                .set(i64::from(n));
+            if let Err(e) = self.scaler.set_replicas(&pool, n).await {
+                tracing::error!(pipeline = %pool, error = %e, "cannot start the pool's workers");
+            }
+        }
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = self.wake.notified() => {}
+            }
+            self.evaluate(&registry).await;
+        }
+    }
+
+    async fn evaluate(&self, registry: &Registry) {
+        let now = Instant::now();
+        let workers = registry.workers();
+        let gateways: Vec<GatewayLoad> = {
+            let mut g = self.gateways.lock().unwrap_or_else(|p| p.into_inner());
+            g.retain(|_, (t, _)| now.duration_since(*t) < REPORT_TTL);
+            g.values().map(|(_, l)| l.clone()).collect()
+        };
+        let mut decisions = Vec::new();
+        {
+            let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+            for (name, pool) in pools.iter_mut() {
+                let mine = workers.iter().filter(|w| w.pipelines.contains(name));
+                let (mut w_in_flight, mut cpu, mut w_requests, mut ready) = (0u64, 0.0, 0u64, 0i64);
+                for w in mine {
+                    w_in_flight += u64::from(w.load.in_flight);
+                    cpu += w.load.cpu_percent;
+                    w_requests += w.load.requests_total;
+                    ready += i64::from(w.state == WorkerState::Ready);
+                }
+                let (mut g_load, mut g_requests) = (0u64, 0u64);
+                for g in &gateways {
+                    if let Some(l) = g.pipelines.get(name) {
+                        g_load += u64::from(l.in_flight) + u64::from(l.held);
+                        g_requests += l.requests_total;
+                    }
+                }
+                let requests = w_requests + g_requests;
+                let active = requests != pool.requests_seen;
+                pool.requests_seen = requests;
+                let obs = Observation {
+                    at: now,
+                    in_flight: w_in_flight.max(g_load) as f64,
+                    cpu_percent: cpu,
+                    active,
+                };
+                self.ready
+                    .get_or_create(&PoolLabels {
+                        pipeline: name.clone(),
+                    })
+                    .set(ready);
+                if let Some(d) = pool.autoscaler.observe(obs) {
+                    pool.panic = d.panic;
+                    decisions.push((name.clone(), d));
+                }
+            }
+        }
+        for (pool, d) in decisions {
+            tracing::info!(pipeline = %pool, from = d.from, to = d.to, panic = d.panic, "scaling {pool}: {}", d.reason);
+            let direction = if d.to > d.from { "up" } else { "down" };
+            self.decisions
+                .get_or_create(&DecisionLabels {
+                    pipeline: pool.clone(),
+                    direction,
+                })
+                .inc();
+            self.replicas
+                .get_or_create(&PoolLabels {
+                    pipeline: pool.clone(),
+                })
+                .set(i64::from(d.to));
+            {
+                let mut ev = self.events.lock().unwrap_or_else(|p| p.into_inner());
+                if ev.len() >= EVENTS {
+                    ev.pop_front();
+                }
+                ev.push_back(ScaleEvent {
+                    time: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+                    pipeline: pool.clone(),
+                    from: d.from,
+                    to: d.to,
+                    reason: d.reason.clone(),
+                });
+            }
+            if let Err(e) = self.scaler.set_replicas(&pool, d.to).await {
+                tracing::error!(pipeline = %pool, error = %e, "the scaler failed");
+            }
+        }
+    }
+
+    /// Stops every worker (draining them).
+    pub async fn shutdown(&self) {
+        self.scaler.shutdown().await;
+    }
+}

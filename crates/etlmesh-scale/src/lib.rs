@@ -1,0 +1,51 @@
+//! Elastic scaling.
+//!
+//! - [`policy::Autoscaler`] decides, from the load of a pipeline's workers, how many it
+//!   should have: ceil(in-flight / target) with a 10 % tolerance, up at once, panic
+//!   mode when the load is twice the capacity over 6 s, down only after the
+//!   stabilization window, to zero after the idle period. Every decision has a reason.
+//! - [`Scaler`] carries a decision out: [`process::ProcessScaler`] runs workers as
+//!   local child processes (and restarts crashed ones); the Kubernetes scaler sets a
+//!   Deployment's replicas.
+
+pub mod policy;
+pub mod process;
+
+use std::future::Future;
+use std::pin::Pin;
+
+pub use policy::{Autoscaler, Decision, Observation};
+
+/// Errors of scalers.
+#[derive(Debug, thiserror::Error)]
+pub enum ScaleError {
+    /// The scaler could not act.
+    #[error("scaler {scaler}: cannot scale `{pool}` to {replicas}: {message}")]
+    Failed {
+        /// The scaler.
+        scaler: &'static str,
+        /// The pipeline's pool.
+        pool: String,
+        /// The replicas asked for.
+        replicas: u32,
+        /// Why.
+        message: String,
+    },
+}
+
+/// A boxed future, for the object-safe [`Scaler`] trait.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Something that runs a pipeline's workers and can change how many there are.
+pub trait Scaler: Send + Sync {
+    /// Its name, for logs and metrics (`process`, `kubernetes`).
+    fn name(&self) -> &'static str;
+    /// Runs `replicas` workers for `pool` (one pipeline). Scaling down drains workers.
+    fn set_replicas<'a>(
+        &'a self,
+        pool: &'a str,
+        replicas: u32,
+    ) -> BoxFuture<'a, Result<(), ScaleError>>;
+    /// Stops everything (draining workers) before the control plane exits.
+    fn shutdown(&self) -> BoxFuture<'_, ()>;
+}

@@ -1,0 +1,309 @@
+//! The autoscaling policy of one pipeline, as a pure function of what it observes, so
+//! that it can be tested without processes or clocks.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use etlmesh_config::ScalingSpec;
+
+/// The panic window: load averaged over it decides panic mode.
+pub const PANIC_WINDOW: Duration = Duration::from_secs(6);
+/// Changes within this fraction of the current replicas are ignored.
+pub const TOLERANCE: f64 = 0.10;
+
+/// What the autoscaler sees at one tick.
+#[derive(Debug, Clone, Copy)]
+pub struct Observation {
+    /// When.
+    pub at: Instant,
+    /// Requests in flight or held for the pipeline, over every worker and gateway.
+    pub in_flight: f64,
+    /// CPU of its workers, summed, in percent of a core.
+    pub cpu_percent: f64,
+    /// Whether any request arrived since the last tick.
+    pub active: bool,
+}
+
+/// A change of replicas, and why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decision {
+    /// Replicas before.
+    pub from: u32,
+    /// Replicas after.
+    pub to: u32,
+    /// Why, for logs, metrics and the admin API: `2 → 5: in-flight 38, target 8`.
+    pub reason: String,
+    /// Whether panic mode decided it.
+    pub panic: bool,
+}
+
+/// The autoscaler of one pipeline.
+#[derive(Debug)]
+pub struct Autoscaler {
+    spec: ScalingSpec,
+    current: u32,
+    /// (when, replicas the load asked for, in-flight), over the longest window.
+    history: VecDeque<(Instant, u32, f64)>,
+    started: Instant,
+    last_active: Instant,
+}
+
+impl Autoscaler {
+    /// Starts at `min_replicas`.
+    pub fn new(spec: ScalingSpec, now: Instant) -> Self {
+        Self {
+            current: spec.min_replicas,
+            spec,
+            history: VecDeque::new(),
+            started: now,
+            last_active: now,
+        }
+    }
+
+    /// The replicas it wants now.
+    pub fn current(&self) -> u32 {
+        self.current
+    }
+
+    /// The policy.
+    pub fn spec(&self) -> &ScalingSpec {
+        &self.spec
+    }
+
+    /// Replicas the load asks for, before bounds.
+    fn wanted(&self, o: &Observation) -> u32 {
+        let by_requests = (o.in_flight / self.spec.target_in_flight).ceil();
+        let by_cpu = self
+            .spec
+            .target_cpu_percent
+            .map_or(0.0, |t| (o.cpu_percent / t).ceil());
+        by_requests.max(by_cpu).max(0.0) as u32
+    }
+
+    /// Looks at the load and decides; `None` keeps the replicas as they are.
+    pub fn observe(&mut self, o: Observation) -> Option<Decision> {
+        let wanted = self.wanted(&o);
+        if o.active || o.in_flight > 0.0 {
+            self.last_active = o.at;
+        }
+        self.history.push_back((o.at, wanted, o.in_flight));
+        let keep = self.spec.scale_down_window.max(PANIC_WINDOW);
+        while self
+            .history
+            .front()
+            .is_some_and(|(t, _, _)| o.at.duration_since(*t) > keep)
+        {
+            self.history.pop_front();
+        }
+        let (min, max) = (self.spec.min_replicas, self.spec.max_replicas);
+        let from = self.current;
+
+        // Panic: the last 6 s carried at least twice what the replicas are meant to carry.
+        let recent: Vec<&(Instant, u32, f64)> = self
+            .history
+            .iter()
+            .filter(|(t, _, _)| o.at.duration_since(*t) <= PANIC_WINDOW)
+            .collect();
+        let avg = recent.iter().map(|(_, _, f)| f).sum::<f64>() / recent.len().max(1) as f64;
+        let capacity = f64::from(from.max(1)) * self.spec.target_in_flight;
+        let panic = from > 0 && avg >= 2.0 * capacity;
+
+        let mut to = from;
+        let peak_recent = recent.iter().map(|(_, w, _)| *w).max().unwrap_or(0);
+        if panic {
+            to = to.max(peak_recent.max(wanted));
+        } else if wanted > from {
+            let outside = from == 0 || f64::from(wanted - from) > TOLERANCE * f64::from(from);
+            if outside {
+                to = wanted;
+            }
+        } else {
+            // Down only to the highest demand seen over the whole window, and only once
+            // the window has been observed.
+            let covered = o.at.duration_since(self.started) >= self.spec.scale_down_window;
+            let window_peak = self
+                .history
+                .iter()
+                .filter(|(t, _, _)| o.at.duration_since(*t) < self.spec.scale_down_window)
+                .map(|(_, w, _)| *w)
+                .max()
+                .unwrap_or(0);
+            let outside = f64::from(from - window_peak.min(from)) > TOLERANCE * f64::from(from);
+            if covered && window_peak < from && outside {
+                to = window_peak;
+            }
+        }
+        let idle = o.at.duration_since(self.last_active);
+        let floor = if min == 0 && idle < self.spec.idle_before_zero && from > 0 {
+            1
+        } else {
+            min
+        };
+        to = to.clamp(floor, max);
+        if to == from {
+            return None;
+        }
+        self.current = to;
+        let mut reason = format!(
+            "{from} → {to}: in-flight {}, target {}",
+            o.in_flight.round(),
+            self.spec.target_in_flight
+        );
+        if let Some(t) = self.spec.target_cpu_percent {
+            reason.push_str(&format!(", cpu {:.0} %, target {t} %", o.cpu_percent));
+        }
+        if panic {
+            reason.push_str(", panic: load at least twice the capacity over 6 s");
+        } else if to == 0 {
+            reason.push_str(&format!(", idle for {:.0?}", idle));
+        } else if to < from {
+            reason.push_str(&format!(
+                ", lower for the {:?} window",
+                self.spec.scale_down_window
+            ));
+        }
+        Some(Decision {
+            from,
+            to,
+            reason,
+            panic,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> ScalingSpec {
+        ScalingSpec {
+            min_replicas: 0,
+            max_replicas: 8,
+            target_in_flight: 8.0,
+            target_cpu_percent: None,
+            scale_down_window: Duration::from_secs(30),
+            idle_before_zero: Duration::from_secs(60),
+        }
+    }
+
+    struct Clock {
+        start: Instant,
+        secs: u64,
+    }
+
+    impl Clock {
+        fn obs(&mut self, in_flight: f64) -> Observation {
+            self.secs += 1;
+            Observation {
+                at: self.start + Duration::from_secs(self.secs),
+                in_flight,
+                cpu_percent: 0.0,
+                active: in_flight > 0.0,
+            }
+        }
+    }
+
+    #[test]
+    fn scales_up_at_once_with_a_reason() {
+        let start = Instant::now();
+        let mut a = Autoscaler::new(
+            ScalingSpec {
+                min_replicas: 2,
+                ..spec()
+            },
+            start,
+        );
+        let mut c = Clock { start, secs: 0 };
+        let d = a.observe(c.obs(38.0)).expect("up");
+        assert_eq!((d.from, d.to), (2, 5));
+        assert!(
+            d.reason.starts_with("2 → 5: in-flight 38, target 8"),
+            "{}",
+            d.reason
+        );
+    }
+
+    #[test]
+    fn small_changes_stay_inside_the_tolerance() {
+        let start = Instant::now();
+        let mut a = Autoscaler::new(
+            ScalingSpec {
+                min_replicas: 8,
+                max_replicas: 20,
+                ..spec()
+            },
+            start,
+        );
+        let mut c = Clock { start, secs: 0 };
+        // 9 wanted against 8: 12.5 % off, so it moves; 8.4 rounds up to 9 as well.
+        assert!(a.observe(c.obs(70.0)).is_some());
+        let mut a = Autoscaler::new(
+            ScalingSpec {
+                min_replicas: 10,
+                max_replicas: 20,
+                ..spec()
+            },
+            start,
+        );
+        // 11 against 10 is exactly the 10 % tolerance: no change.
+        assert!(a.observe(c.obs(88.0)).is_none());
+    }
+
+    #[test]
+    fn panic_jumps_to_the_peak_and_the_max_bounds_it() {
+        let start = Instant::now();
+        let mut a = Autoscaler::new(
+            ScalingSpec {
+                min_replicas: 1,
+                ..spec()
+            },
+            start,
+        );
+        let mut c = Clock { start, secs: 0 };
+        let d = a.observe(c.obs(200.0)).expect("up");
+        assert_eq!(d.to, 8, "capped at max_replicas");
+        assert!(d.panic);
+    }
+
+    #[test]
+    fn scales_down_only_after_the_window_and_to_zero_after_idle() {
+        let start = Instant::now();
+        let mut a = Autoscaler::new(spec(), start);
+        let mut c = Clock { start, secs: 0 };
+        assert_eq!(a.observe(c.obs(40.0)).map(|d| d.to), Some(5));
+        // The load stops: nothing changes inside the 30 s window.
+        for _ in 0..29 {
+            assert_eq!(a.observe(c.obs(0.0)), None, "at {} s", c.secs);
+        }
+        let d = a.observe(c.obs(0.0)).expect("down after the window");
+        assert_eq!(d.to, 1, "not to zero before the idle period");
+        for _ in 0..29 {
+            assert_eq!(a.observe(c.obs(0.0)), None, "at {} s", c.secs);
+        }
+        let d = a.observe(c.obs(0.0)).expect("to zero");
+        assert_eq!(d.to, 0);
+        assert!(d.reason.contains("idle"), "{}", d.reason);
+        // From zero, one held request brings a worker back at once.
+        assert_eq!(a.observe(c.obs(1.0)).map(|d| d.to), Some(1));
+    }
+
+    #[test]
+    fn cpu_targets_scale_too() {
+        let start = Instant::now();
+        let mut a = Autoscaler::new(
+            ScalingSpec {
+                min_replicas: 1,
+                target_cpu_percent: Some(50.0),
+                ..spec()
+            },
+            start,
+        );
+        let o = Observation {
+            at: start + Duration::from_secs(1),
+            in_flight: 1.0,
+            cpu_percent: 180.0,
+            active: true,
+        };
+        assert_eq!(a.observe(o).map(|d| d.to), Some(4));
+    }
+}

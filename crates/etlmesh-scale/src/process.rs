@@ -1,0 +1,297 @@
+//! The `process` scaler: workers as local child processes (`etlmesh worker`), one pool
+//! per pipeline. Scaling up starts workers; scaling down sends SIGTERM to the newest,
+//! which drain and exit. A worker that exits on its own is restarted with backoff.
+//! Their output is relayed with a `[worker-id]` prefix.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::{BoxFuture, ScaleError, Scaler};
+
+/// The first restart waits this long; each crash in a row doubles it.
+const FIRST_BACKOFF: Duration = Duration::from_millis(500);
+/// The longest wait before a restart.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// A worker that ran this long resets the backoff.
+const HEALTHY_RUN: Duration = Duration::from_secs(30);
+/// How long a draining worker may take before it is killed.
+const DRAIN_LIMIT: Duration = Duration::from_secs(40);
+
+/// How workers are started.
+#[derive(Debug, Clone)]
+pub struct WorkerCommand {
+    /// The `etlmesh` executable.
+    pub exe: PathBuf,
+    /// The pipeline file.
+    pub config: PathBuf,
+    /// The control plane's URL.
+    pub control_plane: String,
+    /// Extra arguments for every worker.
+    pub extra: Vec<String>,
+}
+
+struct Slot {
+    id: String,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+    pid: Arc<Mutex<Option<u32>>>,
+}
+
+#[derive(Default)]
+struct Pool {
+    slots: Vec<Slot>,
+    next: u32,
+    /// Workers draining after a scale-down.
+    leaving: Vec<JoinHandle<()>>,
+}
+
+/// Workers as child processes.
+pub struct ProcessScaler {
+    command: WorkerCommand,
+    pools: Mutex<HashMap<String, Pool>>,
+}
+
+impl ProcessScaler {
+    /// A scaler that starts workers with `command`.
+    pub fn new(command: WorkerCommand) -> Self {
+        Self {
+            command,
+            pools: Mutex::default(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Pool>> {
+        self.pools.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Process ids of a pool's running workers, by worker id.
+    pub fn pids(&self, pool: &str) -> Vec<(String, Option<u32>)> {
+        self.lock()
+            .get(pool)
+            .map(|p| {
+                p.slots
+                    .iter()
+                    .map(|s| {
+                        (
+                            s.id.clone(),
+                            *s.pid.lock().unwrap_or_else(|e| e.into_inner()),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Workers running in a pool.
+    pub fn running(&self, pool: &str) -> usize {
+        self.lock().get(pool).map_or(0, |p| p.slots.len())
+    }
+
+    fn scale(&self, pool: &str, replicas: u32) {
+        let mut pools = self.lock();
+        let p = pools.entry(pool.to_string()).or_default();
+        p.leaving.retain(|t| !t.is_finished());
+        while p.slots.len() < replicas as usize {
+            p.next += 1;
+            let id = format!("{pool}-{}", p.next);
+            let (stop, stop_rx) = watch::channel(false);
+            let pid = Arc::new(Mutex::new(None));
+            let runner = Runner {
+                id: id.clone(),
+                pool: pool.to_string(),
+                command: self.command.clone(),
+                pid: pid.clone(),
+            };
+            let task = tokio::spawn(runner.run(stop_rx));
+            p.slots.push(Slot {
+                id,
+                stop,
+                task,
+                pid,
+            });
+        }
+        while p.slots.len() > replicas as usize {
+            if let Some(slot) = p.slots.pop() {
+                tracing::info!(worker = %slot.id, pool, "scaling down: draining worker");
+                let _ = slot.stop.send(true);
+                p.leaving.push(slot.task);
+            }
+        }
+    }
+}
+
+impl Scaler for ProcessScaler {
+    fn name(&self) -> &'static str {
+        "process"
+    }
+
+    fn set_replicas<'a>(
+        &'a self,
+        pool: &'a str,
+        replicas: u32,
+    ) -> BoxFuture<'a, Result<(), ScaleError>> {
+        Box::pin(async move {
+            self.scale(pool, replicas);
+            Ok(())
+        })
+    }
+
+    fn shutdown(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let tasks: Vec<JoinHandle<()>> = {
+                let mut pools = self.lock();
+                let mut tasks = Vec::new();
+                for p in pools.values_mut() {
+                    for s in p.slots.drain(..) {
+                        let _ = s.stop.send(true);
+                        tasks.push(s.task);
+                    }
+                    tasks.append(&mut p.leaving);
+                }
+                tasks
+            };
+            for t in tasks {
+                let _ = t.await;
+            }
+        })
+    }
+}
+
+/// Runs one worker slot: start, relay output, restart on exit, drain on stop.
+struct Runner {
+    id: String,
+    pool: String,
+    command: WorkerCommand,
+    pid: Arc<Mutex<Option<u32>>>,
+}
+
+impl Runner {
+    fn spawn(&self) -> std::io::Result<Child> {
+        let c = &self.command;
+        let mut cmd = Command::new(&c.exe);
+        cmd.arg("worker")
+            .arg("-c")
+            .arg(&c.config)
+            .args([
+                "--pipeline",
+                &self.pool,
+                "--id",
+                &self.id,
+                "--control-plane",
+                &c.control_plane,
+            ])
+            .args(["--listen", "127.0.0.1:0"])
+            .args(&c.extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            // Children write to a pipe, not a terminal: keep their logs in the
+            // parent's format unless one was chosen.
+            .env(
+                "ETLMESH_LOG_FORMAT",
+                std::env::var("ETLMESH_LOG_FORMAT").unwrap_or_else(|_| {
+                    if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+                        "text"
+                    } else {
+                        "json"
+                    }
+                    .into()
+                }),
+            )
+            .kill_on_drop(true);
+        cmd.spawn()
+    }
+
+    fn set_pid(&self, pid: Option<u32>) {
+        *self.pid.lock().unwrap_or_else(|p| p.into_inner()) = pid;
+    }
+
+    async fn run(self, mut stop: watch::Receiver<bool>) {
+        let mut backoff = FIRST_BACKOFF;
+        loop {
+            let started = Instant::now();
+            let mut child = match self.spawn() {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::error!(worker = %self.id, error = %e, "cannot start the worker process");
+                    if wait_or_stop(&mut stop, backoff).await {
+                        return;
+                    }
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    continue;
+                }
+            };
+            let pid = child.id();
+            self.set_pid(pid);
+            tracing::info!(worker = %self.id, pid = pid.unwrap_or(0), "worker started");
+            if let Some(out) = child.stdout.take() {
+                tokio::spawn(relay(self.id.clone(), out));
+            }
+            if let Some(err) = child.stderr.take() {
+                tokio::spawn(relay(self.id.clone(), err));
+            }
+            let status = tokio::select! {
+                s = child.wait() => s,
+                () = stopped(&mut stop) => {
+                    if let Some(pid) = pid {
+                        let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
+                    }
+                    let s = match tokio::time::timeout(DRAIN_LIMIT, child.wait()).await {
+                        Ok(s) => s,
+                        Err(_) => {
+                            tracing::warn!(worker = %self.id, "the worker did not drain in time; killing it");
+                            let _ = child.kill().await;
+                            child.wait().await
+                        }
+                    };
+                    tracing::info!(worker = %self.id, status = ?s.as_ref().ok(), "worker stopped");
+                    self.set_pid(None);
+                    return;
+                }
+            };
+            self.set_pid(None);
+            if *stop.borrow() {
+                return;
+            }
+            if started.elapsed() >= HEALTHY_RUN {
+                backoff = FIRST_BACKOFF;
+            }
+            tracing::warn!(worker = %self.id, status = ?status.ok(), restart_in_ms = backoff.as_millis() as u64, "worker exited; restarting");
+            if wait_or_stop(&mut stop, backoff).await {
+                return;
+            }
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+}
+
+/// Completes once stopping was asked for.
+async fn stopped(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+/// Sleeps; `true` when stopping was asked for meanwhile.
+async fn wait_or_stop(rx: &mut watch::Receiver<bool>, d: Duration) -> bool {
+    tokio::select! {
+        () = tokio::time::sleep(d) => false,
+        () = stopped(rx) => true,
+    }
+}
+
+/// Copies a child's output lines to ours, prefixed with its id.
+async fn relay(id: String, stream: impl AsyncRead + Unpin) {
+    let mut lines = BufReader::new(stream).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        eprintln!("[{id}] {line}");
+    }
+}
