@@ -66,6 +66,12 @@ pub enum CliError {
     /// A job failed.
     #[error("{0}")]
     Job(#[from] etlmesh_batch::JobError),
+    /// The control plane.
+    #[error("{0}")]
+    Control(#[from] etlmesh_control::ControlError),
+    /// A scaler could not be set up.
+    #[error("{0}")]
+    Scale(#[from] etlmesh_scale::ScaleError),
     /// Something else, with what to do.
     #[error("{0}")]
     Other(String),

@@ -2,9 +2,12 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use etlmesh_config::PipelineFile;
+use etlmesh_scale::kubernetes::{KubernetesOptions, KubernetesScaler};
+use etlmesh_scale::process::{ProcessScaler, WorkerCommand};
 
 use crate::{CliError, runtime};
 
@@ -109,6 +112,12 @@ pub struct ControlArgs {
     /// Who runs the workers when scaling.
     #[arg(long, value_enum, default_value_t = ScalerKind::Process)]
     pub scaler: ScalerKind,
+    /// Kubernetes: the namespace of the worker Deployments (the client's default).
+    #[arg(long, value_name = "NS")]
+    pub k8s_namespace: Option<String>,
+    /// Kubernetes: the Deployment of each pipeline; `{pipeline}` is its name, `_` as `-`.
+    #[arg(long, value_name = "NAME", default_value = "etlmesh-worker-{pipeline}")]
+    pub k8s_deployment: String,
 }
 
 /// Scalers.
@@ -116,42 +125,48 @@ pub struct ControlArgs {
 pub enum ScalerKind {
     /// Workers as child processes of the control plane.
     Process,
+    /// Each pipeline's worker Deployment, through its scale subresource.
+    Kubernetes,
 }
 
 pub(crate) fn control_plane(args: &ControlArgs) -> Result<(), CliError> {
+    let file = args.config.as_deref().map(PipelineFile::load).transpose()?;
+    let exe = std::env::current_exe()
+        .map_err(|e| CliError::Other(format!("cannot find the etlmesh executable: {e}")))?;
     let rt = runtime(2)?;
     rt.block_on(async {
         let mut opts = etlmesh_control::ControlOptions::new(args.listen);
         opts.heartbeat_timeout = args.heartbeat_timeout;
         let bound = etlmesh_control::bind(&opts).await?;
-        let autoscale = match &args.config {
-            Some(config) => {
-                let file = PipelineFile::load(config)
-                    .map_err(|e| etlmesh_control::ControlError::Serve(e.to_string()))?;
-                let exe = std::env::current_exe()
-                    .map_err(|e| etlmesh_control::ControlError::Serve(e.to_string()))?;
-                let scaler: std::sync::Arc<dyn etlmesh_scale::Scaler> = match args.scaler {
-                    ScalerKind::Process => {
-                        std::sync::Arc::new(etlmesh_scale::process::ProcessScaler::new(
-                            etlmesh_scale::process::WorkerCommand {
-                                exe,
-                                config: config.clone(),
-                                control_plane: format!("http://{}", bound.addr),
-                                extra: Vec::new(),
-                            },
-                        ))
-                    }
+        let autoscale = match (&file, &args.config) {
+            (Some(file), Some(path)) => {
+                let scaler: Arc<dyn etlmesh_scale::Scaler> = match args.scaler {
+                    ScalerKind::Process => Arc::new(ProcessScaler::new(WorkerCommand {
+                        exe,
+                        config: path.clone(),
+                        control_plane: format!("http://{}", bound.addr),
+                        extra: Vec::new(),
+                    })),
+                    ScalerKind::Kubernetes => Arc::new(
+                        KubernetesScaler::connect(KubernetesOptions {
+                            namespace: args.k8s_namespace.clone(),
+                            deployment: args.k8s_deployment.clone(),
+                        })
+                        .await?,
+                    ),
                 };
                 Some(etlmesh_control::AutoscaleConfig {
-                    pools: etlmesh_up::pools(&file, None),
+                    pools: etlmesh_up::pools(file, None),
                     scaler,
                 })
             }
-            None => None,
+            _ => None,
         };
-        bound.serve(autoscale, shutdown_signal()).await
+        bound
+            .serve(autoscale, shutdown_signal())
+            .await
+            .map_err(CliError::from)
     })
-    .map_err(|e| CliError::Other(e.to_string()))
 }
 
 /// Arguments of `gateway`.
@@ -195,6 +210,12 @@ pub struct GatewayTuning {
     /// Requests in flight to one worker at most.
     #[arg(long, default_value_t = 64)]
     pub endpoint_concurrency: usize,
+    /// Requests held per pipeline while its first worker starts (scale from zero).
+    #[arg(long, default_value_t = 256)]
+    pub activation_queue: usize,
+    /// How long a held request waits for a worker before a 503.
+    #[arg(long, default_value = "30s", value_parser = duration)]
+    pub activation_wait: Duration,
 }
 
 impl GatewayTuning {
@@ -204,6 +225,8 @@ impl GatewayTuning {
         o.default_deadline = self.default_deadline;
         o.route.queue = self.queue.max(1);
         o.route.endpoint_concurrency = self.endpoint_concurrency.max(1);
+        o.activation_queue = self.activation_queue;
+        o.activation_wait = self.activation_wait;
     }
 }
 

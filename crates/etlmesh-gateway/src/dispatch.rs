@@ -205,7 +205,8 @@ impl Gateway {
         let _ = self.activations.try_send(name.clone());
         let mut ready = route.watch_ready();
         let started = tokio::time::Instant::now();
-        match tokio::time::timeout_at(deadline, ready.wait_for(|n| *n > 0)).await {
+        let until = deadline.min(started + self.options.activation_wait);
+        match tokio::time::timeout_at(until, ready.wait_for(|n| *n > 0)).await {
             Ok(Ok(_)) => {
                 tracing::debug!(pipeline = %name, waited_ms = started.elapsed().as_millis() as u64, "held request released: a worker is ready");
                 Ok(())

@@ -69,6 +69,8 @@ pub struct GatewayOptions {
     pub max_retries: u32,
     /// Requests held at most per pipeline while no worker is ready (activation).
     pub activation_queue: usize,
+    /// How long a held request waits for a worker to start (its deadline, if shorter).
+    pub activation_wait: Duration,
     /// This gateway's id in load reports.
     pub id: String,
     /// Routing settings.
@@ -88,6 +90,7 @@ impl GatewayOptions {
             max_deadline: Duration::from_secs(300),
             max_retries: 3,
             activation_queue: 256,
+            activation_wait: Duration::from_secs(30),
             id: format!("gateway-{}", std::process::id()),
             route: RouteOptions::default(),
         }

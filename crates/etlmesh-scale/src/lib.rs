@@ -8,6 +8,7 @@
 //!   local child processes (and restarts crashed ones); the Kubernetes scaler sets a
 //!   Deployment's replicas.
 
+pub mod kubernetes;
 pub mod policy;
 pub mod process;
 
@@ -19,6 +20,14 @@ pub use policy::{Autoscaler, Decision, Observation};
 /// Errors of scalers.
 #[derive(Debug, thiserror::Error)]
 pub enum ScaleError {
+    /// The scaler could not be set up.
+    #[error("scaler {scaler}: {message}")]
+    Connect {
+        /// The scaler.
+        scaler: &'static str,
+        /// What went wrong and what to do.
+        message: String,
+    },
     /// The scaler could not act.
     #[error("scaler {scaler}: cannot scale `{pool}` to {replicas}: {message}")]
     Failed {

@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -106,66 +105,6 @@ impl Mesh {
     fn transform_url(&self) -> String {
         format!("{}/v1/pipelines/clean", self.gw_url)
     }
-}
-
-/// One request's outcome under load.
-#[derive(Debug, Clone)]
-struct Outcome {
-    at: Instant,
-    status: Result<StatusCode, String>,
-    worker: String,
-}
-
-/// Sends `body` from `concurrency` clients until `stop`.
-fn load(
-    url: String,
-    body: Bytes,
-    concurrency: usize,
-    stop: Arc<AtomicBool>,
-) -> tokio::task::JoinHandle<Vec<Outcome>> {
-    tokio::spawn(async move {
-        let client = Http::new();
-        let mut tasks = Vec::new();
-        for _ in 0..concurrency {
-            let (client, url, body, stop) =
-                (client.clone(), url.clone(), body.clone(), stop.clone());
-            tasks.push(tokio::spawn(async move {
-                let mut out = Vec::new();
-                while !stop.load(Ordering::Relaxed) {
-                    let r = client.post_csv(&url, body.clone()).await;
-                    out.push(Outcome {
-                        at: Instant::now(),
-                        worker: r
-                            .as_ref()
-                            .map(|a| a.header("etlmesh-worker"))
-                            .unwrap_or_default(),
-                        status: r.map(|a| a.status),
-                    });
-                }
-                out
-            }));
-        }
-        let mut all = Vec::new();
-        for t in tasks {
-            all.extend(t.await.unwrap_or_default());
-        }
-        all
-    })
-}
-
-fn failures(outcomes: &[Outcome]) -> Vec<&Outcome> {
-    outcomes
-        .iter()
-        .filter(|o| o.status != Ok(StatusCode::OK))
-        .collect()
-}
-
-fn per_worker(outcomes: &[Outcome]) -> HashMap<String, usize> {
-    let mut m = HashMap::new();
-    for o in outcomes {
-        *m.entry(o.worker.clone()).or_insert(0) += 1;
-    }
-    m
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

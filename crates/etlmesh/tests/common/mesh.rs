@@ -3,9 +3,11 @@
 
 #![allow(dead_code)]
 
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -252,4 +254,64 @@ pub async fn eventually(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// One request's outcome under load.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub at: Instant,
+    pub status: Result<StatusCode, String>,
+    pub worker: String,
+}
+
+/// Sends `body` from `concurrency` clients until `stop`.
+pub fn load(
+    url: String,
+    body: Bytes,
+    concurrency: usize,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<Vec<Outcome>> {
+    tokio::spawn(async move {
+        let client = Http::new();
+        let mut tasks = Vec::new();
+        for _ in 0..concurrency {
+            let (client, url, body, stop) =
+                (client.clone(), url.clone(), body.clone(), stop.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut out = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let r = client.post_csv(&url, body.clone()).await;
+                    out.push(Outcome {
+                        at: Instant::now(),
+                        worker: r
+                            .as_ref()
+                            .map(|a| a.header("etlmesh-worker"))
+                            .unwrap_or_default(),
+                        status: r.map(|a| a.status),
+                    });
+                }
+                out
+            }));
+        }
+        let mut all = Vec::new();
+        for t in tasks {
+            all.extend(t.await.unwrap_or_default());
+        }
+        all
+    })
+}
+
+pub fn failures(outcomes: &[Outcome]) -> Vec<&Outcome> {
+    outcomes
+        .iter()
+        .filter(|o| o.status != Ok(StatusCode::OK))
+        .collect()
+}
+
+pub fn per_worker(outcomes: &[Outcome]) -> HashMap<String, usize> {
+    let mut m = HashMap::new();
+    for o in outcomes {
+        *m.entry(o.worker.clone()).or_insert(0) += 1;
+    }
+    m
 }

@@ -1,0 +1,281 @@
+//! End-to-end tests of elastic scaling with real processes under `etlmesh up`: scale to
+//! zero and activation, a load step from 1 to 64 clients, scale-down after the
+//! stabilization window without losing requests, and the bounds of activation.
+//! (A crashed worker being replaced is tested in `mesh.rs`, under the same scaler.)
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use common::Scratch;
+use common::mesh::*;
+use http::StatusCode;
+
+/// These tests start many processes and time them; they run one at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// `MESH_YAML` with a scaling policy for `clean`.
+fn with_scaling(policy: &str) -> String {
+    format!("{MESH_YAML}    scaling: {policy}\n")
+}
+
+fn up(scratch: &Scratch, extra: &[&str]) -> (Proc, String, String) {
+    let mut args = vec![
+        "up",
+        "-c",
+        "mesh.yaml",
+        "--http",
+        "127.0.0.1:0",
+        "--flight",
+        "off",
+        "--admin",
+        "127.0.0.1:0",
+    ];
+    args.extend_from_slice(extra);
+    let p = Proc::start(scratch.dir.path(), &args);
+    let (gw, admin) = (p.url("gateway"), p.url("control plane"));
+    (p, gw, admin)
+}
+
+/// Workers of `clean` that are ready, as the control plane sees them.
+async fn ready(http: &Http, admin: &str) -> usize {
+    http.get(&format!("{admin}/api/v1/workers"))
+        .await
+        .json()
+        .as_array()
+        .map_or(0, |a| {
+            a.iter()
+                .filter(|w| w["state"] == "ready" && w["pipelines"][0] == "clean")
+                .count()
+        })
+}
+
+async fn workers(http: &Http, admin: &str) -> usize {
+    http.get(&format!("{admin}/api/v1/workers"))
+        .await
+        .json()
+        .as_array()
+        .map_or(0, |a| a.len())
+}
+
+async fn events(http: &Http, admin: &str) -> Vec<String> {
+    http.get(&format!("{admin}/api/v1/scaling")).await.json()["events"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|e| e["reason"].as_str().unwrap_or("").to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_pipeline_scales_to_zero_and_the_next_request_is_held_not_failed() {
+    let _serial = SERIAL.lock().await;
+    let scratch = Scratch::new();
+    scratch.write(
+        "mesh.yaml",
+        with_scaling(
+            "{ min_replicas: 0, max_replicas: 2, scale_down_window: 2s, idle_before_zero: 3s }",
+        ),
+    );
+    let (_up, gw, admin) = up(&scratch, &[]);
+    let http = Http::new();
+    let url = format!("{gw}/v1/pipelines/clean");
+
+    // min_replicas 0: nothing runs until the first request.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        workers(&http, &admin).await,
+        0,
+        "no worker before any request"
+    );
+
+    for round in 0..2 {
+        let sent = Instant::now();
+        let a = http
+            .post_csv(&url, readings(100, 0.0, round))
+            .await
+            .expect("answer");
+        let cold_start = sent.elapsed();
+        assert_eq!(a.status, StatusCode::OK, "round {round}: {:?}", a.body);
+        assert_eq!(a.header("etlmesh-records-in"), "100");
+        assert!(
+            cold_start < Duration::from_secs(5),
+            "round {round}: held for {cold_start:?}"
+        );
+        eprintln!("round {round}: answered from zero workers in {cold_start:?}");
+
+        // Idle: back to zero after idle_before_zero, and not before.
+        let idle = Instant::now();
+        let took = eventually(Duration::from_secs(20), "scaled to zero", async || {
+            workers(&http, &admin).await == 0
+        })
+        .await;
+        assert!(
+            idle.elapsed() >= Duration::from_secs(3),
+            "went to zero after {took:?}, inside the idle period"
+        );
+    }
+    let reasons = events(&http, &admin).await;
+    assert!(
+        reasons.iter().any(|r| r.starts_with("0 → 1")),
+        "activation decided: {reasons:?}"
+    );
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.starts_with("1 → 0") && r.contains("idle")),
+        "zero decided for idleness: {reasons:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_requests_are_bounded_and_time_out_with_retry_after() {
+    let _serial = SERIAL.lock().await;
+    let scratch = Scratch::new();
+    scratch.write(
+        "mesh.yaml",
+        with_scaling("{ min_replicas: 0, max_replicas: 1 }"),
+    );
+    // Workers that cannot start (an unknown flag): requests wait for nothing.
+    let (_up, gw, _admin) = up(
+        &scratch,
+        &[
+            "--worker-arg=--no-such-flag",
+            "--activation-queue",
+            "2",
+            "--activation-wait",
+            "1s",
+        ],
+    );
+    let url = format!("{gw}/v1/pipelines/clean");
+    let http = Http::new();
+    let started = Instant::now();
+    let sends: Vec<_> = (0..6)
+        .map(|i| {
+            let (http, url) = (http.clone(), url.clone());
+            tokio::spawn(async move {
+                // The first two are held before the others arrive.
+                tokio::time::sleep(Duration::from_millis(if i < 2 { 0 } else { 300 })).await;
+                http.post_csv(&url, readings(10, 0.0, i))
+                    .await
+                    .expect("answer")
+            })
+        })
+        .collect();
+    let mut codes = Vec::new();
+    for s in sends {
+        let a = s.await.expect("task");
+        assert_eq!(a.status, StatusCode::SERVICE_UNAVAILABLE, "{:?}", a.body);
+        assert!(!a.header("retry-after").is_empty(), "Retry-After is set");
+        codes.push(a.json()["code"].as_str().unwrap_or("").to_string());
+    }
+    let full = codes
+        .iter()
+        .filter(|c| *c == "activation_queue_full")
+        .count();
+    let timed_out = codes.iter().filter(|c| *c == "no_ready_worker").count();
+    assert_eq!((timed_out, full), (2, 4), "{codes:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "held requests give up after the activation wait"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_load_step_scales_up_at_once_and_down_only_after_the_window() {
+    let _serial = SERIAL.lock().await;
+    let scratch = Scratch::new();
+    scratch.write(
+        "mesh.yaml",
+        with_scaling(
+            "{ min_replicas: 1, max_replicas: 4, target_in_flight: 8, scale_down_window: 6s }",
+        ),
+    );
+    // Each request holds a worker for 200 ms, so that in-flight load is real.
+    let (_up, gw, admin) = up(&scratch, &["--worker-arg=--inject-latency=200ms"]);
+    let http = Http::new();
+    let url = format!("{gw}/v1/pipelines/clean");
+    eventually(Duration::from_secs(20), "one worker", async || {
+        ready(&http, &admin).await == 1
+    })
+    .await;
+
+    let body = readings(50, 0.0, 7);
+    let stop_one = Arc::new(AtomicBool::new(false));
+    let one = load(url.clone(), body.clone(), 1, stop_one.clone());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(ready(&http, &admin).await, 1, "one client needs one worker");
+
+    // The step: 63 more clients.
+    let stop_many = Arc::new(AtomicBool::new(false));
+    let many = load(url.clone(), body.clone(), 63, stop_many.clone());
+    let reaction = eventually(Duration::from_secs(10), "four workers", async || {
+        ready(&http, &admin).await == 4
+    })
+    .await;
+    assert!(
+        reaction <= Duration::from_secs(2),
+        "scaled to max_replicas {reaction:?} after the step"
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(ready(&http, &admin).await, 4, "never over max_replicas");
+
+    // The load stops but one client stays: nothing comes down inside the window.
+    stop_many.store(true, Ordering::Relaxed);
+    let stopped = Instant::now();
+    let many = many.await.expect("load");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(
+        ready(&http, &admin).await,
+        4,
+        "no scale-down inside the 6 s window"
+    );
+    let down = eventually(Duration::from_secs(20), "back to one worker", async || {
+        workers(&http, &admin).await == 1
+    })
+    .await;
+    let down_after = stopped.elapsed();
+    assert!(
+        down_after >= Duration::from_secs(6),
+        "came down after {down_after:?}"
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop_one.store(true, Ordering::Relaxed);
+    let one = one.await.expect("load");
+
+    let all: Vec<Outcome> = one.into_iter().chain(many).collect();
+    let failed = failures(&all);
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed: {:?}",
+        failed.len(),
+        all.len(),
+        &failed[..failed.len().min(5)]
+    );
+    let served_by = per_worker(&all);
+    assert!(served_by.len() >= 4, "every worker served: {served_by:?}");
+    let reasons = events(&http, &admin).await;
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.starts_with("1 → ") && r.contains("in-flight")),
+        "{reasons:?}"
+    );
+    let metrics = http.get(&format!("{admin}/metrics")).await;
+    let text = String::from_utf8_lossy(&metrics.body);
+    assert!(
+        text.contains(r#"autoscaler_decisions_total{pipeline="clean",direction="up"}"#),
+        "{text}"
+    );
+    eprintln!(
+        "load step: {} requests, none failed; 4 workers {reaction:?} after the step; \
+         back to one {:?} after the load stopped (waited {down:?}); by worker {served_by:?}",
+        all.len(),
+        down_after,
+    );
+}
