@@ -42,6 +42,7 @@ struct PoolLabels {
 struct DecisionLabels {
     pipeline: String,
     direction: &'static str,
+    cause: &'static str,
 }
 
 struct Pool {
@@ -118,7 +119,7 @@ impl Autoscaling {
             );
             r.register(
                 "autoscaler_decisions",
-                "Scaling decisions, by pipeline and direction (up, down)",
+                "Scaling decisions, by pipeline, direction (up, down) and cause (load, panic, window, idle)",
                 Family::clone(&decisions),
             );
         }
@@ -293,6 +294,7 @@ impl Autoscaling {
                 .get_or_create(&DecisionLabels {
                     pipeline: pool.clone(),
                     direction,
+                    cause: d.cause,
                 })
                 .inc();
             self.replicas

@@ -35,6 +35,8 @@ pub struct Decision {
     pub reason: String,
     /// Whether panic mode decided it.
     pub panic: bool,
+    /// The rule that decided, as a metric label: `load`, `panic`, `window`, `idle`.
+    pub cause: &'static str,
 }
 
 /// The autoscaler of one pipeline.
@@ -162,11 +164,21 @@ impl Autoscaler {
                 self.spec.scale_down_window
             ));
         }
+        let cause = if panic {
+            "panic"
+        } else if to > from {
+            "load"
+        } else if to == 0 {
+            "idle"
+        } else {
+            "window"
+        };
         Some(Decision {
             from,
             to,
             reason,
             panic,
+            cause,
         })
     }
 }

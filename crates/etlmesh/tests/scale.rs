@@ -269,7 +269,7 @@ async fn a_load_step_scales_up_at_once_and_down_only_after_the_window() {
     let metrics = http.get(&format!("{admin}/metrics")).await;
     let text = String::from_utf8_lossy(&metrics.body);
     assert!(
-        text.contains(r#"autoscaler_decisions_total{pipeline="clean",direction="up"}"#),
+        text.contains(r#"autoscaler_decisions_total{pipeline="clean",direction="up",cause="#),
         "{text}"
     );
     eprintln!(
@@ -278,4 +278,64 @@ async fn a_load_step_scales_up_at_once_and_down_only_after_the_window() {
         all.len(),
         down_after,
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_demo_answers_and_wakes_its_idle_pipeline_on_demand() {
+    let _serial = SERIAL.lock().await;
+    let scratch = Scratch::new();
+    let p = Proc::start(
+        scratch.dir.path(),
+        &[
+            "up",
+            "--demo",
+            "--http",
+            "127.0.0.1:0",
+            "--flight",
+            "off",
+            "--admin",
+            "127.0.0.1:0",
+        ],
+    );
+    let (gw, admin) = (p.url("gateway"), p.url("control plane"));
+    let http = Http::new();
+    let sample = bytes::Bytes::from(
+        std::fs::read(scratch.dir.path().join("data/sample.csv")).expect("the demo's sample"),
+    );
+    eventually(
+        Duration::from_secs(20),
+        "clean_readings ready",
+        async || {
+            http.get(&format!("{gw}/v1/pipelines"))
+                .await
+                .json()
+                .as_array()
+                .is_some_and(|a| {
+                    a.iter()
+                        .any(|p| p["name"] == "clean_readings" && p["ready_workers"] == 1)
+                })
+        },
+    )
+    .await;
+    let a = http
+        .post_csv(&format!("{gw}/v1/pipelines/clean_readings"), sample.clone())
+        .await
+        .expect("answer");
+    assert_eq!(a.status, StatusCode::OK);
+    assert_eq!(a.header("etlmesh-records-in"), "1000");
+
+    // readings_per_minute scales from zero: no worker until asked.
+    let pools = http.get(&format!("{admin}/api/v1/scaling")).await.json();
+    let per_minute = pools["pools"]
+        .as_array()
+        .and_then(|a| a.iter().find(|p| p["pipeline"] == "readings_per_minute"))
+        .cloned()
+        .expect("pool");
+    assert_eq!(per_minute["ready"], 0, "{pools}");
+    let a = http
+        .post_csv(&format!("{gw}/v1/pipelines/readings_per_minute"), sample)
+        .await
+        .expect("answer");
+    assert_eq!(a.status, StatusCode::OK, "{:?}", a.body);
+    assert!(!a.body.is_empty());
 }
