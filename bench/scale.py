@@ -29,7 +29,7 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(os.environ.get("ETLMESH_BIN", ROOT / "target" / "release" / "etlmesh"))
+BIN = Path(os.environ.get("ETLMESH_BIN", ROOT / "target" / "release" / "etlmesh")).resolve()
 OUT = ROOT / "bench" / "out"
 
 PIPELINE = """
@@ -236,11 +236,14 @@ def svg(rows, path):
     def x(t):
         return pad + (w - 2 * pad) * t / tmax
 
+    legend = []
+
     def line(values, vmax, colour, label, dash=""):
         pts = " ".join(f"{x(t):.1f},{h - pad - (h - 2 * pad) * v / vmax:.1f}" for t, v in values)
-        return (f'<polyline fill="none" stroke="{colour}" stroke-width="2" {dash} points="{pts}"/>'
-                f'<text x="{w - pad + 4}" y="{h - pad - (h - 2 * pad) * values[-1][1] / vmax:.0f}" '
-                f'fill="{colour}" font-size="11">{label}</text>')
+        y = pad + 14 * len(legend)
+        legend.append(f'<line x1="{w - 210}" y1="{y - 4}" x2="{w - 185}" y2="{y - 4}" stroke="{colour}" '
+                      f'stroke-width="2" {dash}/><text x="{w - 180}" y="{y}" font-size="11">{label}</text>')
+        return f'<polyline fill="none" stroke="{colour}" stroke-width="2" {dash} points="{pts}"/>'
 
     parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif">',
@@ -249,14 +252,17 @@ def svg(rows, path):
         f'<line x1="{pad}" y1="{h - pad}" x2="{w - pad}" y2="{h - pad}" stroke="#888"/>',
         f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{h - pad}" stroke="#888"/>',
         f'<text x="{w / 2}" y="{h - 12}" font-size="12">seconds</text>',
-        f'<text x="6" y="{pad - 8}" font-size="11">replicas (max {rmax}) · p99 ms (max {lmax:.0f}) · clients (max {cmax})</text>',
     ]
     for t in range(0, int(tmax) + 1, 10):
         parts.append(f'<text x="{x(t):.0f}" y="{h - pad + 14}" font-size="10">{t}</text>')
-    parts.append(line([(r[0], r[1]) for r in rows], cmax, "#bbb", "clients", 'stroke-dasharray="4 3"'))
-    parts.append(line([(r[0], r[3]) for r in rows], rmax, "#f39c12", "desired", 'stroke-dasharray="2 2"'))
-    parts.append(line([(r[0], r[2]) for r in rows], rmax, "#2c7be5", "ready"))
-    parts.append(line([(r[0], r[6]) for r in rows], lmax, "#e55353", "p99 ms"))
+    parts.append(line([(r[0], r[1]) for r in rows], cmax, "#bbb", f"clients (max {cmax})",
+                      'stroke-dasharray="4 3"'))
+    parts.append(line([(r[0], r[3]) for r in rows], rmax, "#f39c12", f"desired replicas (max {rmax})",
+                      'stroke-dasharray="2 2"'))
+    parts.append(line([(r[0], r[2]) for r in rows], rmax, "#2c7be5", "ready replicas"))
+    # p99 only where requests completed.
+    parts.append(line([(r[0], r[6]) for r in rows if r[4] > 0], lmax, "#e55353", f"p99 ms (max {lmax:.0f})"))
+    parts.extend(legend)
     parts.append("</svg>")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(parts))

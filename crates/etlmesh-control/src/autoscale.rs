@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use etlmesh_config::ScalingSpec;
 use etlmesh_proto::{GatewayLoad, PipelineInfo, ScaleEvent, WorkerState};
+use etlmesh_scale::policy::TOLERANCE;
 use etlmesh_scale::{Autoscaler, Observation, Scaler};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -150,14 +151,29 @@ impl Autoscaling {
             .collect()
     }
 
-    /// Records a gateway's load; wakes the loop when requests are held.
+    /// Records a gateway's load; wakes the loop when requests are held or the load is
+    /// over what the pool's workers are meant to carry, so that scaling up does not
+    /// wait for the next tick.
     pub fn report(&self, gateway: &str, load: GatewayLoad) {
-        let held = load.pipelines.values().any(|p| p.held > 0);
+        let urgent = {
+            let pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+            load.pipelines.iter().any(|(name, l)| {
+                l.held > 0
+                    || pools.get(name).is_some_and(|p| {
+                        if p.autoscaler.current() >= p.autoscaler.spec().max_replicas {
+                            return false;
+                        }
+                        let capacity = f64::from(p.autoscaler.current())
+                            * p.autoscaler.spec().target_in_flight;
+                        f64::from(l.in_flight + l.held) > capacity * (1.0 + TOLERANCE)
+                    })
+            })
+        };
         self.gateways
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(gateway.to_string(), (Instant::now(), load));
-        if held {
+        if urgent {
             self.wake.notify_one();
         }
     }

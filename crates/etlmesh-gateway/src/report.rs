@@ -1,6 +1,7 @@
 //! Telling the control plane what the gateway carries: every pipeline's in-flight and
-//! held requests twice a second, and at once when a request is held for a pipeline
-//! with no worker (activation).
+//! held requests five times a second (the control plane acts on a report at once when
+//! it asks for more workers), and at once when a request is held for a pipeline with
+//! no worker (activation).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,7 +14,7 @@ use tokio::sync::mpsc;
 use crate::discovery::Routes;
 
 /// The report period.
-pub const PERIOD: Duration = Duration::from_millis(500);
+pub const PERIOD: Duration = Duration::from_millis(200);
 
 /// Reports until aborted.
 pub async fn report(

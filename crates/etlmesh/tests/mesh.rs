@@ -194,14 +194,7 @@ async fn a_worker_killed_under_load_fails_no_request_and_is_replaced() {
     stop.store(true, Ordering::Relaxed);
     let outcomes = running.await.expect("load");
 
-    let failed = failures(&outcomes);
-    assert!(
-        failed.is_empty(),
-        "{} of {} requests failed: {:?}",
-        failed.len(),
-        outcomes.len(),
-        &failed[..failed.len().min(5)]
-    );
+    assert_none_failed(&outcomes);
     let after: Vec<Outcome> = outcomes
         .iter()
         .filter(|o| o.at > rejoined)
@@ -430,14 +423,7 @@ async fn sigterm_drains_a_worker_without_failing_requests() {
         "{}",
         drained.output()
     );
-    let failed = failures(&outcomes);
-    assert!(
-        failed.is_empty(),
-        "{} of {} requests failed: {:?}",
-        failed.len(),
-        outcomes.len(),
-        &failed[..failed.len().min(5)]
-    );
+    assert_none_failed(&outcomes);
     assert_eq!(mesh.ready_workers().await, 2);
     eprintln!(
         "SIGTERM: worker exited after {:?}; {} requests, none failed",

@@ -301,6 +301,18 @@ pub fn load(
     })
 }
 
+/// Panics with the first failures, if any request failed.
+pub fn assert_none_failed(outcomes: &[Outcome]) {
+    let failed = failures(outcomes);
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed: {:?}",
+        failed.len(),
+        outcomes.len(),
+        &failed[..failed.len().min(5)]
+    );
+}
+
 pub fn failures(outcomes: &[Outcome]) -> Vec<&Outcome> {
     outcomes
         .iter()
