@@ -5,6 +5,7 @@ mod demo;
 mod generate;
 mod mesh;
 mod run;
+mod simulate;
 mod sql_diag;
 mod validate;
 
@@ -53,6 +54,8 @@ pub enum Command {
     Worker(mesh::WorkerArgs),
     /// The control plane: registry of workers, endpoint streams, admin API.
     ControlPlane(mesh::ControlArgs),
+    /// Virtual IoT devices publishing readings to an MQTT broker.
+    Simulate(simulate::SimulateArgs),
     /// The gateway: the front door, routing requests to workers.
     Gateway(mesh::GatewayArgs),
 }
@@ -72,6 +75,9 @@ pub enum CliError {
     /// A scaler could not be set up.
     #[error("{0}")]
     Scale(#[from] etlmesh_scale::ScaleError),
+    /// MQTT.
+    #[error("{0}")]
+    Mqtt(#[from] etlmesh_mqtt::MqttError),
     /// Something else, with what to do.
     #[error("{0}")]
     Other(String),
@@ -88,6 +94,7 @@ pub fn execute(cli: Cli) -> ExitCode {
         Command::Worker(a) => mesh::worker(&a),
         Command::ControlPlane(a) => mesh::control_plane(&a),
         Command::Gateway(a) => mesh::gateway(&a),
+        Command::Simulate(a) => simulate::simulate(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -41,7 +41,7 @@ fn listen_or_off(s: &str) -> Result<Listen, String> {
         .map_err(|e| format!("`{s}` is not host:port or `off`: {e}"))
 }
 
-fn duration(s: &str) -> Result<Duration, String> {
+pub(crate) fn duration(s: &str) -> Result<Duration, String> {
     etlmesh_config::units::parse_duration(s)
 }
 

@@ -62,44 +62,47 @@ pub struct GenStats {
     pub bytes: u64,
 }
 
-struct Device {
+/// One device's slowly drifting state.
+#[derive(Debug, Clone)]
+pub struct Device {
     temp: f64,
     humidity: f64,
     battery: f64,
 }
 
-/// Writes readings to `w`.
-pub fn generate<W: Write>(w: W, opts: &GenOptions) -> io::Result<GenStats> {
-    let mut out = io::BufWriter::with_capacity(1 << 20, Counting { inner: w, bytes: 0 });
-    let mut rng = SmallRng::seed_from_u64(opts.seed);
-    let devices = opts.devices.max(1);
-    let mut state: Vec<Device> = (0..devices)
-        .map(|_| Device {
+/// One reading's values.
+#[derive(Debug, Clone, Copy)]
+pub struct Reading {
+    /// Degrees Celsius; 0.5 % are outliers (999.9 or -273.1).
+    pub temperature_c: f64,
+    /// Percent.
+    pub humidity: f64,
+    /// Volts.
+    pub battery_v: f64,
+    /// `ok`, `warn` (3 %) or `err` (2 %).
+    pub status: &'static str,
+}
+
+impl Device {
+    /// A device with plausible starting values.
+    pub fn new(rng: &mut impl Rng) -> Self {
+        Self {
             temp: rng.random_range(12.0..28.0),
             humidity: rng.random_range(30.0..70.0),
             battery: rng.random_range(3.7..4.2),
-        })
-        .collect();
-    let mut stats = GenStats::default();
-    if opts.format == GenFormat::Csv {
-        out.write_all(b"device_id,ts,temperature_c,humidity,battery_v,status\n")?;
+        }
     }
-    let step = (opts.interval_ms / i64::from(devices)).max(1);
-    let mut line = Vec::with_capacity(160);
-    let mut ts_buf = String::with_capacity(32);
-    for i in 0..opts.rows {
-        let dev = (i % u64::from(devices)) as usize;
-        let d = &mut state[dev];
-        d.temp += rng.random_range(-0.3..0.3);
-        d.humidity = (d.humidity + rng.random_range(-0.5..0.5)).clamp(5.0, 99.0);
-        d.battery = (d.battery - rng.random_range(0.0..0.0002)).max(3.0);
-        let jitter = rng.random_range(-step / 4..=step / 4);
-        let ts = opts.start_ms + i as i64 * step + jitter;
+
+    /// The next reading: values drift a little from the last ones.
+    pub fn next(&mut self, rng: &mut impl Rng) -> Reading {
+        self.temp += rng.random_range(-0.3..0.3);
+        self.humidity = (self.humidity + rng.random_range(-0.5..0.5)).clamp(5.0, 99.0);
+        self.battery = (self.battery - rng.random_range(0.0..0.0002)).max(3.0);
         let outlier = rng.random_bool(0.005);
-        let temp = if outlier {
+        let temperature_c = if outlier {
             if rng.random_bool(0.5) { 999.9 } else { -273.1 }
         } else {
-            d.temp
+            self.temp
         };
         let roll: f64 = rng.random();
         let status = if roll < 0.02 {
@@ -109,21 +112,51 @@ pub fn generate<W: Write>(w: W, opts: &GenOptions) -> io::Result<GenStats> {
         } else {
             "ok"
         };
+        Reading {
+            temperature_c,
+            humidity: self.humidity,
+            battery_v: self.battery,
+            status,
+        }
+    }
+}
+
+/// Writes readings to `w`.
+pub fn generate<W: Write>(w: W, opts: &GenOptions) -> io::Result<GenStats> {
+    let mut out = io::BufWriter::with_capacity(1 << 20, Counting { inner: w, bytes: 0 });
+    let mut rng = SmallRng::seed_from_u64(opts.seed);
+    let devices = opts.devices.max(1);
+    let mut state: Vec<Device> = (0..devices).map(|_| Device::new(&mut rng)).collect();
+    let mut stats = GenStats::default();
+    if opts.format == GenFormat::Csv {
+        out.write_all(b"device_id,ts,temperature_c,humidity,battery_v,status\n")?;
+    }
+    let step = (opts.interval_ms / i64::from(devices)).max(1);
+    let mut line = Vec::with_capacity(160);
+    let mut ts_buf = String::with_capacity(32);
+    for i in 0..opts.rows {
+        let dev = (i % u64::from(devices)) as usize;
+        let jitter = rng.random_range(-step / 4..=step / 4);
+        let ts = opts.start_ms + i as i64 * step + jitter;
+        let Reading {
+            temperature_c: temp,
+            humidity,
+            battery_v,
+            status,
+        } = state[dev].next(&mut rng);
         rfc3339_ms(ts, &mut ts_buf);
         line.clear();
         match opts.format {
             GenFormat::Csv => {
                 write!(
                     line,
-                    "dev-{dev:05},{ts_buf},{temp:.2},{:.1},{:.3},{status}",
-                    d.humidity, d.battery
+                    "dev-{dev:05},{ts_buf},{temp:.2},{humidity:.1},{battery_v:.3},{status}"
                 )?;
             }
             GenFormat::Ndjson => {
                 write!(
                     line,
-                    r#"{{"device_id":"dev-{dev:05}","ts":"{ts_buf}","temperature_c":{temp:.2},"humidity":{:.1},"battery_v":{:.3},"status":"{status}"}}"#,
-                    d.humidity, d.battery
+                    r#"{{"device_id":"dev-{dev:05}","ts":"{ts_buf}","temperature_c":{temp:.2},"humidity":{humidity:.1},"battery_v":{battery_v:.3},"status":"{status}"}}"#
                 )?;
             }
         }
@@ -141,7 +174,7 @@ pub fn generate<W: Write>(w: W, opts: &GenOptions) -> io::Result<GenStats> {
 }
 
 /// Makes a good row bad, in one of the ways real feeds go wrong.
-fn corrupt(line: &mut Vec<u8>, format: GenFormat, rng: &mut SmallRng) {
+pub fn corrupt(line: &mut Vec<u8>, format: GenFormat, rng: &mut SmallRng) {
     match (format, rng.random_range(0..4)) {
         // A truncated line.
         (_, 0) => {

@@ -181,3 +181,24 @@ pipelines:
             .join("\n")
     )
 }
+
+/// Whether a service of the machine answers at `addr`. CI sets
+/// `ETLMESH_REQUIRE_SERVICES=1` after checking them, and then a missing one fails the
+/// test; elsewhere the test is skipped, saying so.
+pub fn service(name: &str, addr: &str) -> bool {
+    let up = addr
+        .parse()
+        .ok()
+        .and_then(|a| {
+            std::net::TcpStream::connect_timeout(&a, std::time::Duration::from_secs(2)).ok()
+        })
+        .is_some();
+    if !up {
+        assert!(
+            std::env::var("ETLMESH_REQUIRE_SERVICES").as_deref() != Ok("1"),
+            "{name} does not answer at {addr}, and this run requires it (ETLMESH_REQUIRE_SERVICES=1); see ../shared/services.md to start it"
+        );
+        eprintln!("skipped: {name} does not answer at {addr}");
+    }
+    up
+}
