@@ -93,7 +93,13 @@ pub(crate) fn worker(args: &WorkerArgs) -> Result<(), CliError> {
         .threads
         .unwrap_or_else(|| file.spec.platform.effective_threads());
     let rt = runtime(threads)?;
-    rt.block_on(etlmesh_worker::run(file, opts, shutdown_signal()))
+    let stop = async {
+        tokio::select! {
+            () = shutdown_signal() => {}
+            () = etlmesh_scale::process::supervisor_gone() => {}
+        }
+    };
+    rt.block_on(etlmesh_worker::run(file, opts, stop))
         .map_err(|e| CliError::Other(e.to_string()))
 }
 
@@ -302,6 +308,22 @@ pub(crate) fn up(args: &UpArgs) -> Result<(), CliError> {
         gateway: gw,
     };
     let demo = args.demo;
+    let policies: Vec<String> = etlmesh_up::pools(&file, args.workers)
+        .iter()
+        .map(|(info, s)| {
+            let mut line = format!(
+                "  {:<14} {}–{} workers, {} in flight each",
+                info.name, s.min_replicas, s.max_replicas, s.target_in_flight
+            );
+            if s.min_replicas == 0 {
+                line.push_str(&format!(
+                    "; none after {:?} idle, started by the next request",
+                    s.idle_before_zero
+                ));
+            }
+            line
+        })
+        .collect();
     let rt = runtime(threads_default())?;
     rt.block_on(etlmesh_up::run(
         options,
@@ -314,6 +336,10 @@ pub(crate) fn up(args: &UpArgs) -> Result<(), CliError> {
             }
             eprintln!("  control plane  {}/api/v1/workers", urls.admin);
             eprintln!("  metrics        {}/metrics  {}/metrics", urls.gateway, urls.admin);
+            eprintln!("  scaling        {}/api/v1/scaling", urls.admin);
+            for p in &policies {
+                eprintln!("{p}");
+            }
             if demo {
                 eprintln!("try:");
                 eprintln!(

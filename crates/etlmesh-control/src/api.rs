@@ -27,6 +27,9 @@ pub struct ControlState {
     pub registry: Arc<Registry>,
     /// The autoscaler, when the control plane scales.
     pub autoscaling: Option<Arc<Autoscaling>>,
+    /// Becomes `true` when the control plane shuts down: endpoint watches end then, so
+    /// that a graceful shutdown does not wait for gateways to hang up.
+    pub closing: tokio::sync::watch::Receiver<bool>,
 }
 
 /// The control plane's routes.
@@ -138,6 +141,7 @@ async fn watch(State(st): State<Arc<ControlState>>) -> Response {
         registry: Arc<Registry>,
         rx: tokio::sync::broadcast::Receiver<EndpointEvent>,
         first: Vec<Bytes>,
+        closing: tokio::sync::watch::Receiver<bool>,
     }
     impl Drop for Watch {
         fn drop(&mut self) {
@@ -153,12 +157,20 @@ async fn watch(State(st): State<Arc<ControlState>>) -> Response {
         registry: st.registry.clone(),
         rx,
         first,
+        closing: st.closing.clone(),
     };
     let stream = futures::stream::unfold(state, |mut st| async move {
         if let Some(first) = st.first.pop() {
             return Some((Ok::<_, Infallible>(first), st));
         }
-        let ev = match tokio::time::timeout(KEEPALIVE, st.rx.recv()).await {
+        if *st.closing.borrow() {
+            return None;
+        }
+        let next = tokio::select! {
+            r = tokio::time::timeout(KEEPALIVE, st.rx.recv()) => r,
+            _ = st.closing.changed() => return None,
+        };
+        let ev = match next {
             Err(_) => EndpointEvent::Keepalive,
             Ok(Ok(ev)) => ev,
             Ok(Err(RecvError::Lagged(_))) => EndpointEvent::Snapshot {

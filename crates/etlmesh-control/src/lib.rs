@@ -102,9 +102,11 @@ impl Bound {
         let scaler_loop = autoscaling
             .clone()
             .map(|a| tokio::spawn(a.run(self.registry.clone())));
+        let (closing_tx, closing) = tokio::sync::watch::channel(false);
         let state = Arc::new(ControlState {
             registry: self.registry.clone(),
             autoscaling: autoscaling.clone(),
+            closing,
         });
         tracing::info!(addr = %self.addr, "control plane listening on http://{}", self.addr);
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -119,6 +121,7 @@ impl Bound {
             if let Some(a) = scaling {
                 a.shutdown().await;
             }
+            let _ = closing_tx.send(true);
             let _ = stop_tx.send(());
         });
         let result = axum::serve(self.listener.tap_io(etlmesh_http::no_delay), router(state))

@@ -26,6 +26,8 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 const HEALTHY_RUN: Duration = Duration::from_secs(30);
 /// How long a draining worker may take before it is killed.
 const DRAIN_LIMIT: Duration = Duration::from_secs(40);
+/// Set in a worker's environment to the pid of the process that supervises it.
+pub const SUPERVISOR_ENV: &str = "ETLMESH_SUPERVISOR_PID";
 
 /// How workers are started.
 #[derive(Debug, Clone)]
@@ -192,6 +194,7 @@ impl Runner {
             ])
             .args(["--listen", "127.0.0.1:0"])
             .args(&c.extra)
+            .env(SUPERVISOR_ENV, std::process::id().to_string())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -271,6 +274,30 @@ impl Runner {
                 return;
             }
             backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+}
+
+/// In a worker started by this scaler: completes when the supervising process is
+/// gone (killed with SIGKILL, say, so that it could not drain its workers), so that
+/// the worker drains and exits instead of running on, orphaned. Never completes in a
+/// worker started otherwise.
+pub async fn supervisor_gone() {
+    let Some(pid) = std::env::var(SUPERVISOR_ENV)
+        .ok()
+        .and_then(|p| p.parse::<i32>().ok())
+    else {
+        return std::future::pending().await;
+    };
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tick.tick().await;
+        if nix::unistd::getppid().as_raw() != pid {
+            tracing::warn!(
+                supervisor = pid,
+                "the process that started this worker is gone; draining"
+            );
+            return;
         }
     }
 }

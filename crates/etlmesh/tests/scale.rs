@@ -332,3 +332,72 @@ async fn up_demo_answers_and_wakes_its_idle_pipeline_on_demand() {
     assert_eq!(a.status, StatusCode::OK, "{:?}", a.body);
     assert!(!a.body.is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_of_a_killed_up_exit_instead_of_running_on() {
+    let _serial = SERIAL.lock().await;
+    let scratch = Scratch::new();
+    scratch.write("mesh.yaml", MESH_YAML);
+    let (up, _gw, admin) = up(&scratch, &["--workers", "2"]);
+    let http = Http::new();
+    eventually(Duration::from_secs(20), "two workers", async || {
+        ready(&http, &admin).await == 2
+    })
+    .await;
+    let pids: Vec<i32> = http
+        .get(&format!("{admin}/api/v1/workers"))
+        .await
+        .json()
+        .as_array()
+        .expect("workers")
+        .iter()
+        .map(|w| w["pid"].as_i64().expect("pid") as i32)
+        .collect();
+    up.signal(nix::sys::signal::Signal::SIGKILL);
+    let alive = |pid: i32| {
+        // A zombie (exited, not yet reaped by init) counts as gone.
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z "))
+    };
+    let gone = eventually(
+        Duration::from_secs(10),
+        "orphaned workers exit",
+        async || pids.iter().all(|p| !alive(*p)),
+    )
+    .await;
+    eprintln!("workers exited {gone:?} after their supervisor was killed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_drains_and_exits_on_sigterm() {
+    let _serial = SERIAL.lock().await;
+    let scratch = Scratch::new();
+    scratch.write("mesh.yaml", MESH_YAML);
+    let (mut up, gw, admin) = up(&scratch, &["--workers", "2"]);
+    let http = Http::new();
+    eventually(Duration::from_secs(20), "two workers", async || {
+        ready(&http, &admin).await == 2
+    })
+    .await;
+    // A gateway watch is open (the gateway follows the control plane): it must not
+    // hold the shutdown.
+    let a = http
+        .post_csv(&format!("{gw}/v1/pipelines/clean"), readings(10, 0.0, 1))
+        .await
+        .expect("answer");
+    assert_eq!(a.status, StatusCode::OK);
+    up.signal(nix::sys::signal::Signal::SIGTERM);
+    let started = Instant::now();
+    let status = loop {
+        if let Some(s) = up.child.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "up still runs 10 s after SIGTERM:\n{}",
+            up.output()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "{status:?}\n{}", up.output());
+    eprintln!("up exited {:?} after SIGTERM", started.elapsed());
+}
