@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use etlmesh_mqtt::simulate::{SimulateOptions, simulate as run_simulation};
+use etlmesh_mqtt::simulate::{Payload, SimulateOptions, simulate as run_simulation};
 
 use crate::mesh::duration;
 use crate::{CliError, runtime};
@@ -59,6 +59,24 @@ pub struct SimulateArgs {
     /// The MQTT client id (default: etlmesh-simulate-<pid>).
     #[arg(long)]
     pub client_id: Option<String>,
+    /// Payload: one JSON object, a JSON array of readings, or CSV lines (no header:
+    /// device_id,ts,temperature_c,humidity,battery_v,status).
+    #[arg(long, value_enum, default_value_t = PayloadArg::Json)]
+    pub payload: PayloadArg,
+    /// Readings of one device per message (json-array and csv).
+    #[arg(long, default_value_t = 1)]
+    pub readings_per_message: u32,
+}
+
+/// Payload shapes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PayloadArg {
+    /// One JSON object.
+    Json,
+    /// A JSON array of readings.
+    JsonArray,
+    /// CSV lines without a header.
+    Csv,
 }
 
 pub(crate) fn simulate(args: &SimulateArgs) -> Result<(), CliError> {
@@ -80,12 +98,19 @@ pub(crate) fn simulate(args: &SimulateArgs) -> Result<(), CliError> {
     if let Some(id) = &args.client_id {
         o.client_id = id.clone();
     }
+    o.payload = match args.payload {
+        PayloadArg::Json => Payload::Json,
+        PayloadArg::JsonArray => Payload::JsonArray,
+        PayloadArg::Csv => Payload::Csv,
+    };
+    o.readings_per_message = args.readings_per_message;
     let rt = runtime(1)?;
     let stats = rt.block_on(run_simulation(&o, crate::mesh::shutdown_signal()))?;
     eprintln!(
-        "published {} messages ({} malformed, {} late, {} out of order) in {:.2} s: {:.0} msg/s; {} acknowledged",
+        "published {} messages ({} malformed; {} readings, {} late, {} out of order) in {:.2} s: {:.0} msg/s; {} acknowledged",
         stats.published,
         stats.malformed,
+        stats.readings,
         stats.late,
         stats.out_of_order,
         stats.elapsed.as_secs_f64(),

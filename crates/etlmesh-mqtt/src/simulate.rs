@@ -19,6 +19,17 @@ use rumqttc::{AsyncClient, Event, Packet, QoS};
 
 use crate::{Broker, MqttError};
 
+/// The shape of a message's payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Payload {
+    /// One JSON object (with one reading per message).
+    Json,
+    /// A JSON array of readings.
+    JsonArray,
+    /// CSV lines without a header: `device_id,ts,temperature_c,humidity,battery_v,status`.
+    Csv,
+}
+
 /// What to simulate.
 #[derive(Debug, Clone)]
 pub struct SimulateOptions {
@@ -52,6 +63,10 @@ pub struct SimulateOptions {
     pub seed: u64,
     /// The MQTT client id.
     pub client_id: String,
+    /// The payload's shape.
+    pub payload: Payload,
+    /// Readings of one device per message (JSON arrays and CSV; 1 for JSON objects).
+    pub readings_per_message: u32,
 }
 
 impl SimulateOptions {
@@ -73,6 +88,8 @@ impl SimulateOptions {
             malformed: 0.001,
             seed: 42,
             client_id: format!("etlmesh-simulate-{}", std::process::id()),
+            payload: Payload::Json,
+            readings_per_message: 1,
         }
     }
 
@@ -101,6 +118,11 @@ impl SimulateOptions {
                 self.qos
             )));
         }
+        if self.payload == Payload::Json && self.readings_per_message > 1 {
+            return Err(MqttError::Options(
+                "a JSON object carries one reading: use --payload json-array or csv for --readings-per-message above 1".into(),
+            ));
+        }
         if self.devices == 0 {
             return Err(MqttError::Options("--devices must be at least 1".into()));
         }
@@ -113,13 +135,15 @@ impl SimulateOptions {
 pub struct SimulateStats {
     /// Messages published.
     pub published: u64,
+    /// Readings in them.
+    pub readings: u64,
     /// Acknowledged by the broker (QoS 1).
     pub acknowledged: u64,
-    /// Malformed among them.
+    /// Malformed messages among them.
     pub malformed: u64,
-    /// Late among them.
+    /// Late readings.
     pub late: u64,
-    /// Out of order among them.
+    /// Out-of-order readings.
     pub out_of_order: u64,
     /// From the first message to the last acknowledgement.
     pub elapsed: Duration,
@@ -202,12 +226,31 @@ pub async fn simulate(
         }
         let dev = (stats.published % u64::from(opts.devices)) as usize;
         let id = format!("dev-{dev:05}");
-        let reading = devices[dev].next(&mut rng);
-        let ts = event_time(opts, &mut rng, &mut stats);
         payload.clear();
-        write_json(&mut payload, &id, ts, &reading);
+        if opts.payload == Payload::JsonArray {
+            payload.push(b'[');
+        }
+        for i in 0..opts.readings_per_message.max(1) {
+            let reading = devices[dev].next(&mut rng);
+            let ts = event_time(opts, &mut rng, &mut stats);
+            match (opts.payload, i) {
+                (Payload::Csv, 0) => {}
+                (Payload::Csv, _) => payload.push(b'\n'),
+                (_, 0) => {}
+                (_, _) => payload.push(b','),
+            }
+            write_reading(&mut payload, opts.payload, &id, ts, &reading);
+            stats.readings += 1;
+        }
+        if opts.payload == Payload::JsonArray {
+            payload.push(b']');
+        }
         if opts.malformed > 0.0 && rng.random_bool(opts.malformed) {
-            corrupt(&mut payload, GenFormat::Ndjson, &mut rng);
+            let format = match opts.payload {
+                Payload::Csv => GenFormat::Csv,
+                _ => GenFormat::Ndjson,
+            };
+            corrupt(&mut payload, format, &mut rng);
             stats.malformed += 1;
         }
         let topic = opts.topic.replace("{device_id}", &id);
@@ -264,12 +307,19 @@ fn event_time(opts: &SimulateOptions, rng: &mut SmallRng, stats: &mut SimulateSt
     ts
 }
 
-fn write_json(out: &mut Vec<u8>, id: &str, ts: i64, r: &Reading) {
+fn write_reading(out: &mut Vec<u8>, payload: Payload, id: &str, ts: i64, r: &Reading) {
     use std::io::Write as _;
     // Writing into a Vec cannot fail.
-    let _ = write!(
-        out,
-        r#"{{"device_id":"{id}","ts":{ts},"temperature_c":{:.2},"humidity":{:.1},"battery_v":{:.3},"status":"{}"}}"#,
-        r.temperature_c, r.humidity, r.battery_v, r.status
-    );
+    let _ = match payload {
+        Payload::Csv => write!(
+            out,
+            "{id},{ts},{:.2},{:.1},{:.3},{}",
+            r.temperature_c, r.humidity, r.battery_v, r.status
+        ),
+        Payload::Json | Payload::JsonArray => write!(
+            out,
+            r#"{{"device_id":"{id}","ts":{ts},"temperature_c":{:.2},"humidity":{:.1},"battery_v":{:.3},"status":"{}"}}"#,
+            r.temperature_c, r.humidity, r.battery_v, r.status
+        ),
+    };
 }

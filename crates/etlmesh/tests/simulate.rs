@@ -6,6 +6,7 @@ mod common;
 use std::collections::HashSet;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 
 const BROKER: &str = "127.0.0.1:1883";
@@ -23,18 +24,26 @@ fn figure(summary: &str, what: &str) -> u64 {
         .unwrap_or_else(|| panic!("a number before {what} in {summary}"))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn simulated_devices_publish_every_message_with_the_faults_they_report() {
-    if !common::service("Mosquitto", BROKER) {
-        return;
-    }
-    let prefix = format!(
+/// A unique topic prefix for one test.
+fn prefix() -> String {
+    format!(
         "etlmesh-test-{}-{}",
         std::process::id(),
         SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos())
-    );
+    )
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Subscribes to `prefix/+/reading`, runs `etlmesh simulate ARGS` publishing there,
+/// and returns its summary line and the `count` messages received.
+async fn simulate(prefix: &str, args: &[&str], count: u64) -> (String, Vec<(String, Bytes)>) {
     let mut opts = MqttOptions::new(format!("{prefix}-sub"), "127.0.0.1", 1883);
     opts.set_keep_alive(Duration::from_secs(10));
     let (client, mut events) = AsyncClient::new(opts, 1024);
@@ -47,40 +56,17 @@ async fn simulated_devices_publish_every_message_with_the_faults_they_report() {
             break;
         }
     }
-
-    let count = 5000u64;
+    let topic = format!("{prefix}/{{device_id}}/reading");
+    let count_arg = count.to_string();
+    let broker = format!("mqtt://{BROKER}");
+    let mut all = vec![
+        "simulate", "--broker", &broker, "--topic", &topic, "--count", &count_arg, "--qos", "1",
+    ];
+    all.extend_from_slice(args);
     let sim = tokio::process::Command::new(env!("CARGO_BIN_EXE_etlmesh"))
-        .args([
-            "simulate",
-            "--broker",
-            &format!("mqtt://{BROKER}"),
-            "--topic",
-            &format!("{prefix}/{{device_id}}/reading"),
-            "--devices",
-            "20",
-            "--rate",
-            "2500",
-            "--count",
-            &count.to_string(),
-            "--qos",
-            "1",
-            "--malformed",
-            "0.02",
-            "--late",
-            "0.01",
-            "--late-by",
-            "10m",
-            "--out-of-order",
-            "0.05",
-            "--seed",
-            "3",
-        ])
+        .args(&all)
         .env("ETLMESH_LOG_FORMAT", "text")
         .output();
-    let started_ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64);
-
     let receive = async {
         let mut got = Vec::new();
         while (got.len() as u64) < count {
@@ -94,16 +80,47 @@ async fn simulated_devices_publish_every_message_with_the_faults_they_report() {
     };
     let (out, got) = tokio::join!(sim, tokio::time::timeout(Duration::from_secs(60), receive));
     let out = out.expect("simulate runs");
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(out.status.success(), "{stderr}");
     let got = got.expect("every message within 60 s");
     let summary = stderr
         .lines()
         .find(|l| l.starts_with("published "))
-        .expect("summary");
-    assert_eq!(figure(summary, "messages"), count, "{summary}");
-    assert_eq!(figure(summary, "acknowledged"), count, "{summary}");
+        .expect("summary")
+        .to_string();
+    assert_eq!(figure(&summary, "messages"), count, "{summary}");
+    assert_eq!(figure(&summary, "acknowledged"), count, "{summary}");
+    (summary, got)
+}
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simulated_devices_publish_every_message_with_the_faults_they_report() {
+    if !common::service("Mosquitto", BROKER) {
+        return;
+    }
+    let prefix = prefix();
+    let started_ms = now_ms();
+    let (summary, got) = simulate(
+        &prefix,
+        &[
+            "--devices",
+            "20",
+            "--rate",
+            "2500",
+            "--malformed",
+            "0.02",
+            "--late",
+            "0.01",
+            "--late-by",
+            "10m",
+            "--out-of-order",
+            "0.05",
+            "--seed",
+            "3",
+        ],
+        5000,
+    )
+    .await;
     let (mut malformed, mut late, mut devices) = (0u64, 0u64, HashSet::new());
     for (topic, payload) in &got {
         let v: Option<serde_json::Value> = serde_json::from_slice(payload).ok();
@@ -122,15 +139,77 @@ async fn simulated_devices_publish_every_message_with_the_faults_they_report() {
             late += 1;
         }
     }
-    assert_eq!(malformed, figure(summary, "malformed"), "{summary}");
+    assert_eq!(malformed, figure(&summary, "malformed"), "{summary}");
     assert!(malformed > 0, "some malformed payloads: {summary}");
     // A late reading may also have been made malformed.
-    let sent_late = figure(summary, "late");
+    let sent_late = figure(&summary, "late");
     assert!(
         late <= sent_late && late + malformed >= sent_late && late > 0,
         "{late} late received: {summary}"
     );
     assert_eq!(devices.len(), 20);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn payloads_can_be_json_arrays_or_csv_lines() {
+    if !common::service("Mosquitto", BROKER) {
+        return;
+    }
+    let prefix_a = prefix();
+    let (summary, got) = simulate(
+        &prefix_a,
+        &[
+            "--payload",
+            "json-array",
+            "--readings-per-message",
+            "5",
+            "--malformed",
+            "0",
+            "--rate",
+            "2000",
+        ],
+        300,
+    )
+    .await;
+    assert_eq!(figure(&summary, "readings"), 1500, "{summary}");
+    for (topic, payload) in &got {
+        let v: serde_json::Value = serde_json::from_slice(payload).expect("a JSON array");
+        let a = v.as_array().expect("array");
+        assert_eq!(a.len(), 5);
+        // One device per message, named by the topic.
+        let id = a[0]["device_id"].as_str().expect("id");
+        assert!(a.iter().all(|r| r["device_id"] == id));
+        assert_eq!(topic, &format!("{prefix_a}/{id}/reading"));
+    }
+
+    let prefix_c = prefix();
+    let (summary, got) = simulate(
+        &prefix_c,
+        &[
+            "--payload",
+            "csv",
+            "--malformed",
+            "0.05",
+            "--rate",
+            "2000",
+            "--seed",
+            "9",
+        ],
+        1000,
+    )
+    .await;
+    let malformed = got
+        .iter()
+        .filter(|(_, p)| {
+            let Ok(line) = std::str::from_utf8(p) else {
+                return true;
+            };
+            let f: Vec<&str> = line.split(',').collect();
+            f.len() != 6 || f[1].parse::<i64>().is_err() || f[2].parse::<f64>().is_err()
+        })
+        .count() as u64;
+    assert_eq!(malformed, figure(&summary, "malformed"), "{summary}");
+    assert!(malformed > 0);
 }
 
 #[test]
