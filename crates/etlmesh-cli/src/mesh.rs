@@ -136,38 +136,40 @@ pub enum ScalerKind {
 }
 
 pub(crate) fn control_plane(args: &ControlArgs) -> Result<(), CliError> {
-    let file = args.config.as_deref().map(PipelineFile::load).transpose()?;
-    let exe = std::env::current_exe()
-        .map_err(|e| CliError::Other(format!("cannot find the etlmesh executable: {e}")))?;
+    // With a pipeline file, the control plane scales each pipeline's pool.
+    let scaled = match &args.config {
+        Some(path) => Some((
+            path,
+            etlmesh_control::pools(&PipelineFile::load(path)?, None),
+        )),
+        None => None,
+    };
     let rt = runtime(2)?;
     rt.block_on(async {
         let mut opts = etlmesh_control::ControlOptions::new(args.listen);
         opts.heartbeat_timeout = args.heartbeat_timeout;
         let bound = etlmesh_control::bind(&opts).await?;
-        let autoscale = match (&file, &args.config) {
-            (Some(file), Some(path)) => {
-                let scaler: Arc<dyn etlmesh_scale::Scaler> = match args.scaler {
-                    ScalerKind::Process => Arc::new(ProcessScaler::new(WorkerCommand {
-                        exe,
-                        config: path.clone(),
-                        control_plane: format!("http://{}", bound.addr),
-                        extra: Vec::new(),
-                    })),
-                    ScalerKind::Kubernetes => Arc::new(
-                        KubernetesScaler::connect(KubernetesOptions {
-                            namespace: args.k8s_namespace.clone(),
-                            deployment: args.k8s_deployment.clone(),
-                        })
-                        .await?,
-                    ),
-                };
-                Some(etlmesh_control::AutoscaleConfig {
-                    pools: etlmesh_up::pools(file, None),
-                    scaler,
-                })
-            }
-            _ => None,
-        };
+        let mut autoscale = None;
+        if let Some((path, pools)) = scaled {
+            let scaler: Arc<dyn etlmesh_scale::Scaler> = match args.scaler {
+                ScalerKind::Process => Arc::new(ProcessScaler::new(WorkerCommand {
+                    exe: std::env::current_exe().map_err(|e| {
+                        CliError::Other(format!("cannot find the etlmesh executable: {e}"))
+                    })?,
+                    config: path.clone(),
+                    control_plane: format!("http://{}", bound.addr),
+                    extra: Vec::new(),
+                })),
+                ScalerKind::Kubernetes => Arc::new(
+                    KubernetesScaler::connect(KubernetesOptions {
+                        namespace: args.k8s_namespace.clone(),
+                        deployment: args.k8s_deployment.clone(),
+                    })
+                    .await?,
+                ),
+            };
+            autoscale = Some(etlmesh_control::AutoscaleConfig { pools, scaler });
+        }
         bound
             .serve(autoscale, shutdown_signal())
             .await
@@ -308,7 +310,7 @@ pub(crate) fn up(args: &UpArgs) -> Result<(), CliError> {
         gateway: gw,
     };
     let demo = args.demo;
-    let policies: Vec<String> = etlmesh_up::pools(&file, args.workers)
+    let policies: Vec<String> = etlmesh_control::pools(&file, args.workers)
         .iter()
         .map(|(info, s)| {
             let mut line = format!(

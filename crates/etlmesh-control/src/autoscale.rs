@@ -7,9 +7,8 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use etlmesh_config::ScalingSpec;
+use etlmesh_config::{PipelineFile, ScalingSpec};
 use etlmesh_proto::{GatewayLoad, PipelineInfo, ScaleEvent, WorkerState};
-use etlmesh_scale::policy::TOLERANCE;
 use etlmesh_scale::{Autoscaler, Observation, Scaler};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -32,6 +31,29 @@ pub struct AutoscaleConfig {
     pub pools: Vec<(PipelineInfo, ScalingSpec)>,
     /// Who runs the workers.
     pub scaler: Arc<dyn Scaler>,
+}
+
+/// The pools of a pipeline file: one per pipeline, with its scaling policy.
+pub fn pools(file: &PipelineFile, fixed: Option<u32>) -> Vec<(PipelineInfo, ScalingSpec)> {
+    file.spec
+        .pipelines
+        .iter()
+        .map(|p| {
+            let mut spec = p.scaling.clone();
+            if let Some(n) = fixed {
+                spec.min_replicas = n.max(1);
+                spec.max_replicas = n.max(1);
+            }
+            let info = PipelineInfo {
+                name: p.name.clone(),
+                description: p.description.clone(),
+                input_schema: None,
+                output_schema: None,
+                output_schema_ipc: None,
+            };
+            (info, spec)
+        })
+        .collect()
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -159,14 +181,9 @@ impl Autoscaling {
             let pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
             load.pipelines.iter().any(|(name, l)| {
                 l.held > 0
-                    || pools.get(name).is_some_and(|p| {
-                        if p.autoscaler.current() >= p.autoscaler.spec().max_replicas {
-                            return false;
-                        }
-                        let capacity = f64::from(p.autoscaler.current())
-                            * p.autoscaler.spec().target_in_flight;
-                        f64::from(l.in_flight + l.held) > capacity * (1.0 + TOLERANCE)
-                    })
+                    || pools
+                        .get(name)
+                        .is_some_and(|p| p.autoscaler.wants_more(f64::from(l.in_flight)))
             })
         };
         self.gateways

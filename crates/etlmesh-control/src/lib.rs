@@ -20,7 +20,7 @@ use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 
 pub use api::{ControlState, router};
-pub use autoscale::{AutoscaleConfig, Autoscaling};
+pub use autoscale::{AutoscaleConfig, Autoscaling, pools};
 pub use registry::Registry;
 
 /// Errors that stop the control plane.

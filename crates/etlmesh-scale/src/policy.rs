@@ -72,6 +72,14 @@ impl Autoscaler {
         &self.spec
     }
 
+    /// Whether `in_flight` requests would make it add workers: more than the current
+    /// replicas carry, past the tolerance, while below `max_replicas`. Lets a caller
+    /// act on a load report at once instead of at the next tick.
+    pub fn wants_more(&self, in_flight: f64) -> bool {
+        let capacity = f64::from(self.current) * self.spec.target_in_flight;
+        self.current < self.spec.max_replicas && in_flight > capacity * (1.0 + TOLERANCE)
+    }
+
     /// Replicas the load asks for, before bounds.
     fn wanted(&self, o: &Observation) -> u32 {
         let by_requests = (o.in_flight / self.spec.target_in_flight).ceil();
@@ -297,6 +305,30 @@ mod tests {
         assert!(d.reason.contains("idle"), "{}", d.reason);
         // From zero, one held request brings a worker back at once.
         assert_eq!(a.observe(c.obs(1.0)).map(|d| d.to), Some(1));
+    }
+
+    #[test]
+    fn wants_more_only_past_capacity_and_below_the_max() {
+        let start = Instant::now();
+        let a = Autoscaler::new(
+            ScalingSpec {
+                min_replicas: 2,
+                max_replicas: 3,
+                ..spec()
+            },
+            start,
+        );
+        assert!(!a.wants_more(17.0), "16 carried, 10 % tolerance");
+        assert!(a.wants_more(18.0));
+        let full = Autoscaler::new(
+            ScalingSpec {
+                min_replicas: 3,
+                max_replicas: 3,
+                ..spec()
+            },
+            start,
+        );
+        assert!(!full.wants_more(1000.0), "already at max_replicas");
     }
 
     #[test]

@@ -9,9 +9,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use etlmesh_config::{PipelineFile, ScalingSpec};
+use etlmesh_config::PipelineFile;
 use etlmesh_gateway::GatewayOptions;
-use etlmesh_proto::PipelineInfo;
 use etlmesh_scale::process::{ProcessScaler, WorkerCommand};
 
 /// Errors of `up`.
@@ -53,29 +52,6 @@ pub struct Urls {
     pub flight: Option<String>,
 }
 
-/// The pools of a pipeline file: one per pipeline, with its scaling policy.
-pub fn pools(file: &PipelineFile, fixed: Option<u32>) -> Vec<(PipelineInfo, ScalingSpec)> {
-    file.spec
-        .pipelines
-        .iter()
-        .map(|p| {
-            let mut spec = p.scaling.clone();
-            if let Some(n) = fixed {
-                spec.min_replicas = n.max(1);
-                spec.max_replicas = n.max(1);
-            }
-            let info = PipelineInfo {
-                name: p.name.clone(),
-                description: p.description.clone(),
-                input_schema: None,
-                output_schema: None,
-                output_schema_ipc: None,
-            };
-            (info, spec)
-        })
-        .collect()
-}
-
 /// Starts everything, calls `ready` with the URLs, and runs until `shutdown`.
 pub async fn run(
     options: UpOptions,
@@ -101,7 +77,7 @@ pub async fn run(
         extra: options.worker_args.clone(),
     }));
     let autoscale = etlmesh_control::AutoscaleConfig {
-        pools: pools(file, options.fixed_workers),
+        pools: etlmesh_control::pools(file, options.fixed_workers),
         scaler,
     };
 

@@ -396,21 +396,10 @@ async fn sigterm_drains_a_worker_without_failing_requests() {
     let stop = Arc::new(AtomicBool::new(false));
     let running = load(mesh.transform_url(), readings(500, 0.0, 6), 6, stop.clone());
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let drained = mesh.workers.remove(1);
+    let mut drained = mesh.workers.remove(1);
     drained.signal(Signal::SIGTERM);
-    let mut drained = drained;
     let started = Instant::now();
-    let status = loop {
-        if let Ok(Some(s)) = drained.child.try_wait() {
-            break s;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "the worker did not exit:\n{}",
-            drained.output()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let status = drained.exit_within(Duration::from_secs(20)).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     stop.store(true, Ordering::Relaxed);
     let outcomes = running.await.expect("load");

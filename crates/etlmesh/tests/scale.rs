@@ -17,9 +17,16 @@ use http::StatusCode;
 /// These tests start many processes and time them; they run one at a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// `MESH_YAML` with a scaling policy for `clean`.
-fn with_scaling(policy: &str) -> String {
-    format!("{MESH_YAML}    scaling: {policy}\n")
+/// A scratch directory with `mesh.yaml`: `MESH_YAML`, with a scaling policy for
+/// `clean` when given.
+fn mesh_file(policy: Option<&str>) -> Scratch {
+    let scratch = Scratch::new();
+    let yaml = match policy {
+        Some(p) => format!("{MESH_YAML}    scaling: {p}\n"),
+        None => MESH_YAML.to_string(),
+    };
+    scratch.write("mesh.yaml", yaml);
+    scratch
 }
 
 fn up(scratch: &Scratch, extra: &[&str]) -> (Proc, String, String) {
@@ -75,13 +82,9 @@ async fn events(http: &Http, admin: &str) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_pipeline_scales_to_zero_and_the_next_request_is_held_not_failed() {
     let _serial = SERIAL.lock().await;
-    let scratch = Scratch::new();
-    scratch.write(
-        "mesh.yaml",
-        with_scaling(
-            "{ min_replicas: 0, max_replicas: 2, scale_down_window: 2s, idle_before_zero: 3s }",
-        ),
-    );
+    let scratch = mesh_file(Some(
+        "{ min_replicas: 0, max_replicas: 2, scale_down_window: 2s, idle_before_zero: 3s }",
+    ));
     let (_up, gw, admin) = up(&scratch, &[]);
     let http = Http::new();
     let url = format!("{gw}/v1/pipelines/clean");
@@ -136,11 +139,7 @@ async fn an_idle_pipeline_scales_to_zero_and_the_next_request_is_held_not_failed
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn held_requests_are_bounded_and_time_out_with_retry_after() {
     let _serial = SERIAL.lock().await;
-    let scratch = Scratch::new();
-    scratch.write(
-        "mesh.yaml",
-        with_scaling("{ min_replicas: 0, max_replicas: 1 }"),
-    );
+    let scratch = mesh_file(Some("{ min_replicas: 0, max_replicas: 1 }"));
     // Workers that cannot start (an unknown flag): requests wait for nothing.
     let (_up, gw, _admin) = up(
         &scratch,
@@ -189,13 +188,9 @@ async fn held_requests_are_bounded_and_time_out_with_retry_after() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_load_step_scales_up_at_once_and_down_only_after_the_window() {
     let _serial = SERIAL.lock().await;
-    let scratch = Scratch::new();
-    scratch.write(
-        "mesh.yaml",
-        with_scaling(
-            "{ min_replicas: 1, max_replicas: 4, target_in_flight: 8, scale_down_window: 6s }",
-        ),
-    );
+    let scratch = mesh_file(Some(
+        "{ min_replicas: 1, max_replicas: 4, target_in_flight: 8, scale_down_window: 6s }",
+    ));
     // Each request holds a worker for 200 ms, so that in-flight load is real.
     let (_up, gw, admin) = up(&scratch, &["--worker-arg=--inject-latency=200ms"]);
     let http = Http::new();
@@ -336,8 +331,7 @@ async fn up_demo_answers_and_wakes_its_idle_pipeline_on_demand() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_of_a_killed_up_exit_instead_of_running_on() {
     let _serial = SERIAL.lock().await;
-    let scratch = Scratch::new();
-    scratch.write("mesh.yaml", MESH_YAML);
+    let scratch = mesh_file(None);
     let (up, _gw, admin) = up(&scratch, &["--workers", "2"]);
     let http = Http::new();
     eventually(Duration::from_secs(20), "two workers", async || {
@@ -370,8 +364,7 @@ async fn workers_of_a_killed_up_exit_instead_of_running_on() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn up_drains_and_exits_on_sigterm() {
     let _serial = SERIAL.lock().await;
-    let scratch = Scratch::new();
-    scratch.write("mesh.yaml", MESH_YAML);
+    let scratch = mesh_file(None);
     let (mut up, gw, admin) = up(&scratch, &["--workers", "2"]);
     let http = Http::new();
     eventually(Duration::from_secs(20), "two workers", async || {
@@ -387,17 +380,7 @@ async fn up_drains_and_exits_on_sigterm() {
     assert_eq!(a.status, StatusCode::OK);
     up.signal(nix::sys::signal::Signal::SIGTERM);
     let started = Instant::now();
-    let status = loop {
-        if let Some(s) = up.child.try_wait().expect("wait") {
-            break s;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "up still runs 10 s after SIGTERM:\n{}",
-            up.output()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let status = up.exit_within(Duration::from_secs(10)).await;
     assert!(status.success(), "{status:?}\n{}", up.output());
     eprintln!("up exited {:?} after SIGTERM", started.elapsed());
 }

@@ -91,6 +91,22 @@ impl Proc {
         self.child.id() as i32
     }
 
+    /// Waits for the process to exit; panics with its output past `timeout`.
+    pub async fn exit_within(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let started = Instant::now();
+        loop {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return s;
+            }
+            assert!(
+                started.elapsed() < timeout,
+                "still running {timeout:?} later:\n{}",
+                self.output()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     pub fn signal(&self, sig: nix::sys::signal::Signal) {
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), sig);
     }
