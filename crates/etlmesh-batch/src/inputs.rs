@@ -51,6 +51,12 @@ pub fn resolve(spec: &PipelineSpec, given: &[String]) -> Result<Vec<Input>, JobE
         match &spec.source.kind {
             SourceKind::Stdin => vec!["-".into()],
             SourceKind::File { path: Some(p) } => vec![p.clone()],
+            SourceKind::Mqtt(m) => {
+                return Err(JobError::Input(format!(
+                    "pipeline `{}` streams from MQTT ({}): it runs in workers\n  help: start it with `etlmesh up -c FILE` (or `etlmesh worker -c FILE --pipeline {}`)",
+                    spec.name, m.topic, spec.name
+                )));
+            }
             SourceKind::File { path: None } => {
                 return Err(JobError::Input(format!(
                     "pipeline `{}` has no source path and no input was given\n  help: pass files after the pipeline name (etlmesh run -c FILE --pipeline {} data.csv), or set `source: {{ type: file, path: ... }}`",

@@ -60,7 +60,7 @@ pub struct SimulateArgs {
     #[arg(long)]
     pub client_id: Option<String>,
     /// Payload: one JSON object, a JSON array of readings, or CSV lines (no header:
-    /// device_id,ts,temperature_c,humidity,battery_v,status).
+    /// device_id,ts,temperature_c,humidity,battery_v,status,seq).
     #[arg(long, value_enum, default_value_t = PayloadArg::Json)]
     pub payload: PayloadArg,
     /// Readings of one device per message (json-array and csv).

@@ -22,6 +22,8 @@ pub enum Stage {
     Transform,
     /// It is over a size limit.
     Limit,
+    /// Its event-time window had closed (streams).
+    Late,
 }
 
 impl Stage {
@@ -32,6 +34,7 @@ impl Stage {
             Stage::Cast => "cast",
             Stage::Transform => "transform",
             Stage::Limit => "limit",
+            Stage::Late => "late",
         }
     }
 }

@@ -14,6 +14,7 @@ pub mod index;
 mod raw;
 pub mod scaling;
 pub mod spec;
+pub mod stream;
 pub mod types;
 pub mod units;
 
@@ -25,6 +26,9 @@ pub use scaling::ScalingSpec;
 pub use spec::{
     Compression, CsvOptions, DeadLetterSpec, FileSinkSpec, PipelineSpec, Platform, SinkSpec,
     SourceKind, SourceSpec, Spec,
+};
+pub use stream::{
+    MicroBatch, MqttProtocol, MqttSinkSpec, MqttSourceSpec, PostgresSinkSpec, Rolling, WindowSpec,
 };
 pub use types::{FieldSpec, FieldType, Format};
 

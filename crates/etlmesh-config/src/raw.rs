@@ -57,6 +57,25 @@ pub(crate) struct RawPipeline {
     pub dead_letter: Option<RawDeadLetter>,
     pub on_error: Option<OnError>,
     pub scaling: Option<RawScaling>,
+    pub dedup: Option<Vec<String>>,
+    pub window: Option<RawWindow>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawWindow {
+    pub time: String,
+    pub size: Span,
+    pub slide: Option<Span>,
+    pub allowed_lateness: Option<Span>,
+    pub idle_timeout: Option<Span>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawMicroBatch {
+    pub records: Option<usize>,
+    pub wait: Option<Span>,
 }
 
 /// What a pipeline does with a record it cannot decode, cast or transform.
@@ -74,6 +93,7 @@ pub enum OnError {
 pub(crate) enum RawSourceKind {
     File,
     Stdin,
+    Mqtt,
 }
 
 #[derive(Debug, Deserialize)]
@@ -85,6 +105,16 @@ pub(crate) struct RawSource {
     pub format: Option<Format>,
     pub csv: Option<RawCsv>,
     pub infer_rows: Option<usize>,
+    // MQTT
+    pub broker: Option<String>,
+    pub topic: Option<String>,
+    pub group: Option<String>,
+    pub qos: Option<u8>,
+    pub protocol: Option<ScalarText>,
+    pub client_id: Option<String>,
+    pub session_expiry: Option<Span>,
+    pub ca_file: Option<PathBuf>,
+    pub batch: Option<RawMicroBatch>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -105,6 +135,8 @@ pub(crate) enum RawSinkKind {
     Ndjson,
     Arrow,
     Stdout,
+    Postgres,
+    Mqtt,
 }
 
 #[derive(Debug, Deserialize)]
@@ -120,6 +152,18 @@ pub(crate) struct RawSink {
     pub delimiter: Option<String>,
     pub max_open_files: Option<usize>,
     pub row_group_rows: Option<usize>,
+    // Streams: file sinks roll by size and time.
+    pub roll_interval: Option<Span>,
+    pub roll_size: Option<ByteSize>,
+    // PostgreSQL
+    pub url: Option<String>,
+    pub table: Option<String>,
+    pub create: Option<bool>,
+    pub key: Option<Vec<String>>,
+    // MQTT
+    pub broker: Option<String>,
+    pub topic: Option<String>,
+    pub qos: Option<u8>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use crate::raw::{RawCsv, RawFile, RawPipeline, RawSink, RawSinkKind, RawSource, RawSourceKind};
 use crate::scaling::ScalingSpec;
+use crate::stream::{MqttSinkSpec, MqttSourceSpec, PostgresSinkSpec, Rolling, WindowSpec};
 use crate::types::{FieldSpec, Format};
 use crate::{OnError, diag::Diagnostic};
 
@@ -81,6 +82,21 @@ pub struct PipelineSpec {
     pub on_error: OnError,
     /// How its workers scale.
     pub scaling: ScalingSpec,
+    /// Columns that identify a record: duplicates inside a micro-batch are dropped, and
+    /// sinks that can (PostgreSQL) load each key once.
+    pub dedup: Vec<String>,
+    /// Event-time windows (streams).
+    pub window: Option<WindowSpec>,
+}
+
+impl PipelineSpec {
+    /// The MQTT source, when the pipeline streams from a broker.
+    pub fn mqtt(&self) -> Option<&MqttSourceSpec> {
+        match &self.source.kind {
+            SourceKind::Mqtt(m) => Some(m),
+            _ => None,
+        }
+    }
 }
 
 /// Where a pipeline reads from in a batch job.
@@ -117,6 +133,8 @@ pub enum SourceKind {
     },
     /// Standard input.
     Stdin,
+    /// An MQTT subscription (a stream: workers consume it while they run).
+    Mqtt(Box<MqttSourceSpec>),
 }
 
 /// How CSV is read.
@@ -169,6 +187,10 @@ pub enum SinkSpec {
         /// The encoding.
         format: Format,
     },
+    /// A PostgreSQL table.
+    Postgres(PostgresSinkSpec),
+    /// An MQTT topic.
+    Mqtt(MqttSinkSpec),
 }
 
 impl SinkSpec {
@@ -177,6 +199,8 @@ impl SinkSpec {
         match self {
             SinkSpec::File(f) => format!("{}:{}", f.format, f.path.display()),
             SinkSpec::Stdout { format } => format!("stdout:{format}"),
+            SinkSpec::Postgres(p) => format!("postgres:{}", p.table),
+            SinkSpec::Mqtt(m) => format!("mqtt:{}", m.topic),
         }
     }
 }
@@ -200,6 +224,8 @@ pub struct FileSinkSpec {
     pub delimiter: u8,
     /// Open partition files at most; the least recently used is finished past it.
     pub max_open_files: usize,
+    /// In streams: when a file is finished and the next begins.
+    pub rolling: Rolling,
 }
 
 /// Where bad records go: NDJSON files in a directory.
@@ -319,7 +345,7 @@ fn resolve_pipeline(
     }
     let source = rp
         .source
-        .map(|s| resolve_source(s, &format!("{base}.source"), file, out))
+        .map(|s| resolve_source(s, &name, &format!("{base}.source"), file, out))
         .unwrap_or_default();
 
     let schema = rp.schema.map(|fields| {
@@ -379,7 +405,12 @@ fn resolve_pipeline(
         (None, None) => OnError::Fail,
     };
 
-    PipelineSpec {
+    let window = rp.window.map(|w| {
+        crate::stream::resolve_window(w, schema.as_deref(), &format!("{base}.window"), file, out)
+    });
+    let scaling =
+        crate::scaling::resolve(scaling, rp.scaling, &format!("{base}.scaling"), file, out);
+    let spec = PipelineSpec {
         name,
         description: rp.description,
         source,
@@ -388,13 +419,127 @@ fn resolve_pipeline(
         sinks,
         dead_letter,
         on_error,
-        scaling: crate::scaling::resolve(
-            scaling,
-            rp.scaling,
-            &format!("{base}.scaling"),
-            file,
-            out,
+        scaling,
+        dedup: rp.dedup.unwrap_or_default(),
+        window,
+    };
+    check_stream(&spec, &base, file, out);
+    spec
+}
+
+/// Checks that only make sense once the whole pipeline is known: streams need a
+/// schema and a worker, windows one worker, dedup columns must exist.
+fn check_stream(p: &PipelineSpec, base: &str, file: &Path, out: &mut Vec<Diagnostic>) {
+    let d = |field: &str, msg: String| Diagnostic::new(file, format!("{base}.{field}"), msg);
+    let mqtt = p.mqtt();
+    let topic_cols: Vec<&str> = mqtt
+        .map(|m| m.topic_columns.iter().map(|(_, c)| c.as_str()).collect())
+        .unwrap_or_default();
+    let known = |c: &str| {
+        topic_cols.contains(&c)
+            || p.schema
+                .as_ref()
+                .is_none_or(|s| s.iter().any(|f| f.name == c))
+    };
+    for (i, c) in p.dedup.iter().enumerate() {
+        if !known(c) {
+            out.push(
+                d(
+                    &format!("dedup[{i}]"),
+                    format!("`{c}` is not a column of the input"),
+                )
+                .with_help("name columns of the schema (or of the topic)"),
+            );
+        }
+    }
+    if p.window.is_some() && mqtt.is_none() {
+        out.push(
+            d("window", "windows need a stream source".into()).with_help(
+                "use `source: { type: mqtt, ... }`, or GROUP BY a time bucket in batch SQL",
+            ),
+        );
+    }
+    if p.window.is_some() && p.scaling.max_replicas > 1 {
+        out.push(
+            d(
+                "scaling.max_replicas",
+                format!(
+                    "is {}, but a windowed pipeline runs on one worker",
+                    p.scaling.max_replicas
+                ),
+            )
+            .with_help(
+                "set `scaling: { max_replicas: 1 }`: a window must see every record of its key",
+            ),
+        );
+    }
+    let Some(m) = mqtt else {
+        for (i, s) in p.sinks.iter().enumerate() {
+            if matches!(s, SinkSpec::Postgres(_) | SinkSpec::Mqtt(_)) {
+                out.push(
+                    d(
+                        &format!("sinks[{i}]"),
+                        format!("`{}` sinks load streams", s.describe()),
+                    )
+                    .with_help("use it in a pipeline with an mqtt source"),
+                );
+            }
+        }
+        return;
+    };
+    match &p.schema {
+        None => out.push(
+            d("schema", "is required for an mqtt source".into())
+                .with_help("declare the fields of the payload: a stream cannot be sampled first"),
         ),
+        Some(schema) => {
+            for c in &topic_cols {
+                if let Some(f) = schema.iter().find(|f| f.name == *c)
+                    && f.ty != crate::types::FieldType::Utf8
+                {
+                    out.push(
+                        d(
+                            "source.topic",
+                            format!(
+                                "topic column `{c}` is declared {}, but topic levels are text",
+                                f.ty
+                            ),
+                        )
+                        .with_help(format!("declare `{c}: utf8`, or cast it in the SQL")),
+                    );
+                }
+            }
+        }
+    }
+    if p.dead_letter.is_none() {
+        out.push(
+            d("dead_letter", "is required for a stream".into())
+                .with_help("add `dead_letter: { type: ndjson, path: out/dead_letter }`: a bad message must not stop the stream nor vanish"),
+        );
+    }
+    if p.scaling.min_replicas == 0 {
+        out.push(
+            d(
+                "scaling.min_replicas",
+                "is 0, but a stream needs a worker subscribed".into(),
+            )
+            .with_help("set min_replicas: 1; the broker holds messages only for sessions it knows"),
+        );
+    }
+    if m.format == Format::Csv && p.source.csv.header && p.source.csv != CsvOptions::default() {
+        out.push(
+            d(
+                "source.csv.header",
+                "MQTT CSV payloads carry no header".into(),
+            )
+            .with_help("remove it: the fields are read in the schema's order"),
+        );
+    }
+    if p.sinks.iter().any(|s| matches!(s, SinkSpec::Stdout { .. })) {
+        out.push(
+            d("sinks", "stdout is not a stream sink".into())
+                .with_help("use a file, postgres or mqtt sink"),
+        );
     }
 }
 
@@ -437,8 +582,54 @@ fn resolve_csv(c: RawCsv, base: &str, file: &Path, out: &mut Vec<Diagnostic>) ->
     }
 }
 
-fn resolve_source(s: RawSource, base: &str, file: &Path, out: &mut Vec<Diagnostic>) -> SourceSpec {
+fn resolve_source(
+    s: RawSource,
+    pipeline: &str,
+    base: &str,
+    file: &Path,
+    out: &mut Vec<Diagnostic>,
+) -> SourceSpec {
+    let mqtt_only = [
+        (s.broker.is_some(), "broker"),
+        (s.topic.is_some(), "topic"),
+        (s.group.is_some(), "group"),
+        (s.qos.is_some(), "qos"),
+        (s.protocol.is_some(), "protocol"),
+        (s.client_id.is_some(), "client_id"),
+        (s.session_expiry.is_some(), "session_expiry"),
+        (s.ca_file.is_some(), "ca_file"),
+        (s.batch.is_some(), "batch"),
+    ];
+    if s.kind != RawSourceKind::Mqtt {
+        for (set, field) in mqtt_only {
+            if set {
+                out.push(
+                    Diagnostic::new(
+                        file,
+                        format!("{base}.{field}"),
+                        "is a setting of mqtt sources",
+                    )
+                    .with_help("remove it, or use `type: mqtt`"),
+                );
+            }
+        }
+    }
     let kind = match s.kind {
+        RawSourceKind::Mqtt => {
+            if s.path.is_some() {
+                out.push(
+                    Diagnostic::new(
+                        file,
+                        format!("{base}.path"),
+                        "is not used by an mqtt source",
+                    )
+                    .with_help("remove it"),
+                );
+            }
+            SourceKind::Mqtt(Box::new(crate::stream::resolve_mqtt(
+                &s, pipeline, base, file, out,
+            )))
+        }
         RawSourceKind::File => SourceKind::File { path: s.path },
         RawSourceKind::Stdin => {
             if s.path.is_some() {
@@ -506,7 +697,109 @@ fn resolve_sink(
     let not_for = |field: &str, kind: &str, out: &mut Vec<Diagnostic>| {
         out.push(d(field, format!("is not a setting of a `{kind}` sink")).with_help("remove it"));
     };
+    let stream_only = [
+        (s.url.is_some(), "url"),
+        (s.table.is_some(), "table"),
+        (s.create.is_some(), "create"),
+        (s.key.is_some(), "key"),
+        (s.broker.is_some(), "broker"),
+        (s.topic.is_some(), "topic"),
+        (s.qos.is_some(), "qos"),
+    ];
+    let file_only = [
+        (s.path.is_some(), "path"),
+        (s.partition_by.is_some(), "partition_by"),
+        (s.compression.is_some(), "compression"),
+        (s.max_open_files.is_some(), "max_open_files"),
+        (s.row_group_rows.is_some(), "row_group_rows"),
+        (s.header.is_some(), "header"),
+        (s.delimiter.is_some(), "delimiter"),
+        (s.format.is_some(), "format"),
+        (s.roll_interval.is_some(), "roll_interval"),
+        (s.roll_size.is_some(), "roll_size"),
+    ];
+    match s.kind {
+        RawSinkKind::Postgres => {
+            for (set, field) in file_only.iter().chain(&stream_only[4..]) {
+                if *set {
+                    not_for(field, "postgres", out);
+                }
+            }
+            let url = s.url.unwrap_or_else(|| {
+                out.push(
+                    d("url", "is required for a postgres sink".into())
+                        .with_help("add `url: postgres://user@127.0.0.1:5432/db`"),
+                );
+                String::new()
+            });
+            let table = s.table.unwrap_or_default();
+            let valid = |t: &str| {
+                !t.is_empty()
+                    && t.split('.').count() <= 2
+                    && t.split('.').all(|p| {
+                        !p.is_empty()
+                            && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                            && !p.starts_with(|c: char| c.is_ascii_digit())
+                    })
+            };
+            if !valid(&table) {
+                out.push(
+                    d("table", format!("`{table}` is not a table name"))
+                        .with_help("write `readings` or `iot.readings` (letters, digits, `_`)"),
+                );
+            }
+            return Some(SinkSpec::Postgres(PostgresSinkSpec {
+                url,
+                table,
+                create: s.create.unwrap_or(false),
+                key: s.key.unwrap_or_default(),
+            }));
+        }
+        RawSinkKind::Mqtt => {
+            for (set, field) in file_only.iter().chain(&stream_only[..4]) {
+                if *set {
+                    not_for(field, "mqtt", out);
+                }
+            }
+            let broker = s.broker.unwrap_or_else(|| {
+                out.push(
+                    d("broker", "is required for an mqtt sink".into())
+                        .with_help("add `broker: mqtt://127.0.0.1:1883`"),
+                );
+                String::new()
+            });
+            if !broker.is_empty() {
+                crate::stream::check_broker(&broker, &format!("{base}.broker"), file, out);
+            }
+            let topic = s.topic.unwrap_or_else(|| {
+                out.push(
+                    d("topic", "is required for an mqtt sink".into())
+                        .with_help("add `topic: results/{device_id}`"),
+                );
+                String::new()
+            });
+            if topic.contains(['+', '#']) {
+                out.push(
+                    d("topic", "wildcards cannot be published to".into())
+                        .with_help("use `{column}` to take a level from each row"),
+                );
+            }
+            let qos = s.qos.unwrap_or(1);
+            if qos > 1 {
+                out.push(d("qos", format!("QoS {qos} is not supported")).with_help("use 0 or 1"));
+            }
+            return Some(SinkSpec::Mqtt(MqttSinkSpec { broker, topic, qos }));
+        }
+        _ => {
+            for (set, field) in stream_only {
+                if set {
+                    not_for(field, "file", out);
+                }
+            }
+        }
+    }
     let format = match s.kind {
+        RawSinkKind::Postgres | RawSinkKind::Mqtt => return None,
         RawSinkKind::Stdout => {
             for (set, field) in [
                 (s.path.is_some(), "path"),
@@ -597,6 +890,12 @@ fn resolve_sink(
         header: s.header.unwrap_or(true),
         delimiter,
         max_open_files: s.max_open_files.unwrap_or(256).max(1),
+        rolling: Rolling {
+            interval: s.roll_interval.map_or(Rolling::default().interval, |d| {
+                d.0.max(Duration::from_millis(100))
+            }),
+            size: s.roll_size.map_or(Rolling::default().size, |b| b.0.max(1)),
+        },
     }))
 }
 

@@ -1,4 +1,5 @@
-//! Broker addresses: `mqtt://[user[:password]@]host[:port]` (port 1883 by default).
+//! Broker addresses: `mqtt://[user[:password]@]host[:port]` (port 1883 by default), or
+//! `mqtts://…` for TLS (port 8883 by default), and the client options they give.
 
 use crate::MqttError;
 
@@ -11,6 +12,8 @@ pub struct Broker {
     pub port: u16,
     /// User name and password, if the broker asks for them.
     pub credentials: Option<(String, String)>,
+    /// TLS (`mqtts://`).
+    pub tls: bool,
 }
 
 impl Broker {
@@ -20,8 +23,13 @@ impl Broker {
             url: url.to_string(),
             message: message.to_string(),
         };
+        let mut tls = false;
         let rest = match url.split_once("://") {
             Some(("mqtt" | "tcp", rest)) => rest,
+            Some(("mqtts" | "ssl", rest)) => {
+                tls = true;
+                rest
+            }
             Some((scheme, _)) => {
                 return Err(bad(&format!(
                     "scheme `{scheme}` is not supported; write mqtt://host:1883"
@@ -43,7 +51,7 @@ impl Broker {
                 p.parse::<u16>()
                     .map_err(|_| bad(&format!("`{p}` is not a port number")))?,
             ),
-            None => (hostport, 1883),
+            None => (hostport, if tls { 8883 } else { 1883 }),
         };
         if host.is_empty() {
             return Err(bad("no host; write mqtt://host:1883"));
@@ -52,7 +60,46 @@ impl Broker {
             host: host.to_string(),
             port,
             credentials,
+            tls,
         })
+    }
+
+    /// The TLS transport for `mqtts://`: the broker's certificate is checked against
+    /// the CA certificates (PEM) in `ca_file`.
+    pub fn transport(
+        &self,
+        ca_file: Option<&std::path::Path>,
+    ) -> Result<rumqttc::Transport, MqttError> {
+        if !self.tls {
+            return Ok(rumqttc::Transport::Tcp);
+        }
+        let Some(path) = ca_file else {
+            return Err(MqttError::Options(format!(
+                "broker {}: mqtts:// needs the CA certificate that signed the broker's: set `ca_file`",
+                self.address()
+            )));
+        };
+        let ca = std::fs::read(path)
+            .map_err(|e| MqttError::Options(format!("ca_file {}: {e}", path.display())))?;
+        // One crypto provider for the process (ring, which the rest of etlmesh uses).
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        Ok(rumqttc::Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Simple {
+                ca,
+                alpn: None,
+                client_auth: None,
+            },
+        ))
+    }
+
+    /// MQTT 5 client options for this broker.
+    pub fn options_v5(&self, client_id: &str) -> rumqttc::v5::MqttOptions {
+        let mut o = rumqttc::v5::MqttOptions::new(client_id, &self.host, self.port);
+        if let Some((u, p)) = &self.credentials {
+            o.set_credentials(u, p);
+        }
+        o.set_keep_alive(std::time::Duration::from_secs(15));
+        o
     }
 
     /// `host:port`, for messages.
@@ -82,7 +129,8 @@ mod tests {
             Broker {
                 host: "example.org".into(),
                 port: 8883,
-                credentials: Some(("u".into(), "p".into()))
+                credentials: Some(("u".into(), "p".into())),
+                tls: false,
             }
         );
         assert_eq!(Broker::parse("127.0.0.1").expect("ok").port, 1883);

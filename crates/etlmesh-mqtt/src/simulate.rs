@@ -1,7 +1,8 @@
 //! `etlmesh simulate`: virtual devices that publish readings to an MQTT broker.
 //!
 //! Each message is one JSON object — `device_id`, `ts` (epoch milliseconds, event
-//! time), `temperature_c`, `humidity`, `battery_v`, `status` — on a topic that may name
+//! time), `temperature_c`, `humidity`, `battery_v`, `status`, `seq` (the device's
+//! reading number: with `device_id`, a key) — on a topic that may name
 //! the device (`sensors/{device_id}/reading`). Messages are paced to a total rate;
 //! event times carry jitter, a fraction is out of order (moved back by up to
 //! `disorder`) or late (moved back by `late_by`), and a fraction is malformed in the
@@ -26,7 +27,7 @@ pub enum Payload {
     Json,
     /// A JSON array of readings.
     JsonArray,
-    /// CSV lines without a header: `device_id,ts,temperature_c,humidity,battery_v,status`.
+    /// CSV lines without a header: `device_id,ts,temperature_c,humidity,battery_v,status,seq`.
     Csv,
 }
 
@@ -206,6 +207,8 @@ pub async fn simulate(
     };
     let mut rng = SmallRng::seed_from_u64(opts.seed);
     let mut devices: Vec<Device> = (0..opts.devices).map(|_| Device::new(&mut rng)).collect();
+    // Per device, the number of each reading: with the device id, a reading's key.
+    let mut seqs = vec![0u64; devices.len()];
     let mut stats = SimulateStats::default();
     let start = Instant::now();
     let interval = 1.0 / opts.rate;
@@ -239,7 +242,8 @@ pub async fn simulate(
                 (_, 0) => {}
                 (_, _) => payload.push(b','),
             }
-            write_reading(&mut payload, opts.payload, &id, ts, &reading);
+            seqs[dev] += 1;
+            write_reading(&mut payload, opts.payload, &id, seqs[dev], ts, &reading);
             stats.readings += 1;
         }
         if opts.payload == Payload::JsonArray {
@@ -307,18 +311,18 @@ fn event_time(opts: &SimulateOptions, rng: &mut SmallRng, stats: &mut SimulateSt
     ts
 }
 
-fn write_reading(out: &mut Vec<u8>, payload: Payload, id: &str, ts: i64, r: &Reading) {
+fn write_reading(out: &mut Vec<u8>, payload: Payload, id: &str, seq: u64, ts: i64, r: &Reading) {
     use std::io::Write as _;
     // Writing into a Vec cannot fail.
     let _ = match payload {
         Payload::Csv => write!(
             out,
-            "{id},{ts},{:.2},{:.1},{:.3},{}",
+            "{id},{ts},{:.2},{:.1},{:.3},{},{seq}",
             r.temperature_c, r.humidity, r.battery_v, r.status
         ),
         Payload::Json | Payload::JsonArray => write!(
             out,
-            r#"{{"device_id":"{id}","ts":{ts},"temperature_c":{:.2},"humidity":{:.1},"battery_v":{:.3},"status":"{}"}}"#,
+            r#"{{"device_id":"{id}","ts":{ts},"temperature_c":{:.2},"humidity":{:.1},"battery_v":{:.3},"status":"{}","seq":{seq}}}"#,
             r.temperature_c, r.humidity, r.battery_v, r.status
         ),
     };

@@ -20,10 +20,12 @@ use crate::{BoxFuture, ScaleError, Scaler};
 
 /// The first restart waits this long; each crash in a row doubles it.
 const FIRST_BACKOFF: Duration = Duration::from_millis(500);
+/// The first restart of a worker that had run for [`HEALTHY_RUN`].
+const QUICK_RESTART: Duration = Duration::from_millis(50);
 /// The longest wait before a restart.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// A worker that ran this long resets the backoff.
-const HEALTHY_RUN: Duration = Duration::from_secs(30);
+const HEALTHY_RUN: Duration = Duration::from_secs(10);
 /// How long a draining worker may take before it is killed.
 const DRAIN_LIMIT: Duration = Duration::from_secs(40);
 /// Set in a worker's environment to the pid of the process that supervises it.
@@ -267,7 +269,10 @@ impl Runner {
                 return;
             }
             if started.elapsed() >= HEALTHY_RUN {
-                backoff = FIRST_BACKOFF;
+                // A worker that ran well and died (kill -9, a crash) comes back at once:
+                // its stream session holds messages only it will be sent. Crash loops
+                // still back off.
+                backoff = QUICK_RESTART;
             }
             tracing::warn!(worker = %self.id, status = ?status.ok(), restart_in_ms = backoff.as_millis() as u64, "worker exited; restarting");
             if wait_or_stop(&mut stop, backoff).await {

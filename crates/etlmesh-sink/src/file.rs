@@ -305,6 +305,7 @@ mod tests {
             header: true,
             delimiter: b',',
             max_open_files: 2,
+            rolling: etlmesh_config::Rolling::default(),
         }
     }
 

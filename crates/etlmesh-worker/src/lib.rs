@@ -44,6 +44,9 @@ pub enum WorkerError {
     /// Serving failed.
     #[error("worker: {0}")]
     Serve(String),
+    /// A stream stopped with an error.
+    #[error("worker: {0}")]
+    Stream(String),
 }
 
 /// How a worker runs.
@@ -128,6 +131,15 @@ pub async fn run(
     let pipelines = pipelines::Pipelines::compile(&file, &options.id, &options.pipelines).await?;
     let load = Arc::new(LoadTracker::default());
     let (drain_tx, drain_rx) = watch::channel(false);
+    let streams = start_streams(
+        &file,
+        &options,
+        &app_pipelines(&pipelines),
+        &pipelines,
+        &registry,
+        drain_rx.clone(),
+    )
+    .await?;
     let app = Arc::new(App {
         id: options.id.clone(),
         options: options.clone(),
@@ -199,6 +211,19 @@ pub async fn run(
             let _ = stop_rx.await;
         });
     let drain_timeout = options.drain_timeout;
+    let (stream_failed_tx, mut stream_failed) = tokio::sync::mpsc::channel::<WorkerError>(1);
+    let mut stream_tasks = Vec::new();
+    for (name, task) in streams {
+        let tx = stream_failed_tx.clone();
+        stream_tasks.push(tokio::spawn(async move {
+            if let Ok(Err(e)) = task.await {
+                let _ = tx
+                    .send(WorkerError::Stream(format!("pipeline `{name}`: {e}")))
+                    .await;
+            }
+        }));
+    }
+    drop(stream_failed_tx);
     let served = async {
         serve.await.map_err(|e| WorkerError::Serve(e.to_string()))?;
         Ok::<(), WorkerError>(())
@@ -206,8 +231,13 @@ pub async fn run(
     // The server returns once its connections are done; bound the wait.
     let mut drained = std::pin::pin!(served);
     let mut draining = drain_rx.clone();
+    let mut failure = None;
     tokio::select! {
         r = &mut drained => r?,
+        Some(e) = stream_failed.recv() => {
+            tracing::error!(worker = %options.id, error = %e, "a stream failed: the worker stops (its unacknowledged messages come again)");
+            failure = Some(e);
+        }
         _ = async {
             let _ = draining.wait_for(|d| *d).await;
             tokio::time::sleep(grace + drain_timeout).await;
@@ -222,6 +252,62 @@ pub async fn run(
             register::deregister(cp, &options.id).await;
         }
     }
+    for t in stream_tasks {
+        if failure.is_some() {
+            t.abort();
+        } else {
+            let _ = t.await;
+        }
+    }
+    if let Some(e) = failure {
+        return Err(e);
+    }
     tracing::info!(worker = %options.id, "worker stopped");
     Ok(())
+}
+
+fn app_pipelines(p: &pipelines::Pipelines) -> Vec<String> {
+    p.names().to_vec()
+}
+
+/// Starts the stream of every served pipeline with an MQTT source. Each stops when the
+/// worker drains.
+async fn start_streams(
+    file: &PipelineFile,
+    options: &WorkerOptions,
+    names: &[String],
+    pipelines: &pipelines::Pipelines,
+    registry: &etlmesh_telemetry::metrics::SharedRegistry,
+    drain: watch::Receiver<bool>,
+) -> Result<
+    Vec<(
+        String,
+        tokio::task::JoinHandle<Result<(), etlmesh_stream::StreamError>>,
+    )>,
+    WorkerError,
+> {
+    let specs: Vec<_> = file
+        .spec
+        .pipelines
+        .iter()
+        .filter(|p| names.contains(&p.name) && p.mqtt().is_some())
+        .cloned()
+        .collect();
+    if specs.is_empty() {
+        return Ok(Vec::new());
+    }
+    let metrics = etlmesh_stream::StreamMetrics::register(registry);
+    let opts = etlmesh_stream::StreamOptions {
+        worker: options.id.clone(),
+        engine: pipelines.engine.clone(),
+        limits: pipelines.limits,
+        metrics,
+    };
+    let mut tasks = Vec::new();
+    for spec in specs {
+        let name = spec.name.clone();
+        let (o, d) = (opts.clone(), drain.clone());
+        tasks.push((name, tokio::spawn(etlmesh_stream::run(spec, o, d))));
+    }
+    Ok(tasks)
 }

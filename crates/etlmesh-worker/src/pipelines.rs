@@ -99,7 +99,14 @@ impl Pipelines {
                 .schema
                 .as_ref()
                 .map(|f| etlmesh_codec::schema::arrow_schema(f));
+            // A windowed pipeline's SQL reads window columns: it runs on the stream only.
             let transform = match &schema {
+                Some(_)
+                    if spec.window.is_some()
+                        || spec.mqtt().is_some_and(|m| !m.topic_columns.is_empty()) =>
+                {
+                    None
+                }
                 Some(s) => Some(Arc::new(
                     engine
                         .compile(&spec.name, &spec.transform, s.clone())

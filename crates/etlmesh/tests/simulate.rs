@@ -205,7 +205,7 @@ async fn payloads_can_be_json_arrays_or_csv_lines() {
                 return true;
             };
             let f: Vec<&str> = line.split(',').collect();
-            f.len() != 6 || f[1].parse::<i64>().is_err() || f[2].parse::<f64>().is_err()
+            f.len() != 7 || f[1].parse::<i64>().is_err() || f[2].parse::<f64>().is_err()
         })
         .count() as u64;
     assert_eq!(malformed, figure(&summary, "malformed"), "{summary}");

@@ -1,0 +1,340 @@
+//! Messages to rows: the payloads of a micro-batch become one text chunk (a JSON
+//! object per line, JSON arrays split into their elements, CSV lines as they are),
+//! decoded at once by the foundation's codecs; the topic's `{column}` levels are added
+//! as columns; every reject is traced back to its message and topic.
+
+use std::sync::Arc;
+
+use arrow::array::{ArrayRef, RecordBatch, StringArray};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use bytes::Bytes;
+use etlmesh_codec::{Chunk, CsvLayout, DecodedBatch, Decoder, Limits, Provenance, Reject, Stage};
+use etlmesh_config::{CsvOptions, Format, MqttSourceSpec};
+
+use crate::source::Delivery;
+
+/// Decodes the messages of one pipeline.
+pub struct MessageDecoder {
+    decoder: Decoder,
+    layout: CsvLayout,
+    input: SchemaRef,
+    /// For each input column: a topic level, or a column of the decoded rows.
+    columns: Vec<ColumnSource>,
+}
+
+enum ColumnSource {
+    Topic(usize),
+    Payload(usize),
+}
+
+/// One micro-batch, decoded.
+#[derive(Default)]
+pub struct Decoded {
+    /// Rows in the input schema (topic columns included).
+    pub batches: Vec<DecodedBatch>,
+    /// Records that could not be read, traced to their message.
+    pub rejects: Vec<Reject>,
+    /// Records seen.
+    pub records: u64,
+    /// Which message each line of the chunk came from.
+    pub lines: LineMap,
+}
+
+/// Lines of the decoded chunk → messages.
+#[derive(Default)]
+pub struct LineMap {
+    line_msg: Vec<u32>,
+    first_line: Vec<u64>,
+    lines: Vec<u32>,
+    topics: Vec<Arc<str>>,
+    arrays: Vec<bool>,
+    seqs: Vec<u64>,
+}
+
+impl LineMap {
+    fn message(&self, line: u64) -> Option<usize> {
+        let i = usize::try_from(line.checked_sub(1)?).ok()?;
+        self.line_msg.get(i).map(|&m| m as usize)
+    }
+
+    /// The arrival number of the message a row (by its chunk line) came from.
+    pub fn seq_of_line(&self, line: u64) -> u64 {
+        self.message(line).map_or(0, |m| self.seqs[m])
+    }
+
+    /// A reject placed at its message: `mqtt:<topic>`, with the line inside the message
+    /// (CSV) or the element of the array (JSON).
+    pub fn place(&self, mut r: Reject) -> Reject {
+        let Some(m) = r.line.and_then(|l| self.message(l)) else {
+            return r;
+        };
+        let within = r.line.unwrap_or(1) - self.first_line[m] + 1;
+        r.source = self.topics[m].clone();
+        r.line = None;
+        if self.arrays[m] {
+            r.row = Some(within);
+        } else if self.lines[m] > 1 {
+            r.line = Some(within);
+        }
+        r
+    }
+
+    /// Places every reject.
+    pub fn place_all(&self, rejects: Vec<Reject>) -> Vec<Reject> {
+        rejects.into_iter().map(|r| self.place(r)).collect()
+    }
+
+    /// The arrival numbers of the rows of a decoded batch.
+    pub fn row_seqs(&self, b: &DecodedBatch) -> Vec<u64> {
+        match &b.provenance {
+            Provenance::Text { spans, offset, .. } => (0..b.batch.num_rows())
+                .map(|i| {
+                    spans
+                        .get(offset + i)
+                        .map_or(0, |s| self.seq_of_line(s.line))
+                })
+                .collect(),
+            _ => vec![0; b.batch.num_rows()],
+        }
+    }
+}
+
+impl MessageDecoder {
+    /// The decoder of a pipeline whose declared schema is `declared` (the topic columns
+    /// may be among its fields; those that are not are appended as text).
+    pub fn new(spec: &MqttSourceSpec, declared: &SchemaRef, limits: Limits) -> Self {
+        let topic_cols = &spec.topic_columns;
+        let is_topic = |name: &str| topic_cols.iter().find(|(_, c)| c == name).map(|(i, _)| *i);
+        let payload: Vec<Arc<Field>> = declared
+            .fields()
+            .iter()
+            .filter(|f| is_topic(f.name()).is_none())
+            .cloned()
+            .collect();
+        let payload_schema = Arc::new(Schema::new(payload));
+        let mut fields: Vec<Field> = Vec::new();
+        let mut columns = Vec::new();
+        for f in declared.fields() {
+            match is_topic(f.name()) {
+                Some(level) => {
+                    fields.push(Field::new(f.name(), DataType::Utf8, f.is_nullable()));
+                    columns.push(ColumnSource::Topic(level));
+                }
+                None => {
+                    let i = payload_schema.index_of(f.name()).unwrap_or(0);
+                    fields.push(f.as_ref().clone());
+                    columns.push(ColumnSource::Payload(i));
+                }
+            }
+        }
+        for (level, name) in topic_cols {
+            if declared.field_with_name(name).is_err() {
+                fields.push(Field::new(name, DataType::Utf8, false));
+                columns.push(ColumnSource::Topic(*level));
+            }
+        }
+        let format = if spec.format == Format::Csv {
+            Format::Csv
+        } else {
+            Format::Ndjson
+        };
+        let csv = CsvOptions {
+            header: false,
+            ..CsvOptions::default()
+        };
+        Self {
+            layout: CsvLayout::positional(&payload_schema),
+            decoder: Decoder {
+                format,
+                schema: payload_schema,
+                csv,
+                limits,
+            },
+            input: Arc::new(Schema::new(fields)),
+            columns,
+        }
+    }
+
+    /// The schema of the table `input`.
+    pub fn input_schema(&self) -> &SchemaRef {
+        &self.input
+    }
+
+    /// Decodes a micro-batch.
+    pub fn decode(&self, messages: &[Delivery]) -> Decoded {
+        let mut out = Decoded::default();
+        let max = self.decoder.limits.max_record_bytes as usize;
+        let mut buf: Vec<u8> =
+            Vec::with_capacity(messages.iter().map(|m| m.payload.len() + 1).sum());
+        let mut line = 0u64;
+        for (i, m) in messages.iter().enumerate() {
+            let topic: Arc<str> = Arc::from(format!("mqtt:{}", m.topic));
+            let first = line + 1;
+            let reject = |stage: Stage, reason: String| {
+                Reject::new(&topic, stage, reason, m.payload.clone())
+            };
+            let mut array = false;
+            if m.payload.len() > max {
+                out.records += 1;
+                out.rejects.push(reject(
+                    Stage::Limit,
+                    format!(
+                        "the message is {} bytes, over max_record_bytes ({max})",
+                        m.payload.len()
+                    ),
+                ));
+            } else if self.decoder.format == Format::Csv {
+                let p = trim_end(&m.payload);
+                if p.is_empty() {
+                    out.records += 1;
+                    out.rejects
+                        .push(reject(Stage::Decode, "empty message".into()));
+                } else {
+                    buf.extend_from_slice(p);
+                    buf.push(b'\n');
+                    line += 1 + memchr::memchr_iter(b'\n', p).count() as u64;
+                }
+            } else {
+                let p = trim_end(trim_start(&m.payload));
+                if p.first() == Some(&b'[') {
+                    array = true;
+                    match serde_json::from_slice::<Vec<serde_json::Value>>(p) {
+                        Ok(items) if !items.is_empty() => {
+                            for item in items {
+                                // Writing JSON into a Vec cannot fail.
+                                let _ = serde_json::to_writer(&mut buf, &item);
+                                buf.push(b'\n');
+                                line += 1;
+                            }
+                        }
+                        Ok(_) => {
+                            out.records += 1;
+                            out.rejects
+                                .push(reject(Stage::Decode, "empty JSON array".into()));
+                        }
+                        Err(e) => {
+                            out.records += 1;
+                            out.rejects.push(reject(
+                                Stage::Decode,
+                                format!("not a JSON array of records: {e}"),
+                            ));
+                        }
+                    }
+                } else if p.is_empty() {
+                    out.records += 1;
+                    out.rejects
+                        .push(reject(Stage::Decode, "empty message".into()));
+                } else {
+                    buf.extend(
+                        p.iter()
+                            .map(|&b| if b == b'\n' || b == b'\r' { b' ' } else { b }),
+                    );
+                    buf.push(b'\n');
+                    line += 1;
+                }
+            }
+            let n = line + 1 - first;
+            for _ in 0..n {
+                out.lines.line_msg.push(i as u32);
+            }
+            out.lines.first_line.push(first);
+            out.lines.lines.push(n as u32);
+            out.lines.topics.push(topic);
+            out.lines.arrays.push(array);
+            out.lines.seqs.push(m.seq);
+        }
+        if buf.is_empty() {
+            return out;
+        }
+        let chunk = Chunk {
+            source: Arc::from("mqtt"),
+            data: Bytes::from(buf),
+            first_line: 1,
+            spans: None,
+            skipped: Vec::new(),
+        };
+        match self.decoder.decode_text(&chunk, &self.layout) {
+            Ok(d) => {
+                out.records += d.records;
+                out.rejects.extend(out.lines.place_all(d.rejects));
+                for b in d.batches {
+                    match self.with_topic_columns(&b, &out.lines) {
+                        Ok(batch) => out.batches.push(DecodedBatch {
+                            batch,
+                            provenance: b.provenance,
+                        }),
+                        Err(e) => {
+                            for i in 0..b.batch.num_rows() {
+                                let r =
+                                    b.provenance.reject(&b.batch, i, Stage::Cast, e.to_string());
+                                out.rejects.push(out.lines.place(r));
+                            }
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                // A chunk-level failure: every message is dead-lettered with the reason.
+                for m in messages {
+                    out.records += 1;
+                    out.rejects.push(Reject::new(
+                        &Arc::from(format!("mqtt:{}", m.topic)),
+                        Stage::Decode,
+                        e.to_string(),
+                        m.payload.clone(),
+                    ));
+                }
+            }
+        }
+        out
+    }
+
+    fn with_topic_columns(
+        &self,
+        b: &DecodedBatch,
+        lines: &LineMap,
+    ) -> Result<RecordBatch, arrow::error::ArrowError> {
+        let rows = b.batch.num_rows();
+        let msgs: Vec<Option<usize>> = match &b.provenance {
+            Provenance::Text { spans, offset, .. } => (0..rows)
+                .map(|i| spans.get(offset + i).and_then(|s| lines.message(s.line)))
+                .collect(),
+            _ => vec![None; rows],
+        };
+        let columns: Vec<ArrayRef> = self
+            .columns
+            .iter()
+            .map(|c| match c {
+                ColumnSource::Payload(i) => b.batch.column(*i).clone(),
+                ColumnSource::Topic(level) => {
+                    let values: StringArray = msgs
+                        .iter()
+                        .map(|m| {
+                            m.and_then(|m| {
+                                lines.topics[m]
+                                    .strip_prefix("mqtt:")
+                                    .and_then(|t| t.split('/').nth(*level))
+                            })
+                        })
+                        .collect();
+                    Arc::new(values) as ArrayRef
+                }
+            })
+            .collect();
+        RecordBatch::try_new(self.input.clone(), columns)
+    }
+}
+
+fn trim_start(b: &[u8]) -> &[u8] {
+    let n = b.iter().take_while(|c| c.is_ascii_whitespace()).count();
+    &b[n..]
+}
+
+fn trim_end(b: &[u8]) -> &[u8] {
+    let n = b
+        .iter()
+        .rev()
+        .take_while(|c| c.is_ascii_whitespace())
+        .count();
+    &b[..b.len() - n]
+}

@@ -1,0 +1,64 @@
+//! Streams: pipelines that consume an MQTT subscription while their workers run.
+//!
+//! A worker serving a pipeline with `source: { type: mqtt }` runs one [`run`] task
+//! for it:
+//!
+//! 1. [`source`] keeps a persistent MQTT session (a stable client id per worker slot,
+//!    a shared subscription `$share/<group>/<filter>`, manual acknowledgements);
+//! 2. the runner ([`runner`]) collects micro-batches (so many records or so long),
+//!    decodes them ([`decode`]) into the pipeline's schema with the topic's levels as
+//!    columns, drops duplicate keys, and runs the SQL — per micro-batch, or per
+//!    event-time window when it closes ([`window`]);
+//! 3. [`sinks`] load the rows (PostgreSQL, MQTT, rolling files); bad and late records
+//!    go to the dead letters;
+//! 4. messages are acknowledged, in the order they came, only up to the oldest one
+//!    whose rows some sink has not committed or an open window still holds.
+//!
+//! A worker killed at any point loses nothing: what it had not acknowledged, the
+//! broker sends again when the slot's session comes back. Duplicates that this
+//! creates are removed by a `dedup` key where the sink can honour it.
+
+pub mod decode;
+mod metrics;
+pub mod runner;
+pub mod sinks;
+pub mod source;
+pub mod window;
+
+pub use metrics::StreamMetrics;
+pub use runner::{StreamOptions, run};
+
+/// Errors that stop a stream.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    /// The broker cannot be reached or refused the client.
+    #[error(
+        "MQTT broker {broker}: {message}; check the source's `broker` and that the broker runs"
+    )]
+    Connect {
+        /// host:port.
+        broker: String,
+        /// What happened.
+        message: String,
+    },
+    /// The MQTT session failed.
+    #[error("MQTT: {0}")]
+    Mqtt(String),
+    /// The pipeline cannot run as a stream.
+    #[error("pipeline `{pipeline}`: {message}")]
+    Pipeline {
+        /// The pipeline.
+        pipeline: String,
+        /// What is wrong and what to do.
+        message: String,
+    },
+    /// A sink lost rows it had taken: the stream stops so that the broker sends the
+    /// messages again to a new worker.
+    #[error("pipeline `{pipeline}`: {message}; stopping so that the broker redelivers")]
+    Sink {
+        /// The pipeline.
+        pipeline: String,
+        /// What happened.
+        message: String,
+    },
+}

@@ -1,0 +1,147 @@
+//! A stream's Prometheus metrics, labelled by pipeline.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+
+use etlmesh_telemetry::metrics::{SharedRegistry, latency_histogram};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Pipeline {
+    pipeline: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Outcome {
+    pipeline: String,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SinkLabel {
+    pipeline: String,
+    sink: String,
+}
+
+/// Counters and gauges of the streams of one process.
+#[derive(Clone)]
+pub struct StreamMetrics {
+    messages: Family<Outcome, Counter>,
+    records: Family<Outcome, Counter>,
+    held: Family<Pipeline, Gauge>,
+    lag_ms: Family<Pipeline, Gauge>,
+    open_windows: Family<Pipeline, Gauge>,
+    sink_retries: Family<SinkLabel, Counter>,
+    batch_seconds: Family<Pipeline, Histogram, fn() -> Histogram>,
+}
+
+impl StreamMetrics {
+    /// Registers the families.
+    pub fn register(registry: &SharedRegistry) -> Self {
+        let m = Self {
+            messages: Family::default(),
+            records: Family::default(),
+            held: Family::default(),
+            lag_ms: Family::default(),
+            open_windows: Family::default(),
+            sink_retries: Family::default(),
+            batch_seconds: Family::new_with_constructor(latency_histogram),
+        };
+        let mut r = registry.lock().unwrap_or_else(|p| p.into_inner());
+        r.register(
+            "stream_messages",
+            "MQTT messages by outcome (received, acknowledged)",
+            m.messages.clone(),
+        );
+        r.register(
+            "stream_records",
+            "Stream records by outcome (in, out, filtered, dead_lettered, late, duplicate)",
+            m.records.clone(),
+        );
+        r.register(
+            "stream_held_messages",
+            "Messages received and not yet acknowledged (the queue)",
+            m.held.clone(),
+        );
+        r.register(
+            "stream_lag_milliseconds",
+            "Now minus the event time of the newest record loaded",
+            m.lag_ms.clone(),
+        );
+        r.register(
+            "stream_open_windows",
+            "Event-time windows open",
+            m.open_windows.clone(),
+        );
+        r.register(
+            "stream_sink_retries",
+            "Writes retried because a sink was unavailable",
+            m.sink_retries.clone(),
+        );
+        r.register(
+            "stream_batch_duration_seconds",
+            "Time to decode, transform and load one micro-batch",
+            m.batch_seconds.clone(),
+        );
+        m
+    }
+
+    fn p(pipeline: &str) -> Pipeline {
+        Pipeline {
+            pipeline: pipeline.to_string(),
+        }
+    }
+
+    pub(crate) fn messages(&self, pipeline: &str, outcome: &'static str, n: u64) {
+        if n > 0 {
+            self.messages
+                .get_or_create(&Outcome {
+                    pipeline: pipeline.to_string(),
+                    outcome,
+                })
+                .inc_by(n);
+        }
+    }
+
+    pub(crate) fn records(&self, pipeline: &str, outcome: &'static str, n: u64) {
+        if n > 0 {
+            self.records
+                .get_or_create(&Outcome {
+                    pipeline: pipeline.to_string(),
+                    outcome,
+                })
+                .inc_by(n);
+        }
+    }
+
+    pub(crate) fn held(&self, pipeline: &str, n: usize) {
+        self.held.get_or_create(&Self::p(pipeline)).set(n as i64);
+    }
+
+    pub(crate) fn lag(&self, pipeline: &str, ms: i64) {
+        self.lag_ms.get_or_create(&Self::p(pipeline)).set(ms);
+    }
+
+    pub(crate) fn open_windows(&self, pipeline: &str, n: usize) {
+        self.open_windows
+            .get_or_create(&Self::p(pipeline))
+            .set(n as i64);
+    }
+
+    pub(crate) fn sink_retry(&self, pipeline: &str, sink: &str) {
+        self.sink_retries
+            .get_or_create(&SinkLabel {
+                pipeline: pipeline.to_string(),
+                sink: sink.to_string(),
+            })
+            .inc();
+    }
+
+    pub(crate) fn batch(&self, pipeline: &str, seconds: f64) {
+        self.batch_seconds
+            .get_or_create(&Self::p(pipeline))
+            .observe(seconds);
+    }
+}

@@ -1,0 +1,333 @@
+//! Event-time windows, tumbling and hopping.
+//!
+//! Each row goes to every window its event time falls in (one for tumbling windows,
+//! `size / slide` for hopping ones). The watermark trails the newest event time seen by
+//! the allowed lateness and never goes back; a window `[start, end)` closes once the
+//! watermark reaches `end`, or when no record came for the idle timeout. A row whose
+//! windows are all closed is late: it goes to the dead letters, counted.
+//!
+//! A window keeps its rows until it closes, and with them the arrival number of the
+//! oldest message it holds: messages are acknowledged only up to there, so a worker
+//! that dies with open windows loses nothing — the broker sends their messages again.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arrow::array::{Array, ArrayRef, RecordBatch, TimestampMillisecondArray, UInt32Array};
+use arrow::compute::{cast, concat_batches, take_record_batch};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use etlmesh_config::WindowSpec;
+
+/// The columns a window adds to `input`.
+pub const WINDOW_START: &str = "window_start";
+/// See [`WINDOW_START`].
+pub const WINDOW_END: &str = "window_end";
+
+/// The input schema with `window_start` and `window_end`.
+pub fn windowed_schema(input: &SchemaRef) -> SchemaRef {
+    let ts = DataType::Timestamp(TimeUnit::Millisecond, Some(Arc::from("UTC")));
+    let mut fields: Vec<Field> = input.fields().iter().map(|f| f.as_ref().clone()).collect();
+    fields.push(Field::new(WINDOW_START, ts.clone(), false));
+    fields.push(Field::new(WINDOW_END, ts, false));
+    Arc::new(Schema::new(fields))
+}
+
+struct Open {
+    batches: Vec<RecordBatch>,
+    min_seq: u64,
+    rows: usize,
+}
+
+/// A window that closed, with its rows (input schema plus the window's bounds).
+pub struct Closed {
+    /// Start, epoch milliseconds.
+    pub start: i64,
+    /// End (exclusive).
+    pub end: i64,
+    /// Its rows.
+    pub batch: RecordBatch,
+}
+
+/// What adding rows gave.
+#[derive(Debug, Default)]
+pub struct Added {
+    /// Rows (indices into the batch) whose windows had all closed.
+    pub late: Vec<usize>,
+    /// Rows without an event time.
+    pub untimed: Vec<usize>,
+}
+
+/// The open windows of one pipeline.
+pub struct Windows {
+    spec: WindowSpec,
+    time: usize,
+    schema: SchemaRef,
+    open: BTreeMap<i64, Open>,
+    /// Epoch milliseconds; `i64::MIN` before the first record.
+    watermark: i64,
+    newest: i64,
+    last_arrival: Instant,
+}
+
+impl Windows {
+    /// Windows over rows of `input` (which holds the time column).
+    pub fn new(spec: WindowSpec, input: &SchemaRef) -> Result<Self, String> {
+        let time = input
+            .index_of(&spec.time)
+            .map_err(|_| format!("window: no column `{}` in the input", spec.time))?;
+        Ok(Self {
+            spec,
+            time,
+            schema: windowed_schema(input),
+            open: BTreeMap::new(),
+            watermark: i64::MIN,
+            newest: i64::MIN,
+            last_arrival: Instant::now(),
+        })
+    }
+
+    fn size(&self) -> i64 {
+        self.spec.size.as_millis() as i64
+    }
+
+    fn slide(&self) -> i64 {
+        self.spec.slide.as_millis() as i64
+    }
+
+    /// The watermark (epoch milliseconds), once a record came.
+    pub fn watermark(&self) -> Option<i64> {
+        (self.watermark != i64::MIN).then_some(self.watermark)
+    }
+
+    /// Windows open.
+    pub fn open_count(&self) -> usize {
+        self.open.len()
+    }
+
+    /// The oldest message an open window holds.
+    pub fn min_open_seq(&self) -> Option<u64> {
+        self.open.values().map(|o| o.min_seq).min()
+    }
+
+    /// Rows held in open windows.
+    pub fn held_rows(&self) -> usize {
+        self.open.values().map(|o| o.rows).sum()
+    }
+
+    /// Adds rows; `seqs[i]` is the arrival number of row `i`'s message.
+    pub fn add(&mut self, batch: &RecordBatch, seqs: &[u64]) -> Result<Added, String> {
+        let mut added = Added::default();
+        if batch.num_rows() == 0 {
+            return Ok(added);
+        }
+        self.last_arrival = Instant::now();
+        let ms = event_millis(batch.column(self.time))?;
+        let (size, slide) = (self.size(), self.slide());
+        let mut per_window: BTreeMap<i64, (Vec<u32>, u64)> = BTreeMap::new();
+        let mut newest = self.newest;
+        for (i, t) in ms.iter().enumerate() {
+            let Some(t) = *t else {
+                added.untimed.push(i);
+                continue;
+            };
+            let last = t.div_euclid(slide) * slide;
+            let mut any = false;
+            let mut start = last;
+            while start > t - size {
+                if start + size > self.watermark {
+                    let e = per_window.entry(start).or_insert((Vec::new(), u64::MAX));
+                    e.0.push(i as u32);
+                    e.1 = e.1.min(seqs.get(i).copied().unwrap_or(0));
+                    any = true;
+                }
+                start -= slide;
+            }
+            if any {
+                newest = newest.max(t);
+            } else {
+                added.late.push(i);
+            }
+        }
+        for (start, (rows, min_seq)) in per_window {
+            let idx = UInt32Array::from(rows);
+            let part = take_record_batch(batch, &idx).map_err(|e| e.to_string())?;
+            let w = self.open.entry(start).or_insert(Open {
+                batches: Vec::new(),
+                min_seq,
+                rows: 0,
+            });
+            w.min_seq = w.min_seq.min(min_seq);
+            w.rows += part.num_rows();
+            w.batches.push(part);
+        }
+        self.newest = newest;
+        if newest != i64::MIN {
+            let lateness = self.spec.allowed_lateness.as_millis() as i64;
+            self.watermark = self.watermark.max(newest.saturating_sub(lateness));
+        }
+        Ok(added)
+    }
+
+    /// Windows the watermark closed, and every open window after the idle timeout (or
+    /// when `all`: on shutdown, or to release held messages).
+    pub fn due(&mut self, now: Instant, all: bool) -> Result<Vec<Closed>, String> {
+        let idle = now.duration_since(self.last_arrival) >= self.spec.idle_timeout;
+        let size = self.size();
+        let watermark = self.watermark;
+        let closing: Vec<i64> = self
+            .open
+            .keys()
+            .copied()
+            .filter(|s| all || idle || s + size <= watermark)
+            .collect();
+        let mut out = Vec::with_capacity(closing.len());
+        for start in closing {
+            let Some(w) = self.open.remove(&start) else {
+                continue;
+            };
+            let end = start + size;
+            // Records for a closed window are late from now on.
+            self.watermark = self.watermark.max(end);
+            out.push(Closed {
+                start,
+                end,
+                batch: self.with_bounds(w, start, end)?,
+            });
+        }
+        Ok(out)
+    }
+
+    fn with_bounds(&self, w: Open, start: i64, end: i64) -> Result<RecordBatch, String> {
+        let input = Arc::new(Schema::new(
+            self.schema.fields()[..self.schema.fields().len() - 2].to_vec(),
+        ));
+        let rows = concat_batches(&input, &w.batches).map_err(|e| e.to_string())?;
+        let n = rows.num_rows();
+        let mut cols: Vec<ArrayRef> = rows.columns().to_vec();
+        for v in [start, end] {
+            cols.push(Arc::new(
+                TimestampMillisecondArray::from(vec![v; n]).with_timezone("UTC"),
+            ));
+        }
+        RecordBatch::try_new(self.schema.clone(), cols).map_err(|e| e.to_string())
+    }
+
+    /// How long until the idle timeout would close the open windows.
+    pub fn idle_in(&self, now: Instant) -> Option<Duration> {
+        (!self.open.is_empty()).then(|| {
+            self.spec
+                .idle_timeout
+                .saturating_sub(now.duration_since(self.last_arrival))
+        })
+    }
+}
+
+/// Event times in epoch milliseconds.
+fn event_millis(col: &ArrayRef) -> Result<Vec<Option<i64>>, String> {
+    let ms = cast(
+        col,
+        &DataType::Timestamp(TimeUnit::Millisecond, Some(Arc::from("UTC"))),
+    )
+    .map_err(|e| format!("window: the time column is not a timestamp: {e}"))?;
+    let ms = ms
+        .as_any()
+        .downcast_ref::<TimestampMillisecondArray>()
+        .ok_or("window: the time column is not a timestamp")?;
+    Ok((0..ms.len())
+        .map(|i| (!ms.is_null(i)).then(|| ms.value(i)))
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::StringArray;
+
+    fn spec(size: u64, slide: u64, lateness: u64) -> WindowSpec {
+        WindowSpec {
+            time: "ts".into(),
+            size: Duration::from_millis(size),
+            slide: Duration::from_millis(slide),
+            allowed_lateness: Duration::from_millis(lateness),
+            idle_timeout: Duration::from_secs(3600),
+        }
+    }
+
+    fn input() -> SchemaRef {
+        Arc::new(Schema::new(vec![
+            Field::new("k", DataType::Utf8, false),
+            Field::new(
+                "ts",
+                DataType::Timestamp(TimeUnit::Millisecond, Some(Arc::from("UTC"))),
+                true,
+            ),
+        ]))
+    }
+
+    fn rows(ts: &[i64]) -> RecordBatch {
+        RecordBatch::try_new(
+            input(),
+            vec![
+                Arc::new(StringArray::from(vec!["a"; ts.len()])),
+                Arc::new(TimestampMillisecondArray::from(ts.to_vec()).with_timezone("UTC")),
+            ],
+        )
+        .expect("batch")
+    }
+
+    #[test]
+    fn tumbling_windows_close_on_the_watermark_and_late_rows_are_found() {
+        let mut w = Windows::new(spec(1000, 1000, 500), &input()).expect("windows");
+        let a = w.add(&rows(&[100, 900, 1200]), &[1, 2, 3]).expect("add");
+        assert!(a.late.is_empty());
+        // watermark = 1200 - 500 = 700: nothing closes yet.
+        assert!(w.due(Instant::now(), false).expect("due").is_empty());
+        assert_eq!(w.min_open_seq(), Some(1));
+        w.add(&rows(&[1600]), &[4]).expect("add");
+        // watermark 1100: [0, 1000) closes with two rows.
+        let closed = w.due(Instant::now(), false).expect("due");
+        assert_eq!(closed.len(), 1);
+        assert_eq!(
+            (closed[0].start, closed[0].end, closed[0].batch.num_rows()),
+            (0, 1000, 2)
+        );
+        assert_eq!(closed[0].batch.num_columns(), 4);
+        assert_eq!(w.min_open_seq(), Some(3));
+        // A row for the closed window is late; one for the open window is not.
+        let a = w.add(&rows(&[999, 1001]), &[5, 6]).expect("add");
+        assert_eq!(a.late, vec![0]);
+        let rest = w.due(Instant::now(), true).expect("all");
+        assert_eq!(rest.iter().map(|c| c.batch.num_rows()).sum::<usize>(), 3);
+        assert_eq!(w.min_open_seq(), None);
+    }
+
+    #[test]
+    fn hopping_windows_take_each_row_several_times() {
+        let mut w = Windows::new(spec(1000, 250, 0), &input()).expect("windows");
+        w.add(&rows(&[1100]), &[1]).expect("add");
+        let mut starts: Vec<i64> = w.open.keys().copied().collect();
+        starts.sort_unstable();
+        assert_eq!(starts, vec![250, 500, 750, 1000]);
+        // watermark 1100 closes nothing; 2300 closes all four.
+        w.add(&rows(&[2300]), &[2]).expect("add");
+        let closed = w.due(Instant::now(), false).expect("due");
+        assert_eq!(
+            closed.iter().map(|c| c.start).collect::<Vec<_>>(),
+            vec![250, 500, 750, 1000]
+        );
+    }
+
+    #[test]
+    fn the_idle_timeout_closes_open_windows() {
+        let mut s = spec(60_000, 60_000, 1000);
+        s.idle_timeout = Duration::from_millis(10);
+        let mut w = Windows::new(s, &input()).expect("windows");
+        w.add(&rows(&[5]), &[1]).expect("add");
+        assert!(w.due(Instant::now(), false).expect("due").is_empty());
+        let later = Instant::now() + Duration::from_millis(20);
+        assert_eq!(w.due(later, false).expect("due").len(), 1);
+        // The window closed: its records are late now.
+        assert_eq!(w.add(&rows(&[6]), &[2]).expect("add").late, vec![0]);
+    }
+}

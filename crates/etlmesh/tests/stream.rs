@@ -1,0 +1,525 @@
+//! End-to-end tests of streams against the machine's Mosquitto and PostgreSQL:
+//! at-least-once through a kill -9, a database that goes away for 10 s, and event-time
+//! windows with late readings checked against SQL run by PostgreSQL itself.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use common::Scratch;
+use common::mesh::{Http, Proc};
+use common::pg::{self, TempPostgres};
+
+/// These tests publish to the same broker and time themselves; one at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+const BROKER: &str = "mqtt://127.0.0.1:1883";
+
+fn services() -> bool {
+    common::service("Mosquitto", "127.0.0.1:1883")
+        && common::service("PostgreSQL", "127.0.0.1:5432")
+}
+
+/// A stream pipeline: readings from `prefix/+/reading` into PostgreSQL.
+fn stream_yaml(prefix: &str, pg_url: &str, table: &str, extra: &str) -> String {
+    format!(
+        r#"
+pipelines:
+  live:
+    source:
+      type: mqtt
+      broker: {BROKER}
+      topic: {prefix}/+/reading
+      batch: {{ records: 2000, wait: 100ms }}
+    schema:
+      device_id: {{ type: utf8, nullable: false }}
+      seq: {{ type: int64, nullable: false }}
+      ts: {{ type: timestamp_ms, nullable: false }}
+      temperature_c: float64
+      humidity: float64
+      battery_v: float64
+      status: utf8
+    dedup: [device_id, seq]
+    sinks:
+      - {{ type: postgres, url: "{pg_url}", table: {table}, create: true }}
+    dead_letter: {{ type: ndjson, path: out/dead }}
+{extra}"#
+    )
+}
+
+/// Starts `etlmesh simulate` publishing `count` messages at `rate` to `prefix/…`.
+fn simulate(
+    dir: &std::path::Path,
+    prefix: &str,
+    count: u64,
+    rate: u64,
+    extra: &[&str],
+) -> std::process::Child {
+    let topic = format!("{prefix}/{{device_id}}/reading");
+    let (count, rate) = (count.to_string(), rate.to_string());
+    let mut args = vec![
+        "simulate",
+        "--broker",
+        BROKER,
+        "--topic",
+        &topic,
+        "--count",
+        &count,
+        "--rate",
+        &rate,
+        "--qos",
+        "1",
+        "--devices",
+        "50",
+        "--client-id",
+    ];
+    let id = format!("sim-{prefix}");
+    args.push(&id);
+    args.extend_from_slice(extra);
+    std::process::Command::new(env!("CARGO_BIN_EXE_etlmesh"))
+        .args(&args)
+        .current_dir(dir)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("simulate starts")
+}
+
+/// The simulator's summary line, and a figure from it ("186 malformed").
+fn finish(child: std::process::Child) -> String {
+    let out = child.wait_with_output().expect("simulate ends");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "simulate failed: {text}");
+    text
+}
+
+fn figure(summary: &str, what: &str) -> u64 {
+    let words: Vec<&str> = summary
+        .split(|c: char| c.is_whitespace() || c == '(' || c == ';' || c == ',')
+        .collect();
+    words
+        .windows(2)
+        .find(|w| w[1] == what)
+        .and_then(|w| w[0].parse().ok())
+        .unwrap_or_else(|| panic!("no `{what}` in {summary}"))
+}
+
+/// Dead letters of every worker, parsed.
+fn dead_letters(scratch: &Scratch) -> Vec<serde_json::Value> {
+    common::read_ndjson_dir(&scratch.path("out/dead"))
+}
+
+/// Distinct malformed messages among the dead letters (a message delivered twice is
+/// dead-lettered twice).
+fn distinct_raw(dead: &[serde_json::Value], stage: &[&str]) -> usize {
+    dead.iter()
+        .filter(|d| stage.contains(&d["stage"].as_str().unwrap_or("")))
+        .map(|d| format!("{}{}", d["raw"], d["raw_base64"]))
+        .collect::<HashSet<_>>()
+        .len()
+}
+
+async fn wait_rows(c: &tokio_postgres::Client, table: &str, want: i64, within: Duration) -> i64 {
+    let start = Instant::now();
+    let mut n = 0;
+    while start.elapsed() < within {
+        n = pg::count(c, &format!("SELECT count(*) FROM {table}")).await;
+        if n >= want {
+            // Let stragglers (redelivered duplicates) land before counting.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            return pg::count(c, &format!("SELECT count(*) FROM {table}")).await;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    n
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_thousand_messages_through_two_workers_survive_a_kill_9() {
+    if !services() {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let scratch = Scratch::new();
+    let prefix = format!("etlmesh-test-kill-{}", std::process::id());
+    let table = format!("stream_kill_{}", std::process::id());
+    let db = pg::connect(pg::MACHINE_URL).await;
+    db.batch_execute(&format!("DROP TABLE IF EXISTS {table}"))
+        .await
+        .expect("drop");
+    scratch.write("s.yaml", stream_yaml(&prefix, pg::MACHINE_URL, &table, ""));
+    let up = Proc::start(
+        scratch.dir.path(),
+        &[
+            "up",
+            "-c",
+            "s.yaml",
+            "--workers",
+            "2",
+            "--http",
+            "127.0.0.1:0",
+            "--flight",
+            "off",
+            "--admin",
+            "127.0.0.1:0",
+        ],
+    );
+    let admin = up.url("control plane");
+    let http = Http::new();
+    // Both workers subscribed before the first message.
+    let start = Instant::now();
+    while up.output().matches("stream started").count() < 2 {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "streams did not start:\n{}",
+            up.output()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    const COUNT: u64 = 100_000;
+    let sim = simulate(
+        scratch.dir.path(),
+        &prefix,
+        COUNT,
+        2500,
+        &["--malformed", "0.001", "--late", "0", "--seed", "5"],
+    );
+    // Kill one worker in the middle: past the scaler's healthy run (10 s), so that it
+    // comes back at once.
+    tokio::time::sleep(Duration::from_secs(16)).await;
+    let workers = http.get(&format!("{admin}/api/v1/workers")).await.json();
+    let victim = workers
+        .as_array()
+        .and_then(|a| a.first())
+        .map(|w| {
+            (
+                w["id"].as_str().unwrap_or("").to_string(),
+                w["pid"].as_u64().unwrap_or(0),
+            )
+        })
+        .expect("a worker");
+    assert!(victim.1 > 0, "{workers}");
+    let before = pg::count(&db, &format!("SELECT count(*) FROM {table}")).await;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(victim.1 as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill -9");
+    eprintln!(
+        "killed {} (pid {}) with {before} rows loaded",
+        victim.0, victim.1
+    );
+    let summary = finish(sim);
+    let malformed = figure(&summary, "malformed");
+    let want = (COUNT - malformed) as i64;
+    let rows = wait_rows(&db, &table, want, Duration::from_secs(60)).await;
+    let distinct = pg::count(
+        &db,
+        &format!("SELECT count(DISTINCT (device_id, seq)) FROM {table}"),
+    )
+    .await;
+    let dead = dead_letters(&scratch);
+    let bad = distinct_raw(&dead, &["decode", "cast"]);
+    eprintln!(
+        "{summary}\nrows {rows}, distinct keys {distinct}, malformed {malformed}, dead letters {} ({bad} distinct)",
+        dead.len()
+    );
+    assert!(
+        before > 0 && before < want,
+        "the kill came in the middle: {before} of {want}"
+    );
+    assert_eq!(
+        distinct,
+        want,
+        "every well-formed message is in the table once its key:\n{}",
+        up.output()
+    );
+    assert_eq!(rows, want, "with dedup, each key once");
+    assert_eq!(
+        bad as u64, malformed,
+        "every malformed message is a dead letter"
+    );
+    assert_eq!(distinct as u64 + bad as u64, COUNT, "the counts add up");
+    assert!(
+        up.output().contains(&format!("worker={}", victim.0)) && up.output().contains("restarting"),
+        "the killed worker was restarted:\n{}",
+        up.output()
+    );
+    db.batch_execute(&format!("DROP TABLE IF EXISTS {table}"))
+        .await
+        .expect("drop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_stopped_for_ten_seconds_loses_nothing() {
+    if !services() {
+        return;
+    }
+    let Some(db_server) = TempPostgres::start() else {
+        return;
+    };
+    let _serial = SERIAL.lock().await;
+    let scratch = Scratch::new();
+    let prefix = format!("etlmesh-test-pgdown-{}", std::process::id());
+    scratch.write(
+        "s.yaml",
+        stream_yaml(&prefix, &db_server.url(), "readings", ""),
+    );
+    let worker = Proc::start(
+        scratch.dir.path(),
+        &[
+            "worker",
+            "-c",
+            "s.yaml",
+            "--listen",
+            "127.0.0.1:0",
+            "--id",
+            "w1",
+        ],
+    );
+    worker.wait_for("stream started", Duration::from_secs(30));
+    const COUNT: u64 = 20_000;
+    let sim = simulate(
+        scratch.dir.path(),
+        &prefix,
+        COUNT,
+        1000,
+        &["--malformed", "0", "--late", "0"],
+    );
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    db_server.down();
+    let down_at = Instant::now();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    db_server.up();
+    eprintln!("PostgreSQL was down {:?}", down_at.elapsed());
+    let summary = finish(sim);
+    let db = pg::connect(&db_server.url()).await;
+    let rows = wait_rows(&db, "readings", COUNT as i64, Duration::from_secs(60)).await;
+    let distinct = pg::count(&db, "SELECT count(DISTINCT (device_id, seq)) FROM readings").await;
+    assert_eq!(
+        (rows, distinct),
+        (COUNT as i64, COUNT as i64),
+        "{summary}\n{}",
+        worker.output()
+    );
+    let out = worker.output();
+    assert!(
+        out.contains("sink unavailable: holding the batch"),
+        "the outage was seen:\n{out}"
+    );
+    assert!(
+        dead_letters(&scratch).is_empty(),
+        "nothing was dead-lettered"
+    );
+}
+
+/// Per device and 2-second window: count, sum and max, from the worker's windows and
+/// from PostgreSQL over the raw rows less the late ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_readings_are_dead_lettered_and_windows_match_sql_over_the_raw_rows() {
+    if !services() {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let scratch = Scratch::new();
+    let id = std::process::id();
+    let prefix = format!("etlmesh-test-window-{id}");
+    let (raw, agg) = (format!("window_raw_{id}"), format!("window_agg_{id}"));
+    let db = pg::connect(pg::MACHINE_URL).await;
+    db.batch_execute(&format!(
+        "DROP TABLE IF EXISTS {raw}; DROP TABLE IF EXISTS {agg}"
+    ))
+    .await
+    .expect("drop");
+    let windowed = format!(
+        r#"  per_device:
+    source:
+      type: mqtt
+      broker: {BROKER}
+      topic: {prefix}/+/reading
+      batch: {{ records: 1000, wait: 100ms }}
+    schema:
+      device_id: {{ type: utf8, nullable: false }}
+      seq: {{ type: int64, nullable: false }}
+      ts: {{ type: timestamp_ms, nullable: false }}
+      temperature_c: float64
+      humidity: float64
+      battery_v: float64
+      status: utf8
+    window: {{ time: ts, size: 2s, allowed_lateness: 1s, idle_timeout: 3s }}
+    scaling: {{ max_replicas: 1 }}
+    transform: |
+      SELECT device_id, window_start, window_end,
+             count(*) AS readings, sum(temperature_c) AS sum_t, max(humidity) AS max_h
+      FROM input GROUP BY device_id, window_start, window_end
+    sinks:
+      - {{ type: postgres, url: "{url}", table: {agg}, create: true, key: [device_id, window_start] }}
+    dead_letter: {{ type: ndjson, path: out/dead_windows }}
+"#,
+        url = pg::MACHINE_URL
+    );
+    scratch.write(
+        "s.yaml",
+        stream_yaml(&prefix, pg::MACHINE_URL, &raw, &windowed),
+    );
+    let worker = Proc::start(
+        scratch.dir.path(),
+        &[
+            "worker",
+            "-c",
+            "s.yaml",
+            "--listen",
+            "127.0.0.1:0",
+            "--id",
+            "w1",
+        ],
+    );
+    let metrics_url = format!("{}/metrics", worker.url("worker"));
+    let start = Instant::now();
+    while worker.output().matches("stream started").count() < 2 {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{}",
+            worker.output()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    const COUNT: u64 = 8000;
+    let sim = simulate(
+        scratch.dir.path(),
+        &prefix,
+        COUNT,
+        1000,
+        &[
+            "--malformed",
+            "0",
+            "--late",
+            "0.02",
+            "--late-by",
+            "20s",
+            "--out-of-order",
+            "0.05",
+            "--disorder",
+            "800ms",
+        ],
+    );
+    let summary = finish(sim);
+    let late_sent = figure(&summary, "late");
+    assert_eq!(
+        wait_rows(&db, &raw, COUNT as i64, Duration::from_secs(60)).await,
+        COUNT as i64
+    );
+    // The idle timeout closes the last windows.
+    let http = Http::new();
+    let start = Instant::now();
+    let metrics = loop {
+        let m = http.get(&metrics_url).await.body;
+        let text = String::from_utf8_lossy(&m).into_owned();
+        if text.contains(r#"etlmesh_stream_open_windows{pipeline="per_device"} 0"#)
+            && text.contains(r#"etlmesh_stream_held_messages{pipeline="per_device"} 0"#)
+        {
+            break text;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "windows stay open:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    // Late readings: dead letters, counted, none in the aggregates.
+    let late: Vec<(String, i64)> = common::read_ndjson_dir(&scratch.path("out/dead_windows"))
+        .iter()
+        .filter(|d| d["stage"] == "late")
+        .filter_map(|d| {
+            let raw: serde_json::Value = serde_json::from_str(d["raw"].as_str()?).ok()?;
+            Some((raw["device_id"].as_str()?.to_string(), raw["seq"].as_i64()?))
+        })
+        .collect();
+    let counted = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with(r#"etlmesh_stream_records_total{pipeline="per_device",outcome="late"}"#)
+        })
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    eprintln!(
+        "{summary}\nlate: {} dead letters, {counted} counted, {late_sent} sent 20 s late",
+        late.len()
+    );
+    assert!(
+        late.len() as u64 >= late_sent.saturating_sub(5) && !late.is_empty(),
+        "{summary}"
+    );
+    assert_eq!(counted, late.len() as u64);
+
+    db.batch_execute("CREATE TEMP TABLE late_keys (device_id text, seq bigint)")
+        .await
+        .expect("temp");
+    for (d, s) in &late {
+        db.execute("INSERT INTO late_keys VALUES ($1, $2)", &[d, s])
+            .await
+            .expect("insert");
+    }
+    let reference = db
+        .query(
+            &format!(
+                "SELECT device_id, to_timestamp(floor(extract(epoch FROM ts) / 2) * 2) AS w,
+                        count(*), sum(temperature_c), max(humidity)
+                 FROM {raw} r
+                 WHERE NOT EXISTS (SELECT 1 FROM late_keys l WHERE l.device_id = r.device_id AND l.seq = r.seq)
+                 GROUP BY 1, 2"
+            ),
+            &[],
+        )
+        .await
+        .expect("reference");
+    let got = db
+        .query(
+            &format!("SELECT device_id, window_start, readings, sum_t, max_h FROM {agg}"),
+            &[],
+        )
+        .await
+        .expect("aggregates");
+    type Key = (String, i64);
+    let rows = |rs: &[tokio_postgres::Row]| -> HashMap<Key, (i64, f64, f64)> {
+        rs.iter()
+            .map(|r| {
+                let w: chrono::DateTime<chrono::Utc> = r.get(1);
+                (
+                    (r.get(0), w.timestamp_millis()),
+                    (r.get(2), r.get(3), r.get(4)),
+                )
+            })
+            .collect()
+    };
+    let (want, have) = (rows(&reference), rows(&got));
+    assert_eq!(
+        want.len(),
+        have.len(),
+        "windows: {} by SQL, {} by the stream",
+        want.len(),
+        have.len()
+    );
+    for (k, (n, s, m)) in &want {
+        let (gn, gs, gm) = have
+            .get(k)
+            .unwrap_or_else(|| panic!("window {k:?} missing"));
+        assert_eq!(n, gn, "{k:?}");
+        assert!(
+            (s - gs).abs() < 1e-6 * s.abs().max(1.0) && (m - gm).abs() < 1e-9,
+            "{k:?}: {s} {m} vs {gs} {gm}"
+        );
+    }
+    db.batch_execute(&format!(
+        "DROP TABLE IF EXISTS {raw}; DROP TABLE IF EXISTS {agg}"
+    ))
+    .await
+    .expect("drop");
+}
