@@ -23,12 +23,56 @@ pub struct DemoArgs {
     pub dir: PathBuf,
 }
 
+/// The streaming pipelines, built into the binary.
+pub const STREAM_EXAMPLE: &str = include_str!("../../../examples/iot-stream.yaml");
+
+/// Where the demo streams: the broker, and the PostgreSQL the example loads into.
+pub(crate) const DEMO_BROKER: &str = "127.0.0.1:1883";
+const DEMO_POSTGRES: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+
+/// What the streaming part of the demo found.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct DemoStream {
+    /// A broker answers: the stream pipelines run, fed by simulated devices.
+    pub broker: bool,
+    /// PostgreSQL answers: `live_readings` loads it too.
+    pub postgres: bool,
+}
+
+/// The demo's pipeline file: the request pipelines, and the stream pipelines when a
+/// broker answers (without the PostgreSQL sink when PostgreSQL does not).
+fn demo_file() -> (String, DemoStream) {
+    let broker = DEMO_BROKER
+        .parse()
+        .ok()
+        .and_then(|a| {
+            std::net::TcpStream::connect_timeout(&a, std::time::Duration::from_secs(1)).ok()
+        })
+        .is_some();
+    if !broker {
+        return (EXAMPLE.to_string(), DemoStream::default());
+    }
+    let postgres = etlmesh_stream::postgres_answers(DEMO_POSTGRES);
+    let streams = STREAM_EXAMPLE
+        .split_once("\npipelines:\n")
+        .map_or("", |(_, rest)| rest)
+        .lines()
+        .filter(|l| postgres || !l.contains("type: postgres"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    (
+        format!("{EXAMPLE}\n{streams}\n"),
+        DemoStream { broker, postgres },
+    )
+}
+
 /// Writes `data/iot.yaml` and a small sample for `etlmesh up --demo`; returns the file.
-pub(crate) fn prepare_mesh_demo() -> Result<PathBuf, CliError> {
+pub(crate) fn prepare_mesh_demo() -> Result<(PathBuf, DemoStream), CliError> {
     let io = |what: &str, e: std::io::Error| CliError::Other(format!("demo: cannot {what}: {e}"));
     std::fs::create_dir_all("data").map_err(|e| io("create data/", e))?;
     let config = PathBuf::from("data/iot.yaml");
-    std::fs::write(&config, EXAMPLE).map_err(|e| io("write data/iot.yaml", e))?;
+    let (text, stream) = demo_file();
+    std::fs::write(&config, text).map_err(|e| io("write data/iot.yaml", e))?;
     let sample =
         std::fs::File::create("data/sample.csv").map_err(|e| io("write data/sample.csv", e))?;
     etlmesh_datagen::generate(
@@ -40,7 +84,7 @@ pub(crate) fn prepare_mesh_demo() -> Result<PathBuf, CliError> {
         },
     )
     .map_err(|e| io("generate data/sample.csv", e))?;
-    Ok(config)
+    Ok((config, stream))
 }
 
 pub(crate) fn demo(args: &DemoArgs) -> Result<(), CliError> {

@@ -56,6 +56,8 @@ pub enum Command {
     ControlPlane(mesh::ControlArgs),
     /// Virtual IoT devices publishing readings to an MQTT broker.
     Simulate(simulate::SimulateArgs),
+    /// Count the messages of an MQTT topic (a bare subscriber).
+    Subscribe(simulate::SubscribeArgs),
     /// The gateway: the front door, routing requests to workers.
     Gateway(mesh::GatewayArgs),
 }
@@ -95,6 +97,7 @@ pub fn execute(cli: Cli) -> ExitCode {
         Command::ControlPlane(a) => mesh::control_plane(&a),
         Command::Gateway(a) => mesh::gateway(&a),
         Command::Simulate(a) => simulate::simulate(&a),
+        Command::Subscribe(a) => simulate::subscribe(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -290,8 +290,8 @@ pub struct UpArgs {
 }
 
 pub(crate) fn up(args: &UpArgs) -> Result<(), CliError> {
-    let config = match (&args.config, args.demo) {
-        (Some(c), _) => c.clone(),
+    let (config, stream) = match (&args.config, args.demo) {
+        (Some(c), _) => (c.clone(), crate::demo::DemoStream::default()),
         (None, _) => crate::demo::prepare_mesh_demo()?,
     };
     // Fail early, with line numbers, if the file is wrong.
@@ -327,6 +327,25 @@ pub(crate) fn up(args: &UpArgs) -> Result<(), CliError> {
         })
         .collect();
     let rt = runtime(threads_default())?;
+    if stream.broker {
+        // Simulated devices feed the stream pipelines until etlmesh stops.
+        let broker = etlmesh_mqtt::Broker::parse(crate::demo::DEMO_BROKER)
+            .map_err(|e| CliError::Other(e.to_string()))?;
+        let mut sim = etlmesh_mqtt::simulate::SimulateOptions::new(broker);
+        sim.topic = "demo/{device_id}/reading".into();
+        sim.devices = 20;
+        sim.rate = 50.0;
+        sim.malformed = 0.005;
+        sim.late = 0.002;
+        sim.client_id = format!("etlmesh-demo-devices-{}", std::process::id());
+        rt.spawn(async move {
+            // Let the workers subscribe first.
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            if let Err(e) = etlmesh_mqtt::simulate::simulate(&sim, std::future::pending()).await {
+                tracing::warn!(error = %e, "demo devices stopped");
+            }
+        });
+    }
     rt.block_on(etlmesh_up::run(
         options,
         &file,
@@ -341,6 +360,11 @@ pub(crate) fn up(args: &UpArgs) -> Result<(), CliError> {
             eprintln!("  scaling        {}/api/v1/scaling", urls.admin);
             for p in &policies {
                 eprintln!("{p}");
+            }
+            if stream.broker {
+                eprintln!("streaming: 20 simulated devices → mqtt://{} demo/+/reading → data/out/live, data/out/live_per_minute (Parquet){}", crate::demo::DEMO_BROKER, if stream.postgres { ", PostgreSQL table demo_readings" } else { "" });
+            } else if demo {
+                eprintln!("streaming: off (no MQTT broker answers on {}; start Mosquitto to see it)", crate::demo::DEMO_BROKER);
             }
             if demo {
                 eprintln!("try:");

@@ -68,6 +68,52 @@ pub struct SimulateArgs {
     pub readings_per_message: u32,
 }
 
+/// Arguments of `subscribe`.
+#[derive(Debug, clap::Args)]
+pub struct SubscribeArgs {
+    /// The broker: mqtt://[user[:password]@]host[:port].
+    #[arg(
+        long,
+        default_value = "mqtt://127.0.0.1:1883",
+        env = "ETLMESH_MQTT_BROKER"
+    )]
+    pub broker: String,
+    /// The topic filter (`+` and `#` work).
+    #[arg(long, default_value = "sensors/+/reading")]
+    pub topic: String,
+    /// QoS: 0 or 1.
+    #[arg(long, default_value_t = 1)]
+    pub qos: u8,
+    /// Stop after this many messages.
+    #[arg(long)]
+    pub count: Option<u64>,
+    /// Stop when no message came for this long.
+    #[arg(long, default_value = "10s", value_parser = duration)]
+    pub idle: Duration,
+}
+
+/// `etlmesh subscribe`: counts what a topic receives (a bare subscriber).
+pub(crate) fn subscribe(args: &SubscribeArgs) -> Result<(), CliError> {
+    let broker = etlmesh_mqtt::Broker::parse(&args.broker)?;
+    let rt = runtime(1)?;
+    let stats = rt.block_on(etlmesh_mqtt::count::count(
+        &broker,
+        &args.topic,
+        args.qos,
+        args.count,
+        args.idle,
+        || eprintln!("subscribed to {}", args.topic),
+    ))?;
+    eprintln!(
+        "received {} messages ({} bytes) in {:.3} s: {:.0} msg/s",
+        stats.messages,
+        stats.bytes,
+        stats.elapsed.as_secs_f64(),
+        stats.messages as f64 / stats.elapsed.as_secs_f64().max(1e-9)
+    );
+    Ok(())
+}
+
 /// Payload shapes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum PayloadArg {

@@ -37,6 +37,7 @@ pub(crate) fn validate(args: &ValidateArgs) -> Result<(), CliError> {
             }
         }
         let schema = match &p.schema {
+            Some(_) if p.mqtt().is_some() => etlmesh_stream::sql_input_schema(p),
             Some(fields) => Some(etlmesh_codec::schema::arrow_schema(fields)),
             None => infer_from_source(&file, p),
         };
@@ -49,6 +50,10 @@ pub(crate) fn validate(args: &ValidateArgs) -> Result<(), CliError> {
         };
         match rt.block_on(engine.compile(&p.name, &p.transform, schema.clone())) {
             Ok(t) => {
+                for (i, problem) in etlmesh_stream::check_sinks(p, t.output_schema()) {
+                    diags
+                        .push(file.diagnostic(format!("pipelines.{}.sinks[{i}]", p.name), problem));
+                }
                 for (i, sink) in p.sinks.iter().enumerate() {
                     if let SinkSpec::File(f) = sink {
                         for (j, col) in f.partition_by.iter().enumerate() {

@@ -4,8 +4,10 @@
 //! - [`simulate`]: `etlmesh simulate`, virtual devices publishing readings at a given
 //!   rate, with jitter, out-of-order and late readings and malformed payloads, so that
 //!   streaming pipelines can be tried and tested against a real broker.
+//! - [`count`]: a bare subscriber that counts what it receives.
 
 pub mod broker;
+pub mod count;
 pub mod simulate;
 
 pub use broker::Broker;

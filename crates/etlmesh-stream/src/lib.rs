@@ -62,3 +62,58 @@ pub enum StreamError {
         message: String,
     },
 }
+
+use arrow::datatypes::SchemaRef;
+use etlmesh_config::PipelineSpec;
+
+/// The schema of the table `input` that a stream pipeline's SQL reads: the declared
+/// fields, the topic's `{column}` levels, and `window_start`/`window_end` when it has
+/// a window. `None` for pipelines that do not stream (or declare no schema).
+pub fn sql_input_schema(spec: &PipelineSpec) -> Option<SchemaRef> {
+    let mqtt = spec.mqtt()?;
+    let declared = etlmesh_codec::schema::arrow_schema(spec.schema.as_ref()?);
+    let decoder = decode::MessageDecoder::new(mqtt, &declared, etlmesh_codec::Limits::default());
+    let input = decoder.input_schema().clone();
+    Some(if spec.window.is_some() {
+        window::windowed_schema(&input)
+    } else {
+        input
+    })
+}
+
+/// Checks the stream sinks of a pipeline against the rows its SQL produces: the
+/// problems, by sink index.
+pub fn check_sinks(spec: &PipelineSpec, output: &SchemaRef) -> Vec<(usize, String)> {
+    spec.sinks
+        .iter()
+        .enumerate()
+        .filter_map(|(i, s)| match s {
+            etlmesh_config::SinkSpec::Postgres(p) => {
+                sinks::PostgresSink::new(p.clone(), output, &spec.dedup)
+                    .err()
+                    .map(|e| (i, e))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// Whether a PostgreSQL server accepts a connection at `url` within 2 s.
+pub fn postgres_answers(url: &str) -> bool {
+    let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    else {
+        return false;
+    };
+    rt.block_on(async {
+        matches!(
+            tokio::time::timeout(
+                std::time::Duration::from_secs(2),
+                tokio_postgres::connect(url, tokio_postgres::NoTls)
+            )
+            .await,
+            Ok(Ok(_))
+        )
+    })
+}

@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, watch};
 use crate::decode::MessageDecoder;
 use crate::sinks::{SinkFailure, StreamSink};
 use crate::source::{self, Ack, Delivery, Session};
-use crate::window::{Windows, windowed_schema};
+use crate::window::Windows;
 use crate::{StreamError, StreamMetrics};
 
 /// What a stream needs from the worker that runs it.
@@ -86,11 +86,7 @@ pub async fn run(
         .map(|w| Windows::new(w, &input))
         .transpose()
         .map_err(err)?;
-    let sql_input: SchemaRef = if windows.is_some() {
-        windowed_schema(&input)
-    } else {
-        input.clone()
-    };
+    let sql_input: SchemaRef = crate::sql_input_schema(&spec).unwrap_or_else(|| input.clone());
     let transform = opts
         .engine
         .compile(&spec.name, &spec.transform, sql_input)

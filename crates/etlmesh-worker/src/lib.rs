@@ -6,12 +6,17 @@
 //! reports its load every second, and on shutdown drains: it tells the control plane
 //! it is draining (gateways stop sending to it), keeps serving what arrives for a grace
 //! period, finishes what it holds, deregisters and exits.
+//!
+//! For each of its pipelines whose source is MQTT it also runs the stream ([`streams`]):
+//! subscribed while the worker runs, finished and acknowledged when it drains. A stream
+//! that fails stops the worker, so that its supervisor restarts it on the same session.
 
 mod handler;
 mod load;
 mod metrics;
 mod pipelines;
 mod register;
+mod streams;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -131,15 +136,7 @@ pub async fn run(
     let pipelines = pipelines::Pipelines::compile(&file, &options.id, &options.pipelines).await?;
     let load = Arc::new(LoadTracker::default());
     let (drain_tx, drain_rx) = watch::channel(false);
-    let streams = start_streams(
-        &file,
-        &options,
-        &app_pipelines(&pipelines),
-        &pipelines,
-        &registry,
-        drain_rx.clone(),
-    )
-    .await?;
+    let streams = streams::start(&file, &options.id, &pipelines, &registry, drain_rx.clone());
     let app = Arc::new(App {
         id: options.id.clone(),
         options: options.clone(),
@@ -264,50 +261,4 @@ pub async fn run(
     }
     tracing::info!(worker = %options.id, "worker stopped");
     Ok(())
-}
-
-fn app_pipelines(p: &pipelines::Pipelines) -> Vec<String> {
-    p.names().to_vec()
-}
-
-/// Starts the stream of every served pipeline with an MQTT source. Each stops when the
-/// worker drains.
-async fn start_streams(
-    file: &PipelineFile,
-    options: &WorkerOptions,
-    names: &[String],
-    pipelines: &pipelines::Pipelines,
-    registry: &etlmesh_telemetry::metrics::SharedRegistry,
-    drain: watch::Receiver<bool>,
-) -> Result<
-    Vec<(
-        String,
-        tokio::task::JoinHandle<Result<(), etlmesh_stream::StreamError>>,
-    )>,
-    WorkerError,
-> {
-    let specs: Vec<_> = file
-        .spec
-        .pipelines
-        .iter()
-        .filter(|p| names.contains(&p.name) && p.mqtt().is_some())
-        .cloned()
-        .collect();
-    if specs.is_empty() {
-        return Ok(Vec::new());
-    }
-    let metrics = etlmesh_stream::StreamMetrics::register(registry);
-    let opts = etlmesh_stream::StreamOptions {
-        worker: options.id.clone(),
-        engine: pipelines.engine.clone(),
-        limits: pipelines.limits,
-        metrics,
-    };
-    let mut tasks = Vec::new();
-    for spec in specs {
-        let name = spec.name.clone();
-        let (o, d) = (opts.clone(), drain.clone());
-        tasks.push((name, tokio::spawn(etlmesh_stream::run(spec, o, d))));
-    }
-    Ok(tasks)
 }

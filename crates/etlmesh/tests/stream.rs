@@ -523,3 +523,282 @@ async fn late_readings_are_dead_lettered_and_windows_match_sql_over_the_raw_rows
     .await
     .expect("drop");
 }
+
+/// Rows published back to MQTT: one JSON object per row, on a topic built from it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_are_published_to_an_mqtt_topic_built_from_each_row() {
+    if !common::service("Mosquitto", "127.0.0.1:1883") {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let scratch = Scratch::new();
+    let prefix = format!("etlmesh-test-out-{}", std::process::id());
+    scratch.write(
+        "s.yaml",
+        format!(
+            r#"
+pipelines:
+  fahrenheit:
+    source: {{ type: mqtt, broker: "{BROKER}", topic: "{prefix}/in/{{device_id}}" }}
+    schema: {{ device_id: utf8, seq: int64, ts: timestamp_ms, temperature_c: float64 }}
+    transform: SELECT device_id, seq, temperature_c * 9 / 5 + 32 AS temperature_f FROM input
+    sinks:
+      - {{ type: mqtt, broker: "{BROKER}", topic: "{prefix}/out/{{device_id}}" }}
+    dead_letter: {{ type: ndjson, path: out/dead }}
+"#
+        ),
+    );
+    // Listen on the output topic first.
+    let mut o = rumqttc::MqttOptions::new(
+        format!("etlmesh-test-out-{}", std::process::id()),
+        "127.0.0.1",
+        1883,
+    );
+    o.set_keep_alive(Duration::from_secs(15));
+    let (client, mut ev) = rumqttc::AsyncClient::new(o, 1024);
+    client
+        .subscribe(format!("{prefix}/out/+"), rumqttc::QoS::AtLeastOnce)
+        .await
+        .expect("subscribe");
+    let got = std::sync::Arc::new(std::sync::Mutex::new(
+        Vec::<(String, serde_json::Value)>::new(),
+    ));
+    let sink = got.clone();
+    tokio::spawn(async move {
+        while let Ok(e) = ev.poll().await {
+            if let rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)) = e
+                && let Ok(v) = serde_json::from_slice(&p.payload)
+            {
+                sink.lock().expect("lock").push((p.topic.clone(), v));
+            }
+        }
+    });
+    let worker = Proc::start(
+        scratch.dir.path(),
+        &[
+            "worker",
+            "-c",
+            "s.yaml",
+            "--listen",
+            "127.0.0.1:0",
+            "--id",
+            "w1",
+        ],
+    );
+    worker.wait_for("stream started", Duration::from_secs(30));
+    let topic = format!("{prefix}/in/{{device_id}}");
+    let sim = std::process::Command::new(env!("CARGO_BIN_EXE_etlmesh"))
+        .args([
+            "simulate",
+            "--broker",
+            BROKER,
+            "--topic",
+            &topic,
+            "--count",
+            "500",
+            "--rate",
+            "1000",
+            "--malformed",
+            "0",
+        ])
+        .output()
+        .expect("simulate");
+    assert!(sim.status.success());
+    let start = Instant::now();
+    while got.lock().expect("lock").len() < 500 && start.elapsed() < Duration::from_secs(20) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let got = got.lock().expect("lock").clone();
+    assert_eq!(got.len(), 500, "{}", worker.output());
+    for (topic, v) in &got {
+        let device = v["device_id"].as_str().expect("device_id");
+        assert_eq!(topic, &format!("{prefix}/out/{device}"));
+        assert!(v["temperature_f"].is_number(), "{v}");
+    }
+    let keys: HashSet<(String, i64)> = got
+        .iter()
+        .map(|(_, v)| {
+            (
+                v["device_id"].as_str().unwrap_or("").to_string(),
+                v["seq"].as_i64().unwrap_or(0),
+            )
+        })
+        .collect();
+    assert_eq!(keys.len(), 500);
+}
+
+/// A private Mosquitto with a TLS listener, its certificate signed by a CA made here.
+struct TlsBroker {
+    dir: tempfile::TempDir,
+    port: u16,
+    child: std::process::Child,
+}
+
+impl TlsBroker {
+    fn start() -> Option<Self> {
+        let have = |p: &str| std::process::Command::new(p).arg("-h").output().is_ok();
+        if !have("openssl") || !have("mosquitto") || !have("mosquitto_pub") {
+            eprintln!("skipped: openssl, mosquitto or mosquitto_pub is not installed");
+            return None;
+        }
+        let dir = tempfile::tempdir().expect("tmp");
+        let run = |args: &[&str]| {
+            let out = std::process::Command::new("openssl")
+                .args(args)
+                .current_dir(dir.path())
+                .output()
+                .expect("openssl runs");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        run(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=etlmesh test CA",
+        ]);
+        run(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ]);
+        std::fs::write(dir.path().join("san.ext"), "subjectAltName=IP:127.0.0.1\n").expect("ext");
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "1",
+            "-extfile",
+            "san.ext",
+        ]);
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("port");
+        let d = dir.path().display();
+        std::fs::write(
+            dir.path().join("mosquitto.conf"),
+            format!("user root\nlistener {port} 127.0.0.1\nallow_anonymous true\ncafile {d}/ca.pem\ncertfile {d}/server.pem\nkeyfile {d}/server.key\n"),
+        )
+        .expect("conf");
+        let child = std::process::Command::new("mosquitto")
+            .arg("-c")
+            .arg(dir.path().join("mosquitto.conf"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("mosquitto starts");
+        let start = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "mosquitto (TLS) did not start"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Some(Self { dir, port, child })
+    }
+}
+
+impl Drop for TlsBroker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_subscribes_over_tls() {
+    let Some(broker) = TlsBroker::start() else {
+        return;
+    };
+    let scratch = Scratch::new();
+    let ca = broker.dir.path().join("ca.pem");
+    scratch.write(
+        "s.yaml",
+        format!(
+            r#"
+pipelines:
+  secure:
+    source: {{ type: mqtt, broker: "mqtts://127.0.0.1:{port}", ca_file: "{ca}", topic: "tls/+" }}
+    schema: {{ device_id: utf8, seq: int64 }}
+    sinks: [{{ type: ndjson, path: out/rows, roll_interval: 200ms }}]
+    dead_letter: {{ type: ndjson, path: out/dead }}
+"#,
+            port = broker.port,
+            ca = ca.display()
+        ),
+    );
+    let worker = Proc::start(
+        scratch.dir.path(),
+        &[
+            "worker",
+            "-c",
+            "s.yaml",
+            "--listen",
+            "127.0.0.1:0",
+            "--id",
+            "w1",
+        ],
+    );
+    worker.wait_for("stream started", Duration::from_secs(30));
+    let lines: String = (1..=100)
+        .map(|i| format!("{{\"device_id\":\"d1\",\"seq\":{i}}}\n"))
+        .collect();
+    let mut publish = std::process::Command::new("mosquitto_pub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &broker.port.to_string(),
+            "--cafile",
+        ])
+        .arg(&ca)
+        .args(["-t", "tls/d1", "-q", "1", "-l"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("mosquitto_pub");
+    use std::io::Write as _;
+    publish
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(lines.as_bytes())
+        .expect("write");
+    assert!(publish.wait().expect("wait").success());
+    let start = Instant::now();
+    let mut rows = Vec::new();
+    while rows.len() < 100 && start.elapsed() < Duration::from_secs(20) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        rows = common::read_ndjson_dir(&scratch.path("out/rows"));
+    }
+    assert_eq!(rows.len(), 100, "{}", worker.output());
+}

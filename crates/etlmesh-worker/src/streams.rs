@@ -1,0 +1,47 @@
+//! The streams a worker runs: one `etlmesh_stream::run` task per served pipeline with
+//! an MQTT source, stopped when the worker drains.
+
+use etlmesh_config::PipelineFile;
+use etlmesh_stream::{StreamError, StreamMetrics, StreamOptions};
+use etlmesh_telemetry::metrics::SharedRegistry;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::pipelines::Pipelines;
+
+/// A running stream: its pipeline and its task.
+pub(crate) type Running = (String, JoinHandle<Result<(), StreamError>>);
+
+/// Starts the stream of every served pipeline with an MQTT source.
+pub(crate) fn start(
+    file: &PipelineFile,
+    worker: &str,
+    pipelines: &Pipelines,
+    registry: &SharedRegistry,
+    drain: watch::Receiver<bool>,
+) -> Vec<Running> {
+    let specs: Vec<_> = file
+        .spec
+        .pipelines
+        .iter()
+        .filter(|p| pipelines.names().contains(&p.name) && p.mqtt().is_some())
+        .cloned()
+        .collect();
+    if specs.is_empty() {
+        return Vec::new();
+    }
+    let opts = StreamOptions {
+        worker: worker.to_string(),
+        engine: pipelines.engine.clone(),
+        limits: pipelines.limits,
+        metrics: StreamMetrics::register(registry),
+    };
+    specs
+        .into_iter()
+        .map(|spec| {
+            let name = spec.name.clone();
+            let task = tokio::spawn(etlmesh_stream::run(spec, opts.clone(), drain.clone()));
+            (name, task)
+        })
+        .collect()
+}
