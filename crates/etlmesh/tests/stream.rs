@@ -48,6 +48,35 @@ pipelines:
     )
 }
 
+/// Waits until `n` streams of the process subscribed.
+async fn streams_started(p: &Proc, n: usize) {
+    let start = Instant::now();
+    while p.output().matches("stream started").count() < n {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "streams did not start:\n{}",
+            p.output()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// `etlmesh worker -c s.yaml --id w1` in the scratch directory.
+fn start_worker(scratch: &Scratch) -> Proc {
+    Proc::start(
+        scratch.dir.path(),
+        &[
+            "worker",
+            "-c",
+            "s.yaml",
+            "--listen",
+            "127.0.0.1:0",
+            "--id",
+            "w1",
+        ],
+    )
+}
+
 /// Starts `etlmesh simulate` publishing `count` messages at `rate` to `prefix/…`.
 fn simulate(
     dir: &std::path::Path,
@@ -172,15 +201,7 @@ async fn a_hundred_thousand_messages_through_two_workers_survive_a_kill_9() {
     let admin = up.url("control plane");
     let http = Http::new();
     // Both workers subscribed before the first message.
-    let start = Instant::now();
-    while up.output().matches("stream started").count() < 2 {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "streams did not start:\n{}",
-            up.output()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    streams_started(&up, 2).await;
 
     const COUNT: u64 = 100_000;
     let sim = simulate(
@@ -271,19 +292,8 @@ async fn postgres_stopped_for_ten_seconds_loses_nothing() {
         "s.yaml",
         stream_yaml(&prefix, &db_server.url(), "readings", ""),
     );
-    let worker = Proc::start(
-        scratch.dir.path(),
-        &[
-            "worker",
-            "-c",
-            "s.yaml",
-            "--listen",
-            "127.0.0.1:0",
-            "--id",
-            "w1",
-        ],
-    );
-    worker.wait_for("stream started", Duration::from_secs(30));
+    let worker = start_worker(&scratch);
+    streams_started(&worker, 1).await;
     const COUNT: u64 = 20_000;
     let sim = simulate(
         scratch.dir.path(),
@@ -368,28 +378,9 @@ async fn late_readings_are_dead_lettered_and_windows_match_sql_over_the_raw_rows
         "s.yaml",
         stream_yaml(&prefix, pg::MACHINE_URL, &raw, &windowed),
     );
-    let worker = Proc::start(
-        scratch.dir.path(),
-        &[
-            "worker",
-            "-c",
-            "s.yaml",
-            "--listen",
-            "127.0.0.1:0",
-            "--id",
-            "w1",
-        ],
-    );
+    let worker = start_worker(&scratch);
     let metrics_url = format!("{}/metrics", worker.url("worker"));
-    let start = Instant::now();
-    while worker.output().matches("stream started").count() < 2 {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "{}",
-            worker.output()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    streams_started(&worker, 2).await;
     const COUNT: u64 = 8000;
     let sim = simulate(
         scratch.dir.path(),
@@ -573,19 +564,8 @@ pipelines:
             }
         }
     });
-    let worker = Proc::start(
-        scratch.dir.path(),
-        &[
-            "worker",
-            "-c",
-            "s.yaml",
-            "--listen",
-            "127.0.0.1:0",
-            "--id",
-            "w1",
-        ],
-    );
-    worker.wait_for("stream started", Duration::from_secs(30));
+    let worker = start_worker(&scratch);
+    streams_started(&worker, 1).await;
     let topic = format!("{prefix}/in/{{device_id}}");
     let sim = std::process::Command::new(env!("CARGO_BIN_EXE_etlmesh"))
         .args([
@@ -736,7 +716,7 @@ impl Drop for TlsBroker {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stream_subscribes_over_tls() {
+async fn a_stream_subscribes_over_tls_with_mqtt_3_1_1() {
     let Some(broker) = TlsBroker::start() else {
         return;
     };
@@ -748,7 +728,7 @@ async fn a_stream_subscribes_over_tls() {
             r#"
 pipelines:
   secure:
-    source: {{ type: mqtt, broker: "mqtts://127.0.0.1:{port}", ca_file: "{ca}", topic: "tls/+" }}
+    source: {{ type: mqtt, broker: "mqtts://127.0.0.1:{port}", ca_file: "{ca}", topic: "tls/+", protocol: 3.1.1 }}
     schema: {{ device_id: utf8, seq: int64 }}
     sinks: [{{ type: ndjson, path: out/rows, roll_interval: 200ms }}]
     dead_letter: {{ type: ndjson, path: out/dead }}
@@ -757,19 +737,8 @@ pipelines:
             ca = ca.display()
         ),
     );
-    let worker = Proc::start(
-        scratch.dir.path(),
-        &[
-            "worker",
-            "-c",
-            "s.yaml",
-            "--listen",
-            "127.0.0.1:0",
-            "--id",
-            "w1",
-        ],
-    );
-    worker.wait_for("stream started", Duration::from_secs(30));
+    let worker = start_worker(&scratch);
+    streams_started(&worker, 1).await;
     let lines: String = (1..=100)
         .map(|i| format!("{{\"device_id\":\"d1\",\"seq\":{i}}}\n"))
         .collect();
