@@ -68,7 +68,7 @@ impl LineMap {
         let Some(m) = r.line.and_then(|l| self.message(l)) else {
             return r;
         };
-        let within = r.line.unwrap_or(1) - self.first_line[m] + 1;
+        let within = r.line.unwrap_or(1).saturating_sub(self.first_line[m]) + 1;
         r.source = self.topics[m].clone();
         r.line = None;
         if self.arrays[m] {

@@ -371,8 +371,10 @@ impl Stream {
             })
             .max();
         if let Some(ts) = newest {
-            self.metrics
-                .lag(&self.name, chrono::Utc::now().timestamp_millis() - ts);
+            self.metrics.lag(
+                &self.name,
+                chrono::Utc::now().timestamp_millis().saturating_sub(ts),
+            );
         }
     }
 

@@ -131,17 +131,21 @@ impl Windows {
                 added.untimed.push(i);
                 continue;
             };
-            let last = t.div_euclid(slide) * slide;
+            let last = t.div_euclid(slide).saturating_mul(slide);
             let mut any = false;
             let mut start = last;
-            while start > t - size {
-                if start + size > self.watermark {
+            // Saturating: an event time near the ends of i64 must not overflow.
+            while start > t.saturating_sub(size) {
+                if start.saturating_add(size) > self.watermark {
                     let e = per_window.entry(start).or_insert((Vec::new(), u64::MAX));
                     e.0.push(i as u32);
                     e.1 = e.1.min(seqs.get(i).copied().unwrap_or(0));
                     any = true;
                 }
-                start -= slide;
+                start = start.saturating_sub(slide);
+                if start == i64::MIN {
+                    break;
+                }
             }
             if any {
                 newest = newest.max(t);
@@ -179,14 +183,14 @@ impl Windows {
             .open
             .keys()
             .copied()
-            .filter(|s| all || idle || s + size <= watermark)
+            .filter(|s| all || idle || s.saturating_add(size) <= watermark)
             .collect();
         let mut out = Vec::with_capacity(closing.len());
         for start in closing {
             let Some(w) = self.open.remove(&start) else {
                 continue;
             };
-            let end = start + size;
+            let end = start.saturating_add(size);
             // Records for a closed window are late from now on.
             self.watermark = self.watermark.max(end);
             out.push(Closed {
@@ -316,6 +320,15 @@ mod tests {
             closed.iter().map(|c| c.start).collect::<Vec<_>>(),
             vec![250, 500, 750, 1000]
         );
+    }
+
+    #[test]
+    fn extreme_event_times_do_not_overflow() {
+        let mut w = Windows::new(spec(1000, 250, 0), &input()).expect("windows");
+        w.add(&rows(&[i64::MIN, i64::MAX, 0]), &[1, 2, 3])
+            .expect("add");
+        assert!(w.open_count() > 0);
+        let _ = w.due(Instant::now(), true).expect("due");
     }
 
     #[test]
