@@ -338,3 +338,90 @@ fn trim_end(b: &[u8]) -> &[u8] {
         .count();
     &b[..b.len() - n]
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::test_delivery;
+    use arrow::array::{Array, AsArray};
+    use arrow::datatypes::Int64Type;
+    use etlmesh_config::{FieldSpec, FieldType, PipelineFile};
+
+    fn spec(format: &str) -> (MqttSourceSpec, SchemaRef) {
+        let f = PipelineFile::parse(
+            "s.yaml",
+            format!("pipelines:\n  p:\n    source: {{ type: mqtt, broker: mqtt://h, topic: 's/{{device_id}}/r', format: {format} }}\n    schema: {{ seq: int64, t: float64 }}\n    sinks: [{{ type: ndjson, path: o }}]\n    dead_letter: {{ type: ndjson, path: d }}\n"),
+        )
+        .expect("valid");
+        let p = &f.spec.pipelines[0];
+        let fields: Vec<FieldSpec> = p.schema.clone().expect("schema");
+        assert_eq!(fields[0].ty, FieldType::Int64);
+        (
+            p.mqtt().expect("mqtt").clone(),
+            etlmesh_codec::schema::arrow_schema(&fields),
+        )
+    }
+
+    #[test]
+    fn objects_arrays_and_topic_levels_become_rows_and_rejects_name_their_message() {
+        let (m, schema) = spec("json");
+        let d = MessageDecoder::new(&m, &schema, Limits::default());
+        assert_eq!(d.input_schema().field(2).name(), "device_id");
+        let msgs = vec![
+            test_delivery(1, "s/a/r", b"{\"seq\": 1, \"t\": 1.5}"),
+            test_delivery(
+                2,
+                "s/b/r",
+                b"[{\"seq\": 2, \"t\": 2.5}, {\"seq\": 3, \"t\": \"hot\"}]",
+            ),
+            test_delivery(3, "s/c/r", b"{\"seq\": 4,"),
+            test_delivery(4, "s/d/r", b"[1, 2"),
+        ];
+        let out = d.decode(&msgs);
+        assert_eq!(out.records, 5);
+        let b = &out.batches[0];
+        assert_eq!(b.batch.num_rows(), 2);
+        let seqs = b.batch.column(0).as_primitive::<Int64Type>();
+        assert_eq!((seqs.value(0), seqs.value(1)), (1, 2));
+        let dev = b.batch.column(2).as_string::<i32>();
+        assert_eq!((dev.value(0), dev.value(1)), ("a", "b"));
+        assert_eq!(out.lines.row_seqs(b), vec![1, 2]);
+        let mut where_: Vec<(String, Option<u64>)> = out
+            .rejects
+            .iter()
+            .map(|r| (r.source.to_string(), r.row))
+            .collect();
+        where_.sort();
+        assert_eq!(
+            where_,
+            vec![
+                ("mqtt:s/b/r".into(), Some(2)),
+                ("mqtt:s/c/r".into(), None),
+                ("mqtt:s/d/r".into(), None),
+            ]
+        );
+    }
+
+    #[test]
+    fn csv_lines_are_read_in_schema_order() {
+        let (m, schema) = spec("csv");
+        let d = MessageDecoder::new(&m, &schema, Limits::default());
+        let msgs = vec![
+            test_delivery(7, "s/x/r", b"1,0.5\n2,1.5\n"),
+            test_delivery(8, "s/y/r", b"3,abc"),
+        ];
+        let out = d.decode(&msgs);
+        assert_eq!(out.records, 3);
+        assert_eq!(
+            out.batches
+                .iter()
+                .map(|b| b.batch.num_rows())
+                .sum::<usize>(),
+            2
+        );
+        assert_eq!(out.rejects.len(), 1);
+        assert_eq!(&*out.rejects[0].source, "mqtt:s/y/r");
+        assert_eq!(out.rejects[0].field.as_deref(), Some("t"));
+        assert!(out.batches[0].batch.column(2).null_count() == 0);
+    }
+}

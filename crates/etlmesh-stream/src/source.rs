@@ -322,3 +322,24 @@ async fn subscribe(client: &Client, filter: &str, qos: u8) -> Result<(), StreamE
     };
     r.map_err(|e| StreamError::Mqtt(format!("cannot subscribe to {filter}: {e}")))
 }
+
+/// A delivery for tests: acknowledging it does nothing useful.
+#[cfg(test)]
+pub(crate) fn test_delivery(seq: u64, topic: &str, payload: &[u8]) -> Delivery {
+    let budget = Arc::new(Semaphore::new(1));
+    let permit = budget.try_acquire_owned().expect("one permit");
+    Delivery {
+        seq,
+        topic: Arc::from(topic),
+        payload: Bytes::copy_from_slice(payload),
+        ack: Ack {
+            packet: AckPacket::V4(rumqttc::Publish::new(
+                topic,
+                rumqttc::QoS::AtLeastOnce,
+                Vec::<u8>::new(),
+            )),
+            epoch: 0,
+            _budget: permit,
+        },
+    }
+}
