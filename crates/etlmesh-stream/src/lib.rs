@@ -19,6 +19,7 @@
 //! creates are removed by a `dedup` key where the sink can honour it.
 
 pub mod decode;
+mod dedup;
 mod metrics;
 pub mod runner;
 pub mod sinks;
@@ -73,12 +74,10 @@ pub fn sql_input_schema(spec: &PipelineSpec) -> Option<SchemaRef> {
     let mqtt = spec.mqtt()?;
     let declared = etlmesh_codec::schema::arrow_schema(spec.schema.as_ref()?);
     let decoder = decode::MessageDecoder::new(mqtt, &declared, etlmesh_codec::Limits::default());
-    let input = decoder.input_schema().clone();
-    Some(if spec.window.is_some() {
-        window::windowed_schema(&input)
-    } else {
-        input
-    })
+    Some(window::sql_schema(
+        decoder.input_schema(),
+        spec.window.is_some(),
+    ))
 }
 
 /// Checks the stream sinks of a pipeline against the rows its SQL produces: the

@@ -1,20 +1,18 @@
 //! The loop of one stream: micro-batch, decode, transform, load, acknowledge.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use arrow::array::{Array, BooleanArray, RecordBatch};
-use arrow::compute::filter_record_batch;
-use arrow::datatypes::SchemaRef;
-use arrow::row::{RowConverter, SortField};
+use arrow::array::{Array, RecordBatch};
 use etlmesh_codec::{DecodedBatch, Limits, Provenance, Reject, Stage, record::row_as_json};
 use etlmesh_config::{MicroBatch, PipelineSpec};
 use etlmesh_engine::{Engine, Kind, Transform};
 use etlmesh_sink::dead_letter::DeadLetterLog;
 use tokio::sync::{mpsc, watch};
 
-use crate::decode::MessageDecoder;
+use crate::decode::{LineMap, MessageDecoder};
+use crate::dedup::Dedup;
 use crate::sinks::{SinkFailure, StreamSink};
 use crate::source::{self, Ack, Delivery, Session};
 use crate::window::Windows;
@@ -39,13 +37,12 @@ const TICK: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 struct Stream {
-    name: String,
     spec: PipelineSpec,
     batch: MicroBatch,
     decoder: MessageDecoder,
     transform: Transform,
     windows: Option<Windows>,
-    dedup: Option<(Vec<usize>, RowConverter)>,
+    dedup: Option<Dedup>,
     sinks: Vec<Box<dyn StreamSink>>,
     dead: DeadLetterLog,
     session: Session,
@@ -86,7 +83,7 @@ pub async fn run(
         .map(|w| Windows::new(w, &input))
         .transpose()
         .map_err(err)?;
-    let sql_input: SchemaRef = crate::sql_input_schema(&spec).unwrap_or_else(|| input.clone());
+    let sql_input = crate::window::sql_schema(&input, spec.window.is_some());
     let transform = opts
         .engine
         .compile(&spec.name, &spec.transform, sql_input)
@@ -101,26 +98,7 @@ pub async fn run(
         .as_ref()
         .ok_or_else(|| err("a stream needs a dead_letter sink".into()))?;
     let dead = DeadLetterLog::open(dl, &spec.name, &opts.worker).map_err(|e| err(e.to_string()))?;
-    let dedup = if spec.dedup.is_empty() {
-        None
-    } else {
-        let idx: Vec<usize> = spec
-            .dedup
-            .iter()
-            .map(|c| {
-                input
-                    .index_of(c)
-                    .map_err(|_| err(format!("dedup column `{c}` is not in the input")))
-            })
-            .collect::<Result<_, _>>()?;
-        let conv = RowConverter::new(
-            idx.iter()
-                .map(|&i| SortField::new(input.field(i).data_type().clone()))
-                .collect(),
-        )
-        .map_err(|e| err(e.to_string()))?;
-        Some((idx, conv))
-    };
+    let dedup = Dedup::new(&input, &spec.dedup).map_err(err)?;
     let time_col = spec
         .window
         .as_ref()
@@ -140,7 +118,6 @@ pub async fn run(
         source::start(&mqtt, &client_id, source::RECEIVE_MAXIMUM as usize + 1024).await?;
     tracing::info!(pipeline = %spec.name, client_id, filter = %mqtt.shared_filter(), sinks = sinks.len(), windowed = windows.is_some(), "stream started");
     let mut s = Stream {
-        name: spec.name.clone(),
         batch: mqtt.batch,
         spec,
         decoder,
@@ -177,7 +154,7 @@ impl Stream {
                 // already came is finished below, then acknowledged.
                 self.session.leave().await;
                 leaving = Some(Instant::now());
-                tracing::info!(pipeline = %self.name, held = self.held.len(), "stream draining");
+                tracing::info!(pipeline = %self.spec.name, held = self.held.len(), "stream draining");
             }
             // Collect a micro-batch: the first message (or a tick), then more until the
             // batch is full or its time is up.
@@ -222,15 +199,15 @@ impl Stream {
             self.acknowledge().await?;
             if report.elapsed() >= Duration::from_secs(10) {
                 report = Instant::now();
-                tracing::info!(pipeline = %self.name, held = self.held.len(), processed = self.processed, dead_letters = self.dead.count(), open_windows = self.windows.as_ref().map_or(0, |w| w.open_count()), "stream progress");
+                tracing::info!(pipeline = %self.spec.name, held = self.held.len(), processed = self.processed, dead_letters = self.dead.count(), open_windows = self.windows.as_ref().map_or(0, |w| w.open_count()), "stream progress");
             }
             if let Some(since) = leaving {
                 let quiet = rx.is_empty() && self.held.is_empty();
                 if quiet || since.elapsed() > Duration::from_secs(10) {
                     if !self.held.is_empty() {
-                        tracing::warn!(pipeline = %self.name, held = self.held.len(), "stopping with messages unacknowledged: the broker keeps them for this session");
+                        tracing::warn!(pipeline = %self.spec.name, held = self.held.len(), "stopping with messages unacknowledged: the broker keeps them for this session");
                     }
-                    tracing::info!(pipeline = %self.name, "stream stopped");
+                    tracing::info!(pipeline = %self.spec.name, "stream stopped");
                     return Ok(());
                 }
             }
@@ -243,44 +220,17 @@ impl Stream {
         let started = Instant::now();
         let last = batch.last().map_or(self.processed, |d| d.seq);
         self.metrics
-            .messages(&self.name, "received", batch.len() as u64);
+            .messages(&self.spec.name, "received", batch.len() as u64);
         let decoded = self.decoder.decode(&batch);
         for d in batch.iter_mut() {
             d.payload = bytes::Bytes::new();
         }
         let mut rejects = decoded.rejects;
-        self.metrics.records(&self.name, "in", decoded.records);
+        self.metrics.records(&self.spec.name, "in", decoded.records);
         let mut inputs: Vec<DecodedBatch> = decoded.batches;
-        if let Some((idx, conv)) = &mut self.dedup {
-            let mut seen = HashSet::new();
-            let mut dups = 0u64;
-            for b in &mut inputs {
-                let cols: Vec<Arc<dyn Array>> =
-                    idx.iter().map(|&i| b.batch.column(i).clone()).collect();
-                let Ok(rows) = conv.convert_columns(&cols) else {
-                    continue;
-                };
-                let keep: Vec<bool> = (0..rows.num_rows())
-                    .map(|i| seen.insert(rows.row(i).owned()))
-                    .collect();
-                let n = keep.iter().filter(|k| !**k).count();
-                if n > 0 {
-                    dups += n as u64;
-                    let picked: Vec<usize> = keep
-                        .iter()
-                        .enumerate()
-                        .filter(|(_, k)| **k)
-                        .map(|(i, _)| i)
-                        .collect();
-                    if let Ok(f) = filter_record_batch(&b.batch, &BooleanArray::from(keep)) {
-                        *b = DecodedBatch {
-                            batch: f,
-                            provenance: b.provenance.pick(&picked),
-                        };
-                    }
-                }
-            }
-            self.metrics.records(&self.name, "duplicate", dups);
+        if let Some(d) = &mut self.dedup {
+            let dropped = d.drop_repeats(&mut inputs);
+            self.metrics.records(&self.spec.name, "duplicate", dropped);
         }
         self.lag(&inputs);
         let mut outputs: Vec<RecordBatch> = Vec::new();
@@ -288,11 +238,11 @@ impl Stream {
             for b in &inputs {
                 let seqs = decoded.lines.row_seqs(b);
                 let added = w.add(&b.batch, &seqs).map_err(|m| StreamError::Pipeline {
-                    pipeline: self.name.clone(),
+                    pipeline: self.spec.name.clone(),
                     message: m,
                 })?;
                 self.metrics
-                    .records(&self.name, "late", added.late.len() as u64);
+                    .records(&self.spec.name, "late", added.late.len() as u64);
                 for i in &added.late {
                     let r = b.provenance.reject(
                         &b.batch,
@@ -321,18 +271,17 @@ impl Stream {
             for b in &inputs {
                 match self.transform.apply(b).await {
                     Ok(res) => {
-                        self.metrics.records(&self.name, "filtered", res.filtered());
+                        self.metrics
+                            .records(&self.spec.name, "filtered", res.filtered());
                         rejects.extend(decoded.lines.place_all(res.rejects));
                         outputs.extend(res.batches);
                     }
-                    Err(e) => {
-                        for i in 0..b.batch.num_rows() {
-                            let r =
-                                b.provenance
-                                    .reject(&b.batch, i, Stage::Transform, e.to_string());
-                            rejects.push(decoded.lines.place(r));
-                        }
-                    }
+                    Err(e) => rejects.extend(reject_rows(
+                        b,
+                        Stage::Transform,
+                        &e.to_string(),
+                        &decoded.lines,
+                    )),
                 }
             }
         }
@@ -345,7 +294,7 @@ impl Stream {
         if ok {
             self.processed = last;
             self.metrics
-                .batch(&self.name, started.elapsed().as_secs_f64());
+                .batch(&self.spec.name, started.elapsed().as_secs_f64());
         }
         Ok(ok)
     }
@@ -372,7 +321,7 @@ impl Stream {
             .max();
         if let Some(ts) = newest {
             self.metrics.lag(
-                &self.name,
+                &self.spec.name,
                 chrono::Utc::now().timestamp_millis().saturating_sub(ts),
             );
         }
@@ -383,11 +332,11 @@ impl Stream {
             return Ok(());
         }
         self.dead.write(rejects).map_err(|e| StreamError::Sink {
-            pipeline: self.name.clone(),
+            pipeline: self.spec.name.clone(),
             message: format!("cannot write dead letters: {e}"),
         })?;
         self.metrics
-            .records(&self.name, "dead_lettered", rejects.len() as u64);
+            .records(&self.spec.name, "dead_lettered", rejects.len() as u64);
         Ok(())
     }
 
@@ -398,7 +347,7 @@ impl Stream {
         outputs: &[RecordBatch],
         seq: u64,
         inputs: &[DecodedBatch],
-        lines: &crate::decode::LineMap,
+        lines: &LineMap,
     ) -> Result<bool, StreamError> {
         let rows: u64 = outputs.iter().map(|b| b.num_rows() as u64).sum();
         let mut refused: Option<String> = None;
@@ -409,27 +358,27 @@ impl Stream {
                     Ok(()) => break,
                     Err(SinkFailure::Retry(m)) => {
                         let sink = self.sinks[i].describe();
-                        self.metrics.sink_retry(&self.name, &sink);
-                        tracing::warn!(pipeline = %self.name, sink, error = %m, retry_in_ms = backoff.as_millis() as u64, held = self.held.len(), "sink unavailable: holding the batch (nothing is acknowledged)");
+                        self.metrics.sink_retry(&self.spec.name, &sink);
+                        tracing::warn!(pipeline = %self.spec.name, sink, error = %m, retry_in_ms = backoff.as_millis() as u64, held = self.held.len(), "sink unavailable: holding the batch (nothing is acknowledged)");
                         tokio::select! {
                             () = tokio::time::sleep(backoff) => {}
                             _ = self.shutdown.changed() => {}
                         }
                         if self.stopping() {
-                            tracing::warn!(pipeline = %self.name, sink, "stopping while the sink is down: the broker keeps the unacknowledged messages");
+                            tracing::warn!(pipeline = %self.spec.name, sink, "stopping while the sink is down: the broker keeps the unacknowledged messages");
                             return Ok(false);
                         }
                         backoff = (backoff * 2).min(MAX_BACKOFF);
                     }
                     Err(SinkFailure::Refused(m)) => {
-                        tracing::error!(pipeline = %self.name, sink = %self.sinks[i].describe(), error = %m, "the sink refused a batch: its records go to the dead letters");
+                        tracing::error!(pipeline = %self.spec.name, sink = %self.sinks[i].describe(), error = %m, "the sink refused a batch: its records go to the dead letters");
                         refused = Some(m);
                         // The other sinks still count this batch as handled.
                         break;
                     }
                     Err(SinkFailure::Fatal(m)) => {
                         return Err(StreamError::Sink {
-                            pipeline: self.name.clone(),
+                            pipeline: self.spec.name.clone(),
                             message: m,
                         });
                     }
@@ -437,18 +386,11 @@ impl Stream {
             }
         }
         if let Some(reason) = refused {
-            let mut rejects = Vec::new();
-            for b in inputs {
-                for r in 0..b.batch.num_rows() {
-                    let rej = b.provenance.reject(
-                        &b.batch,
-                        r,
-                        Stage::Transform,
-                        format!("refused by a sink: {reason}"),
-                    );
-                    rejects.push(lines.place(rej));
-                }
-            }
+            let reason = format!("refused by a sink: {reason}");
+            let mut rejects: Vec<Reject> = inputs
+                .iter()
+                .flat_map(|b| reject_rows(b, Stage::Transform, &reason, lines))
+                .collect();
             if inputs.is_empty() {
                 // Window output: no input provenance; keep the rows themselves.
                 let src: Arc<str> = Arc::from("window");
@@ -465,7 +407,7 @@ impl Stream {
             }
             self.dead_letter(&rejects)?;
         } else {
-            self.metrics.records(&self.name, "out", rows);
+            self.metrics.records(&self.spec.name, "out", rows);
         }
         Ok(true)
     }
@@ -478,10 +420,10 @@ impl Stream {
         let closed = w
             .due(Instant::now(), all)
             .map_err(|m| StreamError::Pipeline {
-                pipeline: self.name.clone(),
+                pipeline: self.spec.name.clone(),
                 message: m,
             })?;
-        self.metrics.open_windows(&self.name, w.open_count());
+        self.metrics.open_windows(&self.spec.name, w.open_count());
         if closed.is_empty() {
             return Ok(true);
         }
@@ -510,15 +452,10 @@ impl Stream {
                 }
             }
         }
-        tracing::debug!(pipeline = %self.name, windows = closed.len(), rows = outputs.iter().map(|b| b.num_rows()).sum::<usize>(), "windows closed");
+        tracing::debug!(pipeline = %self.spec.name, windows = closed.len(), rows = outputs.iter().map(|b| b.num_rows()).sum::<usize>(), "windows closed");
         self.dead_letter(&rejects)?;
-        self.load(
-            &outputs,
-            self.processed,
-            &[],
-            &crate::decode::LineMap::default(),
-        )
-        .await
+        self.load(&outputs, self.processed, &[], &LineMap::default())
+            .await
     }
 
     async fn flush_sinks(&mut self, force: bool) -> Result<bool, StreamError> {
@@ -527,12 +464,12 @@ impl Stream {
                 Ok(()) => {}
                 Err(SinkFailure::Fatal(m)) | Err(SinkFailure::Refused(m)) => {
                     return Err(StreamError::Sink {
-                        pipeline: self.name.clone(),
+                        pipeline: self.spec.name.clone(),
                         message: m,
                     });
                 }
                 Err(SinkFailure::Retry(m)) => {
-                    tracing::warn!(pipeline = %self.name, sink = %self.sinks[i].describe(), error = %m, "sink flush failed; trying again");
+                    tracing::warn!(pipeline = %self.spec.name, sink = %self.sinks[i].describe(), error = %m, "sink flush failed; trying again");
                 }
             }
         }
@@ -557,11 +494,22 @@ impl Stream {
         if !acks.is_empty() {
             let n = acks.len() as u64;
             self.session.ack(acks).await?;
-            self.metrics.messages(&self.name, "acknowledged", n);
+            self.metrics.messages(&self.spec.name, "acknowledged", n);
         }
-        self.metrics.held(&self.name, self.held.len());
+        self.metrics.held(&self.spec.name, self.held.len());
         Ok(())
     }
+}
+
+/// Every row of a batch as a dead letter placed at its message.
+fn reject_rows<'a>(
+    b: &'a DecodedBatch,
+    stage: Stage,
+    reason: &'a str,
+    lines: &'a LineMap,
+) -> impl Iterator<Item = Reject> + 'a {
+    (0..b.batch.num_rows())
+        .map(move |i| lines.place(b.provenance.reject(&b.batch, i, stage, reason)))
 }
 
 fn fmt_ms(ms: i64) -> String {

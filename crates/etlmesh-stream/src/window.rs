@@ -24,6 +24,15 @@ pub const WINDOW_START: &str = "window_start";
 /// See [`WINDOW_START`].
 pub const WINDOW_END: &str = "window_end";
 
+/// The schema of `input` as the SQL sees it: with the window's bounds when windowed.
+pub fn sql_schema(input: &SchemaRef, windowed: bool) -> SchemaRef {
+    if windowed {
+        windowed_schema(input)
+    } else {
+        input.clone()
+    }
+}
+
 /// The input schema with `window_start` and `window_end`.
 pub fn windowed_schema(input: &SchemaRef) -> SchemaRef {
     let ts = DataType::Timestamp(TimeUnit::Millisecond, Some(Arc::from("UTC")));

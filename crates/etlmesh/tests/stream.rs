@@ -32,7 +32,7 @@ pipelines:
       broker: {BROKER}
       topic: {prefix}/+/reading
       batch: {{ records: 2000, wait: 100ms }}
-    schema:
+    schema: &readings
       device_id: {{ type: utf8, nullable: false }}
       seq: {{ type: int64, nullable: false }}
       ts: {{ type: timestamp_ms, nullable: false }}
@@ -354,14 +354,7 @@ async fn late_readings_are_dead_lettered_and_windows_match_sql_over_the_raw_rows
       broker: {BROKER}
       topic: {prefix}/+/reading
       batch: {{ records: 1000, wait: 100ms }}
-    schema:
-      device_id: {{ type: utf8, nullable: false }}
-      seq: {{ type: int64, nullable: false }}
-      ts: {{ type: timestamp_ms, nullable: false }}
-      temperature_c: float64
-      humidity: float64
-      battery_v: float64
-      status: utf8
+    schema: *readings
     window: {{ time: ts, size: 2s, allowed_lateness: 1s, idle_timeout: 3s }}
     scaling: {{ max_replicas: 1 }}
     transform: |

@@ -136,20 +136,7 @@ impl TempPostgres {
             self.data.display()
         );
         let log = self.data.join("server.log");
-        let out = pg(
-            &self.bin,
-            "pg_ctl",
-            &[
-                "-D",
-                self.data.to_str().unwrap_or(""),
-                "-l",
-                log.to_str().unwrap_or(""),
-                "-o",
-                &opts,
-                "-w",
-                "start",
-            ],
-        );
+        let out = self.ctl(&["-l", log.to_str().unwrap_or(""), "-o", &opts, "-w", "start"]);
         assert!(
             out.status.success(),
             "pg_ctl start: {}",
@@ -157,36 +144,21 @@ impl TempPostgres {
         );
     }
 
+    /// `pg_ctl -D <data> ARGS`.
+    fn ctl(&self, args: &[&str]) -> std::process::Output {
+        let mut all = vec!["-D", self.data.to_str().unwrap_or("")];
+        all.extend_from_slice(args);
+        pg(&self.bin, "pg_ctl", &all)
+    }
+
     /// Stops the server (fast: connections are closed).
     pub fn down(&self) {
-        let _ = pg(
-            &self.bin,
-            "pg_ctl",
-            &[
-                "-D",
-                self.data.to_str().unwrap_or(""),
-                "-m",
-                "fast",
-                "-w",
-                "stop",
-            ],
-        );
+        self.ctl(&["-m", "fast", "-w", "stop"]);
     }
 }
 
 impl Drop for TempPostgres {
     fn drop(&mut self) {
-        let _ = pg(
-            &self.bin,
-            "pg_ctl",
-            &[
-                "-D",
-                self.data.to_str().unwrap_or(""),
-                "-m",
-                "immediate",
-                "-w",
-                "stop",
-            ],
-        );
+        self.ctl(&["-m", "immediate", "-w", "stop"]);
     }
 }
