@@ -473,7 +473,7 @@ fn check_stream(p: &PipelineSpec, base: &str, file: &Path, out: &mut Vec<Diagnos
             ),
         );
     }
-    let Some(m) = mqtt else {
+    if mqtt.is_none() {
         for (i, s) in p.sinks.iter().enumerate() {
             if matches!(s, SinkSpec::Postgres(_) | SinkSpec::Mqtt(_)) {
                 out.push(
@@ -524,15 +524,6 @@ fn check_stream(p: &PipelineSpec, base: &str, file: &Path, out: &mut Vec<Diagnos
                 "is 0, but a stream needs a worker subscribed".into(),
             )
             .with_help("set min_replicas: 1; the broker holds messages only for sessions it knows"),
-        );
-    }
-    if m.format == Format::Csv && p.source.csv.header && p.source.csv != CsvOptions::default() {
-        out.push(
-            d(
-                "source.csv.header",
-                "MQTT CSV payloads carry no header".into(),
-            )
-            .with_help("remove it: the fields are read in the schema's order"),
         );
     }
     if p.sinks.iter().any(|s| matches!(s, SinkSpec::Stdout { .. })) {
@@ -624,6 +615,16 @@ fn resolve_source(
                         "is not used by an mqtt source",
                     )
                     .with_help("remove it"),
+                );
+            }
+            if s.csv.as_ref().and_then(|c| c.header) == Some(true) {
+                out.push(
+                    Diagnostic::new(
+                        file,
+                        format!("{base}.csv.header"),
+                        "MQTT CSV payloads carry no header",
+                    )
+                    .with_help("remove it: the fields are read in the schema's order"),
                 );
             }
             SourceKind::Mqtt(Box::new(crate::stream::resolve_mqtt(

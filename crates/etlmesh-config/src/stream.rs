@@ -447,6 +447,11 @@ mod tests {
                 "device_id: int64",
                 "pipelines.live.source.topic",
             ),
+            (
+                "batch: { records: 100, wait: 50ms }",
+                "format: csv, csv: { header: true }",
+                "pipelines.live.source.csv.header",
+            ),
         ] {
             let text = STREAM.replace(from, to);
             assert_ne!(text, STREAM, "{from}");

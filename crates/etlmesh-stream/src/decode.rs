@@ -102,7 +102,13 @@ impl LineMap {
 impl MessageDecoder {
     /// The decoder of a pipeline whose declared schema is `declared` (the topic columns
     /// may be among its fields; those that are not are appended as text).
-    pub fn new(spec: &MqttSourceSpec, declared: &SchemaRef, limits: Limits) -> Self {
+    /// CSV payloads are read with `csv`'s delimiter, quote and nulls, and no header.
+    pub fn new(
+        spec: &MqttSourceSpec,
+        declared: &SchemaRef,
+        csv: &CsvOptions,
+        limits: Limits,
+    ) -> Self {
         let topic_cols = &spec.topic_columns;
         let is_topic = |name: &str| topic_cols.iter().find(|(_, c)| c == name).map(|(i, _)| *i);
         let payload: Vec<Arc<Field>> = declared
@@ -140,7 +146,7 @@ impl MessageDecoder {
         };
         let csv = CsvOptions {
             header: false,
-            ..CsvOptions::default()
+            ..csv.clone()
         };
         Self {
             layout: CsvLayout::positional(&payload_schema),
@@ -365,7 +371,7 @@ mod tests {
     #[test]
     fn objects_arrays_and_topic_levels_become_rows_and_rejects_name_their_message() {
         let (m, schema) = spec("json");
-        let d = MessageDecoder::new(&m, &schema, Limits::default());
+        let d = MessageDecoder::new(&m, &schema, &CsvOptions::default(), Limits::default());
         assert_eq!(d.input_schema().field(2).name(), "device_id");
         let msgs = vec![
             test_delivery(1, "s/a/r", b"{\"seq\": 1, \"t\": 1.5}"),
@@ -405,7 +411,7 @@ mod tests {
     #[test]
     fn csv_lines_are_read_in_schema_order() {
         let (m, schema) = spec("csv");
-        let d = MessageDecoder::new(&m, &schema, Limits::default());
+        let d = MessageDecoder::new(&m, &schema, &CsvOptions::default(), Limits::default());
         let msgs = vec![
             test_delivery(7, "s/x/r", b"1,0.5\n2,1.5\n"),
             test_delivery(8, "s/y/r", b"3,abc"),

@@ -73,7 +73,12 @@ use etlmesh_config::PipelineSpec;
 pub fn sql_input_schema(spec: &PipelineSpec) -> Option<SchemaRef> {
     let mqtt = spec.mqtt()?;
     let declared = etlmesh_codec::schema::arrow_schema(spec.schema.as_ref()?);
-    let decoder = decode::MessageDecoder::new(mqtt, &declared, etlmesh_codec::Limits::default());
+    let decoder = decode::MessageDecoder::new(
+        mqtt,
+        &declared,
+        &spec.source.csv,
+        etlmesh_codec::Limits::default(),
+    );
     Some(window::sql_schema(
         decoder.input_schema(),
         spec.window.is_some(),

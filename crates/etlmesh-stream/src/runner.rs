@@ -75,7 +75,7 @@ pub async fn run(
         .as_ref()
         .ok_or_else(|| err("a stream needs a declared schema".into()))?;
     let declared = etlmesh_codec::schema::arrow_schema(fields);
-    let decoder = MessageDecoder::new(&mqtt, &declared, opts.limits);
+    let decoder = MessageDecoder::new(&mqtt, &declared, &spec.source.csv, opts.limits);
     let input = decoder.input_schema().clone();
     let windows = spec
         .window
