@@ -3,10 +3,12 @@
 
 mod demo;
 mod generate;
+mod logs;
 mod mesh;
 mod run;
 mod simulate;
 mod sql_diag;
+mod top;
 mod validate;
 
 use std::path::PathBuf;
@@ -60,6 +62,12 @@ pub enum Command {
     Subscribe(simulate::SubscribeArgs),
     /// The gateway: the front door, routing requests to workers.
     Gateway(mesh::GatewayArgs),
+    /// Recent log lines of every process, collected by the control plane.
+    Logs(logs::LogsArgs),
+    /// Errors of every process, grouped by kind and pipeline.
+    Errors(logs::ErrorsArgs),
+    /// A live view of the mesh in the terminal: pipelines, workers, rates, errors.
+    Top(top::TopArgs),
 }
 
 /// Errors a subcommand reports before exiting non-zero.
@@ -98,6 +106,9 @@ pub fn execute(cli: Cli) -> ExitCode {
         Command::Gateway(a) => mesh::gateway(&a),
         Command::Simulate(a) => simulate::simulate(&a),
         Command::Subscribe(a) => simulate::subscribe(&a),
+        Command::Logs(a) => logs::logs(&a),
+        Command::Errors(a) => logs::errors(&a),
+        Command::Top(a) => top::top(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -90,6 +90,24 @@ pub struct PipelineSpec {
 }
 
 impl PipelineSpec {
+    /// Where records come from in the mesh, for topology views: `mqtt:<topic>` for a
+    /// stream, else `http` (requests through the gateway).
+    pub fn describe_source(&self) -> String {
+        match self.mqtt() {
+            Some(m) => format!("mqtt:{}", m.topic),
+            None => "http".to_string(),
+        }
+    }
+
+    /// The sinks described ([`SinkSpec::describe`]), the dead letters last.
+    pub fn describe_sinks(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.sinks.iter().map(SinkSpec::describe).collect();
+        if let Some(d) = &self.dead_letter {
+            v.push(format!("dead_letter:{}", d.path.display()));
+        }
+        v
+    }
+
     /// The MQTT source, when the pipeline streams from a broker.
     pub fn mqtt(&self) -> Option<&MqttSourceSpec> {
         match &self.source.kind {

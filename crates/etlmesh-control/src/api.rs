@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{Json, Path, State};
+use axum::extract::{Json, Path, Query, State};
 use axum::response::Response;
 use axum::routing::{get, post, put};
 use bytes::Bytes;
@@ -17,6 +17,8 @@ use tokio::sync::broadcast::error::RecvError;
 
 use crate::Registry;
 use crate::autoscale::Autoscaling;
+use crate::logs::{LogQuery, LogStore};
+use crate::timeline::Timeline;
 
 /// A keepalive line goes out when nothing else did for this long.
 const KEEPALIVE: Duration = Duration::from_secs(3);
@@ -30,6 +32,10 @@ pub struct ControlState {
     /// Becomes `true` when the control plane shuts down: endpoint watches end then, so
     /// that a graceful shutdown does not wait for gateways to hang up.
     pub closing: tokio::sync::watch::Receiver<bool>,
+    /// Logs collected from every process.
+    pub logs: Arc<LogStore>,
+    /// The mesh over time.
+    pub timeline: Arc<Timeline>,
 }
 
 /// The control plane's routes.
@@ -44,6 +50,13 @@ pub fn router(state: Arc<ControlState>) -> Router {
         .route("/v1/endpoints/watch", get(watch))
         .route("/api/v1/workers", get(workers))
         .route("/api/v1/pipelines", get(pipelines))
+        .route("/v1/logs/{source}", post(ship_logs))
+        .route("/api/v1/logs", get(logs))
+        .route("/api/v1/logs/sources", get(log_sources))
+        .route("/api/v1/errors", get(errors))
+        .route("/api/v1/overview", get(overview))
+        .route("/ui", get(ui))
+        .route("/ui/", get(ui))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .with_state(state)
@@ -55,8 +68,9 @@ async fn gateway_load(
     Json(load): Json<etlmesh_proto::GatewayLoad>,
 ) -> Response {
     if let Some(a) = &st.autoscaling {
-        a.report(&id, load);
+        a.report(&id, load.clone());
     }
+    st.timeline.gateway_report(&id, load);
     json_response(&serde_json::json!({}))
 }
 
@@ -202,4 +216,87 @@ async fn healthz(State(st): State<Arc<ControlState>>) -> Response {
 
 async fn metrics(State(st): State<Arc<ControlState>>) -> Response {
     etlmesh_http::metrics_response(etlmesh_telemetry::metrics::render(&st.registry.metrics))
+}
+
+async fn ship_logs(
+    State(st): State<Arc<ControlState>>,
+    Path(source): Path<String>,
+    Json(batch): Json<etlmesh_telemetry::logs::LogBatch>,
+) -> Response {
+    st.logs.ingest(&source, batch);
+    json_response(&serde_json::json!({}))
+}
+
+/// `GET /api/v1/logs?worker=ID&level=warn&after=SEQ&limit=N`.
+#[derive(Debug, serde::Deserialize)]
+struct LogParams {
+    worker: Option<String>,
+    level: Option<String>,
+    #[serde(default)]
+    after: u64,
+    limit: Option<usize>,
+}
+
+async fn logs(State(st): State<Arc<ControlState>>, Query(p): Query<LogParams>) -> Response {
+    let level = match p.level.as_deref().map(etlmesh_telemetry::logs::parse_level) {
+        None => None,
+        Some(Some(l)) => Some(l),
+        Some(None) => {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                "bad_level",
+                "level must be one of error, warn, info, debug, trace",
+                None,
+            );
+        }
+    };
+    let q = LogQuery {
+        source: p.worker,
+        level,
+        after: p.after,
+        limit: p
+            .limit
+            .unwrap_or(200)
+            .min(crate::logs::LINES_PER_SOURCE * 4),
+    };
+    json_response(&st.logs.query(&q))
+}
+
+async fn log_sources(State(st): State<Arc<ControlState>>) -> Response {
+    json_response(&st.logs.sources())
+}
+
+async fn errors(State(st): State<Arc<ControlState>>) -> Response {
+    json_response(&serde_json::json!({
+        "total": st.logs.errors_total(),
+        "groups": st.logs.errors(),
+    }))
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct OverviewParams {
+    #[serde(default)]
+    since: i64,
+}
+
+/// `GET /api/v1/overview?since=UNIX_MS`: the series holds points after `since`.
+async fn overview(
+    State(st): State<Arc<ControlState>>,
+    Query(p): Query<OverviewParams>,
+) -> Response {
+    json_response(&crate::overview::build(&st, p.since))
+}
+
+/// The dashboard: one page, its script and styles inline, shipped in the binary.
+const UI: &str = include_str!("ui/index.html");
+
+async fn ui() -> Response {
+    let mut resp = Response::new(Body::from(UI));
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    resp
 }

@@ -47,9 +47,9 @@ pub fn pools(file: &PipelineFile, fixed: Option<u32>) -> Vec<(PipelineInfo, Scal
             let info = PipelineInfo {
                 name: p.name.clone(),
                 description: p.description.clone(),
-                input_schema: None,
-                output_schema: None,
-                output_schema_ipc: None,
+                source: Some(p.describe_source()),
+                sinks: p.describe_sinks(),
+                ..Default::default()
             };
             (info, spec)
         })

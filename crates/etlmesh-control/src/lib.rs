@@ -9,7 +9,10 @@
 
 mod api;
 pub mod autoscale;
+pub mod logs;
+mod overview;
 pub mod registry;
+pub mod timeline;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -48,6 +51,8 @@ pub struct ControlOptions {
     pub listen: SocketAddr,
     /// A worker silent for this long is removed.
     pub heartbeat_timeout: Duration,
+    /// The name this process's own log lines are collected under.
+    pub log_source: String,
 }
 
 impl ControlOptions {
@@ -56,6 +61,7 @@ impl ControlOptions {
         Self {
             listen,
             heartbeat_timeout: Duration::from_millis(2500),
+            log_source: "control-plane".into(),
         }
     }
 }
@@ -66,7 +72,10 @@ pub struct Bound {
     pub addr: SocketAddr,
     /// Its registry.
     pub registry: Arc<Registry>,
+    /// Its collected logs.
+    pub logs: Arc<logs::LogStore>,
     listener: TcpListener,
+    log_source: String,
 }
 
 /// Binds the control plane's socket (so that callers learn the port before serving).
@@ -82,10 +91,13 @@ pub async fn bind(options: &ControlOptions) -> Result<Bound, ControlError> {
         .local_addr()
         .map_err(|e| ControlError::Serve(e.to_string()))?;
     let registry = Arc::new(Registry::new(options.heartbeat_timeout));
+    let logs = Arc::new(logs::LogStore::new(&registry.metrics));
     Ok(Bound {
         addr,
         registry,
+        logs,
         listener,
+        log_source: options.log_source.clone(),
     })
 }
 
@@ -98,6 +110,8 @@ impl Bound {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ControlError> {
         let reaper = tokio::spawn(registry::reap_forever(self.registry.clone()));
+        let collector = tokio::spawn(logs::collect_local(self.logs.clone(), self.log_source));
+        let timeline = Arc::new(timeline::Timeline::default());
         let autoscaling = autoscale.map(|c| Arc::new(Autoscaling::new(c, &self.registry)));
         let scaler_loop = autoscaling
             .clone()
@@ -107,7 +121,14 @@ impl Bound {
             registry: self.registry.clone(),
             autoscaling: autoscaling.clone(),
             closing,
+            logs: self.logs.clone(),
+            timeline: timeline.clone(),
         });
+        let sampler = tokio::spawn(timeline::sample_forever(
+            timeline,
+            self.registry.clone(),
+            autoscaling.clone(),
+        ));
         tracing::info!(addr = %self.addr, "control plane listening on http://{}", self.addr);
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let scaling = autoscaling.clone();
@@ -131,6 +152,8 @@ impl Bound {
             .await
             .map_err(|e| ControlError::Serve(e.to_string()));
         reaper.abort();
+        collector.abort();
+        sampler.abort();
         result
     }
 }

@@ -303,10 +303,7 @@ mod tests {
             address: format!("http://127.0.0.1:1/{id}"),
             pipelines: vec![PipelineInfo {
                 name: "p".into(),
-                description: None,
-                input_schema: None,
-                output_schema: None,
-                output_schema_ipc: None,
+                ..Default::default()
             }],
             pid: 1,
             version: "0".into(),

@@ -73,10 +73,7 @@ impl Routes {
                 .cloned()
                 .unwrap_or_else(|| PipelineInfo {
                     name: name.clone(),
-                    description: None,
-                    input_schema: None,
-                    output_schema: None,
-                    output_schema_ipc: None,
+                    ..Default::default()
                 });
             out.push((info, inner.routes.get(name).map_or(0, |r| r.ready())));
         }

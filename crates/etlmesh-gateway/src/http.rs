@@ -83,7 +83,8 @@ pub(crate) async fn transform(
     let trace = etlmesh_http::trace_context(&req_headers);
     let trace_id = trace.trace_id_hex();
     let span = tracing::info_span!("request", pipeline = %name, trace_id = %trace_id);
-    let known = gw.routes.get(&name).is_some();
+    let known_route = gw.routes.get(&name);
+    let known = known_route.is_some();
     let label = PipelineLabels {
         pipeline: if known {
             name.clone()
@@ -105,10 +106,14 @@ pub(crate) async fn transform(
             code,
         })
         .inc();
-    gw.metrics
-        .latency
-        .get_or_create(&label)
-        .observe(started.elapsed().as_secs_f64());
+    let elapsed = started.elapsed().as_secs_f64();
+    gw.metrics.latency.get_or_create(&label).observe(elapsed);
+    if let Some(r) = &known_route {
+        r.latency.observe(elapsed);
+        if code >= 500 {
+            r.errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
     let h = resp.headers_mut();
     // An HTTP/1 body refused unread leaves the connection unusable: say so,
     // or a client may reuse it and lose its next request.
@@ -120,15 +125,13 @@ pub(crate) async fn transform(
     {
         h.insert(headers::TRACE_ID, v);
     }
-    if code >= 500 {
-        span.in_scope(|| {
-            tracing::warn!(
-                status = code,
-                elapsed_ms = started.elapsed().as_millis() as u64,
-                "request failed"
-            )
-        });
-    }
+    span.in_scope(|| {
+        tracing::debug!(
+            status = code,
+            elapsed_ms = elapsed * 1000.0,
+            "request served"
+        )
+    });
     resp
 }
 

@@ -75,6 +75,9 @@ pub struct GatewayOptions {
     pub id: String,
     /// Routing settings.
     pub route: RouteOptions,
+    /// Ship this process's log lines to the control plane (off when the control plane
+    /// runs in the same process and collects them itself).
+    pub ship_logs: bool,
 }
 
 impl GatewayOptions {
@@ -93,6 +96,7 @@ impl GatewayOptions {
             activation_wait: Duration::from_secs(30),
             id: format!("gateway-{}", std::process::id()),
             route: RouteOptions::default(),
+            ship_logs: true,
         }
     }
 }
@@ -189,6 +193,12 @@ impl Bound {
             gw.routes.clone(),
             self.activations,
         ));
+        let shipper = gw.options.ship_logs.then(|| {
+            tokio::spawn(etlmesh_http::logship::ship_logs(
+                gw.options.control_plane.clone(),
+                gw.options.id.clone(),
+            ))
+        });
         let router = Router::new()
             .route("/v1/pipelines/{name}", post(http::transform))
             .route("/v1/pipelines", get(http::list))
@@ -229,6 +239,9 @@ impl Bound {
         }
         follower.abort();
         reporter.abort();
+        if let Some(s) = shipper {
+            s.abort();
+        }
         result
     }
 }

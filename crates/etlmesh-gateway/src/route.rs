@@ -89,6 +89,10 @@ pub struct Route {
     pub held: AtomicU32,
     /// Requests since start.
     pub requests: AtomicU64,
+    /// Answers with a 5xx status since start.
+    pub errors: AtomicU64,
+    /// Requests by latency since start.
+    pub latency: etlmesh_telemetry::metrics::BucketCounts,
 }
 
 impl Route {
@@ -115,6 +119,8 @@ impl Route {
             in_flight: AtomicU32::new(0),
             held: AtomicU32::new(0),
             requests: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            latency: Default::default(),
         }
     }
 
@@ -124,6 +130,8 @@ impl Route {
             in_flight: self.in_flight.load(Ordering::Relaxed),
             held: self.held.load(Ordering::Relaxed),
             requests_total: self.requests.load(Ordering::Relaxed),
+            errors_total: self.errors.load(Ordering::Relaxed),
+            latency_counts: self.latency.snapshot(),
         }
     }
 

@@ -1,5 +1,8 @@
 //! HTTP plumbing shared by the mesh's processes: a small JSON client ([`JsonClient`])
-//! for the control-plane protocol, and JSON error responses ([`error_response`]).
+//! for the control-plane protocol, JSON error responses ([`error_response`]), and the
+//! log shipper ([`logship`]).
+
+pub mod logship;
 
 use std::time::Duration;
 
@@ -178,6 +181,14 @@ pub fn error_response(
     message: impl Into<String>,
     trace_id: Option<String>,
 ) -> Response {
+    let message = message.into();
+    // Every error answer is an event for exception tracking (`/api/v1/errors`); the
+    // request's span adds its trace id and pipeline.
+    if status.is_server_error() {
+        tracing::warn!(error_kind = code, status = status.as_u16(), "{message}");
+    } else {
+        tracing::info!(error_kind = code, status = status.as_u16(), "{message}");
+    }
     let body = ErrorBody::new(code, message, trace_id).to_json();
     let mut resp = Response::new(Body::from(body));
     *resp.status_mut() = status;

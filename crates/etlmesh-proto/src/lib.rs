@@ -48,7 +48,7 @@ pub enum WorkerState {
 }
 
 /// A pipeline a worker serves.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct PipelineInfo {
     /// Its name.
     pub name: String,
@@ -64,6 +64,12 @@ pub struct PipelineInfo {
     /// The output schema as base64 of an Arrow IPC stream (for Arrow Flight clients).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output_schema_ipc: Option<String>,
+    /// Where its records come from (`http`, `mqtt:<topic>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    /// Where its results go (`parquet:out/clean`, `postgres:readings`, `dead_letter:…`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sinks: Vec<String>,
 }
 
 /// What a worker says when it starts.
@@ -150,7 +156,7 @@ pub enum EndpointEvent {
 }
 
 /// One pipeline's load at a gateway.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct PipelineLoad {
     /// Requests sent to workers and not yet answered.
     pub in_flight: u32,
@@ -158,6 +164,13 @@ pub struct PipelineLoad {
     pub held: u32,
     /// Requests since the gateway started.
     pub requests_total: u64,
+    /// Answers with a 5xx status since the gateway started.
+    #[serde(default)]
+    pub errors_total: u64,
+    /// Requests by latency since the gateway started: one count per bucket of
+    /// `etlmesh_telemetry::metrics::LATENCY_BUCKETS`, then one for slower.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub latency_counts: Vec<u64>,
 }
 
 /// What a gateway reports to the control plane, twice a second.

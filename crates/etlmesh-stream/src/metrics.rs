@@ -35,6 +35,8 @@ pub struct StreamMetrics {
     open_windows: Family<Pipeline, Gauge>,
     sink_retries: Family<SinkLabel, Counter>,
     batch_seconds: Family<Pipeline, Histogram, fn() -> Histogram>,
+    /// Records in, all pipelines: the worker adds them to the load it reports.
+    records_in: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl StreamMetrics {
@@ -48,6 +50,7 @@ impl StreamMetrics {
             open_windows: Family::default(),
             sink_retries: Family::default(),
             batch_seconds: Family::new_with_constructor(latency_histogram),
+            records_in: Default::default(),
         };
         let mut r = registry.lock().unwrap_or_else(|p| p.into_inner());
         r.register(
@@ -105,7 +108,20 @@ impl StreamMetrics {
         }
     }
 
+    /// Counts records in into `counter` too.
+    pub fn count_records_in(
+        mut self,
+        counter: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    ) -> Self {
+        self.records_in = counter;
+        self
+    }
+
     pub(crate) fn records(&self, pipeline: &str, outcome: &'static str, n: u64) {
+        if outcome == "in" {
+            self.records_in
+                .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        }
         if n > 0 {
             self.records
                 .get_or_create(&Outcome {

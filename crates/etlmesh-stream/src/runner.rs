@@ -328,9 +328,16 @@ impl Stream {
     }
 
     fn dead_letter(&mut self, rejects: &[Reject]) -> Result<(), StreamError> {
-        if rejects.is_empty() {
+        let Some(first) = rejects.first() else {
             return Ok(());
-        }
+        };
+        tracing::info!(
+            pipeline = %self.spec.name,
+            error_kind = %format_args!("bad_record.{}", first.stage.as_str()),
+            records = rejects.len(),
+            "{} records dead-lettered; first: {first}",
+            rejects.len()
+        );
         self.dead.write(rejects).map_err(|e| StreamError::Sink {
             pipeline: self.spec.name.clone(),
             message: format!("cannot write dead letters: {e}"),

@@ -59,11 +59,14 @@ pub async fn run(
     ready: impl FnOnce(&Urls),
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), UpError> {
-    let control =
-        etlmesh_control::bind(&etlmesh_control::ControlOptions::new(options.admin)).await?;
+    let mut cp_opts = etlmesh_control::ControlOptions::new(options.admin);
+    // The gateway runs here too: the control plane collects its lines itself.
+    cp_opts.log_source = "up".into();
+    let control = etlmesh_control::bind(&cp_opts).await?;
     let admin = format!("http://{}", control.addr);
     let mut gw_opts = options.gateway.clone();
     gw_opts.control_plane = admin.clone();
+    gw_opts.ship_logs = false;
     let gateway = etlmesh_gateway::bind(gw_opts).await?;
     let urls = Urls {
         gateway: format!("http://{}", gateway.addr),

@@ -87,6 +87,7 @@ pub(crate) async fn transform(
         .latency
         .get_or_create(&PipelineLabels { pipeline: label })
         .observe(started.elapsed().as_secs_f64());
+    app.metrics.ewma_latency.set(app.load.ewma_ms() / 1000.0);
     span.in_scope(|| {
         tracing::debug!(
             status = code,
@@ -235,6 +236,7 @@ async fn run(
             };
         }
     };
+    app.metrics.bytes(&p.spec.name, "in", bytes.len());
     let decoded = match decode(app, p, format, bytes).await {
         Ok(d) => d,
         Err(message) => {
@@ -312,6 +314,7 @@ async fn run(
         Ok(b) => b,
         Err(e) => return execution_failed(&format!("encoding the answer failed: {e}"), tid),
     };
+    app.metrics.bytes(name, "out", bytes.len());
     let mut resp = Response::new(Body::from(bytes));
     let h = resp.headers_mut();
     h.insert(
@@ -371,6 +374,12 @@ fn rejects(
     tid: &Option<String>,
 ) -> Option<Response> {
     let first = rejects.first()?;
+    tracing::info!(
+        error_kind = %format_args!("bad_record.{}", first.stage.as_str()),
+        records = rejects.len(),
+        "{} records dead-lettered; first: {first}",
+        rejects.len()
+    );
     if counts.first_error.is_none() {
         counts.first_error = Some(first.to_string());
     }

@@ -136,7 +136,14 @@ pub async fn run(
     let pipelines = pipelines::Pipelines::compile(&file, &options.id, &options.pipelines).await?;
     let load = Arc::new(LoadTracker::default());
     let (drain_tx, drain_rx) = watch::channel(false);
-    let streams = streams::start(&file, &options.id, &pipelines, &registry, drain_rx.clone());
+    let streams = streams::start(
+        &file,
+        &options.id,
+        &pipelines,
+        &registry,
+        load.stream_records(),
+        drain_rx.clone(),
+    );
     let app = Arc::new(App {
         id: options.id.clone(),
         options: options.clone(),
@@ -173,9 +180,11 @@ pub async fn run(
                             .enable_all()
                             .build();
                         if let Ok(rt) = rt {
+                            let source = registration.id.clone();
                             rt.block_on(async {
                                 tokio::select! {
-                                    _ = register::report(cp, registration, load, drain) => {}
+                                    _ = register::report(cp.clone(), registration, load, drain) => {}
+                                    _ = etlmesh_http::logship::ship_logs(cp, source) => {}
                                     _ = reporter_stopped => {}
                                 }
                             });

@@ -16,6 +16,7 @@ pub struct LoadTracker {
     in_flight: AtomicU32,
     requests: AtomicU64,
     records: AtomicU64,
+    stream_records: std::sync::Arc<AtomicU64>,
     ewma_ms: Mutex<f64>,
     window: Mutex<Option<(Instant, u64, CpuMeter)>>,
 }
@@ -39,6 +40,16 @@ impl LoadTracker {
         Some(InFlight(self, Instant::now()))
     }
 
+    /// The counter streams add their records to.
+    pub fn stream_records(&self) -> std::sync::Arc<AtomicU64> {
+        self.stream_records.clone()
+    }
+
+    /// The latency EWMA, in milliseconds.
+    pub fn ewma_ms(&self) -> f64 {
+        *self.ewma_ms.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Counts transformed records.
     pub fn add_records(&self, n: u64) {
         self.records.fetch_add(n, Ordering::Relaxed);
@@ -47,7 +58,8 @@ impl LoadTracker {
     /// The load since the last call.
     pub fn snapshot(&self) -> Load {
         let now = Instant::now();
-        let records = self.records.load(Ordering::Relaxed);
+        let records =
+            self.records.load(Ordering::Relaxed) + self.stream_records.load(Ordering::Relaxed);
         let mut window = self.window.lock().unwrap_or_else(|p| p.into_inner());
         let (rps, cpu) = match window.as_mut() {
             Some((t, r, meter)) => {

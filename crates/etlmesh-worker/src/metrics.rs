@@ -22,6 +22,13 @@ pub struct RecordLabels {
     pub outcome: &'static str,
 }
 
+/// Labels of byte counts.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BytesLabels {
+    pub pipeline: String,
+    pub direction: &'static str,
+}
+
 /// Labels of a pipeline.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PipelineLabels {
@@ -35,6 +42,8 @@ pub struct WorkerMetrics {
     pub latency: Family<PipelineLabels, Histogram, fn() -> Histogram>,
     pub records: Family<RecordLabels, Counter>,
     pub in_flight: Gauge,
+    pub bytes: Family<BytesLabels, Counter>,
+    pub ewma_latency: Gauge<f64, std::sync::atomic::AtomicU64>,
 }
 
 impl WorkerMetrics {
@@ -44,6 +53,8 @@ impl WorkerMetrics {
             latency: Family::new_with_constructor(latency_histogram),
             records: Family::default(),
             in_flight: Gauge::default(),
+            bytes: Family::default(),
+            ewma_latency: Gauge::default(),
         };
         let mut r = registry.lock().unwrap_or_else(|p| p.into_inner());
         r.register(
@@ -66,7 +77,26 @@ impl WorkerMetrics {
             "Requests being served",
             m.in_flight.clone(),
         );
+        r.register(
+            "worker_bytes",
+            "Body bytes by pipeline and direction (in: requests, out: answers)",
+            m.bytes.clone(),
+        );
+        r.register(
+            "worker_latency_ewma_seconds",
+            "Exponentially weighted moving average of request latency (what the gateway balances on)",
+            m.ewma_latency.clone(),
+        );
         m
+    }
+
+    pub fn bytes(&self, pipeline: &str, direction: &'static str, n: usize) {
+        self.bytes
+            .get_or_create(&BytesLabels {
+                pipeline: pipeline.to_string(),
+                direction,
+            })
+            .inc_by(n as u64);
     }
 
     pub fn record(&self, pipeline: &str, outcome: &'static str, n: u64) {

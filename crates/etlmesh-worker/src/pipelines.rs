@@ -177,6 +177,8 @@ impl Pipelines {
                     .transform
                     .as_ref()
                     .and_then(|t| etlmesh_codec::schema::schema_to_base64(t.output_schema())),
+                source: Some(p.spec.describe_source()),
+                sinks: p.spec.describe_sinks(),
             })
             .collect()
     }

@@ -18,6 +18,7 @@ pub(crate) fn start(
     worker: &str,
     pipelines: &Pipelines,
     registry: &SharedRegistry,
+    records_in: std::sync::Arc<std::sync::atomic::AtomicU64>,
     drain: watch::Receiver<bool>,
 ) -> Vec<Running> {
     let specs: Vec<_> = file
@@ -34,7 +35,7 @@ pub(crate) fn start(
         worker: worker.to_string(),
         engine: pipelines.engine.clone(),
         limits: pipelines.limits,
-        metrics: StreamMetrics::register(registry),
+        metrics: StreamMetrics::register(registry).count_records_in(records_in),
     };
     specs
         .into_iter()

@@ -7,6 +7,8 @@ use std::process::ExitCode;
 use clap::Parser;
 use etlmesh_cli::{Cli, LogFormat};
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -16,13 +18,15 @@ fn main() -> ExitCode {
         LogFormat::Text => false,
         LogFormat::Auto => !std::io::stderr().is_terminal(),
     };
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    // Lines also go to an in-memory ring that the control plane collects (`etlmesh logs`).
+    let registry = tracing_subscriber::registry()
+        .with(filter)
+        .with(etlmesh_telemetry::logs::Capture::global());
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     if json {
-        builder.json().flatten_event(true).init();
+        registry.with(fmt.json().flatten_event(true)).init();
     } else {
-        builder.with_target(false).init();
+        registry.with(fmt.with_target(false)).init();
     }
     etlmesh_cli::execute(cli)
 }

@@ -18,6 +18,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
+use super::Scratch;
+
 /// An `etlmesh` process whose stderr is captured.
 pub struct Proc {
     pub child: Child,
@@ -27,8 +29,14 @@ pub struct Proc {
 impl Proc {
     /// Starts `etlmesh ARGS` in `dir`.
     pub fn start(dir: &Path, args: &[&str]) -> Self {
+        Self::start_env(dir, args, &[])
+    }
+
+    /// Starts `etlmesh ARGS` in `dir` with `env` set.
+    pub fn start_env(dir: &Path, args: &[&str], env: &[(String, String)]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_etlmesh"))
             .args(args)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .current_dir(dir)
             .env("ETLMESH_LOG_FORMAT", "text")
             .env("NO_COLOR", "1")
@@ -342,4 +350,110 @@ pub fn per_worker(outcomes: &[Outcome]) -> HashMap<String, usize> {
         *m.entry(o.worker.clone()).or_insert(0) += 1;
     }
     m
+}
+
+/// Control plane, gateway and workers as separate processes.
+pub struct Mesh {
+    pub scratch: Scratch,
+    pub cp_url: String,
+    pub gw_url: String,
+    pub workers: Vec<Proc>,
+    /// Environment of every process started.
+    pub env: Vec<(String, String)>,
+    // Kept alive (and stopped) with the mesh.
+    pub _processes: [Proc; 2],
+}
+
+impl Mesh {
+    pub async fn start(workers: &[&[&str]], gateway_args: &[&str]) -> Self {
+        Self::start_with(workers, gateway_args).await.0
+    }
+
+    /// Also returns the gateway's Arrow Flight URL.
+    pub async fn start_with(workers: &[&[&str]], gateway_args: &[&str]) -> (Self, String) {
+        Self::start_env(workers, gateway_args, &[]).await
+    }
+
+    /// With `env` set for every process.
+    pub async fn start_env(
+        workers: &[&[&str]],
+        gateway_args: &[&str],
+        env: &[(&str, &str)],
+    ) -> (Self, String) {
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let scratch = Scratch::new();
+        scratch.write("mesh.yaml", MESH_YAML);
+        let dir = scratch.dir.path().to_path_buf();
+        let cp = Proc::start_env(&dir, &["control-plane", "--listen", "127.0.0.1:0"], &env);
+        let cp_url = cp.url("control plane");
+        let mut args = vec![
+            "gateway",
+            "--listen",
+            "127.0.0.1:0",
+            "--flight",
+            "127.0.0.1:0",
+            "--control-plane",
+            &cp_url,
+        ];
+        args.extend_from_slice(gateway_args);
+        let gw = Proc::start_env(&dir, &args, &env);
+        let gw_url = gw.url("gateway");
+        let flight = gw.url("Arrow Flight").replace("grpc://", "http://");
+        let mut mesh = Self {
+            scratch,
+            cp_url,
+            gw_url,
+            workers: Vec::new(),
+            env,
+            _processes: [cp, gw],
+        };
+        for (i, extra) in workers.iter().enumerate() {
+            mesh.add_worker(&format!("w{}", i + 1), extra);
+        }
+        mesh.wait_ready(workers.len()).await;
+        (mesh, flight)
+    }
+
+    pub fn add_worker(&mut self, id: &str, extra: &[&str]) {
+        let mut args = vec![
+            "worker",
+            "-c",
+            "mesh.yaml",
+            "--control-plane",
+            &self.cp_url,
+            "--id",
+            id,
+        ];
+        args.extend_from_slice(extra);
+        let w = Proc::start_env(self.scratch.dir.path(), &args, &self.env);
+        w.url("worker");
+        self.workers.push(w);
+    }
+
+    pub async fn ready_workers(&self) -> u64 {
+        let list = Http::new()
+            .get(&format!("{}/v1/pipelines", self.gw_url))
+            .await
+            .json();
+        list.as_array()
+            .and_then(|a| a.iter().find(|p| p["name"] == "clean"))
+            .and_then(|p| p["ready_workers"].as_u64())
+            .unwrap_or(0)
+    }
+
+    pub async fn wait_ready(&self, n: usize) {
+        eventually(
+            Duration::from_secs(20),
+            "workers ready at the gateway",
+            async || self.ready_workers().await == n as u64,
+        )
+        .await;
+    }
+
+    pub fn transform_url(&self) -> String {
+        format!("{}/v1/pipelines/clean", self.gw_url)
+    }
 }

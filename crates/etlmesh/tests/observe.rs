@@ -1,0 +1,291 @@
+//! End-to-end tests of observability with real processes: metrics that move under
+//! load, a request's trace id in the gateway's and the worker's logs and in the
+//! control plane's collection, errors grouped, `etlmesh top`, `etlmesh logs`,
+//! `etlmesh tap`, and the `/ui` dashboard in headless Chromium.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::mesh::*;
+use http::{Method, StatusCode};
+
+/// Mesh tests start many processes; on a small machine they run one at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Debug lines of gateway and worker say when each request is served (in its span).
+const LOG_ENV: &[(&str, &str)] = &[(
+    "ETLMESH_LOG",
+    "info,etlmesh_gateway=debug,etlmesh_worker=debug",
+)];
+
+/// `name{labels} value` lines of a scrape, summed by name and label subset.
+fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (key, value) = l.rsplit_once(' ')?;
+            let (n, rest) = key.split_once('{').unwrap_or((key, ""));
+            (n == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\""))))
+            .then(|| value.parse::<f64>().ok())
+            .flatten()
+        })
+        .sum()
+}
+
+async fn scrape(url: &str) -> String {
+    let a = Http::new().get(&format!("{url}/metrics")).await;
+    assert_eq!(a.status, StatusCode::OK, "{url}/metrics");
+    String::from_utf8_lossy(&a.body).into_owned()
+}
+
+async fn worker_url(cp: &str) -> String {
+    let list = Http::new()
+        .get(&format!("{cp}/api/v1/workers"))
+        .await
+        .json();
+    list[0]["address"].as_str().expect("address").to_string()
+}
+
+/// Runs `etlmesh ARGS` to the end; its stdout.
+async fn etlmesh(args: Vec<String>) -> String {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_etlmesh"))
+        .args(&args)
+        .output()
+        .await
+        .expect("etlmesh runs");
+    assert!(
+        out.status.success(),
+        "etlmesh {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_move_under_load_and_a_trace_id_reaches_every_log() {
+    let _serial = SERIAL.lock().await;
+    let (mesh, _) = Mesh::start_env(&[&[]], &[], LOG_ENV).await;
+    let cp = mesh.cp_url.clone();
+    let worker = worker_url(&cp).await;
+    let before_gw = scrape(&mesh.gw_url).await;
+    let before_w = scrape(&worker).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = load(
+        mesh.transform_url(),
+        readings(500, 0.02, 7),
+        3,
+        stop.clone(),
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    // Under load: every family moves.
+    let gw = scrape(&mesh.gw_url).await;
+    let w = scrape(&worker).await;
+    let control = scrape(&cp).await;
+    let ok = [("pipeline", "clean"), ("code", "200")];
+    let grew = |name: &str, before: &str, after: &str, labels: &[(&str, &str)]| {
+        let (a, b) = (metric(before, name, labels), metric(after, name, labels));
+        assert!(b > a, "{name} {labels:?} did not grow: {a} → {b}");
+    };
+    grew("etlmesh_gateway_requests_total", &before_gw, &gw, &ok);
+    grew(
+        "etlmesh_gateway_request_duration_seconds_count",
+        &before_gw,
+        &gw,
+        &[("pipeline", "clean")],
+    );
+    grew(
+        "etlmesh_gateway_records_total",
+        &before_gw,
+        &gw,
+        &[("pipeline", "clean"), ("outcome", "out")],
+    );
+    grew("etlmesh_worker_requests_total", &before_w, &w, &ok);
+    for outcome in ["in", "out", "filtered", "dead_lettered"] {
+        grew(
+            "etlmesh_worker_records_total",
+            &before_w,
+            &w,
+            &[("pipeline", "clean"), ("outcome", outcome)],
+        );
+    }
+    for direction in ["in", "out"] {
+        grew(
+            "etlmesh_worker_bytes_total",
+            &before_w,
+            &w,
+            &[("pipeline", "clean"), ("direction", direction)],
+        );
+    }
+    grew("etlmesh_process_cpu_seconds_total", &before_w, &w, &[]);
+    assert!(metric(&w, "etlmesh_worker_latency_ewma_seconds", &[]) > 0.0);
+    assert!(metric(&w, "etlmesh_process_resident_memory_bytes", &[]) > 1e6);
+    assert!(metric(&control, "etlmesh_process_resident_memory_bytes", &[]) > 1e6);
+    assert!(
+        metric(
+            &control,
+            "etlmesh_errors_total",
+            &[("pipeline", "clean"), ("kind", "bad_record.cast")]
+        ) > 0.0,
+        "dead-lettered records counted as errors:\n{control}"
+    );
+
+    // The overview: rates and latency from the gateway, records from the worker.
+    let o = Http::new()
+        .get(&format!("{cp}/api/v1/overview"))
+        .await
+        .json();
+    let clean = o["pipelines"]
+        .as_array()
+        .and_then(|a| a.iter().find(|p| p["name"] == "clean"))
+        .expect("clean in the overview")
+        .clone();
+    assert!(clean["requests_per_sec"].as_f64() > Some(1.0), "{clean}");
+    assert!(clean["records_per_sec"].as_f64() > Some(100.0), "{clean}");
+    assert!(clean["p99_ms"].as_f64() > Some(0.0), "{clean}");
+    assert_eq!(clean["ready"], 1);
+    assert!(o["series"].as_array().is_some_and(|s| s.len() >= 2), "{o}");
+
+    // `etlmesh top --once` draws the same figures.
+    let top = etlmesh(vec![
+        "top".into(),
+        "--once".into(),
+        "--control-plane".into(),
+        cp.clone(),
+    ])
+    .await;
+    assert!(
+        top.contains("etlmesh top") && top.contains("gateways 1"),
+        "{top}"
+    );
+    assert!(
+        top.contains("clean") && top.contains("w1") && top.contains("ready"),
+        "{top}"
+    );
+
+    stop.store(true, Ordering::Relaxed);
+    let outcomes = load.await.expect("load");
+    assert_none_failed(&outcomes);
+
+    // One request with a known trace: its id is in the gateway's and the worker's logs.
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let parent = format!("00-{trace}-00f067aa0ba902b7-01");
+    let a = Http::new()
+        .send(
+            Method::POST,
+            &mesh.transform_url(),
+            &[("content-type", "text/csv"), ("traceparent", &parent)],
+            readings(20, 0.0, 3),
+        )
+        .await
+        .expect("answer");
+    assert_eq!(a.status, StatusCode::OK);
+    let gateway = &mesh._processes[1];
+    let gw_line = gateway.wait_for(trace, Duration::from_secs(5));
+    assert!(gw_line.contains("request served"), "{gw_line}");
+    let w_line = mesh.workers[0].wait_for(trace, Duration::from_secs(5));
+    assert!(w_line.contains("transform served"), "{w_line}");
+
+    // An error answer carries its trace id, and is grouped by kind and pipeline.
+    let bad_trace = "0af7651916cd43dd8448eb211c80319c";
+    let a = Http::new()
+        .send(
+            Method::POST,
+            &mesh.transform_url(),
+            &[
+                ("content-type", "text/plain"),
+                (
+                    "traceparent",
+                    &format!("00-{bad_trace}-b7ad6b7169203331-01"),
+                ),
+            ],
+            Bytes::from_static(b"x"),
+        )
+        .await
+        .expect("answer");
+    assert_eq!(a.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    assert_eq!(a.json()["trace_id"], bad_trace);
+
+    // The control plane collected both processes' lines, with the trace ids.
+    let sources_with_trace = async || {
+        let page = Http::new()
+            .get(&format!("{cp}/api/v1/logs?level=debug&limit=4000"))
+            .await
+            .json();
+        let mut by: HashMap<String, usize> = HashMap::new();
+        for l in page["lines"].as_array().into_iter().flatten() {
+            if l["trace_id"] == trace {
+                *by.entry(l["source"].as_str().unwrap_or("").to_string())
+                    .or_default() += 1;
+            }
+        }
+        by
+    };
+    eventually(
+        Duration::from_secs(10),
+        "the trace's lines collected from gateway and worker",
+        async || {
+            let by = sources_with_trace().await;
+            by.contains_key("w1") && by.keys().any(|s| s.starts_with("gateway-"))
+        },
+    )
+    .await;
+    eventually(
+        Duration::from_secs(10),
+        "the 415 grouped with its trace id",
+        async || {
+            let e = Http::new().get(&format!("{cp}/api/v1/errors")).await.json();
+            e["groups"].as_array().into_iter().flatten().any(|g| {
+                g["kind"] == "unsupported_media_type"
+                    && g["pipeline"] == "clean"
+                    && g["count"].as_u64() >= Some(1)
+                    && g["first_seen"].is_string()
+                    && g["trace_ids"]
+                        .as_array()
+                        .is_some_and(|t| t.iter().any(|t| t == bad_trace))
+            })
+        },
+    )
+    .await;
+
+    // `etlmesh logs` shows them; --worker and --level filter.
+    let logs = etlmesh(vec![
+        "logs".into(),
+        "--control-plane".into(),
+        cp.clone(),
+        "--worker".into(),
+        "w1".into(),
+        "--level".into(),
+        "debug".into(),
+        "-n".into(),
+        "4000".into(),
+    ])
+    .await;
+    assert!(
+        logs.lines()
+            .any(|l| l.contains(trace) && l.contains("[w1]")),
+        "{logs}"
+    );
+    let warnings = etlmesh(vec![
+        "logs".into(),
+        "--control-plane".into(),
+        cp.clone(),
+        "--level".into(),
+        "warn".into(),
+        "-n".into(),
+        "4000".into(),
+    ])
+    .await;
+    assert!(!warnings.contains("transform served"), "{warnings}");
+    let errors = etlmesh(vec!["errors".into(), "--control-plane".into(), cp.clone()]).await;
+    assert!(errors.contains("unsupported_media_type"), "{errors}");
+}
