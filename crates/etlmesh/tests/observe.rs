@@ -289,3 +289,82 @@ async fn metrics_move_under_load_and_a_trace_id_reaches_every_log() {
     let errors = etlmesh(vec!["errors".into(), "--control-plane".into(), cp.clone()]).await;
     assert!(errors.contains("unsupported_media_type"), "{errors}");
 }
+
+/// Chromium, or why the browser test cannot run.
+fn chromium() -> Option<String> {
+    let path = std::env::var("ETLMESH_CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    if std::path::Path::new(&path).exists() {
+        return Some(path);
+    }
+    assert!(
+        std::env::var("ETLMESH_REQUIRE_SERVICES").as_deref() != Ok("1"),
+        "Chromium is required (install Debian's `chromium`, or set ETLMESH_CHROMIUM)"
+    );
+    eprintln!("skipped: no Chromium at {path} (install Debian's `chromium`)");
+    None
+}
+
+/// The number in `attr="N"` right after `anchor` in `html`.
+fn number_after(html: &str, anchor: &str, attr: &str) -> Option<f64> {
+    let at = html.find(anchor)? + anchor.len();
+    let rest = &html[at..];
+    let v = rest.find(attr)? + attr.len();
+    let s: String = rest[v..]
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ',')
+        .filter(|c| *c != ',')
+        .collect();
+    s.parse().ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_shows_live_figures_and_draws_charts_in_chromium() {
+    let Some(browser) = chromium() else { return };
+    let _serial = SERIAL.lock().await;
+    let mesh = Mesh::start(&[&[]], &[]).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = load(mesh.transform_url(), readings(300, 0.0, 5), 2, stop.clone());
+    tokio::time::sleep(Duration::from_secs(4)).await;
+
+    let profile = tempfile::tempdir().expect("profile dir");
+    let out = tokio::process::Command::new(&browser)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            &format!("--user-data-dir={}", profile.path().display()),
+            // Scripts run (and the page polls) for 4 s of virtual time before the dump.
+            "--virtual-time-budget=4000",
+            "--dump-dom",
+            &format!("{}/ui", mesh.cp_url),
+        ])
+        .output()
+        .await
+        .expect("chromium runs");
+    stop.store(true, Ordering::Relaxed);
+    assert_none_failed(&load.await.expect("load"));
+    let html = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && html.contains("<body"),
+        "chromium failed: {}\n{html}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // The page fetched the overview at least once and drew it.
+    let updates = number_after(&html, "<body", "data-updates=\"").unwrap_or(0.0);
+    assert!(updates >= 1.0, "no update of the page:\n{html}");
+    for chart in ["chart-requests", "chart-records", "chart-latency", "chart-replicas"] {
+        let points = number_after(&html, &format!("id=\"{chart}\""), "data-points=\"");
+        assert!(
+            points.is_some_and(|p| p >= 2.0),
+            "{chart} has no line drawn ({points:?}):\n{html}"
+        );
+    }
+    assert!(html.contains("<polyline class=\"series\""), "{html}");
+    // Live figures: the pipeline's requests per second, its worker in the topology.
+    let rps = number_after(&html, "data-pipeline=\"clean\"", "class=\"n rps\">");
+    assert!(rps.is_some_and(|r| r > 0.0), "requests/s of clean: {rps:?}\n{html}");
+    assert!(html.contains("w1 · "), "the worker in the topology:\n{html}");
+    assert!(html.contains("stdout:ndjson"), "the sink in the topology:\n{html}");
+}
