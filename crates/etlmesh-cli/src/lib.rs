@@ -8,6 +8,7 @@ mod mesh;
 mod run;
 mod simulate;
 mod sql_diag;
+mod tap;
 mod top;
 mod validate;
 
@@ -68,6 +69,8 @@ pub enum Command {
     Errors(logs::ErrorsArgs),
     /// A live view of the mesh in the terminal: pipelines, workers, rates, errors.
     Top(top::TopArgs),
+    /// Live records of a pipeline (input, output or dead letters) from its workers.
+    Tap(tap::TapArgs),
 }
 
 /// Errors a subcommand reports before exiting non-zero.
@@ -109,6 +112,7 @@ pub fn execute(cli: Cli) -> ExitCode {
         Command::Logs(a) => logs::logs(&a),
         Command::Errors(a) => logs::errors(&a),
         Command::Top(a) => top::top(&a),
+        Command::Tap(a) => tap::tap(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

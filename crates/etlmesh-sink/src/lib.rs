@@ -10,6 +10,8 @@
 //! - [`stdout::StdoutSink`]: the encoded rows on standard output, written at commit.
 //! - [`dead_letter::DeadLetterSink`]: rejected records as NDJSON with their origin
 //!   and reason.
+//! - [`tap::TapHub`]: live samples of records for `etlmesh tap`, free when no one
+//!   listens.
 //!
 //! [`build`] is the one list of sink kinds.
 
@@ -17,6 +19,7 @@ pub mod dead_letter;
 pub mod file;
 mod partition;
 pub mod stdout;
+pub mod tap;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

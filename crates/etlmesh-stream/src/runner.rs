@@ -9,6 +9,7 @@ use etlmesh_codec::{DecodedBatch, Limits, Provenance, Reject, Stage, record::row
 use etlmesh_config::{MicroBatch, PipelineSpec};
 use etlmesh_engine::{Engine, Kind, Transform};
 use etlmesh_sink::dead_letter::DeadLetterLog;
+use etlmesh_sink::tap::TapStage;
 use tokio::sync::{mpsc, watch};
 
 use crate::decode::{LineMap, MessageDecoder};
@@ -29,6 +30,8 @@ pub struct StreamOptions {
     pub limits: Limits,
     /// Where counts go.
     pub metrics: StreamMetrics,
+    /// Open taps (`etlmesh tap`).
+    pub taps: std::sync::Arc<etlmesh_sink::tap::TapHub>,
 }
 
 /// How often the loop wakes with no message, to roll files and close idle windows.
@@ -37,6 +40,7 @@ const TICK: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 struct Stream {
+    taps: std::sync::Arc<etlmesh_sink::tap::TapHub>,
     spec: PipelineSpec,
     batch: MicroBatch,
     decoder: MessageDecoder,
@@ -118,6 +122,7 @@ pub async fn run(
         source::start(&mqtt, &client_id, source::RECEIVE_MAXIMUM as usize + 1024).await?;
     tracing::info!(pipeline = %spec.name, client_id, filter = %mqtt.shared_filter(), sinks = sinks.len(), windowed = windows.is_some(), "stream started");
     let mut s = Stream {
+        taps: opts.taps,
         batch: mqtt.batch,
         spec,
         decoder,
@@ -228,6 +233,12 @@ impl Stream {
         let mut rejects = decoded.rejects;
         self.metrics.records(&self.spec.name, "in", decoded.records);
         let mut inputs: Vec<DecodedBatch> = decoded.batches;
+        if self.taps.is_tapped() {
+            for b in &inputs {
+                self.taps
+                    .offer_batch(&self.spec.name, TapStage::Input, &b.batch);
+            }
+        }
         if let Some(d) = &mut self.dedup {
             let dropped = d.drop_repeats(&mut inputs);
             self.metrics.records(&self.spec.name, "duplicate", dropped);
@@ -338,6 +349,7 @@ impl Stream {
             "{} records dead-lettered; first: {first}",
             rejects.len()
         );
+        self.taps.offer_rejects(&self.spec.name, rejects);
         self.dead.write(rejects).map_err(|e| StreamError::Sink {
             pipeline: self.spec.name.clone(),
             message: format!("cannot write dead letters: {e}"),
@@ -357,6 +369,11 @@ impl Stream {
         lines: &LineMap,
     ) -> Result<bool, StreamError> {
         let rows: u64 = outputs.iter().map(|b| b.num_rows() as u64).sum();
+        if self.taps.is_tapped() {
+            for b in outputs {
+                self.taps.offer_batch(&self.spec.name, TapStage::Output, b);
+            }
+        }
         let mut refused: Option<String> = None;
         for i in 0..self.sinks.len() {
             let mut backoff = Duration::from_millis(100);

@@ -18,6 +18,8 @@ use etlmesh_proto::headers;
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use tracing::Instrument;
 
+use etlmesh_sink::tap::TapStage;
+
 use crate::App;
 use crate::metrics::{PipelineLabels, RequestLabels};
 use crate::pipelines::Pipeline;
@@ -249,7 +251,13 @@ async fn run(
         ..Default::default()
     };
     let decoded_rows = decoded.rows() as u64;
-    if let Some(resp) = rejects(p, &mut counts, decoded.rejects, &tid) {
+    if app.taps.is_tapped() {
+        for b in &decoded.batches {
+            app.taps
+                .offer_batch(&p.spec.name, TapStage::Input, &b.batch);
+        }
+    }
+    if let Some(resp) = rejects(app, p, &mut counts, decoded.rejects, &tid) {
         return resp;
     }
     let transform = match p.transform_for(&app.pipelines.engine, &schema).await {
@@ -276,7 +284,7 @@ async fn run(
                         counts.filtered += r.filtered();
                         let failed = r.rejects;
                         outputs.extend(r.batches);
-                        if let Some(resp) = rejects(p, &mut counts, failed, &tid) {
+                        if let Some(resp) = rejects(app, p, &mut counts, failed, &tid) {
                             return resp;
                         }
                     }
@@ -298,6 +306,11 @@ async fn run(
         }
     }
     let name = &p.spec.name;
+    if app.taps.is_tapped() {
+        for b in &outputs {
+            app.taps.offer_batch(name, TapStage::Output, b);
+        }
+    }
     app.load.add_records(counts.records_in);
     app.metrics.record(name, "in", counts.records_in);
     app.metrics.record(name, "out", counts.out);
@@ -368,12 +381,14 @@ async fn decode(
 /// Dead-letters rejects; with `on_error: fail` (or when dead letters cannot be
 /// written), the response that refuses the request.
 fn rejects(
+    app: &App,
     p: &Pipeline,
     counts: &mut Counts,
     rejects: Vec<Reject>,
     tid: &Option<String>,
 ) -> Option<Response> {
     let first = rejects.first()?;
+    app.taps.offer_rejects(&p.spec.name, &rejects);
     tracing::info!(
         error_kind = %format_args!("bad_record.{}", first.stage.as_str()),
         records = rejects.len(),

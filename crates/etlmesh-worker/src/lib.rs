@@ -17,6 +17,7 @@ mod metrics;
 mod pipelines;
 mod register;
 mod streams;
+mod tap;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -109,6 +110,8 @@ pub(crate) struct App {
     pub metrics: metrics::WorkerMetrics,
     pub registry: etlmesh_telemetry::metrics::SharedRegistry,
     pub draining: watch::Receiver<bool>,
+    /// Open taps (`etlmesh tap`).
+    pub taps: Arc<etlmesh_sink::tap::TapHub>,
 }
 
 /// Runs a worker until `shutdown` completes, then drains and returns.
@@ -135,13 +138,17 @@ pub async fn run(
     let metrics = metrics::WorkerMetrics::register(&registry);
     let pipelines = pipelines::Pipelines::compile(&file, &options.id, &options.pipelines).await?;
     let load = Arc::new(LoadTracker::default());
+    let taps = Arc::new(etlmesh_sink::tap::TapHub::default());
     let (drain_tx, drain_rx) = watch::channel(false);
     let streams = streams::start(
         &file,
         &options.id,
         &pipelines,
         &registry,
-        load.stream_records(),
+        streams::Shared {
+            records_in: load.stream_records(),
+            taps: taps.clone(),
+        },
         drain_rx.clone(),
     );
     let app = Arc::new(App {
@@ -152,9 +159,11 @@ pub async fn run(
         metrics,
         registry,
         draining: drain_rx.clone(),
+        taps,
     });
     let router = Router::new()
         .route("/v1/transform/{pipeline}", post(handler::transform))
+        .route("/v1/tap/{pipeline}", get(tap::tap))
         .route("/healthz", get(handler::healthz))
         .route("/metrics", get(handler::metrics))
         .with_state(app.clone());

@@ -12,13 +12,21 @@ use crate::pipelines::Pipelines;
 /// A running stream: its pipeline and its task.
 pub(crate) type Running = (String, JoinHandle<Result<(), StreamError>>);
 
+/// What streams share with the rest of the worker.
+pub(crate) struct Shared {
+    /// Records in, counted into the load the worker reports.
+    pub records_in: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Open taps.
+    pub taps: std::sync::Arc<etlmesh_sink::tap::TapHub>,
+}
+
 /// Starts the stream of every served pipeline with an MQTT source.
 pub(crate) fn start(
     file: &PipelineFile,
     worker: &str,
     pipelines: &Pipelines,
     registry: &SharedRegistry,
-    records_in: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    shared: Shared,
     drain: watch::Receiver<bool>,
 ) -> Vec<Running> {
     let specs: Vec<_> = file
@@ -35,7 +43,8 @@ pub(crate) fn start(
         worker: worker.to_string(),
         engine: pipelines.engine.clone(),
         limits: pipelines.limits,
-        metrics: StreamMetrics::register(registry).count_records_in(records_in),
+        metrics: StreamMetrics::register(registry).count_records_in(shared.records_in),
+        taps: shared.taps,
     };
     specs
         .into_iter()

@@ -172,6 +172,37 @@ async fn metrics_move_under_load_and_a_trace_id_reaches_every_log() {
         "{top}"
     );
 
+    // `etlmesh tap`: live records at each stage, as many as asked.
+    for (stage, n, field) in [
+        ("input", 3, "humidity"),
+        ("output", 5, "temperature_f"),
+        ("dead_letter", 2, "reason"),
+    ] {
+        let out = etlmesh(vec![
+            "tap".into(),
+            "clean".into(),
+            "--stage".into(),
+            stage.into(),
+            "-n".into(),
+            n.to_string(),
+            "--timeout".into(),
+            "20s".into(),
+            "--control-plane".into(),
+            cp.clone(),
+        ])
+        .await;
+        let lines: Vec<serde_json::Value> = out
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("a JSON line"))
+            .collect();
+        assert_eq!(lines.len(), n, "{stage}: {out}");
+        for l in &lines {
+            assert_eq!(l["worker"], "w1", "{l}");
+            assert_eq!(l["stage"], stage, "{l}");
+            assert!(l["record"].get(field).is_some(), "{stage}: {l}");
+        }
+    }
+
     stop.store(true, Ordering::Relaxed);
     let outcomes = load.await.expect("load");
     assert_none_failed(&outcomes);
@@ -354,7 +385,12 @@ async fn the_dashboard_shows_live_figures_and_draws_charts_in_chromium() {
     // The page fetched the overview at least once and drew it.
     let updates = number_after(&html, "<body", "data-updates=\"").unwrap_or(0.0);
     assert!(updates >= 1.0, "no update of the page:\n{html}");
-    for chart in ["chart-requests", "chart-records", "chart-latency", "chart-replicas"] {
+    for chart in [
+        "chart-requests",
+        "chart-records",
+        "chart-latency",
+        "chart-replicas",
+    ] {
         let points = number_after(&html, &format!("id=\"{chart}\""), "data-points=\"");
         assert!(
             points.is_some_and(|p| p >= 2.0),
@@ -364,7 +400,16 @@ async fn the_dashboard_shows_live_figures_and_draws_charts_in_chromium() {
     assert!(html.contains("<polyline class=\"series\""), "{html}");
     // Live figures: the pipeline's requests per second, its worker in the topology.
     let rps = number_after(&html, "data-pipeline=\"clean\"", "class=\"n rps\">");
-    assert!(rps.is_some_and(|r| r > 0.0), "requests/s of clean: {rps:?}\n{html}");
-    assert!(html.contains("w1 · "), "the worker in the topology:\n{html}");
-    assert!(html.contains("stdout:ndjson"), "the sink in the topology:\n{html}");
+    assert!(
+        rps.is_some_and(|r| r > 0.0),
+        "requests/s of clean: {rps:?}\n{html}"
+    );
+    assert!(
+        html.contains("w1 · "),
+        "the worker in the topology:\n{html}"
+    );
+    assert!(
+        html.contains("stdout:ndjson"),
+        "the sink in the topology:\n{html}"
+    );
 }

@@ -1,0 +1,80 @@
+//! `GET /v1/tap/{pipeline}?stage=input|output|dead_letter&limit=N&timeout_ms=T`:
+//! live records of a pipeline as NDJSON, one `{"worker", "pipeline", "stage",
+//! "record"}` object per line, until `limit` records (10 by default, 10,000 at most)
+//! or `timeout_ms` (60 s by default, 10 min at most) — whichever comes first — or
+//! until the client hangs up.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::response::Response;
+use bytes::Bytes;
+use etlmesh_http::error_response;
+use etlmesh_sink::tap::TapStage;
+use http::{HeaderValue, StatusCode, header};
+
+use crate::App;
+
+const MAX_LIMIT: usize = 10_000;
+const MAX_WAIT: Duration = Duration::from_secs(600);
+
+#[derive(Debug, serde::Deserialize)]
+pub(crate) struct TapParams {
+    stage: Option<String>,
+    limit: Option<usize>,
+    timeout_ms: Option<u64>,
+}
+
+pub(crate) async fn tap(
+    State(app): State<Arc<App>>,
+    Path(pipeline): Path<String>,
+    Query(q): Query<TapParams>,
+) -> Response {
+    if app.pipelines.get(&pipeline).is_none() {
+        return error_response(
+            StatusCode::NOT_FOUND,
+            "unknown_pipeline",
+            format!(
+                "no pipeline named `{pipeline}`; this worker serves: {}",
+                app.pipelines.names().join(", ")
+            ),
+            None,
+        );
+    }
+    let stage_name = q.stage.as_deref().unwrap_or("output");
+    let Some(stage) = TapStage::parse(stage_name) else {
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            "bad_stage",
+            format!("no stage `{stage_name}`; tap one of input, output, dead_letter"),
+            None,
+        );
+    };
+    let limit = q.limit.unwrap_or(10).clamp(1, MAX_LIMIT);
+    let wait = q
+        .timeout_ms
+        .map_or(Duration::from_secs(60), Duration::from_millis)
+        .min(MAX_WAIT);
+    let rx = app.taps.open(&pipeline, stage, limit);
+    let prefix = format!(
+        "{{\"worker\":{},\"pipeline\":{},\"stage\":\"{}\",\"record\":",
+        serde_json::Value::from(app.id.as_str()),
+        serde_json::Value::from(pipeline.as_str()),
+        stage.as_str()
+    );
+    let deadline = tokio::time::Instant::now() + wait;
+    let stream = futures::stream::unfold((rx, prefix), move |(mut rx, prefix)| async move {
+        let row = tokio::time::timeout_at(deadline, rx.recv()).await.ok()??;
+        let line = Bytes::from(format!("{prefix}{row}}}\n"));
+        Some((Ok::<_, Infallible>(line), (rx, prefix)))
+    });
+    let mut resp = Response::new(Body::from_stream(stream));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/x-ndjson"),
+    );
+    resp
+}
