@@ -75,6 +75,9 @@ pub struct WorkerArgs {
     /// Serve only this pipeline (repeatable; every pipeline of the file by default).
     #[arg(long = "pipeline", value_name = "NAME")]
     pub pipelines: Vec<String>,
+    /// No per-request metrics or trace spans (to measure what they cost).
+    #[arg(long, env = "ETLMESH_NO_TELEMETRY")]
+    pub no_telemetry: bool,
 }
 
 pub(crate) fn worker(args: &WorkerArgs) -> Result<(), CliError> {
@@ -89,6 +92,7 @@ pub(crate) fn worker(args: &WorkerArgs) -> Result<(), CliError> {
     opts.max_in_flight = args.max_in_flight.max(1);
     opts.inject_latency = args.inject_latency;
     opts.pipelines = args.pipelines.clone();
+    opts.telemetry = !args.no_telemetry;
     let threads = args
         .threads
         .unwrap_or_else(|| file.spec.platform.effective_threads());
@@ -224,6 +228,9 @@ pub struct GatewayTuning {
     /// How long a held request waits for a worker before a 503.
     #[arg(long, default_value = "30s", value_parser = duration)]
     pub activation_wait: Duration,
+    /// No per-request metrics or trace spans (to measure what they cost).
+    #[arg(long, env = "ETLMESH_NO_TELEMETRY")]
+    pub no_telemetry: bool,
 }
 
 impl GatewayTuning {
@@ -235,6 +242,7 @@ impl GatewayTuning {
         o.route.endpoint_concurrency = self.endpoint_concurrency.max(1);
         o.activation_queue = self.activation_queue;
         o.activation_wait = self.activation_wait;
+        o.telemetry = !self.no_telemetry;
     }
 }
 

@@ -81,6 +81,9 @@ pub(crate) async fn transform(
 ) -> Response {
     let started = Instant::now();
     let trace = etlmesh_http::trace_context(&req_headers);
+    if !gw.options.telemetry {
+        return route(&gw, &name, q, req_headers, body, trace).await;
+    }
     let trace_id = trace.trace_id_hex();
     let span = tracing::info_span!("request", pipeline = %name, trace_id = %trace_id);
     let known_route = gw.routes.get(&name);
@@ -244,6 +247,12 @@ fn count(h: &HeaderMap, name: &str) -> u64 {
 /// Passes a worker's answer on, body streaming.
 fn relay(gw: &Gateway, name: &str, r: WorkerResponse) -> Response {
     let (parts, body) = r.response.into_parts();
+    if !gw.options.telemetry {
+        let mut resp = Response::new(Body::new(body));
+        *resp.status_mut() = parts.status;
+        *resp.headers_mut() = parts.headers;
+        return resp;
+    }
     let code = parts.status.as_u16();
     gw.metrics
         .endpoint_requests

@@ -78,6 +78,8 @@ pub struct GatewayOptions {
     /// Ship this process's log lines to the control plane (off when the control plane
     /// runs in the same process and collects them itself).
     pub ship_logs: bool,
+    /// Per-request metrics and trace spans (off only to measure what they cost).
+    pub telemetry: bool,
 }
 
 impl GatewayOptions {
@@ -97,6 +99,7 @@ impl GatewayOptions {
             id: format!("gateway-{}", std::process::id()),
             route: RouteOptions::default(),
             ship_logs: true,
+            telemetry: true,
         }
     }
 }

@@ -62,6 +62,14 @@ pub(crate) async fn transform(
     let started = Instant::now();
     let trace = etlmesh_http::trace_context(&req_headers).child();
     let trace_id = trace.trace_id_hex();
+    if !app.options.telemetry {
+        let mut resp = serve(&app, &name, &req_headers, body, &trace_id).await;
+        let h = resp.headers_mut();
+        h.insert(headers::TRACEPARENT, value(&trace.header()));
+        h.insert(headers::TRACE_ID, value(&trace_id));
+        h.insert(headers::WORKER, value(&app.id));
+        return resp;
+    }
     let span =
         tracing::info_span!("transform", pipeline = %name, trace_id = %trace_id, worker = %app.id);
     let mut resp = serve(&app, &name, &req_headers, body, &trace_id)
@@ -160,7 +168,9 @@ async fn serve(app: &Arc<App>, name: &str, h: &HeaderMap, body: Body, trace_id: 
             tid,
         );
     };
-    app.metrics.in_flight.set(i64::from(app.load.in_flight()));
+    if app.metrics.enabled {
+        app.metrics.in_flight.set(i64::from(app.load.in_flight()));
+    }
     let format = match h
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())

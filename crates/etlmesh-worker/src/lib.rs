@@ -80,6 +80,8 @@ pub struct WorkerOptions {
     pub inject_latency: Option<Duration>,
     /// The pipelines served (every pipeline of the file when empty).
     pub pipelines: Vec<String>,
+    /// Per-request metrics and trace spans (off only to measure what they cost).
+    pub telemetry: bool,
 }
 
 impl WorkerOptions {
@@ -97,6 +99,7 @@ impl WorkerOptions {
             drain_timeout: Duration::from_secs(30),
             inject_latency: None,
             pipelines: Vec::new(),
+            telemetry: true,
         }
     }
 }
@@ -135,7 +138,8 @@ pub async fn run(
         .clone()
         .unwrap_or_else(|| format!("http://{local}"));
     let registry = etlmesh_telemetry::metrics::registry();
-    let metrics = metrics::WorkerMetrics::register(&registry);
+    let mut metrics = metrics::WorkerMetrics::register(&registry);
+    metrics.enabled = options.telemetry;
     let pipelines = pipelines::Pipelines::compile(&file, &options.id, &options.pipelines).await?;
     let load = Arc::new(LoadTracker::default());
     let taps = Arc::new(etlmesh_sink::tap::TapHub::default());

@@ -44,6 +44,8 @@ pub struct WorkerMetrics {
     pub in_flight: Gauge,
     pub bytes: Family<BytesLabels, Counter>,
     pub ewma_latency: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// Off: per-request counts are skipped (to measure what they cost).
+    pub enabled: bool,
 }
 
 impl WorkerMetrics {
@@ -55,6 +57,7 @@ impl WorkerMetrics {
             in_flight: Gauge::default(),
             bytes: Family::default(),
             ewma_latency: Gauge::default(),
+            enabled: true,
         };
         let mut r = registry.lock().unwrap_or_else(|p| p.into_inner());
         r.register(
@@ -91,6 +94,9 @@ impl WorkerMetrics {
     }
 
     pub fn bytes(&self, pipeline: &str, direction: &'static str, n: usize) {
+        if !self.enabled {
+            return;
+        }
         self.bytes
             .get_or_create(&BytesLabels {
                 pipeline: pipeline.to_string(),
@@ -100,7 +106,7 @@ impl WorkerMetrics {
     }
 
     pub fn record(&self, pipeline: &str, outcome: &'static str, n: u64) {
-        if n > 0 {
+        if n > 0 && self.enabled {
             self.records
                 .get_or_create(&RecordLabels {
                     pipeline: pipeline.to_string(),
