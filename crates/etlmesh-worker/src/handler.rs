@@ -144,18 +144,23 @@ fn response_format(h: &HeaderMap, request: Format) -> Result<Format, String> {
 
 const FORMATS: &str = "text/csv, application/x-ndjson, application/json, application/vnd.apache.parquet or application/vnd.apache.arrow.stream";
 
+/// 404 for a pipeline this worker does not serve, listing those it does.
+pub(crate) fn unknown_pipeline(app: &App, name: &str, tid: Option<String>) -> Response {
+    error_response(
+        StatusCode::NOT_FOUND,
+        "unknown_pipeline",
+        format!(
+            "no pipeline named `{name}`; this worker serves: {}",
+            app.pipelines.names().join(", ")
+        ),
+        tid,
+    )
+}
+
 async fn serve(app: &Arc<App>, name: &str, h: &HeaderMap, body: Body, trace_id: &str) -> Response {
     let tid = Some(trace_id.to_string());
     let Some(pipeline) = app.pipelines.get(name) else {
-        return error_response(
-            StatusCode::NOT_FOUND,
-            "unknown_pipeline",
-            format!(
-                "no pipeline named `{name}`; this worker serves: {}",
-                app.pipelines.names().join(", ")
-            ),
-            tid,
-        );
+        return unknown_pipeline(app, name, tid);
     };
     let Some(_in_flight) = app.load.try_start(app.options.max_in_flight) else {
         return error_response(

@@ -34,15 +34,7 @@ pub(crate) async fn tap(
     Query(q): Query<TapParams>,
 ) -> Response {
     if app.pipelines.get(&pipeline).is_none() {
-        return error_response(
-            StatusCode::NOT_FOUND,
-            "unknown_pipeline",
-            format!(
-                "no pipeline named `{pipeline}`; this worker serves: {}",
-                app.pipelines.names().join(", ")
-            ),
-            None,
-        );
+        return crate::handler::unknown_pipeline(&app, &pipeline, None);
     }
     let stage_name = q.stage.as_deref().unwrap_or("output");
     let Some(stage) = TapStage::parse(stage_name) else {
