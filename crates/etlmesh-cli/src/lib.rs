@@ -96,6 +96,17 @@ pub enum CliError {
     Other(String),
 }
 
+/// Runs a mesh process, exporting its spans over OTLP when
+/// `OTEL_EXPORTER_OTLP_ENDPOINT` is set (flushed when it returns).
+fn with_otlp(service: &str, run: impl FnOnce() -> Result<(), CliError>) -> Result<(), CliError> {
+    let _flush_at_end = etlmesh_telemetry::otlp::init_from_env(service).map_err(|e| {
+        CliError::Other(format!(
+            "{e}\n  help: fix or unset OTEL_EXPORTER_OTLP_ENDPOINT and OTEL_EXPORTER_OTLP_PROTOCOL"
+        ))
+    })?;
+    run()
+}
+
 /// Runs a parsed command line.
 pub fn execute(cli: Cli) -> ExitCode {
     let result = match cli.command {
@@ -103,10 +114,10 @@ pub fn execute(cli: Cli) -> ExitCode {
         Command::Run(a) => run::run(&a),
         Command::Generate(a) => generate::generate(&a),
         Command::Demo(a) => demo::demo(&a),
-        Command::Up(a) => mesh::up(&a),
-        Command::Worker(a) => mesh::worker(&a),
-        Command::ControlPlane(a) => mesh::control_plane(&a),
-        Command::Gateway(a) => mesh::gateway(&a),
+        Command::Up(a) => with_otlp("etlmesh-up", || mesh::up(&a)),
+        Command::Worker(a) => with_otlp("etlmesh-worker", || mesh::worker(&a)),
+        Command::ControlPlane(a) => with_otlp("etlmesh-control-plane", || mesh::control_plane(&a)),
+        Command::Gateway(a) => with_otlp("etlmesh-gateway", || mesh::gateway(&a)),
         Command::Simulate(a) => simulate::simulate(&a),
         Command::Subscribe(a) => simulate::subscribe(&a),
         Command::Logs(a) => logs::logs(&a),

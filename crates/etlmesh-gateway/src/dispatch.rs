@@ -120,7 +120,8 @@ impl Gateway {
             self.activate(&route, deadline, timeout).await?;
         }
         let _in_flight = Counted::new(&route.in_flight);
-        if let Ok(v) = HeaderValue::from_str(&trace.child().header()) {
+        // `trace` is this gateway's span: the worker's parent.
+        if let Ok(v) = HeaderValue::from_str(&trace.header()) {
             headers.insert(etlmesh_proto::headers::TRACEPARENT, v);
         }
         let req = WorkerRequest {

@@ -150,7 +150,13 @@ impl FlightGateway {
         };
         let resp = self
             .gw
-            .dispatch(route, h, payload, &trace, self.gw.options.default_deadline)
+            .dispatch(
+                route,
+                h,
+                payload,
+                &trace.child(),
+                self.gw.options.default_deadline,
+            )
             .await
             .map_err(refusal)?;
         let (parts, incoming) = resp.response.into_parts();

@@ -80,7 +80,8 @@ pub(crate) async fn transform(
     body: Body,
 ) -> Response {
     let started = Instant::now();
-    let trace = etlmesh_http::trace_context(&req_headers);
+    let wall_start = std::time::SystemTime::now();
+    let (trace, parent) = etlmesh_http::server_span(&req_headers);
     if !gw.options.telemetry {
         return route(&gw, &name, q, req_headers, body, trace).await;
     }
@@ -135,6 +136,23 @@ pub(crate) async fn transform(
             "request served"
         )
     });
+    if etlmesh_telemetry::otlp::enabled() {
+        etlmesh_telemetry::otlp::record(etlmesh_telemetry::otlp::SpanRecord {
+            name: "gateway.request",
+            context: &trace,
+            parent,
+            start: wall_start,
+            attributes: vec![
+                etlmesh_telemetry::otlp::KeyValue::new("pipeline", name.clone()),
+                etlmesh_telemetry::otlp::KeyValue::new(
+                    "http.response.status_code",
+                    i64::from(code),
+                ),
+                etlmesh_telemetry::otlp::KeyValue::new("etlmesh.gateway", gw.options.id.clone()),
+            ],
+            error: (code >= 500).then(|| format!("answered {code}")),
+        });
+    }
     resp
 }
 

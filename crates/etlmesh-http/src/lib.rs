@@ -166,12 +166,18 @@ pub fn no_delay(stream: &mut tokio::net::TcpStream) {
     let _ = stream.set_nodelay(true);
 }
 
-/// The trace context of a request (its `traceparent`), or a new trace.
-pub fn trace_context(h: &http::HeaderMap) -> etlmesh_telemetry::TraceContext {
+/// This hop's span for a request: a child of its `traceparent` (whose span id is
+/// returned as the parent), or the root of a new trace when it has none or a
+/// malformed one.
+pub fn server_span(h: &http::HeaderMap) -> (etlmesh_telemetry::TraceContext, Option<u64>) {
     let parent = h
         .get(etlmesh_proto::headers::TRACEPARENT)
-        .and_then(|v| v.to_str().ok());
-    etlmesh_telemetry::TraceContext::from_header_or_new(parent)
+        .and_then(|v| v.to_str().ok())
+        .and_then(etlmesh_telemetry::TraceContext::parse);
+    match parent {
+        Some(p) => (p.child(), Some(p.span_id)),
+        None => (etlmesh_telemetry::TraceContext::new_root(), None),
+    }
 }
 
 /// A JSON error response: `{"code", "message", "trace_id"}`.

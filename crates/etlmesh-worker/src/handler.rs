@@ -60,7 +60,8 @@ pub(crate) async fn transform(
     body: Body,
 ) -> Response {
     let started = Instant::now();
-    let trace = etlmesh_http::trace_context(&req_headers).child();
+    let wall_start = std::time::SystemTime::now();
+    let (trace, parent) = etlmesh_http::server_span(&req_headers);
     let trace_id = trace.trace_id_hex();
     if !app.options.telemetry {
         let mut resp = serve(&app, &name, &req_headers, body, &trace_id).await;
@@ -105,6 +106,42 @@ pub(crate) async fn transform(
             "transform served"
         );
     });
+    if etlmesh_telemetry::otlp::enabled() {
+        let records = |h: &str| {
+            resp.headers()
+                .get(h)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<i64>().ok())
+                .unwrap_or(0)
+        };
+        etlmesh_telemetry::otlp::record(etlmesh_telemetry::otlp::SpanRecord {
+            name: "worker.transform",
+            context: &trace,
+            parent,
+            start: wall_start,
+            attributes: vec![
+                etlmesh_telemetry::otlp::KeyValue::new("pipeline", name.clone()),
+                etlmesh_telemetry::otlp::KeyValue::new("etlmesh.worker", app.id.clone()),
+                etlmesh_telemetry::otlp::KeyValue::new(
+                    "http.response.status_code",
+                    i64::from(code),
+                ),
+                etlmesh_telemetry::otlp::KeyValue::new(
+                    "etlmesh.records_in",
+                    records(headers::RECORDS_IN),
+                ),
+                etlmesh_telemetry::otlp::KeyValue::new(
+                    "etlmesh.records_out",
+                    records(headers::RECORDS_OUT),
+                ),
+                etlmesh_telemetry::otlp::KeyValue::new(
+                    "etlmesh.records_dead_lettered",
+                    records(headers::RECORDS_DEAD_LETTERED),
+                ),
+            ],
+            error: (code >= 500).then(|| format!("answered {code}")),
+        });
+    }
     resp
 }
 

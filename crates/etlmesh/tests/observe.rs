@@ -413,3 +413,126 @@ async fn the_dashboard_shows_live_figures_and_draws_charts_in_chromium() {
         "the sink in the topology:\n{html}"
     );
 }
+
+/// A minimal OTLP/HTTP receiver: keeps the JSON bodies posted to `/v1/traces`.
+async fn otlp_receiver() -> (String, Arc<std::sync::Mutex<Vec<serde_json::Value>>>) {
+    let got = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = got.clone();
+    let app = axum::Router::new().route(
+        "/v1/traces",
+        axum::routing::post(move |body: Bytes| {
+            let sink = sink.clone();
+            async move {
+                if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&body) {
+                    sink.lock().expect("spans").push(v);
+                }
+                "{}"
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (format!("http://{addr}"), got)
+}
+
+/// Every span received: (service, span).
+fn spans(bodies: &[serde_json::Value]) -> Vec<(String, serde_json::Value)> {
+    let mut out = Vec::new();
+    for b in bodies {
+        for rs in b["resourceSpans"].as_array().into_iter().flatten() {
+            let service = rs["resource"]["attributes"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|a| a["key"] == "service.name")
+                .and_then(|a| a["value"]["stringValue"].as_str())
+                .unwrap_or("")
+                .to_string();
+            for ss in rs["scopeSpans"].as_array().into_iter().flatten() {
+                for s in ss["spans"].as_array().into_iter().flatten() {
+                    out.push((service.clone(), s.clone()));
+                }
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_go_to_an_otlp_collector_as_one_trace_from_gateway_to_worker() {
+    let _serial = SERIAL.lock().await;
+    let (endpoint, bodies) = otlp_receiver().await;
+    let env = [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json"),
+        ("OTEL_BSP_SCHEDULE_DELAY", "200"),
+    ];
+    let (mesh, _) = Mesh::start_env(&[&[]], &[], &env).await;
+    let trace = "5bf92f3577b34da6a3ce929d0e0e4737";
+    let client_span = "00f067aa0ba902b8";
+    let a = Http::new()
+        .send(
+            Method::POST,
+            &mesh.transform_url(),
+            &[
+                ("content-type", "text/csv"),
+                ("traceparent", &format!("00-{trace}-{client_span}-01")),
+            ],
+            readings(50, 0.1, 9),
+        )
+        .await
+        .expect("answer");
+    assert_eq!(a.status, StatusCode::OK);
+    let mut found = Vec::new();
+    eventually(
+        Duration::from_secs(15),
+        "the gateway's and the worker's spans at the collector",
+        async || {
+            found = spans(&bodies.lock().expect("spans"))
+                .into_iter()
+                .filter(|(_, s)| s["traceId"] == trace)
+                .collect();
+            found.len() >= 2
+        },
+    )
+    .await;
+    let (gw_service, gw) = found
+        .iter()
+        .find(|(_, s)| s["name"] == "gateway.request")
+        .expect("the gateway's span");
+    let (w_service, w) = found
+        .iter()
+        .find(|(_, s)| s["name"] == "worker.transform")
+        .expect("the worker's span");
+    assert_eq!(gw_service, "etlmesh-gateway");
+    assert_eq!(w_service, "etlmesh-worker");
+    // One trace: client → gateway → worker.
+    assert_eq!(gw["parentSpanId"], client_span, "{gw}");
+    assert_eq!(w["parentSpanId"], gw["spanId"], "{w}");
+    let attr = |s: &serde_json::Value, k: &str| {
+        s["attributes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|a| a["key"] == k)
+            .map(|a| a["value"].clone())
+    };
+    assert_eq!(
+        attr(gw, "pipeline").and_then(|v| v["stringValue"].as_str().map(String::from)),
+        Some("clean".to_string())
+    );
+    assert!(attr(w, "etlmesh.records_in").is_some(), "{w}");
+    // The worker's answer names its own span, a child in the same trace.
+    let tp = a.header("traceparent");
+    assert!(tp.contains(trace), "{tp}");
+    assert_eq!(
+        w["spanId"].as_str(),
+        tp.split('-').nth(2),
+        "the worker's span is the one it answers with"
+    );
+}
