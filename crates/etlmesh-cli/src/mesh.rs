@@ -366,6 +366,10 @@ pub(crate) fn up(args: &UpArgs) -> Result<(), CliError> {
             eprintln!("  control plane  {}/api/v1/workers", urls.admin);
             eprintln!("  metrics        {}/metrics  {}/metrics", urls.gateway, urls.admin);
             eprintln!("  scaling        {}/api/v1/scaling", urls.admin);
+            eprintln!(
+                "  dashboard      {}/ui   (or: etlmesh top, etlmesh logs -f, etlmesh errors, etlmesh tap PIPELINE)",
+                urls.admin
+            );
             for p in &policies {
                 eprintln!("{p}");
             }

@@ -6,6 +6,10 @@
 //! follow the endpoint set through `GET /v1/endpoints/watch`, one long-lived response
 //! of NDJSON events: never polling. The admin API serves the workers, the pipelines
 //! and health as JSON; `/metrics` serves Prometheus metrics.
+//!
+//! It is also where the mesh is observed: it collects the log lines of every process
+//! and groups their errors ([`logs`]), samples the mesh once a second ([`timeline`])
+//! for `/api/v1/overview`, `etlmesh top` and the dashboard at `/ui`.
 
 mod api;
 pub mod autoscale;
