@@ -6,7 +6,7 @@ carries 20 NDJSON readings, so that the per-request work (where metrics and span
 paid) weighs as much as it can against the transform. wrk drives 16 connections
 through the gateway. The mesh is started six times, in turn: telemetry on (the
 default: Prometheus counters and histograms, trace spans, log capture), off
-(`ETLMESH_NO_TELEMETRY=1`: no per-request metric or span in gateway and worker), and
+(`ETLMESH_NO_TELEMETRY=true`: no per-request metric or span in gateway and worker), and
 on with every span exported over OTLP/HTTP to a minimal collector on this machine
 (which takes CPU from the same two cores); each figure is the mean of its two runs.
 Goal: the cost of metrics and tracing is under 5 %.
@@ -50,11 +50,12 @@ class Collector(BaseHTTPRequestHandler):
 
 
 def run_mesh(work, lua, mode, seconds, collector):
-    env = dict(os.environ, ETLMESH_LOG="info")
+    env = dict(os.environ)
+    env.setdefault("ETLMESH_LOG", "info")
     for k in ["ETLMESH_NO_TELEMETRY", "OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"]:
         env.pop(k, None)
     if mode == "off":
-        env["ETLMESH_NO_TELEMETRY"] = "1"
+        env["ETLMESH_NO_TELEMETRY"] = "true"
     if mode == "otlp":
         env["OTEL_EXPORTER_OTLP_ENDPOINT"] = collector
     procs = []
@@ -66,7 +67,7 @@ def run_mesh(work, lua, mode, seconds, collector):
     try:
         cp = free_port()
         start("control-plane", "--listen", f"127.0.0.1:{cp}")
-        wait_http(f"http://127.0.0.1:{cp}/healthz")
+        wait_http(f"http://127.0.0.1:{cp}/healthz", timeout=60)
         start("worker", "-c", "mesh.yaml", "--id", "w1", "--control-plane", f"http://127.0.0.1:{cp}",
               "--threads", "1", "--max-in-flight", "256")
         gw = free_port()
@@ -74,7 +75,7 @@ def run_mesh(work, lua, mode, seconds, collector):
               "--threads", "1", "--endpoint-concurrency", "256", "--queue", "1024")
         began = time.time()
         while True:
-            pipes = json.loads(wait_http(f"http://127.0.0.1:{gw}/v1/pipelines"))
+            pipes = json.loads(wait_http(f"http://127.0.0.1:{gw}/v1/pipelines", timeout=60))
             if pipes and pipes[0]["ready_workers"] == 1:
                 break
             if time.time() - began > 20:
