@@ -19,7 +19,7 @@ use tracing::Instrument;
 use crate::Gateway;
 use crate::dispatch::Refusal;
 use crate::endpoint::{Payload, WorkerResponse};
-use crate::metrics::{EndpointLabels, PipelineLabels, RecordLabels, RequestLabels};
+use crate::metrics::{EndpointLabels, PipelineHandles, RequestLabels};
 
 const FORMATS: &str = "text/csv, application/x-ndjson, application/json, application/vnd.apache.parquet or application/vnd.apache.arrow.stream";
 
@@ -88,30 +88,38 @@ pub(crate) async fn transform(
     let trace_id = trace.trace_id_hex();
     let span = tracing::info_span!("request", pipeline = %name, trace_id = %trace_id);
     let known_route = gw.routes.get(&name);
-    let known = known_route.is_some();
-    let label = PipelineLabels {
-        pipeline: if known {
-            name.clone()
-        } else {
-            "unknown".into()
-        },
+    let unknown;
+    let handles = match &known_route {
+        Some(r) => r.metrics.get_or_init(|| gw.metrics.handles(&name)),
+        None => {
+            unknown = gw.metrics.handles("unknown");
+            &unknown
+        }
     };
-    let in_flight = gw.metrics.in_flight.get_or_create(&label).clone();
+    let in_flight = &handles.in_flight;
     in_flight.inc();
     let mut resp = route(&gw, &name, q, req_headers, body, trace)
         .instrument(span.clone())
         .await;
     in_flight.dec();
     let code = resp.status().as_u16();
-    gw.metrics
-        .requests
-        .get_or_create(&RequestLabels {
-            pipeline: label.pipeline.clone(),
-            code,
-        })
-        .inc();
+    if code == 200 {
+        handles.ok.inc();
+    } else {
+        gw.metrics
+            .requests
+            .get_or_create(&RequestLabels {
+                pipeline: if known_route.is_some() {
+                    name.clone()
+                } else {
+                    "unknown".into()
+                },
+                code,
+            })
+            .inc();
+    }
     let elapsed = started.elapsed().as_secs_f64();
-    gw.metrics.latency.get_or_create(&label).observe(elapsed);
+    handles.latency.observe(elapsed);
     if let Some(r) = &known_route {
         r.latency.observe(elapsed);
         if code >= 500 {
@@ -228,8 +236,14 @@ async fn route(
         }
     }
     let timeout = deadline(gw, &q, &h);
+    let held = route.clone();
     match gw.dispatch(route, out, payload, &trace, timeout).await {
-        Ok(r) => relay(gw, name, r),
+        Ok(r) => relay(
+            gw,
+            name,
+            held.metrics.get_or_init(|| gw.metrics.handles(name)),
+            r,
+        ),
         Err(r) => refused(r, tid),
     }
 }
@@ -263,7 +277,7 @@ fn count(h: &HeaderMap, name: &str) -> u64 {
 }
 
 /// Passes a worker's answer on, body streaming.
-fn relay(gw: &Gateway, name: &str, r: WorkerResponse) -> Response {
+fn relay(gw: &Gateway, name: &str, handles: &PipelineHandles, r: WorkerResponse) -> Response {
     let (parts, body) = r.response.into_parts();
     if !gw.options.telemetry {
         let mut resp = Response::new(Body::new(body));
@@ -280,21 +294,19 @@ fn relay(gw: &Gateway, name: &str, r: WorkerResponse) -> Response {
             code,
         })
         .inc();
-    for (outcome, h) in [
-        ("in", headers::RECORDS_IN),
-        ("out", headers::RECORDS_OUT),
-        ("filtered", headers::RECORDS_FILTERED),
-        ("dead_lettered", headers::RECORDS_DEAD_LETTERED),
-    ] {
+    // In the order of RECORD_OUTCOMES.
+    for (i, h) in [
+        headers::RECORDS_IN,
+        headers::RECORDS_OUT,
+        headers::RECORDS_FILTERED,
+        headers::RECORDS_DEAD_LETTERED,
+    ]
+    .into_iter()
+    .enumerate()
+    {
         let n = count(&parts.headers, h);
         if n > 0 {
-            gw.metrics
-                .records
-                .get_or_create(&RecordLabels {
-                    pipeline: name.to_string(),
-                    outcome,
-                })
-                .inc_by(n);
+            handles.records[i].inc_by(n);
         }
     }
     let mut resp = Response::new(Body::new(body));

@@ -37,6 +37,21 @@ pub struct RecordLabels {
     pub outcome: &'static str,
 }
 
+/// The outcomes of [`PipelineHandles::records`], in order.
+pub const RECORD_OUTCOMES: [&str; 4] = ["in", "out", "filtered", "dead_lettered"];
+
+/// One pipeline's per-request metrics, looked up once per route: a request then
+/// builds no label and searches no family.
+#[derive(Clone)]
+pub struct PipelineHandles {
+    /// Requests answered 200.
+    pub ok: Counter,
+    pub latency: Histogram,
+    pub in_flight: Gauge,
+    /// By [`RECORD_OUTCOMES`].
+    pub records: [Counter; 4],
+}
+
 /// The gateway's metrics.
 #[derive(Clone)]
 pub struct GatewayMetrics {
@@ -53,6 +68,33 @@ pub struct GatewayMetrics {
 }
 
 impl GatewayMetrics {
+    /// The handles of `pipeline`'s per-request metrics.
+    pub fn handles(&self, pipeline: &str) -> PipelineHandles {
+        let p = PipelineLabels {
+            pipeline: pipeline.to_string(),
+        };
+        let record = |outcome: &'static str| {
+            self.records
+                .get_or_create(&RecordLabels {
+                    pipeline: pipeline.to_string(),
+                    outcome,
+                })
+                .clone()
+        };
+        PipelineHandles {
+            ok: self
+                .requests
+                .get_or_create(&RequestLabels {
+                    pipeline: pipeline.to_string(),
+                    code: 200,
+                })
+                .clone(),
+            latency: self.latency.get_or_create(&p).clone(),
+            in_flight: self.in_flight.get_or_create(&p).clone(),
+            records: RECORD_OUTCOMES.map(record),
+        }
+    }
+
     pub fn register(registry: &SharedRegistry) -> Self {
         let m = Self {
             requests: Family::default(),

@@ -93,6 +93,8 @@ pub struct Route {
     pub errors: AtomicU64,
     /// Requests by latency since start.
     pub latency: etlmesh_telemetry::metrics::BucketCounts,
+    /// This pipeline's Prometheus handles, made on its first request.
+    pub metrics: std::sync::OnceLock<crate::metrics::PipelineHandles>,
 }
 
 impl Route {
@@ -121,6 +123,7 @@ impl Route {
             requests: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             latency: Default::default(),
+            metrics: std::sync::OnceLock::new(),
         }
     }
 

@@ -81,23 +81,38 @@ pub(crate) async fn transform(
     h.insert(headers::TRACEPARENT, value(&trace.header()));
     h.insert(headers::TRACE_ID, value(&trace_id));
     h.insert(headers::WORKER, value(&app.id));
-    let known = app.pipelines.get(&name).is_some();
-    let label = if known {
-        name.clone()
-    } else {
-        "unknown".to_string()
-    };
-    app.metrics
-        .requests
-        .get_or_create(&RequestLabels {
-            pipeline: label.clone(),
-            code,
-        })
-        .inc();
-    app.metrics
-        .latency
-        .get_or_create(&PipelineLabels { pipeline: label })
-        .observe(started.elapsed().as_secs_f64());
+    let known = app.pipelines.get(&name);
+    match &known {
+        Some(p) => {
+            let m = p.metrics.get_or_init(|| app.metrics.handles(&name));
+            if code == 200 {
+                m.ok.inc();
+            } else {
+                app.metrics
+                    .requests
+                    .get_or_create(&RequestLabels {
+                        pipeline: name.clone(),
+                        code,
+                    })
+                    .inc();
+            }
+            m.latency.observe(started.elapsed().as_secs_f64());
+        }
+        None => {
+            let label = "unknown".to_string();
+            app.metrics
+                .requests
+                .get_or_create(&RequestLabels {
+                    pipeline: label.clone(),
+                    code,
+                })
+                .inc();
+            app.metrics
+                .latency
+                .get_or_create(&PipelineLabels { pipeline: label })
+                .observe(started.elapsed().as_secs_f64());
+        }
+    }
     app.metrics.ewma_latency.set(app.load.ewma_ms() / 1000.0);
     span.in_scope(|| {
         tracing::debug!(
@@ -290,7 +305,10 @@ async fn run(
             };
         }
     };
-    app.metrics.bytes(&p.spec.name, "in", bytes.len());
+    let handles = p.metrics.get_or_init(|| app.metrics.handles(&p.spec.name));
+    if app.metrics.enabled {
+        handles.bytes[0].inc_by(bytes.len() as u64);
+    }
     let decoded = match decode(app, p, format, bytes).await {
         Ok(d) => d,
         Err(message) => {
@@ -364,10 +382,18 @@ async fn run(
         }
     }
     app.load.add_records(counts.records_in);
-    app.metrics.record(name, "in", counts.records_in);
-    app.metrics.record(name, "out", counts.out);
-    app.metrics.record(name, "filtered", counts.filtered);
-    app.metrics.record(name, "dead_lettered", counts.dead);
+    if app.metrics.enabled {
+        for (c, n) in handles.records.iter().zip([
+            counts.records_in,
+            counts.out,
+            counts.filtered,
+            counts.dead,
+        ]) {
+            if n > 0 {
+                c.inc_by(n);
+            }
+        }
+    }
     let schema = transform.output_schema().clone();
     let encode = move || encode_to_vec(&outputs, &schema, &EncodeOptions::new(out_format));
     let encoded = if counts.records_in as usize > 10_000 {
@@ -379,7 +405,9 @@ async fn run(
         Ok(b) => b,
         Err(e) => return execution_failed(&format!("encoding the answer failed: {e}"), tid),
     };
-    app.metrics.bytes(name, "out", bytes.len());
+    if app.metrics.enabled {
+        handles.bytes[1].inc_by(bytes.len() as u64);
+    }
     let mut resp = Response::new(Body::from(bytes));
     let h = resp.headers_mut();
     h.insert(

@@ -35,6 +35,19 @@ pub struct PipelineLabels {
     pub pipeline: String,
 }
 
+/// One pipeline's per-request metrics, looked up once: a request then builds no
+/// label and searches no family.
+#[derive(Clone)]
+pub struct PipelineHandles {
+    /// Requests answered 200.
+    pub ok: Counter,
+    pub latency: Histogram,
+    /// In, out, filtered, dead_lettered.
+    pub records: [Counter; 4],
+    /// In, out.
+    pub bytes: [Counter; 2],
+}
+
 /// The worker's metrics.
 #[derive(Clone)]
 pub struct WorkerMetrics {
@@ -93,26 +106,40 @@ impl WorkerMetrics {
         m
     }
 
-    pub fn bytes(&self, pipeline: &str, direction: &'static str, n: usize) {
-        if !self.enabled {
-            return;
-        }
-        self.bytes
-            .get_or_create(&BytesLabels {
-                pipeline: pipeline.to_string(),
-                direction,
-            })
-            .inc_by(n as u64);
-    }
-
-    pub fn record(&self, pipeline: &str, outcome: &'static str, n: u64) {
-        if n > 0 && self.enabled {
+    /// The handles of `pipeline`'s per-request metrics.
+    pub fn handles(&self, pipeline: &str) -> PipelineHandles {
+        let record = |outcome: &'static str| {
             self.records
                 .get_or_create(&RecordLabels {
                     pipeline: pipeline.to_string(),
                     outcome,
                 })
-                .inc_by(n);
+                .clone()
+        };
+        let bytes = |direction: &'static str| {
+            self.bytes
+                .get_or_create(&BytesLabels {
+                    pipeline: pipeline.to_string(),
+                    direction,
+                })
+                .clone()
+        };
+        PipelineHandles {
+            ok: self
+                .requests
+                .get_or_create(&RequestLabels {
+                    pipeline: pipeline.to_string(),
+                    code: 200,
+                })
+                .clone(),
+            latency: self
+                .latency
+                .get_or_create(&PipelineLabels {
+                    pipeline: pipeline.to_string(),
+                })
+                .clone(),
+            records: ["in", "out", "filtered", "dead_lettered"].map(record),
+            bytes: ["in", "out"].map(bytes),
         }
     }
 }

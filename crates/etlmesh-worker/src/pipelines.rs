@@ -23,6 +23,8 @@ pub(crate) struct Pipeline {
     pub transform: Option<Arc<Transform>>,
     pub dead: Option<DeadLetterLog>,
     inferred: Mutex<Vec<(SchemaRef, Arc<Transform>)>>,
+    /// Its Prometheus handles, made on its first request.
+    pub metrics: std::sync::OnceLock<crate::metrics::PipelineHandles>,
 }
 
 impl Pipeline {
@@ -130,6 +132,7 @@ impl Pipelines {
                     transform,
                     dead,
                     inferred: Mutex::default(),
+                    metrics: std::sync::OnceLock::new(),
                 }),
             );
         }
