@@ -37,8 +37,7 @@ pub struct RecordLabels {
     pub outcome: &'static str,
 }
 
-/// The outcomes of [`PipelineHandles::records`], in order.
-pub const RECORD_OUTCOMES: [&str; 4] = ["in", "out", "filtered", "dead_lettered"];
+pub use etlmesh_proto::RECORD_OUTCOMES;
 
 /// One pipeline's per-request metrics, looked up once per route: a request then
 /// builds no label and searches no family.

@@ -11,6 +11,10 @@
 
 use serde::{Deserialize, Serialize};
 
+/// What happens to a record, in the order of the `etlmesh-records-*` headers and of
+/// the per-pipeline record counters of gateway and workers.
+pub const RECORD_OUTCOMES: [&str; 4] = ["in", "out", "filtered", "dead_lettered"];
+
 /// Header names used between the processes and towards clients.
 pub mod headers {
     /// Milliseconds left before the request's deadline (gateway → worker).

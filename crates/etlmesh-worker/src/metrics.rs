@@ -138,7 +138,7 @@ impl WorkerMetrics {
                     pipeline: pipeline.to_string(),
                 })
                 .clone(),
-            records: ["in", "out", "filtered", "dead_lettered"].map(record),
+            records: etlmesh_proto::RECORD_OUTCOMES.map(record),
             bytes: ["in", "out"].map(bytes),
         }
     }
