@@ -2,7 +2,9 @@
 //! binary only parses arguments, sets up logging and calls [`execute`].
 
 mod demo;
+mod energy;
 mod generate;
+mod job;
 mod logs;
 mod mesh;
 mod run;
@@ -71,6 +73,10 @@ pub enum Command {
     Top(top::TopArgs),
     /// Live records of a pipeline (input, output or dead letters) from its workers.
     Tap(tap::TapArgs),
+    /// Energy, carbon and SCI of each pipeline, from the control plane.
+    Energy(energy::EnergyArgs),
+    /// Carbon-aware batch jobs: submit, status, list, cancel (through the gateway).
+    Job(job::JobArgs),
 }
 
 /// Errors a subcommand reports before exiting non-zero.
@@ -124,6 +130,8 @@ pub fn execute(cli: Cli) -> ExitCode {
         Command::Errors(a) => logs::errors(&a),
         Command::Top(a) => top::top(&a),
         Command::Tap(a) => tap::tap(&a),
+        Command::Energy(a) => energy::energy(&a),
+        Command::Job(a) => job::job(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -59,7 +59,7 @@ struct Page {
     next: u64,
 }
 
-fn unreachable(base: &str, e: impl std::fmt::Display) -> CliError {
+pub(crate) fn unreachable(base: &str, e: impl std::fmt::Display) -> CliError {
     CliError::Other(format!(
         "cannot reach the control plane at {base}: {e}\n  help: start one with `etlmesh up`, or pass --control-plane URL"
     ))
@@ -75,10 +75,10 @@ pub(crate) fn logs(args: &LogsArgs) -> Result<(), CliError> {
         loop {
             let mut url = format!("{base}/api/v1/logs?after={after}&limit={limit}");
             if let Some(w) = &args.worker {
-                url.push_str(&format!("&worker={}", encode(w)));
+                url.push_str(&format!("&worker={}", etlmesh_http::encode_component(w)));
             }
             if let Some(l) = &args.level {
-                url.push_str(&format!("&level={}", encode(l)));
+                url.push_str(&format!("&level={}", etlmesh_http::encode_component(l)));
             }
             let page: Page = client.get(&url).await.map_err(|e| unreachable(&base, e))?;
             for l in &page.lines {
@@ -99,19 +99,6 @@ pub(crate) fn logs(args: &LogsArgs) -> Result<(), CliError> {
             }
         }
     })
-}
-
-/// Percent-encodes a query value.
-pub(crate) fn encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
 }
 
 /// `etlmesh errors`.

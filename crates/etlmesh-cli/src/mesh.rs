@@ -128,6 +128,38 @@ pub struct ControlArgs {
     /// Kubernetes: the Deployment of each pipeline; `{pipeline}` is its name, `_` as `-`.
     #[arg(long, value_name = "NAME", default_value = "etlmesh-worker-{pipeline}")]
     pub k8s_deployment: String,
+    #[command(flatten)]
+    pub state: StateDirArg,
+}
+
+/// Where the control plane keeps what must survive it (the batch jobs).
+#[derive(Debug, Clone, clap::Args)]
+pub struct StateDirArg {
+    /// The state directory: the jobs database, job logs and summaries.
+    #[arg(long, env = "ETLMESH_STATE_DIR", default_value = ".etlmesh")]
+    pub state_dir: PathBuf,
+}
+
+fn current_exe() -> Result<PathBuf, CliError> {
+    std::env::current_exe()
+        .map_err(|e| CliError::Other(format!("cannot find the etlmesh executable: {e}")))
+}
+
+/// The control plane's energy, carbon and jobs settings from the pipeline file.
+fn green_options(
+    opts: &mut etlmesh_control::ControlOptions,
+    file: &PipelineFile,
+    config: &std::path::Path,
+    state: &StateDirArg,
+) -> Result<(), CliError> {
+    opts.energy = file.spec.platform.energy.clone();
+    opts.carbon = file.spec.platform.carbon.clone();
+    opts.jobs = Some(etlmesh_control::jobs::JobsOptions::new(
+        state.state_dir.clone(),
+        config.to_path_buf(),
+        current_exe()?,
+    ));
+    Ok(())
 }
 
 /// Scalers.
@@ -141,25 +173,24 @@ pub enum ScalerKind {
 
 pub(crate) fn control_plane(args: &ControlArgs) -> Result<(), CliError> {
     // With a pipeline file, the control plane scales each pipeline's pool.
-    let scaled = match &args.config {
-        Some(path) => Some((
-            path,
-            etlmesh_control::pools(&PipelineFile::load(path)?, None),
-        )),
-        None => None,
+    let file = args.config.as_ref().map(PipelineFile::load).transpose()?;
+    let scaled = match (&args.config, &file) {
+        (Some(path), Some(f)) => Some((path, etlmesh_control::pools(f, None))),
+        _ => None,
     };
     let rt = runtime(2)?;
     rt.block_on(async {
         let mut opts = etlmesh_control::ControlOptions::new(args.listen);
         opts.heartbeat_timeout = args.heartbeat_timeout;
+        if let (Some(path), Some(f)) = (&args.config, &file) {
+            green_options(&mut opts, f, path, &args.state)?;
+        }
         let bound = etlmesh_control::bind(&opts).await?;
         let mut autoscale = None;
         if let Some((path, pools)) = scaled {
             let scaler: Arc<dyn etlmesh_scale::Scaler> = match args.scaler {
                 ScalerKind::Process => Arc::new(ProcessScaler::new(WorkerCommand {
-                    exe: std::env::current_exe().map_err(|e| {
-                        CliError::Other(format!("cannot find the etlmesh executable: {e}"))
-                    })?,
+                    exe: current_exe()?,
                     config: path.clone(),
                     control_plane: format!("http://{}", bound.addr),
                     extra: Vec::new(),
@@ -295,6 +326,8 @@ pub struct UpArgs {
     pub worker_args: Vec<String>,
     #[command(flatten)]
     pub tuning: GatewayTuning,
+    #[command(flatten)]
+    pub state: StateDirArg,
 }
 
 pub(crate) fn up(args: &UpArgs) -> Result<(), CliError> {
@@ -316,6 +349,7 @@ pub(crate) fn up(args: &UpArgs) -> Result<(), CliError> {
         exe,
         worker_args: args.worker_args.clone(),
         gateway: gw,
+        state_dir: args.state.state_dir.clone(),
     };
     let demo = args.demo;
     let policies: Vec<String> = etlmesh_control::pools(&file, args.workers)
@@ -370,6 +404,8 @@ pub(crate) fn up(args: &UpArgs) -> Result<(), CliError> {
                 "  dashboard      {}/ui   (or: etlmesh top, etlmesh logs -f, etlmesh errors, etlmesh tap PIPELINE)",
                 urls.admin
             );
+            eprintln!("  energy         {}/api/v1/energy   (or: etlmesh energy)", urls.admin);
+            eprintln!("  batch jobs     {}/v1/jobs   (or: etlmesh job submit|status|list|cancel)", urls.gateway);
             for p in &policies {
                 eprintln!("{p}");
             }
@@ -383,6 +419,9 @@ pub(crate) fn up(args: &UpArgs) -> Result<(), CliError> {
                 eprintln!(
                     "  curl -s -H 'Content-Type: text/csv' -H 'Accept: application/x-ndjson' --data-binary @data/sample.csv {}/v1/pipelines/clean_readings | head -3",
                     urls.gateway
+                );
+                eprintln!(
+                    "  etlmesh job submit --pipeline clean_readings --deadline 12h --duration 1m data/sample.csv"
                 );
             }
             eprintln!("Ctrl-C stops it (workers drain first).");

@@ -12,7 +12,7 @@ use hyper_util::rt::TokioExecutor;
 use tokio::sync::mpsc;
 
 use crate::CliError;
-use crate::logs::{ControlPlaneArg, encode};
+use crate::logs::ControlPlaneArg;
 
 /// `etlmesh tap`.
 #[derive(Debug, clap::Args)]
@@ -82,7 +82,7 @@ pub(crate) fn tap(args: &TapArgs) -> Result<(), CliError> {
             let url = format!(
                 "{}/v1/tap/{}?stage={}&limit={}&timeout_ms={}",
                 w.address.trim_end_matches('/'),
-                encode(&args.pipeline),
+                etlmesh_http::encode_component(&args.pipeline),
                 stage.as_str(),
                 args.limit,
                 args.timeout.as_millis()

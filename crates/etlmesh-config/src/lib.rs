@@ -10,6 +10,7 @@
 //! hint on how to fix it; [`PipelineFile::load`] returns all of them at once.
 
 pub mod diag;
+pub mod energy;
 pub mod index;
 mod raw;
 pub mod scaling;
@@ -21,6 +22,7 @@ pub mod units;
 use std::path::{Path, PathBuf};
 
 pub use diag::{ConfigError, Diagnostic};
+pub use energy::{CarbonSpec, EnergySource, EnergySpec};
 pub use raw::OnError;
 pub use scaling::ScalingSpec;
 pub use spec::{

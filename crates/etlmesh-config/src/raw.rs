@@ -32,6 +32,8 @@ pub(crate) struct RawPlatform {
     pub progress_interval: Option<Span>,
     pub sql_options: Option<IndexMap<String, ScalarText>>,
     pub scaling: Option<RawScaling>,
+    pub energy: Option<crate::energy::RawEnergy>,
+    pub carbon: Option<crate::energy::RawCarbon>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]

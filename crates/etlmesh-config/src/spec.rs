@@ -32,6 +32,10 @@ pub struct Platform {
     pub sql_options: Vec<(String, String)>,
     /// The scaling policy of pipelines that set none.
     pub scaling: ScalingSpec,
+    /// How energy is measured or modelled.
+    pub energy: crate::energy::EnergySpec,
+    /// The grid's carbon intensity.
+    pub carbon: crate::energy::CarbonSpec,
 }
 
 impl Default for Platform {
@@ -46,6 +50,8 @@ impl Default for Platform {
             progress_interval: Duration::from_secs(5),
             sql_options: Vec::new(),
             scaling: ScalingSpec::default(),
+            energy: crate::energy::EnergySpec::default(),
+            carbon: crate::energy::CarbonSpec::default(),
         }
     }
 }
@@ -292,6 +298,8 @@ pub(crate) fn resolve(raw: RawFile, file: &Path, out: &mut Vec<Diagnostic>) -> S
             file,
             out,
         ),
+        energy: crate::energy::resolve_energy(p.energy, file, out),
+        carbon: crate::energy::resolve_carbon(p.carbon, file, out),
     };
     if platform.batch_size == 0 {
         out.push(

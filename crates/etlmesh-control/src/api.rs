@@ -36,6 +36,10 @@ pub struct ControlState {
     pub logs: Arc<LogStore>,
     /// The mesh over time.
     pub timeline: Arc<Timeline>,
+    /// Energy and carbon.
+    pub meter: Arc<crate::energy::Meter>,
+    /// Batch jobs (none: no pipeline file to run them with).
+    pub jobs: Option<Arc<crate::jobs::Jobs>>,
 }
 
 /// The control plane's routes.
@@ -55,6 +59,15 @@ pub fn router(state: Arc<ControlState>) -> Router {
         .route("/api/v1/logs/sources", get(log_sources))
         .route("/api/v1/errors", get(errors))
         .route("/api/v1/overview", get(overview))
+        .route("/api/v1/energy", get(energy))
+        .route(
+            "/api/v1/jobs",
+            post(crate::jobs::api::submit).get(crate::jobs::api::list),
+        )
+        .route(
+            "/api/v1/jobs/{id}",
+            get(crate::jobs::api::get).delete(crate::jobs::api::cancel),
+        )
         .route("/ui", get(ui))
         .route("/ui/", get(ui))
         .route("/healthz", get(healthz))
@@ -72,6 +85,10 @@ async fn gateway_load(
     }
     st.timeline.gateway_report(&id, load);
     json_response(&serde_json::json!({}))
+}
+
+async fn energy(State(st): State<Arc<ControlState>>) -> Response {
+    json_response(&st.meter.report())
 }
 
 async fn activate(State(st): State<Arc<ControlState>>, Path(pipeline): Path<String>) -> Response {

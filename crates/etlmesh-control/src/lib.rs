@@ -10,9 +10,16 @@
 //! It is also where the mesh is observed: it collects the log lines of every process
 //! and groups their errors ([`logs`]), samples the mesh once a second ([`timeline`])
 //! for `/api/v1/overview`, `etlmesh top` and the dashboard at `/ui`.
+//!
+//! It meters energy and carbon ([`energy`]): the machine's energy (RAPL or a CPU-time
+//! model) charged to pipelines by the CPU time of their work, for `/api/v1/energy`,
+//! `etlmesh energy` and the dashboard; and it runs carbon-aware batch jobs ([`jobs`]),
+//! kept in SQLite so that they survive its restarts.
 
 mod api;
 pub mod autoscale;
+pub mod energy;
+pub mod jobs;
 pub mod logs;
 mod overview;
 pub mod registry;
@@ -46,6 +53,12 @@ pub enum ControlError {
     /// Serving failed.
     #[error("control plane: {0}")]
     Serve(String),
+    /// The energy meter cannot start.
+    #[error("control plane: {0}")]
+    Energy(#[from] energy::EnergyError),
+    /// The job store cannot open.
+    #[error("control plane: {0}")]
+    Jobs(#[from] jobs::JobsError),
 }
 
 /// How the control plane runs.
@@ -57,6 +70,12 @@ pub struct ControlOptions {
     pub heartbeat_timeout: Duration,
     /// The name this process's own log lines are collected under.
     pub log_source: String,
+    /// How energy is measured or modelled.
+    pub energy: etlmesh_config::EnergySpec,
+    /// The grid's carbon intensity.
+    pub carbon: etlmesh_config::CarbonSpec,
+    /// Batch jobs, when the control plane has a pipeline file to run them with.
+    pub jobs: Option<jobs::JobsOptions>,
 }
 
 impl ControlOptions {
@@ -66,6 +85,9 @@ impl ControlOptions {
             listen,
             heartbeat_timeout: Duration::from_millis(2500),
             log_source: "control-plane".into(),
+            energy: Default::default(),
+            carbon: Default::default(),
+            jobs: None,
         }
     }
 }
@@ -78,6 +100,10 @@ pub struct Bound {
     pub registry: Arc<Registry>,
     /// Its collected logs.
     pub logs: Arc<logs::LogStore>,
+    /// Its energy meter.
+    pub meter: Arc<energy::Meter>,
+    /// Its batch jobs.
+    pub jobs: Option<Arc<jobs::Jobs>>,
     listener: TcpListener,
     log_source: String,
 }
@@ -96,10 +122,29 @@ pub async fn bind(options: &ControlOptions) -> Result<Bound, ControlError> {
         .map_err(|e| ControlError::Serve(e.to_string()))?;
     let registry = Arc::new(Registry::new(options.heartbeat_timeout));
     let logs = Arc::new(logs::LogStore::new(&registry.metrics));
+    let meter = Arc::new(energy::Meter::new(
+        &options.energy,
+        &options.carbon,
+        &format!("mesh:{}", options.log_source),
+    )?);
+    let jobs = options
+        .jobs
+        .clone()
+        .map(|o| jobs::Jobs::open(o, meter.clone()))
+        .transpose()?;
+    {
+        let mut m = registry.metrics.lock().unwrap_or_else(|p| p.into_inner());
+        m.register_collector(Box::new(energy::EnergyCollector(meter.clone())));
+        if let Some(j) = &jobs {
+            m.register_collector(Box::new(jobs::JobsCollector(j.clone())));
+        }
+    }
     Ok(Bound {
         addr,
         registry,
         logs,
+        meter,
+        jobs,
         listener,
         log_source: options.log_source.clone(),
     })
@@ -127,7 +172,15 @@ impl Bound {
             closing,
             logs: self.logs.clone(),
             timeline: timeline.clone(),
+            meter: self.meter.clone(),
+            jobs: self.jobs.clone(),
         });
+        let meter = tokio::spawn(energy::meter_forever(
+            self.meter.clone(),
+            self.registry.clone(),
+            autoscaling.clone(),
+        ));
+        let job_loop = self.jobs.clone().map(|j| tokio::spawn(j.run_forever()));
         let sampler = tokio::spawn(timeline::sample_forever(
             timeline,
             self.registry.clone(),
@@ -158,6 +211,10 @@ impl Bound {
         reaper.abort();
         collector.abort();
         sampler.abort();
+        meter.abort();
+        if let Some(j) = job_loop {
+            j.abort();
+        }
         result
     }
 }

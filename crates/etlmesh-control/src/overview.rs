@@ -53,6 +53,8 @@ pub struct Overview {
     pub errors_total: u64,
     /// The most recent error groups.
     pub errors: Vec<etlmesh_telemetry::errors::ErrorGroup>,
+    /// Energy and carbon since the control plane started.
+    pub energy: etlmesh_proto::energy::EnergyReport,
 }
 
 /// Builds the overview; the series holds points after `since` (unix ms).
@@ -104,5 +106,6 @@ pub fn build(st: &ControlState, since: i64) -> Overview {
         scaling,
         errors_total: st.logs.errors_total(),
         errors: groups.into_iter().take(ERROR_GROUPS).collect(),
+        energy: st.meter.report(),
     }
 }

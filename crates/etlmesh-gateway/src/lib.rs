@@ -6,6 +6,8 @@
 //! bounded queue that sheds load with 503 and Retry-After, retries on another worker
 //! under a budget when the body was kept, and a deadline on every request. It does not
 //! decode: the body streams to the worker, and the answer streams back ([`http`]).
+//! Batch-job requests (`/v1/jobs`) pass through to the control plane, which keeps and
+//! runs the jobs ([`jobs`]).
 
 pub mod accrual;
 pub mod discovery;
@@ -13,6 +15,7 @@ mod dispatch;
 pub mod endpoint;
 mod flight;
 mod http;
+mod jobs;
 mod metrics;
 mod report;
 pub mod route;
@@ -113,6 +116,8 @@ pub struct Gateway {
     registry: etlmesh_telemetry::metrics::SharedRegistry,
     connected: watch::Receiver<bool>,
     activations: tokio::sync::mpsc::Sender<String>,
+    /// Passes job requests to the control plane.
+    control: etlmesh_http::JsonClient,
 }
 
 /// A gateway bound to its sockets.
@@ -166,6 +171,7 @@ pub async fn bind(options: GatewayOptions) -> Result<Bound, GatewayError> {
         registry,
         connected: connected_rx,
         activations: activations_tx,
+        control: etlmesh_http::JsonClient::new(std::time::Duration::from_secs(10)),
     });
     Ok(Bound {
         addr,
@@ -205,6 +211,8 @@ impl Bound {
         let router = Router::new()
             .route("/v1/pipelines/{name}", post(http::transform))
             .route("/v1/pipelines", get(http::list))
+            .route("/v1/jobs", post(jobs::submit).get(jobs::list))
+            .route("/v1/jobs/{id}", get(jobs::status).delete(jobs::cancel))
             .route("/healthz", get(http::healthz))
             .route("/readyz", get(http::readyz))
             .route("/metrics", get(http::metrics))

@@ -100,11 +100,38 @@ impl JsonClient {
             })?,
             None => Vec::new(),
         };
+        let (status, body) = self.send(method, url, Bytes::from(bytes)).await?;
+        if !status.is_success() {
+            return Err(HttpError::Status {
+                url: url.into(),
+                status,
+                body: String::from_utf8_lossy(&body).into_owned(),
+            });
+        }
+        let body = if body.is_empty() {
+            Bytes::from_static(b"null")
+        } else {
+            body
+        };
+        serde_json::from_slice(&body).map_err(|e| HttpError::Decode {
+            url: url.into(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Sends `body` as JSON and returns the status and body as they are, whatever the
+    /// status (for passing answers through).
+    pub async fn send(
+        &self,
+        method: Method,
+        url: &str,
+        body: Bytes,
+    ) -> Result<(StatusCode, Bytes), HttpError> {
         let req = Request::builder()
             .method(method)
             .uri(url)
             .header(header::CONTENT_TYPE, "application/json")
-            .body(Full::new(Bytes::from(bytes)))
+            .body(Full::new(body))
             .map_err(|e| HttpError::Url {
                 url: url.into(),
                 message: e.to_string(),
@@ -130,28 +157,12 @@ impl JsonClient {
                 .to_bytes();
             Ok::<_, HttpError>((status, body))
         };
-        let (status, body) = tokio::time::timeout(self.timeout, exchange)
+        tokio::time::timeout(self.timeout, exchange)
             .await
             .map_err(|_| HttpError::Transport {
                 url: url.into(),
                 message: format!("no answer within {:?}", self.timeout),
-            })??;
-        if !status.is_success() {
-            return Err(HttpError::Status {
-                url: url.into(),
-                status,
-                body: String::from_utf8_lossy(&body).into_owned(),
-            });
-        }
-        let body = if body.is_empty() {
-            Bytes::from_static(b"null")
-        } else {
-            body
-        };
-        serde_json::from_slice(&body).map_err(|e| HttpError::Decode {
-            url: url.into(),
-            message: e.to_string(),
-        })
+            })?
     }
 
     /// GET a JSON document.
@@ -240,4 +251,17 @@ pub fn metrics_response(text: String) -> Response {
         HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
     );
     resp
+}
+
+/// `s` percent-encoded for one path segment or query value (unreserved bytes kept).
+pub fn encode_component(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }

@@ -11,6 +11,9 @@
 
 use serde::{Deserialize, Serialize};
 
+pub mod energy;
+pub mod jobs;
+
 /// What happens to a record, in the order of the `etlmesh-records-*` headers and of
 /// the per-pipeline record counters of gateway and workers.
 pub const RECORD_OUTCOMES: [&str; 4] = ["in", "out", "filtered", "dead_lettered"];
@@ -106,6 +109,21 @@ pub struct Load {
     pub rss_bytes: u64,
     /// Requests served since start.
     pub requests_total: u64,
+    /// CPU seconds the process used since start.
+    #[serde(default)]
+    pub cpu_seconds_total: f64,
+    /// Work done for each pipeline since start.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub pipelines: std::collections::BTreeMap<String, PipelineUsage>,
+}
+
+/// Work a worker did for one pipeline since it started.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PipelineUsage {
+    /// Records handled (requests and streams).
+    pub records_total: u64,
+    /// CPU seconds spent polling its requests and streams.
+    pub cpu_seconds_total: f64,
 }
 
 /// A worker's heartbeat.

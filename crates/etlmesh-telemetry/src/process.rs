@@ -1,15 +1,25 @@
-//! CPU time and resident memory of this process, from `/proc/self`.
+//! CPU time and resident memory of this process, from `/proc/self`, and the CPU time
+//! of a future's polls ([`CpuTimed`]).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
 
 /// Clock ticks per second of `/proc/<pid>/stat` times (the Linux default on every
 /// mainstream architecture).
 const TICKS_PER_SEC: f64 = 100.0;
 
-/// CPU seconds (user + system) used by process `pid` (`None`: this process).
+/// CPU seconds (user + system) used by process `pid` (`None`: this process, to the
+/// nanosecond; another process to the clock tick).
 pub fn cpu_seconds(pid: Option<u32>) -> Option<f64> {
-    let path = match pid {
-        Some(p) => format!("/proc/{p}/stat"),
-        None => "/proc/self/stat".to_string(),
+    let Some(p) = pid else {
+        use nix::time::{ClockId, clock_gettime};
+        let t = clock_gettime(ClockId::CLOCK_PROCESS_CPUTIME_ID).ok()?;
+        return Some(t.tv_sec() as f64 + t.tv_nsec() as f64 / 1e9);
     };
+    let path = format!("/proc/{p}/stat");
     let stat = std::fs::read_to_string(path).ok()?;
     // Fields after the command name (which may hold spaces) start after the last ')'.
     let rest = &stat[stat.rfind(')')? + 2..];
@@ -68,6 +78,44 @@ impl CpuMeter {
     }
 }
 
+/// CPU time of the calling thread, in nanoseconds.
+pub fn thread_cpu_ns() -> u64 {
+    use nix::time::{ClockId, clock_gettime};
+    clock_gettime(ClockId::CLOCK_THREAD_CPUTIME_ID)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(0)
+}
+
+/// A future that adds the CPU time of each of its polls to a counter (nanoseconds):
+/// the work done inline for it, on whichever thread polls it. Tasks it spawns are not
+/// counted.
+pub struct CpuTimed<F> {
+    inner: Pin<Box<F>>,
+    counter: Arc<AtomicU64>,
+}
+
+impl<F: Future> CpuTimed<F> {
+    /// Times `inner` into `counter`.
+    pub fn new(inner: F, counter: Arc<AtomicU64>) -> Self {
+        Self {
+            inner: Box::pin(inner),
+            counter,
+        }
+    }
+}
+
+impl<F: Future> Future for CpuTimed<F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let start = thread_cpu_ns();
+        let out = self.inner.as_mut().poll(cx);
+        let spent = thread_cpu_ns().saturating_sub(start);
+        self.counter.fetch_add(spent, Ordering::Relaxed);
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -83,5 +131,24 @@ mod tests {
         }
         assert!(x != 1);
         assert!(m.sample() >= 0.0);
+    }
+
+    #[tokio::test]
+    async fn cpu_timed_counts_the_work_of_its_polls() {
+        let counter = Arc::new(AtomicU64::new(0));
+        let work = async {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            let mut x = 0u64;
+            for i in 0..20_000_000u64 {
+                x = x.wrapping_mul(31).wrapping_add(i);
+            }
+            x
+        };
+        let x = CpuTimed::new(work, counter.clone()).await;
+        assert!(x != 1);
+        let ns = counter.load(Ordering::Relaxed);
+        // The loop takes milliseconds of CPU; the sleep takes none.
+        assert!(ns > 1_000_000, "{ns}");
+        assert!(ns < 40_000_000_000, "{ns}");
     }
 }

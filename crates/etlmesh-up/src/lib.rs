@@ -2,7 +2,8 @@
 //! gateway run in this process; workers run as child processes (`etlmesh worker`), one
 //! pool per pipeline, started, scaled with the load (down to zero where the pipeline
 //! allows it), restarted when they crash, and drained on shutdown — the `process`
-//! scaler.
+//! scaler. The control plane meters energy and runs batch jobs (`/v1/jobs` on the
+//! gateway), kept in the state directory.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -39,6 +40,8 @@ pub struct UpOptions {
     pub worker_args: Vec<String>,
     /// Gateway settings (its `control_plane` is set by `up`).
     pub gateway: GatewayOptions,
+    /// Where the batch jobs are kept.
+    pub state_dir: PathBuf,
 }
 
 /// The addresses `up` serves on.
@@ -62,6 +65,13 @@ pub async fn run(
     let mut cp_opts = etlmesh_control::ControlOptions::new(options.admin);
     // The gateway runs here too: the control plane collects its lines itself.
     cp_opts.log_source = "up".into();
+    cp_opts.energy = file.spec.platform.energy.clone();
+    cp_opts.carbon = file.spec.platform.carbon.clone();
+    cp_opts.jobs = Some(etlmesh_control::jobs::JobsOptions::new(
+        options.state_dir.clone(),
+        options.config.clone(),
+        options.exe.clone(),
+    ));
     let control = etlmesh_control::bind(&cp_opts).await?;
     let admin = format!("http://{}", control.addr);
     let mut gw_opts = options.gateway.clone();

@@ -15,6 +15,7 @@ use etlmesh_config::{Format, OnError};
 use etlmesh_engine::Kind;
 use etlmesh_http::error_response;
 use etlmesh_proto::headers;
+use etlmesh_telemetry::process::CpuTimed;
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use tracing::Instrument;
 
@@ -63,8 +64,14 @@ pub(crate) async fn transform(
     let wall_start = std::time::SystemTime::now();
     let (trace, parent) = etlmesh_http::server_span(&req_headers);
     let trace_id = trace.trace_id_hex();
+    // The CPU time of serving goes to the pipeline's usage (energy accounting).
+    let cpu = app
+        .pipelines
+        .get(&name)
+        .map(|p| p.usage.cpu_ns.clone())
+        .unwrap_or_default();
     if !app.options.telemetry {
-        let mut resp = serve(&app, &name, &req_headers, body, &trace_id).await;
+        let mut resp = CpuTimed::new(serve(&app, &name, &req_headers, body, &trace_id), cpu).await;
         let h = resp.headers_mut();
         h.insert(headers::TRACEPARENT, value(&trace.header()));
         h.insert(headers::TRACE_ID, value(&trace_id));
@@ -73,7 +80,7 @@ pub(crate) async fn transform(
     }
     let span =
         tracing::info_span!("transform", pipeline = %name, trace_id = %trace_id, worker = %app.id);
-    let mut resp = serve(&app, &name, &req_headers, body, &trace_id)
+    let mut resp = CpuTimed::new(serve(&app, &name, &req_headers, body, &trace_id), cpu)
         .instrument(span.clone())
         .await;
     let code = resp.status().as_u16();
@@ -381,7 +388,9 @@ async fn run(
             app.taps.offer_batch(name, TapStage::Output, b);
         }
     }
-    app.load.add_records(counts.records_in);
+    p.usage
+        .records
+        .fetch_add(counts.records_in, std::sync::atomic::Ordering::Relaxed);
     if app.metrics.enabled {
         for (c, n) in handles.records.iter().zip([
             counts.records_in,

@@ -142,6 +142,7 @@ pub async fn run(
     metrics.enabled = options.telemetry;
     let pipelines = pipelines::Pipelines::compile(&file, &options.id, &options.pipelines).await?;
     let load = Arc::new(LoadTracker::default());
+    load.track(pipelines.usage());
     let taps = Arc::new(etlmesh_sink::tap::TapHub::default());
     let (drain_tx, drain_rx) = watch::channel(false);
     let streams = streams::start(
@@ -149,10 +150,7 @@ pub async fn run(
         &options.id,
         &pipelines,
         &registry,
-        streams::Shared {
-            records_in: load.stream_records(),
-            taps: taps.clone(),
-        },
+        streams::Shared { taps: taps.clone() },
         drain_rx.clone(),
     );
     let app = Arc::new(App {

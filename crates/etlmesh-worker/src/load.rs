@@ -1,22 +1,33 @@
-//! The worker's load: in-flight requests, an EWMA of latency, records per second.
+//! The worker's load: in-flight requests, an EWMA of latency, records per second, and
+//! the records and CPU time of each pipeline's work.
 
-use std::sync::Mutex;
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use etlmesh_proto::Load;
+use etlmesh_proto::{Load, PipelineUsage};
 use etlmesh_telemetry::process::CpuMeter;
 
 /// Weight of the newest latency in the EWMA.
 const EWMA_ALPHA: f64 = 0.2;
+
+/// One pipeline's work in this worker: records (requests and streams) and the CPU time
+/// of polling its requests and its stream (see `etlmesh_telemetry::process::CpuTimed`).
+#[derive(Debug, Default)]
+pub struct Usage {
+    /// Records handled.
+    pub records: Arc<AtomicU64>,
+    /// CPU nanoseconds.
+    pub cpu_ns: Arc<AtomicU64>,
+}
 
 /// Load counters, updated by requests and read by the reporter.
 #[derive(Debug, Default)]
 pub struct LoadTracker {
     in_flight: AtomicU32,
     requests: AtomicU64,
-    records: AtomicU64,
-    stream_records: std::sync::Arc<AtomicU64>,
+    usage: OnceLock<Vec<(String, Arc<Usage>)>>,
     ewma_ms: Mutex<f64>,
     window: Mutex<Option<(Instant, u64, CpuMeter)>>,
 }
@@ -40,9 +51,9 @@ impl LoadTracker {
         Some(InFlight(self, Instant::now()))
     }
 
-    /// The counter streams add their records to.
-    pub fn stream_records(&self) -> std::sync::Arc<AtomicU64> {
-        self.stream_records.clone()
+    /// Reports the usage of these pipelines (set once, when they are compiled).
+    pub fn track(&self, usage: Vec<(String, Arc<Usage>)>) {
+        let _ = self.usage.set(usage);
     }
 
     /// The latency EWMA, in milliseconds.
@@ -50,16 +61,25 @@ impl LoadTracker {
         *self.ewma_ms.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Counts transformed records.
-    pub fn add_records(&self, n: u64) {
-        self.records.fetch_add(n, Ordering::Relaxed);
-    }
-
     /// The load since the last call.
     pub fn snapshot(&self) -> Load {
         let now = Instant::now();
-        let records =
-            self.records.load(Ordering::Relaxed) + self.stream_records.load(Ordering::Relaxed);
+        let pipelines: BTreeMap<String, PipelineUsage> = self
+            .usage
+            .get()
+            .map(|u| {
+                u.iter()
+                    .map(|(name, u)| {
+                        let usage = PipelineUsage {
+                            records_total: u.records.load(Ordering::Relaxed),
+                            cpu_seconds_total: u.cpu_ns.load(Ordering::Relaxed) as f64 / 1e9,
+                        };
+                        (name.clone(), usage)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let records: u64 = pipelines.values().map(|u| u.records_total).sum();
         let mut window = self.window.lock().unwrap_or_else(|p| p.into_inner());
         let (rps, cpu) = match window.as_mut() {
             Some((t, r, meter)) => {
@@ -85,6 +105,8 @@ impl LoadTracker {
             cpu_percent: cpu,
             rss_bytes: etlmesh_telemetry::process::rss_bytes().unwrap_or(0),
             requests_total: self.requests.load(Ordering::Relaxed),
+            cpu_seconds_total: etlmesh_telemetry::process::cpu_seconds(None).unwrap_or(0.0),
+            pipelines,
         }
     }
 }

@@ -25,6 +25,8 @@ pub(crate) struct Pipeline {
     inferred: Mutex<Vec<(SchemaRef, Arc<Transform>)>>,
     /// Its Prometheus handles, made on its first request.
     pub metrics: std::sync::OnceLock<crate::metrics::PipelineHandles>,
+    /// Records and CPU time of its work, for the energy accounting.
+    pub usage: Arc<crate::load::Usage>,
 }
 
 impl Pipeline {
@@ -133,6 +135,7 @@ impl Pipelines {
                     dead,
                     inferred: Mutex::default(),
                     metrics: std::sync::OnceLock::new(),
+                    usage: Arc::default(),
                 }),
             );
         }
@@ -158,6 +161,14 @@ impl Pipelines {
 
     pub fn names(&self) -> &[String] {
         &self.order
+    }
+
+    /// Each pipeline's usage counters, in file order.
+    pub fn usage(&self) -> Vec<(String, Arc<crate::load::Usage>)> {
+        self.order
+            .iter()
+            .filter_map(|n| self.map.get(n).map(|p| (n.clone(), p.usage.clone())))
+            .collect()
     }
 
     /// What the worker tells the control plane about its pipelines.

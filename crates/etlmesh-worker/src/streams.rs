@@ -4,6 +4,7 @@
 use etlmesh_config::PipelineFile;
 use etlmesh_stream::{StreamError, StreamMetrics, StreamOptions};
 use etlmesh_telemetry::metrics::SharedRegistry;
+use etlmesh_telemetry::process::CpuTimed;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -14,8 +15,6 @@ pub(crate) type Running = (String, JoinHandle<Result<(), StreamError>>);
 
 /// What streams share with the rest of the worker.
 pub(crate) struct Shared {
-    /// Records in, counted into the load the worker reports.
-    pub records_in: std::sync::Arc<std::sync::atomic::AtomicU64>,
     /// Open taps.
     pub taps: std::sync::Arc<etlmesh_sink::tap::TapHub>,
 }
@@ -43,14 +42,29 @@ pub(crate) fn start(
         worker: worker.to_string(),
         engine: pipelines.engine.clone(),
         limits: pipelines.limits,
-        metrics: StreamMetrics::register(registry).count_records_in(shared.records_in),
+        metrics: StreamMetrics::register(registry),
         taps: shared.taps,
     };
     specs
         .into_iter()
         .map(|spec| {
             let name = spec.name.clone();
-            let task = tokio::spawn(etlmesh_stream::run(spec, opts.clone(), drain.clone()));
+            // Records and CPU time go to the pipeline's usage (energy accounting).
+            let mut opts = opts.clone();
+            let run = match pipelines.get(&name) {
+                Some(p) => {
+                    opts.metrics = opts.metrics.count_records_in(p.usage.records.clone());
+                    CpuTimed::new(
+                        etlmesh_stream::run(spec, opts, drain.clone()),
+                        p.usage.cpu_ns.clone(),
+                    )
+                }
+                None => CpuTimed::new(
+                    etlmesh_stream::run(spec, opts, drain.clone()),
+                    Default::default(),
+                ),
+            };
+            let task = tokio::spawn(run);
             (name, task)
         })
         .collect()

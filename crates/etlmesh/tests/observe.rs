@@ -412,6 +412,20 @@ async fn the_dashboard_shows_live_figures_and_draws_charts_in_chromium() {
         html.contains("stdout:ndjson"),
         "the sink in the topology:\n{html}"
     );
+    // Energy: the source in use and the pipeline's joules, above zero under load.
+    assert!(
+        html.contains("id=\"energy-source\">model<") || html.contains("id=\"energy-source\">rapl<"),
+        "the energy source on the page:\n{html}"
+    );
+    let joules = number_after(
+        &html,
+        "<tr data-pipeline=\"clean\"><td>clean</td><td class=\"n\">",
+        "data-joules=\"",
+    );
+    assert!(
+        joules.is_some_and(|j| j > 0.0),
+        "the pipeline's energy on the page: {joules:?}\n{html}"
+    );
 }
 
 /// A minimal OTLP/HTTP receiver: keeps the JSON bodies posted to `/v1/traces`.
