@@ -202,7 +202,7 @@ impl Jobs {
                 r.finished_ms = Some(now_ms());
                 r.pid = None;
             }
-            self.store().update(&r)?;
+            self.store().save(&r)?;
         }
         Ok(())
     }
@@ -264,29 +264,16 @@ impl Jobs {
         let store = self.store();
         let id = format!("j{}", store.next_seq()?);
         let row = Row {
-            id,
-            pipeline: req.pipeline,
-            inputs: req.inputs,
-            state: JobState::Scheduled,
             deferrable,
-            submitted_ms: now,
             deadline_ms,
             duration_s: d,
             scheduled_ms: placement.start_ms,
             placement: placement.reason,
             expected_intensity: placement.average,
             at_once_intensity: placement.at_once,
-            started_ms: None,
-            finished_ms: None,
-            attempts: 0,
-            pid: None,
-            error: None,
-            summary: None,
-            cpu_seconds: 0.0,
-            joules: 0.0,
-            carbon_g: 0.0,
+            ..Row::fresh(id, req.pipeline, req.inputs, now)
         };
-        store.insert(&row)?;
+        store.save(&row)?;
         drop(store);
         tracing::info!(job = %row.id, pipeline = %row.pipeline, scheduled_at = %self.to_job(&row).scheduled_at, placement = %row.placement, "job submitted");
         self.wake.notify_one();
@@ -325,7 +312,7 @@ impl Jobs {
             JobState::Scheduled => {
                 r.state = JobState::Cancelled;
                 r.finished_ms = Some(now_ms());
-                self.store().update(&r)?;
+                self.store().save(&r)?;
                 tracing::info!(job = %id, "job cancelled before it ran");
             }
             JobState::Running => {

@@ -90,12 +90,12 @@ pub(super) fn start(jobs: &Arc<Jobs>, mut row: Row) -> Result<(), JobsError> {
             row.state = JobState::Failed;
             row.finished_ms = Some(now_ms());
             row.error = Some(format!("cannot start {}: {e}", jobs.opts.exe.display()));
-            jobs.store().update(&row)?;
+            jobs.store().save(&row)?;
             return Err(JobsError::Conflict(row.error.unwrap_or_default()));
         }
     };
     row.pid = child.id();
-    jobs.store().update(&row)?;
+    jobs.store().save(&row)?;
     if let Some(pid) = row.pid {
         jobs.running
             .lock()
@@ -189,7 +189,7 @@ pub(super) async fn watch(jobs: Arc<Jobs>, mut row: Row, handle: Handle) {
             tracing::error!(job = %row.id, pipeline = %row.pipeline, error_kind = "job_failed", error = row.error.as_deref().unwrap_or(""), "job failed");
         }
     }
-    if let Err(e) = jobs.store().update(&row) {
+    if let Err(e) = jobs.store().save(&row) {
         tracing::error!(job = %row.id, error = %e, "jobs: cannot record the end of a job");
     }
     jobs.wake.notify_one();
@@ -214,7 +214,7 @@ fn charge_cpu(jobs: &Jobs, row: &mut Row, delta: f64) {
     row.cpu_seconds += delta;
     row.joules += joules;
     row.carbon_g += carbon;
-    if let Err(e) = jobs.store().update(row) {
+    if let Err(e) = jobs.store().save(row) {
         tracing::warn!(job = %row.id, error = %e, "jobs: cannot record a job's energy");
     }
 }

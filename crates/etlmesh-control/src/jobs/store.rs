@@ -60,6 +60,33 @@ fn time(ms: i64) -> String {
 }
 
 impl Row {
+    /// A job just submitted: scheduled at `submitted_ms` until placed, nothing run.
+    pub fn fresh(id: String, pipeline: String, inputs: Vec<String>, submitted_ms: i64) -> Self {
+        Self {
+            id,
+            pipeline,
+            inputs,
+            state: JobState::Scheduled,
+            deferrable: false,
+            submitted_ms,
+            deadline_ms: None,
+            duration_s: 0.0,
+            scheduled_ms: submitted_ms,
+            placement: String::new(),
+            expected_intensity: 0.0,
+            at_once_intensity: 0.0,
+            started_ms: None,
+            finished_ms: None,
+            attempts: 0,
+            pid: None,
+            error: None,
+            summary: None,
+            cpu_seconds: 0.0,
+            joules: 0.0,
+            carbon_g: 0.0,
+        }
+    }
+
     /// As the API shows it; `log` is the job's log file.
     pub fn to_job(&self, log: &Path) -> Job {
         Job {
@@ -172,10 +199,19 @@ impl Store {
             })
     }
 
-    /// Adds a job.
-    pub fn insert(&self, j: &Row) -> rusqlite::Result<()> {
+    /// Writes a job: a new row, or every field of an existing one.
+    pub fn save(&self, j: &Row) -> rusqlite::Result<()> {
+        let updates: Vec<String> = COLUMNS
+            .split(", ")
+            .skip(1)
+            .map(|c| format!("{c} = excluded.{c}"))
+            .collect();
         self.db.execute(
-            &format!("INSERT INTO jobs ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21)"),
+            &format!(
+                "INSERT INTO jobs ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21)
+                 ON CONFLICT (id) DO UPDATE SET {}",
+                updates.join(", ")
+            ),
             params![
                 j.id,
                 j.pipeline,
@@ -189,31 +225,6 @@ impl Store {
                 j.placement,
                 j.expected_intensity,
                 j.at_once_intensity,
-                j.started_ms,
-                j.finished_ms,
-                j.attempts,
-                j.pid,
-                j.error,
-                j.summary,
-                j.cpu_seconds,
-                j.joules,
-                j.carbon_g,
-            ],
-        )?;
-        Ok(())
-    }
-
-    /// Writes a job's changing fields.
-    pub fn update(&self, j: &Row) -> rusqlite::Result<()> {
-        self.db.execute(
-            "UPDATE jobs SET state = ?2, scheduled_ms = ?3, placement = ?4, started_ms = ?5,
-                finished_ms = ?6, attempts = ?7, pid = ?8, error = ?9, summary = ?10,
-                cpu_seconds = ?11, joules = ?12, carbon_g = ?13 WHERE id = ?1",
-            params![
-                j.id,
-                j.state.as_str(),
-                j.scheduled_ms,
-                j.placement,
                 j.started_ms,
                 j.finished_ms,
                 j.attempts,
@@ -285,27 +296,14 @@ mod tests {
 
     fn row(id: &str) -> Row {
         Row {
-            id: id.into(),
-            pipeline: "p".into(),
-            inputs: vec!["a.csv".into()],
-            state: JobState::Scheduled,
             deferrable: true,
-            submitted_ms: 1,
             deadline_ms: Some(100),
             duration_s: 60.0,
             scheduled_ms: 50,
             placement: "why".into(),
             expected_intensity: 100.0,
             at_once_intensity: 300.0,
-            started_ms: None,
-            finished_ms: None,
-            attempts: 0,
-            pid: None,
-            error: None,
-            summary: None,
-            cpu_seconds: 0.0,
-            joules: 0.0,
-            carbon_g: 0.0,
+            ..Row::fresh(id.into(), "p".into(), vec!["a.csv".into()], 1)
         }
     }
 
@@ -316,13 +314,13 @@ mod tests {
         {
             let s = Store::open(&path).expect("open");
             assert_eq!(s.next_seq().expect("seq"), 1);
-            s.insert(&row("j1")).expect("insert");
+            s.save(&row("j1")).expect("insert");
             let mut r = row("j2");
-            s.insert(&r).expect("insert");
+            s.save(&r).expect("insert");
             r.state = JobState::Running;
             r.pid = Some(42);
             r.attempts = 1;
-            s.update(&r).expect("update");
+            s.save(&r).expect("update");
         }
         let s = Store::open(&path).expect("reopen");
         assert_eq!(s.next_seq().expect("seq"), 3);
