@@ -4,6 +4,7 @@
 //! ([`errors`]) and OTLP span export ([`otlp`]).
 
 pub mod errors;
+pub mod json_fields;
 pub mod logs;
 pub mod metrics;
 pub mod otlp;

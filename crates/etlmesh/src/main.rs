@@ -6,13 +6,21 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use etlmesh_cli::{Cli, LogFormat};
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::Targets;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer, Registry};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = EnvFilter::try_from_env("ETLMESH_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    // A static per-target filter when ETLMESH_LOG is one (the usual case): it costs
+    // nothing when a span is entered, where `EnvFilter` takes a lock to track span
+    // scopes. Span and field directives (`[request{pipeline=x}]=debug`) need `EnvFilter`.
+    let spec = std::env::var("ETLMESH_LOG").unwrap_or_else(|_| "info".into());
+    let filter: Box<dyn Layer<Registry> + Send + Sync> = match spec.parse::<Targets>() {
+        Ok(targets) => Box::new(targets),
+        Err(_) => Box::new(EnvFilter::try_new(&spec).unwrap_or_else(|_| EnvFilter::new("info"))),
+    };
     let json = match cli.log_format {
         LogFormat::Json => true,
         LogFormat::Text => false,
@@ -24,7 +32,15 @@ fn main() -> ExitCode {
         .with(etlmesh_telemetry::logs::Capture::global());
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     if json {
-        registry.with(fmt.json().flatten_event(true)).init();
+        // Span fields are formatted when a span starts (one per request): the lean
+        // formatter keeps that cheap.
+        registry
+            .with(
+                fmt.json()
+                    .flatten_event(true)
+                    .fmt_fields(etlmesh_telemetry::json_fields::LeanJsonFields),
+            )
+            .init();
     } else {
         registry.with(fmt.with_target(false)).init();
     }
