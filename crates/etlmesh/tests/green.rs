@@ -412,3 +412,93 @@ async fn jobs_go_to_the_cleanest_window_and_survive_a_restart_of_the_control_pla
     drop(gw);
     drop(cp2);
 }
+
+/// A powercap tree whose package counter a thread advances at `watts`, wrapping at
+/// `max` microjoules, until `stop`.
+fn fake_rapl(
+    dir: std::path::PathBuf,
+    watts: u64,
+    max: u64,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<u64> {
+    let zone = dir.join("intel-rapl:0");
+    std::fs::create_dir_all(&zone).expect("zone");
+    std::fs::write(zone.join("name"), "package-0\n").expect("name");
+    std::fs::write(zone.join("max_energy_range_uj"), format!("{max}\n")).expect("max");
+    let start = max - 3_000_000; // wraps after 3 J
+    std::fs::write(zone.join("energy_uj"), format!("{start}\n")).expect("energy");
+    std::thread::spawn(move || {
+        let mut uj = start;
+        let mut total = 0;
+        while !stop.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(50));
+            let step = watts * 50_000; // µJ in 50 ms
+            uj = (uj + step) % max;
+            total += step;
+            // Written whole and renamed, as the kernel's file never shows half a number.
+            let tmp = zone.join("energy_uj.tmp");
+            std::fs::write(&tmp, format!("{uj}\n")).expect("write");
+            std::fs::rename(&tmp, zone.join("energy_uj")).expect("rename");
+        }
+        total
+    })
+}
+
+#[tokio::test]
+async fn the_meter_reads_rapl_when_the_file_asks_for_it() {
+    let _serial = SERIAL.lock().await;
+    let s = Scratch::new();
+    let yaml = common::readings_yaml("SELECT * FROM input", "{ type: stdout }", "").replace(
+        "platform:\n",
+        "platform:\n  scaling: { min_replicas: 0 }\n  energy: { source: rapl, powercap: powercap }\n",
+    );
+    s.write("rapl.yaml", &yaml);
+    // No counter: `source: rapl` refuses to start, saying why.
+    let out = s.etlmesh(&[
+        "control-plane",
+        "--listen",
+        "127.0.0.1:0",
+        "-c",
+        "rapl.yaml",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no RAPL counter") && err.contains("source: auto"),
+        "{err}"
+    );
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = fake_rapl(s.path("powercap"), 40, 262_143_328_850, stop.clone());
+    let cp = Proc::start(
+        s.dir.path(),
+        &[
+            "control-plane",
+            "--listen",
+            "127.0.0.1:0",
+            "-c",
+            "rapl.yaml",
+            "--state-dir",
+            "state",
+        ],
+    );
+    let cp_url = cp.url("control plane");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let r = energy(&cp_url).await;
+    stop.store(true, Ordering::Relaxed);
+    let written = writer.join().expect("writer") as f64 / 1e6;
+    assert_eq!(r["source"], "rapl", "{r}");
+    assert!(
+        r["detail"].as_str().unwrap_or("").contains("intel-rapl:0"),
+        "{r}"
+    );
+    // About 40 W for the seconds metered (the counter wrapped after 3 J).
+    let joules = f(&r, "joules_total");
+    assert!(
+        joules > 0.5 * 40.0 * f(&r, "seconds") && joules <= written + 1e-6,
+        "{joules} J of {written} J written\n{r}"
+    );
+    assert!((f(&r, "power_watts") - 40.0).abs() < 20.0, "{r}");
+    let metrics = Http::new().get(&format!("{cp_url}/metrics")).await.body;
+    assert!(String::from_utf8_lossy(&metrics).contains("etlmesh_energy_source{source=\"rapl\"} 1"));
+}
