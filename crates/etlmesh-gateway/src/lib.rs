@@ -17,6 +17,7 @@ mod flight;
 mod http;
 mod jobs;
 mod metrics;
+pub mod openapi;
 mod report;
 pub mod route;
 
@@ -216,6 +217,7 @@ impl Bound {
             .route("/healthz", get(http::healthz))
             .route("/readyz", get(http::readyz))
             .route("/metrics", get(http::metrics))
+            .route("/openapi.json", get(openapi::openapi))
             .layer(DefaultBodyLimit::disable())
             .with_state(gw.clone());
         let (stop_tx, stop_rx) = watch::channel(false);
