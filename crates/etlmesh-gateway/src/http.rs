@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::response::Response;
 use etlmesh_config::Format;
@@ -74,11 +75,33 @@ pub(crate) async fn list(State(gw): State<Arc<Gateway>>) -> Response {
 pub(crate) async fn transform(
     State(gw): State<Arc<Gateway>>,
     Path(name): Path<String>,
-    Query(q): Query<TransformQuery>,
+    q: Result<Query<TransformQuery>, QueryRejection>,
     version: http::Version,
     req_headers: HeaderMap,
     body: Body,
 ) -> Response {
+    // A malformed query gets the JSON error body every error has.
+    let Query(q) = match q {
+        Ok(Query(TransformQuery {
+            timeout_ms: Some(0),
+        })) => {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                "bad_query",
+                "timeout_ms is 0\n  help: give the deadline in milliseconds, at least 1",
+                None,
+            );
+        }
+        Ok(q) => q,
+        Err(e) => {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                "bad_query",
+                format!("{e}\n  help: the only parameter is timeout_ms, in milliseconds"),
+                None,
+            );
+        }
+    };
     let started = Instant::now();
     let wall_start = std::time::SystemTime::now();
     let (trace, parent) = etlmesh_http::server_span(&req_headers);

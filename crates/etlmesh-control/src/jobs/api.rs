@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::response::Response;
 use bytes::Bytes;
@@ -87,11 +88,25 @@ pub(crate) struct ListParams {
 /// `GET /api/v1/jobs`.
 pub(crate) async fn list(
     State(st): State<Arc<ControlState>>,
-    Query(p): Query<ListParams>,
+    p: Result<Query<ListParams>, QueryRejection>,
 ) -> Response {
     let j = match jobs(&st) {
         Ok(j) => j,
         Err(r) => return *r,
+    };
+    // A malformed query gets the JSON error body every error has.
+    let Query(p) = match p {
+        Ok(p) => p,
+        Err(e) => {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                "bad_query",
+                format!(
+                    "{e}\n  help: give at most one `state` (scheduled, running, succeeded, failed, cancelled) and one `limit` (a number)"
+                ),
+                None,
+            );
+        }
     };
     let state = match p.state.as_deref().map(|s| (s, JobState::parse(s))) {
         None => None,
