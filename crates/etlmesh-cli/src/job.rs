@@ -106,15 +106,6 @@ fn absolute(inputs: &[String]) -> Vec<String> {
         .collect()
 }
 
-fn base(gw: &str) -> String {
-    let s = gw.trim_end_matches('/');
-    if s.contains("://") {
-        s.to_string()
-    } else {
-        format!("http://{s}")
-    }
-}
-
 async fn call(
     client: &JsonClient,
     method: Method,
@@ -198,7 +189,7 @@ fn print(v: &serde_json::Value, json: bool) -> Result<(), CliError> {
 }
 
 pub(crate) fn job(args: &JobArgs) -> Result<(), CliError> {
-    let base = base(&args.gw.gateway);
+    let base = crate::logs::base_url(&args.gw.gateway);
     let json = args.gw.json;
     let rt = crate::runtime(1)?;
     rt.block_on(async {

@@ -22,12 +22,17 @@ pub struct ControlPlaneArg {
 
 impl ControlPlaneArg {
     pub(crate) fn base(&self) -> String {
-        let s = self.control_plane.trim_end_matches('/');
-        if s.contains("://") {
-            s.to_string()
-        } else {
-            format!("http://{s}")
-        }
+        base_url(&self.control_plane)
+    }
+}
+
+/// An address as a base URL: `host:port` gets `http://`, a trailing `/` goes.
+pub(crate) fn base_url(addr: &str) -> String {
+    let s = addr.trim_end_matches('/');
+    if s.contains("://") {
+        s.to_string()
+    } else {
+        format!("http://{s}")
     }
 }
 

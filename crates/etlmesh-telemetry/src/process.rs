@@ -1,11 +1,9 @@
 //! CPU time and resident memory of this process, from `/proc/self`, and the CPU time
-//! of a future's polls ([`CpuTimed`]).
+//! of a future's polls ([`cpu_timed`]).
 
 use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll};
 
 /// Clock ticks per second of `/proc/<pid>/stat` times (the Linux default on every
 /// mainstream architecture).
@@ -86,34 +84,18 @@ pub fn thread_cpu_ns() -> u64 {
         .unwrap_or(0)
 }
 
-/// A future that adds the CPU time of each of its polls to a counter (nanoseconds):
+/// Runs `inner`, adding the CPU time of each of its polls to `counter` (nanoseconds):
 /// the work done inline for it, on whichever thread polls it. Tasks it spawns are not
-/// counted.
-pub struct CpuTimed<F> {
-    inner: Pin<Box<F>>,
-    counter: Arc<AtomicU64>,
-}
-
-impl<F: Future> CpuTimed<F> {
-    /// Times `inner` into `counter`.
-    pub fn new(inner: F, counter: Arc<AtomicU64>) -> Self {
-        Self {
-            inner: Box::pin(inner),
-            counter,
-        }
-    }
-}
-
-impl<F: Future> Future for CpuTimed<F> {
-    type Output = F::Output;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+/// counted. The future is pinned in place (no allocation).
+pub async fn cpu_timed<F: Future>(inner: F, counter: Arc<AtomicU64>) -> F::Output {
+    let mut inner = std::pin::pin!(inner);
+    std::future::poll_fn(|cx| {
         let start = thread_cpu_ns();
-        let out = self.inner.as_mut().poll(cx);
-        let spent = thread_cpu_ns().saturating_sub(start);
-        self.counter.fetch_add(spent, Ordering::Relaxed);
+        let out = inner.as_mut().poll(cx);
+        counter.fetch_add(thread_cpu_ns().saturating_sub(start), Ordering::Relaxed);
         out
-    }
+    })
+    .await
 }
 
 #[cfg(test)]
@@ -144,7 +126,7 @@ mod tests {
             }
             x
         };
-        let x = CpuTimed::new(work, counter.clone()).await;
+        let x = cpu_timed(work, counter.clone()).await;
         assert!(x != 1);
         let ns = counter.load(Ordering::Relaxed);
         // The loop takes milliseconds of CPU; the sleep takes none.

@@ -15,7 +15,7 @@ use etlmesh_config::{Format, OnError};
 use etlmesh_engine::Kind;
 use etlmesh_http::error_response;
 use etlmesh_proto::headers;
-use etlmesh_telemetry::process::CpuTimed;
+use etlmesh_telemetry::process::cpu_timed;
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use tracing::Instrument;
 
@@ -71,7 +71,7 @@ pub(crate) async fn transform(
         .map(|p| p.usage.cpu_ns.clone())
         .unwrap_or_default();
     if !app.options.telemetry {
-        let mut resp = CpuTimed::new(serve(&app, &name, &req_headers, body, &trace_id), cpu).await;
+        let mut resp = cpu_timed(serve(&app, &name, &req_headers, body, &trace_id), cpu).await;
         let h = resp.headers_mut();
         h.insert(headers::TRACEPARENT, value(&trace.header()));
         h.insert(headers::TRACE_ID, value(&trace_id));
@@ -80,7 +80,7 @@ pub(crate) async fn transform(
     }
     let span =
         tracing::info_span!("transform", pipeline = %name, trace_id = %trace_id, worker = %app.id);
-    let mut resp = CpuTimed::new(serve(&app, &name, &req_headers, body, &trace_id), cpu)
+    let mut resp = cpu_timed(serve(&app, &name, &req_headers, body, &trace_id), cpu)
         .instrument(span.clone())
         .await;
     let code = resp.status().as_u16();

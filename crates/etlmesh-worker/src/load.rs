@@ -13,7 +13,7 @@ use etlmesh_telemetry::process::CpuMeter;
 const EWMA_ALPHA: f64 = 0.2;
 
 /// One pipeline's work in this worker: records (requests and streams) and the CPU time
-/// of polling its requests and its stream (see `etlmesh_telemetry::process::CpuTimed`).
+/// of polling its requests and its stream (see `etlmesh_telemetry::process::cpu_timed`).
 #[derive(Debug, Default)]
 pub struct Usage {
     /// Records handled.

@@ -4,7 +4,7 @@
 use etlmesh_config::PipelineFile;
 use etlmesh_stream::{StreamError, StreamMetrics, StreamOptions};
 use etlmesh_telemetry::metrics::SharedRegistry;
-use etlmesh_telemetry::process::CpuTimed;
+use etlmesh_telemetry::process::cpu_timed;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -54,12 +54,12 @@ pub(crate) fn start(
             let run = match pipelines.get(&name) {
                 Some(p) => {
                     opts.metrics = opts.metrics.count_records_in(p.usage.records.clone());
-                    CpuTimed::new(
+                    cpu_timed(
                         etlmesh_stream::run(spec, opts, drain.clone()),
                         p.usage.cpu_ns.clone(),
                     )
                 }
-                None => CpuTimed::new(
+                None => cpu_timed(
                     etlmesh_stream::run(spec, opts, drain.clone()),
                     Default::default(),
                 ),

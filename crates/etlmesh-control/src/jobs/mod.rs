@@ -249,7 +249,7 @@ impl Jobs {
             }
         };
         let deferrable = req.deferrable.unwrap_or(deadline_ms.is_some());
-        let waiting = self.store().in_state(JobState::Scheduled)?.len();
+        let waiting = self.store().count(JobState::Scheduled)?;
         if waiting >= self.opts.max_scheduled {
             return Err(JobsError::Full(waiting));
         }

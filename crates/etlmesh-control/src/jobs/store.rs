@@ -281,6 +281,15 @@ impl Store {
             .collect()
     }
 
+    /// How many jobs are in `state`.
+    pub fn count(&self, state: JobState) -> rusqlite::Result<usize> {
+        self.db.query_row(
+            "SELECT COUNT(*) FROM jobs WHERE state = ?1",
+            [state.as_str()],
+            |r| r.get::<_, i64>(0).map(|n| n.max(0) as usize),
+        )
+    }
+
     /// Jobs by state.
     pub fn counts(&self) -> rusqlite::Result<Vec<(String, u64)>> {
         self.db
