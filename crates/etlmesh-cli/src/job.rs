@@ -15,6 +15,9 @@ pub struct GatewayArg {
     /// The gateway's address.
     #[arg(long, env = "ETLMESH_GATEWAY", default_value = "http://127.0.0.1:8080")]
     pub gateway: String,
+    /// The gateway's API token, when it asks for one.
+    #[arg(long, env = "ETLMESH_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
     /// Print answers as JSON.
     #[arg(long, global = true)]
     pub json: bool,
@@ -193,7 +196,7 @@ pub(crate) fn job(args: &JobArgs) -> Result<(), CliError> {
     let json = args.gw.json;
     let rt = crate::runtime(1)?;
     rt.block_on(async {
-        let client = JsonClient::new(Duration::from_secs(10));
+        let client = JsonClient::new(Duration::from_secs(10)).with_bearer(args.gw.token.clone());
         match &args.command {
             JobCommand::Submit {
                 pipeline,

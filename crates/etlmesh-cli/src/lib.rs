@@ -7,10 +7,12 @@ mod generate;
 mod job;
 mod logs;
 mod mesh;
+mod query;
 mod run;
 mod simulate;
 mod sql_diag;
 mod tap;
+mod token;
 mod top;
 mod validate;
 
@@ -77,6 +79,10 @@ pub enum Command {
     Energy(energy::EnergyArgs),
     /// Carbon-aware batch jobs: submit, status, list, cancel (through the gateway).
     Job(job::JobArgs),
+    /// Read-only SQL over the datasets the pipelines wrote (through the gateway).
+    Query(query::QueryArgs),
+    /// API tokens for the gateway (`platform.access.tokens`).
+    Token(token::TokenArgs),
 }
 
 /// Errors a subcommand reports before exiting non-zero.
@@ -132,6 +138,8 @@ pub fn execute(cli: Cli) -> ExitCode {
         Command::Tap(a) => tap::tap(&a),
         Command::Energy(a) => energy::energy(&a),
         Command::Job(a) => job::job(&a),
+        Command::Query(a) => query::query(&a),
+        Command::Token(a) => token::token(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

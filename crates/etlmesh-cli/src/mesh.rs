@@ -231,6 +231,10 @@ pub struct GatewayArgs {
     /// Threads (default: one per core).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// A pipeline file: its Parquet and PostgreSQL sinks become the datasets of
+    /// `POST /v1/query` (limits in its `platform.query`).
+    #[arg(short, long = "config", value_name = "FILE")]
+    pub config: Option<PathBuf>,
     #[command(flatten)]
     pub tuning: GatewayTuning,
 }
@@ -281,13 +285,25 @@ fn threads_default() -> usize {
     std::thread::available_parallelism().map_or(2, |n| n.get())
 }
 
+/// The analytics service over a pipeline file's datasets.
+fn analytics(file: &PipelineFile) -> Result<std::sync::Arc<etlmesh_query::Analytics>, CliError> {
+    let catalog = etlmesh_query::Catalog::from_spec(&file.spec);
+    etlmesh_query::Analytics::new(catalog, file.spec.platform.query.clone())
+        .map(std::sync::Arc::new)
+        .map_err(|e| CliError::Other(e.to_string()))
+}
+
 pub(crate) fn gateway(args: &GatewayArgs) -> Result<(), CliError> {
+    let mut opts = etlmesh_gateway::GatewayOptions::new(args.listen, args.control_plane.clone());
+    opts.flight = args.flight.0;
+    args.tuning.apply(&mut opts);
+    if let Some(path) = &args.config {
+        let file = PipelineFile::load(path)?;
+        opts.analytics = Some(analytics(&file)?);
+        opts.access = file.spec.platform.access.clone();
+    }
     let rt = runtime(args.threads.unwrap_or_else(threads_default))?;
     rt.block_on(async {
-        let mut opts =
-            etlmesh_gateway::GatewayOptions::new(args.listen, args.control_plane.clone());
-        opts.flight = args.flight.0;
-        args.tuning.apply(&mut opts);
         let bound = etlmesh_gateway::bind(opts).await?;
         bound.serve(shutdown_signal()).await
     })
@@ -342,6 +358,8 @@ pub(crate) fn up(args: &UpArgs) -> Result<(), CliError> {
     let mut gw = etlmesh_gateway::GatewayOptions::new(args.http, String::new());
     gw.flight = args.flight.0;
     args.tuning.apply(&mut gw);
+    gw.analytics = Some(analytics(&file)?);
+    gw.access = file.spec.platform.access.clone();
     let options = etlmesh_up::UpOptions {
         config,
         fixed_workers: args.workers,
@@ -406,6 +424,7 @@ pub(crate) fn up(args: &UpArgs) -> Result<(), CliError> {
             );
             eprintln!("  energy         {}/api/v1/energy   (or: etlmesh energy)", urls.admin);
             eprintln!("  batch jobs     {}/v1/jobs   (or: etlmesh job submit|status|list|cancel)", urls.gateway);
+            eprintln!("  analytics      {}/v1/query   (or: etlmesh query \"SELECT …\"; datasets: {}/v1/datasets)", urls.gateway, urls.gateway);
             for p in &policies {
                 eprintln!("{p}");
             }

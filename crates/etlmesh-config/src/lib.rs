@@ -9,9 +9,11 @@
 //! Every problem is a [`Diagnostic`] naming the file, line, column and field, with a
 //! hint on how to fix it; [`PipelineFile::load`] returns all of them at once.
 
+pub mod access;
 pub mod diag;
 pub mod energy;
 pub mod index;
+pub mod query;
 mod raw;
 pub mod scaling;
 pub mod spec;
@@ -21,8 +23,10 @@ pub mod units;
 
 use std::path::{Path, PathBuf};
 
+pub use access::{AccessSpec, TlsSpec, TokenSpec};
 pub use diag::{ConfigError, Diagnostic};
 pub use energy::{CarbonSpec, EnergySource, EnergySpec};
+pub use query::QuerySpec;
 pub use raw::OnError;
 pub use scaling::ScalingSpec;
 pub use spec::{

@@ -34,6 +34,8 @@ pub(crate) struct RawPlatform {
     pub scaling: Option<RawScaling>,
     pub energy: Option<crate::energy::RawEnergy>,
     pub carbon: Option<crate::energy::RawCarbon>,
+    pub query: Option<crate::query::RawQuery>,
+    pub access: Option<crate::access::RawAccess>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]

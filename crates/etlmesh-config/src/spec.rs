@@ -36,6 +36,10 @@ pub struct Platform {
     pub energy: crate::energy::EnergySpec,
     /// The grid's carbon intensity.
     pub carbon: crate::energy::CarbonSpec,
+    /// Limits of the analytics service's read-only queries.
+    pub query: crate::query::QuerySpec,
+    /// Who may use the gateway.
+    pub access: crate::access::AccessSpec,
 }
 
 impl Default for Platform {
@@ -52,6 +56,8 @@ impl Default for Platform {
             scaling: ScalingSpec::default(),
             energy: crate::energy::EnergySpec::default(),
             carbon: crate::energy::CarbonSpec::default(),
+            query: crate::query::QuerySpec::default(),
+            access: crate::access::AccessSpec::default(),
         }
     }
 }
@@ -300,6 +306,13 @@ pub(crate) fn resolve(raw: RawFile, file: &Path, out: &mut Vec<Diagnostic>) -> S
         ),
         energy: crate::energy::resolve_energy(p.energy, file, out),
         carbon: crate::energy::resolve_carbon(p.carbon, file, out),
+        query: crate::query::resolve_query(p.query, file, out),
+        access: crate::access::resolve_access(
+            p.access,
+            &raw.pipelines.keys().cloned().collect::<Vec<_>>(),
+            file,
+            out,
+        ),
     };
     if platform.batch_size == 0 {
         out.push(

@@ -102,6 +102,31 @@ impl Format {
         })
     }
 
+    /// The format an HTTP `Accept` header asks for: the first it names, `default` when
+    /// it is absent or accepts anything (`*/*`); `Err` with the header when it names
+    /// none that can be written.
+    pub fn from_accept(accept: Option<&str>, default: Format) -> Result<Format, String> {
+        let Some(accept) = accept else {
+            return Ok(default);
+        };
+        let mut any = false;
+        for part in accept.split(',') {
+            let mime = part.split(';').next().unwrap_or("").trim();
+            if mime == "*/*" || mime.is_empty() {
+                any = true;
+                continue;
+            }
+            if let Some(f) = Format::from_content_type(mime) {
+                return Ok(f);
+            }
+        }
+        if any {
+            Ok(default)
+        } else {
+            Err(accept.to_string())
+        }
+    }
+
     /// Whether records are text lines (so that positions are line numbers).
     pub fn is_text(self) -> bool {
         matches!(self, Format::Csv | Format::Ndjson | Format::Json)

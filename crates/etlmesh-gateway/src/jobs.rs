@@ -61,7 +61,29 @@ async fn pass(
 }
 
 /// `POST /v1/jobs`: submit.
-pub(crate) async fn submit(State(gw): State<Arc<Gateway>>, body: Bytes) -> Response {
+pub(crate) async fn submit(
+    State(gw): State<Arc<Gateway>>,
+    client: Option<axum::Extension<crate::access::Client>>,
+    body: Bytes,
+) -> Response {
+    // A token may submit jobs of its own pipelines only.
+    if let Some(axum::Extension(c)) = client {
+        let pipeline = serde_json::from_slice::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v["pipeline"].as_str().map(String::from))
+            .unwrap_or_default();
+        if !c.spec.allows(&pipeline) {
+            return error_response(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                format!(
+                    "token `{}` may not run jobs of pipeline `{pipeline}`",
+                    c.name
+                ),
+                None,
+            );
+        }
+    }
     pass(&gw, Method::POST, "", None, body).await
 }
 

@@ -7,8 +7,10 @@
 //! under a budget when the body was kept, and a deadline on every request. It does not
 //! decode: the body streams to the worker, and the answer streams back ([`http`]).
 //! Batch-job requests (`/v1/jobs`) pass through to the control plane, which keeps and
-//! runs the jobs ([`jobs`]).
+//! runs the jobs ([`jobs`]). `POST /v1/query` runs read-only SQL over the datasets the
+//! pipelines' sinks wrote, when the gateway was given the pipeline file ([`query`]).
 
+pub mod access;
 pub mod accrual;
 pub mod discovery;
 mod dispatch;
@@ -18,8 +20,10 @@ mod http;
 mod jobs;
 mod metrics;
 pub mod openapi;
+mod query;
 mod report;
 pub mod route;
+pub mod tls;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -84,6 +88,10 @@ pub struct GatewayOptions {
     pub ship_logs: bool,
     /// Per-request metrics and trace spans (off only to measure what they cost).
     pub telemetry: bool,
+    /// The analytics service behind `POST /v1/query` (none without a pipeline file).
+    pub analytics: Option<Arc<etlmesh_query::Analytics>>,
+    /// Tokens, CORS and TLS (`platform.access`); open without tokens.
+    pub access: etlmesh_config::AccessSpec,
 }
 
 impl GatewayOptions {
@@ -104,6 +112,8 @@ impl GatewayOptions {
             route: RouteOptions::default(),
             ship_logs: true,
             telemetry: true,
+            analytics: None,
+            access: etlmesh_config::AccessSpec::default(),
         }
     }
 }
@@ -114,6 +124,8 @@ pub struct Gateway {
     routes: Arc<discovery::Routes>,
     budget: Arc<TpsBudget>,
     metrics: metrics::GatewayMetrics,
+    query_metrics: query::QueryMetrics,
+    access: access::Access,
     registry: etlmesh_telemetry::metrics::SharedRegistry,
     connected: watch::Receiver<bool>,
     activations: tokio::sync::mpsc::Sender<String>,
@@ -164,11 +176,14 @@ pub async fn bind(options: GatewayOptions) -> Result<Bound, GatewayError> {
     ));
     let (connected, connected_rx) = watch::channel(false);
     let (activations_tx, activations) = tokio::sync::mpsc::channel(64);
+    let access = access::Access::new(&options.access, &registry);
     let gateway = Arc::new(Gateway {
         options,
         routes,
         budget: route::RetryPolicy::budget(),
         metrics,
+        query_metrics: query::QueryMetrics::register(&registry),
+        access,
         registry,
         connected: connected_rx,
         activations: activations_tx,
@@ -214,10 +229,16 @@ impl Bound {
             .route("/v1/pipelines", get(http::list))
             .route("/v1/jobs", post(jobs::submit).get(jobs::list))
             .route("/v1/jobs/{id}", get(jobs::status).delete(jobs::cancel))
+            .route("/v1/query", post(query::query))
+            .route("/v1/datasets", get(query::datasets))
             .route("/healthz", get(http::healthz))
             .route("/readyz", get(http::readyz))
             .route("/metrics", get(http::metrics))
             .route("/openapi.json", get(openapi::openapi))
+            .layer(axum::middleware::from_fn_with_state(
+                gw.clone(),
+                access::layer,
+            ))
             .layer(DefaultBodyLimit::disable())
             .with_state(gw.clone());
         let (stop_tx, stop_rx) = watch::channel(false);
@@ -240,11 +261,24 @@ impl Bound {
                     .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener), stopped(stop_rx.clone())),
             )
         });
-        tracing::info!(addr = %self.addr, control_plane = %gw.options.control_plane, "gateway listening on http://{}", self.addr);
-        let result = axum::serve(self.listener.tap_io(etlmesh_http::no_delay), router)
-            .with_graceful_shutdown(stopped(stop_rx))
-            .await
-            .map_err(|e| GatewayError::Serve(e.to_string()));
+        let result = match &gw.options.access.tls {
+            Some(spec) => {
+                let config = tls::server_config(spec).map_err(GatewayError::Serve)?;
+                let listener = tls::TlsListener::new(self.listener, config)
+                    .map_err(|e| GatewayError::Serve(e.to_string()))?;
+                tracing::info!(addr = %self.addr, control_plane = %gw.options.control_plane, "gateway listening on https://{}", self.addr);
+                axum::serve(listener, router)
+                    .with_graceful_shutdown(stopped(stop_rx))
+                    .await
+            }
+            None => {
+                tracing::info!(addr = %self.addr, control_plane = %gw.options.control_plane, "gateway listening on http://{}", self.addr);
+                axum::serve(self.listener.tap_io(etlmesh_http::no_delay), router)
+                    .with_graceful_shutdown(stopped(stop_rx))
+                    .await
+            }
+        }
+        .map_err(|e| GatewayError::Serve(e.to_string()));
         if let Some(t) = flight_task
             && let Ok(Err(e)) = t.await
         {

@@ -10,8 +10,10 @@ pub const OPENAPI: &str = include_str!("openapi.json");
 
 /// Every path the gateway routes (the router in `lib.rs`); the test below keeps the
 /// document in step with it.
-pub const PATHS: [&str; 8] = [
+pub const PATHS: [&str; 10] = [
     "/v1/pipelines",
+    "/v1/query",
+    "/v1/datasets",
     "/v1/pipelines/{name}",
     "/v1/jobs",
     "/v1/jobs/{id}",

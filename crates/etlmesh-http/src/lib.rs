@@ -72,6 +72,7 @@ impl HttpError {
 pub struct JsonClient {
     client: Client<HttpConnector, Full<Bytes>>,
     timeout: Duration,
+    bearer: Option<String>,
 }
 
 impl JsonClient {
@@ -83,7 +84,14 @@ impl JsonClient {
         Self {
             client: Client::builder(TokioExecutor::new()).build(connector),
             timeout,
+            bearer: None,
         }
+    }
+
+    /// Sends `Authorization: Bearer TOKEN` with every request (a gateway's API token).
+    pub fn with_bearer(mut self, token: Option<String>) -> Self {
+        self.bearer = token.filter(|t| !t.is_empty());
+        self
     }
 
     /// Sends `body` (or nothing) and reads a JSON answer (`()` for none).
@@ -127,15 +135,33 @@ impl JsonClient {
         url: &str,
         body: Bytes,
     ) -> Result<(StatusCode, Bytes), HttpError> {
-        let req = Request::builder()
+        self.send_accepting(method, url, body, None)
+            .await
+            .map(|(status, _, body)| (status, body))
+    }
+
+    /// As [`JsonClient::send`], asking for an answer in `accept`; returns its headers too.
+    pub async fn send_accepting(
+        &self,
+        method: Method,
+        url: &str,
+        body: Bytes,
+        accept: Option<&str>,
+    ) -> Result<(StatusCode, http::HeaderMap, Bytes), HttpError> {
+        let mut req = Request::builder()
             .method(method)
             .uri(url)
-            .header(header::CONTENT_TYPE, "application/json")
-            .body(Full::new(body))
-            .map_err(|e| HttpError::Url {
-                url: url.into(),
-                message: e.to_string(),
-            })?;
+            .header(header::CONTENT_TYPE, "application/json");
+        if let Some(a) = accept {
+            req = req.header(header::ACCEPT, a);
+        }
+        if let Some(t) = &self.bearer {
+            req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));
+        }
+        let req = req.body(Full::new(body)).map_err(|e| HttpError::Url {
+            url: url.into(),
+            message: e.to_string(),
+        })?;
         let exchange = async {
             let resp = self
                 .client
@@ -146,6 +172,7 @@ impl JsonClient {
                     message: e.to_string(),
                 })?;
             let status = resp.status();
+            let headers = resp.headers().clone();
             let body = resp
                 .into_body()
                 .collect()
@@ -155,7 +182,7 @@ impl JsonClient {
                     message: e.to_string(),
                 })?
                 .to_bytes();
-            Ok::<_, HttpError>((status, body))
+            Ok::<_, HttpError>((status, headers, body))
         };
         tokio::time::timeout(self.timeout, exchange)
             .await

@@ -180,25 +180,7 @@ fn deadline(h: &HeaderMap, default: Duration) -> Duration {
 
 /// The response format: `Accept` if it names one, else the request's.
 fn response_format(h: &HeaderMap, request: Format) -> Result<Format, String> {
-    let Some(accept) = h.get(header::ACCEPT).and_then(|v| v.to_str().ok()) else {
-        return Ok(request);
-    };
-    let mut any = false;
-    for part in accept.split(',') {
-        let mime = part.split(';').next().unwrap_or("").trim();
-        if mime == "*/*" || mime.is_empty() {
-            any = true;
-            continue;
-        }
-        if let Some(f) = Format::from_content_type(mime) {
-            return Ok(f);
-        }
-    }
-    if any {
-        Ok(request)
-    } else {
-        Err(accept.to_string())
-    }
+    Format::from_accept(h.get(header::ACCEPT).and_then(|v| v.to_str().ok()), request)
 }
 
 const FORMATS: &str = "text/csv, application/x-ndjson, application/json, application/vnd.apache.parquet or application/vnd.apache.arrow.stream";

@@ -1,0 +1,377 @@
+//! End to end: who may use the gateway. Tokens made by `etlmesh token new` and listed
+//! (hashed) in the file: no token or a wrong one gets 401, a pipeline or service the
+//! token may not use 403, a token over its rate 429 with Retry-After; CORS answers
+//! preflights for allowed origins only; the public listener speaks TLS when given a
+//! certificate; health stays open.
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::mesh::{MESH_YAML, Proc};
+use common::{Scratch, text};
+
+/// A new token: (the token, its file entry).
+fn new_token(s: &Scratch, args: &[&str]) -> (String, String) {
+    let mut all = vec!["token", "new"];
+    all.extend_from_slice(args);
+    let out = s.etlmesh(&all);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let token = text(&out.stdout).trim().to_string();
+    let entry = text(&out.stderr)
+        .lines()
+        .find(|l| l.trim_start().starts_with("- { name:"))
+        .expect("entry")
+        .to_string();
+    (token, entry)
+}
+
+/// `curl` against the TLS gateway: (status, headers and body).
+fn curl(ca: &str, args: &[&str]) -> (u16, String) {
+    let out = Command::new("curl")
+        .args(["-s", "-i", "--http1.1", "--cacert", ca, "--max-time", "10"])
+        .args(args)
+        .output()
+        .expect("curl runs");
+    let all = text(&out.stdout);
+    let status = all
+        .lines()
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, all)
+}
+
+#[test]
+fn tokens_rates_cors_and_tls_guard_the_gateway() {
+    if Command::new("openssl").arg("version").output().is_err()
+        || Command::new("curl").arg("--version").output().is_err()
+    {
+        assert!(
+            std::env::var("ETLMESH_REQUIRE_SERVICES").as_deref() != Ok("1"),
+            "openssl and curl are required"
+        );
+        eprintln!("skipped: openssl or curl is missing");
+        return;
+    }
+    let s = Scratch::new();
+    let out = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+        ])
+        .args([
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+            "-keyout",
+            "key.pem",
+            "-out",
+            "cert.pem",
+        ])
+        .current_dir(s.dir.path())
+        .output()
+        .expect("openssl");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let (ci, ci_entry) = new_token(
+        &s,
+        &["ci", "--pipelines", "clean", "--rate", "4", "--no-query"],
+    );
+    let (analyst, analyst_entry) = new_token(&s, &["analyst"]);
+    assert!(
+        ci.starts_with("etm_") && !ci_entry.contains(&ci),
+        "the file holds the hash, not the token"
+    );
+    let access = format!(
+        "platform:\n  threads: 1\n  access:\n    tokens:\n{ci_entry}\n{analyst_entry}\n    cors: {{ origins: ['http://dash.example'] }}\n    tls: {{ cert: cert.pem, key: key.pem }}\n"
+    );
+    let yaml = MESH_YAML.replacen("platform:\n  threads: 1\n", &access, 1).replace(
+        "  clean:\n",
+        "  other:\n    schema: { a: int64 }\n    transform: SELECT a FROM input\n    sinks: [ { type: stdout, format: ndjson } ]\n  clean:\n",
+    );
+    s.write("mesh.yaml", &yaml);
+    let up = Proc::start(
+        s.dir.path(),
+        &[
+            "up",
+            "-c",
+            "mesh.yaml",
+            "--workers",
+            "1",
+            "--http",
+            "127.0.0.1:0",
+            "--flight",
+            "off",
+            "--admin",
+            "127.0.0.1:0",
+            "--state-dir",
+            "state",
+        ],
+    );
+    let gw = up.url("gateway");
+    assert!(gw.starts_with("https://"), "{gw}");
+    let gw = gw.replace("127.0.0.1", "localhost");
+    let ca = s.path("cert.pem").display().to_string();
+    let bearer = |t: &str| format!("Authorization: Bearer {t}");
+
+    // Open routes stay open; plain HTTP is not spoken on the TLS port.
+    assert_eq!(curl(&ca, &[&format!("{gw}/healthz")]).0, 200);
+    assert_eq!(
+        curl(
+            &ca,
+            &[&gw
+                .replace("https://", "http://")
+                .replace("localhost", "127.0.0.1")]
+        )
+        .0,
+        0
+    );
+
+    // Without a token, or with a wrong one: 401.
+    let (code, all) = curl(&ca, &[&format!("{gw}/v1/pipelines")]);
+    assert_eq!(code, 401, "{all}");
+    assert!(
+        all.to_lowercase().contains("www-authenticate: bearer"),
+        "{all}"
+    );
+    assert!(all.contains("etlmesh token new"), "{all}");
+    assert_eq!(
+        curl(
+            &ca,
+            &["-H", &bearer("etm_wrong"), &format!("{gw}/v1/pipelines")]
+        )
+        .0,
+        401
+    );
+
+    // The pipeline is served once its worker is up.
+    let started = Instant::now();
+    loop {
+        let (code, all) = curl(
+            &ca,
+            &[
+                "-H",
+                &bearer(&analyst),
+                "-H",
+                "Content-Type: text/csv",
+                "--data-binary",
+                "device_id,ts,temperature_c,humidity,battery_v,status\nd1,2026-01-01T00:00:00Z,20.5,40,3.7,ok\n",
+                &format!("{gw}/v1/pipelines/clean"),
+            ],
+        );
+        if code == 200 {
+            assert!(all.contains(",68.9"), "{all}");
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no worker: {code} {all}\n{}",
+            up.output()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // ci may use `clean`, not `other`, and no analytics.
+    let (code, all) = curl(
+        &ca,
+        &[
+            "-H",
+            &bearer(&ci),
+            "-H",
+            "Content-Type: text/csv",
+            "--data-binary",
+            "device_id,ts,temperature_c,humidity,battery_v,status\nd1,2026-01-01T00:00:00Z,20.5,40,3.7,ok\n",
+            &format!("{gw}/v1/pipelines/clean"),
+        ],
+    );
+    assert_eq!(code, 200, "{all}");
+    let (code, all) = curl(
+        &ca,
+        &[
+            "-H",
+            &bearer(&ci),
+            "-H",
+            "Content-Type: application/x-ndjson",
+            "--data-binary",
+            "{\"a\":1}\n",
+            &format!("{gw}/v1/pipelines/other"),
+        ],
+    );
+    assert_eq!(code, 403, "{all}");
+    assert!(all.contains("may not use pipeline `other`"), "{all}");
+    let (code, all) = curl(
+        &ca,
+        &[
+            "-H",
+            &bearer(&ci),
+            "-H",
+            "Content-Type: application/json",
+            "--data",
+            "{\"sql\":\"SELECT 1\"}",
+            &format!("{gw}/v1/query"),
+        ],
+    );
+    assert_eq!(code, 403, "{all}");
+    let (code, all) = curl(
+        &ca,
+        &[
+            "-H",
+            &bearer(&ci),
+            "-H",
+            "Content-Type: application/json",
+            "--data",
+            "{\"pipeline\":\"other\",\"inputs\":[\"x.csv\"]}",
+            &format!("{gw}/v1/jobs"),
+        ],
+    );
+    assert_eq!(code, 403, "{all}");
+    let (code, all) = curl(
+        &ca,
+        &[
+            "-H",
+            &bearer(&analyst),
+            "-H",
+            "Content-Type: application/json",
+            "--data",
+            "{\"sql\":\"SELECT 41 + 1 AS answer\"}",
+            &format!("{gw}/v1/query"),
+        ],
+    );
+    assert_eq!(code, 200, "{all}");
+    assert!(all.contains("\"answer\":42"), "{all}");
+
+    // ci's rate is 4 per second (a bucket of 4): a burst of 12 meets 429 with Retry-After.
+    std::thread::sleep(Duration::from_millis(1100));
+    let codes: Vec<(u16, String)> = (0..12)
+        .map(|_| curl(&ca, &["-H", &bearer(&ci), &format!("{gw}/v1/pipelines")]))
+        .collect();
+    let limited: Vec<&(u16, String)> = codes.iter().filter(|(c, _)| *c == 429).collect();
+    assert!(
+        codes.iter().filter(|(c, _)| *c == 200).count() >= 4,
+        "{codes:?}"
+    );
+    assert!(!limited.is_empty(), "{codes:?}");
+    assert!(
+        limited[0].1.to_lowercase().contains("retry-after: 1"),
+        "{}",
+        limited[0].1
+    );
+    // Another token is not limited by ci's bucket.
+    assert_eq!(
+        curl(
+            &ca,
+            &["-H", &bearer(&analyst), &format!("{gw}/v1/pipelines")]
+        )
+        .0,
+        200
+    );
+
+    // CORS: a preflight from an allowed origin is answered, another origin is not.
+    let (code, all) = curl(
+        &ca,
+        &[
+            "-X",
+            "OPTIONS",
+            "-H",
+            "Origin: http://dash.example",
+            "-H",
+            "Access-Control-Request-Method: POST",
+            &format!("{gw}/v1/query"),
+        ],
+    );
+    assert_eq!(code, 204, "{all}");
+    assert!(
+        all.to_lowercase()
+            .contains("access-control-allow-origin: http://dash.example"),
+        "{all}"
+    );
+    assert!(all.to_lowercase().contains("authorization"), "{all}");
+    let (_, all) = curl(
+        &ca,
+        &[
+            "-X",
+            "OPTIONS",
+            "-H",
+            "Origin: http://evil.example",
+            "-H",
+            "Access-Control-Request-Method: POST",
+            &format!("{gw}/v1/query"),
+        ],
+    );
+    assert!(
+        !all.to_lowercase().contains("access-control-allow-origin"),
+        "{all}"
+    );
+    let (_, all) = curl(
+        &ca,
+        &[
+            "-H",
+            "Origin: http://dash.example",
+            "-H",
+            &bearer(&analyst),
+            &format!("{gw}/v1/pipelines"),
+        ],
+    );
+    assert!(
+        all.to_lowercase().contains("access-control-expose-headers"),
+        "{all}"
+    );
+
+    // Decisions are counted per token, never with the token itself.
+    let (_, m) = curl(&ca, &[&format!("{gw}/metrics")]);
+    assert!(
+        m.contains("etlmesh_gateway_auth_total{token=\"ci\",outcome=\"rate_limited\"}"),
+        "{m}"
+    );
+    assert!(m.contains("outcome=\"forbidden\""), "{m}");
+    assert!(!m.contains(&ci), "a token in the metrics");
+}
+
+#[test]
+fn the_command_line_sends_its_token() {
+    let s = Scratch::new();
+    let (token, entry) = new_token(&s, &["cli", "--no-jobs"]);
+    s.write(
+        "g.yaml",
+        format!(
+            "platform:\n  access:\n    tokens:\n{entry}\n{}",
+            MESH_YAML.replacen("platform:\n", "", 1)
+        ),
+    );
+    let gw = Proc::start(
+        s.dir.path(),
+        &[
+            "gateway",
+            "-c",
+            "g.yaml",
+            "--listen",
+            "127.0.0.1:0",
+            "--flight",
+            "off",
+            "--control-plane",
+            "http://127.0.0.1:9",
+        ],
+    );
+    let url = format!("--gateway={}", gw.url("gateway"));
+    let out = s.etlmesh(&["query", &url, "SELECT 1 AS one"]);
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("401"), "{}", text(&out.stderr));
+    let out = s.etlmesh(&["query", &url, "--token", &token, "SELECT 1 AS one"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).starts_with("one"),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = s.etlmesh(&["job", &url, "--token", &token, "list"]);
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("403"), "{}", text(&out.stderr));
+}
