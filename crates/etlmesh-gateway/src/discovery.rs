@@ -163,8 +163,17 @@ impl Routes {
             let serves = e.pipelines.iter().any(|p| *p.name == *r.pipeline);
             if serves && e.state == WorkerState::Ready {
                 if !r.contains(&e.id) {
+                    let ok = self
+                        .metrics
+                        .endpoint_requests
+                        .get_or_create(&crate::metrics::EndpointLabels {
+                            pipeline: r.pipeline.to_string(),
+                            worker: e.id.clone(),
+                            code: 200,
+                        })
+                        .clone();
                     r.insert(
-                        Endpoint::new(&e.id, &e.address, self.client.clone()),
+                        Endpoint::new(&e.id, &e.address, self.client.clone(), ok),
                         self.on_eject(),
                     );
                     tracing::info!(pipeline = %r.pipeline, worker = %e.id, address = %e.address, "endpoint added");

@@ -13,6 +13,7 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use prometheus_client::metrics::counter::Counter;
 use tower::{BoxError, Service};
 
 /// A request body the gateway streams to a worker.
@@ -96,15 +97,18 @@ pub struct Endpoint {
     pub id: Arc<str>,
     base: Arc<str>,
     client: H2Client,
+    /// Its answers 200 for this pipeline, looked up once (not per request).
+    ok: Counter,
 }
 
 impl Endpoint {
-    /// The worker `id` at `address` (`http://host:port`).
-    pub fn new(id: &str, address: &str, client: H2Client) -> Self {
+    /// The worker `id` at `address` (`http://host:port`); `ok` counts its 200 answers.
+    pub fn new(id: &str, address: &str, client: H2Client, ok: Counter) -> Self {
         Self {
             id: Arc::from(id),
             base: Arc::from(address.trim_end_matches('/')),
             client,
+            ok,
         }
     }
 }
@@ -115,6 +119,8 @@ pub struct WorkerResponse {
     pub response: Response<Incoming>,
     /// Which worker answered.
     pub worker: Arc<str>,
+    /// The worker's counter of 200 answers for the pipeline.
+    pub ok: Counter,
 }
 
 impl Service<WorkerRequest> for Endpoint {
@@ -130,6 +136,7 @@ impl Service<WorkerRequest> for Endpoint {
         let uri: Result<Uri, _> = format!("{}/v1/transform/{}", self.base, req.pipeline).parse();
         let client = self.client.clone();
         let worker = self.id.clone();
+        let ok = self.ok.clone();
         let body = req.body();
         let mut headers = req.headers;
         let left = req
@@ -143,7 +150,11 @@ impl Service<WorkerRequest> for Endpoint {
             let mut r = Request::post(uri?).body(body)?;
             *r.headers_mut() = headers;
             let response = client.request(r).await?;
-            Ok(WorkerResponse { response, worker })
+            Ok(WorkerResponse {
+                response,
+                worker,
+                ok,
+            })
         })
     }
 }

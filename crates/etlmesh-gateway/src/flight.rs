@@ -83,6 +83,29 @@ fn flight_info(info: &PipelineInfo) -> Result<FlightInfo, Status> {
 }
 
 impl FlightGateway {
+    /// The HTTP API's token rules, for Flight calls (`authorization` metadata).
+    fn authorize(
+        &self,
+        metadata: &tonic::metadata::MetadataMap,
+        action: crate::access::Action<'_>,
+    ) -> Result<(), Status> {
+        let headers = metadata.clone().into_headers();
+        match self.gw.access.authorize(&headers, action) {
+            Ok(_) => Ok(()),
+            Err((status, code, message, wait)) => {
+                let m = format!("{code}: {message}");
+                Err(match status.as_u16() {
+                    401 => Status::unauthenticated(m),
+                    403 => Status::permission_denied(m),
+                    _ => Status::resource_exhausted(format!(
+                        "{m} (retry after {} s)",
+                        wait.unwrap_or(1)
+                    )),
+                })
+            }
+        }
+    }
+
     fn info(&self, name: &str) -> Result<PipelineInfo, Status> {
         self.gw
             .routes
@@ -213,8 +236,9 @@ impl FlightService for FlightGateway {
 
     async fn list_flights(
         &self,
-        _: Request<Criteria>,
+        req: Request<Criteria>,
     ) -> Result<Response<Self::ListFlightsStream>, Status> {
+        self.authorize(req.metadata(), crate::access::Action::List)?;
         let infos: Vec<Result<FlightInfo, Status>> = self
             .gw
             .routes
@@ -229,6 +253,7 @@ impl FlightService for FlightGateway {
         &self,
         req: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
+        self.authorize(req.metadata(), crate::access::Action::List)?;
         let name = pipeline_of(req.get_ref())?;
         Ok(Response::new(flight_info(&self.info(&name)?)?))
     }
@@ -244,6 +269,7 @@ impl FlightService for FlightGateway {
         &self,
         req: Request<FlightDescriptor>,
     ) -> Result<Response<SchemaResult>, Status> {
+        self.authorize(req.metadata(), crate::access::Action::List)?;
         let name = pipeline_of(req.get_ref())?;
         let schema = schema_of(&self.info(&name)?).ok_or_else(|| {
             Status::not_found(format!(
@@ -282,6 +308,7 @@ impl FlightService for FlightGateway {
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
         let trace = TraceContext::from_header_or_new(parent.as_deref());
+        let metadata = req.metadata().clone();
         let mut inbound = req.into_inner();
         let first = inbound.message().await?.ok_or_else(|| {
             Status::invalid_argument("empty exchange: send the descriptor and the table")
@@ -291,6 +318,7 @@ impl FlightService for FlightGateway {
             .as_ref()
             .and_then(|d| d.path.first().cloned())
             .unwrap_or_else(|| "unknown".into());
+        self.authorize(&metadata, crate::access::Action::Pipeline(&name))?;
         let result = self.exchange(trace, first, inbound).await;
         let code = match &result {
             Ok(_) => 200,

@@ -105,10 +105,10 @@ pub(crate) async fn transform(
     let started = Instant::now();
     let wall_start = std::time::SystemTime::now();
     let (trace, parent) = etlmesh_http::server_span(&req_headers);
-    if !gw.options.telemetry {
-        return route(&gw, &name, q, req_headers, body, trace).await;
-    }
     let trace_id = trace.trace_id_hex();
+    if !gw.options.telemetry {
+        return route(&gw, &name, q, req_headers, body, trace, &trace_id).await;
+    }
     let span = tracing::info_span!("request", pipeline = %name, trace_id = %trace_id);
     let known_route = gw.routes.get(&name);
     let unknown;
@@ -121,7 +121,7 @@ pub(crate) async fn transform(
     };
     let in_flight = &handles.in_flight;
     in_flight.inc();
-    let mut resp = route(&gw, &name, q, req_headers, body, trace)
+    let mut resp = route(&gw, &name, q, req_headers, body, trace, &trace_id)
         .instrument(span.clone())
         .await;
     in_flight.dec();
@@ -205,15 +205,17 @@ async fn route(
     h: HeaderMap,
     body: Body,
     trace: TraceContext,
+    trace_id: &str,
 ) -> Response {
-    let tid = Some(trace.trace_id_hex());
-    let refused = |r: Refusal, tid: Option<String>| {
+    // Only error answers need the trace id as a string of their own.
+    let tid = || Some(trace_id.to_string());
+    let refused = |r: Refusal| {
         let (status, code, message) = r.parts();
-        error_response(status, code, message, tid)
+        error_response(status, code, message, tid())
     };
     let route = match gw.lookup(name) {
         Ok(r) => r,
-        Err(r) => return refused(r, tid),
+        Err(r) => return refused(r),
     };
     let ct = h.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
     if ct.and_then(Format::from_content_type).is_none() {
@@ -224,7 +226,7 @@ async fn route(
                 "set Content-Type to one of {FORMATS} (got {})",
                 ct.unwrap_or("none")
             ),
-            tid,
+            tid(),
         );
     }
     let max = gw.options.max_body_bytes;
@@ -233,19 +235,21 @@ async fn route(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok());
     if length.is_some_and(|l| l > max) {
-        return too_large(max, tid);
+        return too_large(max, tid());
     }
     let payload = match length {
         Some(l) if l <= gw.options.retry_buffer_bytes => {
             match Limited::new(body, max).collect().await {
                 Ok(b) => Payload::Buffered(b.to_bytes()),
-                Err(e) if e.is::<http_body_util::LengthLimitError>() => return too_large(max, tid),
+                Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                    return too_large(max, tid());
+                }
                 Err(_) => {
                     return error_response(
                         StatusCode::BAD_REQUEST,
                         "bad_body",
                         "the body could not be read",
-                        tid,
+                        tid(),
                     );
                 }
             }
@@ -267,7 +271,7 @@ async fn route(
             held.metrics.get_or_init(|| gw.metrics.handles(name)),
             r,
         ),
-        Err(r) => refused(r, tid),
+        Err(r) => refused(r),
     }
 }
 
@@ -309,14 +313,18 @@ fn relay(gw: &Gateway, name: &str, handles: &PipelineHandles, r: WorkerResponse)
         return resp;
     }
     let code = parts.status.as_u16();
-    gw.metrics
-        .endpoint_requests
-        .get_or_create(&EndpointLabels {
-            pipeline: name.to_string(),
-            worker: r.worker.to_string(),
-            code,
-        })
-        .inc();
+    if code == 200 {
+        r.ok.inc();
+    } else {
+        gw.metrics
+            .endpoint_requests
+            .get_or_create(&EndpointLabels {
+                pipeline: name.to_string(),
+                worker: r.worker.to_string(),
+                code,
+            })
+            .inc();
+    }
     // In the order of RECORD_OUTCOMES.
     for (i, h) in [
         headers::RECORDS_IN,

@@ -255,6 +255,9 @@ impl Bound {
                 .max_decoding_message_size(gw.options.max_body_bytes)
                 .max_encoding_message_size(gw.options.max_body_bytes);
             tracing::info!(addr = ?addr, "gateway Arrow Flight listening on grpc://{}", addr.map(|a| a.to_string()).unwrap_or_default());
+            if gw.options.access.tls.is_some() {
+                tracing::warn!("the Arrow Flight listener does not speak TLS (only the HTTP listener does); keep it on a trusted network or turn it off with --flight off");
+            }
             tokio::spawn(
                 tonic::transport::Server::builder()
                     .add_service(svc)

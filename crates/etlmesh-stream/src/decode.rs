@@ -348,7 +348,7 @@ fn trim_end(b: &[u8]) -> &[u8] {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::source::test_delivery;
+    use crate::source::detached_delivery;
     use arrow::array::{Array, AsArray};
     use arrow::datatypes::Int64Type;
     use etlmesh_config::{FieldSpec, FieldType, PipelineFile};
@@ -374,14 +374,14 @@ mod tests {
         let d = MessageDecoder::new(&m, &schema, &CsvOptions::default(), Limits::default());
         assert_eq!(d.input_schema().field(2).name(), "device_id");
         let msgs = vec![
-            test_delivery(1, "s/a/r", b"{\"seq\": 1, \"t\": 1.5}"),
-            test_delivery(
+            detached_delivery(1, "s/a/r", b"{\"seq\": 1, \"t\": 1.5}"),
+            detached_delivery(
                 2,
                 "s/b/r",
                 b"[{\"seq\": 2, \"t\": 2.5}, {\"seq\": 3, \"t\": \"hot\"}]",
             ),
-            test_delivery(3, "s/c/r", b"{\"seq\": 4,"),
-            test_delivery(4, "s/d/r", b"[1, 2"),
+            detached_delivery(3, "s/c/r", b"{\"seq\": 4,"),
+            detached_delivery(4, "s/d/r", b"[1, 2"),
         ];
         let out = d.decode(&msgs);
         assert_eq!(out.records, 5);
@@ -413,8 +413,8 @@ mod tests {
         let (m, schema) = spec("csv");
         let d = MessageDecoder::new(&m, &schema, &CsvOptions::default(), Limits::default());
         let msgs = vec![
-            test_delivery(7, "s/x/r", b"1,0.5\n2,1.5\n"),
-            test_delivery(8, "s/y/r", b"3,abc"),
+            detached_delivery(7, "s/x/r", b"1,0.5\n2,1.5\n"),
+            detached_delivery(8, "s/y/r", b"3,abc"),
         ];
         let out = d.decode(&msgs);
         assert_eq!(out.records, 3);

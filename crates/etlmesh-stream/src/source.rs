@@ -323,9 +323,9 @@ async fn subscribe(client: &Client, filter: &str, qos: u8) -> Result<(), StreamE
     r.map_err(|e| StreamError::Mqtt(format!("cannot subscribe to {filter}: {e}")))
 }
 
-/// A delivery for tests: acknowledging it does nothing useful.
-#[cfg(test)]
-pub(crate) fn test_delivery(seq: u64, topic: &str, payload: &[u8]) -> Delivery {
+/// A delivery received outside any session (tests, fuzzing): it holds its own
+/// budget and is never acknowledged to a broker.
+pub fn detached_delivery(seq: u64, topic: &str, payload: &[u8]) -> Delivery {
     let budget = Arc::new(Semaphore::new(1));
     let permit = budget.try_acquire_owned().expect("one permit");
     Delivery {

@@ -335,8 +335,8 @@ fn tokens_rates_cors_and_tls_guard_the_gateway() {
     assert!(!m.contains(&ci), "a token in the metrics");
 }
 
-#[test]
-fn the_command_line_sends_its_token() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_command_line_and_arrow_flight_need_the_token() {
     let s = Scratch::new();
     let (token, entry) = new_token(&s, &["cli", "--no-jobs"]);
     s.write(
@@ -355,7 +355,7 @@ fn the_command_line_sends_its_token() {
             "--listen",
             "127.0.0.1:0",
             "--flight",
-            "off",
+            "127.0.0.1:0",
             "--control-plane",
             "http://127.0.0.1:9",
         ],
@@ -374,4 +374,27 @@ fn the_command_line_sends_its_token() {
     let out = s.etlmesh(&["job", &url, "--token", &token, "list"]);
     assert!(!out.status.success());
     assert!(text(&out.stderr).contains("403"), "{}", text(&out.stderr));
+
+    // Arrow Flight keeps the same rules, with the token in the `authorization` metadata.
+    let flight = gw.url("Arrow Flight").replace("grpc://", "http://");
+    let channel = tonic::transport::Channel::from_shared(flight)
+        .expect("url")
+        .connect()
+        .await
+        .expect("connects");
+    let mut client = arrow_flight::FlightClient::new(channel);
+    let e = client
+        .list_flights(bytes::Bytes::new())
+        .await
+        .err()
+        .expect("no token");
+    assert!(
+        e.to_string()
+            .contains("unauthorized: this gateway needs an API token"),
+        "{e}"
+    );
+    client
+        .add_header("authorization", &format!("Bearer {token}"))
+        .expect("header");
+    assert!(client.list_flights(bytes::Bytes::new()).await.is_ok());
 }
