@@ -90,12 +90,19 @@ fn status_of(e: &QueryError) -> StatusCode {
 
 const NO_ANALYTICS: &str = "this gateway serves no analytics: it was started without a pipeline file\n  help: start it with -c FILE (etlmesh up does), so that the file's Parquet and PostgreSQL sinks are datasets";
 
-/// `GET /v1/datasets`: what a query may read.
-pub(crate) async fn datasets(State(gw): State<Arc<Gateway>>) -> Response {
+/// `GET /v1/datasets`: what a query may read (with a token: of its pipelines).
+pub(crate) async fn datasets(
+    State(gw): State<Arc<Gateway>>,
+    client: Option<axum::Extension<crate::access::Client>>,
+) -> Response {
     let Some(a) = &gw.options.analytics else {
         return error_response(StatusCode::NOT_FOUND, "no_analytics", NO_ANALYTICS, None);
     };
-    let list: Vec<_> = a.catalog().datasets().collect();
+    let list: Vec<_> = a
+        .catalog()
+        .datasets()
+        .filter(|d| client.as_ref().is_none_or(|c| c.spec.allows(&d.pipeline)))
+        .collect();
     json_response(&list)
 }
 
