@@ -44,6 +44,15 @@ fn curl(ca: &str, args: &[&str]) -> (u16, String) {
     (status, all)
 }
 
+/// `curl` POSTing `body` as `content_type` with a bearer token.
+fn post(ca: &str, token: &str, content_type: &str, body: &str, url: &str) -> (u16, String) {
+    let auth = format!("Authorization: Bearer {token}");
+    let ct = format!("Content-Type: {content_type}");
+    curl(ca, &["-H", &auth, "-H", &ct, "--data-binary", body, url])
+}
+
+const READING: &str = "device_id,ts,temperature_c,humidity,battery_v,status\nd1,2026-01-01T00:00:00Z,20.5,40,3.7,ok\n";
+
 #[test]
 fn tokens_rates_cors_and_tls_guard_the_gateway() {
     if Command::new("openssl").arg("version").output().is_err()
@@ -155,18 +164,8 @@ fn tokens_rates_cors_and_tls_guard_the_gateway() {
     // The pipeline is served once its worker is up.
     let started = Instant::now();
     loop {
-        let (code, all) = curl(
-            &ca,
-            &[
-                "-H",
-                &bearer(&analyst),
-                "-H",
-                "Content-Type: text/csv",
-                "--data-binary",
-                "device_id,ts,temperature_c,humidity,battery_v,status\nd1,2026-01-01T00:00:00Z,20.5,40,3.7,ok\n",
-                &format!("{gw}/v1/pipelines/clean"),
-            ],
-        );
+        let clean = format!("{gw}/v1/pipelines/clean");
+        let (code, all) = post(&ca, &analyst, "text/csv", READING, &clean);
         if code == 200 {
             assert!(all.contains(",68.9"), "{all}");
             break;
@@ -180,71 +179,32 @@ fn tokens_rates_cors_and_tls_guard_the_gateway() {
     }
 
     // ci may use `clean`, not `other`, and no analytics.
-    let (code, all) = curl(
+    let (code, all) = post(
         &ca,
-        &[
-            "-H",
-            &bearer(&ci),
-            "-H",
-            "Content-Type: text/csv",
-            "--data-binary",
-            "device_id,ts,temperature_c,humidity,battery_v,status\nd1,2026-01-01T00:00:00Z,20.5,40,3.7,ok\n",
-            &format!("{gw}/v1/pipelines/clean"),
-        ],
+        &ci,
+        "text/csv",
+        READING,
+        &format!("{gw}/v1/pipelines/clean"),
     );
     assert_eq!(code, 200, "{all}");
-    let (code, all) = curl(
-        &ca,
-        &[
-            "-H",
-            &bearer(&ci),
-            "-H",
-            "Content-Type: application/x-ndjson",
-            "--data-binary",
-            "{\"a\":1}\n",
-            &format!("{gw}/v1/pipelines/other"),
-        ],
-    );
+    let other = format!("{gw}/v1/pipelines/other");
+    let (code, all) = post(&ca, &ci, "application/x-ndjson", "{\"a\":1}\n", &other);
     assert_eq!(code, 403, "{all}");
     assert!(all.contains("may not use pipeline `other`"), "{all}");
-    let (code, all) = curl(
+    let query = format!("{gw}/v1/query");
+    let (code, all) = post(
         &ca,
-        &[
-            "-H",
-            &bearer(&ci),
-            "-H",
-            "Content-Type: application/json",
-            "--data",
-            "{\"sql\":\"SELECT 1\"}",
-            &format!("{gw}/v1/query"),
-        ],
+        &ci,
+        "application/json",
+        "{\"sql\":\"SELECT 1\"}",
+        &query,
     );
     assert_eq!(code, 403, "{all}");
-    let (code, all) = curl(
-        &ca,
-        &[
-            "-H",
-            &bearer(&ci),
-            "-H",
-            "Content-Type: application/json",
-            "--data",
-            "{\"pipeline\":\"other\",\"inputs\":[\"x.csv\"]}",
-            &format!("{gw}/v1/jobs"),
-        ],
-    );
+    let job = "{\"pipeline\":\"other\",\"inputs\":[\"x.csv\"]}";
+    let (code, all) = post(&ca, &ci, "application/json", job, &format!("{gw}/v1/jobs"));
     assert_eq!(code, 403, "{all}");
-    let (code, all) = curl(
-        &ca,
-        &[
-            "-H",
-            &bearer(&analyst),
-            "-H",
-            "Content-Type: application/json",
-            "--data",
-            "{\"sql\":\"SELECT 41 + 1 AS answer\"}",
-            &format!("{gw}/v1/query"),
-        ],
-    );
+    let sql = "{\"sql\":\"SELECT 41 + 1 AS answer\"}";
+    let (code, all) = post(&ca, &analyst, "application/json", sql, &query);
     assert_eq!(code, 200, "{all}");
     assert!(all.contains("\"answer\":42"), "{all}");
 
