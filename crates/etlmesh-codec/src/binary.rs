@@ -1,15 +1,22 @@
 //! Typed inputs: Parquet and Arrow IPC. Their rows are already typed; when a schema is
 //! declared, [`conform`] casts each column to it and rejects the rows whose values do
 //! not fit, instead of failing the whole batch.
+//!
+//! Arrow's and Parquet's readers panic on some malformed inputs (an IPC schema naming a
+//! type they do not implement, found by fuzzing): every read of untrusted bytes here
+//! runs [`guarded`], so that such a panic becomes an error naming the input.
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 use std::sync::Arc;
 
+use std::panic::{AssertUnwindSafe, catch_unwind};
+
 use arrow::array::{Array, ArrayRef, BooleanArray, RecordBatch, new_null_array};
 use arrow::compute::{CastOptions, cast_with_options, filter_record_batch};
 use arrow::datatypes::SchemaRef;
+use arrow::error::ArrowError;
 use arrow::ipc::reader::{FileReader, StreamReader};
 use bytes::Bytes;
 use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
@@ -157,8 +164,9 @@ impl ParquetFile {
             input: name.to_string(),
             error: e,
         })?;
-        let builder =
-            ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| parquet_error(&name, e))?;
+        let builder = guarded(&name, "Parquet file", || {
+            ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| parquet_error(&name, e))
+        })?;
         let row_group_rows = builder
             .metadata()
             .row_groups()
@@ -177,18 +185,21 @@ impl ParquetFile {
         &self,
         groups: Vec<usize>,
         batch_size: usize,
-    ) -> Result<ParquetRecordBatchReader, CodecError> {
+    ) -> Result<ParquetBatches, CodecError> {
         let file = File::open(&*self.path).map_err(|e| CodecError::Io {
             input: self.path.to_string(),
             error: e,
         })?;
-        ParquetRecordBatchReaderBuilder::try_new(file)
-            .and_then(|b| {
-                b.with_row_groups(groups)
-                    .with_batch_size(batch_size)
-                    .build()
-            })
-            .map_err(|e| parquet_error(&self.path, e))
+        guarded(&self.path, "Parquet file", || {
+            ParquetRecordBatchReaderBuilder::try_new(file)
+                .and_then(|b| {
+                    b.with_row_groups(groups)
+                        .with_batch_size(batch_size)
+                        .build()
+                })
+                .map_err(|e| parquet_error(&self.path, e))
+        })
+        .map(Guarded::parquet)
     }
 
     /// The 1-based number of the first record of row group `g`.
@@ -233,20 +244,103 @@ pub fn ipc_batches<R: Read + Seek + Send + 'static>(
             error: e,
         })?;
     let src = source.to_string();
+    let on_panic = {
+        let src = src.clone();
+        move |why: String| {
+            Err(ipc_error(
+                &src,
+                ArrowError::IpcError(format!("the reader stopped: {why}")),
+            ))
+        }
+    };
     if n == 6 && &magic == b"ARROW1" {
-        let r = FileReader::try_new(reader, None).map_err(|e| ipc_error(source, e))?;
+        let r = guarded(source, "Arrow IPC file", || {
+            FileReader::try_new(reader, None).map_err(|e| ipc_error(source, e))
+        })?;
         let schema = r.schema();
-        Ok((
-            schema,
-            Box::new(r.map(move |b| b.map_err(|e| ipc_error(&src, e)))),
-        ))
+        let it = r.map(move |b| b.map_err(|e| ipc_error(&src, e)));
+        Ok((schema, Box::new(Guarded::new(it, Box::new(on_panic)))))
     } else {
-        let r = StreamReader::try_new(reader, None).map_err(|e| ipc_error(source, e))?;
+        let r = guarded(source, "Arrow IPC stream", || {
+            StreamReader::try_new(reader, None).map_err(|e| ipc_error(source, e))
+        })?;
         let schema = r.schema();
-        Ok((
-            schema,
-            Box::new(r.map(move |b| b.map_err(|e| ipc_error(&src, e)))),
-        ))
+        let it = r.map(move |b| b.map_err(|e| ipc_error(&src, e)));
+        Ok((schema, Box::new(Guarded::new(it, Box::new(on_panic)))))
+    }
+}
+
+/// Batches of a Parquet input, read under [`guarded`].
+pub type ParquetBatches = Guarded<ParquetRecordBatchReader>;
+
+/// What a panic said.
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| (*s).to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
+}
+
+/// Runs a reader of untrusted bytes; a panic in it becomes an error naming `source`.
+pub fn guarded<T>(
+    source: &str,
+    what: &str,
+    read: impl FnOnce() -> Result<T, CodecError>,
+) -> Result<T, CodecError> {
+    catch_unwind(AssertUnwindSafe(read)).unwrap_or_else(|p| {
+        Err(CodecError::Input {
+            input: source.to_string(),
+            message: format!(
+                "malformed {what}: the reader stopped: {}",
+                panic_message(&*p)
+            ),
+            help: "send complete, well-formed data".into(),
+        })
+    })
+}
+
+/// An iterator over untrusted data whose `next` runs under [`guarded`]'s rule: a
+/// panic ends it with one error item.
+pub struct Guarded<I: Iterator> {
+    inner: Option<I>,
+    on_panic: Box<dyn Fn(String) -> I::Item + Send>,
+}
+
+impl<I: Iterator> Guarded<I> {
+    /// Guards `inner`; `on_panic` turns a panic's message into the last item.
+    pub fn new(inner: I, on_panic: Box<dyn Fn(String) -> I::Item + Send>) -> Self {
+        Self {
+            inner: Some(inner),
+            on_panic,
+        }
+    }
+}
+
+impl Guarded<ParquetRecordBatchReader> {
+    fn parquet(r: ParquetRecordBatchReader) -> Self {
+        Self::new(
+            r,
+            Box::new(|why| {
+                Err(ArrowError::ParquetError(format!(
+                    "malformed Parquet data: the reader stopped: {why}"
+                )))
+            }),
+        )
+    }
+}
+
+impl<I: Iterator> Iterator for Guarded<I> {
+    type Item = I::Item;
+
+    fn next(&mut self) -> Option<I::Item> {
+        let inner = self.inner.as_mut()?;
+        match catch_unwind(AssertUnwindSafe(|| inner.next())) {
+            Ok(item) => item,
+            Err(p) => {
+                self.inner = None;
+                Some((self.on_panic)(panic_message(&*p)))
+            }
+        }
     }
 }
 
@@ -255,14 +349,17 @@ pub fn parquet_body(
     body: Bytes,
     source: &str,
     batch_size: usize,
-) -> Result<(SchemaRef, ParquetRecordBatchReader), CodecError> {
-    let b = ParquetRecordBatchReaderBuilder::try_new(body).map_err(|e| parquet_error(source, e))?;
-    let schema = b.schema().clone();
-    let r = b
-        .with_batch_size(batch_size)
-        .build()
-        .map_err(|e| parquet_error(source, e))?;
-    Ok((schema, r))
+) -> Result<(SchemaRef, ParquetBatches), CodecError> {
+    guarded(source, "Parquet data", || {
+        let b =
+            ParquetRecordBatchReaderBuilder::try_new(body).map_err(|e| parquet_error(source, e))?;
+        let schema = b.schema().clone();
+        let r = b
+            .with_batch_size(batch_size)
+            .build()
+            .map_err(|e| parquet_error(source, e))?;
+        Ok((schema, Guarded::parquet(r)))
+    })
 }
 
 #[cfg(test)]

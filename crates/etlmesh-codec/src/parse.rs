@@ -44,8 +44,11 @@ fn parse_simple_decimal(b: &[u8]) -> Option<f64> {
     for (i, &c) in digits.iter().enumerate() {
         match c {
             b'0'..=b'9' => {
-                mantissa = mantissa * 10 + u64::from(c - b'0');
                 count += 1;
+                if count > 15 {
+                    return None; // more digits than f64 holds exactly (and no overflow)
+                }
+                mantissa = mantissa * 10 + u64::from(c - b'0');
             }
             b'.' if frac.is_none() => frac = Some(digits.len() - i - 1),
             _ => return None,

@@ -214,3 +214,26 @@ fn chunks_end_on_record_boundaries_and_count_lines() {
         "header, 5000 rows with 5 embedded newlines, then the last row"
     );
 }
+
+#[test]
+fn long_digit_runs_parse_without_overflow() {
+    // Found by fuzzing: 20 digits overflowed the fast path's u64 in debug builds.
+    assert_eq!(
+        crate::parse::parse_f64(b"00000000000000000000001.5"),
+        Some(1.5)
+    );
+    assert_eq!(
+        crate::parse::parse_f64(b"123456789012345678901234"),
+        Some(123456789012345678901234.0)
+    );
+}
+
+#[test]
+fn a_panicking_reader_becomes_an_error_naming_its_input() {
+    let e = crate::binary::guarded::<()>("upload.arrow", "Arrow IPC stream", || {
+        panic!("Type Int256 not supported")
+    })
+    .expect_err("panic caught");
+    let s = e.to_string();
+    assert!(s.contains("upload.arrow") && s.contains("Int256"), "{s}");
+}
