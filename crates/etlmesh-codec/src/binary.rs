@@ -244,6 +244,8 @@ pub fn ipc_batches<R: Read + Seek + Send + 'static>(
             error: e,
         })?;
     let src = source.to_string();
+    crate::ipc_check::check(&mut reader, n == 6 && &magic == b"ARROW1")
+        .map_err(|why| ipc_error(source, ArrowError::IpcError(why)))?;
     let on_panic = {
         let src = src.clone();
         move |why: String| {

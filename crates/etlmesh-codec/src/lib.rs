@@ -19,6 +19,7 @@ mod column;
 pub mod csv;
 pub mod decode;
 pub mod encode;
+mod ipc_check;
 pub mod json;
 pub mod parse;
 pub mod record;
