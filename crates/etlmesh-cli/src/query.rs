@@ -113,9 +113,10 @@ pub(crate) fn query(args: &QueryArgs) -> Result<(), CliError> {
         } else {
             ""
         };
+        let rows = header("etlmesh-rows");
+        let noun = if rows == "1" { "row" } else { "rows" };
         eprintln!(
-            "{} rows in {} ms{truncated}",
-            header("etlmesh-rows"),
+            "{rows} {noun} in {} ms{truncated}",
             header("etlmesh-elapsed-ms")
         );
         Ok(())
