@@ -34,13 +34,13 @@ pub enum TokenCommand {
     },
 }
 
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// The hex SHA-256 of a token, as the file holds it.
 pub(crate) fn hash(token: &str) -> String {
-    ring::digest::digest(&ring::digest::SHA256, token.as_bytes())
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hex(ring::digest::digest(&ring::digest::SHA256, token.as_bytes()).as_ref())
 }
 
 /// The `platform.access.tokens` entry for a token.
@@ -93,10 +93,7 @@ pub(crate) fn token(args: &TokenArgs) -> Result<(), CliError> {
             ring::rand::SystemRandom::new()
                 .fill(&mut bytes)
                 .map_err(|_| CliError::Other("the system's random source failed".into()))?;
-            let token: String = format!(
-                "etm_{}",
-                bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
-            );
+            let token = format!("etm_{}", hex(&bytes));
             println!("{token}");
             eprintln!(
                 "the token (shown once; give it to {name}, e.g. as ETLMESH_TOKEN) is above. Add this to the pipeline file:"

@@ -89,14 +89,13 @@ impl Catalog {
         catalog
     }
 
-    /// Adds a dataset unless its name is taken; `false` when it was.
-    pub fn add(&mut self, dataset: Dataset) -> bool {
+    /// Adds a dataset unless its name is taken (then it is left out, with a warning).
+    pub fn add(&mut self, dataset: Dataset) {
         if self.datasets.contains_key(&dataset.name) {
             tracing::warn!(dataset = %dataset.name, pipeline = %dataset.pipeline, "a dataset of this name exists already: this one is not queryable");
-            return false;
+            return;
         }
         self.datasets.insert(dataset.name.clone(), dataset);
-        true
     }
 
     /// The dataset called `name`.

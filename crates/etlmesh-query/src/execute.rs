@@ -124,11 +124,6 @@ impl Analytics {
         &self.catalog
     }
 
-    /// The limits.
-    pub fn spec(&self) -> &QuerySpec {
-        &self.spec
-    }
-
     /// Runs one query within the limits.
     pub async fn run(&self, request: QueryRequest) -> Result<Answer, QueryError> {
         let waiting = self.admitted.fetch_add(1, Ordering::AcqRel);
@@ -308,7 +303,9 @@ async fn register(
     let name = &dataset.name;
     match &dataset.source {
         DatasetSource::Parquet { path, partition_by } => {
-            let Some(sample) = find_parquet(path) else {
+            // The schema of one file, so that planning opens no other file: a filter
+            // on partition columns then reads only the directories it keeps.
+            let Some(schema) = first_parquet_schema(path) else {
                 return Err(QueryError::Invalid(format!(
                     "dataset `{name}` has no Parquet files in {} yet; its pipeline `{}` writes them (etlmesh run -c FILE --pipeline {} INPUTS)",
                     path.display(),
@@ -316,11 +313,6 @@ async fn register(
                     dataset.pipeline
                 )));
             };
-            // The schema of one file, so that planning opens no other file: a filter
-            // on partition columns then reads only the directories it keeps.
-            let schema = parquet_schema(&sample).map_err(|m| {
-                QueryError::Unavailable(format!("dataset `{name}`: {}: {m}", sample.display()))
-            })?;
             let dir = std::path::absolute(path).map_err(|e| {
                 QueryError::Unavailable(format!("dataset `{name}`: {}: {e}", path.display()))
             })?;
@@ -357,9 +349,9 @@ async fn register(
     Ok(())
 }
 
-/// A Parquet file in `dir` (looked for depth first, hidden entries skipped, at most
-/// 10,000 entries seen).
-fn find_parquet(dir: &Path) -> Option<std::path::PathBuf> {
+/// The schema of the first readable Parquet file in `dir` (looked for depth first,
+/// hidden entries skipped, at most 10,000 entries seen), from its footer.
+fn first_parquet_schema(dir: &Path) -> Option<SchemaRef> {
     let mut stack = vec![dir.to_path_buf()];
     let mut seen = 0;
     while let Some(d) = stack.pop() {
@@ -380,23 +372,16 @@ fn find_parquet(dir: &Path) -> Option<std::path::PathBuf> {
             }
             match e.file_type() {
                 Ok(t) if t.is_dir() => stack.push(e.path()),
-                Ok(_) if name.ends_with(".parquet") && parquet_schema(&e.path()).is_ok() => {
-                    return Some(e.path());
+                Ok(_) if name.ends_with(".parquet") => {
+                    if let Ok(f) = etlmesh_codec::binary::ParquetFile::open(&e.path()) {
+                        return Some(f.schema);
+                    }
                 }
                 _ => {}
             }
         }
     }
     None
-}
-
-/// The Arrow schema of a Parquet file, from its footer.
-fn parquet_schema(path: &Path) -> Result<arrow::datatypes::Schema, String> {
-    let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
-    let builder =
-        datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
-            .map_err(|e| e.to_string())?;
-    Ok(builder.schema().as_ref().clone())
 }
 
 #[cfg(test)]
