@@ -54,9 +54,13 @@ pub struct WorkerArgs {
     /// Where to listen (port 0: any free port).
     #[arg(long, default_value = "127.0.0.1:0")]
     pub listen: SocketAddr,
-    /// The control plane to register with (`http://host:port`); standalone without.
+    /// The control plane to register with: its mesh address (`https://host:port`,
+    /// mTLS, with --join-token) or `http://host:port` in a mesh without mTLS;
+    /// standalone without.
     #[arg(long, env = "ETLMESH_CONTROL_PLANE")]
     pub control_plane: Option<String>,
+    #[command(flatten)]
+    pub join: JoinArg,
     /// The worker's id (default: worker-<pid>).
     #[arg(long)]
     pub id: Option<String>,
@@ -78,6 +82,60 @@ pub struct WorkerArgs {
     /// No per-request metrics or trace spans (to measure what they cost).
     #[arg(long, env = "ETLMESH_NO_TELEMETRY")]
     pub no_telemetry: bool,
+}
+
+/// The join token of a mesh with mTLS.
+#[derive(Debug, Clone, clap::Args)]
+pub struct JoinArg {
+    /// The control plane's join token (its state directory's `mesh/join-token`):
+    /// needed to join a mesh whose control plane URL is `https://`.
+    #[arg(long, env = "ETLMESH_JOIN_TOKEN", hide_env_values = true)]
+    pub join_token: Option<String>,
+}
+
+/// Joins the mesh when `control_plane` is a mesh listener (`https://`): a certificate
+/// for `name`, installed as this process's identity and renewed until exit.
+async fn join_mesh(
+    control_plane: &str,
+    join: &JoinArg,
+    name: &str,
+    role: etlmesh_tls::Role,
+    listen: SocketAddr,
+) -> Result<Option<Arc<etlmesh_tls::Identity>>, CliError> {
+    if !control_plane.starts_with("https://") {
+        return Ok(None);
+    }
+    let token: etlmesh_tls::JoinToken = join
+        .join_token
+        .as_deref()
+        .ok_or_else(|| {
+            CliError::Other(format!(
+                "the control plane {control_plane} speaks mTLS: give its join token with --join-token or ETLMESH_JOIN_TOKEN (its state directory's mesh/join-token)"
+            ))
+        })?
+        .parse()
+        .map_err(|e: etlmesh_tls::TlsError| CliError::Other(e.to_string()))?;
+    let hosts: Vec<String> = if listen.ip().is_unspecified() {
+        Vec::new()
+    } else {
+        vec![listen.ip().to_string()]
+    };
+    let identity = etlmesh_tls::join(
+        control_plane,
+        &token,
+        name,
+        role,
+        &hosts,
+        Duration::from_secs(30),
+    )
+    .await
+    .map_err(|e| CliError::Other(format!("{name}: {e}")))?;
+    etlmesh_tls::install(identity.clone());
+    tokio::spawn(etlmesh_tls::renew_forever(
+        identity.clone(),
+        control_plane.to_string(),
+    ));
+    Ok(Some(identity))
 }
 
 pub(crate) fn worker(args: &WorkerArgs) -> Result<(), CliError> {
@@ -103,8 +161,21 @@ pub(crate) fn worker(args: &WorkerArgs) -> Result<(), CliError> {
             () = etlmesh_scale::process::supervisor_gone() => {}
         }
     };
-    rt.block_on(etlmesh_worker::run(file, opts, stop))
-        .map_err(|e| CliError::Other(e.to_string()))
+    rt.block_on(async {
+        if let Some(cp) = &args.control_plane {
+            opts.mesh = join_mesh(
+                cp,
+                &args.join,
+                &opts.id,
+                etlmesh_tls::Role::Worker,
+                args.listen,
+            )
+            .await?;
+        }
+        etlmesh_worker::run(file, opts, stop)
+            .await
+            .map_err(|e| CliError::Other(e.to_string()))
+    })
 }
 
 /// Arguments of `control-plane`.
@@ -122,6 +193,11 @@ pub struct ControlArgs {
     /// Who runs the workers when scaling.
     #[arg(long, value_enum, default_value_t = ScalerKind::Process)]
     pub scaler: ScalerKind,
+    /// Require mTLS in the mesh: the control plane becomes its certificate authority
+    /// (the anchor and join token in the state directory's `mesh/`) and serves the
+    /// worker protocol on this address only, to processes with its certificates.
+    #[arg(long, value_name = "ADDR")]
+    pub mesh_listen: Option<SocketAddr>,
     /// Kubernetes: the namespace of the worker Deployments (the client's default).
     #[arg(long, value_name = "NS")]
     pub k8s_namespace: Option<String>,
@@ -185,15 +261,41 @@ pub(crate) fn control_plane(args: &ControlArgs) -> Result<(), CliError> {
         if let (Some(path), Some(f)) = (&args.config, &file) {
             green_options(&mut opts, f, path, &args.state)?;
         }
+        let mesh_spec = file
+            .as_ref()
+            .map(|f| f.spec.platform.mesh.clone())
+            .unwrap_or_default();
+        opts.mesh = args.mesh_listen.map(|listen| {
+            etlmesh_control::mesh::MeshOptions::new(listen, &args.state.state_dir, &mesh_spec)
+        });
         let bound = etlmesh_control::bind(&opts).await?;
+        let members_url = match bound.mesh_addr {
+            Some(a) => {
+                eprintln!(
+                    "mesh (mTLS): https://{a}; workers and gateways join with the token in {}",
+                    args.state.state_dir.join("mesh").join("join-token").display()
+                );
+                format!("https://{a}")
+            }
+            None => {
+                tracing::warn!("the worker protocol is not authenticated: give --mesh-listen ADDR to require mTLS inside the mesh");
+                format!("http://{}", bound.addr)
+            }
+        };
+        let env = bound
+            .authority
+            .as_ref()
+            .map(|a| vec![("ETLMESH_JOIN_TOKEN".to_string(), a.token().to_string())])
+            .unwrap_or_default();
         let mut autoscale = None;
         if let Some((path, pools)) = scaled {
             let scaler: Arc<dyn etlmesh_scale::Scaler> = match args.scaler {
                 ScalerKind::Process => Arc::new(ProcessScaler::new(WorkerCommand {
                     exe: current_exe()?,
                     config: path.clone(),
-                    control_plane: format!("http://{}", bound.addr),
+                    control_plane: members_url.clone(),
                     extra: Vec::new(),
+                    env: env.clone(),
                 })),
                 ScalerKind::Kubernetes => Arc::new(
                     KubernetesScaler::connect(KubernetesOptions {
@@ -221,13 +323,16 @@ pub struct GatewayArgs {
     /// Where to listen for Arrow Flight (`off` to disable).
     #[arg(long, default_value = "127.0.0.1:8815", value_parser = listen_or_off)]
     pub flight: Listen,
-    /// The control plane (`http://host:port`).
+    /// The control plane: its mesh address (`https://host:port`, mTLS, with
+    /// --join-token) or `http://host:port` in a mesh without mTLS.
     #[arg(
         long,
         env = "ETLMESH_CONTROL_PLANE",
         default_value = "http://127.0.0.1:7070"
     )]
     pub control_plane: String,
+    #[command(flatten)]
+    pub join: JoinArg,
     /// Threads (default: one per core).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -304,10 +409,22 @@ pub(crate) fn gateway(args: &GatewayArgs) -> Result<(), CliError> {
     }
     let rt = runtime(args.threads.unwrap_or_else(threads_default))?;
     rt.block_on(async {
-        let bound = etlmesh_gateway::bind(opts).await?;
-        bound.serve(shutdown_signal()).await
+        join_mesh(
+            &args.control_plane,
+            &args.join,
+            &opts.id,
+            etlmesh_tls::Role::Gateway,
+            args.listen,
+        )
+        .await?;
+        let bound = etlmesh_gateway::bind(opts)
+            .await
+            .map_err(|e| CliError::Other(e.to_string()))?;
+        bound
+            .serve(shutdown_signal())
+            .await
+            .map_err(|e| CliError::Other(e.to_string()))
     })
-    .map_err(|e| CliError::Other(e.to_string()))
 }
 
 /// Arguments of `up`.
@@ -340,6 +457,10 @@ pub struct UpArgs {
     /// Extra arguments for every worker (for example `--inject-latency=5ms`).
     #[arg(long = "worker-arg", allow_hyphen_values = true)]
     pub worker_args: Vec<String>,
+    /// Plain HTTP inside the mesh: no certificates, and any process that reaches the
+    /// control plane or a worker is trusted. For debugging only.
+    #[arg(long)]
+    pub insecure: bool,
     #[command(flatten)]
     pub tuning: GatewayTuning,
     #[command(flatten)]
@@ -368,7 +489,14 @@ pub(crate) fn up(args: &UpArgs) -> Result<(), CliError> {
         worker_args: args.worker_args.clone(),
         gateway: gw,
         state_dir: args.state.state_dir.clone(),
+        mesh: (!args.insecure).then(|| file.spec.platform.mesh.clone()),
     };
+    if args.insecure {
+        eprintln!(
+            "WARNING: --insecure: the mesh runs WITHOUT mTLS; any process that can reach the control plane or a worker can register, read the endpoints or send work. Do not use it outside a test."
+        );
+        tracing::warn!("mesh without mTLS (--insecure)");
+    }
     let demo = args.demo;
     let policies: Vec<String> = etlmesh_control::pools(&file, args.workers)
         .iter()
@@ -416,6 +544,10 @@ pub(crate) fn up(args: &UpArgs) -> Result<(), CliError> {
                 eprintln!("  Arrow Flight   {f}");
             }
             eprintln!("  control plane  {}/api/v1/workers", urls.admin);
+            match (&urls.mesh, &urls.anchor) {
+                (Some(m), Some(a)) => eprintln!("  mesh (mTLS)    {m}   (trust anchor {})", a.display()),
+                _ => eprintln!("  mesh           plain HTTP (--insecure): no mTLS"),
+            }
             eprintln!("  metrics        {}/metrics  {}/metrics", urls.gateway, urls.admin);
             eprintln!("  scaling        {}/api/v1/scaling", urls.admin);
             eprintln!(

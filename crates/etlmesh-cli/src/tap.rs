@@ -1,15 +1,14 @@
 //! `etlmesh tap PIPELINE`: live records of a pipeline from every worker that serves
-//! it, as NDJSON on standard output. Workers pay nothing while no tap is open.
+//! it, as NDJSON on standard output, through the control plane (which reaches the
+//! workers over the mesh's mTLS). Workers pay nothing while no tap is open.
 
 use std::time::Duration;
 
 use bytes::Bytes;
-use etlmesh_http::JsonClient;
 use etlmesh_sink::tap::TapStage;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use tokio::sync::mpsc;
 
 use crate::CliError;
 use crate::logs::ControlPlaneArg;
@@ -33,13 +32,6 @@ pub struct TapArgs {
     pub timeout: Duration,
 }
 
-#[derive(serde::Deserialize)]
-struct Worker {
-    id: String,
-    address: String,
-    pipelines: Vec<String>,
-}
-
 pub(crate) fn tap(args: &TapArgs) -> Result<(), CliError> {
     let Some(stage) = TapStage::parse(&args.stage) else {
         return Err(CliError::Other(format!(
@@ -48,109 +40,79 @@ pub(crate) fn tap(args: &TapArgs) -> Result<(), CliError> {
         )));
     };
     let base = args.cp.base();
+    let url = format!(
+        "{base}/api/v1/tap/{}?stage={}&limit={}&timeout_ms={}",
+        etlmesh_http::encode_component(&args.pipeline),
+        stage.as_str(),
+        args.limit,
+        args.timeout.as_millis()
+    );
     let rt = crate::runtime(1)?;
     rt.block_on(async {
-        let workers: Vec<Worker> = JsonClient::new(Duration::from_secs(5))
-            .get(&format!("{base}/api/v1/workers"))
-            .await
-            .map_err(|e| {
-                CliError::Other(format!(
-                    "cannot reach the control plane at {base}: {e}\n  help: start one with `etlmesh up`, or pass --control-plane URL"
-                ))
-            })?;
-        let serving: Vec<Worker> = workers
-            .into_iter()
-            .filter(|w| w.pipelines.contains(&args.pipeline))
-            .collect();
-        if serving.is_empty() {
-            return Err(CliError::Other(format!(
-                "no worker serves `{}` now\n  help: check the name with `curl {base}/api/v1/pipelines`; a pipeline scaled to zero starts on its next request",
-                args.pipeline
-            )));
+        let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
+        let uri: http::Uri = url
+            .parse()
+            .map_err(|e| CliError::Other(format!("bad control plane URL {base}: {e}")))?;
+        let resp = client.get(uri).await.map_err(|e| {
+            CliError::Other(format!(
+                "cannot reach the control plane at {base}: {}\n  help: start one with `etlmesh up`, or pass --control-plane URL",
+                etlmesh_http::error_chain(&e)
+            ))
+        })?;
+        let status = resp.status();
+        let workers = resp
+            .headers()
+            .get("etlmesh-tap-workers")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        let mut body = resp.into_body();
+        if !status.is_success() {
+            let bytes = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+            let message = serde_json::from_slice::<etlmesh_proto::ErrorBody>(&bytes)
+                .map_or_else(|_| String::from_utf8_lossy(&bytes).into_owned(), |e| e.message);
+            return Err(CliError::Other(format!("{}: {message}", args.pipeline)));
         }
         eprintln!(
-            "tapping {} ({}) on {} worker(s): {}",
+            "tapping {} ({}) on worker(s) {workers}",
             args.pipeline,
-            stage.as_str(),
-            serving.len(),
-            serving.iter().map(|w| w.id.as_str()).collect::<Vec<_>>().join(", ")
+            stage.as_str()
         );
-        let (tx, mut rx) = mpsc::channel::<Result<Bytes, String>>(64);
-        let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
-        let mut tasks = Vec::new();
-        for w in serving {
-            let url = format!(
-                "{}/v1/tap/{}?stage={}&limit={}&timeout_ms={}",
-                w.address.trim_end_matches('/'),
-                etlmesh_http::encode_component(&args.pipeline),
-                stage.as_str(),
-                args.limit,
-                args.timeout.as_millis()
-            );
-            let (client, tx) = (client.clone(), tx.clone());
-            tasks.push(tokio::spawn(async move {
-                let fail = |e: String| format!("worker {}: {e}", w.id);
-                let resp = match url.parse::<http::Uri>() {
-                    Ok(uri) => client.get(uri).await.map_err(|e| fail(e.to_string())),
-                    Err(e) => Err(fail(e.to_string())),
-                };
-                let resp = match resp {
-                    Ok(r) if r.status().is_success() => r,
-                    Ok(r) => {
-                        let _ = tx.send(Err(fail(format!("answered {}", r.status())))).await;
-                        return;
-                    }
-                    Err(e) => {
-                        let _ = tx.send(Err(e)).await;
-                        return;
-                    }
-                };
-                let mut body = resp.into_body();
-                while let Some(frame) = body.frame().await {
-                    match frame {
-                        Ok(f) => {
-                            if let Ok(data) = f.into_data()
-                                && tx.send(Ok(data)).await.is_err()
-                            {
-                                return;
-                            }
-                        }
-                        Err(e) => {
-                            let _ = tx.send(Err(fail(e.to_string()))).await;
-                            return;
-                        }
-                    }
-                }
-            }));
-        }
-        drop(tx);
         let mut shown = 0;
         let mut partial = Vec::new();
-        let deadline = tokio::time::Instant::now() + args.timeout;
         'read: loop {
-            let next = tokio::select! {
-                r = rx.recv() => r,
-                _ = tokio::time::sleep_until(deadline) => break,
+            let frame = tokio::select! {
+                f = body.frame() => f,
                 _ = tokio::signal::ctrl_c() => break,
             };
-            match next {
-                None => break,
-                Some(Err(e)) => eprintln!("{e}"),
-                Some(Ok(data)) => {
-                    partial.extend_from_slice(&data);
-                    while let Some(at) = partial.iter().position(|b| *b == b'\n') {
-                        let line: Vec<u8> = partial.drain(..=at).collect();
-                        println!("{}", String::from_utf8_lossy(&line[..line.len() - 1]));
-                        shown += 1;
-                        if shown >= args.limit {
-                            break 'read;
-                        }
-                    }
+            let Some(frame) = frame else { break };
+            let data = match frame {
+                Ok(f) => match f.into_data() {
+                    Ok(d) => d,
+                    Err(_) => continue,
+                },
+                Err(e) => {
+                    eprintln!("the tap ended: {e}");
+                    break;
+                }
+            };
+            partial.extend_from_slice(&data);
+            while let Some(at) = partial.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = partial.drain(..=at).collect();
+                let text = String::from_utf8_lossy(&line[..line.len() - 1]).into_owned();
+                if let Some(e) = serde_json::from_str::<serde_json::Value>(&text)
+                    .ok()
+                    .and_then(|v| v.get("tap_error").and_then(|e| e.as_str()).map(str::to_string))
+                {
+                    eprintln!("{e}");
+                    continue;
+                }
+                println!("{text}");
+                shown += 1;
+                if shown >= args.limit {
+                    break 'read;
                 }
             }
-        }
-        for t in tasks {
-            t.abort();
         }
         eprintln!("{shown} record(s)");
         Ok(())

@@ -164,8 +164,18 @@ impl ParquetFile {
             input: name.to_string(),
             error: e,
         })?;
+        let reader = Arc::new(file);
         let builder = guarded(&name, "Parquet file", || {
-            ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| parquet_error(&name, e))
+            let b = ParquetRecordBatchReaderBuilder::try_new(reader.try_clone().map_err(|e| {
+                CodecError::Io {
+                    input: name.to_string(),
+                    error: e,
+                }
+            })?)
+            .map_err(|e| parquet_error(&name, e))?;
+            crate::parquet_check::check(&reader, b.metadata())
+                .map_err(|why| inflated(&name, &why))?;
+            Ok(b)
         })?;
         let row_group_rows = builder
             .metadata()
@@ -205,6 +215,15 @@ impl ParquetFile {
     /// The 1-based number of the first record of row group `g`.
     pub fn first_row_of(&self, g: usize) -> u64 {
         self.row_group_rows[..g].iter().sum::<u64>() + 1
+    }
+}
+
+/// A dictionary that claims more values than its bytes hold (see `parquet_check`).
+fn inflated(source: &str, why: &str) -> CodecError {
+    CodecError::Input {
+        input: source.to_string(),
+        message: format!("malformed Parquet data: {why}"),
+        help: "the file is damaged or was crafted; write it again".into(),
     }
 }
 
@@ -353,8 +372,10 @@ pub fn parquet_body(
     batch_size: usize,
 ) -> Result<(SchemaRef, ParquetBatches), CodecError> {
     guarded(source, "Parquet data", || {
-        let b =
-            ParquetRecordBatchReaderBuilder::try_new(body).map_err(|e| parquet_error(source, e))?;
+        let b = ParquetRecordBatchReaderBuilder::try_new(body.clone())
+            .map_err(|e| parquet_error(source, e))?;
+        crate::parquet_check::check(&Arc::new(body), b.metadata())
+            .map_err(|why| inflated(source, &why))?;
         let schema = b.schema().clone();
         let r = b
             .with_batch_size(batch_size)

@@ -21,6 +21,7 @@ pub mod decode;
 pub mod encode;
 mod ipc_check;
 pub mod json;
+mod parquet_check;
 pub mod parse;
 pub mod record;
 pub mod schema;

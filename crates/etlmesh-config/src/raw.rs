@@ -36,6 +36,7 @@ pub(crate) struct RawPlatform {
     pub carbon: Option<crate::energy::RawCarbon>,
     pub query: Option<crate::query::RawQuery>,
     pub access: Option<crate::access::RawAccess>,
+    pub mesh: Option<crate::mesh::RawMesh>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]

@@ -40,6 +40,8 @@ pub struct Platform {
     pub query: crate::query::QuerySpec,
     /// Who may use the gateway.
     pub access: crate::access::AccessSpec,
+    /// mTLS inside the mesh.
+    pub mesh: crate::mesh::MeshSpec,
 }
 
 impl Default for Platform {
@@ -58,6 +60,7 @@ impl Default for Platform {
             carbon: crate::energy::CarbonSpec::default(),
             query: crate::query::QuerySpec::default(),
             access: crate::access::AccessSpec::default(),
+            mesh: crate::mesh::MeshSpec::default(),
         }
     }
 }
@@ -313,6 +316,7 @@ pub(crate) fn resolve(raw: RawFile, file: &Path, out: &mut Vec<Diagnostic>) -> S
             file,
             out,
         ),
+        mesh: crate::mesh::resolve_mesh(p.mesh, file, out),
     };
     if platform.batch_size == 0 {
         out.push(

@@ -40,12 +40,19 @@ pub struct ControlState {
     pub meter: Arc<crate::energy::Meter>,
     /// Batch jobs (none: no pipeline file to run them with).
     pub jobs: Option<Arc<crate::jobs::Jobs>>,
+    /// The mesh's authority, when the mesh speaks mTLS.
+    pub(crate) mesh: Option<Arc<crate::mesh::Mesh>>,
 }
 
 /// The control plane's routes.
 pub fn router(state: Arc<ControlState>) -> Router {
-    Router::new()
-        .route("/v1/gateways/{id}/load", put(gateway_load))
+    let mut r = Router::new();
+    if state.mesh.is_some() {
+        r = r
+            .route("/v1/mesh/join", post(crate::mesh::join))
+            .route("/v1/mesh/renew", post(crate::mesh::renew));
+    }
+    r.route("/v1/gateways/{id}/load", put(gateway_load))
         .route("/v1/pools/{pipeline}/activate", post(activate))
         .route("/api/v1/scaling", get(scaling))
         .route("/v1/workers", post(register))
@@ -60,6 +67,7 @@ pub fn router(state: Arc<ControlState>) -> Router {
         .route("/api/v1/errors", get(errors))
         .route("/api/v1/overview", get(overview))
         .route("/api/v1/energy", get(energy))
+        .route("/api/v1/tap/{pipeline}", get(crate::tap::tap))
         .route(
             "/api/v1/jobs",
             post(crate::jobs::api::submit).get(crate::jobs::api::list),

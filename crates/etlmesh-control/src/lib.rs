@@ -15,14 +15,19 @@
 //! model) charged to pipelines by the CPU time of their work, for `/api/v1/energy`,
 //! `etlmesh energy` and the dashboard; and it runs carbon-aware batch jobs ([`jobs`]),
 //! kept in SQLite so that they survive its restarts.
+//!
+//! With a mesh ([`mesh::MeshOptions`]) it is the mesh's certificate authority and
+//! speaks the worker protocol over mTLS only, on a listener of its own ([`mesh`]).
 
 mod api;
 pub mod autoscale;
 pub mod energy;
 pub mod jobs;
 pub mod logs;
+pub mod mesh;
 mod overview;
 pub mod registry;
+mod tap;
 pub mod timeline;
 
 use std::future::Future;
@@ -59,6 +64,9 @@ pub enum ControlError {
     /// The job store cannot open.
     #[error("control plane: {0}")]
     Jobs(#[from] jobs::JobsError),
+    /// The mesh's authority cannot start.
+    #[error("control plane: {0}")]
+    Mesh(#[from] etlmesh_tls::TlsError),
 }
 
 /// How the control plane runs.
@@ -76,6 +84,8 @@ pub struct ControlOptions {
     pub carbon: etlmesh_config::CarbonSpec,
     /// Batch jobs, when the control plane has a pipeline file to run them with.
     pub jobs: Option<jobs::JobsOptions>,
+    /// mTLS in the mesh: the authority and the mesh listener.
+    pub mesh: Option<mesh::MeshOptions>,
 }
 
 impl ControlOptions {
@@ -88,6 +98,7 @@ impl ControlOptions {
             energy: Default::default(),
             carbon: Default::default(),
             jobs: None,
+            mesh: None,
         }
     }
 }
@@ -104,8 +115,60 @@ pub struct Bound {
     pub meter: Arc<energy::Meter>,
     /// Its batch jobs.
     pub jobs: Option<Arc<jobs::Jobs>>,
+    /// The mesh listener's address, with mTLS.
+    pub mesh_addr: Option<SocketAddr>,
+    /// The mesh's authority, with mTLS.
+    pub authority: Option<Arc<etlmesh_tls::Authority>>,
     listener: TcpListener,
+    mesh: Option<BoundMesh>,
     log_source: String,
+}
+
+/// The mesh listener, bound, and the control plane's own identity on it.
+struct BoundMesh {
+    listener: etlmesh_tls::listener::TlsListener,
+    state: Arc<mesh::Mesh>,
+    identity: Arc<etlmesh_tls::Identity>,
+}
+
+/// Opens the authority, binds the mesh listener and gives this process its identity
+/// (installed: the control plane's clients, and a gateway in the same process, use it).
+async fn bind_mesh(o: &mesh::MeshOptions, registry: &Registry) -> Result<BoundMesh, ControlError> {
+    let authority = Arc::new(etlmesh_tls::Authority::open(
+        &o.dir,
+        o.ca.as_ref(),
+        o.certificate_lifetime,
+    )?);
+    let tcp = TcpListener::bind(o.listen)
+        .await
+        .map_err(|error| ControlError::Listen {
+            addr: o.listen,
+            error,
+        })?;
+    let mut hosts = vec!["localhost".to_string()];
+    if !o.listen.ip().is_unspecified() {
+        hosts.push(o.listen.ip().to_string());
+    }
+    let identity =
+        authority.local_identity("control-plane", etlmesh_tls::Role::ControlPlane, &hosts)?;
+    if !etlmesh_tls::install(identity.clone()) {
+        tracing::warn!(
+            "this process already has a mesh identity; the control plane's serves its listener only"
+        );
+    }
+    let config = identity.server_config(etlmesh_tls::ClientAuth::Optional)?;
+    let listener = etlmesh_tls::listener::TlsListener::new(tcp, config, Some("control plane"))
+        .map_err(|e| ControlError::Serve(e.to_string()))?;
+    let state = Arc::new(mesh::Mesh::new(
+        authority,
+        &registry.metrics,
+        listener.refused(),
+    ));
+    Ok(BoundMesh {
+        listener,
+        state,
+        identity,
+    })
 }
 
 /// Binds the control plane's socket (so that callers learn the port before serving).
@@ -139,13 +202,22 @@ pub async fn bind(options: &ControlOptions) -> Result<Bound, ControlError> {
             m.register_collector(Box::new(jobs::JobsCollector(j.clone())));
         }
     }
+    let mesh = match &options.mesh {
+        Some(o) => Some(bind_mesh(o, &registry).await?),
+        None => None,
+    };
     Ok(Bound {
         addr,
         registry,
         logs,
         meter,
         jobs,
+        mesh_addr: mesh
+            .as_ref()
+            .and_then(|m| axum::serve::Listener::local_addr(&m.listener).ok()),
+        authority: mesh.as_ref().map(|m| m.state.authority.clone()),
         listener,
+        mesh,
         log_source: options.log_source.clone(),
     })
 }
@@ -174,6 +246,7 @@ impl Bound {
             timeline: timeline.clone(),
             meter: self.meter.clone(),
             jobs: self.jobs.clone(),
+            mesh: self.mesh.as_ref().map(|m| m.state.clone()),
         });
         let meter = tokio::spawn(energy::meter_forever(
             self.meter.clone(),
@@ -187,7 +260,10 @@ impl Bound {
             autoscaling.clone(),
         ));
         tracing::info!(addr = %self.addr, "control plane listening on http://{}", self.addr);
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
         let scaling = autoscaling.clone();
         let loop_task = scaler_loop;
         tokio::spawn(async move {
@@ -200,14 +276,36 @@ impl Bound {
                 a.shutdown().await;
             }
             let _ = closing_tx.send(true);
-            let _ = stop_tx.send(());
+            let _ = stop_tx.send(true);
         });
-        let result = axum::serve(self.listener.tap_io(etlmesh_http::no_delay), router(state))
-            .with_graceful_shutdown(async {
-                let _ = stop_rx.await;
-            })
+        let mut admin = router(state.clone());
+        let mut mesh_tasks = Vec::new();
+        if let Some(m) = self.mesh {
+            admin = admin.layer(axum::middleware::from_fn(mesh::admin_only));
+            let members = router(state)
+                .layer(axum::middleware::from_fn(mesh::members_only))
+                .into_make_service_with_connect_info::<etlmesh_tls::listener::MeshPeer>();
+            tracing::info!(addr = ?self.mesh_addr, "control plane mesh listening on https://{} (mTLS)", self.mesh_addr.map(|a| a.to_string()).unwrap_or_default());
+            let rx = stop_rx.clone();
+            mesh_tasks.push(tokio::spawn(async move {
+                if let Err(e) = axum::serve(m.listener, members)
+                    .with_graceful_shutdown(stopped(rx))
+                    .await
+                {
+                    tracing::error!(error = %e, "the mesh listener stopped");
+                }
+            }));
+            mesh_tasks.push(tokio::spawn(
+                m.state.authority.clone().renew_local_forever(m.identity),
+            ));
+        }
+        let result = axum::serve(self.listener.tap_io(etlmesh_http::no_delay), admin)
+            .with_graceful_shutdown(stopped(stop_rx))
             .await
             .map_err(|e| ControlError::Serve(e.to_string()));
+        for t in mesh_tasks {
+            t.abort();
+        }
         reaper.abort();
         collector.abort();
         sampler.abort();

@@ -220,6 +220,7 @@ mod tests {
             payload: crate::endpoint::Payload::Buffered(Default::default()),
             attempt: 0,
             deadline: Instant::now() + Duration::from_secs(5),
+            hold_answer: 0,
         }
     }
 

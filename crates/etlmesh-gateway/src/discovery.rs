@@ -202,8 +202,10 @@ impl Routes {
 
 /// Follows the control plane forever; `connected` says whether the stream is up.
 pub async fn follow(control_plane: String, routes: Arc<Routes>, connected: watch::Sender<bool>) {
+    // `https://`: mTLS with this process's mesh identity.
     let client: Client<_, http_body_util::Empty<bytes::Bytes>> =
-        Client::builder(TokioExecutor::new()).build_http();
+        Client::builder(TokioExecutor::new())
+            .build(etlmesh_tls::connector(Duration::from_secs(2), false));
     let url = format!("{}/v1/endpoints/watch", control_plane.trim_end_matches('/'));
     let mut backoff = Duration::from_millis(100);
     loop {
@@ -220,10 +222,7 @@ pub async fn follow(control_plane: String, routes: Arc<Routes>, connected: watch
 }
 
 async fn watch_once(
-    client: &Client<
-        hyper_util::client::legacy::connect::HttpConnector,
-        http_body_util::Empty<bytes::Bytes>,
-    >,
+    client: &Client<etlmesh_tls::MeshConnector, http_body_util::Empty<bytes::Bytes>>,
     url: &str,
     routes: &Routes,
     connected: &watch::Sender<bool>,

@@ -130,6 +130,7 @@ impl Gateway {
             payload,
             attempt: 0,
             deadline,
+            hold_answer: self.options.retry_buffer_bytes,
         };
         RetryPolicy::deposit(&self.budget);
         let metrics = self.metrics.clone();

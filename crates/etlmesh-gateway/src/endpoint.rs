@@ -11,7 +11,6 @@ use http_body_util::BodyExt;
 use http_body_util::combinators::UnsyncBoxBody;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use prometheus_client::metrics::counter::Counter;
 use tower::{BoxError, Service};
@@ -39,6 +38,10 @@ pub struct WorkerRequest {
     pub attempt: u32,
     /// When the client stops waiting; workers get the time left.
     pub deadline: tokio::time::Instant,
+    /// A retriable request's answer of up to this many bytes (by its content-length)
+    /// is read whole before it counts as answered: a worker dying in the middle of
+    /// its answer is then retried, not a cut body for the client.
+    pub hold_answer: usize,
 }
 
 impl WorkerRequest {
@@ -51,6 +54,7 @@ impl WorkerRequest {
                 payload: Payload::Buffered(b.clone()),
                 attempt: self.attempt,
                 deadline: self.deadline,
+                hold_answer: self.hold_answer,
             }),
             Payload::Streaming(_) => None,
         }
@@ -75,13 +79,12 @@ impl WorkerRequest {
 }
 
 /// The HTTP/2 client shared by every endpoint.
-pub type H2Client = Client<HttpConnector, StreamBody>;
+pub type H2Client = Client<etlmesh_tls::MeshConnector, StreamBody>;
 
-/// A client speaking HTTP/2 with prior knowledge (h2c).
+/// A client speaking HTTP/2: over mTLS with this process's mesh identity to
+/// `https://` workers, with prior knowledge (h2c) to `http://` ones.
 pub fn h2_client() -> H2Client {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(std::time::Duration::from_secs(2)));
+    let connector = etlmesh_tls::connector(std::time::Duration::from_secs(2), true);
     Client::builder(TokioExecutor::new())
         .timer(hyper_util::rt::TokioTimer::new())
         .http2_only(true)
@@ -113,10 +116,13 @@ impl Endpoint {
     }
 }
 
+/// The body of a worker's answer: read whole, or streaming from the worker.
+pub type AnswerBody = UnsyncBoxBody<Bytes, BoxError>;
+
 /// A worker's answer, with the worker's id.
 pub struct WorkerResponse {
-    /// The response; its body streams from the worker.
-    pub response: Response<Incoming>,
+    /// The response; its body was read whole or streams from the worker.
+    pub response: Response<AnswerBody>,
     /// Which worker answered.
     pub worker: Arc<str>,
     /// The worker's counter of 200 answers for the pipeline.
@@ -138,6 +144,10 @@ impl Service<WorkerRequest> for Endpoint {
         let worker = self.id.clone();
         let ok = self.ok.clone();
         let body = req.body();
+        let hold = match req.payload {
+            Payload::Buffered(_) => req.hold_answer,
+            Payload::Streaming(_) => 0,
+        };
         let mut headers = req.headers;
         let left = req
             .deadline
@@ -150,6 +160,12 @@ impl Service<WorkerRequest> for Endpoint {
             let mut r = Request::post(uri?).body(body)?;
             *r.headers_mut() = headers;
             let response = client.request(r).await?;
+            // No `?` on a `BoxError` here: it trips "`From` is not general enough" in
+            // the callers' `Send` futures.
+            let response = match answer(response, hold).await {
+                Ok(r) => r,
+                Err(e) => return Err(e),
+            };
             Ok(WorkerResponse {
                 response,
                 worker,
@@ -157,4 +173,38 @@ impl Service<WorkerRequest> for Endpoint {
             })
         })
     }
+}
+
+/// A named function, not a closure: keeps the futures that hold the body `Send` for
+/// every lifetime (a closure here trips "`From` is not general enough").
+fn boxed(e: hyper::Error) -> BoxError {
+    Box::new(e)
+}
+
+/// The answer's body: read whole when its declared length is at most `hold` bytes
+/// (an error reading it is then the call's error, which the retry policy sees),
+/// otherwise passed on as it streams.
+async fn answer(
+    response: Response<Incoming>,
+    hold: usize,
+) -> Result<Response<AnswerBody>, BoxError> {
+    let length = response
+        .headers()
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    let (parts, body) = response.into_parts();
+    let body = match length {
+        Some(n) if n <= hold => {
+            let bytes = match body.collect().await {
+                Ok(c) => c.to_bytes(),
+                Err(e) => return Err(Box::new(e)),
+            };
+            http_body_util::Full::new(bytes)
+                .map_err(|e| match e {})
+                .boxed_unsync()
+        }
+        _ => body.map_err(boxed).boxed_unsync(),
+    };
+    Ok(Response::from_parts(parts, body))
 }

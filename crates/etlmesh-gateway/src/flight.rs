@@ -24,7 +24,7 @@ use etlmesh_telemetry::TraceContext;
 use futures::stream::BoxStream;
 use futures::{Stream, StreamExt, TryStreamExt};
 use http::{HeaderMap, HeaderValue, header};
-use http_body_util::{BodyExt, Limited};
+use http_body_util::BodyExt;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::Gateway;
@@ -185,14 +185,24 @@ impl FlightGateway {
             )
             .await
             .map_err(refusal)?;
-        let (parts, incoming) = resp.response.into_parts();
-        let bytes = Limited::new(incoming, max)
-            .collect()
-            .await
-            .map_err(|e| {
+        let (parts, mut body) = resp.response.into_parts();
+        // Read frame by frame (not `Limited`, whose bound on a boxed error type trips
+        // "`From` is not general enough" in tonic's `Send` futures).
+        let mut bytes = bytes::BytesMut::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| {
                 Status::unavailable(format!("the worker's answer could not be read: {e}"))
-            })?
-            .to_bytes();
+            })?;
+            if let Ok(data) = frame.into_data() {
+                if bytes.len() + data.len() > max {
+                    return Err(Status::resource_exhausted(format!(
+                        "the worker's answer is over {max} bytes"
+                    )));
+                }
+                bytes.extend_from_slice(&data);
+            }
+        }
+        let bytes = bytes.freeze();
         if !parts.status.is_success() {
             let err: Option<etlmesh_proto::ErrorBody> = serde_json::from_slice(&bytes).ok();
             let msg = err.map_or_else(

@@ -267,7 +267,7 @@ impl Bound {
         let result = match &gw.options.access.tls {
             Some(spec) => {
                 let config = tls::server_config(spec).map_err(GatewayError::Serve)?;
-                let listener = tls::TlsListener::new(self.listener, config)
+                let listener = etlmesh_tls::listener::TlsListener::new(self.listener, config, None)
                     .map_err(|e| GatewayError::Serve(e.to_string()))?;
                 tracing::info!(addr = %self.addr, control_plane = %gw.options.control_plane, "gateway listening on https://{}", self.addr);
                 axum::serve(listener, router)

@@ -13,7 +13,6 @@ use etlmesh_proto::ErrorBody;
 use http::{HeaderValue, Method, Request, StatusCode, header};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -67,10 +66,11 @@ impl HttpError {
     }
 }
 
-/// A JSON-over-HTTP/1.1 client with a per-request timeout.
+/// A JSON-over-HTTP client with a per-request timeout. `https://` URLs are mesh hops:
+/// mTLS with this process's mesh identity ([`etlmesh_tls::install`]).
 #[derive(Clone, Debug)]
 pub struct JsonClient {
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<etlmesh_tls::MeshConnector, Full<Bytes>>,
     timeout: Duration,
     bearer: Option<String>,
 }
@@ -78,11 +78,9 @@ pub struct JsonClient {
 impl JsonClient {
     /// A client whose requests time out after `timeout`.
     pub fn new(timeout: Duration) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(timeout));
         Self {
-            client: Client::builder(TokioExecutor::new()).build(connector),
+            client: Client::builder(TokioExecutor::new())
+                .build(etlmesh_tls::connector(timeout, false)),
             timeout,
             bearer: None,
         }
@@ -169,7 +167,7 @@ impl JsonClient {
                 .await
                 .map_err(|e| HttpError::Transport {
                     url: url.into(),
-                    message: e.to_string(),
+                    message: error_chain(&e),
                 })?;
             let status = resp.status();
             let headers = resp.headers().clone();
@@ -196,6 +194,19 @@ impl JsonClient {
     pub async fn get<T: DeserializeOwned>(&self, url: &str) -> Result<T, HttpError> {
         self.call::<(), T>(Method::GET, url, None).await
     }
+}
+
+/// An error with its sources on one line: a refused TLS handshake shows only in the
+/// sources of hyper's "client error (Connect)".
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
 }
 
 /// Turns Nagle's algorithm off on an accepted connection: small writes (headers, the

@@ -32,7 +32,7 @@ const DRAIN_LIMIT: Duration = Duration::from_secs(40);
 pub const SUPERVISOR_ENV: &str = "ETLMESH_SUPERVISOR_PID";
 
 /// How workers are started.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct WorkerCommand {
     /// The `etlmesh` executable.
     pub exe: PathBuf,
@@ -42,6 +42,21 @@ pub struct WorkerCommand {
     pub control_plane: String,
     /// Extra arguments for every worker.
     pub extra: Vec<String>,
+    /// Environment of every worker (the join token: never in arguments, which any
+    /// user of the machine can read).
+    pub env: Vec<(String, String)>,
+}
+
+impl std::fmt::Debug for WorkerCommand {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerCommand")
+            .field("exe", &self.exe)
+            .field("config", &self.config)
+            .field("control_plane", &self.control_plane)
+            .field("extra", &self.extra)
+            .field("env", &self.env.iter().map(|(k, _)| k).collect::<Vec<_>>())
+            .finish()
+    }
 }
 
 struct Slot {
@@ -196,6 +211,7 @@ impl Runner {
             ])
             .args(["--listen", "127.0.0.1:0"])
             .args(&c.extra)
+            .envs(c.env.iter().map(|(k, v)| (k, v)))
             .env(SUPERVISOR_ENV, std::process::id().to_string())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

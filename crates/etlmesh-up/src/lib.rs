@@ -4,6 +4,10 @@
 //! allows it), restarted when they crash, and drained on shutdown — the `process`
 //! scaler. The control plane meters energy and runs batch jobs (`/v1/jobs` on the
 //! gateway), kept in the state directory.
+//!
+//! The mesh speaks mTLS by default: the control plane is its certificate authority,
+//! the gateway (in this process) shares the control plane's identity, and workers
+//! join with the join token, passed in their environment (`ETLMESH_JOIN_TOKEN`).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -40,8 +44,10 @@ pub struct UpOptions {
     pub worker_args: Vec<String>,
     /// Gateway settings (its `control_plane` is set by `up`).
     pub gateway: GatewayOptions,
-    /// Where the batch jobs are kept.
+    /// Where the batch jobs (and the mesh's trust anchor) are kept.
     pub state_dir: PathBuf,
+    /// mTLS in the mesh (`None`: plain HTTP inside the mesh, `--insecure`).
+    pub mesh: Option<etlmesh_config::MeshSpec>,
 }
 
 /// The addresses `up` serves on.
@@ -53,6 +59,10 @@ pub struct Urls {
     pub admin: String,
     /// Arrow Flight, when on.
     pub flight: Option<String>,
+    /// The control plane's mesh listener (mTLS), when the mesh has one.
+    pub mesh: Option<String>,
+    /// The trust anchor's file, when the control plane made it.
+    pub anchor: Option<PathBuf>,
 }
 
 /// Starts everything, calls `ready` with the URLs, and runs until `shutdown`.
@@ -72,22 +82,48 @@ pub async fn run(
         options.config.clone(),
         options.exe.clone(),
     ));
+    cp_opts.mesh = options.mesh.as_ref().map(|spec| {
+        etlmesh_control::mesh::MeshOptions::new(
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+            &options.state_dir,
+            spec,
+        )
+    });
     let control = etlmesh_control::bind(&cp_opts).await?;
     let admin = format!("http://{}", control.addr);
+    // Processes of the mesh talk to the control plane on its mesh listener when it
+    // has one.
+    let members_url = control
+        .mesh_addr
+        .map_or_else(|| admin.clone(), |a| format!("https://{a}"));
     let mut gw_opts = options.gateway.clone();
-    gw_opts.control_plane = admin.clone();
+    gw_opts.control_plane = members_url.clone();
     gw_opts.ship_logs = false;
     let gateway = etlmesh_gateway::bind(gw_opts).await?;
     let urls = Urls {
         gateway: format!("http://{}", gateway.addr),
         admin: admin.clone(),
         flight: gateway.flight_addr.map(|a| format!("grpc://{a}")),
+        mesh: control.mesh_addr.map(|a| format!("https://{a}")),
+        anchor: match (&control.authority, &options.mesh) {
+            (Some(_), Some(spec)) => Some(spec.ca.as_ref().map_or_else(
+                || options.state_dir.join("mesh").join("ca.pem"),
+                |c| c.cert.clone(),
+            )),
+            _ => None,
+        },
     };
+    let env = control
+        .authority
+        .as_ref()
+        .map(|a| vec![("ETLMESH_JOIN_TOKEN".to_string(), a.token().to_string())])
+        .unwrap_or_default();
     let scaler = Arc::new(ProcessScaler::new(WorkerCommand {
         exe: options.exe.clone(),
         config: options.config.clone(),
-        control_plane: admin,
+        control_plane: members_url,
         extra: options.worker_args.clone(),
+        env,
     }));
     let autoscale = etlmesh_control::AutoscaleConfig {
         pools: etlmesh_control::pools(file, options.fixed_workers),

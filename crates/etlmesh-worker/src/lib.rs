@@ -62,8 +62,12 @@ pub struct WorkerOptions {
     pub id: String,
     /// Where it listens (port 0: any free port).
     pub listen: SocketAddr,
-    /// The address gateways use (`http://host:port`); from `listen` when absent.
+    /// The address gateways use (`http://host:port`, `https://` with `mesh`); from
+    /// `listen` when absent.
     pub advertise: Option<String>,
+    /// Its mesh identity: it then serves mTLS only, to peers with a certificate from
+    /// the same control plane.
+    pub mesh: Option<Arc<etlmesh_tls::Identity>>,
     /// The control plane (`http://host:port`); standalone when absent.
     pub control_plane: Option<String>,
     /// Requests served at once; more get 503 with Retry-After.
@@ -91,6 +95,7 @@ impl WorkerOptions {
             id: id.into(),
             listen,
             advertise: None,
+            mesh: None,
             control_plane: None,
             max_in_flight: 64,
             max_body_bytes: 64 << 20,
@@ -133,10 +138,15 @@ pub async fn run(
     let local = listener
         .local_addr()
         .map_err(|e| WorkerError::Serve(e.to_string()))?;
+    let scheme = if options.mesh.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     let address = options
         .advertise
         .clone()
-        .unwrap_or_else(|| format!("http://{local}"));
+        .unwrap_or_else(|| format!("{scheme}://{local}"));
     let registry = etlmesh_telemetry::metrics::registry();
     let mut metrics = metrics::WorkerMetrics::register(&registry);
     metrics.enabled = options.telemetry;
@@ -223,10 +233,29 @@ pub async fn run(
         tokio::time::sleep(grace).await;
         let _ = stop_tx.send(());
     });
-    let serve = axum::serve(listener.tap_io(etlmesh_http::no_delay), router)
-        .with_graceful_shutdown(async {
-            let _ = stop_rx.await;
-        });
+    let stopped = async {
+        let _ = stop_rx.await;
+    };
+    let serve: futures::future::BoxFuture<'static, std::io::Result<()>> = match &options.mesh {
+        Some(identity) => {
+            let config = identity
+                .server_config(etlmesh_tls::ClientAuth::Required)
+                .map_err(|e| WorkerError::Serve(e.to_string()))?;
+            let listener =
+                etlmesh_tls::listener::TlsListener::new(listener, config, Some("worker"))
+                    .map_err(|e| WorkerError::Serve(e.to_string()))?;
+            Box::pin(
+                axum::serve(listener, router)
+                    .with_graceful_shutdown(stopped)
+                    .into_future(),
+            )
+        }
+        None => Box::pin(
+            axum::serve(listener.tap_io(etlmesh_http::no_delay), router)
+                .with_graceful_shutdown(stopped)
+                .into_future(),
+        ),
+    };
     let drain_timeout = options.drain_timeout;
     let (stream_failed_tx, mut stream_failed) = tokio::sync::mpsc::channel::<WorkerError>(1);
     let mut stream_tasks = Vec::new();

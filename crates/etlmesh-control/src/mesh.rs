@@ -1,0 +1,297 @@
+//! The control plane's side of mTLS in the mesh.
+//!
+//! With a mesh ([`MeshOptions`]) it is the certificate authority ([`etlmesh_tls::Authority`])
+//! and serves two listeners: the **mesh listener** (TLS; a client certificate is asked
+//! for) where workers and gateways join (`POST /v1/mesh/join`, with the join token),
+//! renew (`POST /v1/mesh/renew`, with their certificate) and speak the worker protocol
+//! — everything there but joining needs a certificate from this mesh; and the **admin
+//! listener** (plain HTTP, for people: the admin API, `/ui`, `/metrics`), which then
+//! refuses the worker protocol.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{ConnectInfo, Json, Request, State};
+use axum::middleware::Next;
+use axum::response::Response;
+use etlmesh_http::{error_response, json_response};
+use etlmesh_tls::listener::MeshPeer;
+use etlmesh_tls::{Authority, JoinRequest, JoinResponse, RenewRequest};
+use http::StatusCode;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+
+use crate::api::ControlState;
+
+/// How the control plane runs the mesh's mTLS.
+#[derive(Debug, Clone)]
+pub struct MeshOptions {
+    /// Where the mesh listener listens.
+    pub listen: SocketAddr,
+    /// Where the trust anchor and the join token are kept.
+    pub dir: PathBuf,
+    /// A trust anchor given in the pipeline file.
+    pub ca: Option<etlmesh_tls::AuthorityFiles>,
+    /// How long issued certificates live.
+    pub certificate_lifetime: Duration,
+}
+
+impl MeshOptions {
+    /// A mesh listening on `listen`, kept in `<state_dir>/mesh`, with the file's settings.
+    pub fn new(
+        listen: SocketAddr,
+        state_dir: &std::path::Path,
+        spec: &etlmesh_config::MeshSpec,
+    ) -> Self {
+        Self {
+            listen,
+            dir: state_dir.join("mesh"),
+            ca: spec.ca.as_ref().map(|t| etlmesh_tls::AuthorityFiles {
+                cert: t.cert.clone(),
+                key: t.key.clone(),
+            }),
+            certificate_lifetime: spec.certificate_lifetime,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct IssueLabels {
+    kind: &'static str,
+    outcome: &'static str,
+}
+
+/// The authority and what it counts.
+pub(crate) struct Mesh {
+    pub authority: Arc<Authority>,
+    issued: Family<IssueLabels, Counter>,
+}
+
+impl Mesh {
+    pub(crate) fn new(
+        authority: Arc<Authority>,
+        registry: &etlmesh_telemetry::metrics::SharedRegistry,
+        refused: Arc<std::sync::atomic::AtomicU64>,
+    ) -> Self {
+        let issued = Family::<IssueLabels, Counter>::default();
+        let mut r = registry.lock().unwrap_or_else(|p| p.into_inner());
+        r.register(
+            "mesh_certificates",
+            "Certificate requests to the mesh's authority, by kind (join, renew) and outcome",
+            issued.clone(),
+        );
+        r.register_collector(Box::new(RefusedCollector(refused)));
+        Self { authority, issued }
+    }
+
+    fn count(&self, kind: &'static str, outcome: &'static str) {
+        self.issued
+            .get_or_create(&IssueLabels { kind, outcome })
+            .inc();
+    }
+}
+
+/// `etlmesh_mesh_handshakes_refused_total`: TLS handshakes the mesh listener refused.
+#[derive(Debug)]
+struct RefusedCollector(Arc<std::sync::atomic::AtomicU64>);
+
+impl prometheus_client::collector::Collector for RefusedCollector {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder<'_>,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        let c = prometheus_client::metrics::counter::ConstCounter::new(
+            self.0.load(std::sync::atomic::Ordering::Relaxed),
+        );
+        let e = encoder.encode_descriptor(
+            "mesh_handshakes_refused",
+            "TLS handshakes the control plane's mesh listener refused (no valid certificate, wrong anchor)",
+            None,
+            c.metric_type(),
+        )?;
+        c.encode(e)
+    }
+}
+
+fn mesh_of(st: &ControlState) -> Option<&Mesh> {
+    st.mesh.as_deref()
+}
+
+fn issue_response(
+    mesh: &Mesh,
+    kind: &'static str,
+    csr: &str,
+    name: &str,
+    role: etlmesh_tls::Role,
+    hosts: &[String],
+    peer: SocketAddr,
+) -> Response {
+    match mesh.authority.issue(csr, name, role, hosts) {
+        Ok(issued) => {
+            mesh.count(kind, "issued");
+            tracing::info!(%peer, name, role = role.as_str(), not_after = issued.not_after, "mesh certificate issued ({kind})");
+            json_response(&JoinResponse {
+                certificate: issued.chain_pem,
+                anchor: mesh.authority.anchor_pem().to_string(),
+                not_after: issued.not_after,
+            })
+        }
+        Err(e) => {
+            mesh.count(kind, "invalid");
+            error_response(
+                StatusCode::BAD_REQUEST,
+                "bad_certificate_request",
+                e.to_string(),
+                None,
+            )
+        }
+    }
+}
+
+/// `POST /v1/mesh/join`: a certificate for the holder of the join token.
+pub(crate) async fn join(
+    State(st): State<Arc<ControlState>>,
+    ConnectInfo(peer): ConnectInfo<MeshPeer>,
+    Json(req): Json<JoinRequest>,
+) -> Response {
+    let Some(mesh) = mesh_of(&st) else {
+        return no_mesh();
+    };
+    if !mesh.authority.token().accepts(&req.token) {
+        mesh.count("join", "refused");
+        tracing::warn!(peer = %peer.addr, name = %req.name, role = req.role.as_str(), "refused to join the mesh: wrong join token");
+        return error_response(
+            StatusCode::UNAUTHORIZED,
+            "bad_join_token",
+            "the join token is not this control plane's; use the one in its state directory (mesh/join-token)",
+            None,
+        );
+    }
+    issue_response(
+        mesh, "join", &req.csr, &req.name, req.role, &req.hosts, peer.addr,
+    )
+}
+
+/// `POST /v1/mesh/renew`: a new certificate for a member (the guard checked its
+/// current one).
+pub(crate) async fn renew(
+    State(st): State<Arc<ControlState>>,
+    ConnectInfo(peer): ConnectInfo<MeshPeer>,
+    Json(req): Json<RenewRequest>,
+) -> Response {
+    let Some(mesh) = mesh_of(&st) else {
+        return no_mesh();
+    };
+    issue_response(
+        mesh, "renew", &req.csr, &req.name, req.role, &req.hosts, peer.addr,
+    )
+}
+
+fn no_mesh() -> Response {
+    error_response(
+        StatusCode::NOT_FOUND,
+        "no_mesh",
+        "this control plane runs without mTLS: there is nothing to join",
+        None,
+    )
+}
+
+/// Requests of the worker protocol (processes of the mesh, not people): registering,
+/// heartbeats, the endpoint watch, log shipping, gateways' reports, certificates, and
+/// changes to batch jobs (which gateways pass on, their tokens checked).
+fn mesh_request(method: &http::Method, path: &str) -> bool {
+    [
+        "/v1/workers",
+        "/v1/endpoints/",
+        "/v1/logs/",
+        "/v1/gateways/",
+        "/v1/pools/",
+        "/v1/mesh/",
+    ]
+    .iter()
+    .any(|p| path.starts_with(p))
+        || (path.starts_with("/api/v1/jobs") && method != http::Method::GET)
+}
+
+/// Reads what a refused request sent (64 KiB at most): an answer while the client
+/// still sends makes some HTTP/2 clients drop the answer with the stream.
+async fn drain(req: Request) {
+    let _ = axum::body::to_bytes(req.into_body(), 64 << 10).await;
+}
+
+/// On the mesh listener: only a member (a certificate of this mesh, checked in the
+/// handshake) gets past, except to join.
+pub(crate) async fn members_only(req: Request, next: Next) -> Response {
+    let peer = req
+        .extensions()
+        .get::<ConnectInfo<MeshPeer>>()
+        .map(|c| c.0.clone());
+    let path = req.uri().path().to_string();
+    let open = path == "/v1/mesh/join" || path == "/healthz";
+    match peer {
+        Some(p) if p.verified || open => next.run(req).await,
+        _ => {
+            tracing::warn!(peer = ?peer.map(|p| p.addr), %path, "refused: no certificate from this mesh");
+            drain(req).await;
+            error_response(
+                StatusCode::UNAUTHORIZED,
+                "no_mesh_certificate",
+                "this listener serves members of the mesh only: join first (POST /v1/mesh/join with the join token)",
+                None,
+            )
+        }
+    }
+}
+
+/// On the admin listener of a control plane with a mesh: the worker protocol is
+/// refused (it is served on the mesh listener, with mTLS).
+pub(crate) async fn admin_only(req: Request, next: Next) -> Response {
+    if mesh_request(req.method(), req.uri().path()) {
+        drain(req).await;
+        return error_response(
+            StatusCode::FORBIDDEN,
+            "mesh_listener_only",
+            "the worker protocol is served on the control plane's mesh listener, over mTLS; join the mesh and use its https:// address",
+            None,
+        );
+    }
+    next.run(req).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::mesh_request;
+    use http::Method;
+
+    #[test]
+    fn the_worker_protocol_is_told_apart_from_the_admin_api() {
+        for (m, p) in [
+            (Method::POST, "/v1/workers"),
+            (Method::PUT, "/v1/workers/w1/heartbeat"),
+            (Method::DELETE, "/v1/workers/w1"),
+            (Method::GET, "/v1/endpoints/watch"),
+            (Method::POST, "/v1/logs/w1"),
+            (Method::PUT, "/v1/gateways/g/load"),
+            (Method::POST, "/v1/pools/p/activate"),
+            (Method::POST, "/v1/mesh/join"),
+            (Method::POST, "/api/v1/jobs"),
+            (Method::DELETE, "/api/v1/jobs/7"),
+        ] {
+            assert!(mesh_request(&m, p), "{m} {p}");
+        }
+        for (m, p) in [
+            (Method::GET, "/api/v1/workers"),
+            (Method::GET, "/api/v1/jobs"),
+            (Method::GET, "/api/v1/logs"),
+            (Method::GET, "/ui"),
+            (Method::GET, "/metrics"),
+            (Method::GET, "/healthz"),
+        ] {
+            assert!(!mesh_request(&m, p), "{m} {p}");
+        }
+    }
+}
