@@ -4,6 +4,8 @@
 
 pub mod logship;
 
+pub use etlmesh_tls::error_chain;
+
 use std::time::Duration;
 
 use axum::body::Body;
@@ -194,19 +196,6 @@ impl JsonClient {
     pub async fn get<T: DeserializeOwned>(&self, url: &str) -> Result<T, HttpError> {
         self.call::<(), T>(Method::GET, url, None).await
     }
-}
-
-/// An error with its sources on one line: a refused TLS handshake shows only in the
-/// sources of hyper's "client error (Connect)".
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 /// Turns Nagle's algorithm off on an accepted connection: small writes (headers, the

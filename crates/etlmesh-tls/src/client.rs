@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use crate::authority::{Issued, Role};
 use crate::identity::Identity;
 use crate::token::{JoinToken, sha256};
-use crate::verify::PinnedVerifier;
+use crate::verify::MeshServerVerifier;
 use crate::{TlsError, installed, provider};
 
 /// A connector for `http://` and `https://` URLs; HTTPS is mTLS with this process's
@@ -166,7 +166,7 @@ async fn post<T: Serialize, R: DeserializeOwned>(
         let resp = client
             .request(req)
             .await
-            .map_err(|e| Failure::Transport(format!("{url}: {}", chain(&e))))?;
+            .map_err(|e| Failure::Transport(format!("{url}: {}", crate::error_chain(&e))))?;
         let status = resp.status();
         let bytes = resp
             .into_body()
@@ -185,18 +185,6 @@ async fn post<T: Serialize, R: DeserializeOwned>(
     tokio::time::timeout(Duration::from_secs(10), exchange)
         .await
         .unwrap_or_else(|_| Err(Failure::Transport(format!("{url}: no answer within 10 s"))))
-}
-
-/// An error and its sources, on one line (a TLS refusal hides in the sources).
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 fn https_base(control_plane: &str) -> Result<String, TlsError> {
@@ -249,9 +237,7 @@ pub async fn join(
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Certificate(e.to_string()))?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(PinnedVerifier {
-            pin: token.anchor(),
-        }))
+        .with_custom_certificate_verifier(Arc::new(MeshServerVerifier::Pinned(token.anchor())))
         .with_no_client_auth();
     let request = JoinRequest {
         token: token.secret_hex(),

@@ -62,6 +62,19 @@ pub enum TlsError {
     Unreachable(String),
 }
 
+/// An error with its sources on one line: a refused TLS handshake shows only in the
+/// sources of hyper's "client error (Connect)".
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
 /// The crypto provider every TLS config of etlmesh uses (ring: the one rustls and kube
 /// already build).
 pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {

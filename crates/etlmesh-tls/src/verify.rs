@@ -21,49 +21,19 @@ fn mesh_name() -> ServerName<'static> {
     ServerName::try_from(MESH_NAME).unwrap_or_else(|_| unreachable!("a valid DNS name"))
 }
 
-fn tls12(
-    message: &[u8],
-    cert: &CertificateDer<'_>,
-    dss: &DigitallySignedStruct,
-) -> Result<HandshakeSignatureValid, rustls::Error> {
-    rustls::crypto::verify_tls12_signature(
-        message,
-        cert,
-        dss,
-        &provider().signature_verification_algorithms,
-    )
-}
-
-fn tls13(
-    message: &[u8],
-    cert: &CertificateDer<'_>,
-    dss: &DigitallySignedStruct,
-) -> Result<HandshakeSignatureValid, rustls::Error> {
-    rustls::crypto::verify_tls13_signature(
-        message,
-        cert,
-        dss,
-        &provider().signature_verification_algorithms,
-    )
-}
-
-fn schemes() -> Vec<SignatureScheme> {
-    provider()
-        .signature_verification_algorithms
-        .supported_schemes()
-}
-
-/// Checks a server against the anchor, under the mesh's name.
+/// How a mesh client checks the server's chain.
 #[derive(Debug)]
-pub(crate) struct MeshServerVerifier {
-    inner: Arc<WebPkiServerVerifier>,
+pub(crate) enum MeshServerVerifier {
+    /// Against the anchor this process holds.
+    Anchored(Arc<WebPkiServerVerifier>),
+    /// Against the certificate of the chain whose SHA-256 is this (joining).
+    Pinned([u8; 32]),
 }
 
 impl MeshServerVerifier {
+    /// Against `roots` (the anchor).
     pub(crate) fn new(roots: Arc<RootCertStore>) -> Result<Self, rustls::Error> {
-        Ok(Self {
-            inner: webpki(roots)?,
-        })
+        Ok(Self::Anchored(webpki(roots)?))
     }
 }
 
@@ -82,8 +52,22 @@ impl ServerCertVerifier for MeshServerVerifier {
         ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        self.inner
-            .verify_server_cert(end_entity, intermediates, &mesh_name(), ocsp, now)
+        let verifier = match self {
+            Self::Anchored(v) => v.clone(),
+            Self::Pinned(pin) => {
+                let Some(anchor) = intermediates.iter().find(|c| sha256(c) == *pin) else {
+                    return Err(rustls::Error::General(
+                        "the control plane's certificate is not from the trust anchor named in the join token".into(),
+                    ));
+                };
+                let mut roots = RootCertStore::empty();
+                roots
+                    .add(anchor.clone().into_owned())
+                    .map_err(|e| rustls::Error::General(format!("the trust anchor: {e}")))?;
+                webpki(Arc::new(roots))?
+            }
+        };
+        verifier.verify_server_cert(end_entity, intermediates, &mesh_name(), ocsp, now)
     }
 
     fn verify_tls12_signature(
@@ -92,75 +76,31 @@ impl ServerCertVerifier for MeshServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        tls12(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        tls13(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        schemes()
-    }
-}
-
-/// Checks a server whose chain must hold the anchor of digest `pin`.
-#[derive(Debug)]
-pub(crate) struct PinnedVerifier {
-    pub(crate) pin: [u8; 32],
-}
-
-impl ServerCertVerifier for PinnedVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        ocsp: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let Some(anchor) = intermediates.iter().find(|c| sha256(c) == self.pin) else {
-            return Err(rustls::Error::General(
-                "the control plane's certificate is not from the trust anchor named in the join token".into(),
-            ));
-        };
-        let mut roots = RootCertStore::empty();
-        roots
-            .add(anchor.clone().into_owned())
-            .map_err(|e| rustls::Error::General(format!("the trust anchor: {e}")))?;
-        webpki(Arc::new(roots))?.verify_server_cert(
-            end_entity,
-            intermediates,
-            &mesh_name(),
-            ocsp,
-            now,
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &provider().signature_verification_algorithms,
         )
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        tls12(message, cert, dss)
-    }
-
     fn verify_tls13_signature(
         &self,
         message: &[u8],
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        tls13(message, cert, dss)
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &provider().signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        schemes()
+        provider()
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }

@@ -442,3 +442,116 @@ async fn insecure_says_so_and_speaks_plain_http() {
     );
     assert!(!scratch.dir.path().join("st/mesh/ca.pem").exists());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn separate_processes_join_with_the_token() {
+    let scratch = Scratch::new();
+    let dir = scratch.dir.path();
+    scratch.write("mesh.yaml", MESH_YAML);
+    let cp = Proc::start(
+        dir,
+        &[
+            "control-plane",
+            "--listen",
+            "127.0.0.1:0",
+            "--mesh-listen",
+            "127.0.0.1:0",
+            "--state-dir",
+            "st",
+        ],
+    );
+    let admin = cp.url("control plane");
+    let mesh = cp.url("control plane mesh");
+    let token = std::fs::read_to_string(dir.join("st/mesh/join-token"))
+        .expect("the join token")
+        .trim()
+        .to_string();
+
+    // Without the token a gateway says what it needs and stops.
+    let out = Command::new(env!("CARGO_BIN_EXE_etlmesh"))
+        .args([
+            "gateway",
+            "--listen",
+            "127.0.0.1:0",
+            "--flight",
+            "off",
+            "--control-plane",
+            &mesh,
+        ])
+        .env_remove("ETLMESH_JOIN_TOKEN")
+        .current_dir(dir)
+        .output()
+        .expect("gateway runs");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("join token"), "{err}");
+
+    let env = [("ETLMESH_JOIN_TOKEN".to_string(), token)];
+    let gw = Proc::start_env(
+        dir,
+        &[
+            "gateway",
+            "--listen",
+            "127.0.0.1:0",
+            "--flight",
+            "off",
+            "--control-plane",
+            &mesh,
+        ],
+        &env,
+    );
+    let _worker = Proc::start_env(
+        dir,
+        &[
+            "worker",
+            "-c",
+            "mesh.yaml",
+            "--id",
+            "w1",
+            "--control-plane",
+            &mesh,
+        ],
+        &env,
+    );
+    let gw_url = gw.url("gateway");
+    eventually(
+        Duration::from_secs(20),
+        "the worker registered",
+        async || {
+            workers(&admin).as_array().is_some_and(|a| {
+                a.len() == 1
+                    && a[0]["address"]
+                        .as_str()
+                        .is_some_and(|s| s.starts_with("https://"))
+            })
+        },
+    )
+    .await;
+    let http = Http::new();
+    let mut answered = None;
+    for _ in 0..50 {
+        let a = http
+            .post_csv(
+                &format!("{gw_url}/v1/pipelines/clean"),
+                readings(10, 0.0, 3),
+            )
+            .await
+            .expect("answer");
+        if a.status == StatusCode::OK {
+            answered = Some(a);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let a = answered.expect("the gateway reaches the worker over mTLS");
+    assert_eq!(a.header("etlmesh-worker"), "w1");
+    let metrics =
+        String::from_utf8_lossy(&http.get(&format!("{admin}/metrics")).await.body).into_owned();
+    assert_eq!(
+        metric(
+            &metrics,
+            "etlmesh_mesh_certificates_total{kind=\"join\",outcome=\"issued\"}"
+        ),
+        2.0,
+        "the gateway and the worker joined: {metrics}"
+    );
+}
