@@ -153,7 +153,7 @@ async fn bind_mesh(o: &mesh::MeshOptions, registry: &Registry) -> Result<BoundMe
         authority.local_identity("control-plane", etlmesh_tls::Role::ControlPlane, &hosts)?;
     if !etlmesh_tls::install(identity.clone()) {
         tracing::warn!(
-            "this process already has a mesh identity; the control plane's serves its listener only"
+            "this process already has a mesh identity: it stays the one its clients show; the control plane's own serves the mesh listener"
         );
     }
     let config = identity.server_config(etlmesh_tls::ClientAuth::Optional)?;
