@@ -197,28 +197,6 @@ fn https_base(control_plane: &str) -> Result<String, TlsError> {
     Ok(base.to_string())
 }
 
-fn identity_from(
-    name: &str,
-    role: Role,
-    hosts: &[String],
-    key: &KeyPair,
-    resp: &JoinResponse,
-) -> Result<Arc<Identity>, TlsError> {
-    let anchor = CertificateDer::from_pem_slice(resp.anchor.as_bytes())
-        .map_err(|e| TlsError::Certificate(format!("the anchor sent: {e}")))?;
-    Identity::new(
-        name,
-        role,
-        hosts,
-        key,
-        &Issued {
-            chain_pem: resp.certificate.clone(),
-            not_after: resp.not_after,
-        },
-        anchor,
-    )
-}
-
 /// Joins the mesh of the control plane at `control_plane` (its `https://` mesh
 /// address): shows the token's secret to a server whose chain holds the token's
 /// anchor, and gets a certificate for a key made here. Retries an unreachable control
@@ -268,21 +246,22 @@ pub async fn join(
             }
         }
     };
-    if sha256(
-        CertificateDer::from_pem_slice(resp.anchor.as_bytes())
-            .map_err(|e| TlsError::Certificate(format!("the anchor sent: {e}")))?
-            .as_ref(),
-    ) != token.anchor()
-    {
+    let anchor = CertificateDer::from_pem_slice(resp.anchor.as_bytes())
+        .map_err(|e| TlsError::Certificate(format!("the anchor sent: {e}")))?;
+    if sha256(anchor.as_ref()) != token.anchor() {
         return Err(TlsError::Refused(
             "the control plane sent an anchor other than the join token's".into(),
         ));
     }
-    let identity = identity_from(name, role, hosts, &key, &resp)?;
+    let issued = Issued {
+        chain_pem: resp.certificate,
+        not_after: resp.not_after,
+    };
+    let identity = Identity::new(name, role, hosts, &key, &issued, anchor)?;
     tracing::info!(
         name,
         role = role.as_str(),
-        until = resp.not_after,
+        until = issued.not_after,
         "joined the mesh: certificate issued"
     );
     Ok(identity)
