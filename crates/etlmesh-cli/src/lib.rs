@@ -109,11 +109,12 @@ pub enum CliError {
 }
 
 /// Runs a mesh process, exporting its spans over OTLP when
-/// `OTEL_EXPORTER_OTLP_ENDPOINT` is set (flushed when it returns).
+/// `OTEL_EXPORTER_OTLP_ENDPOINT` is set (flushed when it returns), sampled as
+/// `OTEL_TRACES_SAMPLER` says.
 fn with_otlp(service: &str, run: impl FnOnce() -> Result<(), CliError>) -> Result<(), CliError> {
     let _flush_at_end = etlmesh_telemetry::otlp::init_from_env(service).map_err(|e| {
         CliError::Other(format!(
-            "{e}\n  help: fix or unset OTEL_EXPORTER_OTLP_ENDPOINT and OTEL_EXPORTER_OTLP_PROTOCOL"
+            "{e}\n  help: fix or unset OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_EXPORTER_OTLP_PROTOCOL, OTEL_TRACES_SAMPLER and OTEL_TRACES_SAMPLER_ARG"
         ))
     })?;
     run()

@@ -12,10 +12,10 @@ use etlmesh_config::Format;
 use etlmesh_http::{error_response, json_response};
 use etlmesh_proto::headers;
 use etlmesh_telemetry::TraceContext;
+use etlmesh_telemetry::context::{self, RequestContext};
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use http_body_util::{BodyExt, Limited};
 use tower::BoxError;
-use tracing::Instrument;
 
 use crate::Gateway;
 use crate::dispatch::Refusal;
@@ -109,7 +109,6 @@ pub(crate) async fn transform(
     if !gw.options.telemetry {
         return route(&gw, &name, q, req_headers, body, trace, &trace_id).await;
     }
-    let span = tracing::info_span!("request", pipeline = %name, trace_id = %trace_id);
     let known_route = gw.routes.get(&name);
     let unknown;
     let handles = match &known_route {
@@ -121,9 +120,14 @@ pub(crate) async fn transform(
     };
     let in_flight = &handles.in_flight;
     in_flight.inc();
-    let mut resp = route(&gw, &name, q, req_headers, body, trace, &trace_id)
-        .instrument(span.clone())
-        .await;
+    // Log lines of the request name its trace and pipeline (no span: see
+    // `etlmesh_telemetry::context`).
+    let ctx = RequestContext::new(trace.trace_id, &name);
+    let mut resp = context::scope(
+        ctx,
+        route(&gw, &name, q, req_headers, body, trace, &trace_id),
+    )
+    .await;
     in_flight.dec();
     let code = resp.status().as_u16();
     if code == 200 {
@@ -160,9 +164,9 @@ pub(crate) async fn transform(
     {
         h.insert(headers::TRACE_ID, v);
     }
-    // An explicit parent: the span is not entered for a line that is usually off.
     tracing::debug!(
-    parent: &span,
+        pipeline = %name,
+        trace_id = %trace_id,
         status = code,
         elapsed_ms = elapsed * 1000.0,
         "request served"

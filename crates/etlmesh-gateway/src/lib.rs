@@ -254,19 +254,24 @@ impl Bound {
             let svc = arrow_flight::flight_service_server::FlightServiceServer::new(flight::FlightGateway::new(gw.clone()))
                 .max_decoding_message_size(gw.options.max_body_bytes)
                 .max_encoding_message_size(gw.options.max_body_bytes);
-            tracing::info!(addr = ?addr, "gateway Arrow Flight listening on grpc://{}", addr.map(|a| a.to_string()).unwrap_or_default());
-            if gw.options.access.tls.is_some() {
-                tracing::warn!("the Arrow Flight listener does not speak TLS (only the HTTP listener does); keep it on a trusted network or turn it off with --flight off");
+            let addr = addr.map(|a| a.to_string()).unwrap_or_default();
+            let server = tonic::transport::Server::builder().add_service(svc);
+            let stop = stopped(stop_rx.clone());
+            match &gw.options.access.tls {
+                Some(spec) => {
+                    let incoming = tls::flight_incoming(listener, spec).map_err(GatewayError::Serve)?;
+                    tracing::info!(%addr, "gateway Arrow Flight listening on grpc+tls://{addr}");
+                    Ok(tokio::spawn(server.serve_with_incoming_shutdown(incoming, stop)))
+                }
+                None => {
+                    tracing::info!(%addr, "gateway Arrow Flight listening on grpc://{addr}");
+                    Ok(tokio::spawn(server.serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener), stop)))
+                }
             }
-            tokio::spawn(
-                tonic::transport::Server::builder()
-                    .add_service(svc)
-                    .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener), stopped(stop_rx.clone())),
-            )
-        });
+        }).transpose()?;
         let result = match &gw.options.access.tls {
             Some(spec) => {
-                let config = tls::server_config(spec).map_err(GatewayError::Serve)?;
+                let config = tls::server_config(spec, tls::HTTP_ALPN).map_err(GatewayError::Serve)?;
                 let listener = etlmesh_tls::listener::TlsListener::new(self.listener, config, None)
                     .map_err(|e| GatewayError::Serve(e.to_string()))?;
                 tracing::info!(addr = %self.addr, control_plane = %gw.options.control_plane, "gateway listening on https://{}", self.addr);

@@ -227,7 +227,7 @@ pub fn error_response(
 ) -> Response {
     let message = message.into();
     // Every error answer is an event for exception tracking (`/api/v1/errors`); the
-    // request's span adds its trace id and pipeline.
+    // request's context (task-local or span) adds its trace id and pipeline.
     if status.is_server_error() {
         tracing::warn!(error_kind = code, status = status.as_u16(), "{message}");
     } else {

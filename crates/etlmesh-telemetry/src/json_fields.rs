@@ -19,7 +19,7 @@ use tracing_subscriber::fmt::format::Writer;
 pub struct LeanJsonFields;
 
 /// Writes `s` as a JSON string body (without the quotes).
-fn escape(out: &mut impl Write, s: &str) -> fmt::Result {
+pub(crate) fn escape(out: &mut impl Write, s: &str) -> fmt::Result {
     let mut start = 0;
     for (i, c) in s.char_indices() {
         let esc = match c {
@@ -154,21 +154,8 @@ impl<'w> tracing_subscriber::fmt::FormatFields<'w> for LeanJsonFields {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::{Arc, Mutex};
+    use crate::test_buf::Buf;
     use tracing_subscriber::layer::SubscriberExt;
-
-    #[derive(Clone, Default)]
-    struct Buf(Arc<Mutex<Vec<u8>>>);
-
-    impl std::io::Write for Buf {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().expect("buf").extend_from_slice(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
 
     #[test]
     fn json_lines_carry_span_fields_escaped() {
@@ -185,8 +172,9 @@ mod tests {
             span.record("n", 4u64);
             span.in_scope(|| tracing::info!(x = 1.5, text = "a\nb", "served"));
         });
-        let text = String::from_utf8(buf.0.lock().expect("buf").clone()).expect("utf8");
-        let line: serde_json::Value = serde_json::from_str(text.trim()).expect("one JSON line");
+        let lines = buf.lines();
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        let line: serde_json::Value = serde_json::from_str(&lines[0]).expect("one JSON line");
         assert_eq!(line["message"], "served");
         assert_eq!(line["text"], "a\nb");
         assert_eq!(line["span"]["pipeline"], "cl\"ean");

@@ -2,9 +2,10 @@
 //!
 //! [`Capture`] is a `tracing` layer: every event that passes the process's filter
 //! becomes a [`LogLine`] in a bounded [`LogRing`] (the oldest line goes when it is
-//! full), with the trace id and pipeline of the span it happened in. Workers and
-//! gateways ship new lines to the control plane; it keeps a ring per process
-//! (`etlmesh logs`) and groups the errors ([`crate::errors`]).
+//! full), with the trace id and pipeline of the request it happened in (a span's
+//! fields, or the task's [`crate::context`]). Workers and gateways ship new lines to
+//! the control plane; it keeps a ring per process (`etlmesh logs`) and groups the
+//! errors ([`crate::errors`]).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt::Write as _;
@@ -284,6 +285,17 @@ where
                 }
             }
         }
+        // Request handlers give their context without a span.
+        if v.ctx.trace_id.is_none() || v.ctx.pipeline.is_none() {
+            crate::context::with_current(|r| {
+                if v.ctx.trace_id.is_none() {
+                    v.ctx.trace_id = Some(r.trace_id_hex());
+                }
+                if v.ctx.pipeline.is_none() {
+                    v.ctx.pipeline = Some(r.pipeline.clone());
+                }
+            });
+        }
         let meta = event.metadata();
         self.ring.push(LogLine {
             seq: 0,
@@ -341,6 +353,29 @@ mod tests {
         assert!(!lines[1].is_error());
         assert_eq!(lines[1].trace_id, None);
         assert!(l.to_text().contains("trace_id=abc"));
+    }
+
+    #[tokio::test]
+    async fn lines_carry_the_request_their_task_serves() {
+        let ring = Arc::new(LogRing::new(10));
+        let sub = tracing_subscriber::registry().with(Capture::new(ring.clone()));
+        let _g = tracing::subscriber::set_default(sub);
+        let ctx = crate::context::RequestContext::new(0x4bf9, "p2");
+        crate::context::scope(ctx, async {
+            tokio::task::yield_now().await;
+            tracing::info!(error_kind = "bad_body", "cannot read");
+            tracing::info!(trace_id = "own", "names its trace");
+        })
+        .await;
+        let (lines, _) = ring.since(0, 100);
+        assert_eq!(lines.len(), 2);
+        assert_eq!(
+            lines[0].trace_id.as_deref(),
+            Some("00000000000000000000000000004bf9")
+        );
+        assert_eq!(lines[0].pipeline.as_deref(), Some("p2"));
+        assert_eq!(lines[1].trace_id.as_deref(), Some("own"));
+        assert_eq!(lines[1].pipeline.as_deref(), Some("p2"));
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) is set, the gateway's request spans and the
 //! workers' transform spans go to an OpenTelemetry collector over OTLP/HTTP —
 //! protobuf by default, JSON with `OTEL_EXPORTER_OTLP_PROTOCOL=http/json` — in
-//! batches from a background thread.
+//! batches from a background thread. Which traces go is the head sampler's choice
+//! ([`crate::sampler`], `OTEL_TRACES_SAMPLER`): all of them unless told.
 //!
 //! Spans keep the ids of the W3C `traceparent` the processes already pass on (the
 //! trace id is the one in logs and error bodies), so a trace reads client → gateway →
@@ -72,6 +73,10 @@ pub fn endpoint_from_env() -> Option<String> {
 /// Starts exporting as `service` when the environment names an endpoint. Returns a
 /// guard that flushes at the end, or `None` when export is off.
 pub fn init_from_env(service: &str) -> Result<Option<OtlpGuard>, OtlpError> {
+    // The sampler applies even without an endpoint: its decision travels in
+    // `traceparent` to processes that may export.
+    let sampler = crate::sampler::Sampler::from_env().map_err(OtlpError)?;
+    crate::sampler::install(sampler);
     let Some(url) = endpoint_from_env() else {
         return Ok(None);
     };
@@ -106,7 +111,7 @@ pub fn init_from_env(service: &str) -> Result<Option<OtlpGuard>, OtlpError> {
     if EXPORTER.set(Exporter { provider, tracer }).is_err() {
         return Err(OtlpError("already started".into()));
     }
-    tracing::info!(endpoint = %url, service, "exporting spans over OTLP");
+    tracing::info!(endpoint = %url, service, sampler = ?sampler, "exporting spans over OTLP");
     Ok(Some(OtlpGuard(())))
 }
 

@@ -35,10 +35,11 @@ fn nonzero_u64() -> u64 {
 impl TraceContext {
     /// A new trace.
     pub fn new_root() -> Self {
+        let trace_id = nonzero_u128();
         Self {
-            trace_id: nonzero_u128(),
+            trace_id,
             span_id: nonzero_u64(),
-            sampled: true,
+            sampled: crate::sampler::current().sampled(trace_id, None),
         }
     }
 
@@ -81,10 +82,12 @@ impl TraceContext {
         header.and_then(Self::parse).unwrap_or_else(Self::new_root)
     }
 
-    /// The same trace with a new span (the next hop's parent).
+    /// The same trace with a new span (the next hop's parent), sampled as this
+    /// process's sampler says of a trace whose caller decided `self.sampled`.
     pub fn child(&self) -> Self {
         Self {
             span_id: nonzero_u64(),
+            sampled: crate::sampler::current().sampled(self.trace_id, Some(self.sampled)),
             ..*self
         }
     }

@@ -1,8 +1,9 @@
 //! TLS listeners for axum: handshakes run in their own tasks (at most 256 at once,
 //! 10 s each), so that a slow or hostile peer never holds up the next connection.
-//! Used by the gateway's public listener (`platform.access.tls`) and by every mesh
-//! listener, where a failed handshake — a peer without a certificate from the mesh —
-//! is logged with the peer's address.
+//! Used by the gateway's public listeners (`platform.access.tls`: HTTP, and Arrow
+//! Flight through [`TlsListener::next`]) and by every mesh listener, where a failed
+//! handshake — a peer without a certificate from the mesh — is logged with the peer's
+//! address.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -99,6 +100,11 @@ impl TlsListener {
     pub fn refused(&self) -> Arc<AtomicU64> {
         self.refused.clone()
     }
+
+    /// The next connection whose handshake succeeded (`None` once accepting stopped).
+    pub async fn next(&mut self) -> Option<(TlsStream<TcpStream>, SocketAddr)> {
+        self.ready.recv().await
+    }
 }
 
 impl axum::serve::Listener for TlsListener {
@@ -106,7 +112,7 @@ impl axum::serve::Listener for TlsListener {
     type Addr = SocketAddr;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        match self.ready.recv().await {
+        match self.next().await {
             Some(c) => c,
             None => std::future::pending().await,
         }

@@ -100,10 +100,14 @@ pub async fn run(
     gw_opts.control_plane = members_url.clone();
     gw_opts.ship_logs = false;
     let gateway = etlmesh_gateway::bind(gw_opts).await?;
+    // The public listeners speak TLS when the file gives them a certificate.
+    let tls = options.gateway.access.tls.is_some();
     let urls = Urls {
-        gateway: format!("http://{}", gateway.addr),
+        gateway: format!("{}://{}", if tls { "https" } else { "http" }, gateway.addr),
         admin: admin.clone(),
-        flight: gateway.flight_addr.map(|a| format!("grpc://{a}")),
+        flight: gateway
+            .flight_addr
+            .map(|a| format!("{}://{a}", if tls { "grpc+tls" } else { "grpc" })),
         mesh: control.mesh_addr.map(|a| format!("https://{a}")),
         anchor: match (&control.authority, &options.mesh) {
             (Some(_), Some(spec)) => Some(spec.ca.as_ref().map_or_else(

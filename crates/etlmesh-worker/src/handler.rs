@@ -15,9 +15,9 @@ use etlmesh_config::{Format, OnError};
 use etlmesh_engine::Kind;
 use etlmesh_http::error_response;
 use etlmesh_proto::headers;
+use etlmesh_telemetry::context::{self, RequestContext};
 use etlmesh_telemetry::process::cpu_timed;
 use http::{HeaderMap, HeaderValue, StatusCode, header};
-use tracing::Instrument;
 
 use etlmesh_sink::tap::TapStage;
 
@@ -78,11 +78,11 @@ pub(crate) async fn transform(
         h.insert(headers::WORKER, value(&app.id));
         return resp;
     }
-    let span =
-        tracing::info_span!("transform", pipeline = %name, trace_id = %trace_id, worker = %app.id);
-    let mut resp = cpu_timed(serve(&app, &name, &req_headers, body, &trace_id), cpu)
-        .instrument(span.clone())
-        .await;
+    // Log lines of the request name its trace and pipeline (no span: see
+    // `etlmesh_telemetry::context`).
+    let ctx = RequestContext::new(trace.trace_id, &name);
+    let work = cpu_timed(serve(&app, &name, &req_headers, body, &trace_id), cpu);
+    let mut resp = context::scope(ctx, work).await;
     let code = resp.status().as_u16();
     let h = resp.headers_mut();
     h.insert(headers::TRACEPARENT, value(&trace.header()));
@@ -121,9 +121,9 @@ pub(crate) async fn transform(
         }
     }
     app.metrics.ewma_latency.set(app.load.ewma_ms() / 1000.0);
-    // An explicit parent: the span is not entered for a line that is usually off.
     tracing::debug!(
-    parent: &span,
+        pipeline = %name,
+        trace_id = %trace_id,
         status = code,
         elapsed_ms = started.elapsed().as_secs_f64() * 1000.0,
         "transform served"

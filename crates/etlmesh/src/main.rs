@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use etlmesh_cli::{Cli, LogFormat};
+use etlmesh_telemetry::context::WithRequest;
 use tracing_subscriber::filter::Targets;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -31,18 +32,27 @@ fn main() -> ExitCode {
         .with(filter)
         .with(etlmesh_telemetry::logs::Capture::global());
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    // Lines written while a request is served name its trace and pipeline (the
+    // handlers' task-local context, cheaper than a span per request).
     if json {
-        // Span fields are formatted when a span starts (one per request): the lean
-        // formatter keeps that cheap.
+        // Span fields are formatted when a span starts: the lean formatter keeps that cheap.
         registry
             .with(
                 fmt.json()
                     .flatten_event(true)
-                    .fmt_fields(etlmesh_telemetry::json_fields::LeanJsonFields),
+                    .fmt_fields(etlmesh_telemetry::json_fields::LeanJsonFields)
+                    .map_event_format(|f| WithRequest::new(f, true)),
             )
             .init();
     } else {
-        registry.with(fmt.with_target(false)).init();
+        let ansi = std::io::stderr().is_terminal();
+        registry
+            .with(
+                fmt.with_target(false)
+                    .with_ansi(ansi)
+                    .map_event_format(|f| WithRequest::new(f.with_ansi(ansi), false)),
+            )
+            .init();
     }
     etlmesh_cli::execute(cli)
 }

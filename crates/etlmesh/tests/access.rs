@@ -1,8 +1,8 @@
 //! End to end: who may use the gateway. Tokens made by `etlmesh token new` and listed
 //! (hashed) in the file: no token or a wrong one gets 401, a pipeline or service the
 //! token may not use 403, a token over its rate 429 with Retry-After; CORS answers
-//! preflights for allowed origins only; the public listener speaks TLS when given a
-//! certificate; health stays open.
+//! preflights for allowed origins only; the public listeners (HTTP and Arrow Flight)
+//! speak TLS when given a certificate; health stays open.
 
 mod common;
 
@@ -51,6 +51,76 @@ fn post(ca: &str, token: &str, content_type: &str, body: &str, url: &str) -> (u1
     curl(ca, &["-H", &auth, "-H", &ct, "--data-binary", body, url])
 }
 
+/// Flight calls over `channel`: refused without a token, saying so; served with `token`
+/// in the `authorization` metadata.
+async fn flight_needs_the_token(channel: tonic::transport::Channel, token: &str) {
+    let mut client = arrow_flight::FlightClient::new(channel);
+    let e = client
+        .list_flights(bytes::Bytes::new())
+        .await
+        .err()
+        .expect("no token");
+    assert!(
+        e.to_string()
+            .contains("unauthorized: this gateway needs an API token"),
+        "{e}"
+    );
+    client
+        .add_header("authorization", &format!("Bearer {token}"))
+        .expect("header");
+    assert!(client.list_flights(bytes::Bytes::new()).await.is_ok());
+}
+
+/// A Flight client over TLS trusting `ca`: refused without a token, served with one;
+/// plain gRPC gets nothing from the TLS port.
+async fn flight_over_tls(addr: &str, ca: &std::path::Path, token: &str) {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_file_iter(ca).expect("the CA file") {
+        roots.add(c.expect("a certificate")).expect("a root");
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let at = addr.to_string();
+    let channel = tonic::transport::Endpoint::from_static("http://localhost")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let (connector, at) = (connector.clone(), at.clone());
+            async move {
+                let tcp = tokio::net::TcpStream::connect(&at).await?;
+                let name = rustls::pki_types::ServerName::try_from("localhost")
+                    .expect("a name")
+                    .to_owned();
+                let tls = connector.connect(name, tcp).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+            }
+        }))
+        .await
+        .expect("a TLS channel to the Flight listener");
+    flight_needs_the_token(channel, token).await;
+    let plain = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .expect("url")
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(5))
+        .connect()
+        .await;
+    if let Ok(ch) = plain {
+        let mut c = arrow_flight::FlightClient::new(ch);
+        c.add_header("authorization", &format!("Bearer {token}"))
+            .expect("header");
+        assert!(
+            c.list_flights(bytes::Bytes::new()).await.is_err(),
+            "plain gRPC on the TLS port"
+        );
+    }
+}
+
 const READING: &str = "device_id,ts,temperature_c,humidity,battery_v,status\nd1,2026-01-01T00:00:00Z,20.5,40,3.7,ok\n";
 
 #[test]
@@ -81,6 +151,9 @@ fn tokens_rates_cors_and_tls_guard_the_gateway() {
         .args([
             "-addext",
             "subjectAltName=DNS:localhost,IP:127.0.0.1",
+            // A server certificate, not a CA (rustls refuses a CA as the end entity).
+            "-addext",
+            "basicConstraints=critical,CA:FALSE",
             "-keyout",
             "key.pem",
             "-out",
@@ -118,7 +191,7 @@ fn tokens_rates_cors_and_tls_guard_the_gateway() {
             "--http",
             "127.0.0.1:0",
             "--flight",
-            "off",
+            "127.0.0.1:0",
             "--admin",
             "127.0.0.1:0",
             "--state-dir",
@@ -285,6 +358,16 @@ fn tokens_rates_cors_and_tls_guard_the_gateway() {
         "{all}"
     );
 
+    // Arrow Flight speaks TLS too (grpc+tls), with the same token rules.
+    let flight = up.url("Arrow Flight");
+    assert!(flight.starts_with("grpc+tls://"), "{flight}");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(flight_over_tls(
+        flight.trim_start_matches("grpc+tls://"),
+        &s.path("cert.pem"),
+        &analyst,
+    ));
+
     // Decisions are counted per token, never with the token itself.
     let (_, m) = curl(&ca, &[&format!("{gw}/metrics")]);
     assert!(
@@ -342,19 +425,5 @@ async fn the_command_line_and_arrow_flight_need_the_token() {
         .connect()
         .await
         .expect("connects");
-    let mut client = arrow_flight::FlightClient::new(channel);
-    let e = client
-        .list_flights(bytes::Bytes::new())
-        .await
-        .err()
-        .expect("no token");
-    assert!(
-        e.to_string()
-            .contains("unauthorized: this gateway needs an API token"),
-        "{e}"
-    );
-    client
-        .add_header("authorization", &format!("Bearer {token}"))
-        .expect("header");
-    assert!(client.list_flights(bytes::Bytes::new()).await.is_ok());
+    flight_needs_the_token(channel, &token).await;
 }

@@ -550,3 +550,62 @@ async fn spans_go_to_an_otlp_collector_as_one_trace_from_gateway_to_worker() {
         "the worker's span is the one it answers with"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_sampler_exports_only_the_traces_it_keeps() {
+    let _serial = SERIAL.lock().await;
+    let (endpoint, bodies) = otlp_receiver().await;
+    // Ratio 0 for new traces; a caller's decision is followed.
+    let env = [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json"),
+        ("OTEL_BSP_SCHEDULE_DELAY", "200"),
+        ("OTEL_TRACES_SAMPLER", "parentbased_traceidratio"),
+        ("OTEL_TRACES_SAMPLER_ARG", "0"),
+    ];
+    let (mesh, _) = Mesh::start_env(&[&[]], &[], &env).await;
+    let send = async |traceparent: Option<String>| {
+        let mut h = vec![("content-type", "text/csv")];
+        if let Some(tp) = &traceparent {
+            h.push(("traceparent", tp.as_str()));
+        }
+        let a = Http::new()
+            .send(Method::POST, &mesh.transform_url(), &h, readings(5, 0.0, 4))
+            .await
+            .expect("answer");
+        assert_eq!(a.status, StatusCode::OK);
+        a.header("etlmesh-trace-id").to_string()
+    };
+    let unsampled_caller = "6bf92f3577b34da6a3ce929d0e0e4738";
+    send(Some(format!("00-{unsampled_caller}-00f067aa0ba902b9-00"))).await;
+    let new_trace = send(None).await;
+    assert_eq!(new_trace.len(), 32, "a trace id even when not sampled");
+    let sampled_caller = "7bf92f3577b34da6a3ce929d0e0e4739";
+    send(Some(format!("00-{sampled_caller}-00f067aa0ba902ba-01"))).await;
+    // The sampled one arrives (both spans); the others were sent before it.
+    eventually(
+        Duration::from_secs(15),
+        "the sampled trace's spans at the collector",
+        async || {
+            spans(&bodies.lock().expect("spans"))
+                .iter()
+                .filter(|(_, s)| s["traceId"] == sampled_caller)
+                .count()
+                >= 2
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let traces: Vec<String> = spans(&bodies.lock().expect("spans"))
+        .iter()
+        .filter_map(|(_, s)| s["traceId"].as_str().map(String::from))
+        .collect();
+    assert!(
+        !traces.contains(&unsampled_caller.to_string()),
+        "a caller's 'not sampled' is followed"
+    );
+    assert!(
+        !traces.contains(&new_trace),
+        "a new trace is not sampled at ratio 0"
+    );
+}
