@@ -10,7 +10,7 @@ id and pipeline on its log lines, log capture), off (`ETLMESH_NO_TELEMETRY=true`
 per-request metric or log context in gateway and worker), and
 on with spans exported over OTLP/HTTP to a minimal collector on this machine (which
 takes CPU from the same two cores; every trace, or the share `--otlp-ratio` gives the
-head sampler); the modes alternate, round after round.
+head sampler); the modes alternate, round after round, every other round in reverse.
 Runs of one mode differ by up to ~15 % on a shared virtual machine, and its speed
 drifts, so three figures are printed: the means over all rounds, the median of each
 round's ratio (a round's "on" run against its own "off" run, taken a few seconds
@@ -141,7 +141,10 @@ def main():
     modes = ["on", "off"] if args.no_otlp else ["on", "off", "otlp"]
     labels = {m: labels[m] for m in modes}
     runs = {m: [] for m in labels}
-    for mode in modes * args.rounds:
+    # Every other round runs the modes in reverse (on, off, otlp, otlp, off, on, …), so
+    # that a machine speeding up or slowing down during the run favours no mode.
+    order = [m for i in range(args.rounds) for m in (modes if i % 2 == 0 else modes[::-1])]
+    for mode in order:
         r = run_mesh(work, lua, mode, args.seconds, collector, args.otlp_ratio)
         runs[mode].append(r)
         print(f"{labels[mode]:22}: {r['rps']:8.0f} req/s  p50 {r['p50']:6.2f} ms  "
