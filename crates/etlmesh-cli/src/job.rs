@@ -18,6 +18,9 @@ pub struct GatewayArg {
     /// The gateway's API token, when it asks for one.
     #[arg(long, env = "ETLMESH_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// For an `https://` gateway: the PEM certificate it serves, or its CA.
+    #[arg(long, env = "ETLMESH_CA_CERT", value_name = "FILE")]
+    pub ca_cert: Option<std::path::PathBuf>,
     /// Print answers as JSON.
     #[arg(long, global = true)]
     pub json: bool,
@@ -195,8 +198,13 @@ pub(crate) fn job(args: &JobArgs) -> Result<(), CliError> {
     let base = crate::logs::base_url(&args.gw.gateway);
     let json = args.gw.json;
     let rt = crate::runtime(1)?;
+    let client = crate::gateway_client(
+        Duration::from_secs(10),
+        &args.gw.gateway,
+        args.gw.token.clone(),
+        args.gw.ca_cert.as_deref(),
+    )?;
     rt.block_on(async {
-        let client = JsonClient::new(Duration::from_secs(10)).with_bearer(args.gw.token.clone());
         match &args.command {
             JobCommand::Submit {
                 pipeline,

@@ -161,6 +161,27 @@ pub(crate) fn runtime(threads: usize) -> Result<tokio::runtime::Runtime, CliErro
         .map_err(|e| CliError::Other(format!("cannot start the async runtime: {e}")))
 }
 
+/// A client for the gateway's public side at `gateway`, with its API token; an
+/// `https://` gateway is verified against `ca_cert` (the certificate it serves, or its CA).
+pub(crate) fn gateway_client(
+    timeout: std::time::Duration,
+    gateway: &str,
+    token: Option<String>,
+    ca_cert: Option<&std::path::Path>,
+) -> Result<etlmesh_http::JsonClient, CliError> {
+    let client = match ca_cert {
+        Some(ca) => etlmesh_http::JsonClient::trusting(timeout, ca)
+            .map_err(|e| CliError::Other(format!("--ca-cert {e}")))?,
+        None if gateway.starts_with("https://") => {
+            return Err(CliError::Other(format!(
+                "{gateway} speaks TLS, and no certificate to trust was given\n  help: pass the PEM certificate the gateway serves (or its CA) with --ca-cert FILE or ETLMESH_CA_CERT"
+            )));
+        }
+        None => etlmesh_http::JsonClient::new(timeout),
+    };
+    Ok(client.with_bearer(token))
+}
+
 /// The pipeline file argument, shared by subcommands.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ConfigArg {

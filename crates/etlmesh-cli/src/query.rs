@@ -7,7 +7,6 @@ use std::time::Duration;
 use arrow::array::RecordBatch;
 use arrow::util::display::{ArrayFormatter, FormatOptions};
 use etlmesh_config::Format;
-use etlmesh_http::JsonClient;
 use http::Method;
 
 use crate::CliError;
@@ -27,6 +26,9 @@ pub struct QueryArgs {
     /// The gateway's API token, when it asks for one.
     #[arg(long, env = "ETLMESH_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// For an `https://` gateway: the PEM certificate it serves, or its CA.
+    #[arg(long, env = "ETLMESH_CA_CERT", value_name = "FILE")]
+    pub ca_cert: Option<std::path::PathBuf>,
     /// `table` (aligned text), or a format written as it comes: csv, json, ndjson, parquet, arrow.
     #[arg(long, default_value = "table")]
     pub format: String,
@@ -40,7 +42,12 @@ pub struct QueryArgs {
 
 pub(crate) fn query(args: &QueryArgs) -> Result<(), CliError> {
     let wait = args.timeout.unwrap_or(Duration::from_secs(300)) + Duration::from_secs(5);
-    let client = JsonClient::new(wait).with_bearer(args.token.clone());
+    let client = crate::gateway_client(
+        wait,
+        &args.gateway,
+        args.token.clone(),
+        args.ca_cert.as_deref(),
+    )?;
     let base = args.gateway.trim_end_matches('/').to_string();
     let rt = crate::runtime(1)?;
     if args.datasets {

@@ -88,6 +88,20 @@ impl JsonClient {
         }
     }
 
+    /// A client for a server outside the mesh whose `https://` certificate is in (or
+    /// signed by one in) the PEM file `ca`: a gateway's public TLS listener.
+    pub fn trusting(
+        timeout: Duration,
+        ca: &std::path::Path,
+    ) -> Result<Self, etlmesh_tls::TlsError> {
+        Ok(Self {
+            client: Client::builder(TokioExecutor::new())
+                .build(etlmesh_tls::connector_trusting(ca, timeout)?),
+            timeout,
+            bearer: None,
+        })
+    }
+
     /// Sends `Authorization: Bearer TOKEN` with every request (a gateway's API token).
     pub fn with_bearer(mut self, token: Option<String>) -> Self {
         self.bearer = token.filter(|t| !t.is_empty());

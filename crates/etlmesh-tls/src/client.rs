@@ -1,6 +1,7 @@
 //! The client side: HTTP(S) connectors for mesh hops, joining the mesh with a join
 //! token, and renewing the certificate before it expires.
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -119,6 +120,32 @@ pub fn connector(connect_timeout: Duration, h2_only: bool) -> MeshConnector {
         },
     };
     with_config(config, connect_timeout, h2_only)
+}
+
+/// A connector for a server outside the mesh, such as a gateway's public listener
+/// with `platform.access.tls`: `https://` verified against the certificates in the
+/// PEM file `ca` (no client certificate), `http://` in plain text.
+pub fn connector_trusting(ca: &Path, connect_timeout: Duration) -> Result<MeshConnector, TlsError> {
+    let trust_error = |message: String| TlsError::Trust {
+        path: ca.display().to_string(),
+        message,
+    };
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(ca)
+        .and_then(|i| i.collect::<Result<_, _>>())
+        .map_err(|e| trust_error(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(trust_error("holds no certificate".into()));
+    }
+    let mut roots = RootCertStore::empty();
+    for c in certs {
+        roots.add(c).map_err(|e| trust_error(e.to_string()))?;
+    }
+    let config = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Certificate(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(with_config(config, connect_timeout, false))
 }
 
 fn with_config(config: ClientConfig, connect_timeout: Duration, h2_only: bool) -> MeshConnector {

@@ -30,7 +30,8 @@ use std::sync::{Arc, OnceLock};
 
 pub use authority::{Authority, AuthorityFiles, Issued, Role};
 pub use client::{
-    JoinRequest, JoinResponse, MeshConnector, RenewRequest, connector, join, renew_forever,
+    JoinRequest, JoinResponse, MeshConnector, RenewRequest, connector, connector_trusting, join,
+    renew_forever,
 };
 pub use identity::{ClientAuth, Identity};
 pub use token::JoinToken;
@@ -60,6 +61,16 @@ pub enum TlsError {
     /// The control plane could not be reached.
     #[error("cannot reach the control plane to join the mesh: {0}")]
     Unreachable(String),
+    /// A file of certificates to trust cannot be used.
+    #[error(
+        "{path}: {message}\n  help: give the PEM certificate the server presents, or the CA that signed it"
+    )]
+    Trust {
+        /// The file.
+        path: String,
+        /// Why.
+        message: String,
+    },
 }
 
 /// An error with its sources on one line: a refused TLS handshake shows only in the

@@ -2,7 +2,8 @@
 //! (hashed) in the file: no token or a wrong one gets 401, a pipeline or service the
 //! token may not use 403, a token over its rate 429 with Retry-After; CORS answers
 //! preflights for allowed origins only; the public listeners (HTTP and Arrow Flight)
-//! speak TLS when given a certificate; health stays open.
+//! speak TLS when given a certificate, and `etlmesh query` reaches them with
+//! `--ca-cert`; health stays open.
 
 mod common;
 
@@ -356,6 +357,39 @@ fn tokens_rates_cors_and_tls_guard_the_gateway() {
     assert!(
         all.to_lowercase().contains("access-control-expose-headers"),
         "{all}"
+    );
+
+    // `etlmesh query` reaches the TLS gateway when told what to trust, and says how
+    // when it is not.
+    let at = format!("--gateway={gw}");
+    let out = s.etlmesh(&["query", &at, "--token", &analyst, "SELECT 1 AS one"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("--ca-cert"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = s.etlmesh(&[
+        "query",
+        &at,
+        "--token",
+        &analyst,
+        "--ca-cert",
+        "cert.pem",
+        "SELECT 1 AS one",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).starts_with("one"),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = s.etlmesh(&["job", &at, "--ca-cert", "key.pem", "list"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("key.pem: holds no certificate"),
+        "{}",
+        text(&out.stderr)
     );
 
     // Arrow Flight speaks TLS too (grpc+tls), with the same token rules.
