@@ -18,7 +18,7 @@ use axum::middleware::Next;
 use axum::response::Response;
 use etlmesh_http::{error_response, json_response};
 use etlmesh_tls::listener::MeshPeer;
-use etlmesh_tls::{Authority, JoinRequest, JoinResponse, RenewRequest};
+use etlmesh_tls::{Authority, CertificateRequest, JoinRequest, JoinResponse};
 use http::StatusCode;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -124,13 +124,11 @@ fn mesh_of(st: &ControlState) -> Option<&Mesh> {
 fn issue_response(
     mesh: &Mesh,
     kind: &'static str,
-    csr: &str,
-    name: &str,
-    role: etlmesh_tls::Role,
-    hosts: &[String],
+    req: &CertificateRequest,
     peer: SocketAddr,
 ) -> Response {
-    match mesh.authority.issue(csr, name, role, hosts) {
+    let (name, role) = (req.name.as_str(), req.role);
+    match mesh.authority.issue(&req.csr, name, role, &req.hosts) {
         Ok(issued) => {
             mesh.count(kind, "issued");
             tracing::info!(%peer, name, role = role.as_str(), not_after = issued.not_after, "mesh certificate issued ({kind})");
@@ -163,7 +161,8 @@ pub(crate) async fn join(
     };
     if !mesh.authority.token().accepts(&req.token) {
         mesh.count("join", "refused");
-        tracing::warn!(peer = %peer.addr, name = %req.name, role = req.role.as_str(), "refused to join the mesh: wrong join token");
+        let c = &req.certificate;
+        tracing::warn!(peer = %peer.addr, name = %c.name, role = c.role.as_str(), "refused to join the mesh: wrong join token");
         return error_response(
             StatusCode::UNAUTHORIZED,
             "bad_join_token",
@@ -171,9 +170,7 @@ pub(crate) async fn join(
             None,
         );
     }
-    issue_response(
-        mesh, "join", &req.csr, &req.name, req.role, &req.hosts, peer.addr,
-    )
+    issue_response(mesh, "join", &req.certificate, peer.addr)
 }
 
 /// `POST /v1/mesh/renew`: a new certificate for a member (the guard checked its
@@ -181,14 +178,12 @@ pub(crate) async fn join(
 pub(crate) async fn renew(
     State(st): State<Arc<ControlState>>,
     ConnectInfo(peer): ConnectInfo<MeshPeer>,
-    Json(req): Json<RenewRequest>,
+    Json(req): Json<CertificateRequest>,
 ) -> Response {
     let Some(mesh) = mesh_of(&st) else {
         return no_mesh();
     };
-    issue_response(
-        mesh, "renew", &req.csr, &req.name, req.role, &req.hosts, peer.addr,
-    )
+    issue_response(mesh, "renew", &req, peer.addr)
 }
 
 fn no_mesh() -> Response {

@@ -14,6 +14,7 @@ use axum::extract::{Path, Query, State};
 use axum::response::Response;
 use bytes::{Bytes, BytesMut};
 use etlmesh_http::{encode_component, error_response};
+use etlmesh_proto::tap::TapQuery;
 use http::{HeaderValue, StatusCode, header};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
@@ -22,21 +23,13 @@ use tokio::sync::mpsc;
 
 use crate::api::ControlState;
 
-const MAX_LIMIT: usize = 10_000;
 /// A line longer than this from a worker is dropped (a record is at most 1 MiB).
 const MAX_LINE: usize = 2 << 20;
-
-#[derive(Debug, serde::Deserialize)]
-pub(crate) struct TapParams {
-    stage: Option<String>,
-    limit: Option<usize>,
-    timeout_ms: Option<u64>,
-}
 
 pub(crate) async fn tap(
     State(st): State<Arc<ControlState>>,
     Path(pipeline): Path<String>,
-    Query(q): Query<TapParams>,
+    Query(q): Query<TapQuery>,
 ) -> Response {
     let serving: Vec<(String, String)> = st
         .registry
@@ -55,9 +48,7 @@ pub(crate) async fn tap(
             None,
         );
     }
-    let stage = q.stage.unwrap_or_else(|| "output".into());
-    let limit = q.limit.unwrap_or(10).clamp(1, MAX_LIMIT);
-    let timeout = Duration::from_millis(q.timeout_ms.unwrap_or(60_000));
+    let (stage, limit, timeout) = (q.stage(), q.limit(), q.wait());
     let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new())
         .build(etlmesh_tls::connector(Duration::from_secs(2), false));
     let (tx, rx) = mpsc::channel::<Bytes>(64);
@@ -67,7 +58,7 @@ pub(crate) async fn tap(
             "{}/v1/tap/{}?stage={}&limit={limit}&timeout_ms={}",
             address.trim_end_matches('/'),
             encode_component(&pipeline),
-            encode_component(&stage),
+            encode_component(stage),
             timeout.as_millis()
         );
         tokio::spawn(relay(client.clone(), id, url, tx.clone()));

@@ -7,12 +7,14 @@
 //!   NDJSON [`EndpointEvent`]s (a snapshot, then changes; no polling);
 //! - gateway → worker: `POST /v1/transform/{pipeline}` with the request's bytes, and
 //!   the [`headers`] below;
+//! - anyone → worker or control plane: a tap's query ([`tap::TapQuery`]);
 //! - every error: an [`ErrorBody`].
 
 use serde::{Deserialize, Serialize};
 
 pub mod energy;
 pub mod jobs;
+pub mod tap;
 
 /// What happens to a record, in the order of the `etlmesh-records-*` headers and of
 /// the per-pipeline record counters of gateway and workers.

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DnType,
@@ -325,11 +325,7 @@ impl Authority {
     /// until aborted.
     pub async fn renew_local_forever(self: Arc<Self>, identity: Arc<Identity>) {
         loop {
-            let wait = identity
-                .renew_at()
-                .duration_since(SystemTime::now())
-                .unwrap_or_default();
-            tokio::time::sleep(wait).await;
+            tokio::time::sleep(identity.until_renewal()).await;
             match self.renew_local(&identity) {
                 Ok(()) => tracing::info!(name = identity.name(), "mesh certificate renewed"),
                 Err(e) => {

@@ -56,6 +56,15 @@ impl tower::Service<http::Uri> for MeshConnector {
 pub struct JoinRequest {
     /// The token's secret, hex.
     pub token: String,
+    /// The certificate asked for.
+    #[serde(flatten)]
+    pub certificate: CertificateRequest,
+}
+
+/// A certificate asked for: the body of `POST /v1/mesh/renew` (over mTLS, with the
+/// current certificate), and of a join with its token.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct CertificateRequest {
     /// The requester's name (a worker's id).
     pub name: String,
     /// What it is.
@@ -64,20 +73,6 @@ pub struct JoinRequest {
     #[serde(default)]
     pub hosts: Vec<String>,
     /// A PKCS#10 signing request (PEM) for the key the requester keeps.
-    pub csr: String,
-}
-
-/// Asks for a new certificate with the current one (`POST /v1/mesh/renew`, over mTLS).
-#[derive(Debug, Serialize, Deserialize)]
-pub struct RenewRequest {
-    /// The requester's name.
-    pub name: String,
-    /// What it is.
-    pub role: Role,
-    /// Host names or addresses.
-    #[serde(default)]
-    pub hosts: Vec<String>,
-    /// A signing request (PEM) for a new key.
     pub csr: String,
 }
 
@@ -246,10 +241,12 @@ pub async fn join(
         .with_no_client_auth();
     let request = JoinRequest {
         token: token.secret_hex(),
-        name: name.to_string(),
-        role,
-        hosts: hosts.to_vec(),
-        csr,
+        certificate: CertificateRequest {
+            name: name.to_string(),
+            role,
+            hosts: hosts.to_vec(),
+            csr,
+        },
     };
     let until = tokio::time::Instant::now() + patience;
     let mut backoff = Duration::from_millis(100);
@@ -296,7 +293,7 @@ pub async fn join(
 
 async fn renew_once(identity: &Arc<Identity>, base: &str) -> Result<u64, TlsError> {
     let (key, csr) = key_and_request()?;
-    let request = RenewRequest {
+    let request = CertificateRequest {
         name: identity.name().to_string(),
         role: identity.role(),
         hosts: identity.hosts().to_vec(),
@@ -335,11 +332,7 @@ pub async fn renew_forever(identity: Arc<Identity>, control_plane: String) {
         }
     };
     loop {
-        let wait = identity
-            .renew_at()
-            .duration_since(SystemTime::now())
-            .unwrap_or_default();
-        tokio::time::sleep(wait).await;
+        tokio::time::sleep(identity.until_renewal()).await;
         match renew_once(&identity, &base).await {
             Ok(until) => {
                 tracing::info!(name = identity.name(), until, "mesh certificate renewed")

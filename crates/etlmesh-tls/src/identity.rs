@@ -144,6 +144,13 @@ impl Identity {
         c.issued + life.mul_f64(0.7)
     }
 
+    /// The time left before [`Self::renew_at`] (zero when it has passed).
+    pub fn until_renewal(&self) -> Duration {
+        self.renew_at()
+            .duration_since(SystemTime::now())
+            .unwrap_or_default()
+    }
+
     /// The trust anchor (DER).
     pub fn anchor(&self) -> &CertificateDer<'static> {
         &self.anchor

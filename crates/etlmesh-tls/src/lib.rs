@@ -30,8 +30,8 @@ use std::sync::{Arc, OnceLock};
 
 pub use authority::{Authority, AuthorityFiles, Issued, Role};
 pub use client::{
-    JoinRequest, JoinResponse, MeshConnector, RenewRequest, connector, connector_trusting, join,
-    renew_forever,
+    CertificateRequest, JoinRequest, JoinResponse, MeshConnector, connector, connector_trusting,
+    join, renew_forever,
 };
 pub use identity::{ClientAuth, Identity};
 pub use token::JoinToken;

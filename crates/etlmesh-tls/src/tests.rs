@@ -1,7 +1,7 @@
 //! The authority, identities and handshakes, in memory.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -147,10 +147,7 @@ async fn a_renewed_certificate_is_used_by_the_next_handshake() {
     let gateway = mesh
         .local_identity("gw", Role::Gateway, &[])
         .expect("gateway");
-    let renew_in = worker
-        .renew_at()
-        .duration_since(SystemTime::now())
-        .unwrap_or_default();
+    let renew_in = worker.until_renewal();
     assert!(
         renew_in > Duration::from_secs(6) && renew_in <= Duration::from_secs(7),
         "renewal at 70 % of 10 s: in {renew_in:?}"

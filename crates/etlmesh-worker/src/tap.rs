@@ -6,37 +6,27 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::response::Response;
 use bytes::Bytes;
 use etlmesh_http::error_response;
+use etlmesh_proto::tap::TapQuery;
 use etlmesh_sink::tap::TapStage;
 use http::{HeaderValue, StatusCode, header};
 
 use crate::App;
 
-const MAX_LIMIT: usize = 10_000;
-const MAX_WAIT: Duration = Duration::from_secs(600);
-
-#[derive(Debug, serde::Deserialize)]
-pub(crate) struct TapParams {
-    stage: Option<String>,
-    limit: Option<usize>,
-    timeout_ms: Option<u64>,
-}
-
 pub(crate) async fn tap(
     State(app): State<Arc<App>>,
     Path(pipeline): Path<String>,
-    Query(q): Query<TapParams>,
+    Query(q): Query<TapQuery>,
 ) -> Response {
     if app.pipelines.get(&pipeline).is_none() {
         return crate::handler::unknown_pipeline(&app, &pipeline, None);
     }
-    let stage_name = q.stage.as_deref().unwrap_or("output");
+    let stage_name = q.stage();
     let Some(stage) = TapStage::parse(stage_name) else {
         return error_response(
             StatusCode::BAD_REQUEST,
@@ -45,11 +35,7 @@ pub(crate) async fn tap(
             None,
         );
     };
-    let limit = q.limit.unwrap_or(10).clamp(1, MAX_LIMIT);
-    let wait = q
-        .timeout_ms
-        .map_or(Duration::from_secs(60), Duration::from_millis)
-        .min(MAX_WAIT);
+    let (limit, wait) = (q.limit(), q.wait());
     let rx = app.taps.open(&pipeline, stage, limit);
     let prefix = format!(
         "{{\"worker\":{},\"pipeline\":{},\"stage\":\"{}\",\"record\":",

@@ -181,19 +181,14 @@ fn tokens_rates_cors_and_tls_guard_the_gateway() {
         "  other:\n    schema: { a: int64 }\n    transform: SELECT a FROM input\n    sinks: [ { type: stdout, format: ndjson } ]\n  clean:\n",
     );
     s.write("mesh.yaml", &yaml);
-    let up = Proc::start(
+    let up = Proc::up(
         s.dir.path(),
         &[
-            "up",
             "-c",
             "mesh.yaml",
             "--workers",
             "1",
-            "--http",
-            "127.0.0.1:0",
             "--flight",
-            "127.0.0.1:0",
-            "--admin",
             "127.0.0.1:0",
             "--state-dir",
             "state",

@@ -22,22 +22,7 @@ async fn a_worker_killed_under_load_fails_no_request_and_is_replaced() {
     let _serial = SERIAL.lock().await;
     let scratch = Scratch::new();
     scratch.write("mesh.yaml", MESH_YAML);
-    let up = Proc::start(
-        scratch.dir.path(),
-        &[
-            "up",
-            "-c",
-            "mesh.yaml",
-            "--workers",
-            "3",
-            "--http",
-            "127.0.0.1:0",
-            "--flight",
-            "off",
-            "--admin",
-            "127.0.0.1:0",
-        ],
-    );
+    let up = Proc::up(scratch.dir.path(), &["-c", "mesh.yaml", "--workers", "3"]);
     let gw = up.url("gateway");
     let admin = up.url("control plane");
     let http = Http::new();

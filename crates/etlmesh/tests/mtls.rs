@@ -149,23 +149,9 @@ async fn only_members_with_certificates_of_the_control_plane_register_and_serve(
         "mesh.yaml",
         MESH_YAML.replacen("platform:\n", &format!("platform:\n{LIFETIME_YAML}"), 1),
     );
-    let up = Proc::start(
+    let up = Proc::up(
         dir,
-        &[
-            "up",
-            "-c",
-            "mesh.yaml",
-            "--workers",
-            "1",
-            "--http",
-            "127.0.0.1:0",
-            "--flight",
-            "off",
-            "--admin",
-            "127.0.0.1:0",
-            "--state-dir",
-            "st",
-        ],
+        &["-c", "mesh.yaml", "--workers", "1", "--state-dir", "st"],
     );
     let gw = up.url("gateway");
     let admin = up.url("control plane");
@@ -406,20 +392,13 @@ async fn only_members_with_certificates_of_the_control_plane_register_and_serve(
 async fn insecure_says_so_and_speaks_plain_http() {
     let scratch = Scratch::new();
     scratch.write("mesh.yaml", MESH_YAML);
-    let up = Proc::start(
+    let up = Proc::up(
         scratch.dir.path(),
         &[
-            "up",
             "-c",
             "mesh.yaml",
             "--workers",
             "1",
-            "--http",
-            "127.0.0.1:0",
-            "--flight",
-            "off",
-            "--admin",
-            "127.0.0.1:0",
             "--state-dir",
             "st",
             "--insecure",

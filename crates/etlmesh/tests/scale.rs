@@ -30,19 +30,9 @@ fn mesh_file(policy: Option<&str>) -> Scratch {
 }
 
 fn up(scratch: &Scratch, extra: &[&str]) -> (Proc, String, String) {
-    let mut args = vec![
-        "up",
-        "-c",
-        "mesh.yaml",
-        "--http",
-        "127.0.0.1:0",
-        "--flight",
-        "off",
-        "--admin",
-        "127.0.0.1:0",
-    ];
+    let mut args = vec!["-c", "mesh.yaml"];
     args.extend_from_slice(extra);
-    let p = Proc::start(scratch.dir.path(), &args);
+    let p = Proc::up(scratch.dir.path(), &args);
     let (gw, admin) = (p.url("gateway"), p.url("control plane"));
     (p, gw, admin)
 }
@@ -272,19 +262,7 @@ async fn a_load_step_scales_up_at_once_and_down_only_after_the_window() {
 async fn up_demo_answers_and_wakes_its_idle_pipeline_on_demand() {
     let _serial = SERIAL.lock().await;
     let scratch = Scratch::new();
-    let p = Proc::start(
-        scratch.dir.path(),
-        &[
-            "up",
-            "--demo",
-            "--http",
-            "127.0.0.1:0",
-            "--flight",
-            "off",
-            "--admin",
-            "127.0.0.1:0",
-        ],
-    );
+    let p = Proc::up(scratch.dir.path(), &["--demo"]);
     let (gw, admin) = (p.url("gateway"), p.url("control plane"));
     let http = Http::new();
     let sample = bytes::Bytes::from(

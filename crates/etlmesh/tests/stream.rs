@@ -182,22 +182,7 @@ async fn a_hundred_thousand_messages_through_two_workers_survive_a_kill_9() {
         .await
         .expect("drop");
     scratch.write("s.yaml", stream_yaml(&prefix, pg::MACHINE_URL, &table, ""));
-    let up = Proc::start(
-        scratch.dir.path(),
-        &[
-            "up",
-            "-c",
-            "s.yaml",
-            "--workers",
-            "2",
-            "--http",
-            "127.0.0.1:0",
-            "--flight",
-            "off",
-            "--admin",
-            "127.0.0.1:0",
-        ],
-    );
+    let up = Proc::up(scratch.dir.path(), &["-c", "s.yaml", "--workers", "2"]);
     let admin = up.url("control plane");
     let http = Http::new();
     // Both workers subscribed before the first message.

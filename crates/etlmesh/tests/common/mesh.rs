@@ -32,6 +32,17 @@ impl Proc {
         Self::start_env(dir, args, &[])
     }
 
+    /// Starts `etlmesh up` in `dir` with its HTTP and admin listeners on free ports,
+    /// Arrow Flight off unless `args` asks for it, then `args`.
+    pub fn up(dir: &Path, args: &[&str]) -> Self {
+        let mut all = vec!["up", "--http", "127.0.0.1:0", "--admin", "127.0.0.1:0"];
+        if !args.contains(&"--flight") {
+            all.extend(["--flight", "off"]);
+        }
+        all.extend_from_slice(args);
+        Self::start(dir, &all)
+    }
+
     /// Starts `etlmesh ARGS` in `dir` with `env` set.
     pub fn start_env(dir: &Path, args: &[&str], env: &[(String, String)]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_etlmesh"))
