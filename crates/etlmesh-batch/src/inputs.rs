@@ -105,6 +105,42 @@ pub fn resolve(spec: &PipelineSpec, given: &[String]) -> Result<Vec<Input>, JobE
     Ok(inputs)
 }
 
+/// Checks that every input is a file under one of `dirs` once symbolic links are
+/// resolved (standard input is refused): the inputs of a job submitted through the
+/// gateway may be read only where its pipeline allows. No check when `dirs` is empty.
+pub fn check_under(inputs: &[Input], dirs: &[PathBuf]) -> Result<(), JobError> {
+    if dirs.is_empty() {
+        return Ok(());
+    }
+    let allowed: Vec<PathBuf> = dirs
+        .iter()
+        .filter_map(|d| std::fs::canonicalize(d).ok())
+        .collect();
+    let shown = || {
+        dirs.iter()
+            .map(|d| d.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    for i in inputs {
+        let Input::File { path, .. } = i else {
+            return Err(JobError::Input(
+                "standard input cannot be read by a job".into(),
+            ));
+        };
+        let real = std::fs::canonicalize(path)
+            .map_err(|e| JobError::Input(format!("{}: {e}", path.display())))?;
+        if !allowed.iter().any(|a| real.starts_with(a)) {
+            return Err(JobError::Input(format!(
+                "{} is not under the directories this job may read ({})\n  help: move the input there, or add its directory to the pipeline's `jobs.inputs`",
+                path.display(),
+                shown()
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// A path, a directory (its files, sorted, hidden ones left out) or a pattern.
 fn expand(p: &str) -> Result<Vec<PathBuf>, JobError> {
     let path = Path::new(p);
@@ -200,5 +236,41 @@ mod tests {
                 .len(),
             3
         );
+    }
+
+    #[test]
+    fn inputs_must_resolve_under_the_allowed_directories() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let ok_dir = dir.path().join("in");
+        std::fs::create_dir_all(&ok_dir).expect("mkdir");
+        std::fs::write(ok_dir.join("a.csv"), "x\n1\n").expect("write");
+        std::fs::write(dir.path().join("secret.csv"), "x\n1\n").expect("write");
+        std::os::unix::fs::symlink(dir.path().join("secret.csv"), ok_dir.join("link.csv"))
+            .expect("symlink");
+        let file = |p: PathBuf| Input::File {
+            path: p,
+            format: Format::Csv,
+            size: 4,
+        };
+        let allowed = vec![ok_dir.clone()];
+        assert!(check_under(&[file(ok_dir.join("a.csv"))], &allowed).is_ok());
+        for bad in [
+            dir.path().join("secret.csv"),
+            ok_dir.join("link.csv"),
+            ok_dir.join("../secret.csv"),
+        ] {
+            let e = check_under(&[file(bad.clone())], &allowed).expect_err("refused");
+            assert!(e.to_string().contains("not under"), "{bad:?}: {e}");
+        }
+        assert!(
+            check_under(
+                &[Input::Stdin {
+                    format: Format::Csv
+                }],
+                &allowed
+            )
+            .is_err()
+        );
+        assert!(check_under(&[file(dir.path().join("secret.csv"))], &[]).is_ok());
     }
 }

@@ -70,6 +70,8 @@ pub struct JobOptions {
     pub inputs: Vec<String>,
     /// Progress display.
     pub progress: ProgressMode,
+    /// When not empty, every input must be a file under one of these directories.
+    pub inputs_under: Vec<std::path::PathBuf>,
 }
 
 /// Runs pipeline `name` of `file` as a batch job.
@@ -84,6 +86,7 @@ pub async fn run(file: &PipelineFile, name: &str, opts: &JobOptions) -> Result<S
     };
     let read_chunk = platform.read_chunk as usize;
     let inputs = inputs::resolve(&spec, &opts.inputs)?;
+    inputs::check_under(&inputs, &opts.inputs_under)?;
 
     let (schema, prefetched) = match &spec.schema {
         Some(fields) => (etlmesh_codec::schema::arrow_schema(fields), None),

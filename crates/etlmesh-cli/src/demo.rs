@@ -116,6 +116,7 @@ pub(crate) fn demo(args: &DemoArgs) -> Result<(), CliError> {
         let opts = JobOptions {
             inputs: vec![readings.display().to_string()],
             progress: ProgressMode::Auto,
+            inputs_under: Vec::new(),
         };
         let summary = rt.block_on(etlmesh_batch::run(&file, &p.name, &opts))?;
         eprintln!("{summary}");

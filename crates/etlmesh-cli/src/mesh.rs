@@ -13,6 +13,22 @@ use crate::{CliError, runtime};
 
 /// Completes on SIGTERM or SIGINT (Ctrl-C).
 pub(crate) async fn shutdown_signal() {
+    stop_signal().await;
+}
+
+/// Which signal asked a process to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Stop {
+    /// SIGTERM: a scale-down or an orchestrator moving the process; a worker leaves
+    /// its pool for good.
+    Terminate,
+    /// SIGINT (Ctrl-C; the process scaler stopping the whole mesh): the process will
+    /// be back; a worker keeps its stream subscriptions.
+    Interrupt,
+}
+
+/// Completes on SIGTERM or SIGINT, saying which.
+pub(crate) async fn stop_signal() -> Stop {
     use tokio::signal::unix::{SignalKind, signal};
     let term = async {
         match signal(SignalKind::terminate()) {
@@ -23,8 +39,14 @@ pub(crate) async fn shutdown_signal() {
         }
     };
     tokio::select! {
-        _ = term => tracing::info!("SIGTERM received"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("interrupt received"),
+        _ = term => {
+            tracing::info!("SIGTERM received");
+            Stop::Terminate
+        }
+        _ = tokio::signal::ctrl_c() => {
+            tracing::info!("interrupt received");
+            Stop::Interrupt
+        }
     }
 }
 
@@ -61,9 +83,13 @@ pub struct WorkerArgs {
     pub control_plane: Option<String>,
     #[command(flatten)]
     pub join: JoinArg,
-    /// The worker's id (default: worker-<pid>).
+    /// The worker's id (default: worker-<pid>). A stream's broker session is named after
+    /// it: give a stream worker a stable id so that a restart finds its session.
     #[arg(long)]
     pub id: Option<String>,
+    /// Where streams keep their state between runs (sessions, window watermarks).
+    #[arg(long, env = "ETLMESH_STATE_DIR", default_value = ".etlmesh")]
+    pub state_dir: PathBuf,
     /// The address gateways use (default: from --listen).
     #[arg(long)]
     pub advertise: Option<String>,
@@ -155,9 +181,13 @@ pub(crate) fn worker(args: &WorkerArgs) -> Result<(), CliError> {
         .threads
         .unwrap_or_else(|| file.spec.platform.effective_threads());
     let rt = runtime(threads)?;
-    let stop = async {
+    opts.state_dir = Some(args.state_dir.clone());
+    let leave = opts.leave_on_stop.clone();
+    let stop = async move {
         tokio::select! {
-            () = shutdown_signal() => {}
+            stop = stop_signal() => {
+                leave.store(stop == Stop::Terminate, std::sync::atomic::Ordering::Release);
+            }
             () = etlmesh_scale::process::supervisor_gone() => {}
         }
     };
@@ -282,11 +312,12 @@ pub(crate) fn control_plane(args: &ControlArgs) -> Result<(), CliError> {
                 format!("http://{}", bound.addr)
             }
         };
-        let env = bound
-            .authority
-            .as_ref()
-            .map(|a| vec![("ETLMESH_JOIN_TOKEN".to_string(), a.token().to_string())])
-            .unwrap_or_default();
+        let mut env = Vec::new();
+        let join_token = etlmesh_control::worker_join_tokens(bound.authority.clone());
+        env.push((
+            "ETLMESH_STATE_DIR".to_string(),
+            args.state.state_dir.display().to_string(),
+        ));
         let mut autoscale = None;
         if let Some((path, pools)) = scaled {
             let scaler: Arc<dyn etlmesh_scale::Scaler> = match args.scaler {
@@ -296,6 +327,7 @@ pub(crate) fn control_plane(args: &ControlArgs) -> Result<(), CliError> {
                     control_plane: members_url.clone(),
                     extra: Vec::new(),
                     env: env.clone(),
+                    join_token: join_token.clone(),
                 })),
                 ScalerKind::Kubernetes => Arc::new(
                     KubernetesScaler::connect(KubernetesOptions {

@@ -39,6 +39,10 @@ pub struct RunArgs {
     /// Threads (default: the file's `platform.threads`, else one per core).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Read inputs only under this directory (repeatable; symbolic links resolved):
+    /// how the control plane runs jobs submitted through the gateway.
+    #[arg(long, value_name = "DIR")]
+    pub inputs_under: Vec<PathBuf>,
 }
 
 pub(crate) fn run(args: &RunArgs) -> Result<(), CliError> {
@@ -53,6 +57,7 @@ pub(crate) fn run(args: &RunArgs) -> Result<(), CliError> {
             Progress::Log => ProgressMode::Log,
             Progress::Off => ProgressMode::Off,
         },
+        inputs_under: args.inputs_under.clone(),
     };
     let rt = runtime(file.spec.platform.effective_threads())?;
     let summary = match rt.block_on(etlmesh_batch::run(&file, &args.pipeline, &opts)) {

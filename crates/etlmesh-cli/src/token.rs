@@ -1,5 +1,7 @@
 //! `etlmesh token new NAME`: a new API token for the gateway, and the entry of
 //! `platform.access.tokens` that lets it in (its SHA-256, never the token itself).
+//! `etlmesh token join`: a join token for the mesh with an expiry and a number of uses;
+//! `etlmesh token revoke SERIAL`: a mesh certificate no process of the mesh accepts.
 
 use ring::rand::SecureRandom;
 
@@ -31,6 +33,35 @@ pub enum TokenCommand {
         /// It may not submit or see batch jobs.
         #[arg(long)]
         no_jobs: bool,
+    },
+    /// Mint a join token for the mesh: it expires, and allows so many joins. Written to
+    /// the control plane's state directory, which it reads at each join.
+    Join {
+        /// What it is for (in the control plane's log when it is used).
+        #[arg(long, default_value = "minted")]
+        name: String,
+        /// How long it is accepted.
+        #[arg(long, default_value = "1h", value_parser = crate::mesh::duration)]
+        ttl: std::time::Duration,
+        /// Joins it allows (0: any number until it expires).
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
+        /// The control plane's state directory.
+        #[arg(long, env = "ETLMESH_STATE_DIR", default_value = ".etlmesh")]
+        state_dir: std::path::PathBuf,
+        /// The trust anchor, when the pipeline file gives one (`platform.mesh.ca.cert`).
+        #[arg(long)]
+        ca: Option<std::path::PathBuf>,
+    },
+    /// Revoke a mesh certificate by its serial number (hex, as the control plane logs it
+    /// when it issues one): the control plane refuses it within a second, workers and
+    /// gateways with their next heartbeat or report, and it cannot be renewed.
+    Revoke {
+        /// The serial number.
+        serial: String,
+        /// The control plane's state directory.
+        #[arg(long, env = "ETLMESH_STATE_DIR", default_value = ".etlmesh")]
+        state_dir: std::path::PathBuf,
     },
 }
 
@@ -103,6 +134,41 @@ pub(crate) fn token(args: &TokenArgs) -> Result<(), CliError> {
                 "{}",
                 entry(name, &token, pipelines, *rate, !no_query, !no_jobs)
             );
+            Ok(())
+        }
+        TokenCommand::Join {
+            name,
+            ttl,
+            uses,
+            state_dir,
+            ca,
+        } => {
+            let dir = state_dir.join("mesh");
+            let token = etlmesh_tls::Authority::mint_in(
+                &dir,
+                ca.as_deref(),
+                name,
+                *ttl,
+                (*uses > 0).then_some(*uses),
+            )
+            .map_err(|e| CliError::Other(e.to_string()))?;
+            println!("{token}");
+            eprintln!(
+                "join token `{name}`: {} for {}s (give it as ETLMESH_JOIN_TOKEN; the control plane keeps only its digest)",
+                if *uses > 0 {
+                    format!("{uses} join(s)")
+                } else {
+                    "any number of joins".to_string()
+                },
+                ttl.as_secs()
+            );
+            Ok(())
+        }
+        TokenCommand::Revoke { serial, state_dir } => {
+            etlmesh_tls::grants::Revocations::in_dir(&state_dir.join("mesh"))
+                .revoke(serial)
+                .map_err(|e| CliError::Other(e.to_string()))?;
+            eprintln!("certificate {serial} revoked");
             Ok(())
         }
     }

@@ -87,6 +87,9 @@ pub(crate) fn validate(args: &ValidateArgs) -> Result<(), CliError> {
                     etlmesh_codec::schema::describe(&schema),
                     etlmesh_codec::schema::describe(t.output_schema())
                 );
+                if let Some(m) = p.mqtt() {
+                    println!("{}", broker_note(m, p.scaling.max_replicas));
+                }
             }
             Err(e) => diags.push(sql_diag::plan_diagnostic(&file, &p.name, &e)),
         }
@@ -97,6 +100,27 @@ pub(crate) fn validate(args: &ValidateArgs) -> Result<(), CliError> {
     } else {
         Err(CliError::Config(file.located(diags)))
     }
+}
+
+/// What a stream needs of its MQTT broker to lose nothing, printed under the pipeline.
+fn broker_note(m: &etlmesh_config::MqttSourceSpec, max_replicas: u32) -> String {
+    let sub = if max_replicas == 1 {
+        format!(
+            "subscribes to `{}` (one worker: a plain persistent subscription, kept across a broker restart)",
+            m.filter
+        )
+    } else {
+        format!(
+            "subscribes to `{}` (shared by up to {max_replicas} workers; Mosquitto forgets shared subscriptions when it restarts)",
+            m.shared_filter()
+        )
+    };
+    let queued = if m.broker_keeps_queued {
+        "the broker is said to keep every queued message (`broker_keeps_queued: true`)".to_string()
+    } else {
+        "the broker must keep what it queues for a worker, or a sink that is down or a worker that dies can lose messages: Mosquitto drops past `max_queued_messages` (1,000 by default; set 0), then say `broker_keeps_queued: true`".to_string()
+    };
+    format!("  stream: {sub}\n  note: {queued}")
 }
 
 /// A schema inferred from the source's first file, when it names one that exists.

@@ -33,12 +33,19 @@ pub struct Chunk {
 pub enum Framing {
     /// One record per line.
     Lines,
-    /// CSV: newlines inside quotes belong to the field.
+    /// CSV: a quote opens at a field's start; newlines inside quotes belong to the
+    /// field where the quote closes as a field ends (see `newlines`).
     Csv {
         /// The quote character.
         quote: u8,
         /// The escape character inside quotes, if any.
         escape: Option<u8>,
+        /// The field delimiter.
+        delimiter: u8,
+        /// Newlines inside quotes: `None` where the quote closes (followed by the
+        /// delimiter or a line end) before `max_record_bytes`, else the quote's line
+        /// is a record of its own (a bad one); `Some(true)` always; `Some(false)` never.
+        newlines: Option<bool>,
     },
     /// A JSON array of records.
     JsonArray,
@@ -49,6 +56,9 @@ pub enum Framing {
 struct ScanState {
     in_quote: bool,
     escaped: bool,
+    /// CSV: the first newline inside the open quote, and the lines scanned up to and
+    /// including it; where the record ends if the quote turns out not to close.
+    quote_newline: Option<(usize, u64)>,
     // JSON arrays
     started: bool,
     ended: bool,
@@ -153,10 +163,20 @@ impl<R: Read> Chunker<R> {
             }
             // `buf` holds one incomplete record, or nothing.
             if self.buf.len() > self.max_record {
-                self.skip_oversized()?;
+                // A quote still open past the limit did not close: its first line is
+                // the record, and what follows is read again.
+                if self.break_quote() {
+                    self.scan()?;
+                } else {
+                    self.skip_oversized()?;
+                }
                 continue;
             }
             if self.eof {
+                if self.break_quote() {
+                    self.scan()?;
+                    continue;
+                }
                 return self.finish_input();
             }
             self.fill()?;
@@ -182,14 +202,21 @@ impl<R: Read> Chunker<R> {
         let rest = self.buf.split_off(at);
         let data = std::mem::replace(&mut self.buf, rest);
         let first_line = self.line;
-        self.line += self.lines_at_boundary;
-        self.lines_scanned -= self.lines_at_boundary;
+        let lines = self.lines_at_boundary;
+        self.line += lines;
+        self.lines_scanned -= lines;
         self.lines_at_boundary = 0;
         self.scanned -= at;
         self.boundary = 0;
         if self.state.in_elem {
             self.state.elem_start -= at;
         }
+        // A quote open past the cut (the end of the input) is over.
+        self.state.quote_newline = self
+            .state
+            .quote_newline
+            .filter(|(nl, _)| *nl >= at)
+            .map(|(nl, l)| (nl - at, l.saturating_sub(lines)));
         let spans =
             matches!(self.framing, Framing::JsonArray).then(|| std::mem::take(&mut self.spans));
         Chunk {
@@ -270,54 +297,122 @@ impl<R: Read> Chunker<R> {
                 }
                 self.scanned = self.buf.len();
             }
-            Framing::Csv { quote, escape } => self.scan_csv(quote, escape),
+            Framing::Csv {
+                quote,
+                escape,
+                delimiter,
+                newlines,
+            } => self.scan_csv(quote, escape, delimiter, newlines),
             Framing::JsonArray => self.scan_json()?,
         }
         Ok(())
     }
 
-    fn scan_csv(&mut self, quote: u8, escape: Option<u8>) {
-        let buf = &self.buf;
+    fn scan_csv(&mut self, quote: u8, escape: Option<u8>, delimiter: u8, newlines: Option<bool>) {
         let mut i = self.scanned;
-        let st = &mut self.state;
-        while i < buf.len() {
-            if st.escaped {
-                st.escaped = false;
+        while i < self.buf.len() {
+            if self.state.escaped {
+                self.state.escaped = false;
                 i += 1;
                 continue;
             }
-            let next = if st.in_quote {
-                match escape {
-                    Some(e) => memchr::memchr3(quote, e, b'\n', &buf[i..]),
-                    None => memchr::memchr2(quote, b'\n', &buf[i..]),
-                }
-            } else {
-                memchr::memchr2(quote, b'\n', &buf[i..])
+            let rest = &self.buf[i..];
+            let next = match escape {
+                Some(e) if self.state.in_quote => memchr::memchr3(quote, e, b'\n', rest),
+                _ => memchr::memchr2(quote, b'\n', rest),
             };
             let Some(off) = next else {
-                i = buf.len();
+                i = self.buf.len();
                 break;
             };
             i += off;
-            let c = buf[i];
+            let c = self.buf[i];
             if c == b'\n' {
                 self.lines_scanned += 1;
-                if !st.in_quote {
+                if !self.state.in_quote {
                     self.boundary = i + 1;
                     self.lines_at_boundary = self.lines_scanned;
                     if self.stop_at_first {
                         self.scanned = i + 1;
                         return;
                     }
+                } else if self.state.quote_newline.is_none() {
+                    self.state.quote_newline = Some((i, self.lines_scanned));
+                    if newlines == Some(false) && self.break_quote() {
+                        i = self.scanned;
+                        if self.stop_at_first {
+                            return;
+                        }
+                        continue;
+                    }
                 }
-            } else if st.in_quote && Some(c) == escape && c != quote {
-                st.escaped = true;
+            } else if self.state.in_quote && Some(c) == escape && c != quote {
+                self.state.escaped = true;
+            } else if !self.state.in_quote {
+                // A quote opens only at the start of a field, as csv-core reads it;
+                // elsewhere it is a character of the field.
+                if i == 0
+                    || matches!(self.buf[i - 1], b'\n' | b'\r')
+                    || self.buf[i - 1] == delimiter
+                {
+                    self.state.in_quote = true;
+                    self.state.quote_newline = None;
+                }
             } else {
-                st.in_quote = !st.in_quote;
+                // A doubled quote, or the quote that closes the field.
+                let Some(&after) = self.buf.get(i + 1) else {
+                    if !self.eof {
+                        // Decide once the next byte is read.
+                        self.scanned = i;
+                        return;
+                    }
+                    self.state.in_quote = false;
+                    self.state.quote_newline = None;
+                    i += 1;
+                    continue;
+                };
+                if after == quote {
+                    i += 2;
+                    continue;
+                }
+                let closes_field = matches!(after, b'\n' | b'\r') || after == delimiter;
+                if !closes_field && newlines.is_none() && self.break_quote() {
+                    // The quote spanned lines and did not close where a field ends:
+                    // it never closed. Its first line is a (bad) record of its own.
+                    i = self.scanned;
+                    if self.stop_at_first {
+                        return;
+                    }
+                    continue;
+                }
+                self.state.in_quote = false;
+                self.state.quote_newline = None;
             }
             i += 1;
         }
         self.scanned = i;
+    }
+
+    /// Ends the record at the first newline of a quote that spans lines and does not
+    /// close (CSV): the quote's line becomes a record of its own, and scanning goes on
+    /// after it. False when no quote spanning lines is open.
+    fn break_quote(&mut self) -> bool {
+        let Framing::Csv { newlines, .. } = self.framing else {
+            return false;
+        };
+        if !self.state.in_quote || newlines == Some(true) {
+            return false;
+        }
+        let Some((nl, lines)) = self.state.quote_newline.take() else {
+            return false;
+        };
+        self.state.in_quote = false;
+        self.state.escaped = false;
+        self.lines_scanned = lines;
+        self.boundary = nl + 1;
+        self.lines_at_boundary = lines;
+        self.scanned = nl + 1;
+        true
     }
 
     fn scan_json(&mut self) -> Result<(), CodecError> {

@@ -146,6 +146,12 @@ impl<'a> Records<'a> {
         }
     }
 
+    /// Reads on from `pos` (the start of a record).
+    fn restart(&mut self, pos: usize) {
+        self.pos = pos;
+        self.reader.reset();
+    }
+
     /// The fields of the last record, unquoted.
     fn fields(&self) -> impl Iterator<Item = &[u8]> {
         let ends = &self.ends[..self.fields];
@@ -307,6 +313,29 @@ fn quoted_path(
         if start == rec_end {
             continue;
         }
+        if let Some(nl) = memchr::memchr(b'\n', &data[start..rec_end])
+            && !quoted_newlines_allowed(&data[start..rec_end], ctx.opts)
+        {
+            // A quote spanning lines that does not close as a field ends never closed:
+            // its line alone is the record, and reading goes on after it.
+            let nl = start + nl;
+            let end = if nl > start && data[nl - 1] == b'\r' {
+                nl - 1
+            } else {
+                nl
+            };
+            asm.fail_row(
+                Stage::Decode,
+                None,
+                "unterminated quoted field: its quote does not close on this line (if values hold line breaks, set `newlines_in_values: true` on the source's csv)".into(),
+                start,
+                end,
+                line,
+            );
+            recs.restart(nl + 1);
+            line += 1;
+            continue;
+        }
         let lines_in_record = memchr::memchr_iter(b'\n', &data[start..pos]).count() as u64;
         if (rec_end - start) as u64 > limits.max_record_bytes {
             asm.reject(over_limit(chunk, start, rec_end, line, limits));
@@ -334,6 +363,45 @@ fn quoted_path(
         }
         line += lines_in_record.max(1);
     }
+}
+
+/// Whether a record that spans lines may: with `newlines_in_values` unset, when every
+/// quote opened at a field's start closes as a field ends (followed by the delimiter,
+/// a line end or the end); always with `true`; never with `false`.
+fn quoted_newlines_allowed(rec: &[u8], opts: &CsvOptions) -> bool {
+    match opts.newlines_in_values {
+        Some(allowed) => allowed,
+        None => quotes_close_at_field_ends(rec, opts),
+    }
+}
+
+fn quotes_close_at_field_ends(rec: &[u8], opts: &CsvOptions) -> bool {
+    let (quote, delim) = (opts.quote, opts.delimiter);
+    let mut in_quote = false;
+    let mut i = 0;
+    while i < rec.len() {
+        let c = rec[i];
+        if in_quote {
+            if Some(c) == opts.escape && c != quote {
+                i += 2;
+                continue;
+            }
+            if c == quote {
+                match rec.get(i + 1) {
+                    Some(&q) if q == quote => i += 1,
+                    None | Some(b'\n' | b'\r') => in_quote = false,
+                    Some(&d) if d == delim => in_quote = false,
+                    Some(_) => return false,
+                }
+            }
+        } else if c == quote
+            && (i == 0 || matches!(rec[i - 1], b'\n' | b'\r') || rec[i - 1] == delim)
+        {
+            in_quote = true;
+        }
+        i += 1;
+    }
+    !in_quote
 }
 
 fn unterminated_quote(rec: &[u8], quote: u8) -> bool {

@@ -141,6 +141,8 @@ pub fn framing(format: Format, csv: &CsvOptions) -> Option<Framing> {
         Format::Csv => Some(Framing::Csv {
             quote: csv.quote,
             escape: csv.escape,
+            delimiter: csv.delimiter,
+            newlines: csv.newlines_in_values,
         }),
         Format::Ndjson => Some(Framing::Lines),
         Format::Json => Some(Framing::JsonArray),

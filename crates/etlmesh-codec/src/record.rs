@@ -24,6 +24,11 @@ pub enum Stage {
     Limit,
     /// Its event-time window had closed (streams).
     Late,
+    /// Its event time is further ahead of the wall clock than `max_future` (streams):
+    /// kept out of the windows so that it cannot move the watermark.
+    Future,
+    /// A sink refused it (a constraint, a value the destination cannot hold).
+    Load,
 }
 
 impl Stage {
@@ -35,6 +40,8 @@ impl Stage {
             Stage::Transform => "transform",
             Stage::Limit => "limit",
             Stage::Late => "late",
+            Stage::Future => "future",
+            Stage::Load => "load",
         }
     }
 }

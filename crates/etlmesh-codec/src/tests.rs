@@ -237,3 +237,148 @@ fn a_panicking_reader_becomes_an_error_naming_its_input() {
     let s = e.to_string();
     assert!(s.contains("upload.arrow") && s.contains("Int256"), "{s}");
 }
+
+/// Decodes `body` as CSV with a declared two-column schema, through chunks of at
+/// least 4 KiB (a small read size, so that records cross reads).
+fn csv_through_chunks(body: &str, newlines: Option<bool>) -> (usize, Vec<Reject>) {
+    let csv = CsvOptions {
+        newlines_in_values: newlines,
+        ..CsvOptions::default()
+    };
+    let schema: SchemaRef = Arc::new(arrow::datatypes::Schema::new(vec![
+        arrow::datatypes::Field::new("id", arrow::datatypes::DataType::Utf8, false),
+        arrow::datatypes::Field::new("v", arrow::datatypes::DataType::Int64, true),
+    ]));
+    let mut ch = Chunker::new(
+        body.as_bytes(),
+        Arc::from("q.csv"),
+        framing(Format::Csv, &csv).expect("text"),
+        4096,
+        1 << 16,
+    );
+    let mut chunks = Vec::new();
+    while let Some(c) = ch.next_chunk().expect("read") {
+        chunks.push(c);
+    }
+    let dec = Decoder {
+        format: Format::Csv,
+        schema,
+        csv,
+        limits: limits(),
+    };
+    let layout = dec.layout(&mut chunks[0]).expect("layout");
+    let (mut rows, mut rejects) = (0, Vec::new());
+    for c in &chunks {
+        let out = dec.decode_text(c, &layout).expect("decode");
+        rows += out.rows();
+        rejects.extend(out.rejects);
+    }
+    (rows, rejects)
+}
+
+fn lines_with(bad: &[(usize, &str)], n: usize) -> String {
+    let mut text = String::from("id,v\n");
+    for i in 0..n {
+        match bad.iter().find(|(at, _)| *at == i) {
+            Some((_, line)) => text.push_str(line),
+            None => text.push_str(&format!("r{i},{i}")),
+        }
+        text.push('\n');
+    }
+    text
+}
+
+#[test]
+fn an_unterminated_quote_costs_its_own_line_only() {
+    // Line 5 (record 3) opens a quote that never closes; 2,000 good lines follow, so
+    // the rest of the input crosses many reads.
+    let body = lines_with(&[(3, "r3,\"oops,3")], 2000);
+    let (rows, rejects) = csv_through_chunks(&body, None);
+    assert_eq!(rows, 1999, "{rejects:?}");
+    assert_eq!(rejects.len(), 1);
+    assert_eq!(rejects[0].line, Some(5));
+    assert_eq!(&rejects[0].raw[..], b"r3,\"oops,3");
+    assert!(rejects[0].reason.contains("unterminated quoted field"));
+}
+
+#[test]
+fn two_bad_quotes_do_not_swallow_the_lines_between_them() {
+    // The second bad quote could pair with the first; it must not.
+    let body = lines_with(
+        &[(10, "r10,\"a,1"), (500, "\"r500,2"), (900, "r900,\"x\"y")],
+        1000,
+    );
+    let (rows, rejects) = csv_through_chunks(&body, None);
+    let lines: Vec<Option<u64>> = rejects.iter().map(|r| r.line).collect();
+    assert_eq!(lines, vec![Some(12), Some(502), Some(902)], "{rejects:?}");
+    assert_eq!(rows, 997);
+}
+
+#[test]
+fn quoted_newlines_that_close_stay_one_record_and_can_be_refused() {
+    let body = lines_with(
+        &[
+            (7, "\"two\nlines\",7"),
+            (8, "\"a \"\"quoted\"\"\nvalue\",8"),
+        ],
+        50,
+    );
+    let (rows, rejects) = csv_through_chunks(&body, None);
+    assert_eq!((rows, rejects.len()), (50, 0), "{rejects:?}");
+    let (rows, rejects) = csv_through_chunks(&body, Some(true));
+    assert_eq!((rows, rejects.len()), (50, 0), "{rejects:?}");
+    // Never: the line that opens the quote is a bad record of its own; the next line
+    // reads as a record (its quote is not at a field's start).
+    let (rows, rejects) = csv_through_chunks(&body, Some(false));
+    assert_eq!(rows, 50);
+    assert_eq!(
+        rejects.iter().map(|r| r.line).collect::<Vec<_>>(),
+        vec![Some(9), Some(11)],
+        "{rejects:?}"
+    );
+}
+
+#[test]
+fn with_newlines_in_values_an_open_quote_takes_what_follows() {
+    // The old reading, when the source asks for it: up to max_record_bytes.
+    let body = lines_with(&[(3, "r3,\"oops,3")], 100);
+    let (rows, rejects) = csv_through_chunks(&body, Some(true));
+    assert_eq!(rows, 3);
+    assert_eq!(rejects.len(), 1);
+}
+
+#[test]
+fn a_quote_inside_an_unquoted_field_is_a_character() {
+    let body = lines_with(&[(4, "r4 5\" screen,4")], 20);
+    let (rows, rejects) = csv_through_chunks(&body, None);
+    assert_eq!((rows, rejects.len()), (20, 0), "{rejects:?}");
+}
+
+#[test]
+fn a_bad_ndjson_line_is_one_dead_letter() {
+    let mut body = String::new();
+    for i in 0..500 {
+        if i == 40 {
+            body.push_str("{\"id\":\"r40\",\"v\":\"unterminated\n");
+        } else {
+            body.push_str(&format!("{{\"id\":\"r{i}\",\"v\":{i}}}\n"));
+        }
+    }
+    let schema: SchemaRef = Arc::new(arrow::datatypes::Schema::new(vec![
+        arrow::datatypes::Field::new("id", arrow::datatypes::DataType::Utf8, false),
+        arrow::datatypes::Field::new("v", arrow::datatypes::DataType::Int64, true),
+    ]));
+    let (_, out) = decode_body(
+        Bytes::from(body),
+        "req",
+        Format::Ndjson,
+        Some(&schema),
+        &CsvOptions::default(),
+        &limits(),
+        100,
+    )
+    .expect("decode");
+    assert_eq!(out.rows(), 499);
+    assert_eq!(out.rejects.len(), 1);
+    assert_eq!(out.rejects[0].line, Some(41));
+}

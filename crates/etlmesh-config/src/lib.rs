@@ -32,8 +32,8 @@ pub use query::QuerySpec;
 pub use raw::OnError;
 pub use scaling::ScalingSpec;
 pub use spec::{
-    Compression, CsvOptions, DeadLetterSpec, FileSinkSpec, PipelineSpec, Platform, SinkSpec,
-    SourceKind, SourceSpec, Spec,
+    Compression, CsvOptions, DeadLetterSpec, FileSinkSpec, JobsSpec, PipelineSpec, Platform,
+    SinkSpec, SourceKind, SourceSpec, Spec,
 };
 pub use stream::{
     MicroBatch, MqttProtocol, MqttSinkSpec, MqttSourceSpec, PostgresSinkSpec, Rolling, WindowSpec,

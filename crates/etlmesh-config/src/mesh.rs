@@ -16,6 +16,7 @@ use crate::units::Span;
 pub(crate) struct RawMesh {
     pub ca: Option<RawTls>,
     pub certificate_lifetime: Option<Span>,
+    pub host_suffixes: Option<Vec<String>>,
 }
 
 /// mTLS settings of the mesh.
@@ -26,6 +27,9 @@ pub struct MeshSpec {
     pub ca: Option<TlsSpec>,
     /// How long the certificates of workers and gateways live; renewed at 70 %.
     pub certificate_lifetime: Duration,
+    /// DNS names a member's certificate may carry end with one of these
+    /// (`svc.cluster.local`); IP addresses and `localhost` always may, wildcards never.
+    pub host_suffixes: Vec<String>,
 }
 
 impl Default for MeshSpec {
@@ -33,6 +37,7 @@ impl Default for MeshSpec {
         Self {
             ca: None,
             certificate_lifetime: Duration::from_secs(24 * 3600),
+            host_suffixes: Vec::new(),
         }
     }
 }
@@ -77,9 +82,23 @@ pub(crate) fn resolve_mesh(
             key: t.key,
         }
     });
+    let host_suffixes = r.host_suffixes.unwrap_or_default();
+    for (i, h) in host_suffixes.iter().enumerate() {
+        if h.contains('*') || h.trim_start_matches('.').is_empty() {
+            out.push(
+                Diagnostic::new(
+                    file,
+                    format!("platform.mesh.host_suffixes[{i}]"),
+                    format!("`{h}` is not a DNS suffix"),
+                )
+                .with_help("write a domain, for example svc.cluster.local; no wildcards"),
+            );
+        }
+    }
     MeshSpec {
         ca,
         certificate_lifetime: lifetime,
+        host_suffixes,
     }
 }
 

@@ -64,6 +64,7 @@ pub(crate) struct RawPipeline {
     pub scaling: Option<RawScaling>,
     pub dedup: Option<Vec<String>>,
     pub window: Option<RawWindow>,
+    pub jobs: Option<RawJobs>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -74,6 +75,7 @@ pub(crate) struct RawWindow {
     pub slide: Option<Span>,
     pub allowed_lateness: Option<Span>,
     pub idle_timeout: Option<Span>,
+    pub max_future: Option<Span>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -120,6 +122,8 @@ pub(crate) struct RawSource {
     pub session_expiry: Option<Span>,
     pub ca_file: Option<PathBuf>,
     pub batch: Option<RawMicroBatch>,
+    pub broker_keeps_queued: Option<bool>,
+    pub receive_maximum: Option<u16>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -130,6 +134,7 @@ pub(crate) struct RawCsv {
     pub quote: Option<String>,
     pub escape: Option<String>,
     pub null: Option<Vec<String>>,
+    pub newlines_in_values: Option<bool>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -185,6 +190,15 @@ pub(crate) struct RawDeadLetter {
     // one kind for now; the key is kept so that files stay forward-compatible
     pub kind: RawDeadLetterKind,
     pub path: PathBuf,
+    pub max_size: Option<ByteSize>,
+    pub max_files: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawJobs {
+    pub inputs: Option<Vec<PathBuf>>,
+    pub timeout: Option<Span>,
 }
 
 /// A schema field: `float64`, or `{ type: float64, nullable: false }`.

@@ -102,6 +102,8 @@ pub struct PipelineSpec {
     pub dedup: Vec<String>,
     /// Event-time windows (streams).
     pub window: Option<WindowSpec>,
+    /// Batch jobs through the gateway: where their inputs may be, how long they run.
+    pub jobs: JobsSpec,
 }
 
 impl PipelineSpec {
@@ -183,6 +185,11 @@ pub struct CsvOptions {
     pub escape: Option<u8>,
     /// Field values read as null (the empty field always is, except in text columns).
     pub null_values: Vec<String>,
+    /// Whether a quoted field may hold line breaks: `None` (the default) where its
+    /// quote closes as a field ends (followed by the delimiter or the line's end), so a
+    /// quote that never closes costs its own line only; `Some(true)` always (a quote
+    /// that never closes takes the input up to `max_record_bytes`); `Some(false)` never.
+    pub newlines_in_values: Option<bool>,
 }
 
 impl Default for CsvOptions {
@@ -193,6 +200,7 @@ impl Default for CsvOptions {
             quote: b'"',
             escape: None,
             null_values: Vec::new(),
+            newlines_in_values: None,
         }
     }
 }
@@ -266,6 +274,33 @@ pub struct FileSinkSpec {
 pub struct DeadLetterSpec {
     /// The directory.
     pub path: PathBuf,
+    /// A worker's dead-letter file of a pipeline is rotated past this size.
+    pub max_size: u64,
+    /// Rotated files kept per pipeline and worker; older ones are removed (counted,
+    /// logged as an error). Together with `max_size`, the most disk dead letters take.
+    pub max_files: usize,
+}
+
+impl DeadLetterSpec {
+    /// Dead letters in `path` with the default bounds (64 MiB a file, 4 rotated files).
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self {
+            path: path.into(),
+            max_size: 64 << 20,
+            max_files: 4,
+        }
+    }
+}
+
+/// Batch jobs of a pipeline submitted through the gateway (`/v1/jobs`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct JobsSpec {
+    /// Directories a job's inputs must be under (resolved against the pipeline file's
+    /// directory); empty: the pipeline file's directory.
+    pub inputs: Vec<PathBuf>,
+    /// A run longer than this is stopped and fails; by default three times the job's
+    /// expected duration, at least a minute.
+    pub timeout: Option<Duration>,
 }
 
 /// The pipelines and platform settings of one file.
@@ -432,9 +467,28 @@ fn resolve_pipeline(
         .filter_map(|(i, s)| resolve_sink(s, &format!("{base}.sinks[{i}]"), file, out))
         .collect();
 
-    let dead_letter = rp
-        .dead_letter
-        .map(|dl| crate::spec::DeadLetterSpec { path: dl.path });
+    let dead_letter = rp.dead_letter.map(|dl| {
+        let def = DeadLetterSpec::new(&dl.path);
+        let max_size = dl.max_size.map_or(def.max_size, |s| s.0);
+        if max_size < 4096 {
+            out.push(
+                d(
+                    "dead_letter.max_size",
+                    format!("{max_size} bytes is too small"),
+                )
+                .with_help("give at least 4KiB, for example 64MiB"),
+            );
+        }
+        DeadLetterSpec {
+            path: dl.path,
+            max_size: max_size.max(4096),
+            max_files: dl.max_files.unwrap_or(def.max_files),
+        }
+    });
+    let jobs = rp.jobs.map_or_else(JobsSpec::default, |j| JobsSpec {
+        inputs: j.inputs.unwrap_or_default(),
+        timeout: j.timeout.map(|t| t.0),
+    });
     let on_error = match (rp.on_error, &dead_letter) {
         (Some(OnError::DeadLetter), None) => {
             out.push(
@@ -465,6 +519,7 @@ fn resolve_pipeline(
         scaling,
         dedup: rp.dedup.unwrap_or_default(),
         window,
+        jobs,
     };
     check_stream(&spec, &base, file, out);
     spec
@@ -613,6 +668,7 @@ fn resolve_csv(c: RawCsv, base: &str, file: &Path, out: &mut Vec<Diagnostic>) ->
             .escape
             .and_then(|v| single_byte(&v, format!("{base}.escape"), file, out)),
         null_values: c.null.unwrap_or_default(),
+        newlines_in_values: c.newlines_in_values,
     }
 }
 
@@ -633,6 +689,8 @@ fn resolve_source(
         (s.session_expiry.is_some(), "session_expiry"),
         (s.ca_file.is_some(), "ca_file"),
         (s.batch.is_some(), "batch"),
+        (s.broker_keeps_queued.is_some(), "broker_keeps_queued"),
+        (s.receive_maximum.is_some(), "receive_maximum"),
     ];
     if s.kind != RawSourceKind::Mqtt {
         for (set, field) in mqtt_only {

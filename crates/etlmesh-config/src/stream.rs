@@ -63,6 +63,13 @@ pub struct MqttSourceSpec {
     pub format: Format,
     /// Micro-batch bounds.
     pub batch: MicroBatch,
+    /// The operator says the broker keeps every message queued for an offline session
+    /// (Mosquitto: `max_queued_messages 0`): no warning about its defaults at start.
+    pub broker_keeps_queued: bool,
+    /// Unacknowledged messages the broker may send a worker (MQTT 5): a backlog up to
+    /// this is held in flight, which brokers never drop; what a worker that dies held
+    /// is what the broker must keep for it.
+    pub receive_maximum: u16,
 }
 
 impl MqttSourceSpec {
@@ -86,7 +93,14 @@ pub struct WindowSpec {
     pub allowed_lateness: Duration,
     /// With no record for this long, open windows close anyway.
     pub idle_timeout: Duration,
+    /// A record whose event time is further ahead of the wall clock than this is a
+    /// dead letter (stage `future`): it never moves the watermark, which would make
+    /// every later record late.
+    pub max_future: Duration,
 }
+
+/// How far ahead of the wall clock an event time may be, unless the window says.
+pub const DEFAULT_MAX_FUTURE: Duration = Duration::from_secs(300);
 
 impl WindowSpec {
     /// Whether windows overlap.
@@ -287,6 +301,18 @@ pub(crate) fn resolve_mqtt(
         ca_file: s.ca_file.clone(),
         format,
         batch,
+        broker_keeps_queued: s.broker_keeps_queued.unwrap_or(false),
+        receive_maximum: match s.receive_maximum {
+            Some(n) if n < 16 => {
+                out.push(
+                    Diagnostic::new(file, field("receive_maximum"), format!("{n} is too few"))
+                        .with_help("give 16 to 65535; the default is 65535"),
+                );
+                16
+            }
+            Some(n) => n,
+            None => u16::MAX,
+        },
     }
 }
 
@@ -389,6 +415,7 @@ pub(crate) fn resolve_window(
         slide,
         allowed_lateness: w.allowed_lateness.map_or(Duration::from_secs(5), |d| d.0),
         idle_timeout: w.idle_timeout.map_or(Duration::from_secs(30), |d| d.0),
+        max_future: w.max_future.map_or(DEFAULT_MAX_FUTURE, |d| d.0),
     }
 }
 

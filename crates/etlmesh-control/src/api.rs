@@ -92,7 +92,17 @@ async fn gateway_load(
         a.report(&id, load.clone());
     }
     st.timeline.gateway_report(&id, load);
-    json_response(&serde_json::json!({}))
+    json_response(&revoked_answer(&st))
+}
+
+/// The answer to a member's report: the certificates it must refuse (a mesh's).
+fn revoked_answer(st: &ControlState) -> serde_json::Value {
+    match &st.mesh {
+        Some(m) => {
+            serde_json::json!({ "revoked": m.authority.revoked().iter().collect::<Vec<_>>() })
+        }
+        None => serde_json::json!({}),
+    }
 }
 
 async fn energy(State(st): State<Arc<ControlState>>) -> Response {
@@ -143,7 +153,7 @@ async fn heartbeat(
     Json(beat): Json<Heartbeat>,
 ) -> Response {
     if st.registry.heartbeat(&id, beat) {
-        json_response(&serde_json::json!({}))
+        json_response(&revoked_answer(&st))
     } else {
         error_response(
             StatusCode::NOT_FOUND,

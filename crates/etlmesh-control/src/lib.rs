@@ -134,11 +134,19 @@ struct BoundMesh {
 /// Opens the authority, binds the mesh listener and gives this process its identity
 /// (installed: the control plane's clients, and a gateway in the same process, use it).
 async fn bind_mesh(o: &mesh::MeshOptions, registry: &Registry) -> Result<BoundMesh, ControlError> {
-    let authority = Arc::new(etlmesh_tls::Authority::open(
-        &o.dir,
-        o.ca.as_ref(),
-        o.certificate_lifetime,
-    )?);
+    let authority = Arc::new(
+        etlmesh_tls::Authority::open(&o.dir, o.ca.as_ref(), o.certificate_lifetime)?
+            .with_host_suffixes(o.host_suffixes.clone()),
+    );
+    // This process refuses revoked certificates too (the list is read again when its
+    // file changes).
+    let watched = authority.clone();
+    tokio::spawn(async move {
+        loop {
+            etlmesh_tls::set_revoked(watched.revoked().iter().cloned());
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        }
+    });
     let tcp = TcpListener::bind(o.listen)
         .await
         .map_err(|error| ControlError::Listen {
@@ -168,6 +176,21 @@ async fn bind_mesh(o: &mesh::MeshOptions, registry: &Registry) -> Result<BoundMe
         listener,
         state,
         identity,
+    })
+}
+
+/// Join tokens for the workers a scaler of this control plane starts: one each, good
+/// for one join within ten minutes (never the authority's own, long-lived token).
+pub fn worker_join_tokens(
+    authority: Option<Arc<etlmesh_tls::Authority>>,
+) -> Option<Arc<dyn Fn() -> Option<String> + Send + Sync>> {
+    authority.map(|a| {
+        Arc::new(move || {
+            a.mint("worker start", std::time::Duration::from_secs(600), Some(1))
+                .map(|t| t.to_string())
+                .map_err(|e| tracing::error!(error = %e, "cannot mint a join token for a worker"))
+                .ok()
+        }) as Arc<dyn Fn() -> Option<String> + Send + Sync>
     })
 }
 

@@ -37,6 +37,8 @@ pub struct MeshOptions {
     pub ca: Option<etlmesh_tls::AuthorityFiles>,
     /// How long issued certificates live.
     pub certificate_lifetime: Duration,
+    /// DNS names certificates may carry end with one of these.
+    pub host_suffixes: Vec<String>,
 }
 
 impl MeshOptions {
@@ -54,6 +56,7 @@ impl MeshOptions {
                 key: t.key.clone(),
             }),
             certificate_lifetime: spec.certificate_lifetime,
+            host_suffixes: spec.host_suffixes.clone(),
         }
     }
 }
@@ -131,7 +134,7 @@ fn issue_response(
     match mesh.authority.issue(&req.csr, name, role, &req.hosts) {
         Ok(issued) => {
             mesh.count(kind, "issued");
-            tracing::info!(%peer, name, role = role.as_str(), not_after = issued.not_after, "mesh certificate issued ({kind})");
+            tracing::info!(%peer, name, role = role.as_str(), not_after = issued.not_after, serial = %issued.serial, "mesh certificate issued ({kind})");
             json_response(&JoinResponse {
                 certificate: issued.chain_pem,
                 anchor: mesh.authority.anchor_pem().to_string(),
@@ -159,22 +162,31 @@ pub(crate) async fn join(
     let Some(mesh) = mesh_of(&st) else {
         return no_mesh();
     };
-    if !mesh.authority.token().accepts(&req.token) {
-        mesh.count("join", "refused");
-        let c = &req.certificate;
-        tracing::warn!(peer = %peer.addr, name = %c.name, role = c.role.as_str(), "refused to join the mesh: wrong join token");
-        return error_response(
-            StatusCode::UNAUTHORIZED,
-            "bad_join_token",
-            "the join token is not this control plane's; use the one in its state directory (mesh/join-token)",
-            None,
-        );
+    match mesh.authority.accept_join(&req.token) {
+        Ok(token) => {
+            let c = &req.certificate;
+            tracing::info!(peer = %peer.addr, name = %c.name, role = c.role.as_str(), token, "joining the mesh");
+        }
+        Err(refusal) => {
+            mesh.count("join", "refused");
+            let c = &req.certificate;
+            tracing::warn!(peer = %peer.addr, name = %c.name, role = c.role.as_str(), reason = %refusal, "refused to join the mesh");
+            return error_response(
+                StatusCode::UNAUTHORIZED,
+                "bad_join_token",
+                format!(
+                    "{refusal}; use the one in the control plane's state directory (mesh/join-token), or mint one with `etlmesh token join`"
+                ),
+                None,
+            );
+        }
     }
     issue_response(mesh, "join", &req.certificate, peer.addr)
 }
 
 /// `POST /v1/mesh/renew`: a new certificate for a member (the guard checked its
-/// current one).
+/// current one), for the identity that certificate carries — never another name, role
+/// or host — unless it is revoked.
 pub(crate) async fn renew(
     State(st): State<Arc<ControlState>>,
     ConnectInfo(peer): ConnectInfo<MeshPeer>,
@@ -183,7 +195,50 @@ pub(crate) async fn renew(
     let Some(mesh) = mesh_of(&st) else {
         return no_mesh();
     };
-    issue_response(mesh, "renew", &req, peer.addr)
+    let Some(who) = peer.identity.clone() else {
+        mesh.count("renew", "refused");
+        return error_response(
+            StatusCode::UNAUTHORIZED,
+            "no_mesh_certificate",
+            "renewing takes the certificate to renew: present it in the TLS handshake",
+            None,
+        );
+    };
+    if mesh.authority.revoked().contains(&who.serial) {
+        mesh.count("renew", "refused");
+        tracing::warn!(peer = %peer.addr, name = %who.name, serial = %who.serial, "refused to renew a revoked certificate");
+        return error_response(
+            StatusCode::FORBIDDEN,
+            "certificate_revoked",
+            format!(
+                "certificate {} is revoked; join again with a join token",
+                who.serial
+            ),
+            None,
+        );
+    }
+    if req.name != who.name || req.role != who.role || req.hosts != who.hosts {
+        mesh.count("renew", "refused");
+        tracing::warn!(peer = %peer.addr, name = %who.name, asked = %req.name, "refused a renewal for another identity than the certificate presented");
+        return error_response(
+            StatusCode::FORBIDDEN,
+            "identity_mismatch",
+            format!(
+                "a certificate renews itself only: this one is `{}` ({}, hosts {:?}); join with a join token for another identity",
+                who.name,
+                who.role.as_str(),
+                who.hosts
+            ),
+            None,
+        );
+    }
+    let same = CertificateRequest {
+        name: who.name,
+        role: who.role,
+        hosts: who.hosts,
+        csr: req.csr,
+    };
+    issue_response(mesh, "renew", &same, peer.addr)
 }
 
 fn no_mesh() -> Response {
@@ -227,7 +282,21 @@ pub(crate) async fn members_only(req: Request, next: Next) -> Response {
         .map(|c| c.0.clone());
     let path = req.uri().path().to_string();
     let open = path == "/v1/mesh/join" || path == "/healthz";
+    let revoked = peer
+        .as_ref()
+        .and_then(|p| p.identity.as_ref())
+        .is_some_and(|i| etlmesh_tls::is_revoked(&i.serial));
     match peer {
+        Some(p) if revoked => {
+            tracing::warn!(peer = %p.addr, %path, "refused: the certificate is revoked");
+            drain(req).await;
+            error_response(
+                StatusCode::UNAUTHORIZED,
+                "certificate_revoked",
+                "this certificate is revoked: join again with a join token",
+                None,
+            )
+        }
         Some(p) if p.verified || open => next.run(req).await,
         _ => {
             tracing::warn!(peer = ?peer.map(|p| p.addr), %path, "refused: no certificate from this mesh");

@@ -59,6 +59,27 @@ fn refusal(r: Refusal) -> Status {
     }
 }
 
+/// The longest pipeline name a descriptor may carry (names are identifiers).
+const MAX_NAME: usize = 256;
+
+/// A DoExchange descriptor names one pipeline: a path of one short element, no command.
+fn check_descriptor(d: Option<&FlightDescriptor>) -> Result<(), Status> {
+    let Some(d) = d else {
+        return Err(Status::invalid_argument(
+            "the first message must carry the descriptor [pipeline]",
+        ));
+    };
+    let too_long = d.path.len() > 1
+        || d.path.first().is_some_and(|p| p.len() > MAX_NAME)
+        || d.cmd.len() > MAX_NAME;
+    if too_long {
+        return Err(Status::invalid_argument(format!(
+            "the descriptor names one pipeline: FlightDescriptor.for_path(\"clean_readings\"), a name of at most {MAX_NAME} bytes"
+        )));
+    }
+    Ok(())
+}
+
 fn pipeline_of(d: &FlightDescriptor) -> Result<String, Status> {
     d.path.first().cloned().filter(|p| !p.is_empty()).ok_or_else(|| {
         Status::invalid_argument("give a path descriptor naming the pipeline: FlightDescriptor.for_path(\"clean_readings\")")
@@ -335,9 +356,18 @@ impl FlightService for FlightGateway {
             .flight_descriptor
             .as_ref()
             .and_then(|d| d.path.first().cloned())
-            .unwrap_or_else(|| "unknown".into());
-        self.authorize(&metadata, crate::access::Action::Pipeline(&name))?;
-        let result = self.exchange(trace, first, inbound).await;
+            .unwrap_or_default();
+        // A name that is no pipeline is never a metrics label (each would be a series
+        // kept for ever): it counts as `unknown`.
+        let known = self.gw.routes.get(&name).is_some();
+        let result = match check_descriptor(first.flight_descriptor.as_ref()) {
+            Err(s) => Err(s),
+            Ok(()) => {
+                self.authorize(&metadata, crate::access::Action::Pipeline(&name))?;
+                self.exchange(trace, first, inbound).await
+            }
+        };
+        let name = if known { name } else { "unknown".into() };
         let code = match &result {
             Ok(_) => 200,
             Err(s) => match s.code() {

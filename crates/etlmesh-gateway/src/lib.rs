@@ -239,7 +239,9 @@ impl Bound {
                 gw.clone(),
                 access::layer,
             ))
-            .layer(DefaultBodyLimit::disable())
+            // Handlers that take a body read it with their own bound (transform: the
+            // max body; query and jobs: 64 KiB); anything else is refused past 64 KiB.
+            .layer(DefaultBodyLimit::max(jobs::MAX_JOB_BODY))
             .with_state(gw.clone());
         let (stop_tx, stop_rx) = watch::channel(false);
         tokio::spawn(async move {
@@ -269,24 +271,26 @@ impl Bound {
                 }
             }
         }).transpose()?;
-        let result = match &gw.options.access.tls {
+        match &gw.options.access.tls {
             Some(spec) => {
-                let config = tls::server_config(spec, tls::HTTP_ALPN).map_err(GatewayError::Serve)?;
+                let config =
+                    tls::server_config(spec, tls::HTTP_ALPN).map_err(GatewayError::Serve)?;
                 let listener = etlmesh_tls::listener::TlsListener::new(self.listener, config, None)
                     .map_err(|e| GatewayError::Serve(e.to_string()))?;
                 tracing::info!(addr = %self.addr, control_plane = %gw.options.control_plane, "gateway listening on https://{}", self.addr);
-                axum::serve(listener, router)
-                    .with_graceful_shutdown(stopped(stop_rx))
-                    .await
+                etlmesh_http::serve::serve(listener, router, stopped(stop_rx)).await;
             }
             None => {
                 tracing::info!(addr = %self.addr, control_plane = %gw.options.control_plane, "gateway listening on http://{}", self.addr);
-                axum::serve(self.listener.tap_io(etlmesh_http::no_delay), router)
-                    .with_graceful_shutdown(stopped(stop_rx))
-                    .await
+                etlmesh_http::serve::serve(
+                    self.listener.tap_io(etlmesh_http::no_delay),
+                    router,
+                    stopped(stop_rx),
+                )
+                .await;
             }
         }
-        .map_err(|e| GatewayError::Serve(e.to_string()));
+        let result: Result<(), GatewayError> = Ok(());
         if let Some(t) = flight_task
             && let Ok(Err(e)) = t.await
         {

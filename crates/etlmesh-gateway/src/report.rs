@@ -40,11 +40,19 @@ pub async fn report(
                 .map(|r| (r.pipeline.to_string(), r.load()))
                 .collect(),
         };
-        if let Err(e) = client
+        match client
             .call::<_, serde_json::Value>(Method::PUT, &url, Some(&load))
             .await
         {
-            tracing::debug!(error = %e, "load report failed");
+            // The certificates to refuse come with the answer.
+            Ok(answer) => {
+                if let Some(list) = answer["revoked"].as_array() {
+                    etlmesh_tls::set_revoked(
+                        list.iter().filter_map(|s| s.as_str().map(String::from)),
+                    );
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "load report failed"),
         }
         if let Some(pipeline) = activate {
             let url = format!("{base}/v1/pools/{pipeline}/activate");

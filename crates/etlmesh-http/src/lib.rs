@@ -3,6 +3,7 @@
 //! log shipper ([`logship`]).
 
 pub mod logship;
+pub mod serve;
 
 pub use etlmesh_tls::error_chain;
 

@@ -196,6 +196,8 @@ async fn execute(
         .with_target_partitions(spec.concurrency.max(2))
         .with_parquet_pruning(true);
     let ctx = SessionContext::new_with_config_rt(config, runtime);
+    // Functions that build what they are asked for may build a quarter of the pool.
+    crate::bounded::install(&ctx, (spec.memory_limit as usize / 4).max(1 << 20));
     let state = ctx.state();
     let statement = state
         .sql_to_statement(&sql, &Dialect::Generic)

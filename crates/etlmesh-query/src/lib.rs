@@ -15,6 +15,7 @@
 //! the rows and bytes of the answer (cut, and said so), and a bounded number of
 //! queries at once.
 
+mod bounded;
 mod catalog;
 mod execute;
 mod guard;

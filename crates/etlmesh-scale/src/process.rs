@@ -1,7 +1,10 @@
 //! The `process` scaler: workers as local child processes (`etlmesh worker`), one pool
 //! per pipeline. Scaling up starts workers; scaling down sends SIGTERM to the newest,
-//! which drain and exit. A worker that exits on its own is restarted with backoff.
-//! Their output is relayed with a `[worker-id]` prefix.
+//! which drain, leave their pool and exit; stopping the whole mesh sends SIGINT (they
+//! drain and keep their stream subscriptions: they will be back). A worker that dies
+//! is restarted at once when a signal killed it or it had run for a while (its stream
+//! session holds messages the broker drops past its queue limit), with backoff when
+//! it keeps failing at start. Their output is relayed with a `[worker-id]` prefix.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -20,12 +23,13 @@ use crate::{BoxFuture, ScaleError, Scaler};
 
 /// The first restart waits this long; each crash in a row doubles it.
 const FIRST_BACKOFF: Duration = Duration::from_millis(500);
-/// The first restart of a worker that had run for [`HEALTHY_RUN`].
+/// The restart of a worker that had run for [`HEALTHY_RUN`] or that a signal killed.
 const QUICK_RESTART: Duration = Duration::from_millis(50);
 /// The longest wait before a restart.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
-/// A worker that ran this long resets the backoff.
-const HEALTHY_RUN: Duration = Duration::from_secs(10);
+/// A worker that ran this long resets the backoff (a worker that fails at start — a
+/// bad file, a port taken — fails sooner).
+const HEALTHY_RUN: Duration = Duration::from_secs(2);
 /// How long a draining worker may take before it is killed.
 const DRAIN_LIMIT: Duration = Duration::from_secs(40);
 /// Set in a worker's environment to the pid of the process that supervises it.
@@ -42,9 +46,12 @@ pub struct WorkerCommand {
     pub control_plane: String,
     /// Extra arguments for every worker.
     pub extra: Vec<String>,
-    /// Environment of every worker (the join token: never in arguments, which any
-    /// user of the machine can read).
+    /// Environment of every worker (never in arguments, which any user of the machine
+    /// can read).
     pub env: Vec<(String, String)>,
+    /// Mints a join token for each worker started (single use, short-lived), passed as
+    /// `ETLMESH_JOIN_TOKEN`: a worker's token is good for its own start only.
+    pub join_token: Option<Arc<dyn Fn() -> Option<String> + Send + Sync>>,
 }
 
 impl std::fmt::Debug for WorkerCommand {
@@ -55,13 +62,15 @@ impl std::fmt::Debug for WorkerCommand {
             .field("control_plane", &self.control_plane)
             .field("extra", &self.extra)
             .field("env", &self.env.iter().map(|(k, _)| k).collect::<Vec<_>>())
+            .field("join_token", &self.join_token.is_some())
             .finish()
     }
 }
 
 struct Slot {
     id: String,
-    stop: watch::Sender<bool>,
+    /// `Some(signal)` stops the slot's worker with that signal.
+    stop: watch::Sender<Option<Signal>>,
     task: JoinHandle<()>,
     pid: Arc<Mutex<Option<u32>>>,
 }
@@ -123,7 +132,7 @@ impl ProcessScaler {
         while p.slots.len() < replicas as usize {
             p.next += 1;
             let id = format!("{pool}-{}", p.next);
-            let (stop, stop_rx) = watch::channel(false);
+            let (stop, stop_rx) = watch::channel(None);
             let pid = Arc::new(Mutex::new(None));
             let runner = Runner {
                 id: id.clone(),
@@ -142,7 +151,7 @@ impl ProcessScaler {
         while p.slots.len() > replicas as usize {
             if let Some(slot) = p.slots.pop() {
                 tracing::info!(worker = %slot.id, pool, "scaling down: draining worker");
-                let _ = slot.stop.send(true);
+                let _ = slot.stop.send(Some(Signal::SIGTERM));
                 p.leaving.push(slot.task);
             }
         }
@@ -172,7 +181,7 @@ impl Scaler for ProcessScaler {
                 let mut tasks = Vec::new();
                 for p in pools.values_mut() {
                     for s in p.slots.drain(..) {
-                        let _ = s.stop.send(true);
+                        let _ = s.stop.send(Some(Signal::SIGINT));
                         tasks.push(s.task);
                     }
                     tasks.append(&mut p.leaving);
@@ -212,6 +221,12 @@ impl Runner {
             .args(["--listen", "127.0.0.1:0"])
             .args(&c.extra)
             .envs(c.env.iter().map(|(k, v)| (k, v)))
+            .envs(
+                c.join_token
+                    .as_ref()
+                    .and_then(|mint| mint())
+                    .map(|t| ("ETLMESH_JOIN_TOKEN", t)),
+            )
             .env(SUPERVISOR_ENV, std::process::id().to_string())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -237,7 +252,7 @@ impl Runner {
         *self.pid.lock().unwrap_or_else(|p| p.into_inner()) = pid;
     }
 
-    async fn run(self, mut stop: watch::Receiver<bool>) {
+    async fn run(self, mut stop: watch::Receiver<Option<Signal>>) {
         let mut backoff = FIRST_BACKOFF;
         loop {
             let started = Instant::now();
@@ -264,8 +279,9 @@ impl Runner {
             let status = tokio::select! {
                 s = child.wait() => s,
                 () = stopped(&mut stop) => {
+                    let signal = (*stop.borrow()).unwrap_or(Signal::SIGTERM);
                     if let Some(pid) = pid {
-                        let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
+                        let _ = kill(Pid::from_raw(pid as i32), signal);
                     }
                     let s = match tokio::time::timeout(DRAIN_LIMIT, child.wait()).await {
                         Ok(s) => s,
@@ -281,13 +297,19 @@ impl Runner {
                 }
             };
             self.set_pid(None);
-            if *stop.borrow() {
+            if stop.borrow().is_some() {
                 return;
             }
-            if started.elapsed() >= HEALTHY_RUN {
-                // A worker that ran well and died (kill -9, a crash) comes back at once:
-                // its stream session holds messages only it will be sent. Crash loops
-                // still back off.
+            let killed = status
+                .as_ref()
+                .ok()
+                .and_then(std::os::unix::process::ExitStatusExt::signal)
+                .is_some();
+            if killed || started.elapsed() >= HEALTHY_RUN {
+                // A worker killed (kill -9, the OOM killer) or that ran well and died
+                // comes back at once: its stream session holds messages only it will
+                // be sent, and the broker drops what passes its queue limit meanwhile.
+                // Failures at start still back off.
                 backoff = QUICK_RESTART;
             }
             tracing::warn!(worker = %self.id, status = ?status.ok(), restart_in_ms = backoff.as_millis() as u64, "worker exited; restarting");
@@ -324,12 +346,12 @@ pub async fn supervisor_gone() {
 }
 
 /// Completes once stopping was asked for.
-async fn stopped(rx: &mut watch::Receiver<bool>) {
-    let _ = rx.wait_for(|s| *s).await;
+async fn stopped(rx: &mut watch::Receiver<Option<Signal>>) {
+    let _ = rx.wait_for(Option::is_some).await;
 }
 
 /// Sleeps; `true` when stopping was asked for meanwhile.
-async fn wait_or_stop(rx: &mut watch::Receiver<bool>, d: Duration) -> bool {
+async fn wait_or_stop(rx: &mut watch::Receiver<Option<Signal>>, d: Duration) -> bool {
     tokio::select! {
         () = tokio::time::sleep(d) => false,
         () = stopped(rx) => true,

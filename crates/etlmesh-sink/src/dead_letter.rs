@@ -13,7 +13,7 @@ use etlmesh_codec::Reject;
 use etlmesh_config::DeadLetterSpec;
 use serde::Serialize;
 
-use crate::file::{Pending, commit_files, tmp_name};
+use crate::file::{Pending, commit_files, sync_dir, tmp_name};
 use crate::{Committed, SinkError, io_error};
 
 /// One dead letter, as written.
@@ -31,7 +31,7 @@ pub struct DeadLetter<'a> {
     /// 1-based record number, for typed inputs.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub row: Option<u64>,
-    /// decode, cast, transform or limit.
+    /// decode, cast, transform, limit, late, future or load.
     pub stage: &'a str,
     /// The field at fault.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -164,13 +164,44 @@ impl DeadLetterSink {
 }
 
 /// Dead letters of a long-running service (a worker): appended to one NDJSON file per
-/// pipeline and instance, flushed after every write, so they survive a crash.
+/// pipeline and instance, flushed and fsynced after every write, so they survive a
+/// crash of the process or of the machine.
+///
+/// Bounded: past `max_size` the file is rotated (`dead-<p>-<w>.<n>.ndjson`), and past
+/// `max_files` rotated files the oldest is removed — counted in [`DeadLetterLog::stats`]
+/// and logged as an error (`error_kind=dead_letters_dropped`), never filling the disk.
 pub struct DeadLetterLog {
     pipeline: String,
     describe: String,
+    dir: PathBuf,
+    /// `dead-<pipeline>-<instance>`.
+    stem: String,
     path: PathBuf,
-    file: Mutex<Option<BufWriter<File>>>,
+    max_size: u64,
+    max_files: usize,
+    file: Mutex<Option<Current>>,
     count: AtomicU64,
+    rotations: AtomicU64,
+    dropped_files: AtomicU64,
+    dropped_bytes: AtomicU64,
+}
+
+struct Current {
+    writer: BufWriter<File>,
+    bytes: u64,
+}
+
+/// What a dead-letter log did, for metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DeadLetterStats {
+    /// Dead letters written.
+    pub written: u64,
+    /// Files rotated.
+    pub rotations: u64,
+    /// Rotated files removed past `max_files`.
+    pub dropped_files: u64,
+    /// Their bytes.
+    pub dropped_bytes: u64,
 }
 
 impl DeadLetterLog {
@@ -178,12 +209,20 @@ impl DeadLetterLog {
     pub fn open(spec: &DeadLetterSpec, pipeline: &str, instance: &str) -> Result<Self, SinkError> {
         let describe = format!("dead_letter:{}", spec.path.display());
         std::fs::create_dir_all(&spec.path).map_err(|e| io_error(&describe, &spec.path, e))?;
+        let stem = format!("dead-{pipeline}-{instance}");
         Ok(Self {
             pipeline: pipeline.to_string(),
             describe,
-            path: spec.path.join(format!("dead-{pipeline}-{instance}.ndjson")),
+            dir: spec.path.clone(),
+            path: spec.path.join(format!("{stem}.ndjson")),
+            stem,
+            max_size: spec.max_size,
+            max_files: spec.max_files,
             file: Mutex::new(None),
             count: AtomicU64::new(0),
+            rotations: AtomicU64::new(0),
+            dropped_files: AtomicU64::new(0),
+            dropped_bytes: AtomicU64::new(0),
         })
     }
 
@@ -197,35 +236,119 @@ impl DeadLetterLog {
         self.count.load(Ordering::Relaxed)
     }
 
-    /// Appends rejects and flushes.
+    /// Counts for metrics.
+    pub fn stats(&self) -> DeadLetterStats {
+        DeadLetterStats {
+            written: self.count(),
+            rotations: self.rotations.load(Ordering::Relaxed),
+            dropped_files: self.dropped_files.load(Ordering::Relaxed),
+            dropped_bytes: self.dropped_bytes.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Appends rejects, flushes and fsyncs; rotates first when the file would pass
+    /// `max_size`.
     pub fn write(&self, rejects: &[Reject]) -> Result<(), SinkError> {
         if rejects.is_empty() {
             return Ok(());
         }
-        let mut guard = self.file.lock().unwrap_or_else(|p| p.into_inner());
-        if guard.is_none() {
-            let f = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&self.path)
-                .map_err(|e| io_error(&self.describe, &self.path, e))?;
-            *guard = Some(BufWriter::new(f));
-        }
-        let Some(w) = guard.as_mut() else {
-            return Ok(());
-        };
         let mut buf = Vec::new();
         for r in rejects {
             serde_json::to_writer(&mut buf, &DeadLetter::of(&self.pipeline, r))
                 .map_err(|e| io_error(&self.describe, &self.path, e.into()))?;
             buf.push(b'\n');
         }
-        w.write_all(&buf)
-            .and_then(|()| w.flush())
+        let mut guard = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        if guard.is_none() {
+            *guard = Some(self.open_current()?);
+        }
+        if guard
+            .as_ref()
+            .is_some_and(|c| c.bytes > 0 && c.bytes + buf.len() as u64 > self.max_size)
+        {
+            *guard = None;
+            self.rotate()?;
+            *guard = Some(self.open_current()?);
+        }
+        let Some(c) = guard.as_mut() else {
+            return Ok(());
+        };
+        // On the disk before the messages they came from are acknowledged.
+        c.writer
+            .write_all(&buf)
+            .and_then(|()| c.writer.flush())
+            .and_then(|()| {
+                if crate::file::fsync_on() {
+                    c.writer.get_ref().sync_data()
+                } else {
+                    Ok(())
+                }
+            })
             .map_err(|e| io_error(&self.describe, &self.path, e))?;
+        c.bytes += buf.len() as u64;
         self.count
             .fetch_add(rejects.len() as u64, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Opens (or creates, durably) the current file for appending.
+    fn open_current(&self) -> Result<Current, SinkError> {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)
+            .map_err(|e| io_error(&self.describe, &self.path, e))?;
+        let bytes = f.metadata().map(|m| m.len()).unwrap_or(0);
+        sync_dir(&self.dir).map_err(|e| io_error(&self.describe, &self.dir, e))?;
+        Ok(Current {
+            writer: BufWriter::new(f),
+            bytes,
+        })
+    }
+
+    /// Renames the current file to the next number and removes the oldest rotated
+    /// files past `max_files`.
+    fn rotate(&self) -> Result<(), SinkError> {
+        let mut rotated = self.rotated_files();
+        let next = rotated.last().map_or(1, |(n, _)| n + 1);
+        let to = self.dir.join(format!("{}.{next}.ndjson", self.stem));
+        std::fs::rename(&self.path, &to).map_err(|e| io_error(&self.describe, &to, e))?;
+        sync_dir(&self.dir).map_err(|e| io_error(&self.describe, &self.dir, e))?;
+        self.rotations.fetch_add(1, Ordering::Relaxed);
+        rotated.push((next, to));
+        tracing::info!(pipeline = %self.pipeline, file = %self.path.display(), max_size = self.max_size, "dead letters rotated");
+        while rotated.len() > self.max_files {
+            let (_, oldest) = rotated.remove(0);
+            let bytes = std::fs::metadata(&oldest).map(|m| m.len()).unwrap_or(0);
+            if std::fs::remove_file(&oldest).is_ok() {
+                self.dropped_files.fetch_add(1, Ordering::Relaxed);
+                self.dropped_bytes.fetch_add(bytes, Ordering::Relaxed);
+                tracing::error!(pipeline = %self.pipeline, error_kind = "dead_letters_dropped", file = %oldest.display(), bytes, max_files = self.max_files, max_size = self.max_size, "dead letters dropped: the oldest rotated file was removed to bound their disk use; raise dead_letter.max_files or max_size, or replay and clear them sooner");
+            }
+        }
+        Ok(())
+    }
+
+    /// Rotated files of this log, by number.
+    fn rotated_files(&self) -> Vec<(u64, PathBuf)> {
+        let prefix = format!("{}.", self.stem);
+        let mut out: Vec<(u64, PathBuf)> = std::fs::read_dir(&self.dir)
+            .map(|rd| {
+                rd.flatten()
+                    .filter_map(|e| {
+                        let name = e.file_name().into_string().ok()?;
+                        let n = name
+                            .strip_prefix(&prefix)?
+                            .strip_suffix(".ndjson")?
+                            .parse::<u64>()
+                            .ok()?;
+                        Some((n, e.path()))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.sort();
+        out
     }
 }
 
@@ -238,11 +361,59 @@ mod tests {
     use etlmesh_codec::Stage;
 
     #[test]
-    fn writes_origin_reason_and_bytes() {
+    fn a_worker_s_dead_letters_rotate_and_never_pass_their_bound() {
         let dir = tempfile::tempdir().expect("tmp");
         let spec = DeadLetterSpec {
-            path: dir.path().join("dl"),
+            max_size: 4096,
+            max_files: 2,
+            ..DeadLetterSpec::new(dir.path().join("dl"))
         };
+        let log = DeadLetterLog::open(&spec, "p", "w1").expect("log");
+        let src: Arc<str> = Arc::from("mqtt:t");
+        let one = vec![Reject::new(
+            &src,
+            Stage::Decode,
+            "bad",
+            Bytes::from(vec![b'x'; 500]),
+        )];
+        for _ in 0..100 {
+            log.write(&one).expect("write");
+        }
+        let st = log.stats();
+        assert_eq!(st.written, 100);
+        assert!(st.rotations >= 10, "{st:?}");
+        assert_eq!(st.dropped_files, st.rotations - 2);
+        let total: u64 = std::fs::read_dir(dir.path().join("dl"))
+            .expect("dir")
+            .flatten()
+            .map(|e| e.metadata().expect("meta").len())
+            .sum();
+        assert!(total <= 3 * 4096, "{total} bytes on disk");
+        let mut names: Vec<String> = std::fs::read_dir(dir.path().join("dl"))
+            .expect("dir")
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names.len(), 3, "{names:?}");
+        assert!(names.contains(&"dead-p-w1.ndjson".to_string()));
+        // A new log (a restarted worker) goes on numbering and bounding.
+        let again = DeadLetterLog::open(&spec, "p", "w1").expect("log");
+        for _ in 0..20 {
+            again.write(&one).expect("write");
+        }
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("dl"))
+                .expect("dir")
+                .count(),
+            3
+        );
+    }
+
+    #[test]
+    fn writes_origin_reason_and_bytes() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let spec = DeadLetterSpec::new(dir.path().join("dl"));
         let sink = DeadLetterSink::create(&spec, "clean", "r1").expect("sink");
         let src: Arc<str> = Arc::from("in.csv");
         let rejects = vec![

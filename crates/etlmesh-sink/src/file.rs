@@ -22,15 +22,54 @@ pub(crate) struct Pending {
     pub target: PathBuf,
 }
 
-/// Renames pending files into place; returns what is now visible.
+/// Makes pending files durable and renames them into place; returns what is now
+/// visible. Each file's data reaches the disk (fsync) before its rename, and each
+/// directory's entries after the renames, so that a file that is visible — and the
+/// messages acknowledged because of it — survives a crash of the machine.
 pub(crate) fn commit_files(sink: &str, pending: Vec<Pending>) -> Result<Committed, SinkError> {
     let mut done = Committed::default();
+    for p in &pending {
+        sync_file(&p.tmp).map_err(|e| io_error(sink, &p.tmp, e))?;
+    }
+    let mut dirs: Vec<PathBuf> = Vec::new();
     for p in pending {
         std::fs::rename(&p.tmp, &p.target).map_err(|e| io_error(sink, &p.target, e))?;
         done.bytes += std::fs::metadata(&p.target).map(|m| m.len()).unwrap_or(0);
+        if let Some(dir) = p.target.parent()
+            && !dirs.iter().any(|d| d == dir)
+        {
+            dirs.push(dir.to_path_buf());
+        }
         done.files.push(p.target);
     }
+    for dir in &dirs {
+        sync_dir(dir).map_err(|e| io_error(sink, dir, e))?;
+    }
     Ok(done)
+}
+
+/// Whether commits fsync: always, but for `ETLMESH_UNSAFE_NO_FSYNC=1`, which exists to
+/// measure what durability costs (`bench/stream.py`) and loses acknowledged rows when
+/// the machine crashes.
+pub(crate) fn fsync_on() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("ETLMESH_UNSAFE_NO_FSYNC").as_deref() != Ok("1"))
+}
+
+/// fsync of a file's data and metadata.
+pub(crate) fn sync_file(path: &Path) -> std::io::Result<()> {
+    if !fsync_on() {
+        return Ok(());
+    }
+    File::open(path)?.sync_all()
+}
+
+/// fsync of a directory: its entries (a file created or renamed in it) are durable.
+pub(crate) fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    if !fsync_on() {
+        return Ok(());
+    }
+    File::open(dir)?.sync_all()
 }
 
 /// The hidden temporary name of a final path: `dir/.name.tmp`.

@@ -49,6 +49,7 @@ pub struct LineMap {
     topics: Vec<Arc<str>>,
     arrays: Vec<bool>,
     seqs: Vec<u64>,
+    redelivered: Vec<bool>,
 }
 
 impl LineMap {
@@ -82,6 +83,26 @@ impl LineMap {
     /// Places every reject.
     pub fn place_all(&self, rejects: Vec<Reject>) -> Vec<Reject> {
         rejects.into_iter().map(|r| self.place(r)).collect()
+    }
+
+    /// Whether the message a row (by its chunk line) came from was sent again by the
+    /// broker (an earlier connection of the session had it).
+    pub fn redelivered_line(&self, line: u64) -> bool {
+        self.message(line).is_some_and(|m| self.redelivered[m])
+    }
+
+    /// For each row of a decoded batch, whether its message was sent again.
+    pub fn row_redelivered(&self, b: &DecodedBatch) -> Vec<bool> {
+        match &b.provenance {
+            Provenance::Text { spans, offset, .. } => (0..b.batch.num_rows())
+                .map(|i| {
+                    spans
+                        .get(offset + i)
+                        .is_some_and(|s| self.redelivered_line(s.line))
+                })
+                .collect(),
+            _ => vec![false; b.batch.num_rows()],
+        }
     }
 
     /// The arrival numbers of the rows of a decoded batch.
@@ -248,6 +269,7 @@ impl MessageDecoder {
             out.lines.topics.push(topic);
             out.lines.arrays.push(array);
             out.lines.seqs.push(m.seq);
+            out.lines.redelivered.push(m.redelivered);
         }
         if buf.is_empty() {
             return out;

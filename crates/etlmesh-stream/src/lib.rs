@@ -3,8 +3,9 @@
 //! A worker serving a pipeline with `source: { type: mqtt }` runs one [`run`] task
 //! for it:
 //!
-//! 1. [`source`] keeps a persistent MQTT session (a stable client id per worker slot,
-//!    a shared subscription `$share/<group>/<filter>`, manual acknowledgements);
+//! 1. [`source`] keeps a persistent MQTT session (a stable client id per worker slot
+//!    and source, a shared subscription `$share/<group>/<filter>` — or a plain one when
+//!    one worker serves the pipeline — manual acknowledgements);
 //! 2. the runner ([`runner`]) collects micro-batches (so many records or so long),
 //!    decodes them ([`decode`]) into the pipeline's schema with the topic's levels as
 //!    columns, drops duplicate keys, and runs the SQL — per micro-batch, or per
@@ -16,7 +17,9 @@
 //!
 //! A worker killed at any point loses nothing: what it had not acknowledged, the
 //! broker sends again when the slot's session comes back. Duplicates that this
-//! creates are removed by a `dedup` key where the sink can honour it.
+//! creates are removed by a `dedup` key where the sink can honour it; windows resume
+//! from the watermark their sinks committed ([`state`]), so redelivered records of
+//! windows already loaded are not counted twice.
 
 pub mod decode;
 mod dedup;
@@ -24,6 +27,7 @@ mod metrics;
 pub mod runner;
 pub mod sinks;
 pub mod source;
+pub mod state;
 pub mod window;
 
 pub use metrics::StreamMetrics;

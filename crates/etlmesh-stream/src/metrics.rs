@@ -34,6 +34,7 @@ pub struct StreamMetrics {
     lag_ms: Family<Pipeline, Gauge>,
     open_windows: Family<Pipeline, Gauge>,
     sink_retries: Family<SinkLabel, Counter>,
+    sink_up: Family<SinkLabel, Gauge>,
     batch_seconds: Family<Pipeline, Histogram, fn() -> Histogram>,
     /// Records in, all pipelines: the worker adds them to the load it reports.
     records_in: std::sync::Arc<std::sync::atomic::AtomicU64>,
@@ -49,6 +50,7 @@ impl StreamMetrics {
             lag_ms: Family::default(),
             open_windows: Family::default(),
             sink_retries: Family::default(),
+            sink_up: Family::default(),
             batch_seconds: Family::new_with_constructor(latency_histogram),
             records_in: Default::default(),
         };
@@ -65,7 +67,7 @@ impl StreamMetrics {
         );
         r.register(
             "stream_held_messages",
-            "Messages received and not yet acknowledged (the queue)",
+            "Messages received and not yet acknowledged: processed and waiting for a sink or a window, or waiting to be processed (at most the receive maximum)",
             m.held.clone(),
         );
         r.register(
@@ -82,6 +84,11 @@ impl StreamMetrics {
             "stream_sink_retries",
             "Writes retried because a sink was unavailable",
             m.sink_retries.clone(),
+        );
+        r.register(
+            "stream_sink_up",
+            "1 while a stream sink takes writes, 0 while it is down and the stream holds its batch",
+            m.sink_up.clone(),
         );
         r.register(
             "stream_batch_duration_seconds",
@@ -153,6 +160,15 @@ impl StreamMetrics {
                 sink: sink.to_string(),
             })
             .inc();
+    }
+
+    pub(crate) fn sink_up(&self, pipeline: &str, sink: &str, up: bool) {
+        self.sink_up
+            .get_or_create(&SinkLabel {
+                pipeline: pipeline.to_string(),
+                sink: sink.to_string(),
+            })
+            .set(i64::from(up));
     }
 
     pub(crate) fn batch(&self, pipeline: &str, seconds: f64) {

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use arrow::array::{Array, RecordBatch};
 use etlmesh_codec::{DecodedBatch, Limits, Provenance, Reject, Stage, record::row_as_json};
-use etlmesh_config::{MicroBatch, PipelineSpec};
+use etlmesh_config::{MicroBatch, MqttSourceSpec, PipelineSpec};
 use etlmesh_engine::{Engine, Kind, Transform};
 use etlmesh_sink::dead_letter::DeadLetterLog;
 use etlmesh_sink::tap::TapStage;
@@ -15,7 +15,8 @@ use tokio::sync::{mpsc, watch};
 use crate::decode::{LineMap, MessageDecoder};
 use crate::dedup::Dedup;
 use crate::sinks::{SinkFailure, StreamSink};
-use crate::source::{self, Ack, Delivery, Session};
+use crate::source::{self, Ack, Delivery, Session, SessionId};
+use crate::state::{SlotState, StateFile};
 use crate::window::Windows;
 use crate::{StreamError, StreamMetrics};
 
@@ -32,6 +33,22 @@ pub struct StreamOptions {
     pub metrics: StreamMetrics,
     /// Open taps (`etlmesh tap`).
     pub taps: std::sync::Arc<etlmesh_sink::tap::TapHub>,
+    /// Where each slot keeps its state between runs ([`crate::state`]); in memory only
+    /// when absent.
+    pub state_dir: Option<std::path::PathBuf>,
+    /// Set before `shutdown` turns true when the worker leaves its pool for good (a
+    /// scale-down): a shared subscription is then given up, so that the group's other
+    /// members take its share. Otherwise the session keeps its subscription while the
+    /// worker is away, and the broker queues for it.
+    pub leaving: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// The pipeline's dead-letter log, when the worker shares one with its requests;
+    /// the stream opens its own otherwise.
+    pub dead_letters: Option<Arc<DeadLetterLog>>,
+    /// On a stop that keeps the subscription, how long the session stays connected
+    /// after the stream stopped processing (the worker's drain grace): the broker
+    /// keeps sending in flight — what it never drops — instead of queueing for an
+    /// offline session, which it may drop past its limit.
+    pub linger: Duration,
 }
 
 /// How often the loop wakes with no message, to roll files and close idle windows.
@@ -43,12 +60,14 @@ struct Stream {
     taps: std::sync::Arc<etlmesh_sink::tap::TapHub>,
     spec: PipelineSpec,
     batch: MicroBatch,
+    /// Unacknowledged messages the broker may send.
+    receive_maximum: u16,
     decoder: MessageDecoder,
     transform: Transform,
     windows: Option<Windows>,
     dedup: Option<Dedup>,
     sinks: Vec<Box<dyn StreamSink>>,
-    dead: DeadLetterLog,
+    dead: Arc<DeadLetterLog>,
     session: Session,
     /// Received, not yet acknowledged, in order of arrival.
     held: VecDeque<(u64, Ack)>,
@@ -56,11 +75,75 @@ struct Stream {
     processed: u64,
     metrics: StreamMetrics,
     shutdown: watch::Receiver<bool>,
+    leaving: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    linger: Duration,
+    /// Shared subscription (several workers may serve the pipeline).
+    shared: bool,
     time_col: Option<usize>,
+    /// The slot's state on disk: its session and the committed watermark.
+    state: StateFile,
+    /// Windows loaded and not yet committed by every sink, in order of loading.
+    loaded: VecDeque<LoadedWindows>,
+    /// Messages received and waiting in the channel, not yet processed.
+    queued: usize,
+    /// The id of the newest write to the sinks (one per `load`); sinks say how far they
+    /// committed in these ids.
+    last_write: u64,
+    /// Writes not yet committed by every sink, with the newest message each covers.
+    writes: VecDeque<(u64, u64)>,
+    /// Every message up to this one has its rows committed by every sink.
+    committed_seq: u64,
+}
+
+/// Windows that closed and were written by write `at`: their messages (from
+/// `min_seq`) may be acknowledged, and the watermark `watermark` kept as the slot's,
+/// once every sink committed that write.
+struct LoadedWindows {
+    at: u64,
+    min_seq: u64,
+    watermark: i64,
+}
+
+/// Removes the session of the slot's earlier source, which the file no longer names.
+async fn forget_session(
+    state: &mut StateFile,
+    mqtt: &MqttSourceSpec,
+    id: &SessionId,
+    pipeline: &str,
+) {
+    let old = state.state.clone();
+    tracing::warn!(pipeline, old_client_id = %old.client_id, old_subscription = %old.subscription, old_broker = %old.broker, client_id = %id.client_id, subscription = %id.subscription, broker = %id.broker, "the pipeline's source changed: starting a new session; the old one is removed with what it had queued");
+    if old.broker == id.broker
+        && let Err(e) = source::discard_session(mqtt, &old.client_id).await
+    {
+        tracing::warn!(pipeline, old_client_id = %old.client_id, error = %e, "cannot remove the old session: the broker drops it when it expires");
+    }
+    state.state = SlotState::default();
+}
+
+/// Windows of a slot that ran before: they resume from the watermark every sink
+/// committed, so that messages the broker sends again are not counted twice.
+async fn resume(
+    mut w: Windows,
+    state: &mut StateFile,
+    mqtt: &MqttSourceSpec,
+    id: &SessionId,
+    pipeline: &str,
+) -> Windows {
+    if !state.state.client_id.is_empty() && state.state.client_id != id.client_id {
+        forget_session(state, mqtt, id, pipeline).await;
+    }
+    if let Some(wm) = state.state.watermark {
+        w.resume(wm);
+        tracing::info!(pipeline, watermark = %fmt_ms(wm), "windows resume: redelivered records of windows that were loaded are skipped");
+    }
+    w
 }
 
 /// Runs the stream of pipeline `spec` until `shutdown` turns true; then it stops
-/// reading, finishes and acknowledges what it holds, and leaves the group.
+/// reading, finishes and acknowledges what it holds (but the messages of windows that
+/// have not closed: the broker sends them again and the windows are rebuilt whole),
+/// and leaves the group when the worker leaves its pool.
 pub async fn run(
     spec: PipelineSpec,
     opts: StreamOptions,
@@ -101,7 +184,12 @@ pub async fn run(
         .dead_letter
         .as_ref()
         .ok_or_else(|| err("a stream needs a dead_letter sink".into()))?;
-    let dead = DeadLetterLog::open(dl, &spec.name, &opts.worker).map_err(|e| err(e.to_string()))?;
+    let dead = match opts.dead_letters.clone() {
+        Some(d) => d,
+        None => Arc::new(
+            DeadLetterLog::open(dl, &spec.name, &opts.worker).map_err(|e| err(e.to_string()))?,
+        ),
+    };
     let dedup = Dedup::new(&input, &spec.dedup).map_err(err)?;
     let time_col = spec
         .window
@@ -116,14 +204,52 @@ pub async fn run(
         })
         .and_then(|c| input.index_of(c).ok());
 
-    let client_id = source::client_id(&mqtt, &spec.name, &opts.worker);
-    // The channel holds at least what the broker may send unacknowledged.
-    let (session, rx, task) =
-        source::start(&mqtt, &client_id, source::RECEIVE_MAXIMUM as usize + 1024).await?;
-    tracing::info!(pipeline = %spec.name, client_id, filter = %mqtt.shared_filter(), sinks = sinks.len(), windowed = windows.is_some(), "stream started");
+    let shared = spec.scaling.max_replicas != 1;
+    let id = SessionId::new(&mqtt, &spec.name, &opts.worker, shared);
+    let mut state = StateFile::open(opts.state_dir.as_deref(), &spec.name, &opts.worker);
+    let windows = match windows {
+        Some(w) => Some(resume(w, &mut state, &mqtt, &id, &spec.name).await),
+        None => {
+            if !state.state.client_id.is_empty() && state.state.client_id != id.client_id {
+                forget_session(&mut state, &mqtt, &id, &spec.name).await;
+            }
+            None
+        }
+    };
+    state.state.client_id = id.client_id.clone();
+    state.state.subscription = id.subscription.clone();
+    state.state.broker = id.broker.clone();
+    let receive_maximum = mqtt.receive_maximum;
+    let mut batch = mqtt.batch;
+    if receive_maximum < source::RECEIVE_MAXIMUM {
+        // Acknowledgements must flow before the broker's window is full.
+        batch.records = batch.records.min(receive_maximum as usize / 2).max(1);
+    }
+    if let Err(e) = state.save() {
+        return Err(err(format!(
+            "cannot write the stream's state {}: {e}; check that the worker's --state-dir is writable",
+            state
+                .path()
+                .map_or_else(String::new, |p| p.display().to_string())
+        )));
+    }
+    let (session, rx, task) = source::start(&mqtt, &id, receive_maximum).await?;
+    tracing::info!(pipeline = %spec.name, client_id = %id.client_id, subscription = %id.subscription, shared, receive_maximum, micro_batch = batch.records, sinks = sinks.len(), windowed = windows.is_some(), "stream started");
+    if !mqtt.broker_keeps_queued {
+        // Asked on a connection of its own, after the start: a restart does not wait.
+        let (mqtt, pipeline) = (mqtt.clone(), spec.name.clone());
+        tokio::spawn(async move {
+            let version = source::broker_version(&mqtt, Duration::from_secs(2)).await;
+            if let Some(v) = version.filter(|v| source::drops_queued(v)) {
+                let risk = source::broker_risks(&v, mqtt.receive_maximum);
+                tracing::warn!(pipeline = %pipeline, error_kind = "broker_drops_queued", "{risk}");
+            }
+        });
+    }
     let mut s = Stream {
         taps: opts.taps,
-        batch: mqtt.batch,
+        batch,
+        receive_maximum,
         spec,
         decoder,
         transform,
@@ -136,7 +262,16 @@ pub async fn run(
         processed: 0,
         metrics: opts.metrics,
         shutdown,
+        leaving: opts.leaving,
+        linger: opts.linger,
+        shared,
         time_col,
+        state,
+        loaded: VecDeque::new(),
+        queued: 0,
+        last_write: 0,
+        writes: VecDeque::new(),
+        committed_seq: 0,
     };
     let r = s.run(rx).await;
     s.session.disconnect().await;
@@ -150,23 +285,33 @@ impl Stream {
     }
 
     async fn run(&mut self, mut rx: mpsc::Receiver<Delivery>) -> Result<(), StreamError> {
-        let mut leaving: Option<Instant> = None;
+        // Draining: since when, and whether messages are still read (after leaving a
+        // shared group, what came is finished; otherwise reading stops at once and
+        // what was not processed comes again to this slot).
+        let mut draining: Option<(Instant, bool)> = None;
         let mut buf: Vec<Delivery> = Vec::with_capacity(self.batch.records);
         let mut report = Instant::now();
         loop {
-            if leaving.is_none() && self.stopping() {
-                // Leave the group: the broker sends to the others from now on. What
-                // already came is finished below, then acknowledged.
-                self.session.leave().await;
-                leaving = Some(Instant::now());
-                tracing::info!(pipeline = %self.spec.name, held = self.held.len(), "stream draining");
+            if draining.is_none() && self.stopping() {
+                let leave = self.shared && self.leaving.load(std::sync::atomic::Ordering::Acquire);
+                if leave {
+                    // The broker sends to the group's others from now on.
+                    self.session.leave().await;
+                }
+                draining = Some((Instant::now(), leave));
+                tracing::info!(pipeline = %self.spec.name, held = self.held.len(), leave, "stream draining");
             }
+            let reading = draining.is_none_or(|(_, read_on)| read_on);
             // Collect a micro-batch: the first message (or a tick), then more until the
             // batch is full or its time is up.
-            let first = tokio::select! {
-                m = rx.recv() => m,
-                () = tokio::time::sleep(TICK) => None,
-                _ = self.shutdown.changed(), if leaving.is_none() => None,
+            let first = if reading {
+                tokio::select! {
+                    m = rx.recv() => m,
+                    () = tokio::time::sleep(TICK) => None,
+                    _ = self.shutdown.changed(), if draining.is_none() => None,
+                }
+            } else {
+                None
             };
             if let Some(m) = first {
                 let deadline = tokio::time::Instant::now() + self.batch.wait;
@@ -190,26 +335,32 @@ impl Stream {
                     return Ok(());
                 }
             }
-            if !self
-                .close_windows(leaving.is_some() && rx.is_empty())
-                .await?
-            {
+            // Windows close only on their own, also when draining: one closed early
+            // would be loaded again, partly, from the rest of its records.
+            if !self.close_windows().await? {
                 return Ok(());
             }
-            let force =
-                self.held.len() >= source::RECEIVE_MAXIMUM as usize / 2 || leaving.is_some();
+            let force = self.held.len() >= self.receive_maximum as usize / 2 || draining.is_some();
             if !self.flush_sinks(force).await? {
                 return Ok(());
             }
+            self.queued = rx.len();
             self.acknowledge().await?;
             if report.elapsed() >= Duration::from_secs(10) {
                 report = Instant::now();
                 tracing::info!(pipeline = %self.spec.name, held = self.held.len(), processed = self.processed, dead_letters = self.dead.count(), open_windows = self.windows.as_ref().map_or(0, |w| w.open_count()), "stream progress");
             }
-            if let Some(since) = leaving {
-                let quiet = rx.is_empty() && self.held.is_empty();
-                if quiet || since.elapsed() > Duration::from_secs(10) {
-                    if !self.held.is_empty() {
+            if let Some((since, read_on)) = draining {
+                let done = !read_on || rx.is_empty();
+                if done || since.elapsed() > Duration::from_secs(10) {
+                    if !read_on {
+                        // Received now is in flight: sent again to this slot, never dropped.
+                        tokio::time::sleep(self.linger.saturating_sub(since.elapsed())).await;
+                    }
+                    let open = self.windows.as_ref().map_or(0, |w| w.open_count());
+                    if open > 0 {
+                        tracing::info!(pipeline = %self.spec.name, held = self.held.len(), open_windows = open, "stopping with the messages of open windows unacknowledged: the broker sends them again to this slot and the windows are rebuilt whole");
+                    } else if !self.held.is_empty() {
                         tracing::warn!(pipeline = %self.spec.name, held = self.held.len(), "stopping with messages unacknowledged: the broker keeps them for this session");
                     }
                     tracing::info!(pipeline = %self.spec.name, "stream stopped");
@@ -248,10 +399,32 @@ impl Stream {
         if let Some(w) = &mut self.windows {
             for b in &inputs {
                 let seqs = decoded.lines.row_seqs(b);
-                let added = w.add(&b.batch, &seqs).map_err(|m| StreamError::Pipeline {
-                    pipeline: self.spec.name.clone(),
-                    message: m,
+                let redelivered = decoded.lines.row_redelivered(b);
+                let now = chrono::Utc::now().timestamp_millis();
+                let added = w.add(&b.batch, &seqs, &redelivered, now).map_err(|m| {
+                    StreamError::Pipeline {
+                        pipeline: self.spec.name.clone(),
+                        message: m,
+                    }
                 })?;
+                let time_field = self.spec.window.as_ref().map_or("", |w| w.time.as_str());
+                self.metrics
+                    .records(&self.spec.name, "future", added.future.len() as u64);
+                self.metrics
+                    .records(&self.spec.name, "replayed", added.replayed.len() as u64);
+                for i in &added.future {
+                    let r = b.provenance.reject(
+                        &b.batch,
+                        *i,
+                        Stage::Future,
+                        format!(
+                            "event time is more than max_future = {} ahead of the clock ({}): kept out of the windows so that it cannot move the watermark",
+                            humantime_secs(w.max_future()),
+                            fmt_ms(now)
+                        ),
+                    );
+                    rejects.push(decoded.lines.place(r).in_field(time_field));
+                }
                 self.metrics
                     .records(&self.spec.name, "late", added.late.len() as u64);
                 for i in &added.late {
@@ -264,12 +437,7 @@ impl Stream {
                             w.watermark().map_or("-".into(), fmt_ms)
                         ),
                     );
-                    rejects.push(
-                        decoded
-                            .lines
-                            .place(r)
-                            .in_field(self.spec.window.as_ref().map_or("", |w| w.time.as_str())),
-                    );
+                    rejects.push(decoded.lines.place(r).in_field(time_field));
                 }
                 for i in &added.untimed {
                     let r =
@@ -301,7 +469,7 @@ impl Stream {
         }
         // Dead letters first: they are flushed at once and never refuse.
         self.dead_letter(&rejects)?;
-        let ok = self.load(&outputs, last, &inputs, &decoded.lines).await?;
+        let ok = self.load(&outputs, last).await?;
         if ok {
             self.processed = last;
             self.metrics
@@ -359,31 +527,38 @@ impl Stream {
         Ok(())
     }
 
-    /// Writes rows to every sink, retrying those that are down. Rows a sink refuses go
-    /// to the dead letters. Returns false on shutdown while a sink is still down.
-    async fn load(
-        &mut self,
-        outputs: &[RecordBatch],
-        seq: u64,
-        inputs: &[DecodedBatch],
-        lines: &LineMap,
-    ) -> Result<bool, StreamError> {
+    /// Writes rows to every sink, retrying those that are down (an outage: nothing is
+    /// dead-lettered, nothing acknowledged, the loop waits with backoff). Rows a sink
+    /// refuses go to the dead letters with its reason; the rest are loaded. Returns
+    /// false on shutdown while a sink is still down.
+    async fn load(&mut self, outputs: &[RecordBatch], seq: u64) -> Result<bool, StreamError> {
+        // Each write has an id of its own: two writes may cover the same messages (a
+        // micro-batch, then the windows it closed), and a sink commits them apart.
+        self.last_write += 1;
+        let write = self.last_write;
+        self.writes.push_back((write, seq));
         let rows: u64 = outputs.iter().map(|b| b.num_rows() as u64).sum();
         if self.taps.is_tapped() {
             for b in outputs {
                 self.taps.offer_batch(&self.spec.name, TapStage::Output, b);
             }
         }
-        let mut refused: Option<String> = None;
+        let mut rejects: Vec<Reject> = Vec::new();
+        let mut refused_rows = std::collections::HashSet::new();
         for i in 0..self.sinks.len() {
             let mut backoff = Duration::from_millis(100);
-            loop {
-                match self.sinks[i].write(outputs, seq).await {
-                    Ok(()) => break,
+            let mut down_since: Option<Instant> = None;
+            let refused = loop {
+                match self.sinks[i].write(outputs, write).await {
+                    Ok(refused) => break refused,
                     Err(SinkFailure::Retry(m)) => {
                         let sink = self.sinks[i].describe();
                         self.metrics.sink_retry(&self.spec.name, &sink);
-                        tracing::warn!(pipeline = %self.spec.name, sink, error = %m, retry_in_ms = backoff.as_millis() as u64, held = self.held.len(), "sink unavailable: holding the batch (nothing is acknowledged)");
+                        self.metrics.sink_up(&self.spec.name, &sink, false);
+                        self.metrics
+                            .held(&self.spec.name, self.held.len() + self.queued);
+                        let since = *down_since.get_or_insert_with(Instant::now);
+                        tracing::warn!(pipeline = %self.spec.name, sink, error_kind = "sink_unavailable", error = %m, down_for_ms = since.elapsed().as_millis() as u64, retry_in_ms = backoff.as_millis() as u64, held = self.held.len(), "sink unavailable: holding the batch (nothing is acknowledged or dead-lettered)");
                         tokio::select! {
                             () = tokio::time::sleep(backoff) => {}
                             _ = self.shutdown.changed() => {}
@@ -394,12 +569,6 @@ impl Stream {
                         }
                         backoff = (backoff * 2).min(MAX_BACKOFF);
                     }
-                    Err(SinkFailure::Refused(m)) => {
-                        tracing::error!(pipeline = %self.spec.name, sink = %self.sinks[i].describe(), error = %m, "the sink refused a batch: its records go to the dead letters");
-                        refused = Some(m);
-                        // The other sinks still count this batch as handled.
-                        break;
-                    }
                     Err(SinkFailure::Fatal(m)) => {
                         return Err(StreamError::Sink {
                             pipeline: self.spec.name.clone(),
@@ -407,42 +576,45 @@ impl Stream {
                         });
                     }
                 }
+            };
+            let sink = self.sinks[i].describe();
+            if let Some(since) = down_since {
+                tracing::info!(pipeline = %self.spec.name, sink, down_for_ms = since.elapsed().as_millis() as u64, "sink available again");
+            }
+            self.metrics.sink_up(&self.spec.name, &sink, true);
+            if refused.is_empty() {
+                continue;
+            }
+            let src: Arc<str> = Arc::from(sink.as_str());
+            for r in refused {
+                let Some(b) = outputs.get(r.batch).filter(|b| r.row < b.num_rows()) else {
+                    continue;
+                };
+                refused_rows.insert((r.batch, r.row));
+                rejects.push(Reject::new(
+                    &src,
+                    Stage::Load,
+                    r.reason,
+                    row_as_json(b, r.row),
+                ));
             }
         }
-        if let Some(reason) = refused {
-            let reason = format!("refused by a sink: {reason}");
-            let mut rejects: Vec<Reject> = inputs
-                .iter()
-                .flat_map(|b| reject_rows(b, Stage::Transform, &reason, lines))
-                .collect();
-            if inputs.is_empty() {
-                // Window output: no input provenance; keep the rows themselves.
-                let src: Arc<str> = Arc::from("window");
-                for b in outputs {
-                    for r in 0..b.num_rows() {
-                        rejects.push(Reject::new(
-                            &src,
-                            Stage::Transform,
-                            format!("refused by a sink: {reason}"),
-                            row_as_json(b, r),
-                        ));
-                    }
-                }
-            }
-            self.dead_letter(&rejects)?;
-        } else {
-            self.metrics.records(&self.spec.name, "out", rows);
-        }
+        self.dead_letter(&rejects)?;
+        self.metrics.records(
+            &self.spec.name,
+            "out",
+            rows.saturating_sub(refused_rows.len() as u64),
+        );
         Ok(true)
     }
 
     /// Runs the SQL over windows that closed and loads the results.
-    async fn close_windows(&mut self, all: bool) -> Result<bool, StreamError> {
+    async fn close_windows(&mut self) -> Result<bool, StreamError> {
         let Some(w) = &mut self.windows else {
             return Ok(true);
         };
         let closed = w
-            .due(Instant::now(), all)
+            .due(Instant::now(), false)
             .map_err(|m| StreamError::Pipeline {
                 pipeline: self.spec.name.clone(),
                 message: m,
@@ -477,16 +649,25 @@ impl Stream {
             }
         }
         tracing::debug!(pipeline = %self.spec.name, windows = closed.len(), rows = outputs.iter().map(|b| b.num_rows()).sum::<usize>(), "windows closed");
+        let min_seq = closed.iter().map(|c| c.min_seq).min().unwrap_or(u64::MAX);
+        let watermark = w.watermark().unwrap_or(i64::MIN);
         self.dead_letter(&rejects)?;
-        self.load(&outputs, self.processed, &[], &LineMap::default())
-            .await
+        let ok = self.load(&outputs, self.processed).await?;
+        if ok {
+            self.loaded.push_back(LoadedWindows {
+                at: self.last_write,
+                min_seq,
+                watermark,
+            });
+        }
+        Ok(ok)
     }
 
     async fn flush_sinks(&mut self, force: bool) -> Result<bool, StreamError> {
         for i in 0..self.sinks.len() {
             match self.sinks[i].flush(force).await {
                 Ok(()) => {}
-                Err(SinkFailure::Fatal(m)) | Err(SinkFailure::Refused(m)) => {
+                Err(SinkFailure::Fatal(m)) => {
                     return Err(StreamError::Sink {
                         pipeline: self.spec.name.clone(),
                         message: m,
@@ -500,14 +681,45 @@ impl Stream {
         Ok(true)
     }
 
-    /// Acknowledges, in order, the messages every sink committed and no open window holds.
+    /// Acknowledges, in order, the messages every sink committed and no window holds —
+    /// open, or loaded but not yet committed by every sink. The watermark of windows
+    /// every sink committed goes to the slot's state file first.
     async fn acknowledge(&mut self) -> Result<(), StreamError> {
-        let mut upto = self.processed;
-        for s in &self.sinks {
-            upto = upto.min(s.committed());
+        let committed = self
+            .sinks
+            .iter()
+            .map(|s| s.committed())
+            .min()
+            .unwrap_or(self.last_write);
+        while self.writes.front().is_some_and(|(w, _)| *w <= committed) {
+            if let Some((_, seq)) = self.writes.pop_front() {
+                self.committed_seq = self.committed_seq.max(seq);
+            }
         }
+        let mut upto = self.processed.min(self.committed_seq);
         if let Some(min) = self.windows.as_ref().and_then(|w| w.min_open_seq()) {
             upto = upto.min(min.saturating_sub(1));
+        }
+        let mut durable = None;
+        while self.loaded.front().is_some_and(|l| l.at <= committed) {
+            durable = self.loaded.pop_front().map(|l| l.watermark);
+        }
+        if let Some(min) = self.loaded.iter().map(|l| l.min_seq).min() {
+            upto = upto.min(min.saturating_sub(1));
+        }
+        let mut dirty = false;
+        if let Some(w) = durable
+            && w != i64::MIN
+            && self.state.state.watermark != Some(w)
+        {
+            self.state.state.watermark = Some(w);
+            dirty = true;
+        }
+        if dirty {
+            self.state.save().map_err(|e| StreamError::Sink {
+                pipeline: self.spec.name.clone(),
+                message: format!("cannot write the stream's state: {e}"),
+            })?;
         }
         let mut acks = Vec::new();
         while self.held.front().is_some_and(|(seq, _)| *seq <= upto) {
@@ -520,7 +732,8 @@ impl Stream {
             self.session.ack(acks).await?;
             self.metrics.messages(&self.spec.name, "acknowledged", n);
         }
-        self.metrics.held(&self.spec.name, self.held.len());
+        self.metrics
+            .held(&self.spec.name, self.held.len() + self.queued);
         Ok(())
     }
 }
@@ -534,6 +747,18 @@ fn reject_rows<'a>(
 ) -> impl Iterator<Item = Reject> + 'a {
     (0..b.batch.num_rows())
         .map(move |i| lines.place(b.provenance.reject(&b.batch, i, stage, reason)))
+}
+
+/// `300s` → `5m`, for messages.
+fn humantime_secs(d: Duration) -> String {
+    let s = d.as_secs();
+    if s >= 3600 && s.is_multiple_of(3600) {
+        format!("{}h", s / 3600)
+    } else if s >= 60 && s.is_multiple_of(60) {
+        format!("{}m", s / 60)
+    } else {
+        format!("{}ms", d.as_millis())
+    }
 }
 
 fn fmt_ms(ms: i64) -> String {

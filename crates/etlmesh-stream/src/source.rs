@@ -1,5 +1,10 @@
-//! The MQTT source: one persistent session per worker slot, a shared subscription, and
-//! acknowledgements sent by the runner only once the sinks committed.
+//! The MQTT source: one persistent session per worker slot, a shared subscription (or
+//! a plain one where one worker serves the pipeline), and acknowledgements sent by
+//! the runner only once the sinks committed.
+//!
+//! A session belongs to its source: the client id holds a digest of the broker and
+//! the subscription ([`SessionId`]), so a pipeline whose topic changed starts a new
+//! session instead of receiving what its old subscription had queued.
 //!
 //! The event loop runs in its own task and hands each message to the runner through a
 //! bounded channel. What the worker holds unacknowledged is bounded twice: by the
@@ -29,6 +34,9 @@ pub const HELD_BYTES: usize = 256 << 20;
 pub struct Delivery {
     /// Order of arrival.
     pub seq: u64,
+    /// The broker sends it again (the PUBLISH's DUP flag): an earlier connection of
+    /// this session received it and did not acknowledge it.
+    pub redelivered: bool,
     /// The topic it was published to.
     pub topic: Arc<str>,
     /// Its payload.
@@ -116,6 +124,7 @@ impl Session {
 
 /// A received message, before it is numbered.
 struct Incoming {
+    dup: bool,
     topic: Arc<str>,
     payload: Bytes,
     packet: AckPacket,
@@ -123,7 +132,11 @@ struct Incoming {
 
 /// What the event loop reports.
 enum Polled {
-    Connected { session_present: bool },
+    Connected {
+        session_present: bool,
+        /// What an MQTT 5 broker says of itself in its CONNACK.
+        limits: Option<BrokerLimits>,
+    },
     Message(Box<Incoming>),
     Other,
 }
@@ -142,9 +155,15 @@ impl Loop {
                 match l.poll().await.map_err(|e| e.to_string())? {
                     Event::Incoming(Packet::ConnAck(c)) => Ok(Polled::Connected {
                         session_present: c.session_present,
+                        limits: c.properties.map(|p| BrokerLimits {
+                            session_expiry: p.session_expiry_interval,
+                            receive_maximum: p.receive_max,
+                            shared_subscriptions: p.shared_subscription_available != Some(0),
+                        }),
                     }),
                     Event::Incoming(Packet::Publish(p)) => {
                         Ok(Polled::Message(Box::new(Incoming {
+                            dup: p.dup,
                             topic: Arc::from(String::from_utf8_lossy(&p.topic).as_ref()),
                             payload: p.payload.clone(),
                             packet: AckPacket::V5(rumqttc::v5::mqttbytes::v5::Publish {
@@ -161,9 +180,11 @@ impl Loop {
                 match l.poll().await.map_err(|e| e.to_string())? {
                     Event::Incoming(Packet::ConnAck(c)) => Ok(Polled::Connected {
                         session_present: c.session_present,
+                        limits: None,
                     }),
                     Event::Incoming(Packet::Publish(p)) => {
                         Ok(Polled::Message(Box::new(Incoming {
+                            dup: p.dup,
                             topic: Arc::from(p.topic.as_str()),
                             payload: p.payload.clone(),
                             packet: AckPacket::V4(rumqttc::Publish {
@@ -179,12 +200,62 @@ impl Loop {
     }
 }
 
-/// The client id of a worker slot: stable across restarts of the slot, so that its
-/// session (and what it had not acknowledged) is found again.
-pub fn client_id(spec: &MqttSourceSpec, pipeline: &str, worker: &str) -> String {
-    let id = format!("{}-{pipeline}-{worker}", spec.client_id);
-    // MQTT 3.1.1 brokers may refuse ids over 23 bytes; most accept more. Keep it readable.
-    id.chars()
+/// What an MQTT 5 broker said of its limits when the session connected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BrokerLimits {
+    /// The session expiry it grants, when it lowered the one asked for.
+    pub session_expiry: Option<u32>,
+    /// Unacknowledged messages it accepts from us.
+    pub receive_maximum: Option<u16>,
+    /// Whether it offers shared subscriptions.
+    pub shared_subscriptions: bool,
+}
+
+/// Who a worker slot is to the broker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionId {
+    /// `<prefix>-<pipeline>-<worker>-<digest>`: stable across restarts of the slot, so
+    /// that its session (and what it had not acknowledged) is found again; new when
+    /// the broker or the subscription changes.
+    pub client_id: String,
+    /// `$share/<group>/<filter>`, or the plain filter where one worker serves the
+    /// pipeline (a plain persistent subscription outlives a broker's restart, which a
+    /// shared one does not on Mosquitto).
+    pub subscription: String,
+    /// host:port.
+    pub broker: String,
+}
+
+impl SessionId {
+    /// The session of `worker`'s slot of `pipeline`: `shared` when several workers
+    /// may serve it.
+    pub fn new(spec: &MqttSourceSpec, pipeline: &str, worker: &str, shared: bool) -> Self {
+        let subscription = if shared {
+            spec.shared_filter()
+        } else {
+            spec.filter.clone()
+        };
+        let broker = Broker::parse(&spec.broker)
+            .map(|b| format!("{}://{}", if b.tls { "mqtts" } else { "mqtt" }, b.address()))
+            .unwrap_or_else(|_| spec.broker.clone());
+        let digest = fnv1a(format!("{broker}\n{subscription}").as_bytes());
+        // MQTT 3.1.1 brokers may refuse ids over 23 bytes; most accept more. Keep it readable.
+        let client_id = plain_name(&format!(
+            "{}-{pipeline}-{worker}-{:08x}",
+            spec.client_id, digest as u32
+        ));
+        Self {
+            client_id,
+            subscription,
+            broker,
+        }
+    }
+}
+
+/// `s` with every character but ASCII letters, digits, `-` and `_` made `_`: safe in a
+/// client id and a file name.
+pub(crate) fn plain_name(s: &str) -> String {
+    s.chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
                 c
@@ -195,26 +266,99 @@ pub fn client_id(spec: &MqttSourceSpec, pipeline: &str, worker: &str) -> String 
         .collect()
 }
 
+/// FNV-1a, 64 bits: a digest that stays the same across builds and versions.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// Removes a session the broker keeps for `client_id`, with its subscriptions and
+/// what it queued: connects with a clean start and a session that expires at once.
+pub async fn discard_session(spec: &MqttSourceSpec, client_id: &str) -> Result<(), StreamError> {
+    let broker = Broker::parse(&spec.broker).map_err(|e| StreamError::Mqtt(e.to_string()))?;
+    let transport = broker
+        .transport(spec.ca_file.as_deref())
+        .map_err(|e| StreamError::Mqtt(e.to_string()))?;
+    let (client, mut ev) = match spec.protocol {
+        MqttProtocol::V5 => {
+            let mut o = broker.options_v5(client_id);
+            o.set_clean_start(true)
+                .set_session_expiry_interval(Some(0))
+                .set_transport(transport);
+            let (c, l) = rumqttc::v5::AsyncClient::new(o, 8);
+            (Client::V5(c), Loop::V5(Box::new(l)))
+        }
+        MqttProtocol::V311 => {
+            let mut o = broker.options(client_id);
+            o.set_clean_session(true).set_transport(transport);
+            let (c, l) = rumqttc::AsyncClient::new(o, 8);
+            (Client::V4(c), Loop::V4(Box::new(l)))
+        }
+    };
+    connected(&mut ev, &broker.address()).await?;
+    let session = Session {
+        client,
+        epoch: Arc::default(),
+        filter: String::new(),
+    };
+    session.disconnect().await;
+    // Send the DISCONNECT.
+    let _ = tokio::time::timeout(Duration::from_millis(500), async {
+        while ev.poll().await.is_ok() {}
+    })
+    .await;
+    Ok(())
+}
+
+/// Polls until the broker's CONNACK: whether it kept the session, and its limits.
+async fn connected(
+    ev: &mut Loop,
+    address: &str,
+) -> Result<(bool, Option<BrokerLimits>), StreamError> {
+    let conn_err = |message: String| StreamError::Connect {
+        broker: address.to_string(),
+        message,
+    };
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), ev.poll()).await {
+            Ok(Ok(Polled::Connected {
+                session_present,
+                limits,
+            })) => return Ok((session_present, limits)),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(conn_err(e)),
+            Err(_) => return Err(conn_err("no answer within 10 s".into())),
+        }
+    }
+}
+
 /// Connects (waiting for the broker's answer, so that a wrong address fails at once),
 /// subscribes, and starts the event loop. Messages arrive on the returned channel.
 pub async fn start(
     spec: &MqttSourceSpec,
-    client_id: &str,
-    channel: usize,
+    id: &SessionId,
+    receive_maximum: u16,
 ) -> Result<(Session, mpsc::Receiver<Delivery>, JoinHandle<()>), StreamError> {
+    // The channel holds at least what the broker may send unacknowledged.
+    let channel = receive_maximum as usize + 1024;
     let broker = Broker::parse(&spec.broker).map_err(|e| StreamError::Mqtt(e.to_string()))?;
     let transport = broker
         .transport(spec.ca_file.as_deref())
         .map_err(|e| StreamError::Mqtt(e.to_string()))?;
     let address = broker.address();
-    let filter = spec.shared_filter();
+    let client_id = id.client_id.as_str();
+    let filter = id.subscription.clone();
     let expiry = u32::try_from(spec.session_expiry.as_secs()).unwrap_or(u32::MAX);
     let (client, mut ev) = match spec.protocol {
         MqttProtocol::V5 => {
             let mut o = broker.options_v5(client_id);
             o.set_clean_start(false)
                 .set_session_expiry_interval(Some(expiry.max(1)))
-                .set_receive_maximum(Some(RECEIVE_MAXIMUM))
+                .set_receive_maximum(Some(receive_maximum))
                 .set_manual_acks(true)
                 .set_transport(transport);
             let (c, l) = rumqttc::v5::AsyncClient::new(o, 1024);
@@ -229,21 +373,22 @@ pub async fn start(
             (Client::V4(c), Loop::V4(Box::new(l)))
         }
     };
-    let conn_err = |message: String| StreamError::Connect {
-        broker: address.clone(),
-        message,
-    };
-    let session_present = loop {
-        match tokio::time::timeout(Duration::from_secs(10), ev.poll()).await {
-            Ok(Ok(Polled::Connected { session_present })) => break session_present,
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => return Err(conn_err(e)),
-            Err(_) => return Err(conn_err("no answer within 10 s".into())),
+    let (session_present, limits) = connected(&mut ev, &address).await?;
+    if let Some(l) = limits {
+        if !l.shared_subscriptions && filter.starts_with("$share/") {
+            return Err(StreamError::Mqtt(format!(
+                "the broker at {address} does not offer shared subscriptions; set `scaling: {{ max_replicas: 1 }}` to subscribe without one"
+            )));
         }
-    };
+        if let Some(granted) = l.session_expiry
+            && granted < expiry
+        {
+            tracing::warn!(broker = %address, asked_s = expiry, granted_s = granted, "the broker keeps this worker's session for less than the source's session_expiry: unacknowledged messages are lost when a worker stays away longer");
+        }
+    }
     let qos = spec.qos;
     subscribe(&client, &filter, qos).await?;
-    tracing::info!(broker = %address, filter = %filter, client_id, session_present, "subscribed");
+    tracing::info!(broker = %address, subscription = %filter, client_id, session_present, "subscribed");
 
     let epoch = Arc::new(AtomicU64::new(0));
     let session = Session {
@@ -255,11 +400,13 @@ pub async fn start(
     let budget = Arc::new(Semaphore::new(HELD_BYTES >> 10));
     let task = tokio::spawn(async move {
         let mut seq = 0u64;
-        let mut backoff = Duration::from_millis(200);
+        // The first reconnect is at once: while we are away the broker drops what it
+        // cannot queue (and a restarted broker what no subscription takes).
+        let mut backoff = Duration::ZERO;
         loop {
             match ev.poll().await {
                 Ok(Polled::Message(m)) => {
-                    backoff = Duration::from_millis(200);
+                    backoff = Duration::ZERO;
                     let kib = (m.payload.len() >> 10).clamp(1, HELD_BYTES >> 10) as u32;
                     let Ok(permit) = budget.clone().acquire_many_owned(kib).await else {
                         return;
@@ -267,6 +414,7 @@ pub async fn start(
                     seq += 1;
                     let d = Delivery {
                         seq,
+                        redelivered: m.dup,
                         topic: m.topic,
                         payload: m.payload,
                         ack: Ack {
@@ -279,7 +427,10 @@ pub async fn start(
                         return;
                     }
                 }
-                Ok(Polled::Connected { session_present }) => {
+                Ok(Polled::Connected {
+                    session_present, ..
+                }) => {
+                    backoff = Duration::ZERO;
                     epoch.fetch_add(1, Ordering::AcqRel);
                     tracing::info!(broker = %address, session_present, "reconnected to the broker");
                     if let Err(e) = subscribe(&client, &filter, qos).await {
@@ -293,12 +444,61 @@ pub async fn start(
                     }
                     tracing::warn!(broker = %address, error = %e, retry_in_ms = backoff.as_millis() as u64, "MQTT connection lost; reconnecting (unacknowledged messages will come again)");
                     tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                    backoff =
+                        (backoff * 2).clamp(Duration::from_millis(50), Duration::from_secs(5));
                 }
             }
         }
     });
     Ok((session, rx, task))
+}
+
+/// What the broker says it is (`$SYS/broker/version`, which Mosquitto and others
+/// publish retained), asked on a connection of its own; `None` when it does not say
+/// within `within`.
+pub async fn broker_version(spec: &MqttSourceSpec, within: Duration) -> Option<String> {
+    let broker = Broker::parse(&spec.broker).ok()?;
+    let transport = broker.transport(spec.ca_file.as_deref()).ok()?;
+    let mut o = broker.options(&format!("etlmesh-probe-{}", std::process::id()));
+    o.set_clean_session(true).set_transport(transport);
+    let (c, mut l) = rumqttc::AsyncClient::new(o, 8);
+    let found = tokio::time::timeout(within, async {
+        loop {
+            match l.poll().await.ok()? {
+                rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_)) => {
+                    c.subscribe("$SYS/broker/version", rumqttc::QoS::AtMostOnce)
+                        .await
+                        .ok()?;
+                }
+                rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)) => {
+                    return Some(String::from_utf8_lossy(&p.payload).into_owned());
+                }
+                _ => {}
+            }
+        }
+    })
+    .await
+    .ok()
+    .flatten();
+    let _ = c.disconnect().await;
+    let _ = tokio::time::timeout(Duration::from_millis(200), l.poll()).await;
+    found
+}
+
+/// Whether a broker (by its version string) drops, by default, messages it queues
+/// for a session: Mosquitto does, past `max_queued_messages` (1,000) beyond what is in
+/// flight for a session that is online, and counting what is in flight for one that
+/// is offline.
+pub fn drops_queued(version: &str) -> bool {
+    version.to_ascii_lowercase().contains("mosquitto")
+}
+
+/// What an operator must know about such a broker, for a source that lets it send
+/// `receive_maximum` messages unacknowledged.
+pub fn broker_risks(version: &str, receive_maximum: u16) -> String {
+    format!(
+        "the broker is {version}: by default it keeps at most 1,000 messages queued for a session (max_queued_messages) and silently drops the rest — beyond the {receive_maximum} it may have in flight to a worker that is slower than the publishers (a sink down), and, for a worker that died holding more than 1,000 unacknowledged, every message published until it is back. It also forgets shared subscriptions when it restarts (a pipeline with `scaling: {{ max_replicas: 1 }}` subscribes without sharing, which it keeps). Set `max_queued_messages 0` in mosquitto.conf, then say so with `broker_keeps_queued: true` on the source"
+    )
 }
 
 async fn subscribe(client: &Client, filter: &str, qos: u8) -> Result<(), StreamError> {
@@ -330,6 +530,7 @@ pub fn detached_delivery(seq: u64, topic: &str, payload: &[u8]) -> Delivery {
     let permit = budget.try_acquire_owned().expect("one permit");
     Delivery {
         seq,
+        redelivered: false,
         topic: Arc::from(topic),
         payload: Bytes::copy_from_slice(payload),
         ack: Ack {

@@ -52,6 +52,8 @@ struct Open {
 pub struct Closed {
     /// Start, epoch milliseconds.
     pub start: i64,
+    /// The oldest message it held.
+    pub min_seq: u64,
     /// End (exclusive).
     pub end: i64,
     /// Its rows.
@@ -65,6 +67,12 @@ pub struct Added {
     pub late: Vec<usize>,
     /// Rows without an event time.
     pub untimed: Vec<usize>,
+    /// Rows whose event time is more than `max_future` ahead of the clock: they are in
+    /// no window and do not move the watermark.
+    pub future: Vec<usize>,
+    /// Rows of messages the broker sent again whose windows had all been loaded before
+    /// the stream resumed: counted already, skipped.
+    pub replayed: Vec<usize>,
 }
 
 /// The open windows of one pipeline.
@@ -77,6 +85,9 @@ pub struct Windows {
     watermark: i64,
     newest: i64,
     last_arrival: Instant,
+    /// The watermark the stream resumed from: every window ending at or before it was
+    /// loaded by an earlier run of the slot.
+    resumed: Option<i64>,
 }
 
 impl Windows {
@@ -93,6 +104,7 @@ impl Windows {
             watermark: i64::MIN,
             newest: i64::MIN,
             last_arrival: Instant::now(),
+            resumed: None,
         })
     }
 
@@ -102,6 +114,17 @@ impl Windows {
 
     fn slide(&self) -> i64 {
         self.spec.slide.as_millis() as i64
+    }
+
+    /// Resumes from the watermark of an earlier run of the slot (see [`Added::replayed`]).
+    pub fn resume(&mut self, watermark: i64) {
+        self.watermark = self.watermark.max(watermark);
+        self.resumed = Some(watermark);
+    }
+
+    /// How far ahead of the clock an event time may be.
+    pub fn max_future(&self) -> Duration {
+        self.spec.max_future
     }
 
     /// The watermark (epoch milliseconds), once a record came.
@@ -124,8 +147,16 @@ impl Windows {
         self.open.values().map(|o| o.rows).sum()
     }
 
-    /// Adds rows; `seqs[i]` is the arrival number of row `i`'s message.
-    pub fn add(&mut self, batch: &RecordBatch, seqs: &[u64]) -> Result<Added, String> {
+    /// Adds rows; `seqs[i]` is the arrival number of row `i`'s message,
+    /// `redelivered[i]` whether the broker sent that message again, `now_ms` the wall
+    /// clock (epoch milliseconds).
+    pub fn add(
+        &mut self,
+        batch: &RecordBatch,
+        seqs: &[u64],
+        redelivered: &[bool],
+        now_ms: i64,
+    ) -> Result<Added, String> {
         let mut added = Added::default();
         if batch.num_rows() == 0 {
             return Ok(added);
@@ -133,6 +164,7 @@ impl Windows {
         self.last_arrival = Instant::now();
         let ms = event_millis(batch.column(self.time))?;
         let (size, slide) = (self.size(), self.slide());
+        let horizon = now_ms.saturating_add(self.spec.max_future.as_millis() as i64);
         let mut per_window: BTreeMap<i64, (Vec<u32>, u64)> = BTreeMap::new();
         let mut newest = self.newest;
         for (i, t) in ms.iter().enumerate() {
@@ -140,6 +172,10 @@ impl Windows {
                 added.untimed.push(i);
                 continue;
             };
+            if t > horizon {
+                added.future.push(i);
+                continue;
+            }
             let last = t.div_euclid(slide).saturating_mul(slide);
             let mut any = false;
             let mut start = last;
@@ -158,6 +194,10 @@ impl Windows {
             }
             if any {
                 newest = newest.max(t);
+            } else if redelivered.get(i).copied().unwrap_or(false)
+                && self.resumed.is_some_and(|r| last.saturating_add(size) <= r)
+            {
+                added.replayed.push(i);
             } else {
                 added.late.push(i);
             }
@@ -204,6 +244,7 @@ impl Windows {
             self.watermark = self.watermark.max(end);
             out.push(Closed {
                 start,
+                min_seq: w.min_seq,
                 end,
                 batch: self.with_bounds(w, start, end)?,
             });
@@ -264,8 +305,12 @@ mod tests {
             slide: Duration::from_millis(slide),
             allowed_lateness: Duration::from_millis(lateness),
             idle_timeout: Duration::from_secs(3600),
+            max_future: Duration::from_secs(300),
         }
     }
+
+    /// The wall clock of the tests: far after every event time they use.
+    const NOW: i64 = 1_000_000_000;
 
     fn input() -> SchemaRef {
         Arc::new(Schema::new(vec![
@@ -292,12 +337,14 @@ mod tests {
     #[test]
     fn tumbling_windows_close_on_the_watermark_and_late_rows_are_found() {
         let mut w = Windows::new(spec(1000, 1000, 500), &input()).expect("windows");
-        let a = w.add(&rows(&[100, 900, 1200]), &[1, 2, 3]).expect("add");
+        let a = w
+            .add(&rows(&[100, 900, 1200]), &[1, 2, 3], &[], NOW)
+            .expect("add");
         assert!(a.late.is_empty());
         // watermark = 1200 - 500 = 700: nothing closes yet.
         assert!(w.due(Instant::now(), false).expect("due").is_empty());
         assert_eq!(w.min_open_seq(), Some(1));
-        w.add(&rows(&[1600]), &[4]).expect("add");
+        w.add(&rows(&[1600]), &[4], &[], NOW).expect("add");
         // watermark 1100: [0, 1000) closes with two rows.
         let closed = w.due(Instant::now(), false).expect("due");
         assert_eq!(closed.len(), 1);
@@ -308,7 +355,7 @@ mod tests {
         assert_eq!(closed[0].batch.num_columns(), 4);
         assert_eq!(w.min_open_seq(), Some(3));
         // A row for the closed window is late; one for the open window is not.
-        let a = w.add(&rows(&[999, 1001]), &[5, 6]).expect("add");
+        let a = w.add(&rows(&[999, 1001]), &[5, 6], &[], NOW).expect("add");
         assert_eq!(a.late, vec![0]);
         let rest = w.due(Instant::now(), true).expect("all");
         assert_eq!(rest.iter().map(|c| c.batch.num_rows()).sum::<usize>(), 3);
@@ -318,12 +365,12 @@ mod tests {
     #[test]
     fn hopping_windows_take_each_row_several_times() {
         let mut w = Windows::new(spec(1000, 250, 0), &input()).expect("windows");
-        w.add(&rows(&[1100]), &[1]).expect("add");
+        w.add(&rows(&[1100]), &[1], &[], NOW).expect("add");
         let mut starts: Vec<i64> = w.open.keys().copied().collect();
         starts.sort_unstable();
         assert_eq!(starts, vec![250, 500, 750, 1000]);
         // watermark 1100 closes nothing; 2300 closes all four.
-        w.add(&rows(&[2300]), &[2]).expect("add");
+        w.add(&rows(&[2300]), &[2], &[], NOW).expect("add");
         let closed = w.due(Instant::now(), false).expect("due");
         assert_eq!(
             closed.iter().map(|c| c.start).collect::<Vec<_>>(),
@@ -334,10 +381,53 @@ mod tests {
     #[test]
     fn extreme_event_times_do_not_overflow() {
         let mut w = Windows::new(spec(1000, 250, 0), &input()).expect("windows");
-        w.add(&rows(&[i64::MIN, i64::MAX, 0]), &[1, 2, 3])
+        w.add(&rows(&[i64::MIN, i64::MAX, 0]), &[1, 2, 3], &[], i64::MAX)
             .expect("add");
         assert!(w.open_count() > 0);
         let _ = w.due(Instant::now(), true).expect("due");
+    }
+
+    #[test]
+    fn a_record_from_the_future_is_set_apart_and_does_not_move_the_watermark() {
+        let mut w = Windows::new(spec(1000, 1000, 500), &input()).expect("windows");
+        w.add(&rows(&[NOW - 5000]), &[1], &[], NOW).expect("add");
+        let before = w.watermark();
+        // A clock a year ahead: past max_future (300 s).
+        let a = w
+            .add(
+                &rows(&[NOW + 365 * 86_400_000, NOW - 4000]),
+                &[2, 3],
+                &[],
+                NOW,
+            )
+            .expect("add");
+        assert_eq!(a.future, vec![0]);
+        assert!(a.late.is_empty());
+        assert_eq!(w.watermark(), before.map(|b| b.max(NOW - 4000 - 500)));
+        // Later records are still on time; one just inside the horizon is taken.
+        let a = w
+            .add(&rows(&[NOW - 3000, NOW + 299_000]), &[4, 5], &[], NOW)
+            .expect("add");
+        assert!(a.late.is_empty() && a.future.is_empty(), "{a:?}");
+    }
+
+    #[test]
+    fn after_a_restart_redelivered_rows_of_loaded_windows_are_replays_not_late() {
+        let mut w = Windows::new(spec(1000, 1000, 0), &input()).expect("windows");
+        // The earlier run loaded every window up to 2000.
+        w.resume(2000);
+        let a = w
+            .add(
+                &rows(&[1500, 1600, 2500, 1700]),
+                &[1, 2, 3, 4],
+                &[true, true, true, false],
+                NOW,
+            )
+            .expect("add");
+        // Sent again, in a loaded window: replays. The same time in a message that is
+        // new: late. The open window [2000, 3000) is rebuilt.
+        assert_eq!((a.replayed, a.late), (vec![0, 1], vec![3]));
+        assert_eq!(w.held_rows(), 1);
     }
 
     #[test]
@@ -345,11 +435,14 @@ mod tests {
         let mut s = spec(60_000, 60_000, 1000);
         s.idle_timeout = Duration::from_millis(10);
         let mut w = Windows::new(s, &input()).expect("windows");
-        w.add(&rows(&[5]), &[1]).expect("add");
+        w.add(&rows(&[5]), &[1], &[], NOW).expect("add");
         assert!(w.due(Instant::now(), false).expect("due").is_empty());
         let later = Instant::now() + Duration::from_millis(20);
         assert_eq!(w.due(later, false).expect("due").len(), 1);
         // The window closed: its records are late now.
-        assert_eq!(w.add(&rows(&[6]), &[2]).expect("add").late, vec![0]);
+        assert_eq!(
+            w.add(&rows(&[6]), &[2], &[], NOW).expect("add").late,
+            vec![0]
+        );
     }
 }

@@ -61,6 +61,8 @@ pub struct Issued {
     pub chain_pem: String,
     /// Seconds since the epoch.
     pub not_after: u64,
+    /// Its serial number, hex: what `etlmesh token revoke` takes.
+    pub serial: String,
 }
 
 /// The control plane's certificate authority.
@@ -71,6 +73,15 @@ pub struct Authority {
     token: JoinToken,
     lifetime: Duration,
     issued: AtomicU64,
+    tokens: crate::grants::JoinTokens,
+    revocations: crate::grants::Revocations,
+    /// The revoked serials, and when their file last changed.
+    revoked: std::sync::Mutex<(
+        Option<std::time::SystemTime>,
+        Arc<std::collections::HashSet<String>>,
+    )>,
+    /// DNS names a certificate may carry end with one of these.
+    host_suffixes: Vec<String>,
 }
 
 impl std::fmt::Debug for Authority {
@@ -166,7 +177,72 @@ impl Authority {
             token,
             lifetime,
             issued: AtomicU64::new(0),
+            tokens: crate::grants::JoinTokens::in_dir(dir),
+            revocations: crate::grants::Revocations::in_dir(dir),
+            revoked: std::sync::Mutex::default(),
+            host_suffixes: Vec::new(),
         })
+    }
+
+    /// DNS names that certificates may carry besides IP addresses and `localhost`: those
+    /// ending with one of `suffixes` (`svc.cluster.local`). None by default.
+    pub fn with_host_suffixes(mut self, suffixes: Vec<String>) -> Self {
+        self.host_suffixes = suffixes
+            .into_iter()
+            .map(|s| s.trim_start_matches('.').to_ascii_lowercase())
+            .filter(|s| !s.is_empty())
+            .collect();
+        self
+    }
+
+    /// Accepts a join token's secret (hex): the authority's own token, or one minted
+    /// (spending one of its uses). The name of the token accepted.
+    pub fn accept_join(&self, presented: &str) -> Result<String, crate::grants::Refusal> {
+        if self.token.accepts(presented) {
+            return Ok("join-token".into());
+        }
+        self.tokens.spend(presented)
+    }
+
+    /// Mints a join token valid for `ttl` and `uses` joins.
+    pub fn mint(
+        &self,
+        name: &str,
+        ttl: Duration,
+        uses: Option<u32>,
+    ) -> Result<JoinToken, TlsError> {
+        self.tokens.mint(&self.anchor_der, name, ttl, uses)
+    }
+
+    /// Mints a join token for the authority kept in `dir` (or with the anchor
+    /// `anchor_pem_path`), from another process: `etlmesh token join`.
+    pub fn mint_in(
+        dir: &Path,
+        anchor: Option<&Path>,
+        name: &str,
+        ttl: Duration,
+        uses: Option<u32>,
+    ) -> Result<JoinToken, TlsError> {
+        let cert_path = anchor.map_or_else(|| dir.join("ca.pem"), Path::to_path_buf);
+        let pem = read(&cert_path)?;
+        let der = CertificateDer::from_pem_slice(pem.as_bytes())
+            .map_err(|e| file_error(&cert_path, e))?;
+        crate::grants::JoinTokens::in_dir(dir).mint(&der, name, ttl, uses)
+    }
+
+    /// The revoked serials (read again when their file changed).
+    pub fn revoked(&self) -> Arc<std::collections::HashSet<String>> {
+        let modified = self.revocations.modified();
+        let mut cur = self.revoked.lock().unwrap_or_else(|e| e.into_inner());
+        if cur.0 != modified {
+            match self.revocations.serials() {
+                Ok(set) => *cur = (modified, Arc::new(set)),
+                Err(e) => {
+                    tracing::error!(error = %e, "the revocation list cannot be read: keeping the last one")
+                }
+            }
+        }
+        cur.1.clone()
     }
 
     /// A new trust anchor: ECDSA P-256, valid ten years, for signing mesh certificates
@@ -234,6 +310,7 @@ impl Authority {
         Ok(Issued {
             chain_pem: format!("{}{}", cert.pem(), self.anchor_pem),
             not_after: params.not_after.unix_timestamp().max(0) as u64,
+            serial: crate::revoked::serial_of(cert.der()).unwrap_or_default(),
         })
     }
 
@@ -265,6 +342,33 @@ impl Authority {
         identity.replace(&key, &issued)
     }
 
+    /// A host a certificate may carry: an IP address, `localhost`, or a DNS name under
+    /// one of the configured suffixes; never a wildcard.
+    fn check_host(&self, host: &str) -> Result<(), TlsError> {
+        let h = host.to_ascii_lowercase();
+        let ok = if h.contains('*') {
+            false
+        } else if h.parse::<std::net::IpAddr>().is_ok() || h == "localhost" {
+            true
+        } else {
+            self.host_suffixes
+                .iter()
+                .any(|s| h == *s || h.ends_with(&format!(".{s}")))
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(TlsError::Certificate(format!(
+                "host `{host}` may not be in a mesh certificate: give an IP address, or a name under platform.mesh.host_suffixes ({}); never a wildcard",
+                if self.host_suffixes.is_empty() {
+                    "none set".to_string()
+                } else {
+                    self.host_suffixes.join(", ")
+                }
+            )))
+        }
+    }
+
     fn leaf_params(
         &self,
         name: &str,
@@ -286,6 +390,9 @@ impl Authority {
                 "{} host names; at most 16",
                 hosts.len()
             )));
+        }
+        for h in hosts {
+            self.check_host(h)?;
         }
         let mut sans = vec![
             MESH_NAME.to_string(),

@@ -157,7 +157,7 @@ fn with_config(config: ClientConfig, connect_timeout: Duration, h2_only: bool) -
     })
 }
 
-fn key_and_request() -> Result<(KeyPair, String), TlsError> {
+pub(crate) fn key_and_request() -> Result<(KeyPair, String), TlsError> {
     let key = KeyPair::generate().map_err(|e| TlsError::Certificate(format!("a key: {e}")))?;
     let csr = CertificateParams::default()
         .serialize_request(&key)
@@ -280,6 +280,7 @@ pub async fn join(
     let issued = Issued {
         chain_pem: resp.certificate,
         not_after: resp.not_after,
+        serial: String::new(),
     };
     let identity = Identity::new(name, role, hosts, &key, &issued, anchor)?;
     tracing::info!(
@@ -315,6 +316,7 @@ async fn renew_once(identity: &Arc<Identity>, base: &str) -> Result<u64, TlsErro
         &Issued {
             chain_pem: resp.certificate,
             not_after: resp.not_after,
+            serial: String::new(),
         },
     )?;
     Ok(resp.not_after)

@@ -151,6 +151,18 @@ impl Identity {
             .unwrap_or_default()
     }
 
+    /// The current certificate (the leaf), DER.
+    pub fn certificate(&self) -> CertificateDer<'static> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .key
+            .cert
+            .first()
+            .cloned()
+            .unwrap_or_else(|| CertificateDer::from(Vec::new()))
+    }
+
     /// The trust anchor (DER).
     pub fn anchor(&self) -> &CertificateDer<'static> {
         &self.anchor
@@ -174,7 +186,7 @@ impl Identity {
         let mut config = ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .map_err(|e| TlsError::Certificate(e.to_string()))?
-            .with_client_cert_verifier(verifier)
+            .with_client_cert_verifier(Arc::new(crate::verify::MeshClientVerifier(verifier)))
             .with_cert_resolver(Arc::new(Resolver(self.current.clone())));
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Ok(Arc::new(config))

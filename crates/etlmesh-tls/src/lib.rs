@@ -17,12 +17,17 @@
 //!
 //! The join token carries the SHA-256 of the trust anchor: a joining process checks the
 //! control plane's certificate against it before it sends the token, so one string is
-//! all a worker needs to join safely (as with `kubeadm join`).
+//! all a worker needs to join safely (as with `kubeadm join`). Tokens can also be
+//! minted with an expiry and a number of uses ([`grants`]); certificates can be
+//! revoked by serial number, and every process of the mesh refuses a revoked peer in
+//! its handshakes ([`set_revoked`], fed by the control plane).
 
 mod authority;
 mod client;
+pub mod grants;
 mod identity;
 pub mod listener;
+mod revoked;
 mod token;
 mod verify;
 
@@ -34,6 +39,7 @@ pub use client::{
     join, renew_forever,
 };
 pub use identity::{ClientAuth, Identity};
+pub use revoked::{is_revoked, serial_of, set_revoked};
 pub use token::JoinToken;
 
 /// Errors of the mesh's TLS.

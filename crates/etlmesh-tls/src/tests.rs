@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rustls::pki_types::ServerName;
+use rustls::pki_types::pem::PemObject;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::{Authority, ClientAuth, Identity, Role};
@@ -183,4 +184,103 @@ fn names_and_requests_are_checked() {
         .expect_err("bad csr")
         .to_string();
     assert!(e.contains("signing request"), "{e}");
+}
+
+#[test]
+fn hosts_are_addresses_or_names_under_a_suffix_never_wildcards() {
+    let dir = tempfile::tempdir().expect("dir");
+    let mesh = authority(dir.path(), Duration::from_secs(60));
+    for ok in ["127.0.0.1", "::1", "localhost"] {
+        mesh.local_identity("w", Role::Worker, &[ok.into()])
+            .unwrap_or_else(|e| panic!("{ok}: {e}"));
+    }
+    for bad in [
+        "*.etlmesh",
+        "*",
+        "evil.example.com",
+        "w.ns.svc.cluster.local",
+    ] {
+        let e = mesh
+            .local_identity("w", Role::Worker, &[bad.into()])
+            .expect_err(bad)
+            .to_string();
+        assert!(e.contains("may not be in a mesh certificate"), "{e}");
+    }
+    let k8s = authority(dir.path(), Duration::from_secs(60))
+        .with_host_suffixes(vec![".svc.cluster.local".into()]);
+    k8s.local_identity("w", Role::Worker, &["w.ns.svc.cluster.local".into()])
+        .expect("under the suffix");
+    for bad in ["*.svc.cluster.local", "evilsvc.cluster.local"] {
+        k8s.local_identity("w", Role::Worker, &[bad.into()])
+            .expect_err(bad);
+    }
+}
+
+#[test]
+fn a_certificate_says_who_it_is_and_its_serial_is_the_one_issued() {
+    let dir = tempfile::tempdir().expect("dir");
+    let mesh = authority(dir.path(), Duration::from_secs(60));
+    let (key, csr) = crate::client::key_and_request().expect("csr");
+    let _ = key;
+    let issued = mesh
+        .issue(&csr, "clean-2", Role::Worker, &["10.0.0.5".into()])
+        .expect("issue");
+    let der = rustls::pki_types::CertificateDer::from_pem_slice(issued.chain_pem.as_bytes())
+        .expect("leaf");
+    let who = crate::listener::PeerIdentity::of(&der).expect("identity");
+    assert_eq!(
+        (who.name.as_str(), who.role, who.hosts.clone()),
+        ("clean-2", Role::Worker, vec!["10.0.0.5".to_string()])
+    );
+    assert_eq!(who.serial, issued.serial);
+    assert!(!issued.serial.is_empty());
+}
+
+#[test]
+fn the_own_token_joins_and_minted_ones_run_out() {
+    let dir = tempfile::tempdir().expect("dir");
+    let mesh = authority(dir.path(), Duration::from_secs(60));
+    assert!(mesh.accept_join(&mesh.token().secret_hex()).is_ok());
+    let once = mesh
+        .mint("ci", Duration::from_secs(60), Some(1))
+        .expect("mint");
+    assert_eq!(once.anchor(), mesh.token().anchor());
+    assert_eq!(mesh.accept_join(&once.secret_hex()), Ok("ci".into()));
+    assert!(mesh.accept_join(&once.secret_hex()).is_err());
+    // Minted from another process, into the same directory.
+    let cli = Authority::mint_in(dir.path(), None, "cli", Duration::from_secs(60), Some(2))
+        .expect("mint_in");
+    assert!(mesh.accept_join(&cli.secret_hex()).is_ok());
+    assert!(mesh.accept_join(&cli.secret_hex()).is_ok());
+    assert!(mesh.accept_join(&cli.secret_hex()).is_err());
+    assert!(
+        mesh.accept_join("00112233445566778899aabbccddeeff")
+            .is_err()
+    );
+}
+
+#[tokio::test]
+async fn a_revoked_certificate_is_refused_in_the_handshake() {
+    let dir = tempfile::tempdir().expect("dir");
+    let mesh = authority(dir.path(), Duration::from_secs(3600));
+    let worker = mesh
+        .local_identity("w-revoke", Role::Worker, &[])
+        .expect("worker");
+    let gateway = mesh
+        .local_identity("gw-revoke", Role::Gateway, &[])
+        .expect("gateway");
+    handshake(&worker, ClientAuth::Required, Some(&gateway))
+        .await
+        .expect("before");
+    let serial = crate::revoked::serial_of(&gateway.certificate()).expect("serial");
+    crate::grants::Revocations::in_dir(dir.path())
+        .revoke(&serial)
+        .expect("revoke");
+    assert!(mesh.revoked().contains(&serial));
+    crate::set_revoked(mesh.revoked().iter().cloned());
+    let e = handshake(&worker, ClientAuth::Required, Some(&gateway))
+        .await
+        .expect_err("a revoked client");
+    assert!(!e.is_empty());
+    crate::set_revoked(Vec::new());
 }

@@ -66,6 +66,16 @@ impl JoinToken {
         hex(&self.secret)
     }
 
+    /// The secret's bytes.
+    pub(crate) fn secret_bytes(&self) -> [u8; 16] {
+        self.secret
+    }
+
+    /// A secret as sent in a join request (hex), when it is one.
+    pub(crate) fn secret_from_hex(presented: &str) -> Option<[u8; 16]> {
+        unhex::<16>(presented)
+    }
+
     /// Whether `presented` (hex) is this token's secret; compares digests, so the time
     /// taken says nothing about the secret.
     pub fn accepts(&self, presented: &str) -> bool {

@@ -67,7 +67,9 @@ impl ServerCertVerifier for MeshServerVerifier {
                 webpki(Arc::new(roots))?
             }
         };
-        verifier.verify_server_cert(end_entity, intermediates, &mesh_name(), ocsp, now)
+        let ok = verifier.verify_server_cert(end_entity, intermediates, &mesh_name(), ocsp, now)?;
+        crate::revoked::check(end_entity)?;
+        Ok(ok)
     }
 
     fn verify_tls12_signature(
@@ -102,5 +104,59 @@ impl ServerCertVerifier for MeshServerVerifier {
         provider()
             .signature_verification_algorithms
             .supported_schemes()
+    }
+}
+
+/// How a mesh listener checks a client: the anchor's chain (webpki), then that its
+/// certificate is not revoked.
+#[derive(Debug)]
+pub(crate) struct MeshClientVerifier(
+    pub(crate) Arc<dyn rustls::server::danger::ClientCertVerifier>,
+);
+
+impl rustls::server::danger::ClientCertVerifier for MeshClientVerifier {
+    fn offer_client_auth(&self) -> bool {
+        self.0.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.0.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        self.0.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        let ok = self.0.verify_client_cert(end_entity, intermediates, now)?;
+        crate::revoked::check(end_entity)?;
+        Ok(ok)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.supported_verify_schemes()
     }
 }

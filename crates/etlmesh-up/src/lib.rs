@@ -117,17 +117,19 @@ pub async fn run(
             _ => None,
         },
     };
-    let env = control
-        .authority
-        .as_ref()
-        .map(|a| vec![("ETLMESH_JOIN_TOKEN".to_string(), a.token().to_string())])
-        .unwrap_or_default();
+    let mut env = Vec::new();
+    let join_token = etlmesh_control::worker_join_tokens(control.authority.clone());
+    env.push((
+        "ETLMESH_STATE_DIR".to_string(),
+        options.state_dir.display().to_string(),
+    ));
     let scaler = Arc::new(ProcessScaler::new(WorkerCommand {
         exe: options.exe.clone(),
         config: options.config.clone(),
         control_plane: members_url,
         extra: options.worker_args.clone(),
         env,
+        join_token,
     }));
     let autoscale = etlmesh_control::AutoscaleConfig {
         pools: etlmesh_control::pools(file, options.fixed_workers),

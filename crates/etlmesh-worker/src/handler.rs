@@ -51,6 +51,9 @@ pub(crate) async fn healthz(State(app): State<Arc<App>>) -> Response {
 }
 
 pub(crate) async fn metrics(State(app): State<Arc<App>>) -> Response {
+    for (name, dead) in app.pipelines.dead_letter_logs() {
+        app.metrics.dead_letter_stats(name, dead.stats());
+    }
     etlmesh_http::metrics_response(etlmesh_telemetry::metrics::render(&app.registry))
 }
 

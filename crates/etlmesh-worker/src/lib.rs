@@ -86,6 +86,11 @@ pub struct WorkerOptions {
     pub pipelines: Vec<String>,
     /// Per-request metrics and trace spans (off only to measure what they cost).
     pub telemetry: bool,
+    /// Where streams keep their state between runs; in memory only when absent.
+    pub state_dir: Option<std::path::PathBuf>,
+    /// Set (before `shutdown` completes) when the worker leaves its pool for good: its
+    /// streams then give up their shared subscriptions.
+    pub leave_on_stop: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl WorkerOptions {
@@ -105,6 +110,8 @@ impl WorkerOptions {
             inject_latency: None,
             pipelines: Vec::new(),
             telemetry: true,
+            state_dir: None,
+            leave_on_stop: Arc::default(),
         }
     }
 }
@@ -160,7 +167,12 @@ pub async fn run(
         &options.id,
         &pipelines,
         &registry,
-        streams::Shared { taps: taps.clone() },
+        streams::Shared {
+            taps: taps.clone(),
+            state_dir: options.state_dir.clone(),
+            leaving: options.leave_on_stop.clone(),
+            linger: options.drain_grace,
+        },
         drain_rx.clone(),
     );
     let app = Arc::new(App {

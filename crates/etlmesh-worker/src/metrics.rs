@@ -59,6 +59,16 @@ pub struct WorkerMetrics {
     pub ewma_latency: Gauge<f64, std::sync::atomic::AtomicU64>,
     /// Off: per-request counts are skipped (to measure what they cost).
     pub enabled: bool,
+    /// Dead-letter logs by pipeline: written, rotations, files dropped past the bound.
+    pub dead_letters: Family<DeadLetterLabels, Gauge>,
+}
+
+/// Labels of a dead-letter log's counts.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DeadLetterLabels {
+    pub pipeline: String,
+    /// written, rotated, dropped_files, dropped_bytes.
+    pub what: &'static str,
 }
 
 impl WorkerMetrics {
@@ -71,6 +81,7 @@ impl WorkerMetrics {
             bytes: Family::default(),
             ewma_latency: Gauge::default(),
             enabled: true,
+            dead_letters: Family::default(),
         };
         let mut r = registry.lock().unwrap_or_else(|p| p.into_inner());
         r.register(
@@ -99,11 +110,37 @@ impl WorkerMetrics {
             m.bytes.clone(),
         );
         r.register(
+            "dead_letter_log",
+            "The worker's dead-letter files by pipeline: dead letters written, files rotated, rotated files dropped (and their bytes) to keep within dead_letter.max_size × max_files",
+            m.dead_letters.clone(),
+        );
+        r.register(
             "worker_latency_ewma_seconds",
             "Exponentially weighted moving average of request latency (what the gateway balances on)",
             m.ewma_latency.clone(),
         );
         m
+    }
+
+    /// Copies a dead-letter log's counts into the gauges.
+    pub fn dead_letter_stats(
+        &self,
+        pipeline: &str,
+        st: etlmesh_sink::dead_letter::DeadLetterStats,
+    ) {
+        for (what, v) in [
+            ("written", st.written),
+            ("rotated", st.rotations),
+            ("dropped_files", st.dropped_files),
+            ("dropped_bytes", st.dropped_bytes),
+        ] {
+            self.dead_letters
+                .get_or_create(&DeadLetterLabels {
+                    pipeline: pipeline.to_string(),
+                    what,
+                })
+                .set(i64::try_from(v).unwrap_or(i64::MAX));
+        }
     }
 
     /// The handles of `pipeline`'s per-request metrics.

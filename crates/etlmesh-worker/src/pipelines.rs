@@ -21,7 +21,7 @@ pub(crate) struct Pipeline {
     pub spec: PipelineSpec,
     pub schema: Option<SchemaRef>,
     pub transform: Option<Arc<Transform>>,
-    pub dead: Option<DeadLetterLog>,
+    pub dead: Option<Arc<DeadLetterLog>>,
     inferred: Mutex<Vec<(SchemaRef, Arc<Transform>)>>,
     /// Its Prometheus handles, made on its first request.
     pub metrics: std::sync::OnceLock<crate::metrics::PipelineHandles>,
@@ -122,7 +122,7 @@ impl Pipelines {
             let dead = spec
                 .dead_letter
                 .as_ref()
-                .map(|d| DeadLetterLog::open(d, &spec.name, worker))
+                .map(|d| DeadLetterLog::open(d, &spec.name, worker).map(Arc::new))
                 .transpose()
                 .map_err(|e| WorkerError::Pipeline(e.to_string()))?;
             order.push(spec.name.clone());
@@ -161,6 +161,15 @@ impl Pipelines {
 
     pub fn names(&self) -> &[String] {
         &self.order
+    }
+
+    /// The dead-letter log of each pipeline that has one.
+    pub fn dead_letter_logs(&self) -> impl Iterator<Item = (&str, &Arc<DeadLetterLog>)> {
+        self.order.iter().filter_map(|n| {
+            self.map
+                .get(n)
+                .and_then(|p| p.dead.as_ref().map(|d| (n.as_str(), d)))
+        })
     }
 
     /// Each pipeline's usage counters, in file order.

@@ -11,6 +11,14 @@ use tokio::sync::watch;
 
 use crate::LoadTracker;
 
+/// Takes the revoked certificates the control plane sent with its answer: the worker
+/// refuses them in its handshakes from now on.
+pub(crate) fn learn_revoked(answer: &serde_json::Value) {
+    if let Some(list) = answer["revoked"].as_array() {
+        etlmesh_tls::set_revoked(list.iter().filter_map(|s| s.as_str().map(String::from)));
+    }
+}
+
 /// The heartbeat period.
 pub const HEARTBEAT: Duration = Duration::from_secs(1);
 
@@ -63,7 +71,7 @@ pub(crate) async fn report(
             .call::<_, serde_json::Value>(Method::PUT, &beat_url, Some(&beat))
             .await
         {
-            Ok(_) => {}
+            Ok(answer) => learn_revoked(&answer),
             Err(e) if e.status() == Some(StatusCode::NOT_FOUND) => {
                 tracing::warn!(worker = %registration.id, "the control plane does not know this worker; registering again");
                 registered = false;

@@ -17,6 +17,12 @@ pub(crate) type Running = (String, JoinHandle<Result<(), StreamError>>);
 pub(crate) struct Shared {
     /// Open taps.
     pub taps: std::sync::Arc<etlmesh_sink::tap::TapHub>,
+    /// Where streams keep their state.
+    pub state_dir: Option<std::path::PathBuf>,
+    /// Set when the worker leaves its pool for good.
+    pub leaving: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// The worker's drain grace.
+    pub linger: std::time::Duration,
 }
 
 /// Starts the stream of every served pipeline with an MQTT source.
@@ -44,6 +50,10 @@ pub(crate) fn start(
         limits: pipelines.limits,
         metrics: StreamMetrics::register(registry),
         taps: shared.taps,
+        state_dir: shared.state_dir,
+        leaving: shared.leaving,
+        dead_letters: None,
+        linger: shared.linger,
     };
     specs
         .into_iter()
@@ -54,6 +64,8 @@ pub(crate) fn start(
             let run = match pipelines.get(&name) {
                 Some(p) => {
                     opts.metrics = opts.metrics.count_records_in(p.usage.records.clone());
+                    // One dead-letter file per pipeline and worker, for requests and stream.
+                    opts.dead_letters = p.dead.clone();
                     cpu_timed(
                         etlmesh_stream::run(spec, opts, drain.clone()),
                         p.usage.cpu_ns.clone(),

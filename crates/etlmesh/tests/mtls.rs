@@ -534,3 +534,182 @@ async fn separate_processes_join_with_the_token() {
         "the gateway and the worker joined: {metrics}"
     );
 }
+
+/// One HTTP/1.1 request over a mesh connection that shows `identity`'s certificate;
+/// the answer's status line and body, or the handshake's error.
+async fn as_member(
+    identity: &std::sync::Arc<etlmesh_tls::Identity>,
+    mesh_url: &str,
+    path: &str,
+    body: &str,
+) -> Result<String, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = mesh_url.trim_start_matches("https://").to_string();
+    let tcp = tokio::net::TcpStream::connect(&addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut config = (*identity.client_config()).clone();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let name = rustls::pki_types::ServerName::try_from("mesh.etlmesh").expect("name");
+    let mut tls = connector
+        .connect(name, tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    let req = format!(
+        "POST {path} HTTP/1.1\r\nHost: cp\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    tls.write_all(req.as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    tls.read_to_end(&mut out).await.map_err(|e| e.to_string())?;
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_authority_keeps_identities_spends_tokens_and_honours_revocations() {
+    let scratch = Scratch::new();
+    let dir = scratch.dir.path();
+    scratch.write("mesh.yaml", MESH_YAML);
+    let cp = Proc::start(
+        dir,
+        &[
+            "control-plane",
+            "--listen",
+            "127.0.0.1:0",
+            "--mesh-listen",
+            "127.0.0.1:0",
+            "--state-dir",
+            "st",
+        ],
+    );
+    let mesh = cp.url("control plane mesh");
+    let token: etlmesh_tls::JoinToken = std::fs::read_to_string(dir.join("st/mesh/join-token"))
+        .expect("the join token")
+        .trim()
+        .parse()
+        .expect("token");
+    let join = |t: etlmesh_tls::JoinToken, name: &'static str, hosts: Vec<String>| {
+        let mesh = mesh.clone();
+        async move {
+            etlmesh_tls::join(
+                &mesh,
+                &t,
+                name,
+                etlmesh_tls::Role::Worker,
+                &hosts,
+                Duration::from_secs(5),
+            )
+            .await
+        }
+    };
+
+    // Hosts: no wildcard, no name outside the configured suffixes.
+    for bad in ["*.etlmesh", "evil.example.com"] {
+        let e = join(token.clone(), "w-bad", vec![bad.into()])
+            .await
+            .expect_err(bad)
+            .to_string();
+        assert!(e.contains("may not be in a mesh certificate"), "{e}");
+    }
+
+    // A minted token joins once.
+    let out = scratch.etlmesh(&[
+        "token",
+        "join",
+        "--state-dir",
+        "st",
+        "--uses",
+        "1",
+        "--ttl",
+        "10m",
+        "--name",
+        "ci",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let once: etlmesh_tls::JoinToken = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .expect("minted token");
+    let member = join(once.clone(), "w-ci", vec!["127.0.0.1".into()])
+        .await
+        .expect("first join");
+    let e = join(once, "w-again", vec![])
+        .await
+        .expect_err("second join")
+        .to_string();
+    assert!(e.contains("used as often as it may"), "{e}");
+
+    // Renewal keeps the identity of the certificate presented.
+    let csr = |name: &str, role: &str, hosts: &str| {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let csr = rcgen::CertificateParams::default()
+            .serialize_request(&key)
+            .and_then(|r| r.pem())
+            .expect("csr");
+        serde_json::json!({"name": name, "role": role, "hosts": serde_json::from_str::<serde_json::Value>(hosts).expect("hosts"), "csr": csr}).to_string()
+    };
+    let answer = as_member(
+        &member,
+        &mesh,
+        "/v1/mesh/renew",
+        &csr("control-plane", "control-plane", "[]"),
+    )
+    .await
+    .expect("connects");
+    assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
+    assert!(answer.contains("renews itself only"), "{answer}");
+    let answer = as_member(
+        &member,
+        &mesh,
+        "/v1/mesh/renew",
+        &csr("w-ci", "worker", r#"["*.etlmesh"]"#),
+    )
+    .await
+    .expect("connects");
+    assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
+    let answer = as_member(
+        &member,
+        &mesh,
+        "/v1/mesh/renew",
+        &csr("w-ci", "worker", r#"["127.0.0.1"]"#),
+    )
+    .await
+    .expect("connects");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+
+    // Revoked: the control plane refuses the certificate within a second or two.
+    let serial = etlmesh_tls::serial_of(&member.certificate()).expect("serial");
+    assert!(
+        cp.output().contains(&serial),
+        "the serial is logged when issued:\n{}",
+        cp.output()
+    );
+    let out = scratch.etlmesh(&["token", "revoke", &serial, "--state-dir", "st"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let refused = as_member(
+        &member,
+        &mesh,
+        "/v1/mesh/renew",
+        &csr("w-ci", "worker", r#"["127.0.0.1"]"#),
+    )
+    .await;
+    assert!(
+        refused.as_ref().is_err()
+            || refused
+                .as_ref()
+                .is_ok_and(|a| !a.starts_with("HTTP/1.1 200")),
+        "a revoked certificate is refused: {refused:?}"
+    );
+}

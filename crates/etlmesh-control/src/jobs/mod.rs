@@ -95,6 +95,8 @@ pub struct Jobs {
     opts: JobsOptions,
     store: Mutex<Store>,
     pipelines: Vec<String>,
+    /// Per pipeline: the directories its jobs may read (absolute), and its timeout.
+    limits: HashMap<String, (Vec<PathBuf>, Option<Duration>)>,
     meter: Arc<Meter>,
     wake: tokio::sync::Notify,
     /// Running jobs: id → pid.
@@ -109,6 +111,42 @@ impl std::fmt::Debug for Jobs {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Jobs").field("dir", &self.opts.dir).finish()
     }
+}
+
+/// Whether an input (a path or a pattern) lies under one of `dirs` (absolute): its
+/// part before any pattern character, made absolute, with no `..` and its symbolic
+/// links resolved as far as it exists. `etlmesh run --inputs-under` checks again each
+/// file it reads.
+fn input_allowed(input: &str, dirs: &[PathBuf]) -> bool {
+    let path = Path::new(input);
+    if path
+        .components()
+        .any(|c| matches!(c, std::path::Component::ParentDir))
+    {
+        return false;
+    }
+    let fixed: PathBuf = path
+        .components()
+        .take_while(|c| !c.as_os_str().to_string_lossy().contains(['*', '?', '[']))
+        .collect();
+    let cwd = std::env::current_dir().unwrap_or_default();
+    let abs = cwd.join(fixed);
+    // Resolve what exists of it.
+    let mut existing = abs.as_path();
+    let mut rest = Vec::new();
+    let resolved = loop {
+        if let Ok(real) = std::fs::canonicalize(existing) {
+            break rest.iter().rev().fold(real, |p: PathBuf, c| p.join(c));
+        }
+        match (existing.parent(), existing.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name.to_os_string());
+                existing = parent;
+            }
+            _ => break abs.clone(),
+        }
+    };
+    dirs.iter().any(|d| resolved.starts_with(d))
 }
 
 fn now_ms() -> i64 {
@@ -127,7 +165,28 @@ impl Jobs {
         let store = Store::open(&db).map_err(|e| open_err(&db, e.to_string()))?;
         let file =
             PipelineFile::load(&opts.config).map_err(|e| open_err(&opts.config, e.to_string()))?;
+        // Allowed directories are written relative to the pipeline file.
+        let base = opts
+            .config
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+        let base = std::fs::canonicalize(&base).unwrap_or(base);
+        let limits = file
+            .spec
+            .pipelines
+            .iter()
+            .map(|p| {
+                let dirs = if p.jobs.inputs.is_empty() {
+                    vec![base.clone()]
+                } else {
+                    p.jobs.inputs.iter().map(|d| base.join(d)).collect()
+                };
+                (p.name.clone(), (dirs, p.jobs.timeout))
+            })
+            .collect();
         let jobs = Arc::new(Self {
+            limits,
             pipelines: file.spec.pipelines.iter().map(|p| p.name.clone()).collect(),
             opts,
             store: Mutex::new(store),
@@ -223,6 +282,24 @@ impl Jobs {
                     .into(),
             ));
         }
+        if req.inputs.len() > 1000 || req.inputs.iter().any(|i| i.len() > 4096) {
+            return Err(JobsError::Invalid(
+                "inputs: at most 1,000 paths or patterns of at most 4,096 bytes".into(),
+            ));
+        }
+        let dirs = self.input_dirs(&req.pipeline);
+        for i in &req.inputs {
+            if !input_allowed(i, dirs) {
+                return Err(JobsError::Invalid(format!(
+                    "inputs: `{i}` is not under the directories pipeline `{}` may read ({})\n  help: put the input there, or list its directory in the pipeline's `jobs: {{ inputs: [...] }}`",
+                    req.pipeline,
+                    dirs.iter()
+                        .map(|d| d.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )));
+            }
+        }
         let d = req.expected_duration_secs;
         if !d.is_finite() || d <= 0.0 || d > 7.0 * 86_400.0 {
             return Err(JobsError::Invalid(format!(
@@ -278,6 +355,20 @@ impl Jobs {
         tracing::info!(job = %row.id, pipeline = %row.pipeline, scheduled_at = %self.to_job(&row).scheduled_at, placement = %row.placement, "job submitted");
         self.wake.notify_one();
         Ok(self.to_job(&row))
+    }
+
+    /// The directories jobs of `pipeline` may read.
+    fn input_dirs(&self, pipeline: &str) -> &[PathBuf] {
+        self.limits.get(pipeline).map_or(&[], |(d, _)| d.as_slice())
+    }
+
+    /// How long a run of `row` may take: the pipeline's `jobs.timeout`, or three times
+    /// the expected duration and at least a minute.
+    fn timeout(&self, row: &Row) -> Duration {
+        self.limits
+            .get(&row.pipeline)
+            .and_then(|(_, t)| *t)
+            .unwrap_or_else(|| Duration::from_secs_f64((row.duration_s * 3.0).max(60.0)))
     }
 
     /// One job.

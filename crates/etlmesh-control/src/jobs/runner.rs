@@ -11,6 +11,9 @@ use etlmesh_proto::jobs::JobState;
 use super::store::Row;
 use super::{Jobs, JobsError, now_ms};
 
+/// How long a run past its timeout has to stop after SIGTERM before it is killed.
+const TIMEOUT_GRACE: Duration = Duration::from_secs(10);
+
 /// What a watcher waits on.
 pub(super) enum Handle {
     /// A child this process started.
@@ -76,7 +79,12 @@ pub(super) fn start(jobs: &Arc<Jobs>, mut row: Row) -> Result<(), JobsError> {
         .arg("--progress")
         .arg("log")
         .arg("--summary-json")
-        .arg(&summary)
+        .arg(&summary);
+    for dir in jobs.input_dirs(&row.pipeline) {
+        cmd.arg("--inputs-under").arg(dir);
+    }
+    // After `--`, an input is never taken for an option.
+    cmd.arg("--")
         .args(&row.inputs)
         .stdin(Stdio::null())
         .stdout(Stdio::from(out))
@@ -119,11 +127,31 @@ pub(super) async fn watch(jobs: Arc<Jobs>, mut row: Row, handle: Handle) {
         Handle::Adopted(_) => row.cpu_seconds,
     };
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    // A run past its timeout is stopped (SIGTERM, then SIGKILL after a grace period).
+    let limit = jobs.timeout(&row);
+    let ran = Duration::from_millis(
+        u64::try_from(now_ms() - row.started_ms.unwrap_or_else(now_ms)).unwrap_or(0),
+    );
+    let deadline = tokio::time::Instant::now() + limit.saturating_sub(ran);
+    let mut timed_out = false;
     let status = match handle {
         Handle::Child(mut child) => loop {
             tokio::select! {
                 s = child.wait() => break s.ok().map(|s| s.success()),
-                _ = tick.tick() => charge(&jobs, &mut row, pid, &mut cpu_seen),
+                _ = tick.tick() => {
+                    charge(&jobs, &mut row, pid, &mut cpu_seen);
+                    if tokio::time::Instant::now() >= deadline {
+                        if !timed_out {
+                            timed_out = true;
+                            tracing::warn!(job = %row.id, timeout_s = limit.as_secs(), "job ran past its timeout: stopping it");
+                            if let Some(p) = pid {
+                                terminate(p);
+                            }
+                        } else if tokio::time::Instant::now() >= deadline + TIMEOUT_GRACE {
+                            let _ = child.start_kill();
+                        }
+                    }
+                }
             }
         },
         Handle::Adopted(p) => loop {
@@ -132,6 +160,11 @@ pub(super) async fn watch(jobs: Arc<Jobs>, mut row: Row, handle: Handle) {
                 break None;
             }
             charge(&jobs, &mut row, pid, &mut cpu_seen);
+            if tokio::time::Instant::now() >= deadline && !timed_out {
+                timed_out = true;
+                tracing::warn!(job = %row.id, timeout_s = limit.as_secs(), "job ran past its timeout: stopping it");
+                terminate(p);
+            }
         },
     };
     jobs.running
@@ -151,6 +184,14 @@ pub(super) async fn watch(jobs: Arc<Jobs>, mut row: Row, handle: Handle) {
         (true, _, _) => {
             row.state = JobState::Cancelled;
             tracing::info!(job = %row.id, "job cancelled while running");
+        }
+        _ if timed_out => {
+            row.state = JobState::Failed;
+            row.error = Some(format!(
+                "stopped: it ran past its timeout of {} s (set the pipeline's `jobs: {{ timeout: ... }}`, or a longer expected_duration_secs)",
+                limit.as_secs()
+            ));
+            tracing::error!(job = %row.id, pipeline = %row.pipeline, error_kind = "job_timeout", timeout_s = limit.as_secs(), "job failed: past its timeout");
         }
         // An adopted child's exit status is not ours to read: its summary tells.
         (_, Some(true) | None, Some(s)) => {

@@ -14,7 +14,7 @@ use etlmesh_sink::file::FileSink;
 use etlmesh_sink::{Sink, SinkWriter};
 use futures::future::BoxFuture;
 
-use super::{SinkFailure, StreamSink};
+use super::{RefusedRow, SinkFailure, StreamSink};
 
 static ROLLS: AtomicU64 = AtomicU64::new(0);
 
@@ -31,7 +31,7 @@ pub struct RollingFiles {
     schema: SchemaRef,
     instance: String,
     current: Option<Current>,
-    /// Newest message written into `current`.
+    /// Newest write into `current`.
     pending: u64,
     committed: u64,
 }
@@ -89,15 +89,15 @@ impl StreamSink for RollingFiles {
     fn write<'a>(
         &'a mut self,
         batches: &'a [RecordBatch],
-        seq: u64,
-    ) -> BoxFuture<'a, Result<(), SinkFailure>> {
+        write: u64,
+    ) -> BoxFuture<'a, Result<Vec<RefusedRow>, SinkFailure>> {
         Box::pin(async move {
             if batches.iter().all(|b| b.num_rows() == 0) {
-                self.pending = seq;
+                self.pending = write;
                 if self.current.is_none() {
-                    self.committed = seq;
+                    self.committed = write;
                 }
-                return Ok(());
+                return Ok(Vec::new());
             }
             if self.current.is_none() {
                 let n = ROLLS.fetch_add(1, Ordering::Relaxed);
@@ -116,7 +116,7 @@ impl StreamSink for RollingFiles {
             let mut bytes = 0;
             for b in batches {
                 let Some(c) = self.current.as_mut() else {
-                    return Ok(());
+                    return Ok(Vec::new());
                 };
                 if let Err(e) = c.writer.write(b) {
                     return Err(self.fatal(e));
@@ -124,11 +124,11 @@ impl StreamSink for RollingFiles {
                 c.bytes += b.get_array_memory_size() as u64;
                 bytes = c.bytes;
             }
-            self.pending = seq;
+            self.pending = write;
             if bytes >= self.spec.rolling.size {
                 self.roll()?;
             }
-            Ok(())
+            Ok(Vec::new())
         })
     }
 

@@ -1,6 +1,6 @@
-//! Stream sinks. A stream sink says how far it has committed (the arrival number of the
-//! newest message whose rows are durable); the runner acknowledges messages up to the
-//! lowest of these. PostgreSQL and MQTT commit every write; file sinks commit when they
+//! Stream sinks. The runner numbers its writes; a stream sink says how far it has
+//! committed (the newest write whose rows are durable), and the runner acknowledges
+//! the messages of the writes every sink committed. PostgreSQL and MQTT commit every write; file sinks commit when they
 //! roll a file (by time, by size, or when the runner holds too many messages).
 //!
 //! [`build`] is the one list of stream sink kinds.
@@ -21,12 +21,9 @@ pub use postgres::PostgresSink;
 /// Why a write did not commit.
 #[derive(Debug, Clone)]
 pub enum SinkFailure {
-    /// The destination is unavailable (down, unreachable, full): keep the rows, try
-    /// again later, acknowledge nothing meanwhile.
+    /// The destination is unavailable (down, unreachable, full, a table that is gone,
+    /// a grant revoked): keep the rows, try again later, acknowledge nothing meanwhile.
     Retry(String),
-    /// The destination refuses these rows (a constraint, a type): they go to the dead
-    /// letters with the reason.
-    Refused(String),
     /// Rows already written are lost (a file that could not be finished): the stream
     /// stops without acknowledging them, and the broker sends them again to the
     /// restarted worker.
@@ -36,24 +33,37 @@ pub enum SinkFailure {
 impl std::fmt::Display for SinkFailure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            SinkFailure::Retry(m) | SinkFailure::Refused(m) | SinkFailure::Fatal(m) => {
-                f.write_str(m)
-            }
+            SinkFailure::Retry(m) | SinkFailure::Fatal(m) => f.write_str(m),
         }
     }
+}
+
+/// A row that a sink would not take however often it is sent (a constraint, a value
+/// the destination cannot hold): it goes to the dead letters with the reason, and the
+/// rest of its write commits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefusedRow {
+    /// The batch of the write.
+    pub batch: usize,
+    /// The row in that batch.
+    pub row: usize,
+    /// The destination's own words.
+    pub reason: String,
 }
 
 /// A destination of a stream's rows.
 pub trait StreamSink: Send {
     /// For logs and metrics: `postgres:readings`.
     fn describe(&self) -> String;
-    /// Writes the rows of messages up to `seq`.
+    /// Writes rows; `write` numbers the write (increasing). The rows it refused are
+    /// returned; the others are written (committed, or pending for
+    /// [`StreamSink::flush`]), and the write counts as handled either way.
     fn write<'a>(
         &'a mut self,
         batches: &'a [RecordBatch],
-        seq: u64,
-    ) -> BoxFuture<'a, Result<(), SinkFailure>>;
-    /// The newest message whose rows are committed.
+        write: u64,
+    ) -> BoxFuture<'a, Result<Vec<RefusedRow>, SinkFailure>>;
+    /// The newest write whose rows are committed.
     fn committed(&self) -> u64;
     /// Commits what is pending when it is due (or at once with `force`).
     fn flush(&mut self, force: bool) -> BoxFuture<'_, Result<(), SinkFailure>> {

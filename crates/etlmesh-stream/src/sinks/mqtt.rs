@@ -14,7 +14,7 @@ use etlmesh_mqtt::Broker;
 use futures::future::BoxFuture;
 use rumqttc::{AsyncClient, Event, Packet, QoS};
 
-use super::{SinkFailure, StreamSink};
+use super::{RefusedRow, SinkFailure, StreamSink};
 
 /// How long a write waits for the broker's acknowledgements.
 const ACK_TIMEOUT: Duration = Duration::from_secs(10);
@@ -173,12 +173,12 @@ impl StreamSink for MqttSink {
     fn write<'a>(
         &'a mut self,
         batches: &'a [RecordBatch],
-        seq: u64,
-    ) -> BoxFuture<'a, Result<(), SinkFailure>> {
+        write: u64,
+    ) -> BoxFuture<'a, Result<Vec<RefusedRow>, SinkFailure>> {
         Box::pin(async move {
             self.publish(batches).await?;
-            self.committed = seq;
-            Ok(())
+            self.committed = write;
+            Ok(Vec::new())
         })
     }
 

@@ -11,8 +11,8 @@
 use std::sync::Arc;
 
 use arrow::array::{
-    Array, AsArray, BooleanArray, Date32Array, Float32Array, Float64Array, Int32Array, Int64Array,
-    RecordBatch, StringArray, TimestampMicrosecondArray,
+    Array, ArrayRef, AsArray, BooleanArray, Date32Array, Float32Array, Float64Array, Int32Array,
+    Int64Array, RecordBatch, StringArray, TimestampMicrosecondArray,
 };
 use arrow::compute::cast;
 use arrow::datatypes::{
@@ -25,7 +25,7 @@ use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{IsNull, ToSql, Type, to_sql_checked};
 use tokio_postgres::{Client, NoTls};
 
-use super::{SinkFailure, StreamSink};
+use super::{RefusedRow, SinkFailure, StreamSink};
 
 /// How each column is sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,6 +139,7 @@ pub struct PostgresSink {
     columns: Vec<(String, Col, DataType)>,
     /// `DO UPDATE` on the sink's key, or `DO NOTHING` on the pipeline's dedup columns.
     conflict: Option<(Vec<String>, bool)>,
+    plan: Plan,
     client: Option<Client>,
     prepared: bool,
     committed: u64,
@@ -189,14 +190,36 @@ impl PostgresSink {
         } else {
             None
         };
-        Ok(Self {
+        let mut sink = Self {
             spec,
             columns,
             conflict,
+            plan: Plan {
+                copy: String::new(),
+                merge: None,
+                types: Vec::new(),
+                cols: Vec::new(),
+            },
             client: None,
             prepared: false,
             committed: 0,
-        })
+        };
+        let merge = sink.merge_sql("etlmesh_stage");
+        let target = if merge.is_some() {
+            "etlmesh_stage".to_string()
+        } else {
+            sink.table()
+        };
+        sink.plan = Plan {
+            copy: format!(
+                "COPY {target} ({}) FROM STDIN (FORMAT binary)",
+                sink.column_list()
+            ),
+            merge,
+            types: sink.columns.iter().map(|(_, c, _)| c.pg_type()).collect(),
+            cols: sink.columns.iter().map(|(_, c, _)| *c).collect(),
+        };
+        Ok(sink)
     }
 
     fn table(&self) -> String {
@@ -258,23 +281,16 @@ impl PostgresSink {
         ))
     }
 
+    /// An error that is not about particular rows: the connection is dropped when it
+    /// was the connection's, and the table set up again before the next try (it may
+    /// have been dropped; with `create: true` it comes back).
     fn failure(&mut self, e: &tokio_postgres::Error) -> SinkFailure {
         let msg = format!("postgres:{}: {}", self.spec.table, db_message(e));
-        let refused = e.code().is_some_and(|c| {
-            let c = c.code();
-            // Data exceptions, constraint violations, wrong tables or columns: these rows
-            // will not go in however often we try.
-            c.starts_with("22") || c.starts_with("23") || c.starts_with("42")
-        });
-        if refused {
-            SinkFailure::Refused(msg)
-        } else {
-            // Anything else (connection lost, database shutting down): a new
-            // connection next time.
+        if e.code().is_none() {
             self.client = None;
-            self.prepared = false;
-            SinkFailure::Retry(msg)
         }
+        self.prepared = false;
+        SinkFailure::Retry(msg)
     }
 
     async fn connect(&mut self) -> Result<(), SinkFailure> {
@@ -333,65 +349,156 @@ impl PostgresSink {
         Ok(())
     }
 
-    async fn load(&mut self, batches: &[RecordBatch]) -> Result<u64, SinkFailure> {
+    /// Loads the rows in one transaction. When PostgreSQL refuses some of them (a
+    /// data exception or a constraint, SQLSTATE class 22 or 23), the transaction is
+    /// done again with the rows bisected under savepoints: the refused rows are found
+    /// and returned with PostgreSQL's message, and every other row commits. Any other
+    /// error is an outage ([`SinkFailure::Retry`]).
+    async fn load(&mut self, batches: &[RecordBatch]) -> Result<Vec<RefusedRow>, SinkFailure> {
         self.connect().await?;
         self.prepare().await?;
-        let types: Vec<Type> = self.columns.iter().map(|(_, c, _)| c.pg_type()).collect();
-        let merge = self.merge_sql("etlmesh_stage");
-        let target = if merge.is_some() {
-            "etlmesh_stage".to_string()
-        } else {
-            self.table()
-        };
-        let copy = format!(
-            "COPY {target} ({}) FROM STDIN (FORMAT binary)",
-            self.column_list()
-        );
-        let casted: Vec<Vec<Arc<dyn Array>>> = batches
+        let mut refused = Vec::new();
+        let mut casted: Vec<(usize, Vec<ArrayRef>)> = Vec::with_capacity(batches.len());
+        for (bi, b) in batches.iter().enumerate() {
+            let cols: Result<Vec<ArrayRef>, _> = self
+                .columns
+                .iter()
+                .enumerate()
+                .map(|(i, (_, _, dt))| cast(b.column(i), dt))
+                .collect();
+            match cols {
+                Ok(cols) => casted.push((bi, cols)),
+                Err(e) => refused.extend((0..b.num_rows()).map(|row| RefusedRow {
+                    batch: bi,
+                    row,
+                    reason: format!("postgres:{}: {e}", self.spec.table),
+                })),
+            }
+        }
+        let rows: Vec<(usize, usize)> = casted
             .iter()
-            .map(|b| {
-                self.columns
-                    .iter()
-                    .enumerate()
-                    .map(|(i, (_, _, dt))| cast(b.column(i), dt))
-                    .collect::<Result<Vec<_>, _>>()
+            .enumerate()
+            .flat_map(|(ci, (_, cols))| {
+                (0..cols.first().map_or(0, |a| a.len())).map(move |r| (ci, r))
             })
-            .collect::<Result<_, _>>()
-            .map_err(|e| SinkFailure::Refused(format!("postgres:{}: {e}", self.spec.table)))?;
-        let cols: Vec<Col> = self.columns.iter().map(|(_, c, _)| *c).collect();
+            .collect();
+        if rows.is_empty() {
+            return Ok(refused);
+        }
         let Some(client) = self.client.as_mut() else {
             return Err(SinkFailure::Retry("postgres: not connected".into()));
         };
-        let result: Result<u64, tokio_postgres::Error> = async {
+        let plan = &self.plan;
+        let whole = async {
             let tx = client.transaction().await?;
-            let sink = tx.copy_in(&copy).await?;
-            let writer = BinaryCopyInWriter::new(sink, &types);
-            let mut writer = std::pin::pin!(writer);
-            let mut rows = 0u64;
-            let mut row: Vec<Cell<'_>> = Vec::with_capacity(cols.len());
-            for arrays in &casted {
-                let n = arrays.first().map_or(0, |a| a.len());
-                for r in 0..n {
-                    row.clear();
-                    for (a, c) in arrays.iter().zip(&cols) {
-                        row.push(cell(a.as_ref(), *c, r));
-                    }
-                    let refs: Vec<&(dyn ToSql + Sync)> =
-                        row.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
-                    writer.as_mut().write(&refs).await?;
-                    rows += 1;
-                }
-            }
-            writer.finish().await?;
-            if let Some(m) = &merge {
-                tx.execute(m.as_str(), &[]).await?;
-            }
-            tx.commit().await?;
-            Ok(rows)
+            copy_rows(&tx, plan, &casted, &rows, false).await?;
+            tx.commit().await
         }
         .await;
-        result.map_err(|e| self.failure(&e))
+        let first = match whole {
+            Ok(()) => return Ok(refused),
+            Err(e) if refuses_rows(&e) => e,
+            Err(e) => return Err(self.failure(&e)),
+        };
+        tracing::debug!(table = %self.spec.table, rows = rows.len(), error = %db_message(&first), "PostgreSQL refused rows: bisecting the write");
+        let bisected = bisect(client, plan, &casted, &rows).await;
+        match bisected {
+            Ok(found) => {
+                refused.extend(found.into_iter().map(|((ci, row), e)| RefusedRow {
+                    batch: casted[ci].0,
+                    row,
+                    reason: format!("postgres:{}: {e}", self.spec.table),
+                }));
+                Ok(refused)
+            }
+            Err(e) => Err(self.failure(&e)),
+        }
     }
+}
+
+/// The statements of one sink's writes.
+struct Plan {
+    /// `COPY … FROM STDIN (FORMAT binary)` into the table or the stage.
+    copy: String,
+    /// The merge from the stage into the table (keys and dedup).
+    merge: Option<String>,
+    types: Vec<Type>,
+    cols: Vec<Col>,
+}
+
+/// Whether PostgreSQL refused the rows themselves — a data exception (class 22) or an
+/// integrity constraint (class 23) — rather than the write: those rows will not go in
+/// however often they are sent. `22P03` (binary data in the wrong format) means the
+/// table's column types differ from the rows': every row would fail, so it is an
+/// outage to fix, not bad rows.
+fn refuses_rows(e: &tokio_postgres::Error) -> bool {
+    e.code().is_some_and(|c| {
+        let c = c.code();
+        c != "22P03" && (c.starts_with("22") || c.starts_with("23"))
+    })
+}
+
+/// COPYs `rows` (index into `casted`, row) and merges them when the sink has a key.
+async fn copy_rows(
+    tx: &tokio_postgres::Transaction<'_>,
+    plan: &Plan,
+    casted: &[(usize, Vec<ArrayRef>)],
+    rows: &[(usize, usize)],
+    clear_stage: bool,
+) -> Result<(), tokio_postgres::Error> {
+    let sink = tx.copy_in(&plan.copy).await?;
+    let writer = BinaryCopyInWriter::new(sink, &plan.types);
+    let mut writer = std::pin::pin!(writer);
+    let mut row: Vec<Cell<'_>> = Vec::with_capacity(plan.cols.len());
+    for &(ci, r) in rows {
+        row.clear();
+        for (a, c) in casted[ci].1.iter().zip(&plan.cols) {
+            row.push(cell(a.as_ref(), *c, r));
+        }
+        let refs: Vec<&(dyn ToSql + Sync)> = row.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
+        writer.as_mut().write(&refs).await?;
+    }
+    writer.finish().await?;
+    if let Some(m) = &plan.merge {
+        tx.execute(m.as_str(), &[]).await?;
+        if clear_stage {
+            tx.execute("DELETE FROM etlmesh_stage", &[]).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Finds the rows PostgreSQL refuses: halves of the write under savepoints of one
+/// transaction, down to single rows, so that what goes in commits once and together.
+/// A write with k bad rows of n costs about 2·k·log2(n) statements.
+async fn bisect(
+    client: &mut Client,
+    plan: &Plan,
+    casted: &[(usize, Vec<ArrayRef>)],
+    rows: &[(usize, usize)],
+) -> Result<Vec<((usize, usize), String)>, tokio_postgres::Error> {
+    let mut tx = client.transaction().await?;
+    let mut refused = Vec::new();
+    let mut ranges = vec![(0, rows.len())];
+    while let Some((lo, hi)) = ranges.pop() {
+        let sp = tx.savepoint("etlmesh_rows").await?;
+        match copy_rows(&sp, plan, casted, &rows[lo..hi], true).await {
+            Ok(()) => sp.commit().await?,
+            Err(e) if refuses_rows(&e) => {
+                sp.rollback().await?;
+                if hi - lo == 1 {
+                    refused.push((rows[lo], db_message(&e)));
+                } else {
+                    let mid = lo + (hi - lo) / 2;
+                    ranges.push((mid, hi));
+                    ranges.push((lo, mid));
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    tx.commit().await?;
+    Ok(refused)
 }
 
 fn cell(a: &dyn Array, c: Col, r: usize) -> Cell<'_> {
@@ -457,14 +564,16 @@ impl StreamSink for PostgresSink {
     fn write<'a>(
         &'a mut self,
         batches: &'a [RecordBatch],
-        seq: u64,
-    ) -> BoxFuture<'a, Result<(), SinkFailure>> {
+        write: u64,
+    ) -> BoxFuture<'a, Result<Vec<RefusedRow>, SinkFailure>> {
         Box::pin(async move {
-            if batches.iter().any(|b| b.num_rows() > 0) {
-                self.load(batches).await?;
-            }
-            self.committed = seq;
-            Ok(())
+            let refused = if batches.iter().any(|b| b.num_rows() > 0) {
+                self.load(batches).await?
+            } else {
+                Vec::new()
+            };
+            self.committed = write;
+            Ok(refused)
         })
     }
 

@@ -4,6 +4,7 @@
 
 pub mod mesh;
 pub mod pg;
+pub mod stream;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
