@@ -80,11 +80,13 @@ def one_run(i, args):
          "--count", str(args.messages), "--rate", str(args.rate), "--log", str(log)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
+    t0 = time.time()
     time.sleep(4)
     workers = json.load(urllib.request.urlopen(f"{admin}/api/v1/workers", timeout=5))
     victim = workers[0]
     os.kill(victim["pid"], signal.SIGKILL)
     out, err = pub.communicate()
+    published_in = time.time() - t0
     sent = json.loads(out)
     # Rows stop coming: no change for 3 s.
     last, same_since = -1, time.time()
@@ -108,6 +110,7 @@ def one_run(i, args):
         "distinct": distinct,
         "lost": sent["good"] - distinct,
         "duplicates": last - distinct,
+        "rate": sent["good"] / published_in,
     }
 
 
@@ -128,8 +131,8 @@ def main():
     for i in range(args.runs):
         r = one_run(i, args)
         losses.append(r["lost"])
-        print(f"run {i + 1:>2}: sent {r['sent']}, rows {r['rows']}, lost {r['lost']}, "
-              f"duplicates {r['duplicates']}", flush=True)
+        print(f"run {i + 1:>2}: sent {r['sent']} at {r['rate']:,.0f}/s, rows {r['rows']}, "
+              f"lost {r['lost']}, duplicates {r['duplicates']}", flush=True)
     clean = sum(1 for x in losses if x == 0)
     print(f"\n{clean}/{len(losses)} runs lost nothing; lost per run: {losses}")
 
