@@ -1,6 +1,7 @@
 //! The `etlmesh` command line: argument types and one module per subcommand. The
 //! binary only parses arguments, sets up logging and calls [`execute`].
 
+mod analytics;
 mod demo;
 mod energy;
 mod generate;
@@ -59,6 +60,9 @@ pub enum Command {
     Up(mesh::UpArgs),
     /// An ETL worker: serves transforms, registers with the control plane.
     Worker(mesh::WorkerArgs),
+    /// The analytics service in a process of its own, capped in memory (etlmesh up
+    /// starts it; the gateway passes /v1/query to it).
+    Analytics(analytics::AnalyticsArgs),
     /// The control plane: registry of workers, endpoint streams, admin API.
     ControlPlane(mesh::ControlArgs),
     /// Virtual IoT devices publishing readings to an MQTT broker.
@@ -129,6 +133,7 @@ pub fn execute(cli: Cli) -> ExitCode {
         Command::Demo(a) => demo::demo(&a),
         Command::Up(a) => with_otlp("etlmesh-up", || mesh::up(&a)),
         Command::Worker(a) => with_otlp("etlmesh-worker", || mesh::worker(&a)),
+        Command::Analytics(a) => analytics::analytics(&a),
         Command::ControlPlane(a) => with_otlp("etlmesh-control-plane", || mesh::control_plane(&a)),
         Command::Gateway(a) => with_otlp("etlmesh-gateway", || mesh::gateway(&a)),
         Command::Simulate(a) => simulate::simulate(&a),

@@ -423,7 +423,9 @@ fn threads_default() -> usize {
 }
 
 /// The analytics service over a pipeline file's datasets.
-fn analytics(file: &PipelineFile) -> Result<std::sync::Arc<etlmesh_query::Analytics>, CliError> {
+pub(crate) fn analytics(
+    file: &PipelineFile,
+) -> Result<std::sync::Arc<etlmesh_query::Analytics>, CliError> {
     let catalog = etlmesh_query::Catalog::from_spec(&file.spec);
     etlmesh_query::Analytics::new(catalog, file.spec.platform.query.clone())
         .map(std::sync::Arc::new)
@@ -513,6 +515,12 @@ pub(crate) fn up(args: &UpArgs) -> Result<(), CliError> {
     args.tuning.apply(&mut gw);
     gw.analytics = Some(analytics(&file)?);
     gw.access = file.spec.platform.access.clone();
+    let rt = runtime(threads_default())?;
+    // Queries run in a process of their own: the worst one ends it, not this one.
+    gw.analytics_process = Some({
+        let _in_runtime = rt.enter();
+        crate::analytics::spawn(&exe, &config, &file)?
+    });
     let options = etlmesh_up::UpOptions {
         config,
         fixed_workers: args.workers,
@@ -546,7 +554,6 @@ pub(crate) fn up(args: &UpArgs) -> Result<(), CliError> {
             line
         })
         .collect();
-    let rt = runtime(threads_default())?;
     if stream.broker {
         // Simulated devices feed the stream pipelines until etlmesh stops.
         let broker = etlmesh_mqtt::Broker::parse(crate::demo::DEMO_BROKER)

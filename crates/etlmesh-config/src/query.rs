@@ -17,6 +17,7 @@ pub(crate) struct RawQuery {
     pub max_rows: Option<usize>,
     pub max_result_bytes: Option<ByteSize>,
     pub concurrency: Option<usize>,
+    pub process_memory: Option<ByteSize>,
 }
 
 /// Limits of read-only queries.
@@ -32,6 +33,10 @@ pub struct QuerySpec {
     pub max_result_bytes: u64,
     /// Queries running at once; more wait, and past twice this are refused with 503.
     pub concurrency: usize,
+    /// Under `etlmesh up` analytics run in a process of their own with at most this much
+    /// address space: a query that takes it past is that process's end (it restarts),
+    /// never the gateway's. Default: 4 × `memory_limit`, at least 2 GiB.
+    pub process_memory: u64,
 }
 
 impl Default for QuerySpec {
@@ -42,6 +47,7 @@ impl Default for QuerySpec {
             max_rows: 100_000,
             max_result_bytes: 64 << 20,
             concurrency: 2,
+            process_memory: 2 << 30,
         }
     }
 }
@@ -59,6 +65,13 @@ pub(crate) fn resolve_query(
         max_rows: r.max_rows.unwrap_or(d.max_rows),
         max_result_bytes: r.max_result_bytes.map_or(d.max_result_bytes, |s| s.0),
         concurrency: r.concurrency.unwrap_or(d.concurrency),
+        process_memory: 0,
+    };
+    let s = QuerySpec {
+        process_memory: r
+            .process_memory
+            .map_or_else(|| (s.memory_limit * 4).max(d.process_memory), |b| b.0),
+        ..s
     };
     let f = "platform.query";
     let mut zero = |field: &str, is_zero: bool, help: &str| {
@@ -79,6 +92,11 @@ pub(crate) fn resolve_query(
         "give at least 1MiB, for example 512MiB",
     );
     zero("max_rows", s.max_rows == 0, "give at least 1 row");
+    zero(
+        "process_memory",
+        s.process_memory < 2 * s.memory_limit.max(256 << 20),
+        "give at least twice memory_limit (and 512MiB): the process needs room beside the queries",
+    );
     zero(
         "max_result_bytes",
         s.max_result_bytes == 0,

@@ -12,6 +12,7 @@
 
 pub mod access;
 pub mod accrual;
+pub mod analytics_process;
 pub mod discovery;
 mod dispatch;
 pub mod endpoint;
@@ -88,8 +89,11 @@ pub struct GatewayOptions {
     pub ship_logs: bool,
     /// Per-request metrics and trace spans (off only to measure what they cost).
     pub telemetry: bool,
-    /// The analytics service behind `POST /v1/query` (none without a pipeline file).
+    /// The analytics service behind `POST /v1/query` (none without a pipeline file);
+    /// it also describes the datasets (`GET /v1/datasets`).
     pub analytics: Option<Arc<etlmesh_query::Analytics>>,
+    /// Where queries run when not in this process ([`analytics_process`]).
+    pub analytics_process: Option<Arc<analytics_process::AnalyticsProcess>>,
     /// Tokens, CORS and TLS (`platform.access`); open without tokens.
     pub access: etlmesh_config::AccessSpec,
 }
@@ -113,6 +117,7 @@ impl GatewayOptions {
             ship_logs: true,
             telemetry: true,
             analytics: None,
+            analytics_process: None,
             access: etlmesh_config::AccessSpec::default(),
         }
     }

@@ -107,7 +107,7 @@ pub(crate) async fn datasets(
 }
 
 /// Why a query request got no answer: status, code, message.
-type Failure = (StatusCode, &'static str, String);
+pub(crate) type Failure = (StatusCode, &'static str, String);
 
 /// `POST /v1/query`.
 pub(crate) async fn query(
@@ -156,10 +156,31 @@ async fn answer(
     body: Body,
     pipelines: Option<Vec<String>>,
 ) -> Result<Response, Failure> {
-    let bad = |m: String| (StatusCode::BAD_REQUEST, "bad_request", m);
-    let Some(analytics) = &gw.options.analytics else {
-        return Err((StatusCode::NOT_FOUND, "no_analytics", NO_ANALYTICS.into()));
+    let resp = match (&gw.options.analytics_process, &gw.options.analytics) {
+        (Some(p), _) => crate::analytics_process::forward(p, h, body, pipelines).await?,
+        (None, Some(analytics)) => answer_here(analytics, h, body, pipelines).await?,
+        (None, None) => {
+            return Err((StatusCode::NOT_FOUND, "no_analytics", NO_ANALYTICS.into()));
+        }
     };
+    let rows = resp
+        .headers()
+        .get("etlmesh-rows")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    gw.query_metrics.rows.inc_by(rows);
+    Ok(resp)
+}
+
+/// Runs a query request in this process.
+pub(crate) async fn answer_here(
+    analytics: &etlmesh_query::Analytics,
+    h: &HeaderMap,
+    body: Body,
+    pipelines: Option<Vec<String>>,
+) -> Result<Response, Failure> {
+    let bad = |m: String| (StatusCode::BAD_REQUEST, "bad_request", m);
     let format = Format::from_accept(
         h.get(header::ACCEPT).and_then(|v| v.to_str().ok()),
         Format::Json,
@@ -221,7 +242,6 @@ async fn answer(
         .run(request)
         .await
         .map_err(|e| (status_of(&e), e.code(), e.to_string()))?;
-    gw.query_metrics.rows.inc_by(a.rows as u64);
     tracing::info!(
         rows = a.rows,
         truncated = a.truncated,

@@ -461,3 +461,89 @@ async fn jobs_stay_in_their_pipeline_their_directories_and_their_time() {
         "{c}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_past_every_bound_ends_the_analytics_process_not_the_gateway() {
+    let s = Scratch::new();
+    // A small cap, so that the test allocates little.
+    s.write(
+        "mesh.yaml",
+        YAML.replace(
+            "platform:\n  threads: 1\n",
+            "platform:\n  threads: 1\n  query: { memory_limit: 64MiB, process_memory: 1GiB }\n",
+        ),
+    );
+    let up = Proc::up(
+        s.dir.path(),
+        &["-c", "mesh.yaml", "--workers", "1", "--state-dir", "state"],
+    );
+    let gw = up.url("gateway");
+    up.wait_for("analytics listening on", Duration::from_secs(20));
+    let http = common::mesh::Http::new();
+    let query = |sql: &str| {
+        let body = serde_json::json!({"sql": sql, "timeout_ms": 20000}).to_string();
+        let http = &http;
+        let url = format!("{gw}/v1/query");
+        async move {
+            http.send(
+                http::Method::POST,
+                &url,
+                &[("content-type", "application/json")],
+                bytes::Bytes::from(body),
+            )
+            .await
+            .expect("the gateway answers")
+        }
+    };
+    assert_eq!(query("SELECT 41 + 1 AS answer").await.status.as_u16(), 200);
+    // Each repeat stays under its bound (16 MiB of the 64 MiB pool); concat of 100 of
+    // them builds 1.5 GB in one call, past the process's 1 GiB of address space.
+    let parts = vec!["repeat('x', 15000000)"; 100].join(", ");
+    let a = query(&format!("SELECT length(concat({parts})) AS n")).await;
+    assert_eq!(a.status.as_u16(), 422, "{}", text(&a.body));
+    assert!(
+        text(&a.body).contains("analytics process"),
+        "{}",
+        text(&a.body)
+    );
+    // The gateway still serves, and the analytics process is back.
+    assert_eq!(
+        http.get(&format!("{gw}/healthz")).await.status.as_u16(),
+        200
+    );
+    let started = Instant::now();
+    loop {
+        let a = query("SELECT 41 + 1 AS answer").await;
+        if a.status.as_u16() == 200 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "analytics did not come back: {} {}\n{}",
+            a.status,
+            text(&a.body),
+            up.output()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        up.output()
+            .contains("the analytics process ended; restarting it"),
+        "{}",
+        up.output()
+    );
+    let rss = std::fs::read_to_string(format!("/proc/{}/status", up.pid()))
+        .ok()
+        .and_then(|st| {
+            st.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+        })
+        .unwrap_or(0);
+    assert!(
+        rss < 512 * 1024,
+        "the gateway's peak memory: {} MiB",
+        rss / 1024
+    );
+}
