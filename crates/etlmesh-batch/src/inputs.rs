@@ -51,10 +51,14 @@ pub fn resolve(spec: &PipelineSpec, given: &[String]) -> Result<Vec<Input>, JobE
         match &spec.source.kind {
             SourceKind::Stdin => vec!["-".into()],
             SourceKind::File { path: Some(p) } => vec![p.clone()],
-            SourceKind::Mqtt(m) => {
+            SourceKind::Mqtt(_) | SourceKind::Nats(_) => {
+                let source = spec
+                    .stream_source()
+                    .map(|s| s.describe())
+                    .unwrap_or_default();
                 return Err(JobError::Input(format!(
-                    "pipeline `{}` streams from MQTT ({}): it runs in workers\n  help: start it with `etlmesh up -c FILE` (or `etlmesh worker -c FILE --pipeline {}`)",
-                    spec.name, m.topic, spec.name
+                    "pipeline `{}` streams from {source}: it runs in workers\n  help: start it with `etlmesh up -c FILE` (or `etlmesh worker -c FILE --pipeline {}`)",
+                    spec.name, spec.name
                 )));
             }
             SourceKind::File { path: None } => {

@@ -11,6 +11,7 @@ mod mesh;
 mod query;
 mod run;
 mod simulate;
+mod simulate_nats;
 mod sql_diag;
 mod tap;
 mod token;

@@ -17,7 +17,11 @@ pub struct SimulateArgs {
         env = "ETLMESH_MQTT_BROKER"
     )]
     pub broker: String,
-    /// The topic; `{device_id}` becomes the device's id.
+    /// Publish to NATS JetStream at this URL (`nats://host:4222`) instead of MQTT; the
+    /// topic is then a subject (`sensors.{device_id}.reading`) that a stream takes.
+    #[arg(long)]
+    pub nats: Option<String>,
+    /// The topic (or subject); `{device_id}` becomes the device's id.
     #[arg(long, default_value = "sensors/{device_id}/reading")]
     pub topic: String,
     /// Virtual devices.
@@ -151,7 +155,14 @@ pub(crate) fn simulate(args: &SimulateArgs) -> Result<(), CliError> {
     };
     o.readings_per_message = args.readings_per_message;
     let rt = runtime(1)?;
-    let stats = rt.block_on(run_simulation(&o, crate::mesh::shutdown_signal()))?;
+    let stats = match &args.nats {
+        Some(url) => rt.block_on(crate::simulate_nats::simulate(
+            &o,
+            url,
+            crate::mesh::shutdown_signal(),
+        ))?,
+        None => rt.block_on(run_simulation(&o, crate::mesh::shutdown_signal()))?,
+    };
     eprintln!(
         "published {} messages ({} malformed; {} readings, {} late, {} out of order) in {:.2} s: {:.0} msg/s; {} acknowledged",
         stats.published,

@@ -37,7 +37,7 @@ pub(crate) fn validate(args: &ValidateArgs) -> Result<(), CliError> {
             }
         }
         let schema = match &p.schema {
-            Some(_) if p.mqtt().is_some() => etlmesh_stream::sql_input_schema(p),
+            Some(_) if p.stream_source().is_some() => etlmesh_stream::sql_input_schema(p),
             Some(fields) => Some(etlmesh_codec::schema::arrow_schema(fields)),
             None => infer_from_source(&file, p),
         };

@@ -14,6 +14,7 @@ pub mod diag;
 pub mod energy;
 pub mod index;
 pub mod mesh;
+pub mod nats;
 pub mod query;
 mod raw;
 pub mod scaling;
@@ -28,6 +29,7 @@ pub use access::{AccessSpec, TlsSpec, TokenSpec};
 pub use diag::{ConfigError, Diagnostic};
 pub use energy::{CarbonSpec, EnergySource, EnergySpec};
 pub use mesh::MeshSpec;
+pub use nats::{NatsSinkSpec, NatsSourceSpec};
 pub use query::QuerySpec;
 pub use raw::OnError;
 pub use scaling::ScalingSpec;
@@ -36,7 +38,8 @@ pub use spec::{
     SinkSpec, SourceKind, SourceSpec, Spec,
 };
 pub use stream::{
-    MicroBatch, MqttProtocol, MqttSinkSpec, MqttSourceSpec, PostgresSinkSpec, Rolling, WindowSpec,
+    MicroBatch, MqttProtocol, MqttSinkSpec, MqttSourceSpec, PostgresSinkSpec, Rolling,
+    StreamSource, WindowSpec,
 };
 pub use types::{FieldSpec, FieldType, Format};
 

@@ -101,6 +101,7 @@ pub(crate) enum RawSourceKind {
     File,
     Stdin,
     Mqtt,
+    Nats,
 }
 
 #[derive(Debug, Deserialize)]
@@ -124,6 +125,14 @@ pub(crate) struct RawSource {
     pub batch: Option<RawMicroBatch>,
     pub broker_keeps_queued: Option<bool>,
     pub receive_maximum: Option<u16>,
+    // NATS JetStream
+    pub url: Option<String>,
+    pub stream: Option<String>,
+    pub subject: Option<String>,
+    pub consumer: Option<String>,
+    pub create: Option<bool>,
+    pub ack_wait: Option<Span>,
+    pub max_ack_pending: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -147,6 +156,7 @@ pub(crate) enum RawSinkKind {
     Stdout,
     Postgres,
     Mqtt,
+    Nats,
 }
 
 #[derive(Debug, Deserialize)]
@@ -174,6 +184,9 @@ pub(crate) struct RawSink {
     pub broker: Option<String>,
     pub topic: Option<String>,
     pub qos: Option<u8>,
+    // NATS
+    pub subject: Option<String>,
+    pub stream: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

@@ -110,8 +110,8 @@ impl PipelineSpec {
     /// Where records come from in the mesh, for topology views: `mqtt:<topic>` for a
     /// stream, else `http` (requests through the gateway).
     pub fn describe_source(&self) -> String {
-        match self.mqtt() {
-            Some(m) => format!("mqtt:{}", m.topic),
+        match self.stream_source() {
+            Some(s) => s.describe(),
             None => "http".to_string(),
         }
     }
@@ -123,6 +123,15 @@ impl PipelineSpec {
             v.push(format!("dead_letter:{}", d.path.display()));
         }
         v
+    }
+
+    /// The stream source, when the pipeline streams (MQTT, JetStream).
+    pub fn stream_source(&self) -> Option<crate::stream::StreamSource<'_>> {
+        match &self.source.kind {
+            SourceKind::Mqtt(m) => Some(crate::stream::StreamSource::Mqtt(m)),
+            SourceKind::Nats(n) => Some(crate::stream::StreamSource::Nats(n)),
+            SourceKind::File { .. } | SourceKind::Stdin => None,
+        }
     }
 
     /// The MQTT source, when the pipeline streams from a broker.
@@ -170,6 +179,8 @@ pub enum SourceKind {
     Stdin,
     /// An MQTT subscription (a stream: workers consume it while they run).
     Mqtt(Box<MqttSourceSpec>),
+    /// A JetStream consumer (a stream).
+    Nats(Box<crate::nats::NatsSourceSpec>),
 }
 
 /// How CSV is read.
@@ -232,6 +243,8 @@ pub enum SinkSpec {
     Postgres(PostgresSinkSpec),
     /// An MQTT topic.
     Mqtt(MqttSinkSpec),
+    /// A JetStream subject.
+    Nats(crate::nats::NatsSinkSpec),
 }
 
 impl SinkSpec {
@@ -242,6 +255,15 @@ impl SinkSpec {
             SinkSpec::Stdout { format } => format!("stdout:{format}"),
             SinkSpec::Postgres(p) => format!("postgres:{}", p.table),
             SinkSpec::Mqtt(m) => format!("mqtt:{}", m.topic),
+            SinkSpec::Nats(n) => format!("nats:{}", n.subject),
+        }
+    }
+
+    /// Whether the sink loads streams only (not batch runs or requests).
+    pub fn streams_only(&self) -> bool {
+        match self {
+            SinkSpec::File(_) | SinkSpec::Stdout { .. } => false,
+            SinkSpec::Postgres(_) | SinkSpec::Mqtt(_) | SinkSpec::Nats(_) => true,
         }
     }
 }
@@ -529,9 +551,9 @@ fn resolve_pipeline(
 /// schema and a worker, windows one worker, dedup columns must exist.
 fn check_stream(p: &PipelineSpec, base: &str, file: &Path, out: &mut Vec<Diagnostic>) {
     let d = |field: &str, msg: String| Diagnostic::new(file, format!("{base}.{field}"), msg);
-    let mqtt = p.mqtt();
-    let topic_cols: Vec<&str> = mqtt
-        .map(|m| m.topic_columns.iter().map(|(_, c)| c.as_str()).collect())
+    let source = p.stream_source();
+    let topic_cols: Vec<&str> = source
+        .map(|m| m.columns().iter().map(|(_, c)| c.as_str()).collect())
         .unwrap_or_default();
     let known = |c: &str| {
         topic_cols.contains(&c)
@@ -550,10 +572,10 @@ fn check_stream(p: &PipelineSpec, base: &str, file: &Path, out: &mut Vec<Diagnos
             );
         }
     }
-    if p.window.is_some() && mqtt.is_none() {
+    if p.window.is_some() && source.is_none() {
         out.push(
             d("window", "windows need a stream source".into()).with_help(
-                "use `source: { type: mqtt, ... }`, or GROUP BY a time bucket in batch SQL",
+                "use a stream source (`type: mqtt` or `type: nats`), or GROUP BY a time bucket in batch SQL",
             ),
         );
     }
@@ -571,23 +593,24 @@ fn check_stream(p: &PipelineSpec, base: &str, file: &Path, out: &mut Vec<Diagnos
             ),
         );
     }
-    if mqtt.is_none() {
+    let Some(source) = source else {
         for (i, s) in p.sinks.iter().enumerate() {
-            if matches!(s, SinkSpec::Postgres(_) | SinkSpec::Mqtt(_)) {
+            if s.streams_only() {
                 out.push(
                     d(
                         &format!("sinks[{i}]"),
                         format!("`{}` sinks load streams", s.describe()),
                     )
-                    .with_help("use it in a pipeline with an mqtt source"),
+                    .with_help("use it in a pipeline with a stream source (mqtt, nats)"),
                 );
             }
         }
         return;
     };
+    let kind = source.kind();
     match &p.schema {
         None => out.push(
-            d("schema", "is required for an mqtt source".into())
+            d("schema", format!("is required for a {kind} source"))
                 .with_help("declare the fields of the payload: a stream cannot be sampled first"),
         ),
         Some(schema) => {
@@ -597,9 +620,10 @@ fn check_stream(p: &PipelineSpec, base: &str, file: &Path, out: &mut Vec<Diagnos
                 {
                     out.push(
                         d(
-                            "source.topic",
+                            &format!("source.{}", source.address_field()),
                             format!(
-                                "topic column `{c}` is declared {}, but topic levels are text",
+                                "{0} column `{c}` is declared {1}, but {0} levels are text",
+                                source.address_field(),
                                 f.ty
                             ),
                         )
@@ -627,7 +651,7 @@ fn check_stream(p: &PipelineSpec, base: &str, file: &Path, out: &mut Vec<Diagnos
     if p.sinks.iter().any(|s| matches!(s, SinkSpec::Stdout { .. })) {
         out.push(
             d("sinks", "stdout is not a stream sink".into())
-                .with_help("use a file, postgres or mqtt sink"),
+                .with_help("use a file, postgres, mqtt or nats sink"),
         );
     }
 }
@@ -688,50 +712,88 @@ fn resolve_source(
         (s.client_id.is_some(), "client_id"),
         (s.session_expiry.is_some(), "session_expiry"),
         (s.ca_file.is_some(), "ca_file"),
-        (s.batch.is_some(), "batch"),
         (s.broker_keeps_queued.is_some(), "broker_keeps_queued"),
         (s.receive_maximum.is_some(), "receive_maximum"),
     ];
-    if s.kind != RawSourceKind::Mqtt {
-        for (set, field) in mqtt_only {
-            if set {
+    let nats_only = [
+        (s.url.is_some(), "url"),
+        (s.stream.is_some(), "stream"),
+        (s.subject.is_some(), "subject"),
+        (s.consumer.is_some(), "consumer"),
+        (s.create.is_some(), "create"),
+        (s.ack_wait.is_some(), "ack_wait"),
+        (s.max_ack_pending.is_some(), "max_ack_pending"),
+    ];
+    let streams = [RawSourceKind::Mqtt, RawSourceKind::Nats];
+    for (kind, fields) in [
+        (RawSourceKind::Mqtt, &mqtt_only[..]),
+        (RawSourceKind::Nats, &nats_only[..]),
+    ] {
+        if s.kind == kind {
+            continue;
+        }
+        let name = if kind == RawSourceKind::Mqtt {
+            "mqtt"
+        } else {
+            "nats"
+        };
+        for (set, field) in fields {
+            if *set {
                 out.push(
                     Diagnostic::new(
                         file,
                         format!("{base}.{field}"),
-                        "is a setting of mqtt sources",
+                        format!("is a setting of {name} sources"),
                     )
-                    .with_help("remove it, or use `type: mqtt`"),
+                    .with_help(format!("remove it, or use `type: {name}`")),
                 );
             }
         }
     }
-    let kind = match s.kind {
-        RawSourceKind::Mqtt => {
-            if s.path.is_some() {
-                out.push(
-                    Diagnostic::new(
-                        file,
-                        format!("{base}.path"),
-                        "is not used by an mqtt source",
-                    )
-                    .with_help("remove it"),
-                );
-            }
-            if s.csv.as_ref().and_then(|c| c.header) == Some(true) {
-                out.push(
-                    Diagnostic::new(
-                        file,
-                        format!("{base}.csv.header"),
-                        "MQTT CSV payloads carry no header",
-                    )
-                    .with_help("remove it: the fields are read in the schema's order"),
-                );
-            }
-            SourceKind::Mqtt(Box::new(crate::stream::resolve_mqtt(
-                &s, pipeline, base, file, out,
-            )))
+    if s.batch.is_some() && !streams.contains(&s.kind) {
+        out.push(
+            Diagnostic::new(
+                file,
+                format!("{base}.batch"),
+                "is a setting of stream sources",
+            )
+            .with_help("remove it, or use `type: mqtt` or `type: nats`"),
+        );
+    }
+    if streams.contains(&s.kind) {
+        let name = if s.kind == RawSourceKind::Mqtt {
+            "mqtt"
+        } else {
+            "nats"
+        };
+        if s.path.is_some() {
+            out.push(
+                Diagnostic::new(
+                    file,
+                    format!("{base}.path"),
+                    format!("is not used by an {name} source"),
+                )
+                .with_help("remove it"),
+            );
         }
+        if s.csv.as_ref().and_then(|c| c.header) == Some(true) {
+            out.push(
+                Diagnostic::new(
+                    file,
+                    format!("{base}.csv.header"),
+                    format!("{} CSV payloads carry no header", name.to_uppercase()),
+                )
+                .with_help("remove it: the fields are read in the schema's order"),
+            );
+        }
+    }
+    let kind = match s.kind {
+        RawSourceKind::Mqtt => SourceKind::Mqtt(Box::new(crate::stream::resolve_mqtt(
+            &s, pipeline, base, file, out,
+        ))),
+        RawSourceKind::Nats => SourceKind::Nats(Box::new(crate::nats::resolve_source(
+            &s, pipeline, base, file, out,
+        ))),
         RawSourceKind::File => SourceKind::File { path: s.path },
         RawSourceKind::Stdin => {
             if s.path.is_some() {
@@ -799,15 +861,33 @@ fn resolve_sink(
     let not_for = |field: &str, kind: &str, out: &mut Vec<Diagnostic>| {
         out.push(d(field, format!("is not a setting of a `{kind}` sink")).with_help("remove it"));
     };
-    let stream_only = [
-        (s.url.is_some(), "url"),
-        (s.table.is_some(), "table"),
-        (s.create.is_some(), "create"),
-        (s.key.is_some(), "key"),
-        (s.broker.is_some(), "broker"),
-        (s.topic.is_some(), "topic"),
-        (s.qos.is_some(), "qos"),
+    use RawSinkKind as K;
+    let kind_name = match s.kind {
+        K::Parquet => "parquet",
+        K::Csv => "csv",
+        K::Ndjson => "ndjson",
+        K::Arrow => "arrow",
+        K::Stdout => "stdout",
+        K::Postgres => "postgres",
+        K::Mqtt => "mqtt",
+        K::Nats => "nats",
+    };
+    let stream_fields: [(bool, &str, &[RawSinkKind]); 9] = [
+        (s.url.is_some(), "url", &[K::Postgres, K::Nats]),
+        (s.table.is_some(), "table", &[K::Postgres]),
+        (s.create.is_some(), "create", &[K::Postgres, K::Nats]),
+        (s.key.is_some(), "key", &[K::Postgres, K::Nats]),
+        (s.broker.is_some(), "broker", &[K::Mqtt]),
+        (s.topic.is_some(), "topic", &[K::Mqtt]),
+        (s.qos.is_some(), "qos", &[K::Mqtt]),
+        (s.subject.is_some(), "subject", &[K::Nats]),
+        (s.stream.is_some(), "stream", &[K::Nats]),
     ];
+    for (set, field, kinds) in stream_fields {
+        if set && !kinds.contains(&s.kind) {
+            not_for(field, kind_name, out);
+        }
+    }
     let file_only = [
         (s.path.is_some(), "path"),
         (s.partition_by.is_some(), "partition_by"),
@@ -821,12 +901,17 @@ fn resolve_sink(
         (s.roll_size.is_some(), "roll_size"),
     ];
     match s.kind {
-        RawSinkKind::Postgres => {
-            for (set, field) in file_only.iter().chain(&stream_only[4..]) {
-                if *set {
-                    not_for(field, "postgres", out);
+        RawSinkKind::Postgres | RawSinkKind::Mqtt | RawSinkKind::Nats => {
+            for (set, field) in file_only {
+                if set {
+                    not_for(field, kind_name, out);
                 }
             }
+        }
+        _ => {}
+    }
+    match s.kind {
+        RawSinkKind::Postgres => {
             let url = s.url.unwrap_or_else(|| {
                 out.push(
                     d("url", "is required for a postgres sink".into())
@@ -858,11 +943,6 @@ fn resolve_sink(
             }));
         }
         RawSinkKind::Mqtt => {
-            for (set, field) in file_only.iter().chain(&stream_only[..4]) {
-                if *set {
-                    not_for(field, "mqtt", out);
-                }
-            }
             let broker = s.broker.unwrap_or_else(|| {
                 out.push(
                     d("broker", "is required for an mqtt sink".into())
@@ -892,16 +972,19 @@ fn resolve_sink(
             }
             return Some(SinkSpec::Mqtt(MqttSinkSpec { broker, topic, qos }));
         }
-        _ => {
-            for (set, field) in stream_only {
-                if set {
-                    not_for(field, "file", out);
-                }
-            }
+        RawSinkKind::Nats => {
+            return Some(SinkSpec::Nats(crate::nats::resolve_sink(
+                &s, base, file, out,
+            )));
         }
+        RawSinkKind::Parquet
+        | RawSinkKind::Csv
+        | RawSinkKind::Ndjson
+        | RawSinkKind::Arrow
+        | RawSinkKind::Stdout => {}
     }
     let format = match s.kind {
-        RawSinkKind::Postgres | RawSinkKind::Mqtt => return None,
+        RawSinkKind::Postgres | RawSinkKind::Mqtt | RawSinkKind::Nats => return None,
         RawSinkKind::Stdout => {
             for (set, field) in [
                 (s.path.is_some(), "path"),

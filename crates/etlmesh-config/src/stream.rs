@@ -79,6 +79,80 @@ impl MqttSourceSpec {
     }
 }
 
+/// A stream source, whichever its kind: what the runner, the decoder and the checks
+/// share. Adding a kind adds a variant here, and the compiler shows every place that
+/// must learn it.
+#[derive(Debug, Clone, Copy)]
+pub enum StreamSource<'a> {
+    /// An MQTT subscription.
+    Mqtt(&'a MqttSourceSpec),
+    /// A JetStream consumer.
+    Nats(&'a crate::nats::NatsSourceSpec),
+}
+
+impl<'a> StreamSource<'a> {
+    /// `mqtt` or `nats`: the prefix of a message's place in dead letters.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            StreamSource::Mqtt(_) => "mqtt",
+            StreamSource::Nats(_) => "nats",
+        }
+    }
+
+    /// The topic or subject as written.
+    pub fn address(&self) -> &'a str {
+        match self {
+            StreamSource::Mqtt(m) => &m.topic,
+            StreamSource::Nats(n) => &n.subject,
+        }
+    }
+
+    /// The field that holds the address in the pipeline file (`topic`, `subject`).
+    pub fn address_field(&self) -> &'static str {
+        match self {
+            StreamSource::Mqtt(_) => "topic",
+            StreamSource::Nats(_) => "subject",
+        }
+    }
+
+    /// Columns taken from the address's levels or tokens, with their index.
+    pub fn columns(&self) -> &'a [(usize, String)] {
+        match self {
+            StreamSource::Mqtt(m) => &m.topic_columns,
+            StreamSource::Nats(n) => &n.subject_columns,
+        }
+    }
+
+    /// What separates the address's levels: `/` or `.`.
+    pub fn separator(&self) -> char {
+        match self {
+            StreamSource::Mqtt(_) => '/',
+            StreamSource::Nats(_) => '.',
+        }
+    }
+
+    /// The payload format.
+    pub fn format(&self) -> Format {
+        match self {
+            StreamSource::Mqtt(m) => m.format,
+            StreamSource::Nats(n) => n.format,
+        }
+    }
+
+    /// Micro-batch bounds.
+    pub fn batch(&self) -> MicroBatch {
+        match self {
+            StreamSource::Mqtt(m) => m.batch,
+            StreamSource::Nats(n) => n.batch,
+        }
+    }
+
+    /// `mqtt:sensors/+/reading`, `nats:sensors.*.reading`.
+    pub fn describe(&self) -> String {
+        format!("{}:{}", self.kind(), self.address())
+    }
+}
+
 /// Event-time windows over a timestamp column.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WindowSpec {
@@ -316,7 +390,7 @@ pub(crate) fn resolve_mqtt(
     }
 }
 
-fn micro_batch(
+pub(crate) fn micro_batch(
     b: Option<&RawMicroBatch>,
     field: &str,
     file: &Path,

@@ -94,7 +94,8 @@ impl SimulateOptions {
         }
     }
 
-    fn check(&self) -> Result<(), MqttError> {
+    /// Checks the options: fractions, rate, QoS, payload shape.
+    pub fn check(&self) -> Result<(), MqttError> {
         let fraction = |name: &str, v: f64| {
             if (0.0..=1.0).contains(&v) {
                 Ok(())
@@ -205,15 +206,11 @@ pub async fn simulate(
     } else {
         QoS::AtMostOnce
     };
-    let mut rng = SmallRng::seed_from_u64(opts.seed);
-    let mut devices: Vec<Device> = (0..opts.devices).map(|_| Device::new(&mut rng)).collect();
-    // Per device, the number of each reading: with the device id, a reading's key.
-    let mut seqs = vec![0u64; devices.len()];
+    let mut devices = Devices::new(opts);
     let mut stats = SimulateStats::default();
     let start = Instant::now();
     let interval = 1.0 / opts.rate;
     tokio::pin!(stop);
-    let mut payload = Vec::with_capacity(192);
     loop {
         if opts.count.is_some_and(|c| stats.published >= c)
             || opts.duration.is_some_and(|d| start.elapsed() >= d)
@@ -227,39 +224,9 @@ pub async fn simulate(
                 () = &mut stop => break,
             }
         }
-        let dev = (stats.published % u64::from(opts.devices)) as usize;
-        let id = format!("dev-{dev:05}");
-        payload.clear();
-        if opts.payload == Payload::JsonArray {
-            payload.push(b'[');
-        }
-        for i in 0..opts.readings_per_message.max(1) {
-            let reading = devices[dev].next(&mut rng);
-            let ts = event_time(opts, &mut rng, &mut stats);
-            match (opts.payload, i) {
-                (Payload::Csv, 0) => {}
-                (Payload::Csv, _) => payload.push(b'\n'),
-                (_, 0) => {}
-                (_, _) => payload.push(b','),
-            }
-            seqs[dev] += 1;
-            write_reading(&mut payload, opts.payload, &id, seqs[dev], ts, &reading);
-            stats.readings += 1;
-        }
-        if opts.payload == Payload::JsonArray {
-            payload.push(b']');
-        }
-        if opts.malformed > 0.0 && rng.random_bool(opts.malformed) {
-            let format = match opts.payload {
-                Payload::Csv => GenFormat::Csv,
-                _ => GenFormat::Ndjson,
-            };
-            corrupt(&mut payload, format, &mut rng);
-            stats.malformed += 1;
-        }
-        let topic = opts.topic.replace("{device_id}", &id);
+        let (topic, payload) = devices.message(&mut stats);
         client
-            .publish(topic, qos, false, payload.clone())
+            .publish(topic, qos, false, payload)
             .await
             .map_err(|e| conn_err(e.to_string()))?;
         stats.published += 1;
@@ -290,6 +257,77 @@ pub async fn simulate(
         return Err(conn_err(e));
     }
     Ok(stats)
+}
+
+/// The virtual devices: each call makes the next message (its topic and payload) and
+/// counts it in `stats` (readings, late, out of order, malformed — not `published`).
+pub struct Devices<'a> {
+    opts: &'a SimulateOptions,
+    rng: SmallRng,
+    devices: Vec<Device>,
+    /// Per device, the number of each reading: with the device id, a reading's key.
+    seqs: Vec<u64>,
+    next: u64,
+}
+
+impl<'a> Devices<'a> {
+    /// The devices of `opts`, seeded.
+    pub fn new(opts: &'a SimulateOptions) -> Self {
+        let mut rng = SmallRng::seed_from_u64(opts.seed);
+        let devices: Vec<Device> = (0..opts.devices).map(|_| Device::new(&mut rng)).collect();
+        let seqs = vec![0u64; devices.len()];
+        Self {
+            opts,
+            rng,
+            devices,
+            seqs,
+            next: 0,
+        }
+    }
+
+    /// The next message: devices take turns.
+    pub fn message(&mut self, stats: &mut SimulateStats) -> (String, Vec<u8>) {
+        let opts = self.opts;
+        let dev = (self.next % u64::from(opts.devices.max(1))) as usize;
+        self.next += 1;
+        let id = format!("dev-{dev:05}");
+        let mut payload = Vec::with_capacity(192);
+        if opts.payload == Payload::JsonArray {
+            payload.push(b'[');
+        }
+        for i in 0..opts.readings_per_message.max(1) {
+            let reading = self.devices[dev].next(&mut self.rng);
+            let ts = event_time(opts, &mut self.rng, stats);
+            match (opts.payload, i) {
+                (Payload::Csv, 0) => {}
+                (Payload::Csv, _) => payload.push(b'\n'),
+                (_, 0) => {}
+                (_, _) => payload.push(b','),
+            }
+            self.seqs[dev] += 1;
+            write_reading(
+                &mut payload,
+                opts.payload,
+                &id,
+                self.seqs[dev],
+                ts,
+                &reading,
+            );
+            stats.readings += 1;
+        }
+        if opts.payload == Payload::JsonArray {
+            payload.push(b']');
+        }
+        if opts.malformed > 0.0 && self.rng.random_bool(opts.malformed) {
+            let format = match opts.payload {
+                Payload::Csv => GenFormat::Csv,
+                _ => GenFormat::Ndjson,
+            };
+            corrupt(&mut payload, format, &mut self.rng);
+            stats.malformed += 1;
+        }
+        (opts.topic.replace("{device_id}", &id), payload)
+    }
 }
 
 /// Now, with jitter, and moved back for out-of-order and late readings.

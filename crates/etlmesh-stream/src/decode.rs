@@ -9,7 +9,7 @@ use arrow::array::{ArrayRef, RecordBatch, StringArray};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use bytes::Bytes;
 use etlmesh_codec::{Chunk, CsvLayout, DecodedBatch, Decoder, Limits, Provenance, Reject, Stage};
-use etlmesh_config::{CsvOptions, Format, MqttSourceSpec};
+use etlmesh_config::{CsvOptions, Format, StreamSource};
 
 use crate::source::Delivery;
 
@@ -20,6 +20,10 @@ pub struct MessageDecoder {
     input: SchemaRef,
     /// For each input column: a topic level, or a column of the decoded rows.
     columns: Vec<ColumnSource>,
+    /// `mqtt` or `nats`: how a message's place is written (`mqtt:<topic>`).
+    scheme: &'static str,
+    /// What separates the levels of a topic (`/`) or the tokens of a subject (`.`).
+    separator: char,
 }
 
 enum ColumnSource {
@@ -38,6 +42,9 @@ pub struct Decoded {
     pub records: u64,
     /// Which message each line of the chunk came from.
     pub lines: LineMap,
+    /// Messages rejected whole (nothing of them became a row), by arrival number:
+    /// once their dead letters are written they are finished for good.
+    pub dead: Vec<u64>,
 }
 
 /// Lines of the decoded chunk → messages.
@@ -125,12 +132,12 @@ impl MessageDecoder {
     /// may be among its fields; those that are not are appended as text).
     /// CSV payloads are read with `csv`'s delimiter, quote and nulls, and no header.
     pub fn new(
-        spec: &MqttSourceSpec,
+        spec: StreamSource<'_>,
         declared: &SchemaRef,
         csv: &CsvOptions,
         limits: Limits,
     ) -> Self {
-        let topic_cols = &spec.topic_columns;
+        let topic_cols = spec.columns();
         let is_topic = |name: &str| topic_cols.iter().find(|(_, c)| c == name).map(|(i, _)| *i);
         let payload: Vec<Arc<Field>> = declared
             .fields()
@@ -160,7 +167,7 @@ impl MessageDecoder {
                 columns.push(ColumnSource::Topic(*level));
             }
         }
-        let format = if spec.format == Format::Csv {
+        let format = if spec.format() == Format::Csv {
             Format::Csv
         } else {
             Format::Ndjson
@@ -179,6 +186,8 @@ impl MessageDecoder {
             },
             input: Arc::new(Schema::new(fields)),
             columns,
+            scheme: spec.kind(),
+            separator: spec.separator(),
         }
     }
 
@@ -188,14 +197,35 @@ impl MessageDecoder {
     }
 
     /// Decodes a micro-batch.
-    pub fn decode(&self, messages: &[Delivery]) -> Decoded {
+    pub fn decode<A>(&self, messages: &[Delivery<A>]) -> Decoded {
+        let mut out = self.decode_messages(messages);
+        let mut has_rows = vec![false; messages.len()];
+        for b in &out.batches {
+            if let Provenance::Text { spans, offset, .. } = &b.provenance {
+                for s in spans.iter().skip(*offset).take(b.batch.num_rows()) {
+                    if let Some(m) = out.lines.message(s.line) {
+                        has_rows[m] = true;
+                    }
+                }
+            }
+        }
+        out.dead = messages
+            .iter()
+            .zip(has_rows)
+            .filter(|(_, rows)| !rows)
+            .map(|(m, _)| m.seq)
+            .collect();
+        out
+    }
+
+    fn decode_messages<A>(&self, messages: &[Delivery<A>]) -> Decoded {
         let mut out = Decoded::default();
         let max = self.decoder.limits.max_record_bytes as usize;
         let mut buf: Vec<u8> =
             Vec::with_capacity(messages.iter().map(|m| m.payload.len() + 1).sum());
         let mut line = 0u64;
         for (i, m) in messages.iter().enumerate() {
-            let topic: Arc<str> = Arc::from(format!("mqtt:{}", m.topic));
+            let topic: Arc<str> = Arc::from(format!("{}:{}", self.scheme, m.topic));
             let first = line + 1;
             let reject = |stage: Stage, reason: String| {
                 Reject::new(&topic, stage, reason, m.payload.clone())
@@ -275,7 +305,7 @@ impl MessageDecoder {
             return out;
         }
         let chunk = Chunk {
-            source: Arc::from("mqtt"),
+            source: Arc::from(self.scheme),
             data: Bytes::from(buf),
             first_line: 1,
             spans: None,
@@ -306,7 +336,7 @@ impl MessageDecoder {
                 for m in messages {
                     out.records += 1;
                     out.rejects.push(Reject::new(
-                        &Arc::from(format!("mqtt:{}", m.topic)),
+                        &Arc::from(format!("{}:{}", self.scheme, m.topic)),
                         Stage::Decode,
                         e.to_string(),
                         m.payload.clone(),
@@ -340,8 +370,9 @@ impl MessageDecoder {
                         .map(|m| {
                             m.and_then(|m| {
                                 lines.topics[m]
-                                    .strip_prefix("mqtt:")
-                                    .and_then(|t| t.split('/').nth(*level))
+                                    .strip_prefix(self.scheme)
+                                    .and_then(|t| t.strip_prefix(':'))
+                                    .and_then(|t| t.split(self.separator).nth(*level))
                             })
                         })
                         .collect();
@@ -375,7 +406,7 @@ mod tests {
     use arrow::datatypes::Int64Type;
     use etlmesh_config::{FieldSpec, FieldType, PipelineFile};
 
-    fn spec(format: &str) -> (MqttSourceSpec, SchemaRef) {
+    fn spec(format: &str) -> (etlmesh_config::MqttSourceSpec, SchemaRef) {
         let f = PipelineFile::parse(
             "s.yaml",
             format!("pipelines:\n  p:\n    source: {{ type: mqtt, broker: mqtt://h, topic: 's/{{device_id}}/r', format: {format} }}\n    schema: {{ seq: int64, t: float64 }}\n    sinks: [{{ type: ndjson, path: o }}]\n    dead_letter: {{ type: ndjson, path: d }}\n"),
@@ -393,7 +424,12 @@ mod tests {
     #[test]
     fn objects_arrays_and_topic_levels_become_rows_and_rejects_name_their_message() {
         let (m, schema) = spec("json");
-        let d = MessageDecoder::new(&m, &schema, &CsvOptions::default(), Limits::default());
+        let d = MessageDecoder::new(
+            StreamSource::Mqtt(&m),
+            &schema,
+            &CsvOptions::default(),
+            Limits::default(),
+        );
         assert_eq!(d.input_schema().field(2).name(), "device_id");
         let msgs = vec![
             detached_delivery(1, "s/a/r", b"{\"seq\": 1, \"t\": 1.5}"),
@@ -407,6 +443,7 @@ mod tests {
         ];
         let out = d.decode(&msgs);
         assert_eq!(out.records, 5);
+        assert_eq!(out.dead, vec![3, 4], "messages of which no row came");
         let b = &out.batches[0];
         assert_eq!(b.batch.num_rows(), 2);
         let seqs = b.batch.column(0).as_primitive::<Int64Type>();
@@ -433,7 +470,12 @@ mod tests {
     #[test]
     fn csv_lines_are_read_in_schema_order() {
         let (m, schema) = spec("csv");
-        let d = MessageDecoder::new(&m, &schema, &CsvOptions::default(), Limits::default());
+        let d = MessageDecoder::new(
+            StreamSource::Mqtt(&m),
+            &schema,
+            &CsvOptions::default(),
+            Limits::default(),
+        );
         let msgs = vec![
             detached_delivery(7, "s/x/r", b"1,0.5\n2,1.5\n"),
             detached_delivery(8, "s/y/r", b"3,abc"),

@@ -1,16 +1,19 @@
-//! Streams: pipelines that consume an MQTT subscription while their workers run.
+//! Streams: pipelines that consume an MQTT subscription or a JetStream consumer while
+//! their workers run.
 //!
-//! A worker serving a pipeline with `source: { type: mqtt }` runs one [`run`] task
-//! for it:
+//! A worker serving a pipeline with a stream source (`type: mqtt`, `type: nats`) runs
+//! one [`run`] task for it:
 //!
-//! 1. [`source`] keeps a persistent MQTT session (a stable client id per worker slot
-//!    and source, a shared subscription `$share/<group>/<filter>` — or a plain one when
-//!    one worker serves the pipeline — manual acknowledgements);
+//! 1. a [`source`] hands it messages with their positions: a persistent MQTT session
+//!    (a stable client id per worker slot and source, a shared subscription
+//!    `$share/<group>/<filter>` — or a plain one when one worker serves the pipeline —
+//!    manual acknowledgements), or a durable JetStream pull consumer shared by the
+//!    pipeline's workers (explicit acknowledgements);
 //! 2. the runner ([`runner`]) collects micro-batches (so many records or so long),
 //!    decodes them ([`decode`]) into the pipeline's schema with the topic's levels as
 //!    columns, drops duplicate keys, and runs the SQL — per micro-batch, or per
 //!    event-time window when it closes ([`window`]);
-//! 3. [`sinks`] load the rows (PostgreSQL, MQTT, rolling files); bad and late records
+//! 3. [`sinks`] load the rows (PostgreSQL, MQTT, JetStream, rolling files); bad and late records
 //!    go to the dead letters;
 //! 4. messages are acknowledged, in the order they came, only up to the oldest one
 //!    whose rows some sink has not committed or an open window still holds.
@@ -49,6 +52,9 @@ pub enum StreamError {
     /// The MQTT session failed.
     #[error("MQTT: {0}")]
     Mqtt(String),
+    /// Another source failed (JetStream).
+    #[error("source: {0}")]
+    Source(String),
     /// The pipeline cannot run as a stream.
     #[error("pipeline `{pipeline}`: {message}")]
     Pipeline {
@@ -75,10 +81,10 @@ use etlmesh_config::PipelineSpec;
 /// fields, the topic's `{column}` levels, and `window_start`/`window_end` when it has
 /// a window. `None` for pipelines that do not stream (or declare no schema).
 pub fn sql_input_schema(spec: &PipelineSpec) -> Option<SchemaRef> {
-    let mqtt = spec.mqtt()?;
+    let source = spec.stream_source()?;
     let declared = etlmesh_codec::schema::arrow_schema(spec.schema.as_ref()?);
     let decoder = decode::MessageDecoder::new(
-        mqtt,
+        source,
         &declared,
         &spec.source.csv,
         etlmesh_codec::Limits::default(),

@@ -33,6 +33,8 @@ pub struct StreamMetrics {
     held: Family<Pipeline, Gauge>,
     lag_ms: Family<Pipeline, Gauge>,
     open_windows: Family<Pipeline, Gauge>,
+    source_pending: Family<Pipeline, Gauge>,
+    source_ack_pending: Family<Pipeline, Gauge>,
     sink_retries: Family<SinkLabel, Counter>,
     sink_up: Family<SinkLabel, Gauge>,
     batch_seconds: Family<Pipeline, Histogram, fn() -> Histogram>,
@@ -49,6 +51,8 @@ impl StreamMetrics {
             held: Family::default(),
             lag_ms: Family::default(),
             open_windows: Family::default(),
+            source_pending: Family::default(),
+            source_ack_pending: Family::default(),
             sink_retries: Family::default(),
             sink_up: Family::default(),
             batch_seconds: Family::new_with_constructor(latency_histogram),
@@ -57,7 +61,7 @@ impl StreamMetrics {
         let mut r = registry.lock().unwrap_or_else(|p| p.into_inner());
         r.register(
             "stream_messages",
-            "MQTT messages by outcome (received, acknowledged)",
+            "Stream messages by outcome (received, redelivered, acknowledged, terminated)",
             m.messages.clone(),
         );
         r.register(
@@ -79,6 +83,16 @@ impl StreamMetrics {
             "stream_open_windows",
             "Event-time windows open",
             m.open_windows.clone(),
+        );
+        r.register(
+            "stream_source_pending",
+            "Messages in the source not yet delivered to any worker of the pipeline (JetStream: the consumer's num_pending): the consumer lag",
+            m.source_pending.clone(),
+        );
+        r.register(
+            "stream_source_ack_pending",
+            "Messages delivered to the pipeline's workers and not yet acknowledged (JetStream: num_ack_pending, at most max_ack_pending)",
+            m.source_ack_pending.clone(),
         );
         r.register(
             "stream_sink_retries",
@@ -151,6 +165,16 @@ impl StreamMetrics {
         self.open_windows
             .get_or_create(&Self::p(pipeline))
             .set(n as i64);
+    }
+
+    /// The source's own view of the pipeline's backlog.
+    pub(crate) fn source_backlog(&self, pipeline: &str, pending: u64, ack_pending: usize) {
+        self.source_pending
+            .get_or_create(&Self::p(pipeline))
+            .set(i64::try_from(pending).unwrap_or(i64::MAX));
+        self.source_ack_pending
+            .get_or_create(&Self::p(pipeline))
+            .set(ack_pending as i64);
     }
 
     pub(crate) fn sink_retry(&self, pipeline: &str, sink: &str) {

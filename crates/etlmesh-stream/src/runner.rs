@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use arrow::array::{Array, RecordBatch};
 use etlmesh_codec::{DecodedBatch, Limits, Provenance, Reject, Stage, record::row_as_json};
-use etlmesh_config::{MicroBatch, MqttSourceSpec, PipelineSpec};
+use etlmesh_config::{MicroBatch, PipelineSpec, StreamSource};
 use etlmesh_engine::{Engine, Kind, Transform};
 use etlmesh_sink::dead_letter::DeadLetterLog;
 use etlmesh_sink::tap::TapStage;
@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, watch};
 use crate::decode::{LineMap, MessageDecoder};
 use crate::dedup::Dedup;
 use crate::sinks::{SinkFailure, StreamSink};
-use crate::source::{self, Ack, Delivery, Session, SessionId};
+use crate::source::{self, Delivery, Outcome, SlotIdentity, Source};
 use crate::state::{SlotState, StateFile};
 use crate::window::Windows;
 use crate::{StreamError, StreamMetrics};
@@ -23,7 +23,8 @@ use crate::{StreamError, StreamMetrics};
 /// What a stream needs from the worker that runs it.
 #[derive(Clone)]
 pub struct StreamOptions {
-    /// The worker's id: with the pipeline, it names the MQTT session.
+    /// The worker's id: with the pipeline, it names the MQTT session and the
+    /// JetStream connection.
     pub worker: String,
     /// The SQL engine.
     pub engine: Engine,
@@ -56,21 +57,43 @@ const TICK: Duration = Duration::from_millis(100);
 /// Longest wait between two tries of a sink that is down.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
-struct Stream {
+/// Everything of a stream but its source.
+struct Prepared {
     taps: std::sync::Arc<etlmesh_sink::tap::TapHub>,
     spec: PipelineSpec,
     batch: MicroBatch,
-    /// Unacknowledged messages the broker may send.
-    receive_maximum: u16,
     decoder: MessageDecoder,
     transform: Transform,
     windows: Option<Windows>,
     dedup: Option<Dedup>,
     sinks: Vec<Box<dyn StreamSink>>,
     dead: Arc<DeadLetterLog>,
-    session: Session,
+    metrics: StreamMetrics,
+    shutdown: watch::Receiver<bool>,
+    leaving: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    linger: Duration,
+    shared: bool,
+    time_col: Option<usize>,
+    state: StateFile,
+}
+
+struct Stream<S: Source> {
+    taps: std::sync::Arc<etlmesh_sink::tap::TapHub>,
+    spec: PipelineSpec,
+    batch: MicroBatch,
+    /// Unacknowledged messages the source may hand out.
+    window: usize,
+    decoder: MessageDecoder,
+    transform: Transform,
+    windows: Option<Windows>,
+    dedup: Option<Dedup>,
+    sinks: Vec<Box<dyn StreamSink>>,
+    dead: Arc<DeadLetterLog>,
+    source: S,
     /// Received, not yet acknowledged, in order of arrival.
-    held: VecDeque<(u64, Ack)>,
+    held: VecDeque<(u64, S::Ack, Outcome)>,
+    /// Messages of the micro-batch being processed that were rejected whole.
+    dead_seqs: Vec<u64>,
     /// Newest message fully processed.
     processed: u64,
     metrics: StreamMetrics,
@@ -104,40 +127,23 @@ struct LoadedWindows {
     watermark: i64,
 }
 
-/// Removes the session of the slot's earlier source, which the file no longer names.
-async fn forget_session(
+/// Starts the slot clean when its source changed: what the earlier source keeps for
+/// it (an MQTT session and its queue) is removed.
+async fn forget_old_source(
     state: &mut StateFile,
-    mqtt: &MqttSourceSpec,
-    id: &SessionId,
+    source: StreamSource<'_>,
+    id: &SlotIdentity,
     pipeline: &str,
 ) {
+    if state.state.client_id.is_empty() || state.state.client_id == id.client_id {
+        return;
+    }
     let old = state.state.clone();
-    tracing::warn!(pipeline, old_client_id = %old.client_id, old_subscription = %old.subscription, old_broker = %old.broker, client_id = %id.client_id, subscription = %id.subscription, broker = %id.broker, "the pipeline's source changed: starting a new session; the old one is removed with what it had queued");
-    if old.broker == id.broker
-        && let Err(e) = source::discard_session(mqtt, &old.client_id).await
-    {
-        tracing::warn!(pipeline, old_client_id = %old.client_id, error = %e, "cannot remove the old session: the broker drops it when it expires");
+    tracing::warn!(pipeline, old_client_id = %old.client_id, old_subscription = %old.subscription, old_broker = %old.broker, client_id = %id.client_id, subscription = %id.subscription, broker = %id.broker, "the pipeline's source changed: starting clean");
+    if old.broker == id.broker {
+        source::forget(source, &old, pipeline).await;
     }
     state.state = SlotState::default();
-}
-
-/// Windows of a slot that ran before: they resume from the watermark every sink
-/// committed, so that messages the broker sends again are not counted twice.
-async fn resume(
-    mut w: Windows,
-    state: &mut StateFile,
-    mqtt: &MqttSourceSpec,
-    id: &SessionId,
-    pipeline: &str,
-) -> Windows {
-    if !state.state.client_id.is_empty() && state.state.client_id != id.client_id {
-        forget_session(state, mqtt, id, pipeline).await;
-    }
-    if let Some(wm) = state.state.watermark {
-        w.resume(wm);
-        tracing::info!(pipeline, watermark = %fmt_ms(wm), "windows resume: redelivered records of windows that were loaded are skipped");
-    }
-    w
 }
 
 /// Runs the stream of pipeline `spec` until `shutdown` turns true; then it stops
@@ -153,16 +159,15 @@ pub async fn run(
         pipeline: spec.name.clone(),
         message,
     };
-    let mqtt = spec
-        .mqtt()
-        .cloned()
-        .ok_or_else(|| err("has no mqtt source".into()))?;
+    let source = spec
+        .stream_source()
+        .ok_or_else(|| err("has no stream source".into()))?;
     let fields = spec
         .schema
         .as_ref()
         .ok_or_else(|| err("a stream needs a declared schema".into()))?;
     let declared = etlmesh_codec::schema::arrow_schema(fields);
-    let decoder = MessageDecoder::new(&mqtt, &declared, &spec.source.csv, opts.limits);
+    let decoder = MessageDecoder::new(source, &declared, &spec.source.csv, opts.limits);
     let input = decoder.input_schema().clone();
     let windows = spec
         .window
@@ -205,26 +210,19 @@ pub async fn run(
         .and_then(|c| input.index_of(c).ok());
 
     let shared = spec.scaling.max_replicas != 1;
-    let id = SessionId::new(&mqtt, &spec.name, &opts.worker, shared);
+    let id = source::identity(source, &spec.name, &opts.worker, shared);
     let mut state = StateFile::open(opts.state_dir.as_deref(), &spec.name, &opts.worker);
-    let windows = match windows {
-        Some(w) => Some(resume(w, &mut state, &mqtt, &id, &spec.name).await),
-        None => {
-            if !state.state.client_id.is_empty() && state.state.client_id != id.client_id {
-                forget_session(&mut state, &mqtt, &id, &spec.name).await;
-            }
-            None
+    forget_old_source(&mut state, source, &id, &spec.name).await;
+    let windows = windows.map(|mut w| {
+        if let Some(wm) = state.state.watermark {
+            w.resume(wm);
+            tracing::info!(pipeline = %spec.name, watermark = %fmt_ms(wm), "windows resume: redelivered records of windows that were loaded are skipped");
         }
-    };
+        w
+    });
     state.state.client_id = id.client_id.clone();
     state.state.subscription = id.subscription.clone();
     state.state.broker = id.broker.clone();
-    let receive_maximum = mqtt.receive_maximum;
-    let mut batch = mqtt.batch;
-    if receive_maximum < source::RECEIVE_MAXIMUM {
-        // Acknowledgements must flow before the broker's window is full.
-        batch.records = batch.records.min(receive_maximum as usize / 2).max(1);
-    }
     if let Err(e) = state.save() {
         return Err(err(format!(
             "cannot write the stream's state {}: {e}; check that the worker's --state-dir is writable",
@@ -233,23 +231,12 @@ pub async fn run(
                 .map_or_else(String::new, |p| p.display().to_string())
         )));
     }
-    let (session, rx, task) = source::start(&mqtt, &id, receive_maximum).await?;
-    tracing::info!(pipeline = %spec.name, client_id = %id.client_id, subscription = %id.subscription, shared, receive_maximum, micro_batch = batch.records, sinks = sinks.len(), windowed = windows.is_some(), "stream started");
-    if !mqtt.broker_keeps_queued {
-        // Asked on a connection of its own, after the start: a restart does not wait.
-        let (mqtt, pipeline) = (mqtt.clone(), spec.name.clone());
-        tokio::spawn(async move {
-            let version = source::broker_version(&mqtt, Duration::from_secs(2)).await;
-            if let Some(v) = version.filter(|v| source::drops_queued(v)) {
-                let risk = source::broker_risks(&v, mqtt.receive_maximum);
-                tracing::warn!(pipeline = %pipeline, error_kind = "broker_drops_queued", "{risk}");
-            }
-        });
-    }
-    let mut s = Stream {
+    let batch = source.batch();
+    let kind = source.kind();
+    let source_spec = spec.source.kind.clone();
+    let p = Prepared {
         taps: opts.taps,
         batch,
-        receive_maximum,
         spec,
         decoder,
         transform,
@@ -257,9 +244,6 @@ pub async fn run(
         dedup,
         sinks,
         dead,
-        session,
-        held: VecDeque::new(),
-        processed: 0,
         metrics: opts.metrics,
         shutdown,
         leaving: opts.leaving,
@@ -267,36 +251,112 @@ pub async fn run(
         shared,
         time_col,
         state,
+    };
+    // One arm per kind of stream source.
+    match source_spec {
+        etlmesh_config::SourceKind::Mqtt(m) => {
+            let sid = source::mqtt::SessionId::new(&m, &p.spec.name, &opts.worker, shared);
+            let (session, rx, task) = source::mqtt::start(&m, &sid, m.receive_maximum).await?;
+            tracing::info!(pipeline = %p.spec.name, client_id = %sid.client_id, subscription = %sid.subscription, shared, "MQTT session started");
+            if !m.broker_keeps_queued {
+                source::mqtt::warn_if_broker_drops(&m, &p.spec.name);
+            }
+            drive(p, session, rx, task).await
+        }
+        etlmesh_config::SourceKind::Nats(n) => {
+            let (consumer, rx, task) = source::nats::open(
+                &n,
+                &p.spec.name,
+                &opts.worker,
+                batch.records,
+                p.metrics.clone(),
+            )
+            .await?;
+            drive(p, consumer, rx, task).await
+        }
+        etlmesh_config::SourceKind::File { .. } | etlmesh_config::SourceKind::Stdin => {
+            Err(StreamError::Pipeline {
+                pipeline: p.spec.name.clone(),
+                message: format!("has no stream source ({kind})"),
+            })
+        }
+    }
+}
+
+/// Runs a prepared stream on its source until it stops, then hands back what it did
+/// not acknowledge and closes the source.
+async fn drive<S: Source>(
+    p: Prepared,
+    source: S,
+    rx: mpsc::Receiver<Delivery<S::Ack>>,
+    task: tokio::task::JoinHandle<()>,
+) -> Result<(), StreamError> {
+    let window = source.window().max(2);
+    let mut batch = p.batch;
+    // Acknowledgements must flow before the source's window is full.
+    batch.records = batch.records.min(window / 2).max(1);
+    tracing::info!(pipeline = %p.spec.name, window, micro_batch = batch.records, sinks = p.sinks.len(), windowed = p.windows.is_some(), "stream started");
+    let mut s = Stream {
+        taps: p.taps,
+        batch,
+        window,
+        spec: p.spec,
+        decoder: p.decoder,
+        transform: p.transform,
+        windows: p.windows,
+        dedup: p.dedup,
+        sinks: p.sinks,
+        dead: p.dead,
+        source,
+        held: VecDeque::new(),
+        dead_seqs: Vec::new(),
+        processed: 0,
+        metrics: p.metrics,
+        shutdown: p.shutdown,
+        leaving: p.leaving,
+        linger: p.linger,
+        shared: p.shared,
+        time_col: p.time_col,
+        state: p.state,
         loaded: VecDeque::new(),
         queued: 0,
         last_write: 0,
         writes: VecDeque::new(),
         committed_seq: 0,
     };
-    let r = s.run(rx).await;
-    s.session.disconnect().await;
+    let mut rx = rx;
+    let r = s.run(&mut rx).await;
+    s.source.stop();
+    let mut unacked: Vec<S::Ack> = s.held.drain(..).map(|(_, a, _)| a).collect();
+    while let Ok(d) = rx.try_recv() {
+        unacked.push(d.ack);
+    }
+    if !unacked.is_empty() {
+        s.source.release(unacked).await;
+    }
+    s.source.close().await;
     task.abort();
     r
 }
 
-impl Stream {
+impl<S: Source> Stream<S> {
     fn stopping(&self) -> bool {
         *self.shutdown.borrow()
     }
 
-    async fn run(&mut self, mut rx: mpsc::Receiver<Delivery>) -> Result<(), StreamError> {
+    async fn run(&mut self, rx: &mut mpsc::Receiver<Delivery<S::Ack>>) -> Result<(), StreamError> {
         // Draining: since when, and whether messages are still read (after leaving a
         // shared group, what came is finished; otherwise reading stops at once and
         // what was not processed comes again to this slot).
         let mut draining: Option<(Instant, bool)> = None;
-        let mut buf: Vec<Delivery> = Vec::with_capacity(self.batch.records);
+        let mut buf: Vec<Delivery<S::Ack>> = Vec::with_capacity(self.batch.records);
         let mut report = Instant::now();
         loop {
             if draining.is_none() && self.stopping() {
                 let leave = self.shared && self.leaving.load(std::sync::atomic::Ordering::Acquire);
                 if leave {
                     // The broker sends to the group's others from now on.
-                    self.session.leave().await;
+                    self.source.leave().await;
                 }
                 draining = Some((Instant::now(), leave));
                 tracing::info!(pipeline = %self.spec.name, held = self.held.len(), leave, "stream draining");
@@ -330,7 +390,7 @@ impl Stream {
                 }
             }
             if !buf.is_empty() {
-                let batch: Vec<Delivery> = std::mem::take(&mut buf);
+                let batch: Vec<Delivery<S::Ack>> = std::mem::take(&mut buf);
                 if !self.process(batch).await? {
                     return Ok(());
                 }
@@ -340,7 +400,7 @@ impl Stream {
             if !self.close_windows().await? {
                 return Ok(());
             }
-            let force = self.held.len() >= self.receive_maximum as usize / 2 || draining.is_some();
+            let force = self.held.len() >= self.window / 2 || draining.is_some();
             if !self.flush_sinks(force).await? {
                 return Ok(());
             }
@@ -359,9 +419,9 @@ impl Stream {
                     }
                     let open = self.windows.as_ref().map_or(0, |w| w.open_count());
                     if open > 0 {
-                        tracing::info!(pipeline = %self.spec.name, held = self.held.len(), open_windows = open, "stopping with the messages of open windows unacknowledged: the broker sends them again to this slot and the windows are rebuilt whole");
+                        tracing::info!(pipeline = %self.spec.name, held = self.held.len(), open_windows = open, "stopping with the messages of open windows unacknowledged: the source sends them again and the windows are rebuilt whole");
                     } else if !self.held.is_empty() {
-                        tracing::warn!(pipeline = %self.spec.name, held = self.held.len(), "stopping with messages unacknowledged: the broker keeps them for this session");
+                        tracing::warn!(pipeline = %self.spec.name, held = self.held.len(), "stopping with messages unacknowledged: the source sends them again");
                     }
                     tracing::info!(pipeline = %self.spec.name, "stream stopped");
                     return Ok(());
@@ -372,12 +432,13 @@ impl Stream {
 
     /// One micro-batch. Returns false when the stream must stop (shutdown while a
     /// sink is down: nothing is acknowledged, the broker keeps the messages).
-    async fn process(&mut self, mut batch: Vec<Delivery>) -> Result<bool, StreamError> {
+    async fn process(&mut self, mut batch: Vec<Delivery<S::Ack>>) -> Result<bool, StreamError> {
         let started = Instant::now();
         let last = batch.last().map_or(self.processed, |d| d.seq);
         self.metrics
             .messages(&self.spec.name, "received", batch.len() as u64);
         let decoded = self.decoder.decode(&batch);
+        self.dead_seqs.clone_from(&decoded.dead);
         for d in batch.iter_mut() {
             d.payload = bytes::Bytes::new();
         }
@@ -465,7 +526,12 @@ impl Stream {
             }
         }
         for d in batch {
-            self.held.push_back((d.seq, d.ack));
+            let outcome = if self.dead_seqs.binary_search(&d.seq).is_ok() {
+                Outcome::DeadLettered
+            } else {
+                Outcome::Done
+            };
+            self.held.push_back((d.seq, d.ack, outcome));
         }
         // Dead letters first: they are flushed at once and never refuse.
         self.dead_letter(&rejects)?;
@@ -559,12 +625,15 @@ impl Stream {
                             .held(&self.spec.name, self.held.len() + self.queued);
                         let since = *down_since.get_or_insert_with(Instant::now);
                         tracing::warn!(pipeline = %self.spec.name, sink, error_kind = "sink_unavailable", error = %m, down_for_ms = since.elapsed().as_millis() as u64, retry_in_ms = backoff.as_millis() as u64, held = self.held.len(), "sink unavailable: holding the batch (nothing is acknowledged or dead-lettered)");
+                        self.source
+                            .hold(self.held.iter().map(|(_, a, _)| a).collect())
+                            .await;
                         tokio::select! {
                             () = tokio::time::sleep(backoff) => {}
                             _ = self.shutdown.changed() => {}
                         }
                         if self.stopping() {
-                            tracing::warn!(pipeline = %self.spec.name, sink, "stopping while the sink is down: the broker keeps the unacknowledged messages");
+                            tracing::warn!(pipeline = %self.spec.name, sink, "stopping while the sink is down: the source sends the unacknowledged messages again");
                             return Ok(false);
                         }
                         backoff = (backoff * 2).min(MAX_BACKOFF);
@@ -722,15 +791,22 @@ impl Stream {
             })?;
         }
         let mut acks = Vec::new();
-        while self.held.front().is_some_and(|(seq, _)| *seq <= upto) {
-            if let Some((_, a)) = self.held.pop_front() {
-                acks.push(a);
+        while self.held.front().is_some_and(|(seq, _, _)| *seq <= upto) {
+            if let Some((_, a, o)) = self.held.pop_front() {
+                acks.push((a, o));
             }
         }
         if !acks.is_empty() {
             let n = acks.len() as u64;
-            self.session.ack(acks).await?;
-            self.metrics.messages(&self.spec.name, "acknowledged", n);
+            let terminated = acks
+                .iter()
+                .filter(|(_, o)| *o == Outcome::DeadLettered)
+                .count() as u64;
+            self.source.ack(acks).await?;
+            self.metrics
+                .messages(&self.spec.name, "acknowledged", n - terminated);
+            self.metrics
+                .messages(&self.spec.name, "terminated", terminated);
         }
         self.metrics
             .held(&self.spec.name, self.held.len() + self.queued);

@@ -44,7 +44,7 @@ impl StateFile {
     /// directory the state lives in memory only.
     pub fn open(dir: Option<&Path>, pipeline: &str, worker: &str) -> Self {
         let path = dir.map(|d| {
-            let name = crate::source::plain_name(&format!("{pipeline}-{worker}"));
+            let name = crate::source::mqtt::plain_name(&format!("{pipeline}-{worker}"));
             d.join("streams").join(format!("{name}.json"))
         });
         let state = path

@@ -107,7 +107,9 @@ impl Pipelines {
             let transform = match &schema {
                 Some(_)
                     if spec.window.is_some()
-                        || spec.mqtt().is_some_and(|m| !m.topic_columns.is_empty()) =>
+                        || spec
+                            .stream_source()
+                            .is_some_and(|m| !m.columns().is_empty()) =>
                 {
                     None
                 }

@@ -38,7 +38,7 @@ pub(crate) fn start(
         .spec
         .pipelines
         .iter()
-        .filter(|p| pipelines.names().contains(&p.name) && p.mqtt().is_some())
+        .filter(|p| pipelines.names().contains(&p.name) && p.stream_source().is_some())
         .cloned()
         .collect();
     if specs.is_empty() {

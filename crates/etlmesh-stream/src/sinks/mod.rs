@@ -1,12 +1,13 @@
 //! Stream sinks. The runner numbers its writes; a stream sink says how far it has
 //! committed (the newest write whose rows are durable), and the runner acknowledges
-//! the messages of the writes every sink committed. PostgreSQL and MQTT commit every write; file sinks commit when they
+//! the messages of the writes every sink committed. PostgreSQL, MQTT and JetStream commit every write; file sinks commit when they
 //! roll a file (by time, by size, or when the runner holds too many messages).
 //!
 //! [`build`] is the one list of stream sink kinds.
 
 mod files;
 mod mqtt;
+mod nats;
 mod postgres;
 
 use arrow::array::RecordBatch;
@@ -16,6 +17,7 @@ use futures::future::BoxFuture;
 
 pub use files::RollingFiles;
 pub use mqtt::MqttSink;
+pub use nats::NatsSink;
 pub use postgres::PostgresSink;
 
 /// Why a write did not commit.
@@ -90,6 +92,7 @@ pub fn build(
                     Box::new(PostgresSink::new(p.clone(), schema, &pipeline.dedup)?)
                 }
                 SinkSpec::Mqtt(m) => Box::new(MqttSink::new(m.clone(), schema, instance)?),
+                SinkSpec::Nats(n) => Box::new(NatsSink::new(n.clone(), schema, &pipeline.name)?),
                 SinkSpec::Stdout { .. } => {
                     return Err(format!(
                         "pipeline `{}`: stdout is not a stream sink",

@@ -22,6 +22,7 @@ use etlmesh_mqtt::Broker;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::JoinHandle;
 
+use super::{Delivery, Outcome, Source};
 use crate::StreamError;
 
 /// Unacknowledged messages the broker may send (MQTT 5 receive maximum).
@@ -29,21 +30,6 @@ pub const RECEIVE_MAXIMUM: u16 = u16::MAX;
 
 /// Bytes of payload held unacknowledged, at most.
 pub const HELD_BYTES: usize = 256 << 20;
-
-/// A message, with what acknowledging it needs.
-pub struct Delivery {
-    /// Order of arrival.
-    pub seq: u64,
-    /// The broker sends it again (the PUBLISH's DUP flag): an earlier connection of
-    /// this session received it and did not acknowledge it.
-    pub redelivered: bool,
-    /// The topic it was published to.
-    pub topic: Arc<str>,
-    /// Its payload.
-    pub payload: Bytes,
-    /// What acknowledging it needs.
-    pub ack: Ack,
-}
 
 /// What acknowledging one message needs; dropping it releases its share of the byte
 /// budget.
@@ -66,6 +52,7 @@ pub struct Session {
     client: Client,
     epoch: Arc<AtomicU64>,
     filter: String,
+    receive_maximum: u16,
 }
 
 #[derive(Clone)]
@@ -74,13 +61,19 @@ enum Client {
     V4(rumqttc::AsyncClient),
 }
 
-impl Session {
-    /// Acknowledges messages, in the order they came. Those of an earlier connection
-    /// are skipped (the broker sends them again). Returns how many were sent.
-    pub async fn ack(&self, acks: impl IntoIterator<Item = Ack>) -> Result<u64, StreamError> {
+impl Source for Session {
+    type Ack = Ack;
+
+    fn window(&self) -> usize {
+        self.receive_maximum as usize
+    }
+
+    /// PUBACKs, in the order the messages came (a dead-lettered message is finished
+    /// too). Those of an earlier connection are skipped: the broker sends them again.
+    async fn ack(&self, acks: Vec<(Ack, Outcome)>) -> Result<u64, StreamError> {
         let epoch = self.epoch.load(Ordering::Acquire);
         let mut sent = 0;
-        for a in acks {
+        for (a, _) in acks {
             if a.epoch != epoch {
                 continue;
             }
@@ -95,9 +88,20 @@ impl Session {
         Ok(sent)
     }
 
+    /// The broker keeps unacknowledged messages in flight for the session: nothing to say.
+    async fn hold<'a>(&'a self, _held: Vec<&'a Ack>) {}
+
+    /// In-flight messages that still arrive stay unacknowledged: the broker sends them
+    /// again when the session comes back.
+    fn stop(&self) {}
+
+    /// Unacknowledged messages stay with the session; the broker sends them again when
+    /// the slot comes back.
+    async fn release(&self, _unacked: Vec<Ack>) {}
+
     /// Stops the broker sending to this session (on a graceful stop: the group's other
     /// members take the share).
-    pub async fn leave(&self) {
+    async fn leave(&self) {
         let r = match &self.client {
             Client::V5(c) => c
                 .unsubscribe(self.filter.clone())
@@ -114,7 +118,7 @@ impl Session {
     }
 
     /// Closes the connection.
-    pub async fn disconnect(&self) {
+    async fn close(&self) {
         let _ = match &self.client {
             Client::V5(c) => c.disconnect().await.map_err(|e| e.to_string()),
             Client::V4(c) => c.disconnect().await.map_err(|e| e.to_string()),
@@ -304,8 +308,9 @@ pub async fn discard_session(spec: &MqttSourceSpec, client_id: &str) -> Result<(
         client,
         epoch: Arc::default(),
         filter: String::new(),
+        receive_maximum: 1,
     };
-    session.disconnect().await;
+    session.close().await;
     // Send the DISCONNECT.
     let _ = tokio::time::timeout(Duration::from_millis(500), async {
         while ev.poll().await.is_ok() {}
@@ -342,7 +347,7 @@ pub async fn start(
     spec: &MqttSourceSpec,
     id: &SessionId,
     receive_maximum: u16,
-) -> Result<(Session, mpsc::Receiver<Delivery>, JoinHandle<()>), StreamError> {
+) -> Result<(Session, mpsc::Receiver<Delivery<Ack>>, JoinHandle<()>), StreamError> {
     // The channel holds at least what the broker may send unacknowledged.
     let channel = receive_maximum as usize + 1024;
     let broker = Broker::parse(&spec.broker).map_err(|e| StreamError::Mqtt(e.to_string()))?;
@@ -395,6 +400,7 @@ pub async fn start(
         client: client.clone(),
         epoch: epoch.clone(),
         filter: filter.clone(),
+        receive_maximum,
     };
     let (tx, rx) = mpsc::channel(channel.max(1));
     let budget = Arc::new(Semaphore::new(HELD_BYTES >> 10));
@@ -451,6 +457,20 @@ pub async fn start(
         }
     });
     Ok((session, rx, task))
+}
+
+/// Warns, from a task of its own, when the broker is one that drops what it queues
+/// for a session past its defaults (asked on a connection of its own, after the start:
+/// a restart does not wait).
+pub fn warn_if_broker_drops(spec: &MqttSourceSpec, pipeline: &str) {
+    let (spec, pipeline) = (spec.clone(), pipeline.to_string());
+    tokio::spawn(async move {
+        let version = broker_version(&spec, Duration::from_secs(2)).await;
+        if let Some(v) = version.filter(|v| drops_queued(v)) {
+            let risk = broker_risks(&v, spec.receive_maximum);
+            tracing::warn!(pipeline = %pipeline, error_kind = "broker_drops_queued", "{risk}");
+        }
+    });
 }
 
 /// What the broker says it is (`$SYS/broker/version`, which Mosquitto and others
@@ -521,26 +541,4 @@ async fn subscribe(client: &Client, filter: &str, qos: u8) -> Result<(), StreamE
         }
     };
     r.map_err(|e| StreamError::Mqtt(format!("cannot subscribe to {filter}: {e}")))
-}
-
-/// A delivery received outside any session (tests, fuzzing): it holds its own
-/// budget and is never acknowledged to a broker.
-pub fn detached_delivery(seq: u64, topic: &str, payload: &[u8]) -> Delivery {
-    let budget = Arc::new(Semaphore::new(1));
-    let permit = budget.try_acquire_owned().expect("one permit");
-    Delivery {
-        seq,
-        redelivered: false,
-        topic: Arc::from(topic),
-        payload: Bytes::copy_from_slice(payload),
-        ack: Ack {
-            packet: AckPacket::V4(rumqttc::Publish::new(
-                topic,
-                rumqttc::QoS::AtLeastOnce,
-                Vec::<u8>::new(),
-            )),
-            epoch: 0,
-            _budget: permit,
-        },
-    }
 }

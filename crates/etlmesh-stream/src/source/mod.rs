@@ -1,0 +1,152 @@
+//! Stream sources: where a stream's messages come from, and where their
+//! acknowledgements go.
+//!
+//! A source hands the runner [`Delivery`]s in order of arrival, each with an opaque
+//! [`Source::Ack`] — its position. The runner ([`crate::runner`]) is generic over the
+//! [`Source`] trait and keeps its invariants for every kind:
+//!
+//! - a message is acknowledged only once every sink committed the rows it produced
+//!   (and no open window holds it), in order of arrival;
+//! - a message rejected whole is acknowledged as [`Outcome::DeadLettered`] only after
+//!   its dead letter is written;
+//! - what the worker holds unacknowledged is bounded by [`Source::window`] — the
+//!   runner commits before half of it is held — and by the source's channel;
+//! - while a sink is down, held messages stay held ([`Source::hold`]); on a stop, what
+//!   was not acknowledged is handed back ([`Source::release`]) and comes again.
+//!
+//! A new kind is a module here with an `open` function, a variant of
+//! [`etlmesh_config::StreamSource`], and one arm in [`crate::runner::run`].
+
+pub mod mqtt;
+pub mod nats;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use etlmesh_config::StreamSource;
+
+use crate::StreamError;
+use crate::state::SlotState;
+
+/// A message, with what acknowledging it needs.
+pub struct Delivery<A> {
+    /// Order of arrival.
+    pub seq: u64,
+    /// The source sends it again: an earlier connection, or another worker, received
+    /// it and did not acknowledge it.
+    pub redelivered: bool,
+    /// The topic or subject it was published to.
+    pub topic: Arc<str>,
+    /// Its payload.
+    pub payload: Bytes,
+    /// Its position, for the acknowledgement.
+    pub ack: A,
+}
+
+/// How a message ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Its rows are committed (or it had none to give).
+    Done,
+    /// Nothing of it became a row, and its dead letter is written: it must never come
+    /// again (JetStream: `+TERM`).
+    DeadLettered,
+}
+
+/// The session of a stream with its source, as the runner drives it.
+pub trait Source: Send + Sync + 'static {
+    /// A message's position.
+    type Ack: Send + Sync + 'static;
+
+    /// Messages the source may hand out unacknowledged; the runner commits and
+    /// acknowledges before half of them are held.
+    fn window(&self) -> usize;
+
+    /// Acknowledges messages, in order of arrival. Returns how many were sent.
+    fn ack(
+        &self,
+        acks: Vec<(Self::Ack, Outcome)>,
+    ) -> impl Future<Output = Result<u64, StreamError>> + Send;
+
+    /// Says that held messages are still being worked on (a sink is down), for
+    /// sources that would otherwise send them again elsewhere.
+    fn hold<'a>(&'a self, held: Vec<&'a Self::Ack>) -> impl Future<Output = ()> + Send + 'a;
+
+    /// Stops receiving: no message is handed out after it (those already on their way
+    /// come again). The connection stays for acknowledgements.
+    fn stop(&self);
+
+    /// Hands back messages that will not be acknowledged (the stream stops): they
+    /// come again, to this worker's next run or to another.
+    fn release(&self, unacked: Vec<Self::Ack>) -> impl Future<Output = ()> + Send;
+
+    /// Stops the source sending to this worker (a scale-down): the others take the share.
+    fn leave(&self) -> impl Future<Output = ()> + Send;
+
+    /// Closes the connection, after the acknowledgements sent are flushed.
+    fn close(&self) -> impl Future<Output = ()> + Send;
+}
+
+/// Who a worker slot is to its source, as its state file keeps it: a slot whose
+/// source changed starts clean.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotIdentity {
+    /// The MQTT client id, or the JetStream consumer.
+    pub client_id: String,
+    /// The subscription, or `<stream>:<filter>`.
+    pub subscription: String,
+    /// Where the source is.
+    pub broker: String,
+}
+
+/// The identity of `worker`'s slot of `pipeline` on `source`; `shared` when several
+/// workers may serve it.
+pub fn identity(
+    source: StreamSource<'_>,
+    pipeline: &str,
+    worker: &str,
+    shared: bool,
+) -> SlotIdentity {
+    match source {
+        StreamSource::Mqtt(m) => {
+            let id = mqtt::SessionId::new(m, pipeline, worker, shared);
+            SlotIdentity {
+                client_id: id.client_id,
+                subscription: id.subscription,
+                broker: id.broker,
+            }
+        }
+        StreamSource::Nats(n) => SlotIdentity {
+            client_id: n.consumer.clone(),
+            subscription: format!("{}:{}", n.stream, n.filter),
+            broker: n.url.clone(),
+        },
+    }
+}
+
+/// Removes what the slot's earlier source keeps for it (an MQTT session and its
+/// queue). A JetStream consumer is shared by the pipeline's workers and kept.
+pub async fn forget(source: StreamSource<'_>, old: &SlotState, pipeline: &str) {
+    match source {
+        StreamSource::Mqtt(m) => {
+            if let Err(e) = mqtt::discard_session(m, &old.client_id).await {
+                tracing::warn!(pipeline, old_client_id = %old.client_id, error = %e, "cannot remove the old session: the broker drops it when it expires");
+            }
+        }
+        StreamSource::Nats(_) => {
+            tracing::info!(pipeline, old_consumer = %old.client_id, "the old JetStream consumer is kept: remove it with `nats consumer rm` once no pipeline uses it");
+        }
+    }
+}
+
+/// A delivery received outside any source (tests, fuzzing).
+pub fn detached_delivery(seq: u64, topic: &str, payload: &[u8]) -> Delivery<()> {
+    Delivery {
+        seq,
+        redelivered: false,
+        topic: Arc::from(topic),
+        payload: Bytes::copy_from_slice(payload),
+        ack: (),
+    }
+}
