@@ -94,6 +94,8 @@ struct Stream<S: Source> {
     held: VecDeque<(u64, S::Ack, Outcome)>,
     /// Messages of the micro-batch being processed that were rejected whole.
     dead_seqs: Vec<u64>,
+    /// When held messages were last said to be in progress ([`Source::keep_alive`]).
+    kept_alive: Instant,
     /// Newest message fully processed.
     processed: u64,
     metrics: StreamMetrics,
@@ -310,6 +312,7 @@ async fn drive<S: Source>(
         source,
         held: VecDeque::new(),
         dead_seqs: Vec::new(),
+        kept_alive: Instant::now(),
         processed: 0,
         metrics: p.metrics,
         shutdown: p.shutdown,
@@ -406,6 +409,16 @@ impl<S: Source> Stream<S> {
             }
             self.queued = rx.len();
             self.acknowledge().await?;
+            if let Some(every) = self.source.keep_alive()
+                && self.kept_alive.elapsed() >= every
+            {
+                self.kept_alive = Instant::now();
+                if !self.held.is_empty() {
+                    self.source
+                        .hold(self.held.iter().map(|(_, a, _)| a).collect())
+                        .await;
+                }
+            }
             if report.elapsed() >= Duration::from_secs(10) {
                 report = Instant::now();
                 tracing::info!(pipeline = %self.spec.name, held = self.held.len(), processed = self.processed, dead_letters = self.dead.count(), open_windows = self.windows.as_ref().map_or(0, |w| w.open_count()), "stream progress");

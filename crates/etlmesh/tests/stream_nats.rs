@@ -451,3 +451,66 @@ fn a_missing_stream_is_a_clear_error_naming_it() {
         "{out}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_window_longer_than_ack_wait_is_counted_once_in_full() {
+    if !ready() {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let (prefix, stream) = names("win");
+    remove_stream(NATS, &stream).await;
+    let scratch = Scratch::new();
+    // Windows of 6 s hold their messages unacknowledged far longer than ack_wait (1 s):
+    // the worker must keep saying they are in progress, or JetStream sends them again
+    // and the window counts them twice.
+    scratch.write(
+        "s.yaml",
+        format!(
+            "pipelines:\n  per_window:\n{}    window: {{ time: ts, size: 6s, allowed_lateness: 200ms, idle_timeout: 2s }}\n    scaling: {{ max_replicas: 1 }}\n    transform: SELECT device_id, window_start, count(*) AS n FROM input GROUP BY device_id, window_start\n    sinks: [{{ type: ndjson, path: out/windows, roll_interval: 300ms }}]\n    dead_letter: {{ type: ndjson, path: out/dead }}\n",
+            source(NATS, &prefix, &stream, ", ack_wait: 1s"),
+        ),
+    );
+    let up = Proc::up(scratch.dir.path(), &["-c", "s.yaml"]);
+    streams_started(&up, 1).await;
+    let log = scratch.path("sent.log");
+    paho_done(publish(NATS, &prefix, 4_000, 500, &log));
+    let want = window_counts(&sent_log(&log), 6000);
+    let read = || {
+        let mut m: std::collections::HashMap<(String, i64), Vec<i64>> = Default::default();
+        for r in common::read_ndjson_dir(&scratch.path("out/windows")) {
+            let start = r["window_start"]
+                .as_str()
+                .and_then(|s| chrono::DateTime::parse_from_rfc3339(s).ok())
+                .map(|t| t.timestamp_millis())
+                .or_else(|| r["window_start"].as_i64())
+                .unwrap_or(i64::MIN);
+            m.entry((r["device_id"].as_str().unwrap_or("").to_string(), start))
+                .or_default()
+                .push(r["n"].as_i64().unwrap_or(-1));
+        }
+        m
+    };
+    let got = eventually(Duration::from_secs(40), || {
+        let g = read();
+        (want.keys().all(|k| g.contains_key(k)), g)
+    })
+    .await;
+    let wrong: Vec<_> = want
+        .iter()
+        .filter(|(k, n)| got.get(*k) != Some(&vec![**n]))
+        .map(|(k, n)| format!("{k:?}: want {n}, rows {:?}", got.get(k)))
+        .take(5)
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "{} of {} windows wrong, e.g. {wrong:?}\n{}",
+        want.iter()
+            .filter(|(k, n)| got.get(*k) != Some(&vec![**n]))
+            .count(),
+        want.len(),
+        up.output()
+    );
+    drop(up);
+    remove_stream(NATS, &stream).await;
+}

@@ -69,8 +69,15 @@ pub trait Source: Send + Sync + 'static {
         acks: Vec<(Self::Ack, Outcome)>,
     ) -> impl Future<Output = Result<u64, StreamError>> + Send;
 
-    /// Says that held messages are still being worked on (a sink is down), for
-    /// sources that would otherwise send them again elsewhere.
+    /// How often held messages must be said to be in progress ([`Source::hold`]) so
+    /// that the source does not send them again while the worker still holds them (an
+    /// open window, a sink that is down); `None` when it never sends them on its own.
+    fn keep_alive(&self) -> Option<std::time::Duration> {
+        None
+    }
+
+    /// Says that held messages are still being worked on (a sink is down, a window is
+    /// open), for sources that would otherwise send them again.
     fn hold<'a>(&'a self, held: Vec<&'a Self::Ack>) -> impl Future<Output = ()> + Send + 'a;
 
     /// Stops receiving: no message is handed out after it (those already on their way

@@ -38,6 +38,7 @@ pub struct Ack {
 pub struct Consumer {
     client: async_nats::Client,
     window: usize,
+    ack_wait: Duration,
     pull: tokio::task::AbortHandle,
 }
 
@@ -64,6 +65,11 @@ impl Source for Consumer {
 
     fn window(&self) -> usize {
         self.window
+    }
+
+    /// A third of `ack_wait`: held messages (an open window) are never sent again.
+    fn keep_alive(&self) -> Option<Duration> {
+        Some((self.ack_wait / 3).max(Duration::from_millis(200)))
     }
 
     async fn ack(&self, acks: Vec<(Ack, Outcome)>) -> Result<u64, StreamError> {
@@ -263,6 +269,7 @@ pub async fn open(
     let js = jetstream::new(client.clone());
     let s = stream(&js, spec).await?;
     let mut c = consumer(&s, spec).await?;
+    let ack_wait = c.cached_info().config.ack_wait;
     let window = c.cached_info().config.max_ack_pending;
     let window = usize::try_from(window)
         .ok()
@@ -351,6 +358,11 @@ pub async fn open(
         Consumer {
             client,
             window,
+            ack_wait: if ack_wait.is_zero() {
+                spec.ack_wait
+            } else {
+                ack_wait
+            },
             pull: task.abort_handle(),
         },
         rx,
