@@ -82,7 +82,15 @@ pub struct SubscribeArgs {
         env = "ETLMESH_MQTT_BROKER"
     )]
     pub broker: String,
-    /// The topic filter (`+` and `#` work).
+    /// Count what a JetStream stream (`--stream`) holds for the subject filter
+    /// `--topic` at this URL, with a durable pull consumer and explicit acks, instead
+    /// of an MQTT subscription.
+    #[arg(long, requires = "stream")]
+    pub nats: Option<String>,
+    /// The JetStream stream (with `--nats`).
+    #[arg(long)]
+    pub stream: Option<String>,
+    /// The topic filter (`+` and `#` work), or the subject filter with `--nats`.
     #[arg(long, default_value = "sensors/+/reading")]
     pub topic: String,
     /// QoS: 0 or 1.
@@ -98,8 +106,26 @@ pub struct SubscribeArgs {
 
 /// `etlmesh subscribe`: counts what a topic receives (a bare subscriber).
 pub(crate) fn subscribe(args: &SubscribeArgs) -> Result<(), CliError> {
-    let broker = etlmesh_mqtt::Broker::parse(&args.broker)?;
     let rt = runtime(1)?;
+    if let (Some(url), Some(stream)) = (&args.nats, &args.stream) {
+        let got = rt.block_on(crate::simulate_nats::count(
+            url,
+            stream,
+            &args.topic,
+            args.count,
+            args.idle,
+            || eprintln!("subscribed to {} on {stream}", args.topic),
+        ))?;
+        eprintln!(
+            "received {} messages ({} bytes) in {:.3} s: {:.0} msg/s",
+            got.messages,
+            got.bytes,
+            got.elapsed.as_secs_f64(),
+            got.messages as f64 / got.elapsed.as_secs_f64().max(1e-9)
+        );
+        return Ok(());
+    }
+    let broker = etlmesh_mqtt::Broker::parse(&args.broker)?;
     let stats = rt.block_on(etlmesh_mqtt::count::count(
         &broker,
         &args.topic,

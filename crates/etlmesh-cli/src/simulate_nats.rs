@@ -93,3 +93,83 @@ fn acknowledged<E: std::fmt::Display>(
         None => Ok(()),
     }
 }
+
+/// What a bare consumer received.
+pub(crate) struct Counted {
+    pub messages: u64,
+    pub bytes: u64,
+    pub elapsed: Duration,
+}
+
+/// `etlmesh subscribe --nats URL --stream S`: a bare JetStream consumer — a durable pull
+/// consumer with explicit acks, as a stream's source uses, that only counts and
+/// acknowledges each message — the ceiling a pipeline is measured against. Stops after
+/// `count` messages or when none came for `idle`.
+pub(crate) async fn count(
+    url: &str,
+    stream: &str,
+    filter: &str,
+    count: Option<u64>,
+    idle: Duration,
+    subscribed: impl FnOnce(),
+) -> Result<Counted, CliError> {
+    use async_nats::jetstream::consumer::{AckPolicy, pull};
+    let fail = |m: String| CliError::Other(format!("NATS {url}: {m}"));
+    let servers: Vec<&str> = url.split(',').map(str::trim).collect();
+    let client = async_nats::connect(servers)
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+    let js = jetstream::new(client.clone());
+    let s = js
+        .get_stream(stream)
+        .await
+        .map_err(|e| fail(format!("stream `{stream}`: {e}")))?;
+    let name = format!("etlmesh-subscribe-{}", std::process::id());
+    let consumer = s
+        .create_consumer(pull::Config {
+            durable_name: Some(name.clone()),
+            filter_subject: filter.to_string(),
+            ack_policy: AckPolicy::Explicit,
+            max_ack_pending: 20_000,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| fail(format!("cannot create a consumer: {e}")))?;
+    let mut messages = consumer
+        .stream()
+        .max_messages_per_batch(1000)
+        .messages()
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+    subscribed();
+    let mut got = Counted {
+        messages: 0,
+        bytes: 0,
+        elapsed: Duration::ZERO,
+    };
+    let mut start: Option<Instant> = None;
+    let mut last = Instant::now();
+    let ack = bytes::Bytes::from_static(b"+ACK");
+    while count.is_none_or(|c| got.messages < c) {
+        match tokio::time::timeout(idle, messages.next()).await {
+            Err(_) | Ok(None) => break,
+            Ok(Some(Err(e))) => tracing::warn!(error = %e, "pull: {e}"),
+            Ok(Some(Ok(m))) => {
+                start.get_or_insert_with(Instant::now);
+                got.messages += 1;
+                got.bytes += m.message.payload.len() as u64;
+                if let Some(reply) = m.message.reply {
+                    client
+                        .publish(reply, ack.clone())
+                        .await
+                        .map_err(|e| fail(format!("cannot acknowledge: {e}")))?;
+                }
+                last = Instant::now();
+            }
+        }
+    }
+    let _ = client.flush().await;
+    got.elapsed = start.map_or(Duration::ZERO, |s| last.duration_since(s));
+    let _ = s.delete_consumer(&name).await;
+    Ok(got)
+}

@@ -126,6 +126,11 @@ pub struct PipelineUsage {
     pub records_total: u64,
     /// CPU seconds spent polling its requests and streams.
     pub cpu_seconds_total: f64,
+    /// Messages its stream's source holds that no worker of the pipeline has taken yet
+    /// (JetStream: the consumer's num_pending) — the consumer lag, for the autoscaler;
+    /// absent when the source does not say.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_pending: Option<u64>,
 }
 
 /// A worker's heartbeat.

@@ -40,6 +40,7 @@ pub struct StreamMetrics {
     batch_seconds: Family<Pipeline, Histogram, fn() -> Histogram>,
     /// Records in, all pipelines: the worker adds them to the load it reports.
     records_in: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    source_pending_out: std::sync::Arc<std::sync::atomic::AtomicI64>,
 }
 
 impl StreamMetrics {
@@ -57,6 +58,7 @@ impl StreamMetrics {
             sink_up: Family::default(),
             batch_seconds: Family::new_with_constructor(latency_histogram),
             records_in: Default::default(),
+            source_pending_out: std::sync::Arc::new(std::sync::atomic::AtomicI64::new(-1)),
         };
         let mut r = registry.lock().unwrap_or_else(|p| p.into_inner());
         r.register(
@@ -138,6 +140,15 @@ impl StreamMetrics {
         self
     }
 
+    /// Keeps the source's pending messages in `cell` too (the worker's load report).
+    pub fn report_source_pending(
+        mut self,
+        cell: std::sync::Arc<std::sync::atomic::AtomicI64>,
+    ) -> Self {
+        self.source_pending_out = cell;
+        self
+    }
+
     pub(crate) fn records(&self, pipeline: &str, outcome: &'static str, n: u64) {
         if outcome == "in" {
             self.records_in
@@ -169,9 +180,12 @@ impl StreamMetrics {
 
     /// The source's own view of the pipeline's backlog.
     pub(crate) fn source_backlog(&self, pipeline: &str, pending: u64, ack_pending: usize) {
+        let pending = i64::try_from(pending).unwrap_or(i64::MAX);
         self.source_pending
             .get_or_create(&Self::p(pipeline))
-            .set(i64::try_from(pending).unwrap_or(i64::MAX));
+            .set(pending);
+        self.source_pending_out
+            .store(pending, std::sync::atomic::Ordering::Relaxed);
         self.source_ack_pending
             .get_or_create(&Self::p(pipeline))
             .set(ack_pending as i64);

@@ -14,12 +14,24 @@ const EWMA_ALPHA: f64 = 0.2;
 
 /// One pipeline's work in this worker: records (requests and streams) and the CPU time
 /// of polling its requests and its stream (see `etlmesh_telemetry::process::cpu_timed`).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Usage {
     /// Records handled.
     pub records: Arc<AtomicU64>,
     /// CPU nanoseconds.
     pub cpu_ns: Arc<AtomicU64>,
+    /// The stream source's pending messages (the consumer lag); negative when unknown.
+    pub source_pending: Arc<std::sync::atomic::AtomicI64>,
+}
+
+impl Default for Usage {
+    fn default() -> Self {
+        Self {
+            records: Arc::default(),
+            cpu_ns: Arc::default(),
+            source_pending: Arc::new(std::sync::atomic::AtomicI64::new(-1)),
+        }
+    }
 }
 
 /// Load counters, updated by requests and read by the reporter.
@@ -73,6 +85,8 @@ impl LoadTracker {
                         let usage = PipelineUsage {
                             records_total: u.records.load(Ordering::Relaxed),
                             cpu_seconds_total: u.cpu_ns.load(Ordering::Relaxed) as f64 / 1e9,
+                            source_pending: u64::try_from(u.source_pending.load(Ordering::Relaxed))
+                                .ok(),
                         };
                         (name.clone(), usage)
                     })

@@ -63,7 +63,10 @@ pub(crate) fn start(
             let mut opts = opts.clone();
             let run = match pipelines.get(&name) {
                 Some(p) => {
-                    opts.metrics = opts.metrics.count_records_in(p.usage.records.clone());
+                    opts.metrics = opts
+                        .metrics
+                        .count_records_in(p.usage.records.clone())
+                        .report_source_pending(p.usage.source_pending.clone());
                     // One dead-letter file per pipeline and worker, for requests and stream.
                     opts.dead_letters = p.dead.clone();
                     cpu_timed(

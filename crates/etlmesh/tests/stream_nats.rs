@@ -170,6 +170,26 @@ async fn kill_9_of_one_of_two_workers_loses_nothing_into_postgres_and_parquet() 
         up.output().contains("restarting"),
         "the killed worker came back"
     );
+    // The consumer's lag reaches the control plane with the workers' load.
+    let http = common::mesh::Http::new();
+    let start = Instant::now();
+    let pending = loop {
+        let workers = http.get(&format!("{admin}/api/v1/workers")).await.json();
+        let seen: Vec<u64> = workers
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|w| w["load"]["pipelines"]["live"]["source_pending"].as_u64())
+            .collect();
+        if seen.contains(&0) || start.elapsed() > Duration::from_secs(15) {
+            break seen;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert!(
+        pending.contains(&0),
+        "the workers report the consumer's pending messages (0 once all is taken): {pending:?}"
+    );
     assert!(
         up.output().contains("JetStream consumer ready"),
         "the workers said which consumer they use"
