@@ -54,6 +54,11 @@ impl PositionIndex {
         }
     }
 
+    /// The position of exactly this path, if the file has it.
+    pub fn exact(&self, path: &str) -> Option<Position> {
+        self.positions.get(path).copied()
+    }
+
     /// Keys that appear twice in the same mapping.
     pub fn duplicates(&self) -> &[(String, Position)] {
         &self.duplicates

@@ -18,6 +18,7 @@ pub mod nats;
 pub mod query;
 mod raw;
 pub mod scaling;
+mod sinks;
 pub mod spec;
 pub mod stream;
 pub mod types;
@@ -74,8 +75,8 @@ impl PipelineFile {
         let path = path.into();
         let text = text.into();
         let index = index::PositionIndex::build(&text);
-        let raw: raw::RawFile =
-            serde_yaml::from_str(&text).map_err(|e| ConfigError::one(yaml_error(&path, &e)))?;
+        let raw: raw::RawFile = serde_yaml::from_str(&text)
+            .map_err(|e| ConfigError::one(in_list(yaml_error(&path, &e), &index)))?;
         let mut diags: Vec<Diagnostic> = index
             .duplicates()
             .iter()
@@ -184,6 +185,42 @@ impl PipelineFile {
         let col = offset + sql_col.saturating_sub(lead);
         Some((target + 1, col.max(1), text))
     }
+}
+
+/// An unknown key inside an element of a list whose elements are picked by `type:`
+/// (sinks): serde names only the list and the element's start, so the key is looked
+/// up in the file's elements to name and place it exactly (`sinks[1].partiton_by`).
+fn in_list(mut d: Diagnostic, index: &index::PositionIndex) -> Diagnostic {
+    let Some(bad) = d
+        .message
+        .strip_prefix("unknown key `")
+        .and_then(|m| m.strip_suffix('`'))
+        .map(str::to_string)
+    else {
+        return d;
+    };
+    if index.exact(&d.field).is_some() {
+        return d;
+    }
+    let Some(list) = d.field.strip_suffix(&format!(".{bad}")).map(str::to_string) else {
+        return d;
+    };
+    // The first element with the key is the one serde stopped at: those before it
+    // were read without error.
+    for i in 0..1024 {
+        let element = format!("{list}[{i}]");
+        if index.exact(&element).is_none() {
+            break;
+        }
+        let field = format!("{element}.{bad}");
+        if let Some(pos) = index.exact(&field) {
+            d.field = field;
+            d.line = Some(pos.line);
+            d.column = Some(pos.column);
+            break;
+        }
+    }
+    d
 }
 
 /// A serde_yaml error as a diagnostic, with a "did you mean" for unknown keys.

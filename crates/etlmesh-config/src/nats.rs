@@ -5,7 +5,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use crate::diag::Diagnostic;
-use crate::raw::{RawSink, RawSource};
+use serde::Deserialize;
+
+use crate::raw::RawSource;
 use crate::stream::MicroBatch;
 use crate::types::Format;
 
@@ -51,6 +53,17 @@ pub struct NatsSinkSpec {
     /// that JetStream drops a row published twice within its duplicate window. Every
     /// column when empty.
     pub key: Vec<String>,
+}
+
+/// `{ type: nats, url, subject, stream, create, key }` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawNatsSink {
+    url: Option<String>,
+    subject: Option<String>,
+    stream: Option<String>,
+    create: Option<bool>,
+    key: Option<Vec<String>>,
 }
 
 /// Checks a `nats://` URL list.
@@ -222,7 +235,7 @@ pub(crate) fn resolve_source(
 
 /// The JetStream sink of a pipeline.
 pub(crate) fn resolve_sink(
-    s: &RawSink,
+    s: &RawNatsSink,
     base: &str,
     file: &Path,
     out: &mut Vec<Diagnostic>,

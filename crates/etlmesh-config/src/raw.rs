@@ -58,7 +58,7 @@ pub(crate) struct RawPipeline {
     pub schema: Option<IndexMap<String, RawField>>,
     pub transform: Option<String>,
     #[serde(default)]
-    pub sinks: Vec<RawSink>,
+    pub sinks: Vec<crate::sinks::RawSink>,
     pub dead_letter: Option<RawDeadLetter>,
     pub on_error: Option<OnError>,
     pub scaling: Option<RawScaling>,
@@ -144,49 +144,6 @@ pub(crate) struct RawCsv {
     pub escape: Option<String>,
     pub null: Option<Vec<String>>,
     pub newlines_in_values: Option<bool>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub(crate) enum RawSinkKind {
-    Parquet,
-    Csv,
-    Ndjson,
-    Arrow,
-    Stdout,
-    Postgres,
-    Mqtt,
-    Nats,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct RawSink {
-    #[serde(rename = "type")]
-    pub kind: RawSinkKind,
-    pub path: Option<PathBuf>,
-    pub format: Option<Format>,
-    pub partition_by: Option<Vec<String>>,
-    pub compression: Option<String>,
-    pub header: Option<bool>,
-    pub delimiter: Option<String>,
-    pub max_open_files: Option<usize>,
-    pub row_group_rows: Option<usize>,
-    // Streams: file sinks roll by size and time.
-    pub roll_interval: Option<Span>,
-    pub roll_size: Option<ByteSize>,
-    // PostgreSQL
-    pub url: Option<String>,
-    pub table: Option<String>,
-    pub create: Option<bool>,
-    pub key: Option<Vec<String>>,
-    // MQTT
-    pub broker: Option<String>,
-    pub topic: Option<String>,
-    pub qos: Option<u8>,
-    // NATS
-    pub subject: Option<String>,
-    pub stream: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::raw::{RawCsv, RawFile, RawPipeline, RawSink, RawSinkKind, RawSource, RawSourceKind};
+use crate::raw::{RawCsv, RawFile, RawPipeline, RawSource, RawSourceKind};
 use crate::scaling::ScalingSpec;
 use crate::stream::{MqttSinkSpec, MqttSourceSpec, PostgresSinkSpec, Rolling, WindowSpec};
 use crate::types::{FieldSpec, Format};
@@ -486,7 +486,7 @@ fn resolve_pipeline(
         .sinks
         .into_iter()
         .enumerate()
-        .filter_map(|(i, s)| resolve_sink(s, &format!("{base}.sinks[{i}]"), file, out))
+        .filter_map(|(i, s)| crate::sinks::resolve(s, &format!("{base}.sinks[{i}]"), file, out))
         .collect();
 
     let dead_letter = rp.dead_letter.map(|dl| {
@@ -656,7 +656,12 @@ fn check_stream(p: &PipelineSpec, base: &str, file: &Path, out: &mut Vec<Diagnos
     }
 }
 
-fn single_byte(value: &str, field: String, file: &Path, out: &mut Vec<Diagnostic>) -> Option<u8> {
+pub(crate) fn single_byte(
+    value: &str,
+    field: String,
+    file: &Path,
+    out: &mut Vec<Diagnostic>,
+) -> Option<u8> {
     let v = match value {
         "\\t" | "tab" => "\t",
         other => other,
@@ -827,7 +832,7 @@ fn resolve_source(
     }
 }
 
-fn parse_compression(v: &str) -> Option<Compression> {
+pub(crate) fn parse_compression(v: &str) -> Option<Compression> {
     let v = v.to_ascii_lowercase();
     if let Some(level) = v.strip_prefix("zstd") {
         let level = level
@@ -849,239 +854,6 @@ fn parse_compression(v: &str) -> Option<Compression> {
         "none" | "uncompressed" => Some(Compression::None),
         _ => None,
     }
-}
-
-fn resolve_sink(
-    s: RawSink,
-    base: &str,
-    file: &Path,
-    out: &mut Vec<Diagnostic>,
-) -> Option<SinkSpec> {
-    let d = |field: &str, msg: String| Diagnostic::new(file, format!("{base}.{field}"), msg);
-    let not_for = |field: &str, kind: &str, out: &mut Vec<Diagnostic>| {
-        out.push(d(field, format!("is not a setting of a `{kind}` sink")).with_help("remove it"));
-    };
-    use RawSinkKind as K;
-    let kind_name = match s.kind {
-        K::Parquet => "parquet",
-        K::Csv => "csv",
-        K::Ndjson => "ndjson",
-        K::Arrow => "arrow",
-        K::Stdout => "stdout",
-        K::Postgres => "postgres",
-        K::Mqtt => "mqtt",
-        K::Nats => "nats",
-    };
-    let stream_fields: [(bool, &str, &[RawSinkKind]); 9] = [
-        (s.url.is_some(), "url", &[K::Postgres, K::Nats]),
-        (s.table.is_some(), "table", &[K::Postgres]),
-        (s.create.is_some(), "create", &[K::Postgres, K::Nats]),
-        (s.key.is_some(), "key", &[K::Postgres, K::Nats]),
-        (s.broker.is_some(), "broker", &[K::Mqtt]),
-        (s.topic.is_some(), "topic", &[K::Mqtt]),
-        (s.qos.is_some(), "qos", &[K::Mqtt]),
-        (s.subject.is_some(), "subject", &[K::Nats]),
-        (s.stream.is_some(), "stream", &[K::Nats]),
-    ];
-    for (set, field, kinds) in stream_fields {
-        if set && !kinds.contains(&s.kind) {
-            not_for(field, kind_name, out);
-        }
-    }
-    let file_only = [
-        (s.path.is_some(), "path"),
-        (s.partition_by.is_some(), "partition_by"),
-        (s.compression.is_some(), "compression"),
-        (s.max_open_files.is_some(), "max_open_files"),
-        (s.row_group_rows.is_some(), "row_group_rows"),
-        (s.header.is_some(), "header"),
-        (s.delimiter.is_some(), "delimiter"),
-        (s.format.is_some(), "format"),
-        (s.roll_interval.is_some(), "roll_interval"),
-        (s.roll_size.is_some(), "roll_size"),
-    ];
-    match s.kind {
-        RawSinkKind::Postgres | RawSinkKind::Mqtt | RawSinkKind::Nats => {
-            for (set, field) in file_only {
-                if set {
-                    not_for(field, kind_name, out);
-                }
-            }
-        }
-        _ => {}
-    }
-    match s.kind {
-        RawSinkKind::Postgres => {
-            let url = s.url.unwrap_or_else(|| {
-                out.push(
-                    d("url", "is required for a postgres sink".into())
-                        .with_help("add `url: postgres://user@127.0.0.1:5432/db`"),
-                );
-                String::new()
-            });
-            let table = s.table.unwrap_or_default();
-            let valid = |t: &str| {
-                !t.is_empty()
-                    && t.split('.').count() <= 2
-                    && t.split('.').all(|p| {
-                        !p.is_empty()
-                            && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
-                            && !p.starts_with(|c: char| c.is_ascii_digit())
-                    })
-            };
-            if !valid(&table) {
-                out.push(
-                    d("table", format!("`{table}` is not a table name"))
-                        .with_help("write `readings` or `iot.readings` (letters, digits, `_`)"),
-                );
-            }
-            return Some(SinkSpec::Postgres(PostgresSinkSpec {
-                url,
-                table,
-                create: s.create.unwrap_or(false),
-                key: s.key.unwrap_or_default(),
-            }));
-        }
-        RawSinkKind::Mqtt => {
-            let broker = s.broker.unwrap_or_else(|| {
-                out.push(
-                    d("broker", "is required for an mqtt sink".into())
-                        .with_help("add `broker: mqtt://127.0.0.1:1883`"),
-                );
-                String::new()
-            });
-            if !broker.is_empty() {
-                crate::stream::check_broker(&broker, &format!("{base}.broker"), file, out);
-            }
-            let topic = s.topic.unwrap_or_else(|| {
-                out.push(
-                    d("topic", "is required for an mqtt sink".into())
-                        .with_help("add `topic: results/{device_id}`"),
-                );
-                String::new()
-            });
-            if topic.contains(['+', '#']) {
-                out.push(
-                    d("topic", "wildcards cannot be published to".into())
-                        .with_help("use `{column}` to take a level from each row"),
-                );
-            }
-            let qos = s.qos.unwrap_or(1);
-            if qos > 1 {
-                out.push(d("qos", format!("QoS {qos} is not supported")).with_help("use 0 or 1"));
-            }
-            return Some(SinkSpec::Mqtt(MqttSinkSpec { broker, topic, qos }));
-        }
-        RawSinkKind::Nats => {
-            return Some(SinkSpec::Nats(crate::nats::resolve_sink(
-                &s, base, file, out,
-            )));
-        }
-        RawSinkKind::Parquet
-        | RawSinkKind::Csv
-        | RawSinkKind::Ndjson
-        | RawSinkKind::Arrow
-        | RawSinkKind::Stdout => {}
-    }
-    let format = match s.kind {
-        RawSinkKind::Postgres | RawSinkKind::Mqtt | RawSinkKind::Nats => return None,
-        RawSinkKind::Stdout => {
-            for (set, field) in [
-                (s.path.is_some(), "path"),
-                (s.partition_by.is_some(), "partition_by"),
-                (s.compression.is_some(), "compression"),
-                (s.max_open_files.is_some(), "max_open_files"),
-                (s.row_group_rows.is_some(), "row_group_rows"),
-            ] {
-                if set {
-                    not_for(field, "stdout", out);
-                }
-            }
-            let format = s.format.unwrap_or(Format::Ndjson);
-            if matches!(format, Format::Parquet | Format::Json) {
-                out.push(
-                    d("format", format!("stdout cannot stream `{format}`")).with_help(
-                        "use ndjson, csv or arrow on stdout, or a file sink for parquet",
-                    ),
-                );
-            }
-            return Some(SinkSpec::Stdout { format });
-        }
-        RawSinkKind::Parquet => Format::Parquet,
-        RawSinkKind::Csv => Format::Csv,
-        RawSinkKind::Ndjson => Format::Ndjson,
-        RawSinkKind::Arrow => Format::Arrow,
-    };
-    if s.format.is_some() {
-        out.push(
-            d("format", "is set by the sink type".into())
-                .with_help("remove it; `type: parquet` already says the format"),
-        );
-    }
-    if format != Format::Parquet {
-        if s.compression.is_some() {
-            not_for("compression", &format.to_string(), out);
-        }
-        if s.row_group_rows.is_some() {
-            not_for("row_group_rows", &format.to_string(), out);
-        }
-    }
-    if format != Format::Csv {
-        if s.header.is_some() {
-            not_for("header", &format.to_string(), out);
-        }
-        if s.delimiter.is_some() {
-            not_for("delimiter", &format.to_string(), out);
-        }
-    }
-    let Some(path) = s.path else {
-        out.push(
-            d("path", "is required for a file sink".into()).with_help(format!(
-                "add `path: out/{}`, the directory the files go into",
-                format.extension()
-            )),
-        );
-        return None;
-    };
-    let partition_by = s.partition_by.unwrap_or_default();
-    for (i, col) in partition_by.iter().enumerate() {
-        if col.is_empty() || partition_by[..i].contains(col) {
-            out.push(d(
-                &format!("partition_by[{i}]"),
-                format!("`{col}` is empty or repeated"),
-            ));
-        }
-    }
-    let compression = match s.compression.as_deref() {
-        None => Compression::Zstd(1),
-        Some(v) => parse_compression(v).unwrap_or_else(|| {
-            out.push(
-                d("compression", format!("`{v}` is not a Parquet compression"))
-                    .with_help("use zstd, zstd(1..22), snappy, lz4 or none"),
-            );
-            Compression::Zstd(1)
-        }),
-    };
-    let delimiter = s
-        .delimiter
-        .and_then(|v| single_byte(&v, format!("{base}.delimiter"), file, out))
-        .unwrap_or(b',');
-    Some(SinkSpec::File(FileSinkSpec {
-        path,
-        format,
-        partition_by,
-        compression,
-        row_group_rows: s.row_group_rows.unwrap_or(1 << 20).max(1),
-        header: s.header.unwrap_or(true),
-        delimiter,
-        max_open_files: s.max_open_files.unwrap_or(256).max(1),
-        rolling: Rolling {
-            interval: s.roll_interval.map_or(Rolling::default().interval, |d| {
-                d.0.max(Duration::from_millis(100))
-            }),
-            size: s.roll_size.map_or(Rolling::default().size, |b| b.0.max(1)),
-        },
-    }))
 }
 
 #[cfg(test)]

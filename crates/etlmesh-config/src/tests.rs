@@ -136,3 +136,40 @@ fn sql_positions_map_into_the_file() {
         "temperature_c"
     );
 }
+
+#[test]
+fn a_key_of_another_sink_kind_is_named_exactly_with_what_this_kind_takes() {
+    // Sinks are one struct per kind, picked by `type:`: `table` is a postgres key.
+    let text = GOOD.replace(
+        "{ type: stdout, format: csv }",
+        "{ type: stdout, table: t }",
+    );
+    let e = err(&text);
+    let d = &e.diagnostics[0];
+    assert_eq!(d.field, "pipelines.clean.sinks[1].table", "{e}");
+    assert_eq!((d.line, d.column), (Some(18), Some(25)), "{e}");
+    assert!(d.message.contains("unknown key `table`"), "{e}");
+    let text = GOOD.replace("partition_by: [device_id]", "subject: x");
+    let e = err(&text);
+    assert_eq!(
+        e.diagnostics[0].field, "pipelines.clean.sinks[0].subject",
+        "{e}"
+    );
+    assert!(
+        e.diagnostics[0]
+            .help
+            .as_deref()
+            .is_some_and(|h| h.contains("partition_by")),
+        "{e}"
+    );
+}
+
+#[test]
+fn an_unknown_sink_type_lists_the_kinds() {
+    let text = GOOD.replace("{ type: stdout, format: csv }", "{ type: kafka }");
+    let e = err(&text);
+    assert_eq!(e.diagnostics[0].line, Some(18), "{e}");
+    for kind in ["parquet", "stdout", "postgres", "mqtt", "nats"] {
+        assert!(e.to_string().contains(kind), "{e}");
+    }
+}
