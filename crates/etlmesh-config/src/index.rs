@@ -59,6 +59,15 @@ impl PositionIndex {
         self.positions.get(path).copied()
     }
 
+    /// The paths whose key (or list item) starts at `line`, `column`.
+    pub fn paths_at(&self, line: usize, column: usize) -> Vec<&str> {
+        self.positions
+            .iter()
+            .filter(|(_, p)| p.line == line && p.column == column)
+            .map(|(k, _)| k.as_str())
+            .collect()
+    }
+
     /// Keys that appear twice in the same mapping.
     pub fn duplicates(&self) -> &[(String, Position)] {
         &self.duplicates

@@ -19,6 +19,7 @@ pub mod query;
 mod raw;
 pub mod scaling;
 mod sinks;
+mod sources;
 pub mod spec;
 pub mod stream;
 pub mod types;
@@ -187,9 +188,9 @@ impl PipelineFile {
     }
 }
 
-/// An unknown key inside an element of a list whose elements are picked by `type:`
-/// (sinks): serde names only the list and the element's start, so the key is looked
-/// up in the file's elements to name and place it exactly (`sinks[1].partiton_by`).
+/// An unknown key inside a map picked by `type:` (a source, a sink): serde places the
+/// map's start, and inside a list names only the list, so the key is looked up in the
+/// file's index to name and place it exactly (`source.topik`, `sinks[1].partiton_by`).
 fn in_list(mut d: Diagnostic, index: &index::PositionIndex) -> Diagnostic {
     let Some(bad) = d
         .message
@@ -201,6 +202,20 @@ fn in_list(mut d: Diagnostic, index: &index::PositionIndex) -> Diagnostic {
     };
     if index.exact(&d.field).is_some() {
         return d;
+    }
+    // A map picked by `type:` at a key (the source): serde names the map's parent and
+    // places the map's key; the unknown key is under the path that starts there.
+    if let (Some(line), Some(column)) = (d.line, d.column) {
+        let found = index.paths_at(line, column).into_iter().find_map(|p| {
+            let field = format!("{p}.{bad}");
+            index.exact(&field).map(|pos| (field, pos))
+        });
+        if let Some((field, pos)) = found {
+            d.field = field;
+            d.line = Some(pos.line);
+            d.column = Some(pos.column);
+            return d;
+        }
     }
     let Some(list) = d.field.strip_suffix(&format!(".{bad}")).map(str::to_string) else {
         return d;

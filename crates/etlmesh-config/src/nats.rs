@@ -7,9 +7,10 @@ use std::time::Duration;
 use crate::diag::Diagnostic;
 use serde::Deserialize;
 
-use crate::raw::RawSource;
+use crate::raw::{RawCsv, RawMicroBatch};
 use crate::stream::MicroBatch;
 use crate::types::Format;
+use crate::units::Span;
 
 /// A pipeline that consumes a JetStream stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,7 +56,23 @@ pub struct NatsSinkSpec {
     pub key: Vec<String>,
 }
 
-/// `{ type: nats, url, subject, stream, create, key }` as written.
+/// `{ type: nats, url, stream, subject, ... }` (a source) as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawNatsSource {
+    pub format: Option<Format>,
+    pub csv: Option<RawCsv>,
+    pub url: Option<String>,
+    pub stream: Option<String>,
+    pub subject: Option<String>,
+    pub consumer: Option<String>,
+    pub create: Option<bool>,
+    pub ack_wait: Option<Span>,
+    pub max_ack_pending: Option<usize>,
+    pub batch: Option<RawMicroBatch>,
+}
+
+/// `{ type: nats, url, subject, stream, create, key }` (a sink) as written.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawNatsSink {
@@ -131,7 +148,7 @@ pub(crate) fn subject_columns(
 
 /// The JetStream source of a pipeline.
 pub(crate) fn resolve_source(
-    s: &RawSource,
+    s: &RawNatsSource,
     pipeline: &str,
     base: &str,
     file: &Path,

@@ -8,7 +8,7 @@ use indexmap::IndexMap;
 use serde::Deserialize;
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 
-use crate::types::{FieldType, Format};
+use crate::types::FieldType;
 use crate::units::{ByteSize, ScalarText, Span};
 
 #[derive(Debug, Deserialize)]
@@ -54,7 +54,7 @@ pub(crate) struct RawScaling {
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawPipeline {
     pub description: Option<String>,
-    pub source: Option<RawSource>,
+    pub source: Option<crate::sources::RawSource>,
     pub schema: Option<IndexMap<String, RawField>>,
     pub transform: Option<String>,
     #[serde(default)]
@@ -93,46 +93,6 @@ pub enum OnError {
     DeadLetter,
     /// Stop the run at the first bad record, exit non-zero, leave no output.
     Fail,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub(crate) enum RawSourceKind {
-    File,
-    Stdin,
-    Mqtt,
-    Nats,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct RawSource {
-    #[serde(rename = "type")]
-    pub kind: RawSourceKind,
-    pub path: Option<String>,
-    pub format: Option<Format>,
-    pub csv: Option<RawCsv>,
-    pub infer_rows: Option<usize>,
-    // MQTT
-    pub broker: Option<String>,
-    pub topic: Option<String>,
-    pub group: Option<String>,
-    pub qos: Option<u8>,
-    pub protocol: Option<ScalarText>,
-    pub client_id: Option<String>,
-    pub session_expiry: Option<Span>,
-    pub ca_file: Option<PathBuf>,
-    pub batch: Option<RawMicroBatch>,
-    pub broker_keeps_queued: Option<bool>,
-    pub receive_maximum: Option<u16>,
-    // NATS JetStream
-    pub url: Option<String>,
-    pub stream: Option<String>,
-    pub subject: Option<String>,
-    pub consumer: Option<String>,
-    pub create: Option<bool>,
-    pub ack_wait: Option<Span>,
-    pub max_ack_pending: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::raw::{RawCsv, RawFile, RawPipeline, RawSource, RawSourceKind};
+use crate::raw::{RawCsv, RawFile, RawPipeline};
 use crate::scaling::ScalingSpec;
 use crate::stream::{MqttSinkSpec, MqttSourceSpec, PostgresSinkSpec, Rolling, WindowSpec};
 use crate::types::{FieldSpec, Format};
@@ -445,7 +445,7 @@ fn resolve_pipeline(
     }
     let source = rp
         .source
-        .map(|s| resolve_source(s, &name, &format!("{base}.source"), file, out))
+        .map(|s| crate::sources::resolve(s, &name, &format!("{base}.source"), file, out))
         .unwrap_or_default();
 
     let schema = rp.schema.map(|fields| {
@@ -681,7 +681,12 @@ pub(crate) fn single_byte(
     }
 }
 
-fn resolve_csv(c: RawCsv, base: &str, file: &Path, out: &mut Vec<Diagnostic>) -> CsvOptions {
+pub(crate) fn resolve_csv(
+    c: RawCsv,
+    base: &str,
+    file: &Path,
+    out: &mut Vec<Diagnostic>,
+) -> CsvOptions {
     let def = CsvOptions::default();
     CsvOptions {
         header: c.header.unwrap_or(def.header),
@@ -698,137 +703,6 @@ fn resolve_csv(c: RawCsv, base: &str, file: &Path, out: &mut Vec<Diagnostic>) ->
             .and_then(|v| single_byte(&v, format!("{base}.escape"), file, out)),
         null_values: c.null.unwrap_or_default(),
         newlines_in_values: c.newlines_in_values,
-    }
-}
-
-fn resolve_source(
-    s: RawSource,
-    pipeline: &str,
-    base: &str,
-    file: &Path,
-    out: &mut Vec<Diagnostic>,
-) -> SourceSpec {
-    let mqtt_only = [
-        (s.broker.is_some(), "broker"),
-        (s.topic.is_some(), "topic"),
-        (s.group.is_some(), "group"),
-        (s.qos.is_some(), "qos"),
-        (s.protocol.is_some(), "protocol"),
-        (s.client_id.is_some(), "client_id"),
-        (s.session_expiry.is_some(), "session_expiry"),
-        (s.ca_file.is_some(), "ca_file"),
-        (s.broker_keeps_queued.is_some(), "broker_keeps_queued"),
-        (s.receive_maximum.is_some(), "receive_maximum"),
-    ];
-    let nats_only = [
-        (s.url.is_some(), "url"),
-        (s.stream.is_some(), "stream"),
-        (s.subject.is_some(), "subject"),
-        (s.consumer.is_some(), "consumer"),
-        (s.create.is_some(), "create"),
-        (s.ack_wait.is_some(), "ack_wait"),
-        (s.max_ack_pending.is_some(), "max_ack_pending"),
-    ];
-    let streams = [RawSourceKind::Mqtt, RawSourceKind::Nats];
-    for (kind, fields) in [
-        (RawSourceKind::Mqtt, &mqtt_only[..]),
-        (RawSourceKind::Nats, &nats_only[..]),
-    ] {
-        if s.kind == kind {
-            continue;
-        }
-        let name = if kind == RawSourceKind::Mqtt {
-            "mqtt"
-        } else {
-            "nats"
-        };
-        for (set, field) in fields {
-            if *set {
-                out.push(
-                    Diagnostic::new(
-                        file,
-                        format!("{base}.{field}"),
-                        format!("is a setting of {name} sources"),
-                    )
-                    .with_help(format!("remove it, or use `type: {name}`")),
-                );
-            }
-        }
-    }
-    if s.batch.is_some() && !streams.contains(&s.kind) {
-        out.push(
-            Diagnostic::new(
-                file,
-                format!("{base}.batch"),
-                "is a setting of stream sources",
-            )
-            .with_help("remove it, or use `type: mqtt` or `type: nats`"),
-        );
-    }
-    if streams.contains(&s.kind) {
-        let name = if s.kind == RawSourceKind::Mqtt {
-            "mqtt"
-        } else {
-            "nats"
-        };
-        if s.path.is_some() {
-            out.push(
-                Diagnostic::new(
-                    file,
-                    format!("{base}.path"),
-                    format!("is not used by an {name} source"),
-                )
-                .with_help("remove it"),
-            );
-        }
-        if s.csv.as_ref().and_then(|c| c.header) == Some(true) {
-            out.push(
-                Diagnostic::new(
-                    file,
-                    format!("{base}.csv.header"),
-                    format!("{} CSV payloads carry no header", name.to_uppercase()),
-                )
-                .with_help("remove it: the fields are read in the schema's order"),
-            );
-        }
-    }
-    let kind = match s.kind {
-        RawSourceKind::Mqtt => SourceKind::Mqtt(Box::new(crate::stream::resolve_mqtt(
-            &s, pipeline, base, file, out,
-        ))),
-        RawSourceKind::Nats => SourceKind::Nats(Box::new(crate::nats::resolve_source(
-            &s, pipeline, base, file, out,
-        ))),
-        RawSourceKind::File => SourceKind::File { path: s.path },
-        RawSourceKind::Stdin => {
-            if s.path.is_some() {
-                out.push(
-                    Diagnostic::new(
-                        file,
-                        format!("{base}.path"),
-                        "is not used by a stdin source",
-                    )
-                    .with_help("remove it, or use `type: file`"),
-                );
-            }
-            if s.format.is_none() {
-                out.push(
-                    Diagnostic::new(
-                        file,
-                        format!("{base}.format"),
-                        "is required for a stdin source",
-                    )
-                    .with_help("add `format: csv` (or ndjson, json, parquet, arrow)"),
-                );
-            }
-            SourceKind::Stdin
-        }
-    };
-    SourceSpec {
-        kind,
-        format: s.format,
-        csv: resolve_csv(s.csv.unwrap_or_default(), &format!("{base}.csv"), file, out),
-        infer_rows: s.infer_rows.unwrap_or(1000).max(1),
     }
 }
 

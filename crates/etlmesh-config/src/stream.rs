@@ -5,8 +5,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::diag::Diagnostic;
-use crate::raw::{RawMicroBatch, RawSource, RawWindow};
+use serde::Deserialize;
+
+use crate::raw::{RawCsv, RawMicroBatch, RawWindow};
 use crate::types::{FieldSpec, FieldType, Format};
+use crate::units::{ScalarText, Span};
 
 /// The MQTT protocol version a source speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -284,9 +287,28 @@ fn topic_columns(
     (filter.join("/"), cols)
 }
 
+/// `{ type: mqtt, broker, topic, ... }` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawMqttSource {
+    pub format: Option<Format>,
+    pub csv: Option<RawCsv>,
+    pub broker: Option<String>,
+    pub topic: Option<String>,
+    pub group: Option<String>,
+    pub qos: Option<u8>,
+    pub protocol: Option<ScalarText>,
+    pub client_id: Option<String>,
+    pub session_expiry: Option<Span>,
+    pub ca_file: Option<PathBuf>,
+    pub batch: Option<RawMicroBatch>,
+    pub broker_keeps_queued: Option<bool>,
+    pub receive_maximum: Option<u16>,
+}
+
 /// The MQTT source of a pipeline.
 pub(crate) fn resolve_mqtt(
-    s: &RawSource,
+    s: &RawMqttSource,
     pipeline: &str,
     base: &str,
     file: &Path,

@@ -173,3 +173,14 @@ fn an_unknown_sink_type_lists_the_kinds() {
         assert!(e.to_string().contains(kind), "{e}");
     }
 }
+
+#[test]
+fn a_key_of_another_source_kind_is_placed_at_its_line() {
+    // `topic` is an MQTT key; this source is a file.
+    let text = GOOD.replace("format: csv, csv:", "topic: x, csv:");
+    let e = err(&text);
+    let d = &e.diagnostics[0];
+    assert_eq!(d.field, "pipelines.clean.source.topic", "{e}");
+    assert_eq!(d.line, Some(7), "{e}");
+    assert!(d.message.contains("unknown key `topic`"), "{e}");
+}
