@@ -48,6 +48,7 @@ pipelines:
       url: {url}
       stream: {stream}
       subject: {prefix}.*.reading
+      create: true                # the consumer (the script makes the stream)
       batch: {{ records: 5000, wait: 200ms }}
     schema:
       device_id: {{ type: utf8, nullable: false }}
@@ -170,8 +171,11 @@ def ceiling(server, n):
          "--topic", f"{prefix}.*.reading", "--count", str(n), "--idle", "30s"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
-    first = sub.stderr.readline()
-    assert "subscribed" in first, first
+    for _ in range(50):
+        line = sub.stderr.readline()
+        if "subscribed" in line or not line:
+            break
+    assert "subscribed" in line, line
     t0 = time.time()
     pub = simulate(server.url, prefix, n, 1e9)
     sub.wait()
@@ -239,7 +243,8 @@ def main():
     try:
         n = args.messages
         bare, pub = ceiling(server, n)
-        print(f"publisher: {pub.strip().splitlines()[-1]}")
+        published = [l for l in pub.splitlines() if l.startswith("published")]
+        print(f"publisher: {published[-1] if published else pub.strip()[-200:]}")
         print(f"ceiling (bare JetStream consumer, explicit acks): {bare:,.0f} msg/s\n")
         rows = []
         for sink_name in ("parquet", "postgres"):

@@ -49,6 +49,14 @@ pub enum StreamError {
         /// What happened.
         message: String,
     },
+    /// The JetStream server cannot be reached, or the stream or consumer is missing.
+    #[error("NATS {url}: {message}")]
+    Nats {
+        /// The server(s).
+        url: String,
+        /// What happened and what to do.
+        message: String,
+    },
     /// The MQTT session failed.
     #[error("MQTT: {0}")]
     Mqtt(String),

@@ -119,8 +119,8 @@ impl Source for Consumer {
 }
 
 fn connect_error(spec: &NatsSourceSpec, message: impl std::fmt::Display) -> StreamError {
-    StreamError::Connect {
-        broker: spec.url.clone(),
+    StreamError::Nats {
+        url: spec.url.clone(),
         message: message.to_string(),
     }
 }
