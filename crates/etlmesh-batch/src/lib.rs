@@ -148,6 +148,7 @@ pub async fn run(file: &PipelineFile, name: &str, opts: &JobOptions) -> Result<S
         platform.progress_interval,
     );
     let shared = Arc::new(Shared {
+        pipeline: spec.name.clone(),
         transform: transform.clone(),
         dead: dead.clone(),
         on_error: spec.on_error,

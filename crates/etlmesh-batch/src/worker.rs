@@ -10,7 +10,7 @@ use etlmesh_codec::{DecodeOutput, Provenance, Reject};
 use etlmesh_config::OnError;
 use etlmesh_engine::Transform;
 use etlmesh_sink::SinkWriter;
-use etlmesh_sink::dead_letter::DeadLetterSink;
+use etlmesh_sink::dead_letter::{DeadLetterRoute, DeadLetterSink, DeadLetterWrite, Routed};
 use tokio::sync::{Mutex, mpsc};
 
 use crate::JobError;
@@ -19,6 +19,8 @@ use crate::reader::Work;
 
 /// What every worker shares.
 pub(crate) struct Shared {
+    /// The pipeline's name, for its dead letters.
+    pub pipeline: String,
     pub transform: Arc<Transform>,
     pub dead: Option<Arc<DeadLetterSink>>,
     pub on_error: OnError,
@@ -36,24 +38,20 @@ pub(crate) enum Output {
 
 impl Shared {
     pub(crate) fn rejects(&self, rejects: Vec<Reject>) -> Result<(), JobError> {
-        if rejects.is_empty() {
-            return Ok(());
-        }
-        match (&self.on_error, &self.dead) {
-            (OnError::DeadLetter, Some(dead)) => {
-                dead.write(&rejects).map_err(JobError::Sink)?;
-                Counters::add(&self.counters.dead_lettered, rejects.len() as u64);
+        let route = DeadLetterRoute {
+            pipeline: &self.pipeline,
+            on_error: self.on_error,
+            sink: self.dead.as_deref().map(|d| d as &dyn DeadLetterWrite),
+            taps: None,
+        };
+        match route.route(&rejects).map_err(JobError::Sink)? {
+            Routed::DeadLettered(n) => {
+                Counters::add(&self.counters.dead_lettered, n as u64);
                 Ok(())
             }
-            _ => {
+            Routed::Refused(first) => {
                 self.cancel.store(true, Ordering::Relaxed);
-                match rejects
-                    .into_iter()
-                    .min_by_key(|r| r.line.or(r.row).unwrap_or(0))
-                {
-                    Some(first) => Err(JobError::Record(Box::new(first))),
-                    None => Ok(()),
-                }
+                Err(JobError::Record(Box::new(first.clone())))
             }
         }
     }

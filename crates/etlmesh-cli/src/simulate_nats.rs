@@ -23,11 +23,7 @@ pub(crate) async fn simulate(
 ) -> Result<SimulateStats, CliError> {
     opts.check()?;
     let fail = |m: String| CliError::Other(format!("NATS {url}: {m}"));
-    let servers: Vec<&str> = url.split(',').map(str::trim).collect();
-    let client = async_nats::ConnectOptions::new()
-        .name(&opts.client_id)
-        .connection_timeout(Duration::from_secs(5))
-        .connect(servers)
+    let client = etlmesh_stream::source::nats::connect(url, &opts.client_id)
         .await
         .map_err(|e| {
             fail(format!(
@@ -115,10 +111,9 @@ pub(crate) async fn count(
 ) -> Result<Counted, CliError> {
     use async_nats::jetstream::consumer::{AckPolicy, pull};
     let fail = |m: String| CliError::Other(format!("NATS {url}: {m}"));
-    let servers: Vec<&str> = url.split(',').map(str::trim).collect();
-    let client = async_nats::connect(servers)
+    let client = etlmesh_stream::source::nats::connect(url, "etlmesh-subscribe")
         .await
-        .map_err(|e| fail(e.to_string()))?;
+        .map_err(fail)?;
     let js = jetstream::new(client.clone());
     let s = js
         .get_stream(stream)

@@ -59,13 +59,16 @@ impl PositionIndex {
         self.positions.get(path).copied()
     }
 
-    /// The paths whose key (or list item) starts at `line`, `column`.
-    pub fn paths_at(&self, line: usize, column: usize) -> Vec<&str> {
+    /// The deepest path whose key or value starts at `line`, `column`.
+    pub fn path_at(&self, line: usize, column: usize) -> Option<&str> {
         self.positions
             .iter()
-            .filter(|(_, p)| p.line == line && p.column == column)
+            .filter(|(_, p)| {
+                (p.line == line && p.column == column)
+                    || (p.value_line == line && p.value_column == column)
+            })
             .map(|(k, _)| k.as_str())
-            .collect()
+            .max_by_key(|k| k.len())
     }
 
     /// Keys that appear twice in the same mapping.

@@ -76,8 +76,13 @@ impl PipelineFile {
         let path = path.into();
         let text = text.into();
         let index = index::PositionIndex::build(&text);
-        let raw: raw::RawFile = serde_yaml::from_str(&text)
-            .map_err(|e| ConfigError::one(in_list(yaml_error(&path, &e), &index)))?;
+        let raw: raw::RawFile = serde_saphyr::from_str_with_options(&text, yaml_options())
+            .map_err(|e| {
+                ConfigError::one(place_unknown_key(
+                    yaml_error(&path, &text, &e, &index),
+                    &index,
+                ))
+            })?;
         let mut diags: Vec<Diagnostic> = index
             .duplicates()
             .iter()
@@ -188,95 +193,148 @@ impl PipelineFile {
     }
 }
 
-/// An unknown key inside a map picked by `type:` (a source, a sink): serde places the
-/// map's start, and inside a list names only the list, so the key is looked up in the
-/// file's index to name and place it exactly (`source.topik`, `sinks[1].partiton_by`).
-fn in_list(mut d: Diagnostic, index: &index::PositionIndex) -> Diagnostic {
-    let Some(bad) = d
-        .message
-        .strip_prefix("unknown key `")
-        .and_then(|m| m.strip_suffix('`'))
-        .map(str::to_string)
-    else {
-        return d;
-    };
-    if index.exact(&d.field).is_some() {
-        return d;
-    }
-    // A map picked by `type:` at a key (the source): serde names the map's parent and
-    // places the map's key; the unknown key is under the path that starts there.
-    if let (Some(line), Some(column)) = (d.line, d.column) {
-        let found = index.paths_at(line, column).into_iter().find_map(|p| {
-            let field = format!("{p}.{bad}");
-            index.exact(&field).map(|pos| (field, pos))
-        });
-        if let Some((field, pos)) = found {
-            d.field = field;
-            d.line = Some(pos.line);
-            d.column = Some(pos.column);
-            return d;
-        }
-    }
-    let Some(list) = d.field.strip_suffix(&format!(".{bad}")).map(str::to_string) else {
-        return d;
-    };
-    // The first element with the key is the one serde stopped at: those before it
-    // were read without error.
-    for i in 0..1024 {
-        let element = format!("{list}[{i}]");
-        if index.exact(&element).is_none() {
-            break;
-        }
-        let field = format!("{element}.{bad}");
-        if let Some(pos) = index.exact(&field) {
-            d.field = field;
-            d.line = Some(pos.line);
-            d.column = Some(pos.column);
-            break;
-        }
+/// An unknown key inside a map picked by `type:` (a source, a sink): serde reads such a
+/// map buffered and places the map's start, so the key is placed from the file's index
+/// (`sinks[1].partiton_by` at its own line and column).
+fn place_unknown_key(mut d: Diagnostic, index: &index::PositionIndex) -> Diagnostic {
+    if d.message.starts_with("unknown key `")
+        && let Some(pos) = index.exact(&d.field)
+    {
+        d.line = Some(pos.line);
+        d.column = Some(pos.column);
     }
     d
 }
 
-/// A serde_yaml error as a diagnostic, with a "did you mean" for unknown keys.
-fn yaml_error(path: &Path, e: &serde_yaml::Error) -> Diagnostic {
-    let mut msg = e.to_string();
-    if let Some(cut) = msg.rfind(" at line ") {
-        msg.truncate(cut);
+/// The plain scalar that starts at `line`, `column` (1-based), up to a flow delimiter.
+fn scalar_at(text: &str, line: usize, column: usize) -> Option<&str> {
+    let l = text.lines().nth(line.checked_sub(1)?)?;
+    let start = l.char_indices().nth(column.checked_sub(1)?)?.0;
+    let rest = &l[start..];
+    let end = rest.find([',', '}', ']', '#']).unwrap_or(rest.len());
+    Some(rest[..end].trim())
+}
+
+/// How pipeline files are read: YAML 1.2 booleans only (`yes` is a string, as in
+/// serde_yaml before), duplicate keys left to the index (which names both places),
+/// no source snippet in messages (diagnostics carry the line and column).
+fn yaml_options() -> serde_saphyr::Options {
+    serde_saphyr::options! {
+        strict_booleans: true,
+        duplicate_keys: serde_saphyr::DuplicateKeyPolicy::LastWins,
+        with_snippet: false,
     }
-    // serde_yaml prefixes the field path: "pipelines.a.sinks[0]: unknown field ..."
-    let (mut field, mut message) = match msg.split_once(": ") {
-        Some((p, m)) if !p.contains(' ') => (p.to_string(), m.to_string()),
-        _ => (String::new(), msg.clone()),
+}
+
+/// A YAML error as a diagnostic: the field is found in the index from the error's
+/// location, and an unknown key or value gets a "did you mean".
+fn yaml_error(
+    path: &Path,
+    text: &str,
+    e: &serde_saphyr::Error,
+    index: &index::PositionIndex,
+) -> Diagnostic {
+    use serde_saphyr::Error as E;
+    let e = e.without_snippet();
+    let (mut line, mut column) = match e.location() {
+        Some(loc) if loc.line() > 0 => (Some(loc.line() as usize), Some(loc.column() as usize)),
+        _ => (None, None),
     };
-    let mut help = None;
-    if message.starts_with("unknown field") || message.starts_with("unknown variant") {
-        let ticked: Vec<&str> = message.split('`').skip(1).step_by(2).collect();
-        if let Some((bad, expected)) = ticked.split_first() {
-            if message.starts_with("unknown field") {
-                field = if field.is_empty() {
-                    bad.to_string()
-                } else {
-                    format!("{field}.{bad}")
-                };
-            }
-            help = Some(match diag::suggest(bad, expected.iter().copied()) {
-                Some(s) => format!("did you mean `{s}`?"),
-                None => format!("expected one of: {}", expected.join(", ")),
-            });
-            message = if message.starts_with("unknown field") {
-                format!("unknown key `{bad}`")
+    let field = match (line, column) {
+        (Some(l), Some(c)) => index.path_at(l, c).unwrap_or_default().to_string(),
+        _ => String::new(),
+    };
+    let unknown = |bad: &str, expected: &[&str]| match diag::suggest(bad, expected.iter().copied())
+    {
+        Some(s) => format!("did you mean `{s}`?"),
+        None => format!("expected one of: {}", expected.join(", ")),
+    };
+    let (field, message, help) = match e {
+        E::SerdeUnknownField {
+            field: bad,
+            expected,
+            ..
+        } => {
+            // The location is the unknown key itself when the index has it.
+            let field = if field.ends_with(bad.as_str()) {
+                field
+            } else if field.is_empty() {
+                bad.clone()
             } else {
-                format!(
-                    "unknown value `{bad}`; expected one of: {}",
-                    expected.join(", ")
-                )
+                format!("{field}.{bad}")
             };
+            (
+                field,
+                format!("unknown key `{bad}`"),
+                Some(unknown(bad, expected)),
+            )
         }
-    }
+        E::SerdeUnknownVariant {
+            variant, expected, ..
+        } => (
+            field,
+            format!(
+                "unknown value `{variant}`; expected one of: {}",
+                expected.join(", ")
+            ),
+            Some(unknown(variant, expected)),
+        ),
+        E::SerdeMissingField { field: missing, .. } => {
+            // Placed at the map's first key: name the map, at its own line.
+            let map = match index.exact(&field) {
+                Some(p) if Some(p.line) == line && Some(p.column) == column => {
+                    field.rfind(['.', '[']).map_or("", |cut| &field[..cut])
+                }
+                _ => field.as_str(),
+            };
+            if let Some(p) = index.exact(map) {
+                (line, column) = (Some(p.line), Some(p.column));
+            }
+            (
+                map.to_string(),
+                format!("missing key `{missing}`"),
+                Some(format!("add `{missing}:` here")),
+            )
+        }
+        E::InvalidScalar { ty, .. } => {
+            let value = line
+                .zip(column)
+                .and_then(|(l, c)| scalar_at(text, l, c))
+                .unwrap_or_default();
+            let want = match *ty {
+                "bool" => "true or false",
+                "f32" | "f64" => "a number",
+                t if t.starts_with('u') => "a whole number, 0 or more",
+                t if t.starts_with('i') => "a whole number",
+                t => t,
+            };
+            (field, format!("`{value}` is not {want}"), None)
+        }
+        E::SerdeInvalidType {
+            unexpected,
+            expected,
+            ..
+        }
+        | E::SerdeInvalidValue {
+            unexpected,
+            expected,
+            ..
+        } => (
+            field,
+            format!("invalid value: {unexpected}, expected {expected}"),
+            None,
+        ),
+        other => {
+            let mut msg = other.to_string();
+            if let Some(cut) = msg.rfind(" at line ") {
+                msg.truncate(cut);
+            }
+            (field, msg, None)
+        }
+    };
     let mut d = Diagnostic::new(path, field, message);
-    if let Some(loc) = e.location() {
-        d = d.at(loc.line(), loc.column());
+    if let (Some(l), Some(c)) = (line, column) {
+        d = d.at(l, c);
     }
     if let Some(h) = help {
         d = d.with_help(h);

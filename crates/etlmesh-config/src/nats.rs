@@ -196,23 +196,7 @@ pub(crate) fn resolve_source(
             .with_help("use letters, digits, `_` and `-` (the pipeline's name is the default)"),
         );
     }
-    let format = match s.format {
-        None | Some(Format::Json | Format::Ndjson) => Format::Json,
-        Some(Format::Csv) => Format::Csv,
-        Some(other) => {
-            out.push(
-                Diagnostic::new(
-                    file,
-                    field("format"),
-                    format!("NATS payloads cannot be `{other}`"),
-                )
-                .with_help(
-                    "use json (an object or an array per message) or csv (lines, no header)",
-                ),
-            );
-            Format::Json
-        }
-    };
+    let format = crate::stream::payload_format(s.format, "NATS", &field("format"), file, out);
     let batch = crate::stream::micro_batch(s.batch.as_ref(), &field("batch"), file, out);
     let max_ack_pending = s.max_ack_pending.unwrap_or(20_000);
     if max_ack_pending < 2 * batch.records {

@@ -46,6 +46,7 @@ pub(crate) struct RawScaling {
     pub max_replicas: Option<u32>,
     pub target_in_flight: Option<f64>,
     pub target_cpu_percent: Option<f64>,
+    pub target_lag: Option<u64>,
     pub scale_down_window: Option<Span>,
     pub idle_before_zero: Option<Span>,
 }

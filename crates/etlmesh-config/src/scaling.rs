@@ -18,6 +18,9 @@ pub struct ScalingSpec {
     pub target_in_flight: f64,
     /// CPU one worker should use, in percent of a core (also scales when set).
     pub target_cpu_percent: Option<f64>,
+    /// Messages waiting in a stream source (its consumer lag) one worker should carry
+    /// (also scales when set; only sources that know their lag report it: JetStream).
+    pub target_lag: Option<u64>,
     /// No scale-down before the load stayed lower for this long.
     pub scale_down_window: Duration,
     /// With `min_replicas: 0`: no request for this long scales to zero.
@@ -31,6 +34,7 @@ impl Default for ScalingSpec {
             max_replicas: 4,
             target_in_flight: 8.0,
             target_cpu_percent: None,
+            target_lag: None,
             scale_down_window: Duration::from_secs(30),
             idle_before_zero: Duration::from_secs(60),
         }
@@ -51,6 +55,7 @@ pub(crate) fn resolve(
         max_replicas: r.max_replicas.unwrap_or(base.max_replicas),
         target_in_flight: r.target_in_flight.unwrap_or(base.target_in_flight),
         target_cpu_percent: r.target_cpu_percent.or(base.target_cpu_percent),
+        target_lag: r.target_lag.or(base.target_lag),
         scale_down_window: r.scale_down_window.map_or(base.scale_down_window, |s| s.0),
         idle_before_zero: r.idle_before_zero.map_or(base.idle_before_zero, |s| s.0),
     };
@@ -86,6 +91,13 @@ pub(crate) fn resolve(
             "target_cpu_percent",
             "must be above 0".into(),
             "70 keeps each worker at 70 % of a core",
+        );
+    }
+    if s.target_lag == Some(0) {
+        d(
+            "target_lag",
+            "must be at least 1".into(),
+            "10000 adds a worker for every 10,000 messages waiting",
         );
     }
     s

@@ -252,6 +252,30 @@ pub(crate) fn check_broker(url: &str, field: &str, file: &Path, out: &mut Vec<Di
 }
 
 /// Splits a topic with `{column}` segments into a subscription filter and columns.
+/// A stream source's payload format: JSON (an object or an array per message) or CSV
+/// lines; `kind` names the source in the diagnostic.
+pub(crate) fn payload_format(
+    format: Option<Format>,
+    kind: &str,
+    field: &str,
+    file: &Path,
+    out: &mut Vec<Diagnostic>,
+) -> Format {
+    match format {
+        None | Some(Format::Json | Format::Ndjson) => Format::Json,
+        Some(Format::Csv) => Format::Csv,
+        Some(other) => {
+            out.push(
+                Diagnostic::new(file, field, format!("{kind} payloads cannot be `{other}`"))
+                    .with_help(
+                        "use json (an object or an array per message) or csv (lines, no header)",
+                    ),
+            );
+            Format::Json
+        }
+    }
+}
+
 fn topic_columns(
     topic: &str,
     field: &str,
@@ -355,23 +379,7 @@ pub(crate) fn resolve_mqtt(
             MqttProtocol::V5
         }
     };
-    let format = match s.format {
-        None | Some(Format::Json | Format::Ndjson) => Format::Json,
-        Some(Format::Csv) => Format::Csv,
-        Some(other) => {
-            out.push(
-                Diagnostic::new(
-                    file,
-                    field("format"),
-                    format!("MQTT payloads cannot be `{other}`"),
-                )
-                .with_help(
-                    "use json (an object or an array per message) or csv (lines, no header)",
-                ),
-            );
-            Format::Json
-        }
-    };
+    let format = payload_format(s.format, "MQTT", &field("format"), file, out);
     let batch = micro_batch(s.batch.as_ref(), &field("batch"), file, out);
     let group = s.group.clone().unwrap_or_else(|| pipeline.to_string());
     if group.is_empty() || group.contains(['/', '+', '#']) {

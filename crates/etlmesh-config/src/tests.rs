@@ -184,3 +184,45 @@ fn a_key_of_another_source_kind_is_placed_at_its_line() {
     assert_eq!(d.line, Some(7), "{e}");
     assert!(d.message.contains("unknown key `topic`"), "{e}");
 }
+
+#[test]
+fn a_value_of_the_wrong_type_names_its_field_and_line() {
+    let e = err(&GOOD.replace("batch_size: 8192", "batch_size: many"));
+    let d = &e.diagnostics[0];
+    assert_eq!(d.field, "platform.batch_size", "{e}");
+    assert_eq!(d.line, Some(4), "{e}");
+    assert!(d.message.contains("many"), "{e}");
+}
+
+#[test]
+fn a_missing_key_is_named() {
+    let e = err(&GOOD.replace("{ type: ndjson, path: out/dead }", "{ path: out/dead }"));
+    assert!(e.to_string().contains("type"), "{e}");
+    let d = &e.diagnostics[0];
+    assert_eq!(d.field, "pipelines.clean.dead_letter", "{e}");
+    assert_eq!(d.line, Some(19), "{e}");
+}
+
+#[test]
+fn yes_is_not_a_boolean() {
+    // YAML 1.2: `yes` is a string, so a boolean key refuses it rather than guessing.
+    let text = GOOD.replace("nullable: false", "nullable: yes");
+    let e = err(&text);
+    let d = &e.diagnostics[0];
+    assert_eq!(d.field, "pipelines.clean.schema.device_id.nullable", "{e}");
+    assert_eq!(d.line, Some(9), "{e}");
+}
+
+#[test]
+fn an_alias_bomb_is_refused_not_expanded() {
+    let mut text = String::from("a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n");
+    for i in 1..12 {
+        let p = i - 1;
+        text.push_str(&format!(
+            "a{i}: &a{i} [*a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}]\n"
+        ));
+    }
+    text.push_str("pipelines: *a11\n");
+    let e = err(&text);
+    assert!(e.diagnostics[0].line.is_some(), "{e}");
+}

@@ -90,6 +90,9 @@ pub struct PoolView {
     pub max_replicas: u32,
     /// The policy.
     pub target_in_flight: f64,
+    /// The policy, for stream pipelines that scale on their lag.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target_lag: Option<u64>,
     /// Whether the last decision came from panic mode.
     pub panic: bool,
 }
@@ -237,6 +240,7 @@ impl Autoscaling {
                     min_replicas: spec.min_replicas,
                     max_replicas: spec.max_replicas,
                     target_in_flight: spec.target_in_flight,
+                    target_lag: spec.target_lag,
                     panic: p.panic,
                 }
             })
@@ -287,7 +291,14 @@ impl Autoscaling {
             for (name, pool) in pools.iter_mut() {
                 let mine = workers.iter().filter(|w| w.pipelines.contains(name));
                 let (mut w_in_flight, mut cpu, mut w_requests, mut ready) = (0u64, 0.0, 0u64, 0i64);
+                // Every worker of a pipeline reads the same consumer, so each reports
+                // the same lag: the largest report is the pipeline's.
+                let mut lag = 0u64;
                 for w in mine {
+                    if let Some(pending) = w.load.pipelines.get(name).and_then(|u| u.source_pending)
+                    {
+                        lag = lag.max(pending);
+                    }
                     w_in_flight += u64::from(w.load.in_flight);
                     cpu += w.load.cpu_percent;
                     w_requests += w.load.requests_total;
@@ -307,6 +318,7 @@ impl Autoscaling {
                     at: now,
                     in_flight: w_in_flight.max(g_load) as f64,
                     cpu_percent: cpu,
+                    lag: lag as f64,
                     active,
                 };
                 self.ready

@@ -20,6 +20,8 @@ pub struct Observation {
     pub in_flight: f64,
     /// CPU of its workers, summed, in percent of a core.
     pub cpu_percent: f64,
+    /// Messages waiting in its stream source (the consumer lag; 0 when unknown).
+    pub lag: f64,
     /// Whether any request arrived since the last tick.
     pub active: bool,
 }
@@ -35,7 +37,7 @@ pub struct Decision {
     pub reason: String,
     /// Whether panic mode decided it.
     pub panic: bool,
-    /// The rule that decided, as a metric label: `load`, `panic`, `window`, `idle`.
+    /// The rule that decided, as a metric label: `load`, `lag`, `panic`, `window`, `idle`.
     pub cause: &'static str,
 }
 
@@ -87,13 +89,17 @@ impl Autoscaler {
             .spec
             .target_cpu_percent
             .map_or(0.0, |t| (o.cpu_percent / t).ceil());
-        by_requests.max(by_cpu).max(0.0) as u32
+        let by_lag = self
+            .spec
+            .target_lag
+            .map_or(0.0, |t| (o.lag / t as f64).ceil());
+        by_requests.max(by_cpu).max(by_lag).max(0.0) as u32
     }
 
     /// Looks at the load and decides; `None` keeps the replicas as they are.
     pub fn observe(&mut self, o: Observation) -> Option<Decision> {
         let wanted = self.wanted(&o);
-        if o.active || o.in_flight > 0.0 {
+        if o.active || o.in_flight > 0.0 || o.lag > 0.0 {
             self.last_active = o.at;
         }
         self.history.push_back((o.at, wanted, o.in_flight));
@@ -162,6 +168,13 @@ impl Autoscaler {
         if let Some(t) = self.spec.target_cpu_percent {
             reason.push_str(&format!(", cpu {:.0} %, target {t} %", o.cpu_percent));
         }
+        let lag_decided = self
+            .spec
+            .target_lag
+            .is_some_and(|t| to > from && (o.lag / t as f64).ceil() as u32 >= to);
+        if let Some(t) = self.spec.target_lag {
+            reason.push_str(&format!(", lag {}, target {t}", o.lag.round()));
+        }
         if panic {
             reason.push_str(", panic: load at least twice the capacity over 6 s");
         } else if to == 0 {
@@ -174,6 +187,8 @@ impl Autoscaler {
         }
         let cause = if panic {
             "panic"
+        } else if lag_decided {
+            "lag"
         } else if to > from {
             "load"
         } else if to == 0 {
@@ -201,6 +216,7 @@ mod tests {
             max_replicas: 8,
             target_in_flight: 8.0,
             target_cpu_percent: None,
+            target_lag: None,
             scale_down_window: Duration::from_secs(30),
             idle_before_zero: Duration::from_secs(60),
         }
@@ -218,6 +234,7 @@ mod tests {
                 at: self.start + Duration::from_secs(self.secs),
                 in_flight,
                 cpu_percent: 0.0,
+                lag: 0.0,
                 active: in_flight > 0.0,
             }
         }
@@ -346,8 +363,41 @@ mod tests {
             at: start + Duration::from_secs(1),
             in_flight: 1.0,
             cpu_percent: 180.0,
+            lag: 0.0,
             active: true,
         };
         assert_eq!(a.observe(o).map(|d| d.to), Some(4));
+    }
+
+    #[test]
+    fn a_stream_backlog_scales_by_its_lag_and_keeps_the_workers_while_it_lasts() {
+        let start = Instant::now();
+        let mut a = Autoscaler::new(
+            ScalingSpec {
+                min_replicas: 1,
+                max_replicas: 4,
+                target_lag: Some(10_000),
+                ..spec()
+            },
+            start,
+        );
+        let at = |s: u64, lag: f64| Observation {
+            at: start + Duration::from_secs(s),
+            in_flight: 0.0,
+            cpu_percent: 0.0,
+            lag,
+            active: false,
+        };
+        let d = a.observe(at(1, 25_000.0)).expect("up");
+        assert_eq!((d.from, d.to, d.cause), (1, 3, "lag"));
+        assert!(d.reason.contains("lag 25000, target 10000"), "{}", d.reason);
+        // Past max_replicas: capped.
+        assert_eq!(a.observe(at(2, 90_000.0)).map(|d| d.to), Some(4));
+        // The backlog drains: down only after the window, and never below min_replicas.
+        for s in 3..32 {
+            assert_eq!(a.observe(at(s, 0.0)), None, "at {s} s");
+        }
+        assert_eq!(a.observe(at(32, 0.0)).map(|d| d.to), Some(1));
+        assert_eq!(a.observe(at(200, 0.0)), None, "a stream keeps min_replicas");
     }
 }

@@ -6,9 +6,9 @@ use std::time::{Duration, Instant};
 
 use arrow::array::{Array, RecordBatch};
 use etlmesh_codec::{DecodedBatch, Limits, Provenance, Reject, Stage, record::row_as_json};
-use etlmesh_config::{MicroBatch, PipelineSpec, StreamSource};
+use etlmesh_config::{MicroBatch, OnError, PipelineSpec, StreamSource};
 use etlmesh_engine::{Engine, Kind, Transform};
-use etlmesh_sink::dead_letter::DeadLetterLog;
+use etlmesh_sink::dead_letter::{DeadLetterLog, DeadLetterRoute, Routed};
 use etlmesh_sink::tap::TapStage;
 use tokio::sync::{mpsc, watch};
 
@@ -586,23 +586,27 @@ impl<S: Source> Stream<S> {
     }
 
     fn dead_letter(&mut self, rejects: &[Reject]) -> Result<(), StreamError> {
-        let Some(first) = rejects.first() else {
-            return Ok(());
+        // A stream never refuses: its messages are dead-lettered (the dead-letter sink
+        // is required for streams) and the stream goes on.
+        let route = DeadLetterRoute {
+            pipeline: &self.spec.name,
+            on_error: OnError::DeadLetter,
+            sink: Some(&*self.dead),
+            taps: Some(&self.taps),
         };
-        tracing::info!(
-            pipeline = %self.spec.name,
-            error_kind = %format_args!("bad_record.{}", first.stage.as_str()),
-            records = rejects.len(),
-            "{} records dead-lettered; first: {first}",
-            rejects.len()
-        );
-        self.taps.offer_rejects(&self.spec.name, rejects);
-        self.dead.write(rejects).map_err(|e| StreamError::Sink {
-            pipeline: self.spec.name.clone(),
-            message: format!("cannot write dead letters: {e}"),
-        })?;
+        let n = match route.route(rejects) {
+            Ok(Routed::DeadLettered(n)) => n,
+            // Not with a sink and `DeadLetter`: kept for the compiler.
+            Ok(Routed::Refused(_)) => 0,
+            Err(e) => {
+                return Err(StreamError::Sink {
+                    pipeline: self.spec.name.clone(),
+                    message: format!("cannot write dead letters: {e}"),
+                });
+            }
+        };
         self.metrics
-            .records(&self.spec.name, "dead_lettered", rejects.len() as u64);
+            .records(&self.spec.name, "dead_lettered", n as u64);
         Ok(())
     }
 

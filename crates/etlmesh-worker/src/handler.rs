@@ -11,7 +11,7 @@ use axum::response::Response;
 use bytes::Bytes;
 use etlmesh_codec::encode::{EncodeOptions, encode_to_vec};
 use etlmesh_codec::{DecodeOutput, Reject};
-use etlmesh_config::{Format, OnError};
+use etlmesh_config::Format;
 use etlmesh_engine::Kind;
 use etlmesh_http::error_response;
 use etlmesh_proto::headers;
@@ -19,6 +19,7 @@ use etlmesh_telemetry::context::{self, RequestContext};
 use etlmesh_telemetry::process::cpu_timed;
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 
+use etlmesh_sink::dead_letter::{DeadLetterRoute, DeadLetterWrite, Routed};
 use etlmesh_sink::tap::TapStage;
 
 use crate::App;
@@ -461,34 +462,24 @@ fn rejects(
     rejects: Vec<Reject>,
     tid: &Option<String>,
 ) -> Option<Response> {
-    let first = rejects.first()?;
-    app.taps.offer_rejects(&p.spec.name, &rejects);
-    tracing::info!(
-        error_kind = %format_args!("bad_record.{}", first.stage.as_str()),
-        records = rejects.len(),
-        "{} records dead-lettered; first: {first}",
-        rejects.len()
-    );
-    if counts.first_error.is_none() {
+    let route = DeadLetterRoute {
+        pipeline: &p.spec.name,
+        on_error: p.spec.on_error,
+        sink: p.dead.as_deref().map(|d| d as &dyn DeadLetterWrite),
+        taps: Some(&app.taps),
+    };
+    let routed = route.route(&rejects);
+    if counts.first_error.is_none()
+        && let Some(first) = etlmesh_sink::dead_letter::first(&rejects)
+    {
         counts.first_error = Some(first.to_string());
     }
-    match (&p.spec.on_error, &p.dead) {
-        (OnError::DeadLetter, Some(dead)) => {
-            if let Err(e) = dead.write(&rejects) {
-                tracing::error!(pipeline = %p.spec.name, error = %e, "dead letters could not be written");
-                return Some(error_response(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "dead_letter_failed",
-                    format!(
-                        "bad records could not be dead-lettered, so the request is refused: {e}"
-                    ),
-                    tid.clone(),
-                ));
-            }
-            counts.dead += rejects.len() as u64;
+    match routed {
+        Ok(Routed::DeadLettered(n)) => {
+            counts.dead += n as u64;
             None
         }
-        _ => Some(error_response(
+        Ok(Routed::Refused(first)) => Some(error_response(
             StatusCode::UNPROCESSABLE_ENTITY,
             "bad_record",
             format!(
@@ -496,6 +487,15 @@ fn rejects(
             ),
             tid.clone(),
         )),
+        Err(e) => {
+            tracing::error!(pipeline = %p.spec.name, error = %e, "dead letters could not be written");
+            Some(error_response(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "dead_letter_failed",
+                format!("bad records could not be dead-lettered, so the request is refused: {e}"),
+                tid.clone(),
+            ))
+        }
     }
 }
 

@@ -12,7 +12,7 @@ fn chart() -> PathBuf {
 }
 
 /// The chart's objects, and whether helm rendered them (else: placeholders).
-fn objects() -> (Vec<serde_yaml::Value>, bool) {
+fn objects() -> (Vec<serde_json::Value>, bool) {
     match Command::new("helm")
         .args(["template", "test"])
         .arg(chart())
@@ -68,16 +68,12 @@ fn placeholders(src: &str) -> String {
     out
 }
 
-fn parse(text: &str, what: &str) -> Vec<serde_yaml::Value> {
-    let mut docs = Vec::new();
-    for doc in serde_yaml::Deserializer::from_str(text) {
-        let v = serde::Deserialize::deserialize(doc)
-            .unwrap_or_else(|e| panic!("{what}: not valid YAML: {e}\n{text}"));
-        if !matches!(v, serde_yaml::Value::Null) {
-            docs.push(v);
-        }
-    }
-    docs
+fn parse(text: &str, what: &str) -> Vec<serde_json::Value> {
+    let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(text)
+        .unwrap_or_else(|e| panic!("{what}: not valid YAML: {e}\n{text}"));
+    docs.into_iter()
+        .filter(|v| !matches!(v, serde_json::Value::Null))
+        .collect()
 }
 
 #[test]
@@ -106,7 +102,7 @@ fn the_chart_renders_the_expected_objects() {
     assert_eq!(kinds, expected);
 
     let role = objects.iter().find(|o| o["kind"] == "Role").expect("role");
-    let rules = serde_yaml::to_string(&role["rules"]).expect("rules");
+    let rules = serde_json::to_string(&role["rules"]).expect("rules");
     assert!(rules.contains("deployments/scale"), "{rules}");
     assert!(rules.contains("patch"), "{rules}");
 
@@ -119,7 +115,7 @@ fn the_chart_renders_the_expected_objects() {
                     .is_some_and(|n| n.ends_with("control-plane"))
         })
         .expect("control plane deployment");
-    let args = serde_yaml::to_string(&control["spec"]["template"]["spec"]["containers"][0]["args"])
+    let args = serde_json::to_string(&control["spec"]["template"]["spec"]["containers"][0]["args"])
         .expect("args");
     assert!(args.contains("--scaler=kubernetes"), "{args}");
     if rendered {
@@ -138,7 +134,7 @@ fn the_chart_renders_the_expected_objects() {
 
 #[test]
 fn the_charts_pipeline_file_is_valid_and_names_its_pipelines() {
-    let values: serde_yaml::Value = serde_yaml::from_str(
+    let values: serde_json::Value = serde_saphyr::from_str(
         &std::fs::read_to_string(chart().join("values.yaml")).expect("values"),
     )
     .expect("values.yaml is YAML");
@@ -155,7 +151,7 @@ fn the_charts_pipeline_file_is_valid_and_names_its_pipelines() {
         .map(|p| p.name.clone())
         .collect();
     let mut in_values: Vec<String> = values["pipelines"]
-        .as_sequence()
+        .as_array()
         .expect("pipelines")
         .iter()
         .map(|p| p["name"].as_str().expect("name").to_string())

@@ -2,7 +2,8 @@
 //! a client that is not ours (nats-py, `tests/nats_publish.py`) through two workers
 //! into PostgreSQL and rolling Parquet with one worker killed by kill -9; a NATS → NATS
 //! pipeline whose output is stored once per row and whose undecodable messages are
-//! dead-lettered and terminated; and a private server restarted mid-stream.
+//! dead-lettered and terminated; a private server restarted mid-stream; and a backlog
+//! that scales the pipeline out on its consumer lag and back in once drained.
 
 mod common;
 
@@ -534,4 +535,120 @@ async fn a_window_longer_than_ack_wait_is_counted_once_in_full() {
     );
     drop(up);
     remove_stream(NATS, &stream).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_scales_the_pipeline_out_on_its_lag_and_back_once_drained() {
+    if !ready() {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let (prefix, stream) = names("lag");
+    remove_stream(NATS, &stream).await;
+    // A slow sink: every statement into the table takes 200 ms more (a trigger), so a
+    // worker loads about 1,000 rows a second (micro-batches of 200) and a backlog lasts.
+    let table = format!("nats_lag_{}", std::process::id());
+    let db = pg::connect(pg::MACHINE_URL).await;
+    db.batch_execute(&format!(
+        "DROP TABLE IF EXISTS {table};
+         CREATE TABLE {table} (device_id text, seq bigint, ts timestamptz, temperature_c double precision, status text);
+         CREATE OR REPLACE FUNCTION {table}_slow() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_sleep(0.2); RETURN NULL; END $$;
+         CREATE TRIGGER slow AFTER INSERT ON {table} FOR EACH STATEMENT EXECUTE FUNCTION {table}_slow();"
+    ))
+    .await
+    .expect("slow table");
+    let scratch = Scratch::new();
+    // The backlog is there before any worker: the publisher makes the stream.
+    let log = scratch.path("sent.log");
+    let total = 30_000;
+    let publisher = std::process::Command::new("python3")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/nats_publish.py"
+        ))
+        .args(["--url", NATS, "--prefix", &prefix, "--stream", &stream])
+        .args(["--count", &total.to_string(), "--rate", "100000"])
+        .args(["--log", log.to_str().expect("utf-8 path")])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 starts");
+    assert_eq!(paho_done(publisher).acked, total);
+    scratch.write(
+        "s.yaml",
+        format!(
+            "pipelines:\n  live:\n    source: {{ type: nats, url: \"{NATS}\", stream: {stream}, subject: \"{prefix}.*.reading\", create: true, max_ack_pending: 1000, batch: {{ records: 200, wait: 100ms }} }}\n    schema: {{ device_id: utf8, seq: int64, ts: timestamp_ms, temperature_c: float64, status: utf8 }}\n    scaling: {{ min_replicas: 1, max_replicas: 2, target_lag: 5000, scale_down_window: 5s }}\n    sinks:\n      - {{ type: postgres, url: \"{}\", table: {table} }}\n    dead_letter: {{ type: ndjson, path: out/dead }}\n",
+            pg::MACHINE_URL
+        ),
+    );
+    let up = Proc::up(scratch.dir.path(), &["-c", "s.yaml"]);
+    let admin = up.url("control plane");
+    let http = common::mesh::Http::new();
+    let reasons = || async {
+        http.get(&format!("{admin}/api/v1/scaling")).await.json()["events"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|e| e["reason"].as_str().unwrap_or("").to_string())
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default()
+    };
+    let start = Instant::now();
+    let up_reason = loop {
+        let r = reasons().await;
+        if let Some(up) = r.iter().find(|r| r.starts_with("1 → 2")) {
+            break up.clone();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "no scale-out on a backlog of {total}: {r:?}\n{}",
+            up.output()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    eprintln!("scaled out after {:?}: {up_reason}", start.elapsed());
+    assert!(up_reason.contains(", lag "), "{up_reason}");
+    let distinct = loop {
+        let n = pg::count(
+            &db,
+            &format!("SELECT count(DISTINCT (device_id, seq)) FROM {table}"),
+        )
+        .await;
+        if n >= total as i64 || start.elapsed() > Duration::from_secs(120) {
+            break n;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    eprintln!(
+        "drained after {:?}: {distinct} keys of {total}",
+        start.elapsed()
+    );
+    assert_eq!(
+        distinct,
+        total as i64,
+        "every reading loaded\n{}",
+        up.output()
+    );
+    // Drained: back to one worker after the 5 s window.
+    let drained = Instant::now();
+    loop {
+        let r = reasons().await;
+        if let Some(down) = r.iter().find(|r| r.starts_with("2 → 1")) {
+            eprintln!("scaled in {:?} after draining: {down}", drained.elapsed());
+            break;
+        }
+        assert!(
+            drained.elapsed() < Duration::from_secs(60),
+            "no scale-in once drained: {r:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    drop(up);
+    remove_stream(NATS, &stream).await;
+    db.batch_execute(&format!(
+        "DROP TABLE IF EXISTS {table}; DROP FUNCTION IF EXISTS {table}_slow();"
+    ))
+    .await
+    .expect("drop");
 }

@@ -17,6 +17,7 @@ use futures::future::BoxFuture;
 use tokio::sync::OnceCell;
 
 use super::{RefusedRow, SinkFailure, StreamSink};
+use crate::source::fnv1a;
 
 /// How long a write waits for JetStream's acknowledgements.
 const ACK_TIMEOUT: Duration = Duration::from_secs(10);
@@ -208,15 +209,6 @@ impl NatsSink {
         }
         Ok(())
     }
-}
-
-fn fnv1a(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in bytes {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h
 }
 
 impl StreamSink for NatsSink {

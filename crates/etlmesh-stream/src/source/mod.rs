@@ -29,6 +29,17 @@ use etlmesh_config::StreamSource;
 use crate::StreamError;
 use crate::state::SlotState;
 
+/// FNV-1a, 64 bits: a digest that stays the same across builds and versions (session
+/// ids, message ids for JetStream's duplicate window).
+pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
 /// A message, with what acknowledging it needs.
 pub struct Delivery<A> {
     /// Order of arrival.

@@ -22,7 +22,7 @@ use etlmesh_mqtt::Broker;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::JoinHandle;
 
-use super::{Delivery, Outcome, Source};
+use super::{Delivery, Outcome, Source, fnv1a};
 use crate::StreamError;
 
 /// Unacknowledged messages the broker may send (MQTT 5 receive maximum).
@@ -268,16 +268,6 @@ pub(crate) fn plain_name(s: &str) -> String {
             }
         })
         .collect()
-}
-
-/// FNV-1a, 64 bits: a digest that stays the same across builds and versions.
-fn fnv1a(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in bytes {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h
 }
 
 /// Removes a session the broker keeps for `client_id`, with its subscriptions and

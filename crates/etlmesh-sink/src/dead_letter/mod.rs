@@ -1,6 +1,14 @@
 //! Dead letters: every record that was not loaded, as one NDJSON line with the
 //! pipeline, where it came from (input, line or record number), the stage that
 //! refused it, the reason and its original bytes.
+//!
+//! [`route`] is the one way bad records leave a pipeline — batch runs, requests and
+//! streams alike; [`DeadLetterSink`] (a batch run's file, committed with the run) and
+//! [`DeadLetterLog`] (a service's log, fsynced per write) are where they land.
+
+mod route;
+
+pub use route::{DeadLetterRoute, DeadLetterWrite, Routed, first};
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
