@@ -35,6 +35,7 @@ pub use nats::{NatsSinkSpec, NatsSourceSpec};
 pub use query::QuerySpec;
 pub use raw::OnError;
 pub use scaling::ScalingSpec;
+pub use sinks::kafka::KafkaSinkSpec;
 pub use spec::{
     Compression, CsvOptions, DeadLetterSpec, FileSinkSpec, JobsSpec, PipelineSpec, Platform,
     SinkSpec, SourceKind, SourceSpec, Spec,

@@ -245,6 +245,8 @@ pub enum SinkSpec {
     Mqtt(MqttSinkSpec),
     /// A JetStream subject.
     Nats(crate::nats::NatsSinkSpec),
+    /// A Kafka topic.
+    Kafka(crate::sinks::kafka::KafkaSinkSpec),
 }
 
 impl SinkSpec {
@@ -256,6 +258,7 @@ impl SinkSpec {
             SinkSpec::Postgres(p) => format!("postgres:{}", p.table),
             SinkSpec::Mqtt(m) => format!("mqtt:{}", m.topic),
             SinkSpec::Nats(n) => format!("nats:{}", n.subject),
+            SinkSpec::Kafka(k) => format!("kafka:{}", k.topic),
         }
     }
 
@@ -263,7 +266,9 @@ impl SinkSpec {
     pub fn streams_only(&self) -> bool {
         match self {
             SinkSpec::File(_) | SinkSpec::Stdout { .. } => false,
-            SinkSpec::Postgres(_) | SinkSpec::Mqtt(_) | SinkSpec::Nats(_) => true,
+            SinkSpec::Postgres(_) | SinkSpec::Mqtt(_) | SinkSpec::Nats(_) | SinkSpec::Kafka(_) => {
+                true
+            }
         }
     }
 }
@@ -651,7 +656,7 @@ fn check_stream(p: &PipelineSpec, base: &str, file: &Path, out: &mut Vec<Diagnos
     if p.sinks.iter().any(|s| matches!(s, SinkSpec::Stdout { .. })) {
         out.push(
             d("sinks", "stdout is not a stream sink".into())
-                .with_help("use a file, postgres, mqtt or nats sink"),
+                .with_help("use a file, postgres, mqtt, nats or kafka sink"),
         );
     }
 }

@@ -128,7 +128,7 @@ pub fn build(
         SinkSpec::Stdout { format } => {
             Arc::new(stdout::StdoutSink::create(*format, schema.clone(), run_id)?)
         }
-        SinkSpec::Postgres(_) | SinkSpec::Mqtt(_) | SinkSpec::Nats(_) => {
+        SinkSpec::Postgres(_) | SinkSpec::Mqtt(_) | SinkSpec::Nats(_) | SinkSpec::Kafka(_) => {
             return Err(SinkError::Config {
                 sink: spec.describe(),
                 message: "loads streams only: run the pipeline in workers (`etlmesh up`, `etlmesh worker`)".into(),

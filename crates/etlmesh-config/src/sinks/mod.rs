@@ -5,6 +5,7 @@
 //! the compiler names every match that must learn it.
 
 mod file;
+pub(crate) mod kafka;
 mod mqtt;
 mod postgres;
 mod stdout;
@@ -29,6 +30,7 @@ pub(crate) enum RawSink {
     Postgres(postgres::RawPostgresSink),
     Mqtt(mqtt::RawMqttSink),
     Nats(crate::nats::RawNatsSink),
+    Kafka(kafka::RawKafkaSink),
 }
 
 /// Checks a sink and builds its spec; `None` when it cannot be built (the diagnostics
@@ -51,6 +53,7 @@ pub(crate) fn resolve(
         RawSink::Nats(n) => Some(SinkSpec::Nats(crate::nats::resolve_sink(
             &n, base, file, out,
         ))),
+        RawSink::Kafka(k) => Some(kafka::resolve(k, &at, out)),
     }
 }
 

@@ -1,14 +1,16 @@
 //! Stream sinks. The runner numbers its writes; a stream sink says how far it has
 //! committed (the newest write whose rows are durable), and the runner acknowledges
-//! the messages of the writes every sink committed. PostgreSQL, MQTT and JetStream commit every write; file sinks commit when they
+//! the messages of the writes every sink committed. PostgreSQL, MQTT, JetStream and Kafka commit every write; file sinks commit when they
 //! roll a file (by time, by size, or when the runner holds too many messages).
 //!
 //! [`build`] is the one list of stream sink kinds.
 
 mod files;
+mod kafka;
 mod mqtt;
 mod nats;
 mod postgres;
+mod rows;
 
 use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
@@ -16,6 +18,7 @@ use etlmesh_config::{PipelineSpec, SinkSpec};
 use futures::future::BoxFuture;
 
 pub use files::RollingFiles;
+pub use kafka::KafkaSink;
 pub use mqtt::MqttSink;
 pub use nats::NatsSink;
 pub use postgres::PostgresSink;
@@ -93,6 +96,7 @@ pub fn build(
                 }
                 SinkSpec::Mqtt(m) => Box::new(MqttSink::new(m.clone(), schema, instance)?),
                 SinkSpec::Nats(n) => Box::new(NatsSink::new(n.clone(), schema, &pipeline.name)?),
+                SinkSpec::Kafka(k) => Box::new(KafkaSink::new(k.clone(), schema, &pipeline.name)?),
                 SinkSpec::Stdout { .. } => {
                     return Err(format!(
                         "pipeline `{}`: stdout is not a stream sink",

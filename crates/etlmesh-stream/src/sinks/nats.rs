@@ -9,30 +9,23 @@ use std::time::Duration;
 
 use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
-use arrow::util::display::{ArrayFormatter, FormatOptions};
 use async_nats::jetstream::{self, context::PublishAckFuture};
 use bytes::Bytes;
 use etlmesh_config::NatsSinkSpec;
 use futures::future::BoxFuture;
 use tokio::sync::OnceCell;
 
+use super::rows::RowMessages;
 use super::{RefusedRow, SinkFailure, StreamSink};
 use crate::source::fnv1a;
 
 /// How long a write waits for JetStream's acknowledgements.
 const ACK_TIMEOUT: Duration = Duration::from_secs(10);
 
-enum Part {
-    Text(String),
-    Column(usize),
-}
-
 /// Rows published to a JetStream subject.
 pub struct NatsSink {
     spec: NatsSinkSpec,
-    subject: Vec<Part>,
-    /// Columns of the message id.
-    key: Vec<usize>,
+    rows: RowMessages,
     pipeline: String,
     js: OnceCell<jetstream::Context>,
     committed: u64,
@@ -41,36 +34,16 @@ pub struct NatsSink {
 impl NatsSink {
     /// Checks the subject and key against the rows; connects at the first write.
     pub fn new(spec: NatsSinkSpec, schema: &SchemaRef, pipeline: &str) -> Result<Self, String> {
-        let column = |c: &str, what: &str| {
-            schema.index_of(c).map_err(|_| {
-                format!(
-                    "sink nats:{}: {what} `{c}` is not a column the SQL produces",
-                    spec.subject
-                )
-            })
-        };
-        let mut subject = Vec::new();
-        for (i, tok) in spec.subject.split('.').enumerate() {
-            if i > 0 {
-                subject.push(Part::Text(".".into()));
-            }
-            match tok.strip_prefix('{').and_then(|t| t.strip_suffix('}')) {
-                Some(col) => subject.push(Part::Column(column(col, "subject token")?)),
-                None => subject.push(Part::Text(tok.to_string())),
-            }
-        }
+        let sink = format!("nats:{}", spec.subject);
         let key = if spec.key.is_empty() {
             (0..schema.fields().len()).collect()
         } else {
-            spec.key
-                .iter()
-                .map(|c| column(c, "key column"))
-                .collect::<Result<_, _>>()?
+            RowMessages::key_columns(&spec.key, schema, &sink)?
         };
+        let rows = RowMessages::new(&spec.subject, &key, schema, &sink)?;
         Ok(Self {
             spec,
-            subject,
-            key,
+            rows,
             pipeline: pipeline.to_string(),
             js: OnceCell::new(),
             committed: 0,
@@ -122,60 +95,23 @@ impl NatsSink {
             .await
     }
 
-    /// Subjects, message ids and payloads of the rows.
+    /// Subjects, message ids and payloads of the rows: the id is a digest of the
+    /// pipeline and the row's key.
     fn messages(
         &self,
         batches: &[RecordBatch],
     ) -> Result<Vec<(String, String, Bytes)>, SinkFailure> {
-        let opts = FormatOptions::default();
-        let mut out = Vec::new();
-        for b in batches {
-            let mut json = Vec::new();
-            {
-                let mut w = arrow::json::LineDelimitedWriter::new(&mut json);
-                w.write(b).map_err(|e| self.fail(e))?;
-                w.finish().map_err(|e| self.fail(e))?;
-            }
-            let formatters: Vec<Option<ArrayFormatter<'_>>> = (0..b.num_columns())
-                .map(|i| {
-                    let used = self.key.contains(&i)
-                        || self
-                            .subject
-                            .iter()
-                            .any(|p| matches!(p, Part::Column(c) if *c == i));
-                    used.then(|| ArrayFormatter::try_new(b.column(i).as_ref(), &opts).ok())
-                        .flatten()
-                })
-                .collect();
-            let value = |c: usize, r: usize| -> String {
-                match formatters.get(c) {
-                    Some(Some(f)) if b.column(c).is_valid(r) => f.value(r).to_string(),
-                    _ => String::new(),
-                }
-            };
-            for (r, line) in json
-                .split(|&c| c == b'\n')
-                .filter(|l| !l.is_empty())
-                .enumerate()
-            {
-                let mut subject = String::new();
-                for p in &self.subject {
-                    match p {
-                        Part::Text(t) => subject.push_str(t),
-                        Part::Column(c) => subject.push_str(&value(*c, r)),
-                    }
-                }
-                let mut id = String::with_capacity(64);
-                id.push_str(&self.pipeline);
-                for c in &self.key {
-                    id.push('\u{1f}');
-                    id.push_str(&value(*c, r));
-                }
+        let rows = self.rows.messages(batches).map_err(|e| self.fail(e))?;
+        Ok(rows
+            .into_iter()
+            .map(|m| {
+                let mut id = self.pipeline.clone();
+                id.push('\u{1f}');
+                id.push_str(m.key.as_deref().unwrap_or(""));
                 let id = format!("{}-{:016x}", self.pipeline, fnv1a(id.as_bytes()));
-                out.push((subject, id, Bytes::copy_from_slice(line)));
-            }
-        }
-        Ok(out)
+                (m.address, id, m.payload)
+            })
+            .collect())
     }
 
     async fn publish(&self, batches: &[RecordBatch]) -> Result<(), SinkFailure> {
