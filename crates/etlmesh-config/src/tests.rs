@@ -166,10 +166,10 @@ fn a_key_of_another_sink_kind_is_named_exactly_with_what_this_kind_takes() {
 
 #[test]
 fn an_unknown_sink_type_lists_the_kinds() {
-    let text = GOOD.replace("{ type: stdout, format: csv }", "{ type: kafka }");
+    let text = GOOD.replace("{ type: stdout, format: csv }", "{ type: pulsar }");
     let e = err(&text);
     assert_eq!(e.diagnostics[0].line, Some(18), "{e}");
-    for kind in ["parquet", "stdout", "postgres", "mqtt", "nats"] {
+    for kind in ["parquet", "stdout", "postgres", "mqtt", "nats", "kafka"] {
         assert!(e.to_string().contains(kind), "{e}");
     }
 }
