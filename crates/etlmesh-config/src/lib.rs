@@ -42,7 +42,7 @@ pub use spec::{
 };
 pub use stream::{
     MicroBatch, MqttProtocol, MqttSinkSpec, MqttSourceSpec, PostgresSinkSpec, Rolling,
-    StreamSource, WindowSpec,
+    StreamSource, StreamSourceKind, WindowSpec,
 };
 pub use types::{FieldSpec, FieldType, Format};
 

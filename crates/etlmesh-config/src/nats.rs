@@ -56,6 +56,30 @@ pub struct NatsSinkSpec {
     pub key: Vec<String>,
 }
 
+impl crate::stream::StreamSourceKind for NatsSourceSpec {
+    fn kind(&self) -> &'static str {
+        "nats"
+    }
+    fn address(&self) -> &str {
+        &self.subject
+    }
+    fn address_field(&self) -> &'static str {
+        "subject"
+    }
+    fn columns(&self) -> &[(usize, String)] {
+        &self.subject_columns
+    }
+    fn separator(&self) -> char {
+        '.'
+    }
+    fn format(&self) -> Format {
+        self.format
+    }
+    fn batch(&self) -> MicroBatch {
+        self.batch
+    }
+}
+
 /// `{ type: nats, url, stream, subject, ... }` (a source) as written.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

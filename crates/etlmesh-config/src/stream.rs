@@ -82,9 +82,27 @@ impl MqttSourceSpec {
     }
 }
 
-/// A stream source, whichever its kind: what the runner, the decoder and the checks
-/// share. Adding a kind adds a variant here, and the compiler shows every place that
-/// must learn it.
+/// What every kind of stream source tells the runner, the decoder and the checks. A
+/// kind implements it in its own module.
+pub trait StreamSourceKind: std::fmt::Debug + Sync {
+    /// `mqtt`, `nats`: the prefix of a message's place in dead letters.
+    fn kind(&self) -> &'static str;
+    /// The topic or subject as written.
+    fn address(&self) -> &str;
+    /// The field that holds the address in the pipeline file (`topic`, `subject`).
+    fn address_field(&self) -> &'static str;
+    /// Columns taken from the address's levels or tokens, with their index.
+    fn columns(&self) -> &[(usize, String)];
+    /// What separates the address's levels: `/` or `.`.
+    fn separator(&self) -> char;
+    /// The payload format.
+    fn format(&self) -> Format;
+    /// Micro-batch bounds.
+    fn batch(&self) -> MicroBatch;
+}
+
+/// A stream source, whichever its kind. Adding a kind adds a variant here and one arm
+/// in [`StreamSource::spec`]; the compiler shows every other place that must learn it.
 #[derive(Debug, Clone, Copy)]
 pub enum StreamSource<'a> {
     /// An MQTT subscription.
@@ -94,65 +112,76 @@ pub enum StreamSource<'a> {
 }
 
 impl<'a> StreamSource<'a> {
+    /// The source's settings as every kind has them.
+    pub fn spec(&self) -> &'a dyn StreamSourceKind {
+        match *self {
+            StreamSource::Mqtt(m) => m,
+            StreamSource::Nats(n) => n,
+        }
+    }
+
     /// `mqtt` or `nats`: the prefix of a message's place in dead letters.
     pub fn kind(&self) -> &'static str {
-        match self {
-            StreamSource::Mqtt(_) => "mqtt",
-            StreamSource::Nats(_) => "nats",
-        }
+        self.spec().kind()
     }
 
     /// The topic or subject as written.
     pub fn address(&self) -> &'a str {
-        match self {
-            StreamSource::Mqtt(m) => &m.topic,
-            StreamSource::Nats(n) => &n.subject,
-        }
+        self.spec().address()
     }
 
     /// The field that holds the address in the pipeline file (`topic`, `subject`).
     pub fn address_field(&self) -> &'static str {
-        match self {
-            StreamSource::Mqtt(_) => "topic",
-            StreamSource::Nats(_) => "subject",
-        }
+        self.spec().address_field()
     }
 
     /// Columns taken from the address's levels or tokens, with their index.
     pub fn columns(&self) -> &'a [(usize, String)] {
-        match self {
-            StreamSource::Mqtt(m) => &m.topic_columns,
-            StreamSource::Nats(n) => &n.subject_columns,
-        }
+        self.spec().columns()
     }
 
     /// What separates the address's levels: `/` or `.`.
     pub fn separator(&self) -> char {
-        match self {
-            StreamSource::Mqtt(_) => '/',
-            StreamSource::Nats(_) => '.',
-        }
+        self.spec().separator()
     }
 
     /// The payload format.
     pub fn format(&self) -> Format {
-        match self {
-            StreamSource::Mqtt(m) => m.format,
-            StreamSource::Nats(n) => n.format,
-        }
+        self.spec().format()
     }
 
     /// Micro-batch bounds.
     pub fn batch(&self) -> MicroBatch {
-        match self {
-            StreamSource::Mqtt(m) => m.batch,
-            StreamSource::Nats(n) => n.batch,
-        }
+        self.spec().batch()
     }
 
     /// `mqtt:sensors/+/reading`, `nats:sensors.*.reading`.
     pub fn describe(&self) -> String {
         format!("{}:{}", self.kind(), self.address())
+    }
+}
+
+impl StreamSourceKind for MqttSourceSpec {
+    fn kind(&self) -> &'static str {
+        "mqtt"
+    }
+    fn address(&self) -> &str {
+        &self.topic
+    }
+    fn address_field(&self) -> &'static str {
+        "topic"
+    }
+    fn columns(&self) -> &[(usize, String)] {
+        &self.topic_columns
+    }
+    fn separator(&self) -> char {
+        '/'
+    }
+    fn format(&self) -> Format {
+        self.format
+    }
+    fn batch(&self) -> MicroBatch {
+        self.batch
     }
 }
 

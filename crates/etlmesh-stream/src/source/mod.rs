@@ -14,8 +14,10 @@
 //! - while a sink is down, held messages stay held ([`Source::hold`]); on a stop, what
 //!   was not acknowledged is handed back ([`Source::release`]) and comes again.
 //!
-//! A new kind is a module here with an `open` function, a variant of
-//! [`etlmesh_config::StreamSource`], and one arm in [`crate::runner::run`].
+//! A new kind is a module here with an `open` function; in the config, its spec
+//! implementing [`etlmesh_config::StreamSourceKind`] and a variant of
+//! [`etlmesh_config::StreamSource`] (one arm in its `spec`); and one arm in
+//! [`crate::runner::run`].
 
 pub mod mqtt;
 pub mod nats;
