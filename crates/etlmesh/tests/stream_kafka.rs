@@ -13,10 +13,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::Scratch;
+use common::jetstream::{NATS, names, publish, remove_stream};
 use common::mesh::Proc;
 use common::stream::*;
-
-const NATS: &str = "nats://127.0.0.1:4222";
 
 /// The tansu binary: `$ETLMESH_TANSU`, `tansu` on the PATH, or where `.ci/run` puts it.
 fn tansu() -> Option<PathBuf> {
@@ -155,7 +154,14 @@ struct Consumed {
     partitions: u64,
 }
 
-fn consume(brokers: &str, topic: &str, count: u64) -> Consumed {
+/// What confluent-kafka read of `topic` (off the async runtime: it blocks).
+async fn consume(brokers: String, topic: &'static str, count: u64) -> Consumed {
+    tokio::task::spawn_blocking(move || consume_blocking(&brokers, topic, count))
+        .await
+        .expect("consumer")
+}
+
+fn consume_blocking(brokers: &str, topic: &str, count: u64) -> Consumed {
     let out = Command::new("python3")
         .arg(concat!(
             env!("CARGO_MANIFEST_DIR"),
@@ -173,28 +179,6 @@ fn consume(brokers: &str, topic: &str, count: u64) -> Consumed {
     serde_json::from_slice(out.stdout.trim_ascii()).expect("consumer report")
 }
 
-/// nats-py publishing `count` readings to `<prefix>.<device>.reading`, making `stream`.
-fn publish(prefix: &str, stream: &str, count: u64, rate: u64) -> Child {
-    Command::new("python3")
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/nats_publish.py"
-        ))
-        .args(["--url", NATS, "--prefix", prefix, "--stream", stream])
-        .args(["--count", &count.to_string(), "--rate", &rate.to_string()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("python3 starts")
-}
-
-async fn remove_stream(stream: &str) {
-    let client = async_nats::connect(NATS).await.expect("NATS answers");
-    let _ = async_nats::jetstream::new(client)
-        .delete_stream(stream)
-        .await;
-}
-
 fn pipeline(prefix: &str, stream: &str, brokers: &str, topic: &str) -> String {
     format!(
         "pipelines:\n  live:\n    source: {{ type: nats, url: \"{NATS}\", stream: {stream}, subject: \"{prefix}.*.reading\", create: true, batch: {{ records: 1000, wait: 100ms }} }}\n    schema: {{ device_id: utf8, seq: int64, ts: timestamp_ms, temperature_c: float64, status: utf8 }}\n    sinks:\n      - {{ type: kafka, brokers: \"{brokers}\", topic: {topic}, key: [device_id], options: {{ linger.ms: \"5\" }} }}\n    dead_letter: {{ type: ndjson, path: out/dead }}\n"
@@ -207,15 +191,11 @@ async fn jetstream_to_kafka_delivers_every_reading_keyed_by_device() {
     let broker = Broker::start(bin);
     let topic = "readings";
     broker.create_topic(topic, 3);
-    let id = std::process::id();
-    let (prefix, stream) = (
-        format!("etlmesh-test-kafka-{id}"),
-        format!("ETLMESH_TEST_KAFKA_{id}"),
-    );
-    remove_stream(&stream).await;
+    let (prefix, stream) = names("kafka");
+    remove_stream(NATS, &stream).await;
     let total = 20_000;
     assert_eq!(
-        paho_done(publish(&prefix, &stream, total, 50_000)).acked,
+        paho_done(publish(NATS, &prefix, Some(&stream), total, 50_000, None)).acked,
         total
     );
     let scratch = Scratch::new();
@@ -225,12 +205,7 @@ async fn jetstream_to_kafka_delivers_every_reading_keyed_by_device() {
     );
     let up = Proc::up(scratch.dir.path(), &["-c", "s.yaml", "--workers", "1"]);
     streams_started(&up, 1).await;
-    let got = tokio::task::spawn_blocking({
-        let b = broker.address();
-        move || consume(&b, topic, total)
-    })
-    .await
-    .expect("consumer");
+    let got = consume(broker.address(), topic, total).await;
     eprintln!("kafka: {got:?}");
     assert_eq!(
         got.distinct,
@@ -245,7 +220,7 @@ async fn jetstream_to_kafka_delivers_every_reading_keyed_by_device() {
         "keys spread over the partitions: {got:?}"
     );
     drop(up);
-    remove_stream(&stream).await;
+    remove_stream(NATS, &stream).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -254,12 +229,8 @@ async fn a_kafka_broker_that_goes_away_is_an_outage_held_and_retried_not_a_loss(
     let mut broker = Broker::start(bin);
     let topic = "held";
     broker.create_topic(topic, 1);
-    let id = std::process::id();
-    let (prefix, stream) = (
-        format!("etlmesh-test-kafkaout-{id}"),
-        format!("ETLMESH_TEST_KAFKAOUT_{id}"),
-    );
-    remove_stream(&stream).await;
+    let (prefix, stream) = names("kafkaout");
+    remove_stream(NATS, &stream).await;
     let scratch = Scratch::new();
     scratch.write(
         "s.yaml",
@@ -270,7 +241,7 @@ async fn a_kafka_broker_that_goes_away_is_an_outage_held_and_retried_not_a_loss(
     // The broker is gone (and with it, in memory, its topic): readings arrive meanwhile.
     broker.down();
     let total = 5_000;
-    let publisher = publish(&prefix, &stream, total, 2_000);
+    let publisher = publish(NATS, &prefix, Some(&stream), total, 2_000, None);
     tokio::time::sleep(Duration::from_secs(4)).await;
     let start = Instant::now();
     while !up.output().contains("kafka:held") {
@@ -284,12 +255,7 @@ async fn a_kafka_broker_that_goes_away_is_an_outage_held_and_retried_not_a_loss(
     assert_eq!(paho_done(publisher).acked, total);
     broker.up();
     broker.create_topic(topic, 1);
-    let got = tokio::task::spawn_blocking({
-        let b = broker.address();
-        move || consume(&b, topic, total)
-    })
-    .await
-    .expect("consumer");
+    let got = consume(broker.address(), topic, total).await;
     eprintln!("kafka after the outage: {got:?}");
     assert_eq!(got.distinct, total, "nothing lost\n{}", up.output());
     // At least once: a write retried after the outage may have been stored in part.
@@ -299,5 +265,5 @@ async fn a_kafka_broker_that_goes_away_is_an_outage_held_and_retried_not_a_loss(
         .unwrap_or(0);
     assert_eq!(dead, 0, "an outage dead-letters nothing");
     drop(up);
-    remove_stream(&stream).await;
+    remove_stream(NATS, &stream).await;
 }

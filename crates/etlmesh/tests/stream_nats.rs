@@ -11,6 +11,7 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use common::Scratch;
+use common::jetstream::{NATS, js, names, publish, remove_stream};
 use common::mesh::Proc;
 use common::pg;
 use common::stream::*;
@@ -18,8 +19,6 @@ use nix::sys::signal::Signal;
 
 /// The tests time themselves and share the machine's server; one at a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-const NATS: &str = "nats://127.0.0.1:4222";
 
 fn ready() -> bool {
     common::service("NATS", "127.0.0.1:4222")
@@ -40,46 +39,6 @@ fn have_python_module(module: &str, package: &str) -> bool {
         eprintln!("skipped: {package} is not installed (pip install {package})");
     }
     ok
-}
-
-/// nats-py publishing `count` readings at `rate` to `<prefix>.<device>.reading`.
-fn publish(
-    url: &str,
-    prefix: &str,
-    count: u64,
-    rate: u64,
-    log: &std::path::Path,
-) -> std::process::Child {
-    std::process::Command::new("python3")
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/nats_publish.py"
-        ))
-        .args(["--url", url, "--prefix", prefix])
-        .args(["--count", &count.to_string(), "--rate", &rate.to_string()])
-        .args(["--log", log.to_str().expect("utf-8 path")])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("python3 starts")
-}
-
-/// Names unique to this run: a subject prefix and a stream.
-fn names(tag: &str) -> (String, String) {
-    let id = std::process::id();
-    (
-        format!("etlmesh-test-{tag}-{id}"),
-        format!("ETLMESH_TEST_{}_{id}", tag.to_uppercase()),
-    )
-}
-
-async fn js(url: &str) -> async_nats::jetstream::Context {
-    async_nats::jetstream::new(async_nats::connect(url).await.expect("NATS answers"))
-}
-
-/// Removes a test's stream (and its consumers).
-async fn remove_stream(url: &str, stream: &str) {
-    let _ = js(url).await.delete_stream(stream).await;
 }
 
 /// A source block: the stream, the readings' subject, their schema.
@@ -125,7 +84,7 @@ async fn kill_9_of_one_of_two_workers_loses_nothing_into_postgres_and_parquet() 
     streams_started(&up, 2).await;
     let log = scratch.path("sent.log");
     let total = 100_000;
-    let publisher = publish(NATS, &prefix, total, 5_000, &log);
+    let publisher = publish(NATS, &prefix, None, total, 5_000, Some(&log));
     tokio::time::sleep(Duration::from_secs(6)).await;
     let victim = up_workers(&admin, 2).await[0].clone();
     signal(victim.1, Signal::SIGKILL);
@@ -233,7 +192,7 @@ async fn nats_to_nats_stores_each_row_once_and_terminates_what_cannot_be_read() 
     }
     let log = scratch.path("sent.log");
     let total = 5_000;
-    let sent = paho_done(publish(NATS, &prefix, total, 2_500, &log));
+    let sent = paho_done(publish(NATS, &prefix, None, total, 2_500, Some(&log)));
     assert_eq!(sent.acked, total);
     // Kill the worker once: what it had not acknowledged comes again and is
     // published again — with the same message ids, stored once.
@@ -411,7 +370,7 @@ async fn a_server_restarted_mid_stream_loses_nothing() {
     streams_started(&up, 1).await;
     let log = scratch.path("sent.log");
     let total = 20_000;
-    let publisher = publish(&url, &prefix, total, 2_000, &log);
+    let publisher = publish(&url, &prefix, None, total, 2_000, Some(&log));
     tokio::time::sleep(Duration::from_secs(4)).await;
     server.down();
     eprintln!("server stopped");
@@ -496,7 +455,7 @@ async fn a_window_longer_than_ack_wait_is_counted_once_in_full() {
     let up = Proc::up(scratch.dir.path(), &["-c", "s.yaml"]);
     streams_started(&up, 1).await;
     let log = scratch.path("sent.log");
-    paho_done(publish(NATS, &prefix, 4_000, 500, &log));
+    paho_done(publish(NATS, &prefix, None, 4_000, 500, Some(&log)));
     let want = window_counts(&sent_log(&log), 6000);
     let read = || {
         let mut m: std::collections::HashMap<(String, i64), Vec<i64>> = Default::default();
@@ -561,18 +520,7 @@ async fn a_backlog_scales_the_pipeline_out_on_its_lag_and_back_once_drained() {
     // The backlog is there before any worker: the publisher makes the stream.
     let log = scratch.path("sent.log");
     let total = 30_000;
-    let publisher = std::process::Command::new("python3")
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/nats_publish.py"
-        ))
-        .args(["--url", NATS, "--prefix", &prefix, "--stream", &stream])
-        .args(["--count", &total.to_string(), "--rate", "100000"])
-        .args(["--log", log.to_str().expect("utf-8 path")])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("python3 starts");
+    let publisher = publish(NATS, &prefix, Some(&stream), total, 100_000, Some(&log));
     assert_eq!(paho_done(publisher).acked, total);
     scratch.write(
         "s.yaml",

@@ -2,6 +2,7 @@
 
 #![allow(dead_code)]
 
+pub mod jetstream;
 pub mod mesh;
 pub mod pg;
 pub mod stream;
