@@ -7,10 +7,17 @@
 //! session instead of receiving what its old subscription had queued.
 //!
 //! The event loop runs in its own task and hands each message to the runner through a
-//! bounded channel. What the worker holds unacknowledged is bounded twice: by the
-//! session's receive maximum (MQTT 5; the broker sends no more until some are
-//! acknowledged) and by a byte budget — past it the event loop stops reading and TCP
-//! pushes back on the broker. Nothing is dropped.
+//! bounded channel. What the worker holds unacknowledged is bounded by a count (the
+//! session's receive maximum, which an MQTT 5 broker is asked to keep to — and
+//! Mosquitto 2.0 exceeds once acknowledgements interleave) and by a byte budget: past
+//! either the event loop stops reading and TCP pushes back on the broker. Nothing is
+//! dropped.
+//!
+//! Acknowledgements go out through a task of their own ([`Acker`]): the client sends
+//! them through the event loop, and an event loop waiting for the runner to take a
+//! message must never wait for the runner to finish acknowledging (a deadlock that
+//! stalled a slow sink's stream). A message's share of both bounds is freed when the
+//! runner hands its acknowledgement over.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,7 +26,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use etlmesh_config::{MqttProtocol, MqttSourceSpec};
 use etlmesh_mqtt::Broker;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use super::{Delivery, Outcome, Source, fnv1a};
@@ -31,19 +38,52 @@ pub const RECEIVE_MAXIMUM: u16 = u16::MAX;
 /// Bytes of payload held unacknowledged, at most.
 pub const HELD_BYTES: usize = 256 << 20;
 
-/// What acknowledging one message needs; dropping it releases its share of the byte
-/// budget.
+/// What acknowledging one message needs; dropping it releases its share of the
+/// bounds (one message of the count, its KiB of the byte budget).
 pub struct Ack {
     packet: AckPacket,
     /// The connection it arrived on: after a reconnect the broker sends it again, so an
     /// acknowledgement on the new connection would acknowledge another message.
     epoch: u64,
-    _budget: OwnedSemaphorePermit,
+    _count: OwnedSemaphorePermit,
+    _bytes: OwnedSemaphorePermit,
 }
 
-enum AckPacket {
-    V5(rumqttc::v5::mqttbytes::v5::Publish),
-    V4(rumqttc::Publish),
+/// What a PUBACK (or PUBREC) names: the packet id, and the QoS the message came with.
+#[derive(Clone, Copy)]
+struct AckPacket {
+    pkid: u16,
+    qos: u8,
+}
+
+impl AckPacket {
+    /// Hands the acknowledgement to the client (for its event loop to send).
+    async fn send(self, client: &Client) -> Result<(), String> {
+        match client {
+            Client::V5(c) => {
+                use rumqttc::v5::mqttbytes::QoS;
+                let qos = match self.qos {
+                    0 => QoS::AtMostOnce,
+                    1 => QoS::AtLeastOnce,
+                    _ => QoS::ExactlyOnce,
+                };
+                let mut p = rumqttc::v5::mqttbytes::v5::Publish::new("", qos, Bytes::new(), None);
+                p.pkid = self.pkid;
+                c.ack(&p).await.map_err(|e| e.to_string())
+            }
+            Client::V4(c) => {
+                use rumqttc::QoS;
+                let qos = match self.qos {
+                    0 => QoS::AtMostOnce,
+                    1 => QoS::AtLeastOnce,
+                    _ => QoS::ExactlyOnce,
+                };
+                let mut p = rumqttc::Publish::new("", qos, Vec::new());
+                p.pkid = self.pkid;
+                c.ack(&p).await.map_err(|e| e.to_string())
+            }
+        }
+    }
 }
 
 /// The client side of the session: acknowledgements and leaving.
@@ -53,6 +93,49 @@ pub struct Session {
     epoch: Arc<AtomicU64>,
     filter: String,
     receive_maximum: u16,
+    acker: Acker,
+}
+
+/// What the acknowledging task is asked.
+enum AckJob {
+    /// A PUBACK, for a message of the connection numbered `epoch`.
+    Ack(u64, AckPacket),
+    /// Answers once every acknowledgement before it went to the client.
+    Flush(oneshot::Sender<()>),
+}
+
+/// The queue of the task that hands PUBACKs to the client, in order, so that the
+/// runner never waits on the event loop. Its length stays within what the broker sent
+/// beyond its window: the runner hands over at most what the event loop read, and the
+/// event loop reads no more than the count bound allows beyond what was handed over.
+#[derive(Clone)]
+struct Acker(mpsc::UnboundedSender<AckJob>);
+
+impl Acker {
+    fn start(client: Client, epoch: Arc<AtomicU64>) -> Self {
+        let (tx, mut rx) = mpsc::unbounded_channel::<AckJob>();
+        tokio::spawn(async move {
+            while let Some(job) = rx.recv().await {
+                match job {
+                    AckJob::Ack(at, packet) => {
+                        // One of an earlier connection: the broker sends it again.
+                        if at != epoch.load(Ordering::Acquire) {
+                            continue;
+                        }
+                        if let Err(e) = packet.send(&client).await {
+                            // The event loop is gone (the session closed): the broker
+                            // sends the message again to the next session.
+                            tracing::debug!(error = %e, "cannot hand an acknowledgement to the MQTT client");
+                        }
+                    }
+                    AckJob::Flush(done) => {
+                        let _ = done.send(());
+                    }
+                }
+            }
+        });
+        Self(tx)
+    }
 }
 
 #[derive(Clone)]
@@ -69,7 +152,8 @@ impl Source for Session {
     }
 
     /// PUBACKs, in the order the messages came (a dead-lettered message is finished
-    /// too). Those of an earlier connection are skipped: the broker sends them again.
+    /// too), handed to the acknowledging task; their share of the bounds is free at
+    /// once. Those of an earlier connection are skipped: the broker sends them again.
     async fn ack(&self, acks: Vec<(Ack, Outcome)>) -> Result<u64, StreamError> {
         let epoch = self.epoch.load(Ordering::Acquire);
         let mut sent = 0;
@@ -77,12 +161,10 @@ impl Source for Session {
             if a.epoch != epoch {
                 continue;
             }
-            let r = match (&self.client, &a.packet) {
-                (Client::V5(c), AckPacket::V5(p)) => c.ack(p).await.map_err(|e| e.to_string()),
-                (Client::V4(c), AckPacket::V4(p)) => c.ack(p).await.map_err(|e| e.to_string()),
-                _ => Ok(()),
-            };
-            r.map_err(|e| StreamError::Mqtt(format!("cannot acknowledge: {e}")))?;
+            self.acker
+                .0
+                .send(AckJob::Ack(a.epoch, a.packet))
+                .map_err(|_| StreamError::Mqtt("the MQTT session is closed".into()))?;
             sent += 1;
         }
         Ok(sent)
@@ -117,8 +199,13 @@ impl Source for Session {
         }
     }
 
-    /// Closes the connection.
+    /// Closes the connection, after the acknowledgements handed over (for at most
+    /// 5 s: what is not acknowledged comes again).
     async fn close(&self) {
+        let (done, flushed) = oneshot::channel();
+        if self.acker.0.send(AckJob::Flush(done)).is_ok() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), flushed).await;
+        }
         let _ = match &self.client {
             Client::V5(c) => c.disconnect().await.map_err(|e| e.to_string()),
             Client::V4(c) => c.disconnect().await.map_err(|e| e.to_string()),
@@ -170,10 +257,10 @@ impl Loop {
                             dup: p.dup,
                             topic: Arc::from(String::from_utf8_lossy(&p.topic).as_ref()),
                             payload: p.payload.clone(),
-                            packet: AckPacket::V5(rumqttc::v5::mqttbytes::v5::Publish {
-                                payload: Bytes::new(),
-                                ..p
-                            }),
+                            packet: AckPacket {
+                                pkid: p.pkid,
+                                qos: p.qos as u8,
+                            },
                         })))
                     }
                     _ => Ok(Polled::Other),
@@ -191,10 +278,10 @@ impl Loop {
                             dup: p.dup,
                             topic: Arc::from(p.topic.as_str()),
                             payload: p.payload.clone(),
-                            packet: AckPacket::V4(rumqttc::Publish {
-                                payload: Bytes::new(),
-                                ..p
-                            }),
+                            packet: AckPacket {
+                                pkid: p.pkid,
+                                qos: p.qos as u8,
+                            },
                         })))
                     }
                     _ => Ok(Polled::Other),
@@ -294,9 +381,11 @@ pub async fn discard_session(spec: &MqttSourceSpec, client_id: &str) -> Result<(
         }
     };
     connected(&mut ev, &broker.address()).await?;
+    let epoch = Arc::<AtomicU64>::default();
     let session = Session {
+        acker: Acker::start(client.clone(), epoch.clone()),
         client,
-        epoch: Arc::default(),
+        epoch,
         filter: String::new(),
         receive_maximum: 1,
     };
@@ -338,8 +427,8 @@ pub async fn start(
     id: &SessionId,
     receive_maximum: u16,
 ) -> Result<(Session, mpsc::Receiver<Delivery<Ack>>, JoinHandle<()>), StreamError> {
-    // The channel holds at least what the broker may send unacknowledged.
-    let channel = receive_maximum as usize + 1024;
+    // The count bound keeps the channel from filling: the event loop never waits on it.
+    let channel = usize::from(receive_maximum);
     let broker = Broker::parse(&spec.broker).map_err(|e| StreamError::Mqtt(e.to_string()))?;
     let transport = broker
         .transport(spec.ca_file.as_deref())
@@ -391,8 +480,10 @@ pub async fn start(
         epoch: epoch.clone(),
         filter: filter.clone(),
         receive_maximum,
+        acker: Acker::start(client.clone(), epoch.clone()),
     };
     let (tx, rx) = mpsc::channel(channel.max(1));
+    let count = Arc::new(Semaphore::new(usize::from(receive_maximum.max(1))));
     let budget = Arc::new(Semaphore::new(HELD_BYTES >> 10));
     let task = tokio::spawn(async move {
         let mut seq = 0u64;
@@ -404,7 +495,10 @@ pub async fn start(
                 Ok(Polled::Message(m)) => {
                     backoff = Duration::ZERO;
                     let kib = (m.payload.len() >> 10).clamp(1, HELD_BYTES >> 10) as u32;
-                    let Ok(permit) = budget.clone().acquire_many_owned(kib).await else {
+                    let Ok(one) = count.clone().acquire_owned().await else {
+                        return;
+                    };
+                    let Ok(bytes) = budget.clone().acquire_many_owned(kib).await else {
                         return;
                     };
                     seq += 1;
@@ -416,7 +510,8 @@ pub async fn start(
                         ack: Ack {
                             packet: m.packet,
                             epoch: epoch.load(Ordering::Acquire),
-                            _budget: permit,
+                            _count: one,
+                            _bytes: bytes,
                         },
                     };
                     if tx.send(d).await.is_err() {
