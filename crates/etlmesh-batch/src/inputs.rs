@@ -51,7 +51,7 @@ pub fn resolve(spec: &PipelineSpec, given: &[String]) -> Result<Vec<Input>, JobE
         match &spec.source.kind {
             SourceKind::Stdin => vec!["-".into()],
             SourceKind::File { path: Some(p) } => vec![p.clone()],
-            SourceKind::Mqtt(_) | SourceKind::Nats(_) => {
+            SourceKind::Mqtt(_) | SourceKind::Nats(_) | SourceKind::Kafka(_) => {
                 let source = spec
                     .stream_source()
                     .map(|s| s.describe())

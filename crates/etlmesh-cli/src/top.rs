@@ -94,6 +94,55 @@ struct WorkerLoad {
     cpu_percent: f64,
     #[serde(default)]
     rss_bytes: u64,
+    #[serde(default)]
+    pipelines: std::collections::BTreeMap<String, WorkerPipeline>,
+}
+
+/// What a worker reports of one pipeline's source.
+#[derive(Debug, Default, Deserialize)]
+struct WorkerPipeline {
+    source_pending: Option<u64>,
+    #[serde(default)]
+    partitions: Vec<PartitionRow>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct PartitionRow {
+    topic: String,
+    partition: i32,
+    lag: u64,
+}
+
+impl WorkerLoad {
+    /// `topic partition:lag …` for the Kafka partitions it owns, else its sources'
+    /// pending.
+    fn source_lag(&self) -> String {
+        self.pipelines
+            .iter()
+            .filter_map(|(name, u)| {
+                if u.partitions.is_empty() {
+                    u.source_pending.map(|p| format!("{name} {p}"))
+                } else {
+                    let mut by_topic: std::collections::BTreeMap<&str, Vec<String>> =
+                        Default::default();
+                    for p in &u.partitions {
+                        by_topic
+                            .entry(&p.topic)
+                            .or_default()
+                            .push(format!("{}:{}", p.partition, p.lag));
+                    }
+                    Some(
+                        by_topic
+                            .into_iter()
+                            .map(|(t, ps)| format!("{t} {}", ps.join(" ")))
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                    )
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -276,6 +325,7 @@ fn workers(o: &Overview) -> Table<'static> {
         "CPU %",
         "RSS MiB",
         "up s",
+        "source lag",
     ])
     .style(Style::default().add_modifier(Modifier::BOLD));
     let rows = o.workers.iter().map(|w| {
@@ -294,6 +344,7 @@ fn workers(o: &Overview) -> Table<'static> {
             Cell::from(format!("{:.1}", w.load.cpu_percent)),
             Cell::from(format!("{:.1}", w.load.rss_bytes as f64 / 1_048_576.0)),
             Cell::from(w.uptime_secs.to_string()),
+            Cell::from(w.load.source_lag()),
         ])
     });
     Table::new(
@@ -308,6 +359,7 @@ fn workers(o: &Overview) -> Table<'static> {
             Constraint::Length(6),
             Constraint::Length(8),
             Constraint::Length(6),
+            Constraint::Min(26),
         ],
     )
     .header(head)
@@ -516,7 +568,15 @@ mod tests {
         {"id": "clean_readings-2", "address": "http://127.0.0.1:2", "state": "draining",
          "pipelines": ["clean_readings"], "pid": 2, "last_heartbeat_ms": 100, "uptime_secs": 7,
          "load": {"in_flight": 0, "ewma_latency_ms": 0.0, "records_per_sec": 0.0,
-                  "cpu_percent": 1.0, "rss_bytes": 1048576, "requests_total": 0}}
+                  "cpu_percent": 1.0, "rss_bytes": 1048576, "requests_total": 0}},
+        {"id": "live-1", "address": "http://127.0.0.1:3", "state": "ready",
+         "pipelines": ["live_readings"], "pid": 3, "last_heartbeat_ms": 100, "uptime_secs": 9,
+         "load": {"in_flight": 0, "ewma_latency_ms": 0.0, "records_per_sec": 950.0,
+                  "cpu_percent": 20.0, "rss_bytes": 1048576, "requests_total": 0,
+                  "pipelines": {"live_readings": {"records_total": 9, "cpu_seconds_total": 1.0,
+                    "source_pending": 125, "partitions": [
+                      {"topic": "readings", "partition": 0, "lag": 120},
+                      {"topic": "readings", "partition": 3, "lag": 5}]}}}}
       ],
       "series": [
         {"t": 1, "pipelines": {"clean_readings": {"requests_per_sec": 100.0}}},
@@ -540,7 +600,7 @@ mod tests {
         for want in [
             "etlmesh top",
             "gateways 1",
-            "workers 2",
+            "workers 3",
             "requests/s 812.5",
             "records/s 41200",
             "clean_readings",
@@ -554,6 +614,7 @@ mod tests {
             "00:05 clean_readings 2→3 in flight 7.0 over target 2.0",
             "deadline_exceeded clean_readings",
             "requests/s (max 813 over 2 s)",
+            "readings 0:120 3:5",
         ] {
             assert!(text.contains(want), "missing {want:?} in\n{text}");
         }

@@ -1,6 +1,6 @@
 //! Sources in the pipeline file: [`RawSource`] is the one list of source kinds, each
 //! with the keys it takes (closed to unknown ones) — files and standard input here,
-//! MQTT in [`crate::stream`], JetStream in [`crate::nats`]. A key of another kind is an
+//! MQTT in [`crate::stream`], JetStream in [`crate::nats`], Kafka in [`crate::kafka`]. A key of another kind is an
 //! unknown key with a "did you mean"; a new kind is its module plus one variant and one
 //! arm of [`resolve`].
 
@@ -21,6 +21,7 @@ pub(crate) enum RawSource {
     Stdin(RawStdinSource),
     Mqtt(crate::stream::RawMqttSource),
     Nats(crate::nats::RawNatsSource),
+    Kafka(crate::kafka::RawKafkaSource),
 }
 
 /// `{ type: file, path, format, csv, infer_rows }`.
@@ -95,6 +96,16 @@ pub(crate) fn resolve(
                 format: n.format,
                 csv: csv(n.csv, out),
                 kind: SourceKind::Nats(Box::new(spec)),
+                infer_rows: 1000,
+            }
+        }
+        RawSource::Kafka(k) => {
+            no_header(k.csv.as_ref(), "Kafka", base, file, out);
+            let spec = crate::kafka::resolve_source(&k, pipeline, base, file, out);
+            SourceSpec {
+                format: k.format,
+                csv: csv(k.csv, out),
+                kind: SourceKind::Kafka(Box::new(spec)),
                 infer_rows: 1000,
             }
         }

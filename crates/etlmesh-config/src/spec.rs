@@ -130,6 +130,7 @@ impl PipelineSpec {
         match &self.source.kind {
             SourceKind::Mqtt(m) => Some(crate::stream::StreamSource::Mqtt(m)),
             SourceKind::Nats(n) => Some(crate::stream::StreamSource::Nats(n)),
+            SourceKind::Kafka(k) => Some(crate::stream::StreamSource::Kafka(k)),
             SourceKind::File { .. } | SourceKind::Stdin => None,
         }
     }
@@ -181,6 +182,8 @@ pub enum SourceKind {
     Mqtt(Box<MqttSourceSpec>),
     /// A JetStream consumer (a stream).
     Nats(Box<crate::nats::NatsSourceSpec>),
+    /// A Kafka consumer group (a stream).
+    Kafka(Box<crate::kafka::KafkaSourceSpec>),
 }
 
 /// How CSV is read.

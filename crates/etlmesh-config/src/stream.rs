@@ -99,6 +99,11 @@ pub trait StreamSourceKind: std::fmt::Debug + Sync {
     fn format(&self) -> Format;
     /// Micro-batch bounds.
     fn batch(&self) -> MicroBatch;
+    /// Columns taken from the record rather than its payload (Kafka's key, partition,
+    /// offset, timestamp, headers).
+    fn metadata(&self) -> &[(String, crate::kafka::RecordField)] {
+        &[]
+    }
 }
 
 /// A stream source, whichever its kind. Adding a kind adds a variant here and one arm
@@ -109,6 +114,8 @@ pub enum StreamSource<'a> {
     Mqtt(&'a MqttSourceSpec),
     /// A JetStream consumer.
     Nats(&'a crate::nats::NatsSourceSpec),
+    /// A Kafka consumer group.
+    Kafka(&'a crate::kafka::KafkaSourceSpec),
 }
 
 impl<'a> StreamSource<'a> {
@@ -117,6 +124,7 @@ impl<'a> StreamSource<'a> {
         match *self {
             StreamSource::Mqtt(m) => m,
             StreamSource::Nats(n) => n,
+            StreamSource::Kafka(k) => k,
         }
     }
 
@@ -153,6 +161,11 @@ impl<'a> StreamSource<'a> {
     /// Micro-batch bounds.
     pub fn batch(&self) -> MicroBatch {
         self.spec().batch()
+    }
+
+    /// Columns taken from the record rather than its payload.
+    pub fn metadata(&self) -> &'a [(String, crate::kafka::RecordField)] {
+        self.spec().metadata()
     }
 
     /// `mqtt:sensors/+/reading`, `nats:sensors.*.reading`.

@@ -291,19 +291,24 @@ impl Autoscaling {
             for (name, pool) in pools.iter_mut() {
                 let mine = workers.iter().filter(|w| w.pipelines.contains(name));
                 let (mut w_in_flight, mut cpu, mut w_requests, mut ready) = (0u64, 0.0, 0u64, 0i64);
-                // Every worker of a pipeline reads the same consumer, so each reports
-                // the same lag: the largest report is the pipeline's.
+                // Every worker of a JetStream pipeline reads the same consumer, so each
+                // reports the same lag: the largest report is the pipeline's. Kafka
+                // workers own partitions: the pipeline's lag is the sum over them.
                 let mut lag = 0u64;
+                let mut partitions = std::collections::BTreeMap::new();
                 for w in mine {
-                    if let Some(pending) = w.load.pipelines.get(name).and_then(|u| u.source_pending)
-                    {
-                        lag = lag.max(pending);
+                    if let Some(u) = w.load.pipelines.get(name) {
+                        lag = lag.max(u.source_pending.unwrap_or(0));
+                        for p in &u.partitions {
+                            partitions.insert((&p.topic, p.partition), p.lag);
+                        }
                     }
                     w_in_flight += u64::from(w.load.in_flight);
                     cpu += w.load.cpu_percent;
                     w_requests += w.load.requests_total;
                     ready += i64::from(w.state == WorkerState::Ready);
                 }
+                lag = lag.max(partitions.values().sum());
                 let (mut g_load, mut g_requests) = (0u64, 0u64);
                 for g in &gateways {
                     if let Some(l) = g.pipelines.get(name) {

@@ -131,6 +131,21 @@ pub struct PipelineUsage {
     /// absent when the source does not say.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_pending: Option<u64>,
+    /// The Kafka partitions the worker owns, each with its lag; the pipeline's lag is
+    /// their sum over its workers (each owns its own partitions).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub partitions: Vec<PartitionLag>,
+}
+
+/// A partition a worker owns and how far behind its end the group committed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartitionLag {
+    /// The topic.
+    pub topic: String,
+    /// The partition.
+    pub partition: i32,
+    /// Records between the committed offset and the end.
+    pub lag: u64,
 }
 
 /// A worker's heartbeat.

@@ -1,17 +1,20 @@
 //! Messages to rows: the payloads of a micro-batch become one text chunk (a JSON
 //! object per line, JSON arrays split into their elements, CSV lines as they are),
-//! decoded at once by the foundation's codecs; the topic's `{column}` levels are added
-//! as columns; every reject is traced back to its message and topic.
+//! decoded at once by the foundation's codecs; the topic's `{column}` levels and the
+//! record's metadata (Kafka's key, partition, offset, timestamp, headers) are added as
+//! columns; every reject is traced back to its message and topic.
 
 use std::sync::Arc;
 
-use arrow::array::{ArrayRef, RecordBatch, StringArray};
+use arrow::array::{
+    ArrayRef, Int32Array, Int64Array, RecordBatch, StringArray, TimestampMillisecondArray,
+};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use bytes::Bytes;
 use etlmesh_codec::{Chunk, CsvLayout, DecodedBatch, Decoder, Limits, Provenance, Reject, Stage};
-use etlmesh_config::{CsvOptions, Format, StreamSource};
+use etlmesh_config::{CsvOptions, Format, RecordField, StreamSource};
 
-use crate::source::Delivery;
+use crate::source::{Delivery, Meta};
 
 /// Decodes the messages of one pipeline.
 pub struct MessageDecoder {
@@ -24,11 +27,75 @@ pub struct MessageDecoder {
     scheme: &'static str,
     /// What separates the levels of a topic (`/`) or the tokens of a subject (`.`).
     separator: char,
+    /// Whether a column comes from the records' metadata.
+    has_meta: bool,
 }
 
 enum ColumnSource {
     Topic(usize),
     Payload(usize),
+    /// A part of the record, cast to the declared type.
+    Meta(RecordField, DataType),
+}
+
+impl ColumnSource {
+    /// The type a metadata column has when the schema does not declare it.
+    fn natural_type(f: &RecordField) -> DataType {
+        match f {
+            RecordField::Key | RecordField::Topic | RecordField::Header(_) => DataType::Utf8,
+            RecordField::Partition => DataType::Int32,
+            RecordField::Offset => DataType::Int64,
+            RecordField::Timestamp => {
+                DataType::Timestamp(arrow::datatypes::TimeUnit::Millisecond, Some("UTC".into()))
+            }
+        }
+    }
+
+    /// The column of a metadata field for the rows' messages.
+    fn meta_column(f: &RecordField, rows: &[Option<usize>], metas: &[Meta]) -> ArrayRef {
+        let meta = |m: &Option<usize>| m.and_then(|m| metas.get(m));
+        let text = |b: Option<&Bytes>| b.map(|b| String::from_utf8_lossy(b).into_owned());
+        match f {
+            RecordField::Key => Arc::new(
+                rows.iter()
+                    .map(|m| text(meta(m).and_then(|x| x.key.as_ref())))
+                    .collect::<StringArray>(),
+            ),
+            RecordField::Topic => Arc::new(
+                rows.iter()
+                    .map(|m| meta(m).and_then(|x| x.topic.as_deref()))
+                    .collect::<StringArray>(),
+            ),
+            RecordField::Header(name) => Arc::new(
+                rows.iter()
+                    .map(|m| {
+                        text(meta(m).and_then(|x| {
+                            x.headers
+                                .iter()
+                                .find(|(k, _)| k.as_ref() == name)
+                                .and_then(|(_, v)| v.as_ref())
+                        }))
+                    })
+                    .collect::<StringArray>(),
+            ),
+            RecordField::Partition => Arc::new(
+                rows.iter()
+                    .map(|m| meta(m).and_then(|x| x.partition))
+                    .collect::<Int32Array>(),
+            ),
+            RecordField::Offset => Arc::new(
+                rows.iter()
+                    .map(|m| meta(m).and_then(|x| x.offset))
+                    .collect::<Int64Array>(),
+            ),
+            RecordField::Timestamp => Arc::new(
+                rows.iter()
+                    .map(|m| meta(m).and_then(|x| x.timestamp_ms))
+                    .collect::<TimestampMillisecondArray>()
+                    .with_timezone("UTC"),
+            ),
+        }
+    }
 }
 
 /// One micro-batch, decoded.
@@ -57,6 +124,8 @@ pub struct LineMap {
     arrays: Vec<bool>,
     seqs: Vec<u64>,
     redelivered: Vec<bool>,
+    /// Each message's metadata, when a column takes from it.
+    metas: Vec<Meta>,
 }
 
 impl LineMap {
@@ -139,16 +208,23 @@ impl MessageDecoder {
     ) -> Self {
         let topic_cols = spec.columns();
         let is_topic = |name: &str| topic_cols.iter().find(|(_, c)| c == name).map(|(i, _)| *i);
+        let meta_cols = spec.metadata();
+        let is_meta = |name: &str| meta_cols.iter().find(|(c, _)| c == name).map(|(_, f)| f);
         let payload: Vec<Arc<Field>> = declared
             .fields()
             .iter()
-            .filter(|f| is_topic(f.name()).is_none())
+            .filter(|f| is_topic(f.name()).is_none() && is_meta(f.name()).is_none())
             .cloned()
             .collect();
         let payload_schema = Arc::new(Schema::new(payload));
         let mut fields: Vec<Field> = Vec::new();
         let mut columns = Vec::new();
         for f in declared.fields() {
+            if let Some(m) = is_meta(f.name()) {
+                fields.push(f.as_ref().clone());
+                columns.push(ColumnSource::Meta(m.clone(), f.data_type().clone()));
+                continue;
+            }
             match is_topic(f.name()) {
                 Some(level) => {
                     fields.push(Field::new(f.name(), DataType::Utf8, f.is_nullable()));
@@ -165,6 +241,13 @@ impl MessageDecoder {
             if declared.field_with_name(name).is_err() {
                 fields.push(Field::new(name, DataType::Utf8, false));
                 columns.push(ColumnSource::Topic(*level));
+            }
+        }
+        for (name, m) in meta_cols {
+            if declared.field_with_name(name).is_err() {
+                let ty = ColumnSource::natural_type(m);
+                fields.push(Field::new(name, ty.clone(), true));
+                columns.push(ColumnSource::Meta(m.clone(), ty));
             }
         }
         let format = if spec.format() == Format::Csv {
@@ -188,6 +271,7 @@ impl MessageDecoder {
             columns,
             scheme: spec.kind(),
             separator: spec.separator(),
+            has_meta: !meta_cols.is_empty(),
         }
     }
 
@@ -300,6 +384,9 @@ impl MessageDecoder {
             out.lines.arrays.push(array);
             out.lines.seqs.push(m.seq);
             out.lines.redelivered.push(m.redelivered);
+            if self.has_meta {
+                out.lines.metas.push(m.meta.clone());
+            }
         }
         if buf.is_empty() {
             return out;
@@ -362,24 +449,34 @@ impl MessageDecoder {
         let columns: Vec<ArrayRef> = self
             .columns
             .iter()
-            .map(|c| match c {
-                ColumnSource::Payload(i) => b.batch.column(*i).clone(),
-                ColumnSource::Topic(level) => {
-                    let values: StringArray = msgs
-                        .iter()
-                        .map(|m| {
-                            m.and_then(|m| {
-                                lines.topics[m]
-                                    .strip_prefix(self.scheme)
-                                    .and_then(|t| t.strip_prefix(':'))
-                                    .and_then(|t| t.split(self.separator).nth(*level))
+            .map(|c| -> Result<ArrayRef, arrow::error::ArrowError> {
+                Ok(match c {
+                    ColumnSource::Payload(i) => b.batch.column(*i).clone(),
+                    ColumnSource::Topic(level) => {
+                        let values: StringArray = msgs
+                            .iter()
+                            .map(|m| {
+                                m.and_then(|m| {
+                                    lines.topics[m]
+                                        .strip_prefix(self.scheme)
+                                        .and_then(|t| t.strip_prefix(':'))
+                                        .and_then(|t| t.split(self.separator).nth(*level))
+                                })
                             })
-                        })
-                        .collect();
-                    Arc::new(values) as ArrayRef
-                }
+                            .collect();
+                        Arc::new(values) as ArrayRef
+                    }
+                    ColumnSource::Meta(f, ty) => {
+                        let natural = ColumnSource::meta_column(f, &msgs, &lines.metas);
+                        if natural.data_type() == ty {
+                            natural
+                        } else {
+                            arrow::compute::cast(&natural, ty)?
+                        }
+                    }
+                })
             })
-            .collect();
+            .collect::<Result<_, _>>()?;
         RecordBatch::try_new(self.input.clone(), columns)
     }
 }
@@ -419,6 +516,54 @@ mod tests {
             p.mqtt().expect("mqtt").clone(),
             etlmesh_codec::schema::arrow_schema(&fields),
         )
+    }
+
+    #[test]
+    fn a_records_key_partition_offset_timestamp_and_headers_become_columns() {
+        let f = PipelineFile::parse(
+            "s.yaml",
+            "pipelines:\n  p:\n    source: { type: kafka, brokers: 'h:9092', topic: r, columns: { device_id: key, part: partition, off: offset, at: timestamp, tr: 'header:trace' } }\n    schema: { seq: int64, part: int64, device_id: utf8 }\n    sinks: [{ type: ndjson, path: o }]\n    dead_letter: { type: ndjson, path: d }\n",
+        )
+        .expect("valid");
+        let p = &f.spec.pipelines[0];
+        let declared = etlmesh_codec::schema::arrow_schema(&p.schema.clone().expect("schema"));
+        let source = p.stream_source().expect("a stream");
+        let d = MessageDecoder::new(source, &declared, &p.source.csv, Limits::default());
+        let names: Vec<&str> = d
+            .input_schema()
+            .fields()
+            .iter()
+            .map(|f| f.name().as_str())
+            .collect();
+        // Declared ones keep their place (and type: `part` is cast to int64); the others
+        // follow with their own types.
+        assert_eq!(names, ["seq", "part", "device_id", "at", "off", "tr"]);
+        let mut m = detached_delivery(1, "r/3@41", br#"[{"seq": 1}, {"seq": 2}]"#);
+        m.meta = Meta {
+            key: Some(Bytes::from_static(b"dev-7")),
+            topic: Some(Arc::from("r")),
+            partition: Some(3),
+            offset: Some(41),
+            timestamp_ms: Some(1_700_000_000_000),
+            headers: vec![(Arc::from("trace"), Some(Bytes::from_static(b"t-1")))],
+        };
+        let mut bad = detached_delivery(2, "r/3@42", b"not json");
+        bad.meta.partition = Some(3);
+        let out = d.decode(&[m, bad]);
+        assert_eq!(out.batches.len(), 1);
+        let b = &out.batches[0].batch;
+        assert_eq!(b.num_rows(), 2);
+        assert_eq!(b.column(1).as_primitive::<Int64Type>().value(1), 3);
+        assert_eq!(b.column(2).as_string::<i32>().value(0), "dev-7");
+        assert_eq!(b.column(4).as_primitive::<Int64Type>().value(0), 41);
+        assert_eq!(b.column(5).as_string::<i32>().value(1), "t-1");
+        assert!(matches!(
+            b.column(3).data_type(),
+            DataType::Timestamp(arrow::datatypes::TimeUnit::Millisecond, Some(_))
+        ));
+        // A reject names the record: topic, partition and offset.
+        assert_eq!(out.rejects.len(), 1);
+        assert_eq!(out.rejects[0].source.as_ref(), "kafka:r/3@42");
     }
 
     #[test]

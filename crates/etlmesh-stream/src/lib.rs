@@ -33,7 +33,7 @@ pub mod source;
 pub mod state;
 pub mod window;
 
-pub use metrics::StreamMetrics;
+pub use metrics::{PartitionLags, StreamMetrics};
 pub use runner::{StreamOptions, run};
 
 /// Errors that stop a stream.
@@ -54,6 +54,14 @@ pub enum StreamError {
     Nats {
         /// The server(s).
         url: String,
+        /// What happened and what to do.
+        message: String,
+    },
+    /// The Kafka brokers cannot be reached, or a topic is missing.
+    #[error("Kafka {brokers}: {message}")]
+    Kafka {
+        /// The bootstrap brokers.
+        brokers: String,
         /// What happened and what to do.
         message: String,
     },

@@ -20,6 +20,13 @@ struct Outcome {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PartitionLabel {
+    pipeline: String,
+    topic: String,
+    partition: i32,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct SinkLabel {
     pipeline: String,
     sink: String,
@@ -35,13 +42,20 @@ pub struct StreamMetrics {
     open_windows: Family<Pipeline, Gauge>,
     source_pending: Family<Pipeline, Gauge>,
     source_ack_pending: Family<Pipeline, Gauge>,
+    partition_lag: Family<PartitionLabel, Gauge>,
     sink_retries: Family<SinkLabel, Counter>,
     sink_up: Family<SinkLabel, Gauge>,
     batch_seconds: Family<Pipeline, Histogram, fn() -> Histogram>,
     /// Records in, all pipelines: the worker adds them to the load it reports.
     records_in: std::sync::Arc<std::sync::atomic::AtomicU64>,
     source_pending_out: std::sync::Arc<std::sync::atomic::AtomicI64>,
+    partitions_out: PartitionLags,
 }
+
+/// The lag of each partition a worker owns, by (topic, partition): the worker's load
+/// report reads it.
+pub type PartitionLags =
+    std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<(String, i32), i64>>>;
 
 impl StreamMetrics {
     /// Registers the families.
@@ -54,11 +68,13 @@ impl StreamMetrics {
             open_windows: Family::default(),
             source_pending: Family::default(),
             source_ack_pending: Family::default(),
+            partition_lag: Family::default(),
             sink_retries: Family::default(),
             sink_up: Family::default(),
             batch_seconds: Family::new_with_constructor(latency_histogram),
             records_in: Default::default(),
             source_pending_out: std::sync::Arc::new(std::sync::atomic::AtomicI64::new(-1)),
+            partitions_out: PartitionLags::default(),
         };
         let mut r = registry.lock().unwrap_or_else(|p| p.into_inner());
         r.register(
@@ -95,6 +111,11 @@ impl StreamMetrics {
             "stream_source_ack_pending",
             "Messages delivered to the pipeline's workers and not yet acknowledged (JetStream: num_ack_pending, at most max_ack_pending)",
             m.source_ack_pending.clone(),
+        );
+        r.register(
+            "stream_partition_lag",
+            "Records of a Kafka partition this worker owns behind its end: the high watermark minus the committed offset",
+            m.partition_lag.clone(),
         );
         r.register(
             "stream_sink_retries",
@@ -149,6 +170,12 @@ impl StreamMetrics {
         self
     }
 
+    /// Keeps the lag of each partition owned in `lags` too (the worker's load report).
+    pub fn report_partitions(mut self, lags: PartitionLags) -> Self {
+        self.partitions_out = lags;
+        self
+    }
+
     pub(crate) fn records(&self, pipeline: &str, outcome: &'static str, n: u64) {
         if outcome == "in" {
             self.records_in
@@ -189,6 +216,35 @@ impl StreamMetrics {
         self.source_ack_pending
             .get_or_create(&Self::p(pipeline))
             .set(ack_pending as i64);
+    }
+
+    /// The lag of a partition this worker owns; `None` forgets a partition it gave up.
+    pub(crate) fn partition_lag(
+        &self,
+        pipeline: &str,
+        topic: &str,
+        partition: i32,
+        lag: Option<i64>,
+    ) {
+        let label = PartitionLabel {
+            pipeline: pipeline.to_string(),
+            topic: topic.to_string(),
+            partition,
+        };
+        let mut out = self
+            .partitions_out
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        match lag {
+            Some(l) => {
+                self.partition_lag.get_or_create(&label).set(l);
+                out.insert((label.topic, partition), l);
+            }
+            None => {
+                self.partition_lag.remove(&label);
+                out.remove(&(label.topic, partition));
+            }
+        }
     }
 
     pub(crate) fn sink_retry(&self, pipeline: &str, sink: &str) {

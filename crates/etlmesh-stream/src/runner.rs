@@ -276,6 +276,11 @@ pub async fn run(
             .await?;
             drive(p, consumer, rx, task).await
         }
+        etlmesh_config::SourceKind::Kafka(k) => {
+            let (consumer, rx, task) =
+                source::kafka::open(&k, &p.spec.name, &opts.worker, p.metrics.clone()).await?;
+            drive(p, consumer, rx, task).await
+        }
         etlmesh_config::SourceKind::File { .. } | etlmesh_config::SourceKind::Stdin => {
             Err(StreamError::Pipeline {
                 pipeline: p.spec.name.clone(),

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use etlmesh_proto::{Load, PipelineUsage};
+use etlmesh_proto::{Load, PartitionLag, PipelineUsage};
 use etlmesh_telemetry::process::CpuMeter;
 
 /// Weight of the newest latency in the EWMA.
@@ -22,6 +22,8 @@ pub struct Usage {
     pub cpu_ns: Arc<AtomicU64>,
     /// The stream source's pending messages (the consumer lag); negative when unknown.
     pub source_pending: Arc<std::sync::atomic::AtomicI64>,
+    /// The lag of each Kafka partition the stream owns.
+    pub partitions: etlmesh_stream::PartitionLags,
 }
 
 impl Default for Usage {
@@ -30,6 +32,7 @@ impl Default for Usage {
             records: Arc::default(),
             cpu_ns: Arc::default(),
             source_pending: Arc::new(std::sync::atomic::AtomicI64::new(-1)),
+            partitions: Default::default(),
         }
     }
 }
@@ -87,6 +90,17 @@ impl LoadTracker {
                             cpu_seconds_total: u.cpu_ns.load(Ordering::Relaxed) as f64 / 1e9,
                             source_pending: u64::try_from(u.source_pending.load(Ordering::Relaxed))
                                 .ok(),
+                            partitions: u
+                                .partitions
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .iter()
+                                .map(|((topic, partition), lag)| PartitionLag {
+                                    topic: topic.clone(),
+                                    partition: *partition,
+                                    lag: u64::try_from(*lag).unwrap_or(0),
+                                })
+                                .collect(),
                         };
                         (name.clone(), usage)
                     })

@@ -66,7 +66,8 @@ pub(crate) fn start(
                     opts.metrics = opts
                         .metrics
                         .count_records_in(p.usage.records.clone())
-                        .report_source_pending(p.usage.source_pending.clone());
+                        .report_source_pending(p.usage.source_pending.clone())
+                        .report_partitions(p.usage.partitions.clone());
                     // One dead-letter file per pipeline and worker, for requests and stream.
                     opts.dead_letters = p.dead.clone();
                     cpu_timed(

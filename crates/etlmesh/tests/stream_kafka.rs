@@ -1,150 +1,22 @@
-//! Streams into Kafka, end to end on a real Kafka-protocol broker: `tansu` (installed
-//! by `.ci/run` from crates.io, in memory), one private broker per test. Readings come
-//! from JetStream (published by nats-py) and are read back from Kafka by a consumer
-//! that is not ours (confluent-kafka, `tests/kafka_consume.py`): every reading once,
-//! keyed by its device; the broker stopped mid-stream is an outage held and retried,
-//! not a loss.
+//! Streams into and out of Kafka, end to end on a real Kafka-protocol broker: `tansu`
+//! (installed by `.ci/run` from crates.io, in memory), one private broker per test.
+//! Into Kafka: readings come from JetStream (published by nats-py) and are read back by
+//! a consumer that is not ours (confluent-kafka, `tests/kafka_consume.py`): every
+//! reading once, keyed by its device; the broker stopped mid-stream is an outage held
+//! and retried, not a loss. Out of Kafka: confluent-kafka produces
+//! (`tests/kafka_produce.py`), a group of workers loads PostgreSQL, and the group's
+//! committed offsets are read back from the coordinator.
 
 mod common;
 
-use std::net::TcpStream;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::Scratch;
 use common::jetstream::{NATS, names, publish, remove_stream};
+use common::kafka::{Broker, committed, produce, produced, ready};
 use common::mesh::Proc;
 use common::stream::*;
-
-/// The tansu binary: `$ETLMESH_TANSU`, `tansu` on the PATH, or where `.ci/run` puts it.
-fn tansu() -> Option<PathBuf> {
-    let cached =
-        std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/etlmesh-tools/bin/tansu"));
-    let found = std::env::var_os("ETLMESH_TANSU")
-        .map(PathBuf::from)
-        .or_else(|| {
-            Command::new("tansu")
-                .arg("--version")
-                .output()
-                .ok()
-                .filter(|o| o.status.success())
-                .map(|_| PathBuf::from("tansu"))
-        })
-        .or(cached.filter(|p| p.exists()));
-    if found.is_none() {
-        assert!(
-            std::env::var("ETLMESH_REQUIRE_SERVICES").as_deref() != Ok("1"),
-            "tansu is required in this run: .ci/run installs it (cargo install tansu)"
-        );
-        eprintln!("skipped: tansu is not installed (cargo install tansu --features dynostore)");
-    }
-    found
-}
-
-fn ready() -> Option<PathBuf> {
-    let python = Command::new("python3")
-        .args(["-c", "import confluent_kafka, nats"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !python {
-        assert!(
-            std::env::var("ETLMESH_REQUIRE_SERVICES").as_deref() != Ok("1"),
-            "confluent-kafka and nats-py are required in this run"
-        );
-        eprintln!("skipped: pip install confluent-kafka nats-py");
-        return None;
-    }
-    if !common::service("NATS", "127.0.0.1:4222") {
-        return None;
-    }
-    tansu()
-}
-
-/// A tansu broker of the test's own, in memory.
-struct Broker {
-    bin: PathBuf,
-    port: u16,
-    child: Option<Child>,
-}
-
-impl Broker {
-    fn start(bin: PathBuf) -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port();
-        let mut b = Self {
-            bin,
-            port,
-            child: None,
-        };
-        b.up();
-        b
-    }
-
-    fn address(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-
-    fn up(&mut self) {
-        let url = format!("tcp://127.0.0.1:{}", self.port);
-        let child = Command::new(&self.bin)
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-            ])
-            .args(["--storage-engine", "memory://tansu/"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("tansu starts");
-        self.child = Some(child);
-        let start = Instant::now();
-        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(
-                start.elapsed() < Duration::from_secs(20),
-                "tansu did not listen"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn create_topic(&self, topic: &str, partitions: u32) {
-        let out = Command::new(&self.bin)
-            .args([
-                "topic",
-                "create",
-                topic,
-                "--partitions",
-                &partitions.to_string(),
-            ])
-            .args(["--broker", &format!("tcp://127.0.0.1:{}", self.port)])
-            .output()
-            .expect("tansu topic create");
-        assert!(
-            out.status.success(),
-            "topic {topic}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    fn down(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        self.down();
-    }
-}
 
 #[derive(Debug, serde::Deserialize)]
 struct Consumed {
@@ -266,4 +138,146 @@ async fn a_kafka_broker_that_goes_away_is_an_outage_held_and_retried_not_a_loss(
     assert_eq!(dead, 0, "an outage dead-letters nothing");
     drop(up);
     remove_stream(NATS, &stream).await;
+}
+
+/// A Kafka → PostgreSQL pipeline on a private broker (tables dropped at the end).
+fn kafka_pipeline(brokers: &str, topic: &str, group: &str, table: &str) -> String {
+    format!(
+        r#"pipelines:
+  live:
+    source:
+      type: kafka
+      brokers: "{brokers}"
+      topic: {topic}
+      group: {group}
+      columns: {{ device_id: key, part: partition, off: offset, trace: "header:trace" }}
+      batch: {{ records: 2000, wait: 100ms }}
+    schema: {{ device_id: utf8, seq: int64, ts: timestamp_ms, temperature_c: float64, part: int32, off: int64, trace: utf8 }}
+    sinks: [{{ type: postgres, url: "{url}", table: {table} }}]
+    dead_letter: {{ type: ndjson, path: out/dead }}
+"#,
+        url = common::pg::MACHINE_URL
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_into_postgres_through_a_group_of_two_commits_every_offset_with_record_columns() {
+    let Some(bin) = ready() else { return };
+    let broker = Broker::start(bin);
+    let topic = "readings-in";
+    broker.create_topic(topic, 4);
+    let total = 20_000;
+    let sent = produced(produce(&broker.address(), topic, total, 50, 0));
+    assert_eq!((sent.acked, sent.failed), (total, 0));
+    let id = std::process::id();
+    let (table, group) = (format!("kafka_in_{id}"), format!("etlmesh-test-{id}"));
+    let db = common::pg::connect(common::pg::MACHINE_URL).await;
+    db.batch_execute(&format!(
+        "DROP TABLE IF EXISTS {table};
+         CREATE TABLE {table} (device_id text, seq bigint, ts timestamptz, temperature_c float8, part int, off bigint, trace text)"
+    ))
+    .await
+    .expect("table");
+    let scratch = Scratch::new();
+    scratch.write(
+        "s.yaml",
+        kafka_pipeline(&broker.address(), topic, &group, &table),
+    );
+    let up = Proc::up(scratch.dir.path(), &["-c", "s.yaml", "--workers", "2"]);
+    streams_started(&up, 2).await;
+    let start = Instant::now();
+    let distinct = format!("SELECT count(DISTINCT seq) FROM {table}");
+    while common::pg::count(&db, &distinct).await < total as i64 {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "every record in PostgreSQL: {} of {total}\n{}",
+            common::pg::count(&db, &distinct).await,
+            up.output()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let rows = common::pg::count(&db, &format!("SELECT count(*) FROM {table}")).await;
+    eprintln!("kafka → postgres: {rows} rows for {total} records");
+    let count = |sql: &str| {
+        let (db, sql) = (&db, sql.replace("{t}", &table));
+        async move { common::pg::count(db, &sql).await }
+    };
+    // The record's parts became columns.
+    assert_eq!(
+        count("SELECT count(*) FROM {t} WHERE device_id <> 'dev-' || (seq % 50)").await,
+        0,
+        "the key"
+    );
+    assert_eq!(
+        count("SELECT count(*) FROM {t} WHERE trace IS DISTINCT FROM 't-' || seq").await,
+        0,
+        "the header"
+    );
+    assert_eq!(
+        count("SELECT count(DISTINCT part) FROM {t}").await,
+        4,
+        "the partition"
+    );
+    assert_eq!(
+        count("SELECT count(*) FROM (SELECT part, off FROM {t} GROUP BY 1, 2 HAVING count(DISTINCT seq) > 1) x").await,
+        0,
+        "one record per (partition, offset)"
+    );
+    assert_eq!(
+        count("SELECT count(*) FROM (SELECT part FROM {t} GROUP BY 1 HAVING max(off) - min(off) + 1 <> count(DISTINCT off)) x").await,
+        0,
+        "offsets without gaps"
+    );
+    // Both workers of the group got partitions, and the group committed past everything.
+    let assigned = up.output().matches("Kafka partitions assigned").count();
+    assert!(
+        assigned >= 2,
+        "both workers own partitions\n{}",
+        up.output()
+    );
+    let start = Instant::now();
+    loop {
+        let c = committed(&broker.address(), topic, &group);
+        if c.lag == 0 && c.end == total as i64 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "offsets committed past every record: {c:?}\n{}",
+            up.output()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    drop(up);
+    db.batch_execute(&format!("DROP TABLE IF EXISTS {table}"))
+        .await
+        .expect("drop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_kafka_topic_is_a_clear_error_naming_it() {
+    let Some(bin) = ready() else { return };
+    let broker = Broker::start(bin);
+    let scratch = Scratch::new();
+    scratch.write(
+        "s.yaml",
+        kafka_pipeline(
+            &broker.address(),
+            "nowhere",
+            "etlmesh-test-missing",
+            "unused",
+        ),
+    );
+    let up = Proc::up(scratch.dir.path(), &["-c", "s.yaml", "--workers", "1"]);
+    let start = Instant::now();
+    let want = "topic `nowhere` does not exist";
+    while !up.output().contains(want) {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{want}:\n{}",
+            up.output()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(up.output().contains(&broker.address()), "names the brokers");
 }

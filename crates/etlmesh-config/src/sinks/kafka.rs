@@ -59,17 +59,11 @@ pub(crate) fn resolve(s: RawKafkaSink, at: &Place<'_>, out: &mut Vec<Diagnostic>
         );
         String::new()
     });
-    for b in brokers.split(',').map(str::trim).filter(|b| !b.is_empty()) {
-        let hostport = b.split_once("://").map_or(b, |(_, rest)| rest);
-        let ok = hostport
-            .rsplit_once(':')
-            .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
-        if !ok {
-            out.push(
-                at.diag("brokers", format!("`{b}` is not host:port"))
-                    .with_help("write brokers as `host:9092`, comma-separated"),
-            );
-        }
+    for p in crate::kafka::broker_problems(&brokers) {
+        out.push(
+            at.diag("brokers", p)
+                .with_help("write brokers as `host:9092`, comma-separated"),
+        );
     }
     let topic = s.topic.unwrap_or_else(|| {
         out.push(at.diag("topic", "is required for a kafka sink").with_help(

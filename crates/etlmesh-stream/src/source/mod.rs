@@ -19,6 +19,7 @@
 //! [`etlmesh_config::StreamSource`] (one arm in its `spec`); and one arm in
 //! [`crate::runner::run`].
 
+pub mod kafka;
 pub mod mqtt;
 pub mod nats;
 
@@ -53,8 +54,28 @@ pub struct Delivery<A> {
     pub topic: Arc<str>,
     /// Its payload.
     pub payload: Bytes,
+    /// What the source says of it besides (Kafka's key, partition, offset, timestamp
+    /// and headers); empty for MQTT and JetStream.
+    pub meta: Meta,
     /// Its position, for the acknowledgement.
     pub ack: A,
+}
+
+/// What a record carries besides its payload, for the source's metadata columns.
+#[derive(Debug, Clone, Default)]
+pub struct Meta {
+    /// The record key.
+    pub key: Option<Bytes>,
+    /// The topic (without the partition and offset that `Delivery::topic` carries).
+    pub topic: Option<Arc<str>>,
+    /// The partition.
+    pub partition: Option<i32>,
+    /// The offset in its partition.
+    pub offset: Option<i64>,
+    /// The record's timestamp, ms since the epoch.
+    pub timestamp_ms: Option<i64>,
+    /// Its headers, in order.
+    pub headers: Vec<(Arc<str>, Option<Bytes>)>,
 }
 
 /// How a message ends.
@@ -142,6 +163,11 @@ pub fn identity(
             subscription: format!("{}:{}", n.stream, n.filter),
             broker: n.url.clone(),
         },
+        StreamSource::Kafka(k) => SlotIdentity {
+            client_id: k.group.clone(),
+            subscription: k.topics.join(","),
+            broker: k.brokers.clone(),
+        },
     }
 }
 
@@ -157,6 +183,9 @@ pub async fn forget(source: StreamSource<'_>, old: &SlotState, pipeline: &str) {
         StreamSource::Nats(_) => {
             tracing::info!(pipeline, old_consumer = %old.client_id, "the old JetStream consumer is kept: remove it with `nats consumer rm` once no pipeline uses it");
         }
+        StreamSource::Kafka(_) => {
+            tracing::info!(pipeline, old_group = %old.client_id, "the old Kafka consumer group keeps its offsets: delete it with `kafka-consumer-groups.sh --delete` once no pipeline uses it");
+        }
     }
 }
 
@@ -167,6 +196,7 @@ pub fn detached_delivery(seq: u64, topic: &str, payload: &[u8]) -> Delivery<()> 
         redelivered: false,
         topic: Arc::from(topic),
         payload: Bytes::copy_from_slice(payload),
+        meta: Meta::default(),
         ack: (),
     }
 }

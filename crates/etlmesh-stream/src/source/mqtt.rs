@@ -507,6 +507,7 @@ pub async fn start(
                         redelivered: m.dup,
                         topic: m.topic,
                         payload: m.payload,
+                        meta: super::Meta::default(),
                         ack: Ack {
                             packet: m.packet,
                             epoch: epoch.load(Ordering::Acquire),

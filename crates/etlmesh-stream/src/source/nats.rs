@@ -339,6 +339,7 @@ pub async fn open(
                     redelivered,
                     topic: Arc::from(msg.subject.as_str()),
                     payload: msg.payload,
+                    meta: super::Meta::default(),
                     ack: Ack {
                         reply,
                         _budget: permit,

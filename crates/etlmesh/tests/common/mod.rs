@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod jetstream;
+pub mod kafka;
 pub mod mesh;
 pub mod pg;
 pub mod stream;

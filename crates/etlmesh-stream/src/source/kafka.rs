@@ -1,0 +1,618 @@
+//! The Kafka source: one consumer per worker in the pipeline's consumer group, which
+//! the group's coordinator balances cooperatively (`cooperative-sticky`: a worker
+//! that joins or leaves moves only the partitions that must move).
+//!
+//! Offsets are committed behind the acknowledgement frontier: the runner acknowledges
+//! in order of arrival, so per partition the highest acknowledged offset + 1 is where
+//! the group resumes, and only that is committed (asynchronously, after each
+//! acknowledgement). When a partition is revoked, what was acknowledged is committed
+//! synchronously before it is given up; acknowledgements that arrive later for it
+//! belong to an earlier assignment (its *generation*) and are dropped — the partition's
+//! new owner reads those records again (at least once, never lost).
+//!
+//! What the worker holds is bounded by a count (`max_pending`) and a byte budget. Past
+//! either, the source pauses its partitions and keeps polling (so that the group does
+//! not think it dead and rebalances are served), and resumes when the runner caught up.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use etlmesh_config::KafkaSourceSpec;
+use rdkafka::ClientConfig;
+use rdkafka::client::ClientContext;
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer as _, ConsumerContext, Rebalance, StreamConsumer,
+};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{BorrowedMessage, Headers, Message};
+use rdkafka::statistics::Statistics;
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::task::JoinHandle;
+
+use super::{Delivery, Meta, Outcome, Source};
+use crate::{StreamError, StreamMetrics};
+
+/// Bytes of payload held unacknowledged, at most.
+const HELD_BYTES: usize = 256 << 20;
+/// Records read while paused (already fetched) kept for the runner, at most.
+const EARLY_MAX: usize = 10_000;
+
+/// A record's position.
+pub struct Ack {
+    topic: Arc<str>,
+    partition: i32,
+    offset: i64,
+    /// The assignment of the partition it was read in.
+    generation: u64,
+    _count: OwnedSemaphorePermit,
+    _bytes: OwnedSemaphorePermit,
+}
+
+/// A partition this worker owns.
+#[derive(Debug)]
+struct Owned {
+    generation: u64,
+    /// Where the group resumes once committed: the highest acknowledged offset + 1.
+    acked: Option<i64>,
+    /// What was last sent to the coordinator.
+    committed: Option<i64>,
+}
+
+/// The partitions this worker owns and how far each is acknowledged.
+#[derive(Debug, Default)]
+struct Offsets {
+    parts: HashMap<(Arc<str>, i32), Owned>,
+    generation: u64,
+}
+
+impl Offsets {
+    /// What to commit: every owned partition acknowledged past its last commit (only
+    /// `only`'s partitions when given); marks them committed.
+    fn take_commit(&mut self, only: Option<&TopicPartitionList>) -> TopicPartitionList {
+        let mut tpl = TopicPartitionList::new();
+        for ((topic, partition), o) in &mut self.parts {
+            if let Some(only) = only
+                && only.find_partition(topic, *partition).is_none()
+            {
+                continue;
+            }
+            if let Some(next) = o.acked
+                && o.committed.is_none_or(|c| c < next)
+                && tpl
+                    .add_partition_offset(topic, *partition, Offset::Offset(next))
+                    .is_ok()
+            {
+                o.committed = Some(next);
+            }
+        }
+        tpl
+    }
+}
+
+fn lock(o: &Mutex<Offsets>) -> std::sync::MutexGuard<'_, Offsets> {
+    o.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// librdkafka's callbacks: logs, statistics (the lag), rebalances and commits.
+struct Ctx {
+    pipeline: String,
+    offsets: Arc<Mutex<Offsets>>,
+    metrics: StreamMetrics,
+    /// The last error librdkafka reported (for the error at start).
+    last_error: Mutex<Option<String>>,
+}
+
+impl ClientContext for Ctx {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        tracing::debug!(pipeline = %self.pipeline, ?level, fac, "librdkafka: {log_message}");
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::debug!(pipeline = %self.pipeline, %error, "librdkafka: {reason}");
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason.to_string());
+    }
+
+    /// Per owned partition: its lag (high watermark − committed offset); their sum is
+    /// the backlog the autoscaler reads.
+    fn stats(&self, statistics: Statistics) {
+        let owned: Vec<(Arc<str>, i32)> = lock(&self.offsets).parts.keys().cloned().collect();
+        let mut total = 0i64;
+        for (topic, t) in &statistics.topics {
+            for (id, p) in &t.partitions {
+                if *id < 0 {
+                    continue;
+                }
+                let mine = owned
+                    .iter()
+                    .any(|(ot, op)| ot.as_ref() == topic.as_str() && op == id);
+                if mine && p.consumer_lag >= 0 {
+                    total += p.consumer_lag;
+                    self.metrics
+                        .partition_lag(&self.pipeline, topic, *id, Some(p.consumer_lag));
+                } else if !mine {
+                    self.metrics.partition_lag(&self.pipeline, topic, *id, None);
+                }
+            }
+        }
+        self.metrics
+            .source_backlog(&self.pipeline, u64::try_from(total).unwrap_or(0), 0);
+    }
+}
+
+impl ConsumerContext for Ctx {
+    /// A revoked partition's acknowledged offsets are committed before it is given up.
+    fn pre_rebalance(&self, base: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Revoke(tpl) => {
+                let commit = lock(&self.offsets).take_commit(Some(tpl));
+                let committed = describe(&commit);
+                if commit.count() > 0
+                    && let Err(e) = base.commit(&commit, CommitMode::Sync)
+                {
+                    tracing::warn!(pipeline = %self.pipeline, error = %e, offsets = %committed, "cannot commit the offsets of revoked partitions: their next owner reads from the last commit (records repeated, none lost)");
+                }
+                let mut o = lock(&self.offsets);
+                for e in tpl.elements() {
+                    o.parts.remove(&(Arc::from(e.topic()), e.partition()));
+                }
+                tracing::info!(pipeline = %self.pipeline, revoked = %describe(tpl), committed = %committed, owned = o.parts.len(), "Kafka partitions revoked");
+            }
+            Rebalance::Assign(_) => {}
+            Rebalance::Error(e) => {
+                tracing::warn!(pipeline = %self.pipeline, error = %e, "Kafka rebalance failed; the group tries again");
+            }
+        }
+    }
+
+    fn post_rebalance(&self, _base: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            let mut o = lock(&self.offsets);
+            for e in tpl.elements() {
+                o.generation += 1;
+                let generation = o.generation;
+                o.parts.insert(
+                    (Arc::from(e.topic()), e.partition()),
+                    Owned {
+                        generation,
+                        acked: None,
+                        committed: None,
+                    },
+                );
+            }
+            tracing::info!(pipeline = %self.pipeline, assigned = %describe(tpl), owned = o.parts.len(), "Kafka partitions assigned");
+        }
+    }
+
+    /// A failed commit is sent again with the next acknowledgement.
+    fn commit_callback(
+        &self,
+        result: rdkafka::error::KafkaResult<()>,
+        offsets: &TopicPartitionList,
+    ) {
+        if let Err(e) = result {
+            tracing::warn!(pipeline = %self.pipeline, error = %e, offsets = %describe(offsets), "cannot commit offsets; committing again with the next acknowledgement");
+            let mut o = lock(&self.offsets);
+            for e in offsets.elements() {
+                if let Some(p) = o.parts.get_mut(&(Arc::from(e.topic()), e.partition())) {
+                    p.committed = None;
+                }
+            }
+        }
+    }
+}
+
+/// `topic[partition]@offset, …`.
+fn describe(tpl: &TopicPartitionList) -> String {
+    tpl.elements()
+        .iter()
+        .map(|e| match e.offset() {
+            Offset::Offset(o) => format!("{}[{}]@{o}", e.topic(), e.partition()),
+            _ => format!("{}[{}]", e.topic(), e.partition()),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// A worker's member of the pipeline's consumer group.
+pub struct KafkaSource {
+    consumer: Arc<StreamConsumer<Ctx>>,
+    window: usize,
+    pump: tokio::task::AbortHandle,
+}
+
+impl KafkaSource {
+    fn commit(&self, mode: CommitMode) {
+        let tpl = lock(&self.consumer.context().offsets).take_commit(None);
+        if tpl.count() == 0 {
+            return;
+        }
+        if let Err(e) = self.consumer.commit(&tpl, mode) {
+            tracing::warn!(pipeline = %self.consumer.context().pipeline, error = %e, offsets = %describe(&tpl), "cannot commit offsets; committing again with the next acknowledgement");
+            let mut o = lock(&self.consumer.context().offsets);
+            for e in tpl.elements() {
+                if let Some(p) = o.parts.get_mut(&(Arc::from(e.topic()), e.partition())) {
+                    p.committed = None;
+                }
+            }
+        }
+    }
+}
+
+impl Source for KafkaSource {
+    type Ack = Ack;
+
+    fn window(&self) -> usize {
+        self.window
+    }
+
+    /// Moves each partition's frontier and commits it (asynchronously). A record of
+    /// a partition given up since is dropped: its new owner reads it again.
+    async fn ack(&self, acks: Vec<(Ack, Outcome)>) -> Result<u64, StreamError> {
+        let mut n = 0;
+        {
+            let mut o = lock(&self.consumer.context().offsets);
+            for (a, _) in &acks {
+                if let Some(p) = o.parts.get_mut(&(a.topic.clone(), a.partition))
+                    && p.generation == a.generation
+                {
+                    p.acked = Some(p.acked.map_or(a.offset + 1, |x| x.max(a.offset + 1)));
+                    n += 1;
+                }
+            }
+        }
+        self.commit(CommitMode::Async);
+        Ok(n)
+    }
+
+    /// Kafka never sends a record again on its own: nothing to say.
+    async fn hold<'a>(&'a self, _held: Vec<&'a Ack>) {}
+
+    fn stop(&self) {
+        self.pump.abort();
+    }
+
+    /// What is not acknowledged is not committed: the partition's next owner (or this
+    /// worker's next run) reads it again from the last commit.
+    async fn release(&self, _unacked: Vec<Ack>) {}
+
+    /// Stops fetching (the runner finishes what it holds; `close` commits it and
+    /// leaves the group, which gives the partitions to the others).
+    async fn leave(&self) {
+        if let Ok(a) = self.consumer.assignment()
+            && let Err(e) = self.consumer.pause(&a)
+        {
+            tracing::debug!(error = %e, "cannot pause the partitions");
+        }
+    }
+
+    /// Commits what was acknowledged (synchronously), then leaves the group.
+    async fn close(&self) {
+        self.pump.abort();
+        let this = self.consumer.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            let tpl = lock(&this.context().offsets).take_commit(None);
+            if tpl.count() > 0
+                && let Err(e) = this.commit(&tpl, CommitMode::Sync)
+            {
+                tracing::warn!(pipeline = %this.context().pipeline, error = %e, "cannot commit the last offsets: their records are read again");
+            }
+            this.unsubscribe();
+        })
+        .await;
+    }
+}
+
+/// The consumer's librdkafka settings.
+fn config(spec: &KafkaSourceSpec, pipeline: &str, worker: &str) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    for (k, v) in &spec.options {
+        c.set(k, v);
+    }
+    c.set("bootstrap.servers", &spec.brokers)
+        .set("group.id", &spec.group)
+        .set("client.id", format!("etlmesh-{pipeline}-{worker}"))
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", &spec.start)
+        .set(
+            "isolation.level",
+            if spec.read_committed {
+                "read_committed"
+            } else {
+                "read_uncommitted"
+            },
+        )
+        .set("partition.assignment.strategy", "cooperative-sticky")
+        .set("statistics.interval.ms", "2000")
+        // What librdkafka fetches ahead, per partition; the runner's bound is the rest.
+        .set("queued.max.messages.kbytes", "16384");
+    if !spec.options.contains_key("session.timeout.ms") {
+        // A worker killed is noticed in 10 s (librdkafka's default is 45 s).
+        c.set("session.timeout.ms", "10000");
+    }
+    c
+}
+
+/// Checks that the brokers answer and the topics exist (a pattern may match none
+/// yet), with a clear error naming what is wrong.
+async fn check(
+    consumer: &Arc<StreamConsumer<Ctx>>,
+    spec: &KafkaSourceSpec,
+) -> Result<(), StreamError> {
+    let err = |message: String| StreamError::Kafka {
+        brokers: spec.brokers.clone(),
+        message,
+    };
+    let c = consumer.clone();
+    let md = tokio::task::spawn_blocking(move || {
+        c.fetch_metadata(None, Duration::from_secs(10)).map(|m| {
+            m.topics()
+                .iter()
+                .filter(|t| t.error().is_none())
+                .map(|t| (t.name().to_string(), t.partitions().len()))
+                .collect::<HashMap<String, usize>>()
+        })
+    })
+    .await
+    .map_err(|e| err(e.to_string()))?;
+    let topics = md.map_err(|e| {
+        let last = consumer
+            .context()
+            .last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        err(format!(
+            "cannot reach the brokers within 10 s: {}; check `brokers` and that Kafka runs (and `options` for TLS/SASL)",
+            last.unwrap_or_else(|| e.to_string())
+        ))
+    })?;
+    if !spec.pattern {
+        for t in &spec.topics {
+            if !topics.contains_key(t) {
+                return Err(err(format!(
+                    "topic `{t}` does not exist; create it (`kafka-topics.sh --create --topic {t} --partitions 8`) or check the name"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A record read, before its share of the bounds is taken.
+struct Pending {
+    /// The assignment of its partition when it was read.
+    generation: u64,
+    topic: Arc<str>,
+    place: Arc<str>,
+    payload: Bytes,
+    meta: Meta,
+}
+
+fn read(
+    m: &BorrowedMessage<'_>,
+    topics: &mut HashMap<String, Arc<str>>,
+    offsets: &Mutex<Offsets>,
+) -> Pending {
+    let topic = match topics.get(m.topic()) {
+        Some(t) => t.clone(),
+        None => {
+            let t: Arc<str> = Arc::from(m.topic());
+            topics.insert(m.topic().to_string(), t.clone());
+            t
+        }
+    };
+    let headers = m
+        .headers()
+        .map(|h| {
+            h.iter()
+                .map(|x| (Arc::from(x.key), x.value.map(Bytes::copy_from_slice)))
+                .collect()
+        })
+        .unwrap_or_default();
+    let generation = lock(offsets)
+        .parts
+        .get(&(topic.clone(), m.partition()))
+        .map_or(0, |o| o.generation);
+    Pending {
+        generation,
+        place: Arc::from(format!("{topic}/{}@{}", m.partition(), m.offset())),
+        payload: m.payload().map(Bytes::copy_from_slice).unwrap_or_default(),
+        meta: Meta {
+            key: m.key().map(Bytes::copy_from_slice),
+            topic: Some(topic.clone()),
+            partition: Some(m.partition()),
+            offset: Some(m.offset()),
+            timestamp_ms: m.timestamp().to_millis(),
+            headers,
+        },
+        topic,
+    }
+}
+
+/// Pauses or resumes every partition owned.
+fn set_paused(consumer: &StreamConsumer<Ctx>, pause: bool) {
+    let Ok(a) = consumer.assignment() else {
+        return;
+    };
+    let r = if pause {
+        consumer.pause(&a)
+    } else {
+        consumer.resume(&a)
+    };
+    if let Err(e) = r {
+        tracing::debug!(error = %e, pause, "cannot pause or resume the partitions");
+    }
+}
+
+/// Joins the group, checks the brokers and topics, and starts reading. Records arrive
+/// on the returned channel; the lag goes to `metrics`.
+pub async fn open(
+    spec: &KafkaSourceSpec,
+    pipeline: &str,
+    worker: &str,
+    metrics: StreamMetrics,
+) -> Result<(KafkaSource, mpsc::Receiver<Delivery<Ack>>, JoinHandle<()>), StreamError> {
+    let ctx = Ctx {
+        pipeline: pipeline.to_string(),
+        offsets: Arc::default(),
+        metrics,
+        last_error: Mutex::new(None),
+    };
+    let consumer: StreamConsumer<Ctx> = config(spec, pipeline, worker)
+        .create_with_context(ctx)
+        .map_err(|e| StreamError::Kafka {
+            brokers: spec.brokers.clone(),
+            message: format!("cannot make a consumer: {e}; check `options`"),
+        })?;
+    let consumer = Arc::new(consumer);
+    check(&consumer, spec).await?;
+    let topics: Vec<&str> = spec.topics.iter().map(String::as_str).collect();
+    consumer
+        .subscribe(&topics)
+        .map_err(|e| StreamError::Kafka {
+            brokers: spec.brokers.clone(),
+            message: format!("cannot subscribe to {}: {e}", spec.topics.join(", ")),
+        })?;
+    tracing::info!(pipeline, brokers = %spec.brokers, topics = %spec.topics.join(","), group = %spec.group, max_pending = spec.max_pending, "Kafka consumer joined its group");
+    let window = spec.max_pending.max(2);
+    let (tx, rx) = mpsc::channel(window);
+    let count = Arc::new(Semaphore::new(window));
+    let budget = Arc::new(Semaphore::new(HELD_BYTES >> 10));
+    let c = consumer.clone();
+    let pipeline = pipeline.to_string();
+    let task = tokio::spawn(async move {
+        let mut seq = 0u64;
+        let mut names = HashMap::new();
+        let mut early: VecDeque<Pending> = VecDeque::new();
+        let mut paused = false;
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let p = match early.pop_front() {
+                Some(p) => p,
+                None => {
+                    if paused {
+                        set_paused(&c, false);
+                        paused = false;
+                    }
+                    match c.recv().await {
+                        Ok(m) => {
+                            backoff = Duration::from_millis(100);
+                            read(&m, &mut names, &c.context().offsets)
+                        }
+                        Err(e) => {
+                            if tx.is_closed() {
+                                return;
+                            }
+                            tracing::warn!(pipeline = %pipeline, error = %e, retry_in_ms = backoff.as_millis() as u64, "Kafka consumer: {e}; going on (what was not committed is read again)");
+                            tokio::time::sleep(backoff).await;
+                            backoff = (backoff * 2).min(Duration::from_secs(5));
+                            continue;
+                        }
+                    }
+                }
+            };
+            let kib = (p.payload.len() >> 10).clamp(1, HELD_BYTES >> 10) as u32;
+            // Its share of the bounds; while the runner catches up, the partitions are
+            // paused and the consumer kept polled (heartbeats, rebalances).
+            let (one, bytes) = loop {
+                let permits = async {
+                    let one = count.clone().acquire_owned().await.ok()?;
+                    let bytes = budget.clone().acquire_many_owned(kib).await.ok()?;
+                    Some((one, bytes))
+                };
+                tokio::select! {
+                    biased;
+                    got = permits => match got {
+                        Some(p) => break p,
+                        None => return,
+                    },
+                    () = tokio::time::sleep(Duration::from_millis(50)), if !paused => {
+                        set_paused(&c, true);
+                        paused = true;
+                    }
+                    r = c.recv(), if paused && early.len() < EARLY_MAX => {
+                        if let Ok(m) = r {
+                            early.push_back(read(&m, &mut names, &c.context().offsets));
+                        }
+                    }
+                }
+            };
+            seq += 1;
+            let d = Delivery {
+                seq,
+                redelivered: false,
+                topic: p.place,
+                payload: p.payload,
+                ack: Ack {
+                    topic: p.topic,
+                    partition: p.meta.partition.unwrap_or(-1),
+                    offset: p.meta.offset.unwrap_or(-1),
+                    generation: p.generation,
+                    _count: one,
+                    _bytes: bytes,
+                },
+                meta: p.meta,
+            };
+            if tx.send(d).await.is_err() {
+                return;
+            }
+        }
+    });
+    Ok((
+        KafkaSource {
+            consumer,
+            window,
+            pump: task.abort_handle(),
+        },
+        rx,
+        task,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_partitions_acknowledged_past_their_commit_are_committed() {
+        let mut o = Offsets::default();
+        let t: Arc<str> = Arc::from("r");
+        for (p, acked, committed) in [
+            (0, Some(10), Some(5)),
+            (1, Some(7), Some(7)),
+            (2, None, None),
+        ] {
+            o.parts.insert(
+                (t.clone(), p),
+                Owned {
+                    generation: 1,
+                    acked,
+                    committed,
+                },
+            );
+        }
+        let tpl = o.take_commit(None);
+        assert_eq!(tpl.count(), 1);
+        let e = tpl.find_partition("r", 0).expect("partition 0");
+        assert_eq!(e.offset(), Offset::Offset(10));
+        assert_eq!(o.parts[&(t.clone(), 0)].committed, Some(10));
+        // Nothing new: nothing to commit.
+        assert_eq!(o.take_commit(None).count(), 0);
+        // Only the partitions asked for (a revoke).
+        o.parts.get_mut(&(t.clone(), 0)).expect("p0").acked = Some(12);
+        o.parts.get_mut(&(t.clone(), 1)).expect("p1").acked = Some(9);
+        let mut only = TopicPartitionList::new();
+        only.add_partition("r", 1);
+        let tpl = o.take_commit(Some(&only));
+        assert_eq!(tpl.count(), 1);
+        assert_eq!(
+            tpl.find_partition("r", 1).expect("p1").offset(),
+            Offset::Offset(9)
+        );
+    }
+}

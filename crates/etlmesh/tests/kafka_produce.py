@@ -1,0 +1,101 @@
+"""A Kafka producer that is not ours: confluent-kafka (librdkafka, from PyPI).
+
+Used by the Kafka source tests. It produces `--count` readings to `--topic`, as JSON
+values {"seq", "ts", "temperature_c"} keyed by the device ("dev-<n>" of `--devices`),
+with a header `trace: t-<seq>`, at about `--rate` per second (idempotent, every
+delivery report awaited). It prints one JSON line: {"acked": n, "failed": f}.
+
+`committed` mode (`--committed GROUP`): prints {"committed": c, "end": e, "lag": l}
+summed over the topic's partitions, as the group's coordinator says.
+"""
+
+import argparse
+import json
+import sys
+import time
+
+import confluent_kafka as ck
+
+
+def produce(args) -> int:
+    p = ck.Producer(
+        {
+            "bootstrap.servers": args.brokers,
+            "enable.idempotence": True,
+            "linger.ms": 5,
+        }
+    )
+    acked, failed = 0, 0
+
+    def report(err, _msg):
+        nonlocal acked, failed
+        if err is None:
+            acked += 1
+        else:
+            failed += 1
+
+    start = time.time()
+    t0 = 1_700_000_000_000
+    for seq in range(args.count):
+        device = f"dev-{seq % args.devices}"
+        value = json.dumps(
+            {"seq": seq, "ts": t0 + seq * args.step_ms, "temperature_c": 20.0 + (seq % 100) / 10}
+        )
+        while True:
+            try:
+                p.produce(
+                    args.topic,
+                    value=value.encode(),
+                    key=device.encode(),
+                    headers=[("trace", f"t-{seq}".encode())],
+                    on_delivery=report,
+                )
+                break
+            except BufferError:
+                p.poll(0.05)
+        p.poll(0)
+        if args.rate > 0:
+            ahead = (seq + 1) / args.rate - (time.time() - start)
+            if ahead > 0:
+                time.sleep(ahead)
+    p.flush(60)
+    print(json.dumps({"acked": acked, "failed": failed}))
+    return 0
+
+
+def committed(args) -> int:
+    c = ck.Consumer({"bootstrap.servers": args.brokers, "group.id": args.committed})
+    md = c.list_topics(args.topic, timeout=10)
+    parts = [ck.TopicPartition(args.topic, p) for p in md.topics[args.topic].partitions]
+    done = c.committed(parts, timeout=10)
+    total_committed, total_end = 0, 0
+    for tp in done:
+        _, high = c.get_watermark_offsets(ck.TopicPartition(args.topic, tp.partition), timeout=10)
+        total_end += high
+        total_committed += max(tp.offset, 0)
+    c.close()
+    print(
+        json.dumps(
+            {"committed": total_committed, "end": total_end, "lag": total_end - total_committed}
+        )
+    )
+    return 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--brokers", required=True)
+    ap.add_argument("--topic", required=True)
+    ap.add_argument("--count", type=int, default=0)
+    ap.add_argument("--devices", type=int, default=50)
+    ap.add_argument("--rate", type=float, default=0, help="records per second; 0 is as fast as it can")
+    ap.add_argument("--step-ms", type=int, default=100, help="event time between readings")
+    ap.add_argument("--committed", help="print the committed offsets of this group instead")
+    args = ap.parse_args()
+    if args.committed:
+        return committed(args)
+    return produce(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
