@@ -37,6 +37,8 @@ pub struct NatsSourceSpec {
     pub format: Format,
     /// Micro-batch bounds.
     pub batch: MicroBatch,
+    /// Columns taken from the message rather than its payload: its subject, headers.
+    pub metadata: Vec<(String, crate::kafka::RecordField)>,
 }
 
 /// Rows published to JetStream.
@@ -78,6 +80,9 @@ impl crate::stream::StreamSourceKind for NatsSourceSpec {
     fn batch(&self) -> MicroBatch {
         self.batch
     }
+    fn metadata(&self) -> &[(String, crate::kafka::RecordField)] {
+        &self.metadata
+    }
 }
 
 /// `{ type: nats, url, stream, subject, ... }` (a source) as written.
@@ -94,6 +99,8 @@ pub(crate) struct RawNatsSource {
     pub ack_wait: Option<Span>,
     pub max_ack_pending: Option<usize>,
     pub batch: Option<RawMicroBatch>,
+    #[serde(default)]
+    pub columns: std::collections::BTreeMap<String, String>,
 }
 
 /// `{ type: nats, url, subject, stream, create, key }` (a sink) as written.
@@ -243,7 +250,30 @@ pub(crate) fn resolve_source(
                 .with_help("30s is the default: a message is sent again only after it"),
         );
     }
+    let mut metadata = Vec::new();
+    for (col, what) in &s.columns {
+        use crate::kafka::RecordField;
+        let f = match what.as_str() {
+            "subject" => Some(RecordField::Topic),
+            h => h
+                .strip_prefix("header:")
+                .filter(|h| !h.is_empty())
+                .map(|h| RecordField::Header(h.into())),
+        };
+        match f {
+            Some(f) => metadata.push((col.clone(), f)),
+            None => out.push(
+                Diagnostic::new(
+                    file,
+                    field(&format!("columns.{col}")),
+                    format!("`{what}` is not a part of a message"),
+                )
+                .with_help("use subject or header:<name> (subject tokens: write them as {column} in `subject`)"),
+            ),
+        }
+    }
     NatsSourceSpec {
+        metadata,
         url,
         stream,
         subject,
@@ -330,6 +360,35 @@ mod tests {
         assert_eq!(c, vec![(1, "device_id".to_string())]);
         subject_columns("s.dev-{id}", "x", Path::new("f"), &mut out);
         assert_eq!(out.len(), 1);
+    }
+
+    #[test]
+    fn the_subject_and_headers_can_be_columns() {
+        let yaml = |cols: &str| {
+            format!(
+                "pipelines:\n  p:\n    source: {{ type: nats, stream: S, subject: s.r, columns: {cols} }}\n    schema: {{ seq: int64 }}\n    sinks: [{{ type: ndjson, path: o }}]\n    dead_letter: {{ type: ndjson, path: d }}\n"
+            )
+        };
+        let f = crate::PipelineFile::parse(
+            "n.yaml",
+            yaml("{ subj: subject, id: 'header:Nats-Msg-Id' }"),
+        )
+        .expect("valid");
+        let src = f.spec.pipelines[0].stream_source().expect("a stream");
+        assert_eq!(
+            src.metadata(),
+            [
+                (
+                    "id".to_string(),
+                    crate::RecordField::Header("Nats-Msg-Id".into())
+                ),
+                ("subj".to_string(), crate::RecordField::Topic),
+            ]
+        );
+        let e = crate::PipelineFile::parse("n.yaml", yaml("{ k: key }"))
+            .expect_err("a JetStream message has no key")
+            .to_string();
+        assert!(e.contains("pipelines.p.source.columns.k"), "{e}");
     }
 
     #[test]

@@ -75,7 +75,12 @@ async fn kill_9_of_one_of_two_workers_loses_nothing_into_postgres_and_parquet() 
         "s.yaml",
         format!(
             "pipelines:\n  live:\n{}    dedup: [device_id, seq]\n    sinks:\n      - {{ type: postgres, url: \"{}\", table: {table}, create: true }}\n      - {{ type: parquet, path: out/rows, roll_interval: 1s }}\n    dead_letter: {{ type: ndjson, path: out/dead }}\n",
-            source(NATS, &prefix, &stream, ""),
+            source(
+                NATS,
+                &prefix,
+                &stream,
+                r#", columns: { subj: subject, msg_id: "header:Nats-Msg-Id" }"#
+            ),
             pg::MACHINE_URL
         ),
     );
@@ -114,6 +119,13 @@ async fn kill_9_of_one_of_two_workers_loses_nothing_into_postgres_and_parquet() 
         up.output()
     );
     assert_eq!(rows, total as i64, "each key once (dedup)");
+    // The subject and a header became columns (nats_publish.py sets Nats-Msg-Id to seq).
+    let wrong = pg::count(
+        &db,
+        &format!("SELECT count(*) FROM {table} WHERE msg_id IS DISTINCT FROM seq::text OR subj <> '{prefix}.' || device_id || '.reading'"),
+    )
+    .await;
+    assert_eq!(wrong, 0, "subject and header columns");
     let (keys, repeats) = eventually(Duration::from_secs(60), || {
         let (k, r) = distinct_keys(&parquet_keys(&scratch.path("out/rows")));
         (k.len() >= want.len(), (k, r))

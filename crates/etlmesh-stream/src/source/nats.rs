@@ -280,6 +280,7 @@ pub async fn open(
     let (tx, rx) = mpsc::channel(batch.max(1) * 2);
     let budget = Arc::new(Semaphore::new(HELD_BYTES >> 10));
     let pipeline = pipeline.to_string();
+    let with_meta = !spec.metadata.is_empty();
     let task = tokio::spawn(async move {
         let mut seq = 0u64;
         let mut backoff = Duration::from_millis(100);
@@ -338,8 +339,29 @@ pub async fn open(
                     seq,
                     redelivered,
                     topic: Arc::from(msg.subject.as_str()),
+                    meta: if with_meta {
+                        super::Meta {
+                            topic: Some(Arc::from(msg.subject.as_str())),
+                            headers: msg
+                                .headers
+                                .iter()
+                                .flat_map(|h| h.iter())
+                                .flat_map(|(k, vs)| {
+                                    let k: Arc<str> = Arc::from(k.as_ref());
+                                    vs.iter().map(move |v| {
+                                        (
+                                            k.clone(),
+                                            Some(Bytes::copy_from_slice(v.as_str().as_bytes())),
+                                        )
+                                    })
+                                })
+                                .collect(),
+                            ..Default::default()
+                        }
+                    } else {
+                        super::Meta::default()
+                    },
                     payload: msg.payload,
-                    meta: super::Meta::default(),
                     ack: Ack {
                         reply,
                         _budget: permit,
