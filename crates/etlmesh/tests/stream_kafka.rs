@@ -386,3 +386,107 @@ async fn kill_9_of_one_of_three_kafka_workers_loses_nothing_and_commits_past_eve
         .await
         .expect("drop");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kafka_backlog_scales_the_pipeline_out_on_its_partition_lag_and_back() {
+    let Some(bin) = ready() else { return };
+    let broker = Broker::start(bin);
+    let topic = "readings-lag";
+    broker.create_topic(topic, 4);
+    let total = 30_000;
+    let sent = produced(produce(&broker.address(), topic, total, 50, 0));
+    assert_eq!((sent.acked, sent.failed), (total, 0));
+    // A slow sink: every statement takes 200 ms more (a trigger), so a worker loads
+    // about 1,000 rows a second (micro-batches of 200) and the backlog lasts.
+    let id = std::process::id();
+    let (table, group) = (format!("kafka_lag_{id}"), format!("etlmesh-lag-{id}"));
+    let db = common::pg::connect(common::pg::MACHINE_URL).await;
+    db.batch_execute(&format!(
+        "DROP TABLE IF EXISTS {table};
+         CREATE TABLE {table} (device_id text, seq bigint, ts timestamptz, temperature_c float8, part int, off bigint, trace text);
+         CREATE OR REPLACE FUNCTION {table}_slow() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_sleep(0.2); RETURN NULL; END $$;
+         CREATE TRIGGER slow AFTER INSERT ON {table} FOR EACH STATEMENT EXECUTE FUNCTION {table}_slow();"
+    ))
+    .await
+    .expect("slow table");
+    let scratch = Scratch::new();
+    let pipeline = kafka_pipeline_with(
+        &broker.address(),
+        topic,
+        &group,
+        &table,
+        "    scaling: { min_replicas: 1, max_replicas: 2, target_lag: 5000, scale_down_window: 5s }\n",
+    )
+    .replace("records: 2000", "records: 200");
+    scratch.write("s.yaml", pipeline);
+    let up = Proc::up(scratch.dir.path(), &["-c", "s.yaml"]);
+    let admin = up.url("control plane");
+    let http = common::mesh::Http::new();
+    let reasons = || async {
+        http.get(&format!("{admin}/api/v1/scaling")).await.json()["events"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|e| e["reason"].as_str().unwrap_or("").to_string())
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default()
+    };
+    let start = Instant::now();
+    let out = loop {
+        let r = reasons().await;
+        if let Some(out) = r.iter().find(|r| r.starts_with("1 → 2")) {
+            break out.clone();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(40),
+            "no scale-out on a backlog of {total}: {r:?}\n{}",
+            up.output()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    eprintln!("scaled out after {:?}: {out}", start.elapsed());
+    assert!(out.contains(", lag "), "{out}");
+    let distinct = format!("SELECT count(DISTINCT seq) FROM {table}");
+    while common::pg::count(&db, &distinct).await < total as i64 {
+        assert!(
+            start.elapsed() < Duration::from_secs(150),
+            "every record loaded: {} of {total}\n{}",
+            common::pg::count(&db, &distinct).await,
+            up.output()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    eprintln!("drained after {:?}", start.elapsed());
+    let drained = Instant::now();
+    loop {
+        let r = reasons().await;
+        if let Some(down) = r.iter().find(|r| r.starts_with("2 → 1")) {
+            eprintln!("scaled in {:?} after draining: {down}", drained.elapsed());
+            break;
+        }
+        assert!(
+            drained.elapsed() < Duration::from_secs(60),
+            "no scale-in once drained: {r:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let start = Instant::now();
+    loop {
+        let c = committed(&broker.address(), topic, &group);
+        if c.committed == total as i64 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "offsets committed past every record: {c:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    drop(up);
+    db.batch_execute(&format!(
+        "DROP TABLE IF EXISTS {table}; DROP FUNCTION IF EXISTS {table}_slow();"
+    ))
+    .await
+    .expect("drop");
+}

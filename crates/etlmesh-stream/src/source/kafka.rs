@@ -129,10 +129,10 @@ impl ClientContext for Ctx {
                 let mine = owned
                     .iter()
                     .any(|(ot, op)| ot.as_ref() == topic.as_str() && op == id);
-                if mine && p.consumer_lag >= 0 {
-                    total += p.consumer_lag;
+                if mine && let Some(lag) = lag(p) {
+                    total += lag;
                     self.metrics
-                        .partition_lag(&self.pipeline, topic, *id, Some(p.consumer_lag));
+                        .partition_lag(&self.pipeline, topic, *id, Some(lag));
                 } else if !mine {
                     self.metrics.partition_lag(&self.pipeline, topic, *id, None);
                 }
@@ -141,6 +141,15 @@ impl ClientContext for Ctx {
         self.metrics
             .source_backlog(&self.pipeline, u64::try_from(total).unwrap_or(0), 0);
     }
+}
+
+/// A partition's lag: librdkafka's (the end minus the committed offset), or, before the
+/// group committed anything, the end minus where reading starts (the low watermark).
+fn lag(p: &rdkafka::statistics::Partition) -> Option<i64> {
+    if p.consumer_lag >= 0 {
+        return Some(p.consumer_lag);
+    }
+    (p.hi_offset >= 0 && p.committed_offset < 0).then(|| p.hi_offset - p.lo_offset.max(0))
 }
 
 impl ConsumerContext for Ctx {
