@@ -82,33 +82,32 @@ pub(crate) fn resolve(
         RawSource::Mqtt(m) => {
             no_header(m.csv.as_ref(), "MQTT", base, file, out);
             let spec = crate::stream::resolve_mqtt(&m, pipeline, base, file, out);
-            SourceSpec {
-                format: m.format,
-                csv: csv(m.csv, out),
-                kind: SourceKind::Mqtt(Box::new(spec)),
-                infer_rows: 1000,
-            }
+            stream_source(m.format, csv(m.csv, out), SourceKind::Mqtt(Box::new(spec)))
         }
         RawSource::Nats(n) => {
             no_header(n.csv.as_ref(), "NATS", base, file, out);
             let spec = crate::nats::resolve_source(&n, pipeline, base, file, out);
-            SourceSpec {
-                format: n.format,
-                csv: csv(n.csv, out),
-                kind: SourceKind::Nats(Box::new(spec)),
-                infer_rows: 1000,
-            }
+            stream_source(n.format, csv(n.csv, out), SourceKind::Nats(Box::new(spec)))
         }
         RawSource::Kafka(k) => {
             no_header(k.csv.as_ref(), "Kafka", base, file, out);
             let spec = crate::kafka::resolve_source(&k, pipeline, base, file, out);
-            SourceSpec {
-                format: k.format,
-                csv: csv(k.csv, out),
-                kind: SourceKind::Kafka(Box::new(spec)),
-                infer_rows: 1000,
-            }
+            stream_source(k.format, csv(k.csv, out), SourceKind::Kafka(Box::new(spec)))
         }
+    }
+}
+
+/// The source spec of a stream (messages, not files: no schema inference).
+fn stream_source(
+    format: Option<Format>,
+    csv: crate::spec::CsvOptions,
+    kind: SourceKind,
+) -> SourceSpec {
+    SourceSpec {
+        format,
+        csv,
+        kind,
+        infer_rows: 1000,
     }
 }
 

@@ -171,6 +171,47 @@ fn kafka_pipeline_with(
     )
 }
 
+/// Waits until `table` holds `total` distinct `key`s, at most `within`.
+async fn all_loaded(
+    db: &tokio_postgres::Client,
+    table: &str,
+    key: &str,
+    total: u64,
+    within: Duration,
+    up: &Proc,
+) {
+    let start = Instant::now();
+    let distinct = format!("SELECT count(DISTINCT {key}) FROM {table}");
+    while common::pg::count(db, &distinct).await < total as i64 {
+        assert!(
+            start.elapsed() < within,
+            "every record in PostgreSQL: {} of {total}\n{}",
+            common::pg::count(db, &distinct).await,
+            up.output()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// Waits until `group`'s committed offsets of `topic` add up to `total` records: offsets
+/// start at 0 without gaps, so they are past every record. (tansu does not answer the end
+/// of a partition, so the lag it gives is not used.)
+async fn all_committed(brokers: &str, topic: &str, group: &str, total: u64, up: &Proc) {
+    let start = Instant::now();
+    loop {
+        let c = committed(brokers, topic, group);
+        if c.committed == total as i64 {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "offsets committed past every record: {c:?}\n{}",
+            up.output()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 /// Makes `table` for the Kafka pipeline's rows.
 async fn kafka_table(db: &tokio_postgres::Client, table: &str) {
     db.batch_execute(&format!(
@@ -216,17 +257,7 @@ async fn kafka_into_postgres_through_a_group_of_two_commits_every_offset_with_re
     .await
     .expect("producer");
     assert_eq!((sent.acked, sent.failed), (total, 0));
-    let start = Instant::now();
-    let distinct = format!("SELECT count(DISTINCT seq) FROM {table}");
-    while common::pg::count(&db, &distinct).await < total as i64 {
-        assert!(
-            start.elapsed() < Duration::from_secs(120),
-            "every record in PostgreSQL: {} of {total}\n{}",
-            common::pg::count(&db, &distinct).await,
-            up.output()
-        );
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    all_loaded(&db, &table, "seq", total, Duration::from_secs(120), &up).await;
     let rows = common::pg::count(&db, &format!("SELECT count(*) FROM {table}")).await;
     eprintln!("kafka → postgres: {rows} rows for {total} records");
     let count = |sql: &str| {
@@ -260,22 +291,7 @@ async fn kafka_into_postgres_through_a_group_of_two_commits_every_offset_with_re
         "offsets without gaps"
     );
     // The group committed past everything.
-    let start = Instant::now();
-    loop {
-        let c = committed(&broker.address(), topic, &group);
-        // Offsets start at 0 without gaps (checked above): the group's next offsets
-        // add up to the records. (tansu's high watermark is not the end, so the lag
-        // it gives is not used.)
-        if c.committed == total as i64 {
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "offsets committed past every record: {c:?}\n{}",
-            up.output()
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    all_committed(&broker.address(), topic, &group, total, &up).await;
     drop(up);
     db.batch_execute(&format!("DROP TABLE IF EXISTS {table}"))
         .await
@@ -348,16 +364,15 @@ async fn kill_9_of_one_of_three_kafka_workers_loses_nothing_and_commits_past_eve
         .expect("producer");
     assert_eq!((sent.acked, sent.failed), (total, 0));
     let start = Instant::now();
-    let distinct = format!("SELECT count(DISTINCT (device_id, seq)) FROM {table}");
-    while common::pg::count(&db, &distinct).await < total as i64 {
-        assert!(
-            start.elapsed() < Duration::from_secs(400),
-            "every record in PostgreSQL: {} of {total}\n{}",
-            common::pg::count(&db, &distinct).await,
-            up.output()
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    all_loaded(
+        &db,
+        &table,
+        "(device_id, seq)",
+        total,
+        Duration::from_secs(400),
+        &up,
+    )
+    .await;
     let rows = common::pg::count(&db, &format!("SELECT count(*) FROM {table}")).await;
     eprintln!(
         "kafka kill -9: {rows} rows for {total} records, {:?} after the last was produced",
@@ -368,22 +383,7 @@ async fn kill_9_of_one_of_three_kafka_workers_loses_nothing_and_commits_past_eve
         up.output().contains("restarting"),
         "the killed worker came back"
     );
-    let start = Instant::now();
-    loop {
-        let c = committed(&broker.address(), topic, &group);
-        // Offsets start at 0 without gaps (checked above): the group's next offsets
-        // add up to the records. (tansu's high watermark is not the end, so the lag
-        // it gives is not used.)
-        if c.committed == total as i64 {
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "offsets committed past every record: {c:?}\n{}",
-            up.output()
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    all_committed(&broker.address(), topic, &group, total, &up).await;
     drop(up);
     db.batch_execute(&format!("DROP TABLE IF EXISTS {table}"))
         .await
@@ -424,68 +424,33 @@ async fn a_kafka_backlog_scales_the_pipeline_out_on_its_partition_lag_and_back()
     scratch.write("s.yaml", pipeline);
     let up = Proc::up(scratch.dir.path(), &["-c", "s.yaml"]);
     let admin = up.url("control plane");
-    let http = common::mesh::Http::new();
-    let reasons = || async {
-        http.get(&format!("{admin}/api/v1/scaling")).await.json()["events"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .map(|e| e["reason"].as_str().unwrap_or("").to_string())
-                    .collect::<Vec<_>>()
-            })
-            .unwrap_or_default()
-    };
     let start = Instant::now();
-    let out = loop {
-        let r = reasons().await;
-        if let Some(out) = r.iter().find(|r| r.starts_with("1 → 2")) {
-            break out.clone();
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(40),
-            "no scale-out on a backlog of {total}: {r:?}\n{}",
-            up.output()
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    };
+    let out = scaling_event(&admin, "1 → 2", Duration::from_secs(40))
+        .await
+        .unwrap_or_else(|r| {
+            panic!(
+                "no scale-out on a backlog of {total}: {r:?}\n{}",
+                up.output()
+            )
+        });
     eprintln!("scaled out after {:?}: {out}", start.elapsed());
     assert!(out.contains(", lag "), "{out}");
-    let distinct = format!("SELECT count(DISTINCT seq) FROM {table}");
-    while common::pg::count(&db, &distinct).await < total as i64 {
-        assert!(
-            start.elapsed() < Duration::from_secs(150),
-            "every record loaded: {} of {total}\n{}",
-            common::pg::count(&db, &distinct).await,
-            up.output()
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    all_loaded(
+        &db,
+        &table,
+        "seq",
+        total,
+        Duration::from_secs(150).saturating_sub(start.elapsed()),
+        &up,
+    )
+    .await;
     eprintln!("drained after {:?}", start.elapsed());
     let drained = Instant::now();
-    loop {
-        let r = reasons().await;
-        if let Some(down) = r.iter().find(|r| r.starts_with("2 → 1")) {
-            eprintln!("scaled in {:?} after draining: {down}", drained.elapsed());
-            break;
-        }
-        assert!(
-            drained.elapsed() < Duration::from_secs(60),
-            "no scale-in once drained: {r:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    let start = Instant::now();
-    loop {
-        let c = committed(&broker.address(), topic, &group);
-        if c.committed == total as i64 {
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "offsets committed past every record: {c:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    let down = scaling_event(&admin, "2 → 1", Duration::from_secs(60))
+        .await
+        .unwrap_or_else(|r| panic!("no scale-in once drained: {r:?}"));
+    eprintln!("scaled in {:?} after draining: {down}", drained.elapsed());
+    all_committed(&broker.address(), topic, &group, total, &up).await;
     drop(up);
     db.batch_execute(&format!(
         "DROP TABLE IF EXISTS {table}; DROP FUNCTION IF EXISTS {table}_slow();"

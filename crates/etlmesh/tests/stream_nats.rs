@@ -543,30 +543,15 @@ async fn a_backlog_scales_the_pipeline_out_on_its_lag_and_back_once_drained() {
     );
     let up = Proc::up(scratch.dir.path(), &["-c", "s.yaml"]);
     let admin = up.url("control plane");
-    let http = common::mesh::Http::new();
-    let reasons = || async {
-        http.get(&format!("{admin}/api/v1/scaling")).await.json()["events"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .map(|e| e["reason"].as_str().unwrap_or("").to_string())
-                    .collect::<Vec<_>>()
-            })
-            .unwrap_or_default()
-    };
     let start = Instant::now();
-    let up_reason = loop {
-        let r = reasons().await;
-        if let Some(up) = r.iter().find(|r| r.starts_with("1 → 2")) {
-            break up.clone();
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "no scale-out on a backlog of {total}: {r:?}\n{}",
-            up.output()
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    };
+    let up_reason = scaling_event(&admin, "1 → 2", Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|r| {
+            panic!(
+                "no scale-out on a backlog of {total}: {r:?}\n{}",
+                up.output()
+            )
+        });
     eprintln!("scaled out after {:?}: {up_reason}", start.elapsed());
     assert!(up_reason.contains(", lag "), "{up_reason}");
     let distinct = loop {
@@ -592,18 +577,10 @@ async fn a_backlog_scales_the_pipeline_out_on_its_lag_and_back_once_drained() {
     );
     // Drained: back to one worker after the 5 s window.
     let drained = Instant::now();
-    loop {
-        let r = reasons().await;
-        if let Some(down) = r.iter().find(|r| r.starts_with("2 → 1")) {
-            eprintln!("scaled in {:?} after draining: {down}", drained.elapsed());
-            break;
-        }
-        assert!(
-            drained.elapsed() < Duration::from_secs(60),
-            "no scale-in once drained: {r:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    let down = scaling_event(&admin, "2 → 1", Duration::from_secs(60))
+        .await
+        .unwrap_or_else(|r| panic!("no scale-in once drained: {r:?}"));
+    eprintln!("scaled in {:?} after draining: {down}", drained.elapsed());
     drop(up);
     remove_stream(NATS, &stream).await;
     db.batch_execute(&format!(

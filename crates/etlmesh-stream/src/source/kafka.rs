@@ -93,6 +93,18 @@ impl Offsets {
     }
 }
 
+impl Offsets {
+    /// A commit of `tpl` failed: its partitions are committed again with the next
+    /// acknowledgement.
+    fn uncommit(&mut self, tpl: &TopicPartitionList) {
+        for e in tpl.elements() {
+            if let Some(p) = self.parts.get_mut(&(Arc::from(e.topic()), e.partition())) {
+                p.committed = None;
+            }
+        }
+    }
+}
+
 fn lock(o: &Mutex<Offsets>) -> std::sync::MutexGuard<'_, Offsets> {
     o.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -204,12 +216,7 @@ impl ConsumerContext for Ctx {
     ) {
         if let Err(e) = result {
             tracing::warn!(pipeline = %self.pipeline, error = %e, offsets = %describe(offsets), "cannot commit offsets; committing again with the next acknowledgement");
-            let mut o = lock(&self.offsets);
-            for e in offsets.elements() {
-                if let Some(p) = o.parts.get_mut(&(Arc::from(e.topic()), e.partition())) {
-                    p.committed = None;
-                }
-            }
+            lock(&self.offsets).uncommit(offsets);
         }
     }
 }
@@ -241,12 +248,7 @@ impl KafkaSource {
         }
         if let Err(e) = self.consumer.commit(&tpl, mode) {
             tracing::warn!(pipeline = %self.consumer.context().pipeline, error = %e, offsets = %describe(&tpl), "cannot commit offsets; committing again with the next acknowledgement");
-            let mut o = lock(&self.consumer.context().offsets);
-            for e in tpl.elements() {
-                if let Some(p) = o.parts.get_mut(&(Arc::from(e.topic()), e.partition())) {
-                    p.committed = None;
-                }
-            }
+            lock(&self.consumer.context().offsets).uncommit(&tpl);
         }
     }
 }

@@ -414,3 +414,38 @@ impl Drop for PrivateBroker {
         }
     }
 }
+
+/// The reasons of the control plane's scaling decisions so far.
+pub async fn scaling_reasons(admin: &str) -> Vec<String> {
+    super::mesh::Http::new()
+        .get(&format!("{admin}/api/v1/scaling"))
+        .await
+        .json()["events"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|e| e["reason"].as_str().unwrap_or("").to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Waits for a scaling decision whose reason starts with `change` (`1 → 2`); the
+/// reasons seen when it did not come within `within`.
+pub async fn scaling_event(
+    admin: &str,
+    change: &str,
+    within: Duration,
+) -> Result<String, Vec<String>> {
+    let start = Instant::now();
+    loop {
+        let r = scaling_reasons(admin).await;
+        if let Some(found) = r.iter().find(|r| r.starts_with(change)) {
+            return Ok(found.clone());
+        }
+        if start.elapsed() >= within {
+            return Err(r);
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
