@@ -13,6 +13,7 @@ mod run;
 mod simulate;
 mod simulate_nats;
 mod sql_diag;
+mod subscribe_kafka;
 mod tap;
 mod token;
 mod top;

@@ -90,7 +90,15 @@ pub struct SubscribeArgs {
     /// The JetStream stream (with `--nats`).
     #[arg(long)]
     pub stream: Option<String>,
-    /// The topic filter (`+` and `#` work), or the subject filter with `--nats`.
+    /// Count what the Kafka topic `--topic` holds, read by a consumer group at these
+    /// bootstrap brokers (committing what it read), instead of an MQTT subscription.
+    #[arg(long, conflicts_with = "nats")]
+    pub kafka: Option<String>,
+    /// The consumer group (with `--kafka`; default: etlmesh-subscribe-<pid>).
+    #[arg(long, requires = "kafka")]
+    pub group: Option<String>,
+    /// The topic filter (`+` and `#` work), the subject filter with `--nats`, the
+    /// topic with `--kafka`.
     #[arg(long, default_value = "sensors/+/reading")]
     pub topic: String,
     /// QoS: 0 or 1.
@@ -107,15 +115,32 @@ pub struct SubscribeArgs {
 /// `etlmesh subscribe`: counts what a topic receives (a bare subscriber).
 pub(crate) fn subscribe(args: &SubscribeArgs) -> Result<(), CliError> {
     let rt = runtime(1)?;
-    if let (Some(url), Some(stream)) = (&args.nats, &args.stream) {
-        let got = rt.block_on(crate::simulate_nats::count(
+    let got = if let (Some(url), Some(stream)) = (&args.nats, &args.stream) {
+        Some(rt.block_on(crate::simulate_nats::count(
             url,
             stream,
             &args.topic,
             args.count,
             args.idle,
             || eprintln!("subscribed to {} on {stream}", args.topic),
-        ))?;
+        ))?)
+    } else if let Some(brokers) = &args.kafka {
+        let group = args
+            .group
+            .clone()
+            .unwrap_or_else(|| format!("etlmesh-subscribe-{}", std::process::id()));
+        Some(rt.block_on(crate::subscribe_kafka::count(
+            brokers,
+            &args.topic,
+            &group,
+            args.count,
+            args.idle,
+            || eprintln!("subscribed to {} as group {group}", args.topic),
+        ))?)
+    } else {
+        None
+    };
+    if let Some(got) = got {
         eprintln!(
             "received {} messages ({} bytes) in {:.3} s: {:.0} msg/s",
             got.messages,

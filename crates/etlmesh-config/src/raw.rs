@@ -47,6 +47,7 @@ pub(crate) struct RawScaling {
     pub target_in_flight: Option<f64>,
     pub target_cpu_percent: Option<f64>,
     pub target_lag: Option<u64>,
+    pub target_drain: Option<Span>,
     pub scale_down_window: Option<Span>,
     pub idle_before_zero: Option<Span>,
 }

@@ -19,8 +19,12 @@ pub struct ScalingSpec {
     /// CPU one worker should use, in percent of a core (also scales when set).
     pub target_cpu_percent: Option<f64>,
     /// Messages waiting in a stream source (its consumer lag) one worker should carry
-    /// (also scales when set; only sources that know their lag report it: JetStream).
+    /// (also scales when set; only sources that know their lag report it: JetStream,
+    /// Kafka).
     pub target_lag: Option<u64>,
+    /// How long the backlog may take to drain at the rate the pool is measured to
+    /// process (also scales when set): a backlog that would take longer adds workers.
+    pub target_drain: Option<Duration>,
     /// No scale-down before the load stayed lower for this long.
     pub scale_down_window: Duration,
     /// With `min_replicas: 0`: no request for this long scales to zero.
@@ -35,6 +39,7 @@ impl Default for ScalingSpec {
             target_in_flight: 8.0,
             target_cpu_percent: None,
             target_lag: None,
+            target_drain: None,
             scale_down_window: Duration::from_secs(30),
             idle_before_zero: Duration::from_secs(60),
         }
@@ -56,6 +61,7 @@ pub(crate) fn resolve(
         target_in_flight: r.target_in_flight.unwrap_or(base.target_in_flight),
         target_cpu_percent: r.target_cpu_percent.or(base.target_cpu_percent),
         target_lag: r.target_lag.or(base.target_lag),
+        target_drain: r.target_drain.map(|s| s.0).or(base.target_drain),
         scale_down_window: r.scale_down_window.map_or(base.scale_down_window, |s| s.0),
         idle_before_zero: r.idle_before_zero.map_or(base.idle_before_zero, |s| s.0),
     };
@@ -98,6 +104,13 @@ pub(crate) fn resolve(
             "target_lag",
             "must be at least 1".into(),
             "10000 adds a worker for every 10,000 messages waiting",
+        );
+    }
+    if s.target_drain.is_some_and(|t| t.is_zero()) {
+        d(
+            "target_drain",
+            "must be above 0".into(),
+            "30s adds workers while the backlog would take longer than 30 s to drain",
         );
     }
     s

@@ -556,7 +556,8 @@ fn resolve_pipeline(
 }
 
 /// Checks that only make sense once the whole pipeline is known: streams need a
-/// schema and a worker, windows one worker, dedup columns must exist.
+/// schema and a worker, windows one worker (or Kafka's partitions), dedup columns
+/// must exist.
 fn check_stream(p: &PipelineSpec, base: &str, file: &Path, out: &mut Vec<Diagnostic>) {
     let d = |field: &str, msg: String| Diagnostic::new(file, format!("{base}.{field}"), msg);
     let source = p.stream_source();
@@ -587,17 +588,21 @@ fn check_stream(p: &PipelineSpec, base: &str, file: &Path, out: &mut Vec<Diagnos
             ),
         );
     }
-    if p.window.is_some() && p.scaling.max_replicas > 1 {
+    // Kafka's partitions are the key partitions: each worker windows the partitions it
+    // owns. MQTT and JetStream have none: every record of a key must reach one worker.
+    let partitioned = matches!(source, Some(crate::StreamSource::Kafka(_)));
+    if p.window.is_some() && p.scaling.max_replicas > 1 && !partitioned {
         out.push(
             d(
                 "scaling.max_replicas",
                 format!(
-                    "is {}, but a windowed pipeline runs on one worker",
-                    p.scaling.max_replicas
+                    "is {}, but a windowed pipeline on {} runs on one worker",
+                    p.scaling.max_replicas,
+                    source.map_or("this source", |s| s.kind())
                 ),
             )
             .with_help(
-                "set `scaling: { max_replicas: 1 }`: a window must see every record of its key",
+                "set `scaling: { max_replicas: 1 }` (a window must see every record of its key), or read from Kafka, whose partitions spread the keys over workers",
             ),
         );
     }

@@ -72,7 +72,39 @@ struct Pool {
     autoscaler: Autoscaler,
     info: PipelineInfo,
     requests_seen: u64,
+    rate: Rate,
     panic: bool,
+}
+
+/// The records a pool processes per second, from its workers' counters.
+#[derive(Debug, Default)]
+struct Rate {
+    /// The counters' sum at the last tick.
+    last: Option<(Instant, u64)>,
+    /// Records per second, smoothed over about 5 s.
+    per_second: f64,
+}
+
+impl Rate {
+    /// Takes the counters' sum at `now`. A sum that went down (a worker went away, with
+    /// its counter) starts the measure again.
+    fn observe(&mut self, now: Instant, total: u64) -> f64 {
+        if let Some((at, last)) = self.last
+            && total >= last
+        {
+            let dt = now.duration_since(at).as_secs_f64();
+            if dt > 0.0 {
+                let now_rate = (total - last) as f64 / dt;
+                self.per_second = if self.per_second == 0.0 {
+                    now_rate
+                } else {
+                    0.8 * self.per_second + 0.2 * now_rate
+                };
+            }
+        }
+        self.last = Some((now, total));
+        self.per_second
+    }
 }
 
 /// A pool as the admin API shows it.
@@ -124,6 +156,7 @@ impl Autoscaling {
                         autoscaler: Autoscaler::new(spec, now),
                         info,
                         requests_seen: 0,
+                        rate: Rate::default(),
                         panic: false,
                     },
                 )
@@ -295,9 +328,11 @@ impl Autoscaling {
                 // reports the same lag: the largest report is the pipeline's. Kafka
                 // workers own partitions: the pipeline's lag is the sum over them.
                 let mut lag = 0u64;
+                let mut records = 0u64;
                 let mut partitions = std::collections::BTreeMap::new();
                 for w in mine {
                     if let Some(u) = w.load.pipelines.get(name) {
+                        records += u.records_total;
                         lag = lag.max(u.source_pending.unwrap_or(0));
                         for p in &u.partitions {
                             partitions.insert((&p.topic, p.partition), p.lag);
@@ -324,6 +359,7 @@ impl Autoscaling {
                     in_flight: w_in_flight.max(g_load) as f64,
                     cpu_percent: cpu,
                     lag: lag as f64,
+                    rate: pool.rate.observe(now, records),
                     active,
                 };
                 self.ready
@@ -374,5 +410,24 @@ impl Autoscaling {
     /// Stops every worker (draining them).
     pub async fn shutdown(&self) {
         self.scaler.shutdown().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_rate_follows_the_counters_and_starts_again_when_a_worker_goes() {
+        let t = Instant::now();
+        let s = |n: u64| t + Duration::from_secs(n);
+        let mut r = Rate::default();
+        assert_eq!(r.observe(s(0), 1_000), 0.0, "unknown before two ticks");
+        assert_eq!(r.observe(s(1), 3_000), 2_000.0);
+        // Smoothed: one tick at 4,000/s moves it a fifth of the way.
+        assert_eq!(r.observe(s(2), 7_000), 2_400.0);
+        // A worker left with its counter: no negative rate, the measure restarts.
+        assert_eq!(r.observe(s(3), 500), 2_400.0);
+        assert_eq!(r.observe(s(4), 2_900), 0.8 * 2_400.0 + 0.2 * 2_400.0);
     }
 }

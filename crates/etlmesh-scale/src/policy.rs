@@ -22,6 +22,9 @@ pub struct Observation {
     pub cpu_percent: f64,
     /// Messages waiting in its stream source (the consumer lag; 0 when unknown).
     pub lag: f64,
+    /// Records per second the pool processed lately (0 when unknown): with the lag, the
+    /// time the backlog takes to drain.
+    pub rate: f64,
     /// Whether any request arrived since the last tick.
     pub active: bool,
 }
@@ -93,7 +96,23 @@ impl Autoscaler {
             .spec
             .target_lag
             .map_or(0.0, |t| (o.lag / t as f64).ceil());
-        by_requests.max(by_cpu).max(by_lag).max(0.0) as u32
+        by_requests
+            .max(by_cpu)
+            .max(by_lag)
+            .max(self.by_drain(o))
+            .max(0.0) as u32
+    }
+
+    /// Replicas that drain the backlog within `target_drain`, each at the rate a worker
+    /// is measured to process now (0 while the rate or the lag is unknown).
+    fn by_drain(&self, o: &Observation) -> f64 {
+        match self.spec.target_drain {
+            Some(t) if o.rate > 0.0 && o.lag > 0.0 && self.current > 0 => {
+                let per_worker = o.rate / f64::from(self.current);
+                (o.lag / (per_worker * t.as_secs_f64().max(0.001))).ceil()
+            }
+            _ => 0.0,
+        }
     }
 
     /// Looks at the load and decides; `None` keeps the replicas as they are.
@@ -168,12 +187,26 @@ impl Autoscaler {
         if let Some(t) = self.spec.target_cpu_percent {
             reason.push_str(&format!(", cpu {:.0} %, target {t} %", o.cpu_percent));
         }
-        let lag_decided = self
-            .spec
-            .target_lag
-            .is_some_and(|t| to > from && (o.lag / t as f64).ceil() as u32 >= to);
+        let drain_decided = to > from && self.by_drain(&o) >= f64::from(to);
+        let lag_decided = drain_decided
+            || self
+                .spec
+                .target_lag
+                .is_some_and(|t| to > from && (o.lag / t as f64).ceil() as u32 >= to);
         if let Some(t) = self.spec.target_lag {
             reason.push_str(&format!(", lag {}, target {t}", o.lag.round()));
+        }
+        if let Some(t) = self.spec.target_drain {
+            if o.rate > 0.0 {
+                reason.push_str(&format!(
+                    ", drains in {:.0} s at {:.0}/s, target {:?}",
+                    o.lag / o.rate,
+                    o.rate,
+                    t
+                ));
+            } else {
+                reason.push_str(&format!(", lag {}, rate unknown", o.lag.round()));
+            }
         }
         if panic {
             reason.push_str(", panic: load at least twice the capacity over 6 s");
@@ -217,6 +250,7 @@ mod tests {
             target_in_flight: 8.0,
             target_cpu_percent: None,
             target_lag: None,
+            target_drain: None,
             scale_down_window: Duration::from_secs(30),
             idle_before_zero: Duration::from_secs(60),
         }
@@ -235,6 +269,7 @@ mod tests {
                 in_flight,
                 cpu_percent: 0.0,
                 lag: 0.0,
+                rate: 0.0,
                 active: in_flight > 0.0,
             }
         }
@@ -364,6 +399,7 @@ mod tests {
             in_flight: 1.0,
             cpu_percent: 180.0,
             lag: 0.0,
+            rate: 0.0,
             active: true,
         };
         assert_eq!(a.observe(o).map(|d| d.to), Some(4));
@@ -386,6 +422,7 @@ mod tests {
             in_flight: 0.0,
             cpu_percent: 0.0,
             lag,
+            rate: 0.0,
             active: false,
         };
         let d = a.observe(at(1, 25_000.0)).expect("up");
@@ -399,5 +436,39 @@ mod tests {
         }
         assert_eq!(a.observe(at(32, 0.0)).map(|d| d.to), Some(1));
         assert_eq!(a.observe(at(200, 0.0)), None, "a stream keeps min_replicas");
+    }
+
+    #[test]
+    fn a_backlog_that_would_drain_too_slowly_at_the_measured_rate_adds_workers() {
+        let start = Instant::now();
+        let mut a = Autoscaler::new(
+            ScalingSpec {
+                min_replicas: 1,
+                max_replicas: 8,
+                target_drain: Some(Duration::from_secs(30)),
+                ..spec()
+            },
+            start,
+        );
+        let at = |s: u64, lag: f64, rate: f64| Observation {
+            at: start + Duration::from_secs(s),
+            in_flight: 0.0,
+            cpu_percent: 0.0,
+            lag,
+            rate,
+            active: false,
+        };
+        // 1 worker at 1,000/s: 30 s drain 30,000; 100,000 needs 4 workers.
+        let d = a.observe(at(1, 100_000.0, 1_000.0)).expect("up");
+        assert_eq!((d.from, d.to, d.cause), (1, 4, "lag"));
+        assert!(
+            d.reason.contains("drains in 100 s at 1000/s, target 30s"),
+            "{}",
+            d.reason
+        );
+        // Four workers at 4,000/s drain 60,000 in 15 s: enough, nothing changes.
+        assert_eq!(a.observe(at(2, 60_000.0, 4_000.0)), None);
+        // The rate unknown (a worker just started): the lag alone does not decide.
+        assert_eq!(a.observe(at(3, 60_000.0, 0.0)), None);
     }
 }

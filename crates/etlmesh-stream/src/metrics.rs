@@ -84,7 +84,7 @@ impl StreamMetrics {
         );
         r.register(
             "stream_records",
-            "Stream records by outcome (in, out, filtered, dead_lettered, late, duplicate)",
+            "Stream records by outcome (in, out, filtered, dead_lettered, late, future, replayed, revoked, duplicate)",
             m.records.clone(),
         );
         r.register(

@@ -1,6 +1,6 @@
 //! The loop of one stream: micro-batch, decode, transform, load, acknowledge.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,7 +17,7 @@ use crate::dedup::Dedup;
 use crate::sinks::{SinkFailure, StreamSink};
 use crate::source::{self, Delivery, Outcome, SlotIdentity, Source};
 use crate::state::{SlotState, StateFile};
-use crate::window::Windows;
+use crate::window::Shards;
 use crate::{StreamError, StreamMetrics};
 
 /// What a stream needs from the worker that runs it.
@@ -64,7 +64,7 @@ struct Prepared {
     batch: MicroBatch,
     decoder: MessageDecoder,
     transform: Transform,
-    windows: Option<Windows>,
+    windows: Option<Shards>,
     dedup: Option<Dedup>,
     sinks: Vec<Box<dyn StreamSink>>,
     dead: Arc<DeadLetterLog>,
@@ -85,7 +85,7 @@ struct Stream<S: Source> {
     window: usize,
     decoder: MessageDecoder,
     transform: Transform,
-    windows: Option<Windows>,
+    windows: Option<Shards>,
     dedup: Option<Dedup>,
     sinks: Vec<Box<dyn StreamSink>>,
     dead: Arc<DeadLetterLog>,
@@ -125,7 +125,8 @@ struct Stream<S: Source> {
 /// once every sink committed that write.
 struct LoadedWindows {
     at: u64,
-    min_seq: u64,
+    /// Per shard, the oldest message its windows held.
+    min_seq: HashMap<Option<Arc<str>>, u64>,
     watermark: i64,
 }
 
@@ -174,7 +175,7 @@ pub async fn run(
     let windows = spec
         .window
         .clone()
-        .map(|w| Windows::new(w, &input))
+        .map(|w| Shards::new(w, &input))
         .transpose()
         .map_err(err)?;
     let sql_input = crate::window::sql_schema(&input, spec.window.is_some());
@@ -476,16 +477,38 @@ impl<S: Source> Stream<S> {
         self.lag(&inputs);
         let mut outputs: Vec<RecordBatch> = Vec::new();
         if let Some(w) = &mut self.windows {
+            // Each message's shard, by arrival number (the batch is in order of arrival).
+            let shards: Vec<(u64, Option<crate::source::Shard>)> = batch
+                .iter()
+                .map(|d| (d.seq, self.source.shard(&d.ack)))
+                .collect();
+            let sharded = shards.iter().any(|(_, s)| s.is_some());
+            let source = &self.source;
+            let owns = |s: &crate::source::Shard| source.owns(s);
             for b in &inputs {
                 let seqs = decoded.lines.row_seqs(b);
                 let redelivered = decoded.lines.row_redelivered(b);
+                let row_shards: Vec<Option<crate::source::Shard>> = if sharded {
+                    seqs.iter()
+                        .map(|q| {
+                            shards
+                                .binary_search_by_key(q, |(s, _)| *s)
+                                .ok()
+                                .and_then(|i| shards[i].1.clone())
+                        })
+                        .collect()
+                } else {
+                    Vec::new()
+                };
                 let now = chrono::Utc::now().timestamp_millis();
-                let added = w.add(&b.batch, &seqs, &redelivered, now).map_err(|m| {
-                    StreamError::Pipeline {
+                let added = w
+                    .add(&b.batch, &seqs, &redelivered, &row_shards, &owns, now)
+                    .map_err(|m| StreamError::Pipeline {
                         pipeline: self.spec.name.clone(),
                         message: m,
-                    }
-                })?;
+                    })?;
+                self.metrics
+                    .records(&self.spec.name, "revoked", added.revoked.len() as u64);
                 let time_field = self.spec.window.as_ref().map_or("", |w| w.time.as_str());
                 self.metrics
                     .records(&self.spec.name, "future", added.future.len() as u64);
@@ -506,15 +529,12 @@ impl<S: Source> Stream<S> {
                 }
                 self.metrics
                     .records(&self.spec.name, "late", added.late.len() as u64);
-                for i in &added.late {
+                for (i, mark) in added.late.iter().zip(&added.late_watermark) {
                     let r = b.provenance.reject(
                         &b.batch,
                         *i,
                         Stage::Late,
-                        format!(
-                            "late: its window closed (watermark {})",
-                            w.watermark().map_or("-".into(), fmt_ms)
-                        ),
+                        format!("late: its window closed (watermark {})", fmt_ms(*mark)),
                     );
                     rejects.push(decoded.lines.place(r).in_field(time_field));
                 }
@@ -704,6 +724,10 @@ impl<S: Source> Stream<S> {
         let Some(w) = &mut self.windows else {
             return Ok(true);
         };
+        let source = &self.source;
+        for d in w.drop_unowned(|s| source.owns(s)) {
+            tracing::info!(pipeline = %self.spec.name, shard = %d.name, open_windows = d.windows, rows = d.rows, "partition given up: its open windows are dropped; its next owner rebuilds them from the records not committed");
+        }
         let closed = w
             .due(Instant::now(), false)
             .map_err(|m| StreamError::Pipeline {
@@ -740,7 +764,11 @@ impl<S: Source> Stream<S> {
             }
         }
         tracing::debug!(pipeline = %self.spec.name, windows = closed.len(), rows = outputs.iter().map(|b| b.num_rows()).sum::<usize>(), "windows closed");
-        let min_seq = closed.iter().map(|c| c.min_seq).min().unwrap_or(u64::MAX);
+        let mut min_seq: HashMap<Option<Arc<str>>, u64> = HashMap::new();
+        for c in &closed {
+            let m = min_seq.entry(c.shard.clone()).or_insert(u64::MAX);
+            *m = (*m).min(c.min_seq);
+        }
         let watermark = w.watermark().unwrap_or(i64::MIN);
         self.dead_letter(&rejects)?;
         let ok = self.load(&outputs, self.processed).await?;
@@ -773,8 +801,10 @@ impl<S: Source> Stream<S> {
     }
 
     /// Acknowledges, in order, the messages every sink committed and no window holds —
-    /// open, or loaded but not yet committed by every sink. The watermark of windows
-    /// every sink committed goes to the slot's state file first.
+    /// open, or loaded but not yet committed by every sink. With shards (Kafka's
+    /// partitions), a window holds back only the messages of its own shard: each shard
+    /// is acknowledged in order, apart from the others. The watermark of windows every
+    /// sink committed goes to the slot's state file first.
     async fn acknowledge(&mut self) -> Result<(), StreamError> {
         let committed = self
             .sinks
@@ -787,16 +817,23 @@ impl<S: Source> Stream<S> {
                 self.committed_seq = self.committed_seq.max(seq);
             }
         }
-        let mut upto = self.processed.min(self.committed_seq);
-        if let Some(min) = self.windows.as_ref().and_then(|w| w.min_open_seq()) {
-            upto = upto.min(min.saturating_sub(1));
-        }
+        let upto = self.processed.min(self.committed_seq);
+        // Per shard, the oldest message a window holds (open, or loaded and not
+        // committed by every sink).
+        let mut holding = self
+            .windows
+            .as_ref()
+            .map(Shards::min_open_seqs)
+            .unwrap_or_default();
         let mut durable = None;
         while self.loaded.front().is_some_and(|l| l.at <= committed) {
             durable = self.loaded.pop_front().map(|l| l.watermark);
         }
-        if let Some(min) = self.loaded.iter().map(|l| l.min_seq).min() {
-            upto = upto.min(min.saturating_sub(1));
+        for l in &self.loaded {
+            for (shard, min) in &l.min_seq {
+                let m = holding.entry(shard.clone()).or_insert(u64::MAX);
+                *m = (*m).min(*min);
+            }
         }
         let mut dirty = false;
         if let Some(w) = durable
@@ -812,12 +849,7 @@ impl<S: Source> Stream<S> {
                 message: format!("cannot write the stream's state: {e}"),
             })?;
         }
-        let mut acks = Vec::new();
-        while self.held.front().is_some_and(|(seq, _, _)| *seq <= upto) {
-            if let Some((_, a, o)) = self.held.pop_front() {
-                acks.push((a, o));
-            }
-        }
+        let acks = self.acknowledgeable(upto, &holding);
         if !acks.is_empty() {
             let n = acks.len() as u64;
             let terminated = acks
@@ -833,6 +865,49 @@ impl<S: Source> Stream<S> {
         self.metrics
             .held(&self.spec.name, self.held.len() + self.queued);
         Ok(())
+    }
+}
+
+impl<S: Source> Stream<S> {
+    /// Takes from `held` the messages up to `upto` that no window holds: per shard,
+    /// those before the oldest message its windows hold (`holding`).
+    fn acknowledgeable(
+        &mut self,
+        upto: u64,
+        holding: &HashMap<Option<Arc<str>>, u64>,
+    ) -> Vec<(S::Ack, Outcome)> {
+        let limit = |shard: &Option<Arc<str>>| {
+            holding
+                .get(shard)
+                .map_or(upto, |m| upto.min(m.saturating_sub(1)))
+        };
+        let mut acks = Vec::new();
+        if holding.keys().all(Option::is_none) {
+            // One shard: a prefix.
+            let upto = limit(&None);
+            while self.held.front().is_some_and(|(seq, _, _)| *seq <= upto) {
+                if let Some((_, a, o)) = self.held.pop_front() {
+                    acks.push((a, o));
+                }
+            }
+            return acks;
+        }
+        let mut kept = VecDeque::with_capacity(self.held.len());
+        while let Some((seq, a, o)) = self.held.pop_front() {
+            if seq > upto {
+                kept.push_back((seq, a, o));
+                break;
+            }
+            let shard = self.source.shard(&a).map(|s| s.name);
+            if seq <= limit(&shard) {
+                acks.push((a, o));
+            } else {
+                kept.push_back((seq, a, o));
+            }
+        }
+        kept.append(&mut self.held);
+        self.held = kept;
+        acks
     }
 }
 

@@ -9,6 +9,14 @@
 //! A window keeps its rows until it closes, and with them the arrival number of the
 //! oldest message it holds: messages are acknowledged only up to there, so a worker
 //! that dies with open windows loses nothing — the broker sends their messages again.
+//!
+//! A source partitioned by key (Kafka) keeps the windows of each partition apart
+//! ([`Shards`]): each its own watermark, dropped when the partition moves to another
+//! worker, which rebuilds them from the records not yet committed.
+
+mod shards;
+
+pub use shards::Shards;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -54,6 +62,8 @@ pub struct Closed {
     pub start: i64,
     /// The oldest message it held.
     pub min_seq: u64,
+    /// The shard it is of ([`Shards`]); `None` for a stream that is one.
+    pub shard: Option<Arc<str>>,
     /// End (exclusive).
     pub end: i64,
     /// Its rows.
@@ -65,6 +75,8 @@ pub struct Closed {
 pub struct Added {
     /// Rows (indices into the batch) whose windows had all closed.
     pub late: Vec<usize>,
+    /// The watermark each late row was behind (beside `late`).
+    pub late_watermark: Vec<i64>,
     /// Rows without an event time.
     pub untimed: Vec<usize>,
     /// Rows whose event time is more than `max_future` ahead of the clock: they are in
@@ -73,6 +85,8 @@ pub struct Added {
     /// Rows of messages the broker sent again whose windows had all been loaded before
     /// the stream resumed: counted already, skipped.
     pub replayed: Vec<usize>,
+    /// Rows of a shard given up since they were read: its next owner reads them again.
+    pub revoked: Vec<usize>,
 }
 
 /// The open windows of one pipeline.
@@ -200,6 +214,7 @@ impl Windows {
                 added.replayed.push(i);
             } else {
                 added.late.push(i);
+                added.late_watermark.push(self.watermark);
             }
         }
         for (start, (rows, min_seq)) in per_window {
@@ -245,6 +260,7 @@ impl Windows {
             out.push(Closed {
                 start,
                 min_seq: w.min_seq,
+                shard: None,
                 end,
                 batch: self.with_bounds(w, start, end)?,
             });

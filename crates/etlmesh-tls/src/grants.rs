@@ -9,10 +9,14 @@
 //!   and workers refuse them as clients.
 //!
 //! Both are read again when they change, so the command line can write them while the
-//! control plane runs. Files are replaced atomically.
+//! control plane runs. Files are replaced atomically, through a temporary file of the
+//! writer's own; in one process, changes (read, change, write) go one at a time, so
+//! that workers started together each get a token that the file keeps.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
 
@@ -68,10 +72,22 @@ fn file_error(path: &Path, e: impl std::fmt::Display) -> TlsError {
 }
 
 /// Writes `value` as JSON to `path`, atomically, readable by its owner only.
+/// Held while a file of grants is read, changed and written back.
+static CHANGES: Mutex<()> = Mutex::new(());
+
+fn changing() -> std::sync::MutexGuard<'static, ()> {
+    CHANGES.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 fn save<T: Serialize>(path: &Path, value: &T) -> Result<(), TlsError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("json.tmp");
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let tmp = path.with_extension(format!(
+        "json.{}-{}.tmp",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
     let json = serde_json::to_vec_pretty(value).map_err(|e| file_error(path, e))?;
     let mut f = std::fs::OpenOptions::new()
         .write(true)
@@ -117,6 +133,7 @@ impl JoinTokens {
         uses: Option<u32>,
     ) -> Result<JoinToken, TlsError> {
         let token = JoinToken::generate(anchor_der)?;
+        let _one_at_a_time = changing();
         let mut all: Vec<MintedToken> = load(&self.path)?;
         let t = now();
         all.retain(|m| m.expires > t && m.uses_left != Some(0));
@@ -136,6 +153,7 @@ impl JoinTokens {
             return Err(Refusal::Unknown);
         };
         let digest = hex(&sha256(&secret));
+        let _one_at_a_time = changing();
         let mut all: Vec<MintedToken> = load(&self.path).map_err(|_| Refusal::Unknown)?;
         let Some(m) = all.iter_mut().find(|m| m.sha256 == digest) else {
             return Err(Refusal::Unknown);
@@ -182,6 +200,7 @@ impl Revocations {
                 "`{serial}` is not a serial number: give the hex the control plane logs when it issues a certificate"
             )));
         }
+        let _one_at_a_time = changing();
         let mut all: Vec<String> = load(&self.path)?;
         if !all.contains(&serial) {
             all.push(serial);
@@ -224,6 +243,35 @@ mod tests {
         assert_eq!(tokens.spend("00"), Err(Refusal::Unknown));
         let text = std::fs::read_to_string(dir.path().join("join-tokens.json")).expect("file");
         assert!(!text.contains(&once.secret_hex()), "only digests are kept");
+    }
+
+    #[test]
+    fn tokens_minted_at_once_are_all_kept() {
+        // Workers started together each get a token minted for them: none may be lost
+        // to another's write (it was: two writers shared one temporary file).
+        let dir = tempfile::tempdir().expect("tmp");
+        let minted: Vec<JoinToken> = std::thread::scope(|s| {
+            let all: Vec<_> = (0..8)
+                .map(|i| {
+                    let tokens = JoinTokens::in_dir(dir.path());
+                    s.spawn(move || {
+                        tokens
+                            .mint(
+                                b"anchor",
+                                &format!("w{i}"),
+                                Duration::from_secs(600),
+                                Some(1),
+                            )
+                            .expect("mint")
+                    })
+                })
+                .collect();
+            all.into_iter().map(|h| h.join().expect("thread")).collect()
+        });
+        let tokens = JoinTokens::in_dir(dir.path());
+        for t in &minted {
+            assert!(tokens.spend(&t.secret_hex()).is_ok(), "every token kept");
+        }
     }
 
     #[test]

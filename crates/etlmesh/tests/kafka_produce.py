@@ -18,13 +18,17 @@ import confluent_kafka as ck
 
 
 def produce(args) -> int:
-    p = ck.Producer(
-        {
-            "bootstrap.servers": args.brokers,
-            "enable.idempotence": True,
-            "linger.ms": 5,
-        }
-    )
+    conf = {
+        "bootstrap.servers": args.brokers,
+        "enable.idempotence": True,
+        "linger.ms": 5,
+    }
+    if args.one_per_batch:
+        # tansu 0.6 answers a fetch from inside a record batch with the batches after
+        # it (the rest of that batch is skipped): one record per batch keeps every
+        # offset a batch of its own.
+        conf.update({"linger.ms": 0, "batch.num.messages": 1})
+    p = ck.Producer(conf)
     acked, failed = 0, 0
 
     def report(err, _msg):
@@ -90,6 +94,7 @@ def main() -> int:
     ap.add_argument("--devices", type=int, default=50)
     ap.add_argument("--rate", type=float, default=0, help="records per second; 0 is as fast as it can")
     ap.add_argument("--step-ms", type=int, default=100, help="event time between readings")
+    ap.add_argument("--one-per-batch", action="store_true", help="one record per record batch (see produce)")
     ap.add_argument("--committed", help="print the committed offsets of this group instead")
     args = ap.parse_args()
     if args.committed:

@@ -92,7 +92,14 @@ pub fn build(
                     Box::new(RollingFiles::new(f.clone(), schema.clone(), instance))
                 }
                 SinkSpec::Postgres(p) => {
-                    Box::new(PostgresSink::new(p.clone(), schema, &pipeline.dedup)?)
+                    let sink = PostgresSink::new(p.clone(), schema, &pipeline.dedup)?;
+                    // A window's row is final: loaded again (a partition moved), the
+                    // first stays.
+                    Box::new(if pipeline.window.is_some() {
+                        sink.keep_first()
+                    } else {
+                        sink
+                    })
                 }
                 SinkSpec::Mqtt(m) => Box::new(MqttSink::new(m.clone(), schema, instance)?),
                 SinkSpec::Nats(n) => Box::new(NatsSink::new(n.clone(), schema, &pipeline.name)?),

@@ -222,6 +222,18 @@ impl PostgresSink {
         Ok(sink)
     }
 
+    /// For final rows (a closed window's): a key loaded once keeps its first row
+    /// (`DO NOTHING`). A partition that moved to another worker mid-window is read
+    /// again from its commit, and a window already loaded may then be seen in part;
+    /// that part must not replace the whole.
+    pub fn keep_first(mut self) -> Self {
+        if let Some((_, update)) = &mut self.conflict {
+            *update = false;
+        }
+        self.plan.merge = self.merge_sql("etlmesh_stage");
+        self
+    }
+
     fn table(&self) -> String {
         quote_table(&self.spec.table)
     }
@@ -627,6 +639,25 @@ mod tests {
                 .contains("DO UPDATE SET \"seq\" = EXCLUDED.\"seq\"")
         );
         let plain = PostgresSink::new(spec.clone(), &schema, &[]).expect("sink");
+        let windowed = PostgresSink::new(
+            PostgresSinkSpec {
+                key: vec!["device_id".into()],
+                ..spec.clone()
+            },
+            &schema,
+            &[],
+        )
+        .expect("sink")
+        .keep_first();
+        assert!(
+            windowed
+                .plan
+                .merge
+                .as_deref()
+                .is_some_and(|m| m.ends_with("ON CONFLICT (\"device_id\") DO NOTHING")),
+            "{:?}",
+            windowed.plan.merge
+        );
         assert!(plain.merge_sql("st").is_none());
         assert!(
             PostgresSink::new(

@@ -46,6 +46,8 @@ pub struct Ack {
     topic: Arc<str>,
     partition: i32,
     offset: i64,
+    /// `topic/partition`: the shard of a windowed pipeline.
+    shard: Arc<str>,
     /// The assignment of the partition it was read in.
     generation: u64,
     _count: OwnedSemaphorePermit,
@@ -60,12 +62,18 @@ struct Owned {
     acked: Option<i64>,
     /// What was last sent to the coordinator.
     committed: Option<i64>,
+    /// The offset after the newest record read in this assignment: a record below it
+    /// was read already (the client fetched again from an earlier position) and is
+    /// skipped, so that no record is handed out twice in one assignment.
+    next: Option<i64>,
 }
 
 /// The partitions this worker owns and how far each is acknowledged.
 #[derive(Debug, Default)]
 struct Offsets {
     parts: HashMap<(Arc<str>, i32), Owned>,
+    /// The generation of each owned partition by its shard name (`topic/partition`).
+    by_name: HashMap<Arc<str>, u64>,
     generation: u64,
 }
 
@@ -179,6 +187,8 @@ impl ConsumerContext for Ctx {
                 let mut o = lock(&self.offsets);
                 for e in tpl.elements() {
                     o.parts.remove(&(Arc::from(e.topic()), e.partition()));
+                    o.by_name
+                        .remove(shard_name(e.topic(), e.partition()).as_str());
                 }
                 tracing::info!(pipeline = %self.pipeline, revoked = %describe(tpl), committed = %committed, owned = o.parts.len(), "Kafka partitions revoked");
             }
@@ -201,8 +211,11 @@ impl ConsumerContext for Ctx {
                         generation,
                         acked: None,
                         committed: None,
+                        next: None,
                     },
                 );
+                o.by_name
+                    .insert(Arc::from(shard_name(e.topic(), e.partition())), generation);
             }
             tracing::info!(pipeline = %self.pipeline, assigned = %describe(tpl), owned = o.parts.len(), "Kafka partitions assigned");
         }
@@ -219,6 +232,11 @@ impl ConsumerContext for Ctx {
             lock(&self.offsets).uncommit(offsets);
         }
     }
+}
+
+/// A partition's shard name.
+fn shard_name(topic: &str, partition: i32) -> String {
+    format!("{topic}/{partition}")
 }
 
 /// `topic[partition]@offset, …`.
@@ -277,6 +295,20 @@ impl Source for KafkaSource {
         }
         self.commit(CommitMode::Async);
         Ok(n)
+    }
+
+    fn shard(&self, ack: &Ack) -> Option<super::Shard> {
+        Some(super::Shard {
+            name: ack.shard.clone(),
+            generation: ack.generation,
+        })
+    }
+
+    fn owns(&self, shard: &super::Shard) -> bool {
+        lock(&self.consumer.context().offsets)
+            .by_name
+            .get(&shard.name)
+            .is_some_and(|g| *g == shard.generation)
     }
 
     /// Kafka never sends a record again on its own: nothing to say.
@@ -399,24 +431,41 @@ struct Pending {
     /// The assignment of its partition when it was read.
     generation: u64,
     topic: Arc<str>,
+    shard: Arc<str>,
     place: Arc<str>,
     payload: Bytes,
     meta: Meta,
 }
 
+/// Names kept for the records read: topics and shards, made once each.
+#[derive(Default)]
+struct Names {
+    topics: HashMap<String, Arc<str>>,
+    shards: HashMap<(Arc<str>, i32), Arc<str>>,
+}
+
+/// The record as the runner gets it; `None` when it was read already in this
+/// assignment (counted, `outcome="repeated"`).
 fn read(
     m: &BorrowedMessage<'_>,
-    topics: &mut HashMap<String, Arc<str>>,
+    names: &mut Names,
     offsets: &Mutex<Offsets>,
-) -> Pending {
-    let topic = match topics.get(m.topic()) {
+    metrics: &StreamMetrics,
+    pipeline: &str,
+) -> Option<Pending> {
+    let topic = match names.topics.get(m.topic()) {
         Some(t) => t.clone(),
         None => {
             let t: Arc<str> = Arc::from(m.topic());
-            topics.insert(m.topic().to_string(), t.clone());
+            names.topics.insert(m.topic().to_string(), t.clone());
             t
         }
     };
+    let shard = names
+        .shards
+        .entry((topic.clone(), m.partition()))
+        .or_insert_with(|| Arc::from(shard_name(m.topic(), m.partition())))
+        .clone();
     let headers = m
         .headers()
         .map(|h| {
@@ -425,12 +474,25 @@ fn read(
                 .collect()
         })
         .unwrap_or_default();
-    let generation = lock(offsets)
-        .parts
-        .get(&(topic.clone(), m.partition()))
-        .map_or(0, |o| o.generation);
-    Pending {
+    let generation = {
+        let mut o = lock(offsets);
+        match o.parts.get_mut(&(topic.clone(), m.partition())) {
+            Some(owned) => {
+                if owned.next.is_some_and(|n| m.offset() < n) {
+                    drop(o);
+                    tracing::debug!(pipeline, topic = %topic, partition = m.partition(), offset = m.offset(), "a record read again in the same assignment: skipped");
+                    metrics.messages(pipeline, "repeated", 1);
+                    return None;
+                }
+                owned.next = Some(m.offset() + 1);
+                owned.generation
+            }
+            None => 0,
+        }
+    };
+    Some(Pending {
         generation,
+        shard,
         place: Arc::from(format!("{topic}/{}@{}", m.partition(), m.offset())),
         payload: m.payload().map(Bytes::copy_from_slice).unwrap_or_default(),
         meta: Meta {
@@ -442,7 +504,7 @@ fn read(
             headers,
         },
         topic,
-    }
+    })
 }
 
 /// Pauses or resumes every partition owned.
@@ -498,7 +560,7 @@ pub async fn open(
     let pipeline = pipeline.to_string();
     let task = tokio::spawn(async move {
         let mut seq = 0u64;
-        let mut names = HashMap::new();
+        let mut names = Names::default();
         let mut early: VecDeque<Pending> = VecDeque::new();
         let mut paused = false;
         let mut backoff = Duration::from_millis(100);
@@ -513,7 +575,11 @@ pub async fn open(
                     match c.recv().await {
                         Ok(m) => {
                             backoff = Duration::from_millis(100);
-                            read(&m, &mut names, &c.context().offsets)
+                            let ctx = c.context();
+                            match read(&m, &mut names, &ctx.offsets, &ctx.metrics, &pipeline) {
+                                Some(p) => p,
+                                None => continue,
+                            }
                         }
                         Err(e) => {
                             if tx.is_closed() {
@@ -547,8 +613,11 @@ pub async fn open(
                         paused = true;
                     }
                     r = c.recv(), if paused && early.len() < EARLY_MAX => {
-                        if let Ok(m) = r {
-                            early.push_back(read(&m, &mut names, &c.context().offsets));
+                        let ctx = c.context();
+                        if let Ok(m) = r
+                            && let Some(p) = read(&m, &mut names, &ctx.offsets, &ctx.metrics, &pipeline)
+                        {
+                            early.push_back(p);
                         }
                     }
                 }
@@ -563,6 +632,7 @@ pub async fn open(
                     topic: p.topic,
                     partition: p.meta.partition.unwrap_or(-1),
                     offset: p.meta.offset.unwrap_or(-1),
+                    shard: p.shard,
                     generation: p.generation,
                     _count: one,
                     _bytes: bytes,
@@ -604,6 +674,7 @@ mod tests {
                     generation: 1,
                     acked,
                     committed,
+                    next: None,
                 },
             );
         }

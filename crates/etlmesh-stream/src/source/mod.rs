@@ -78,6 +78,19 @@ pub struct Meta {
     pub headers: Vec<(Arc<str>, Option<Bytes>)>,
 }
 
+/// A partition of the source's key space as one worker owns it: a Kafka partition in
+/// one assignment. A windowed pipeline keeps the windows of each shard apart (each
+/// its own watermark), and drops them when the shard is given up: its next owner
+/// rebuilds them from the records not yet committed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Shard {
+    /// `topic/partition`.
+    pub name: Arc<str>,
+    /// The assignment it was read in; a later assignment of the same partition is a
+    /// new shard.
+    pub generation: u64,
+}
+
 /// How a message ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -108,6 +121,17 @@ pub trait Source: Send + Sync + 'static {
     /// open window, a sink that is down); `None` when it never sends them on its own.
     fn keep_alive(&self) -> Option<std::time::Duration> {
         None
+    }
+
+    /// The shard a message was read from, for sources partitioned by key (Kafka);
+    /// `None` when the whole stream is one.
+    fn shard(&self, _ack: &Self::Ack) -> Option<Shard> {
+        None
+    }
+
+    /// Whether this worker still owns `shard` (it was not revoked since).
+    fn owns(&self, _shard: &Shard) -> bool {
+        true
     }
 
     /// Says that held messages are still being worked on (a sink is down, a window is
