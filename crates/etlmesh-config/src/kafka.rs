@@ -339,6 +339,32 @@ mod tests {
     }
 
     #[test]
+    fn a_windowed_kafka_pipeline_may_run_on_many_workers_an_mqtt_one_may_not() {
+        let windowed = |source: &str| {
+            format!(
+                "pipelines:\n  w:\n    source: {source}\n    schema: {{ device_id: utf8, ts: timestamp_ms }}\n    window: {{ time: ts, size: 1m }}\n    scaling: {{ max_replicas: 3 }}\n    transform: SELECT device_id, window_start, count(*) AS n FROM input GROUP BY 1, 2\n    sinks: [{{ type: ndjson, path: o }}]\n    dead_letter: {{ type: ndjson, path: d }}\n"
+            )
+        };
+        PipelineFile::parse(
+            "w.yaml",
+            windowed(
+                "{ type: kafka, brokers: '127.0.0.1:9092', topic: r, columns: { device_id: key } }",
+            ),
+        )
+        .expect("Kafka's partitions spread the keys");
+        let e = PipelineFile::parse(
+            "w.yaml",
+            windowed("{ type: mqtt, broker: 'mqtt://h:1883', topic: 's/+/r' }"),
+        )
+        .expect_err("MQTT has no partitions");
+        let e = e.to_string();
+        assert!(
+            e.contains("pipelines.w.scaling.max_replicas") && e.contains("keyed"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn bad_kafka_sources_are_named_by_field() {
         let e = PipelineFile::parse(
             "k.yaml",

@@ -602,7 +602,7 @@ fn check_stream(p: &PipelineSpec, base: &str, file: &Path, out: &mut Vec<Diagnos
                 ),
             )
             .with_help(
-                "set `scaling: { max_replicas: 1 }` (a window must see every record of its key), or read from Kafka, whose partitions spread the keys over workers",
+                "set `scaling: { max_replicas: 1 }` (a window must see every record of its key), or re-publish the stream into a Kafka topic keyed by what the window groups by and window that topic: its partitions spread the keys over workers",
             ),
         );
     }

@@ -79,7 +79,7 @@ impl StreamMetrics {
         let mut r = registry.lock().unwrap_or_else(|p| p.into_inner());
         r.register(
             "stream_messages",
-            "Stream messages by outcome (received, redelivered, acknowledged, terminated)",
+            "Stream messages by outcome (received, redelivered, repeated, acknowledged, terminated)",
             m.messages.clone(),
         );
         r.register(

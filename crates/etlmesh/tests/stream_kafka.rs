@@ -619,3 +619,136 @@ async fn a_kafka_backlog_scales_the_pipeline_out_on_its_partition_lag_and_back()
     .await
     .expect("drop");
 }
+
+/// MQTT has no partitions: a windowed pipeline on MQTT readings scales out by key through
+/// a keyed Kafka topic. One pipeline re-publishes the readings keyed by device (MQTT →
+/// Kafka); a windowed one reads that topic on two workers, each windowing the partitions
+/// it owns. Every (device, window) row once, with the count the paho publisher's log
+/// says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_readings_keyed_through_kafka_are_windowed_on_two_workers() {
+    let Some(bin) = ready() else { return };
+    if !have_paho() || !common::service("Mosquitto", "127.0.0.1:1883") {
+        return;
+    }
+    let broker = Broker::start(bin);
+    let topic = "by-device";
+    broker.create_topic(topic, 4);
+    let id = std::process::id();
+    let (table, group) = (
+        format!("kafka_mqtt_win_{id}"),
+        format!("etlmesh-mqtt-win-{id}"),
+    );
+    let prefix = format!("etlmesh-test-keyed-{id}");
+    let db = common::pg::connect(common::pg::MACHINE_URL).await;
+    db.batch_execute(&format!("DROP TABLE IF EXISTS {table}"))
+        .await
+        .expect("drop");
+    let scratch = Scratch::new();
+    scratch.write(
+        "s.yaml",
+        format!(
+            r#"pipelines:
+  ingest:
+    source: {{ type: mqtt, broker: "mqtt://127.0.0.1:1883", topic: "{prefix}/+/reading", batch: {{ records: 500, wait: 50ms }} }}
+    schema: {{ device_id: utf8, seq: int64, ts: timestamp_ms, temperature_c: float64 }}
+    scaling: {{ min_replicas: 1, max_replicas: 1 }}
+    # One record per batch: see the windowed test above (tansu and batches).
+    sinks: [{{ type: kafka, brokers: "{brokers}", topic: {topic}, key: [device_id], options: {{ linger.ms: "0", batch.num.messages: "1" }} }}]
+    dead_letter: {{ type: ndjson, path: out/dead }}
+  per_device:
+    source: {{ type: kafka, brokers: "{brokers}", topic: {topic}, group: {group}, batch: {{ records: 500, wait: 50ms }} }}
+    schema: {{ device_id: utf8, seq: int64, ts: timestamp_ms, temperature_c: float64 }}
+    window: {{ time: ts, size: 2s, allowed_lateness: 1s, idle_timeout: 5s }}
+    scaling: {{ min_replicas: 2, max_replicas: 2 }}
+    transform: SELECT device_id, window_start, count(*) AS n FROM input GROUP BY device_id, window_start
+    sinks: [{{ type: postgres, url: "{url}", table: {table}, create: true, key: [device_id, window_start] }}]
+    dead_letter: {{ type: ndjson, path: out/dead }}
+"#,
+            brokers = broker.address(),
+            url = common::pg::MACHINE_URL
+        ),
+    );
+    let up = Proc::up(scratch.dir.path(), &["-c", "s.yaml"]);
+    streams_started(&up, 3).await;
+    // Both windowed workers own partitions before the readings come.
+    let start = Instant::now();
+    while up.output().matches("Kafka partitions assigned").count() < 2 {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "both windowed workers own partitions\n{}",
+            up.output()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let log = scratch.path("sent.log");
+    let sent = tokio::task::spawn_blocking({
+        let log = log.display().to_string();
+        let prefix = prefix.clone();
+        move || {
+            paho_done(paho(&[
+                "--prefix",
+                &prefix,
+                "--count",
+                "8000",
+                "--rate",
+                "1000",
+                "--devices",
+                "20",
+                "--log",
+                &log,
+            ]))
+        }
+    })
+    .await
+    .expect("publisher");
+    assert_eq!(sent.acked, sent.sent);
+    let want = window_counts(&sent_log(&log), 2000);
+    let start = Instant::now();
+    let loaded = format!("SELECT count(*) FROM {table}");
+    while common::pg::count(&db, &loaded).await < want.len() as i64 {
+        assert!(
+            start.elapsed() < Duration::from_secs(90),
+            "every window loaded: {} of {}\n{}",
+            common::pg::count(&db, &loaded).await,
+            want.len(),
+            up.output()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let rows = db
+        .query(
+            &format!("SELECT device_id, (extract(epoch FROM window_start) * 1000)::bigint, n FROM {table}"),
+            &[],
+        )
+        .await
+        .expect("rows");
+    let got: std::collections::HashMap<(String, i64), i64> = rows
+        .iter()
+        .map(|r| ((r.get(0), r.get(1)), r.get(2)))
+        .collect();
+    let differ: Vec<String> = want
+        .iter()
+        .filter(|(k, n)| got.get(*k) != Some(*n))
+        .map(|(k, n)| format!("{k:?}: {n} sent, {:?} loaded", got.get(k)))
+        .collect();
+    assert!(
+        differ.is_empty() && got.len() == want.len(),
+        "{} (device, window) rows differ ({} loaded, {} expected):\n{}",
+        differ.len(),
+        got.len(),
+        want.len(),
+        differ.join("\n")
+    );
+    eprintln!(
+        "mqtt → kafka → windows on two workers: {} (device, window) rows, {} readings",
+        want.len(),
+        want.values().sum::<i64>()
+    );
+    let owners = up.output().matches("Kafka partitions assigned").count();
+    assert!(owners >= 2, "two workers windowed");
+    drop(up);
+    db.batch_execute(&format!("DROP TABLE IF EXISTS {table}"))
+        .await
+        .expect("drop");
+}
