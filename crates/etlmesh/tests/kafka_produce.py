@@ -62,7 +62,11 @@ def produce(args) -> int:
             ahead = (seq + 1) / args.rate - (time.time() - start)
             if ahead > 0:
                 time.sleep(ahead)
-    p.flush(60)
+    # Every delivery report, however slow the broker (one record per batch on a loaded
+    # machine takes a while): at most 5 minutes.
+    deadline = time.time() + 300
+    while len(p) > 0 and time.time() < deadline:
+        p.flush(5)
     print(json.dumps({"acked": acked, "failed": failed}))
     return 0
 

@@ -444,7 +444,7 @@ async fn a_windowed_kafka_pipeline_on_three_workers_counts_each_window_once_thro
     let up = Proc::up(scratch.dir.path(), &["-c", "s.yaml", "--workers", "3"]);
     let admin = up.url("control plane");
     streams_started(&up, 3).await;
-    let (total, devices) = (60_000u64, 50u32);
+    let (total, devices) = (40_000u64, 50u32);
     let producer = Command::new("python3")
         .arg(concat!(
             env!("CARGO_MANIFEST_DIR"),
@@ -457,7 +457,7 @@ async fn a_windowed_kafka_pipeline_on_three_workers_counts_each_window_once_thro
             "--devices",
             &devices.to_string(),
         ])
-        .args(["--rate", "3000", "--step-ms", &STEP_MS.to_string()])
+        .args(["--rate", "2000", "--step-ms", &STEP_MS.to_string()])
         // tansu 0.6 answers a fetch from inside a record batch with the batches after
         // it; a window's commit lands inside batches (on Kafka the client skips the
         // records before the offset it asked for).
