@@ -10,6 +10,11 @@
 //! belong to an earlier assignment (its *generation*) and are dropped — the partition's
 //! new owner reads those records again (at least once, never lost).
 //!
+//! Each partition in one assignment is a shard ([`super::Shard`]): a windowed pipeline
+//! keeps its windows apart and drops them when the partition is revoked
+//! ([`crate::window::Shards`]). A record handed out twice in one assignment (the client
+//! fetched again from an earlier position) is skipped.
+//!
 //! What the worker holds is bounded by a count (`max_pending`) and a byte budget. Past
 //! either, the source pauses its partitions and keeps polling (so that the group does
 //! not think it dead and rebalances are served), and resumes when the runner caught up.
