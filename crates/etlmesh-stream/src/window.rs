@@ -314,7 +314,7 @@ mod tests {
     use super::*;
     use arrow::array::StringArray;
 
-    fn spec(size: u64, slide: u64, lateness: u64) -> WindowSpec {
+    pub(super) fn spec(size: u64, slide: u64, lateness: u64) -> WindowSpec {
         WindowSpec {
             time: "ts".into(),
             size: Duration::from_millis(size),
@@ -326,9 +326,9 @@ mod tests {
     }
 
     /// The wall clock of the tests: far after every event time they use.
-    const NOW: i64 = 1_000_000_000;
+    pub(super) const NOW: i64 = 1_000_000_000;
 
-    fn input() -> SchemaRef {
+    pub(super) fn input() -> SchemaRef {
         Arc::new(Schema::new(vec![
             Field::new("k", DataType::Utf8, false),
             Field::new(
@@ -339,7 +339,7 @@ mod tests {
         ]))
     }
 
-    fn rows(ts: &[i64]) -> RecordBatch {
+    pub(super) fn rows(ts: &[i64]) -> RecordBatch {
         RecordBatch::try_new(
             input(),
             vec![

@@ -238,41 +238,10 @@ impl Shards {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use arrow::array::{StringArray, TimestampMillisecondArray};
-    use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
-    use std::time::Duration;
+    use crate::window::tests::{NOW, input, rows};
 
     fn spec() -> WindowSpec {
-        WindowSpec {
-            time: "ts".into(),
-            size: Duration::from_millis(1000),
-            slide: Duration::from_millis(1000),
-            allowed_lateness: Duration::ZERO,
-            idle_timeout: Duration::from_secs(3600),
-            max_future: Duration::from_secs(300),
-        }
-    }
-
-    fn input() -> SchemaRef {
-        Arc::new(Schema::new(vec![
-            Field::new("k", DataType::Utf8, false),
-            Field::new(
-                "ts",
-                DataType::Timestamp(TimeUnit::Millisecond, Some(Arc::from("UTC"))),
-                true,
-            ),
-        ]))
-    }
-
-    fn rows(ts: &[i64]) -> RecordBatch {
-        RecordBatch::try_new(
-            input(),
-            vec![
-                Arc::new(StringArray::from(vec!["a"; ts.len()])),
-                Arc::new(TimestampMillisecondArray::from(ts.to_vec()).with_timezone("UTC")),
-            ],
-        )
-        .expect("batch")
+        crate::window::tests::spec(1000, 1000, 0)
     }
 
     fn shard(name: &str, generation: u64) -> Option<Shard> {
@@ -281,8 +250,6 @@ mod tests {
             generation,
         })
     }
-
-    const NOW: i64 = 1_000_000_000;
 
     #[test]
     fn each_shard_has_its_own_watermark() {
