@@ -15,6 +15,7 @@ mod simulate_nats;
 mod sql_diag;
 mod subscribe_kafka;
 mod tap;
+mod test;
 mod token;
 mod top;
 mod validate;
@@ -54,6 +55,9 @@ pub enum Command {
     Validate(validate::ValidateArgs),
     /// Run a pipeline as a batch job over files (or stdin), on this machine.
     Run(run::RunArgs),
+    /// Run the pipeline file's tests: records through its pipelines, without a server,
+    /// against the rows and dead letters they expect.
+    Test(test::TestArgs),
     /// Write realistic IoT readings (with some bad rows) to a file or stdout.
     Generate(generate::GenerateArgs),
     /// Try it: generate readings and run the example pipelines over them as batch jobs.
@@ -131,6 +135,7 @@ pub fn execute(cli: Cli) -> ExitCode {
     let result = match cli.command {
         Command::Validate(a) => validate::validate(&a),
         Command::Run(a) => run::run(&a),
+        Command::Test(a) => test::test(&a),
         Command::Generate(a) => generate::generate(&a),
         Command::Demo(a) => demo::demo(&a),
         Command::Up(a) => with_otlp("etlmesh-up", || mesh::up(&a)),

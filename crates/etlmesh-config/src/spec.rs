@@ -135,6 +135,21 @@ impl PipelineSpec {
         }
     }
 
+    /// Whether each write is a Kafka transaction with the source's offsets (a Kafka
+    /// sink with `exactly_once`).
+    pub fn exactly_once(&self) -> bool {
+        self.sinks
+            .iter()
+            .any(|s| matches!(s, SinkSpec::Kafka(k) if k.exactly_once))
+    }
+
+    /// Whether the pipeline must run on one worker whatever its pool is told: a window
+    /// over a source without partitions (MQTT, JetStream), or an exactly-once pipeline.
+    pub fn one_worker(&self) -> bool {
+        let partitioned = matches!(self.source.kind, SourceKind::Kafka(_));
+        (self.window.is_some() && !partitioned) || self.exactly_once()
+    }
+
     /// The MQTT source, when the pipeline streams from a broker.
     pub fn mqtt(&self) -> Option<&MqttSourceSpec> {
         match &self.source.kind {
@@ -555,6 +570,54 @@ fn resolve_pipeline(
     spec
 }
 
+/// An exactly-once Kafka sink commits the source's offsets in its transactions: the
+/// source must be Kafka, the sink the only one, the rows not windowed, the worker one.
+fn check_exactly_once(
+    p: &PipelineSpec,
+    kafka_source: bool,
+    base: &str,
+    file: &Path,
+    out: &mut Vec<Diagnostic>,
+) {
+    let Some(i) = p
+        .sinks
+        .iter()
+        .position(|s| matches!(s, SinkSpec::Kafka(k) if k.exactly_once))
+    else {
+        return;
+    };
+    let d = |msg: String, help: &str| {
+        Diagnostic::new(file, format!("{base}.sinks[{i}].exactly_once"), msg).with_help(help)
+    };
+    if !kafka_source {
+        out.push(d(
+            "needs a Kafka source: its consumer offsets are committed in the sink's transactions".into(),
+            "read a Kafka topic (`source: { type: kafka, … }`), or leave exactly_once out: the sink is at least once, and a PostgreSQL sink with `dedup` loads each key once",
+        ));
+    }
+    if p.sinks.len() > 1 {
+        out.push(d(
+            format!("is set, but the pipeline has {} sinks", p.sinks.len()),
+            "a transaction holds one Kafka sink's records and the source's offsets: keep that one sink here and load the others from a second pipeline on the same topic",
+        ));
+    }
+    if p.window.is_some() {
+        out.push(d(
+            "is set on a windowed pipeline".into(),
+            "windowed rows are at least once: load them into PostgreSQL (a window's row is kept once), or leave exactly_once out",
+        ));
+    }
+    if p.scaling.max_replicas > 1 {
+        out.push(d(
+            format!(
+                "is set, but the pipeline may run on {} workers (scaling.max_replicas)",
+                p.scaling.max_replicas
+            ),
+            "set `scaling: { max_replicas: 1 }`: one worker owns every partition, and a worker that restarts fences the transaction its predecessor left open",
+        ));
+    }
+}
+
 /// Checks that only make sense once the whole pipeline is known: streams need a
 /// schema and a worker, windows one worker (or Kafka's partitions), dedup columns
 /// must exist.
@@ -606,6 +669,7 @@ fn check_stream(p: &PipelineSpec, base: &str, file: &Path, out: &mut Vec<Diagnos
             ),
         );
     }
+    check_exactly_once(p, partitioned, base, file, out);
     let Some(source) = source else {
         for (i, s) in p.sinks.iter().enumerate() {
             if s.streams_only() {

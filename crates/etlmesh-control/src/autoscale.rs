@@ -33,7 +33,8 @@ pub struct AutoscaleConfig {
     pub scaler: Arc<dyn Scaler>,
 }
 
-/// The pools of a pipeline file: one per pipeline, with its scaling policy.
+/// The pools of a pipeline file: one per pipeline, with its scaling policy; `fixed`
+/// (`up --workers N`) sizes every pool but those of pipelines that run on one worker.
 pub fn pools(file: &PipelineFile, fixed: Option<u32>) -> Vec<(PipelineInfo, ScalingSpec)> {
     file.spec
         .pipelines
@@ -41,8 +42,10 @@ pub fn pools(file: &PipelineFile, fixed: Option<u32>) -> Vec<(PipelineInfo, Scal
         .map(|p| {
             let mut spec = p.scaling.clone();
             if let Some(n) = fixed {
-                spec.min_replicas = n.max(1);
-                spec.max_replicas = n.max(1);
+                // A pipeline that must run on one worker keeps one.
+                let n = if p.one_worker() { 1 } else { n.max(1) };
+                spec.min_replicas = n;
+                spec.max_replicas = n;
             }
             let info = PipelineInfo {
                 name: p.name.clone(),

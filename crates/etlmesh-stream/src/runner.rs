@@ -17,7 +17,7 @@ use crate::dedup::Dedup;
 use crate::sinks::{SinkFailure, StreamSink};
 use crate::source::{self, Delivery, Outcome, SlotIdentity, Source};
 use crate::state::{SlotState, StateFile};
-use crate::window::Shards;
+use crate::window::{Shards, fmt_ms};
 use crate::{StreamError, StreamMetrics};
 
 /// What a stream needs from the worker that runs it.
@@ -278,8 +278,14 @@ pub async fn run(
             drive(p, consumer, rx, task).await
         }
         etlmesh_config::SourceKind::Kafka(k) => {
-            let (consumer, rx, task) =
-                source::kafka::open(&k, &p.spec.name, &opts.worker, p.metrics.clone()).await?;
+            let (consumer, rx, task) = source::kafka::open(
+                &k,
+                &p.spec.name,
+                &opts.worker,
+                p.metrics.clone(),
+                p.spec.exactly_once(),
+            )
+            .await?;
             drive(p, consumer, rx, task).await
         }
         etlmesh_config::SourceKind::File { .. } | etlmesh_config::SourceKind::Stdin => {
@@ -514,36 +520,16 @@ impl<S: Source> Stream<S> {
                     .records(&self.spec.name, "future", added.future.len() as u64);
                 self.metrics
                     .records(&self.spec.name, "replayed", added.replayed.len() as u64);
-                for i in &added.future {
-                    let r = b.provenance.reject(
-                        &b.batch,
-                        *i,
-                        Stage::Future,
-                        format!(
-                            "event time is more than max_future = {} ahead of the clock ({}): kept out of the windows so that it cannot move the watermark",
-                            humantime_secs(w.max_future()),
-                            fmt_ms(now)
-                        ),
-                    );
-                    rejects.push(decoded.lines.place(r).in_field(time_field));
-                }
                 self.metrics
                     .records(&self.spec.name, "late", added.late.len() as u64);
-                for (i, mark) in added.late.iter().zip(&added.late_watermark) {
-                    let r = b.provenance.reject(
-                        &b.batch,
-                        *i,
-                        Stage::Late,
-                        format!("late: its window closed (watermark {})", fmt_ms(*mark)),
-                    );
-                    rejects.push(decoded.lines.place(r).in_field(time_field));
-                }
-                for i in &added.untimed {
-                    let r =
-                        b.provenance
-                            .reject(&b.batch, *i, Stage::Cast, "no event time".to_string());
-                    rejects.push(decoded.lines.place(r));
-                }
+                rejects.extend(crate::window::refused(
+                    &added,
+                    b,
+                    &decoded.lines,
+                    time_field,
+                    w.max_future(),
+                    now,
+                ));
             }
         } else {
             for b in &inputs {
@@ -649,6 +635,31 @@ impl<S: Source> Stream<S> {
         if self.taps.is_tapped() {
             for b in outputs {
                 self.taps.offer_batch(&self.spec.name, TapStage::Output, b);
+            }
+        }
+        if self.spec.exactly_once() {
+            // The write's transaction commits the offsets after its messages (and
+            // those dead-lettered before it).
+            let acks: Vec<&S::Ack> = self
+                .held
+                .iter()
+                .take_while(|(s, _, _)| *s <= seq)
+                .map(|(_, a, _)| a)
+                .collect();
+            match self.source.offsets_of(&acks) {
+                Some(o) => {
+                    let o = Arc::new(o);
+                    for s in &mut self.sinks {
+                        s.commit_with(o.clone());
+                    }
+                }
+                None if !acks.is_empty() => {
+                    return Err(StreamError::Pipeline {
+                        pipeline: self.spec.name.clone(),
+                        message: "exactly once: the source has no consumer group to commit offsets for (not in its group yet); the stream restarts".into(),
+                    });
+                }
+                None => {}
             }
         }
         let mut rejects: Vec<Reject> = Vec::new();
@@ -920,23 +931,4 @@ fn reject_rows<'a>(
 ) -> impl Iterator<Item = Reject> + 'a {
     (0..b.batch.num_rows())
         .map(move |i| lines.place(b.provenance.reject(&b.batch, i, stage, reason)))
-}
-
-/// `300s` → `5m`, for messages.
-fn humantime_secs(d: Duration) -> String {
-    let s = d.as_secs();
-    if s >= 3600 && s.is_multiple_of(3600) {
-        format!("{}h", s / 3600)
-    } else if s >= 60 && s.is_multiple_of(60) {
-        format!("{}m", s / 60)
-    } else {
-        format!("{}ms", d.as_millis())
-    }
-}
-
-fn fmt_ms(ms: i64) -> String {
-    chrono::DateTime::from_timestamp_millis(ms).map_or_else(
-        || ms.to_string(),
-        |t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-    )
 }

@@ -14,8 +14,10 @@
 //! ([`Shards`]): each its own watermark, dropped when the partition moves to another
 //! worker, which rebuilds them from the records not yet committed.
 
+mod refused;
 mod shards;
 
+pub use refused::{fmt_ms, refused};
 pub use shards::Shards;
 
 use std::collections::BTreeMap;

@@ -30,6 +30,8 @@ def main() -> int:
             "group.id": f"etlmesh-test-{uuid.uuid4()}",
             "auto.offset.reset": "earliest",
             "enable.auto.commit": False,
+            # Only what transactions committed (librdkafka's default, said aloud).
+            "isolation.level": "read_committed",
         }
     )
     c.subscribe([args.topic])

@@ -22,6 +22,9 @@ pub struct KafkaSinkSpec {
     /// librdkafka settings passed as given (`security.protocol`, `sasl.mechanism`,
     /// `sasl.username`, `ssl.ca.location`, `compression.type`, …).
     pub options: BTreeMap<String, String>,
+    /// Each write is a Kafka transaction that also commits the source's consumer
+    /// offsets (Kafka to Kafka, exactly once for `read_committed` readers).
+    pub exactly_once: bool,
 }
 
 impl KafkaSinkSpec {
@@ -31,7 +34,7 @@ impl KafkaSinkSpec {
     }
 }
 
-/// `{ type: kafka, brokers, topic, key, options }`.
+/// `{ type: kafka, brokers, topic, key, options, exactly_once }`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawKafkaSink {
@@ -41,6 +44,8 @@ pub(crate) struct RawKafkaSink {
     key: Vec<String>,
     #[serde(default)]
     options: BTreeMap<String, String>,
+    #[serde(default)]
+    exactly_once: bool,
 }
 
 /// Settings the sink decides itself: producing exactly once per write needs them.
@@ -49,6 +54,7 @@ const OWN: &[&str] = &[
     "enable.idempotence",
     "acks",
     "max.in.flight.requests.per.connection",
+    "transactional.id",
 ];
 
 pub(crate) fn resolve(s: RawKafkaSink, at: &Place<'_>, out: &mut Vec<Diagnostic>) -> SinkSpec {
@@ -87,7 +93,7 @@ pub(crate) fn resolve(s: RawKafkaSink, at: &Place<'_>, out: &mut Vec<Diagnostic>
         if s.options.contains_key(*k) {
             out.push(
                 at.diag(&format!("options.{k}"), "is set by the sink")
-                    .with_help("remove it: the sink produces idempotently with acks=all and takes the brokers from `brokers`"),
+                    .with_help("remove it: the sink produces idempotently with acks=all, names its own transactions (`exactly_once`) and takes the brokers from `brokers`"),
             );
         }
     }
@@ -96,6 +102,7 @@ pub(crate) fn resolve(s: RawKafkaSink, at: &Place<'_>, out: &mut Vec<Diagnostic>
         topic,
         key: s.key,
         options: s.options,
+        exactly_once: s.exactly_once,
     })
 }
 
@@ -168,5 +175,44 @@ mod tests {
             text.contains("sinks[0].options.acks: is set by the sink"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn exactly_once_needs_a_kafka_source_one_sink_no_window_and_one_worker() {
+        let kafka = "{ type: kafka, brokers: '127.0.0.1:9092', topic: r }";
+        let eos = "{ type: kafka, brokers: '127.0.0.1:9092', topic: out, exactly_once: true }";
+        let pipeline = |source: &str, sinks: &str, extra: &str| {
+            format!(
+                "pipelines:\n  p:\n    source: {source}\n    schema: {{ device_id: utf8, ts: timestamp_ms }}\n    sinks: [{sinks}]\n    dead_letter: {{ type: ndjson, path: d }}\n{extra}"
+            )
+        };
+        let one = "    scaling: { max_replicas: 1 }\n";
+        let f = PipelineFile::parse("k.yaml", pipeline(kafka, eos, one)).expect("valid");
+        assert!(f.spec.pipelines[0].exactly_once());
+        assert!(f.spec.pipelines[0].one_worker());
+        let refused = |source: &str, sinks: &str, extra: &str| {
+            PipelineFile::parse("k.yaml", pipeline(source, sinks, extra))
+                .expect_err("refused")
+                .to_string()
+        };
+        let e = refused(
+            "{ type: nats, url: 'nats://127.0.0.1:4222', stream: S, subject: 'a.*' }",
+            eos,
+            one,
+        );
+        assert!(
+            e.contains("sinks[0].exactly_once: needs a Kafka source"),
+            "{e}"
+        );
+        let e = refused(kafka, &format!("{eos}, {{ type: ndjson, path: o }}"), one);
+        assert!(e.contains("the pipeline has 2 sinks"), "{e}");
+        let e = refused(kafka, eos, "");
+        assert!(e.contains("may run on 4 workers"), "{e}");
+        let e = refused(
+            kafka,
+            eos,
+            "    scaling: { max_replicas: 1 }\n    window: { time: ts, size: 1m }\n    transform: SELECT device_id, window_start, count(*) AS n FROM input GROUP BY 1, 2\n",
+        );
+        assert!(e.contains("windowed pipeline"), "{e}");
     }
 }

@@ -1,7 +1,9 @@
 //! Stream sinks. The runner numbers its writes; a stream sink says how far it has
 //! committed (the newest write whose rows are durable), and the runner acknowledges
-//! the messages of the writes every sink committed. PostgreSQL, MQTT, JetStream and Kafka commit every write; file sinks commit when they
-//! roll a file (by time, by size, or when the runner holds too many messages).
+//! the messages of the writes every sink committed. PostgreSQL, MQTT, JetStream and
+//! Kafka commit every write; file sinks commit when they roll a file (by time, by
+//! size, or when the runner holds too many messages). An exactly-once Kafka sink
+//! commits the source's offsets in the write's own transaction ([`SourceOffsets`]).
 //!
 //! [`build`] is the one list of stream sink kinds.
 
@@ -22,6 +24,16 @@ pub use kafka::KafkaSink;
 pub use mqtt::MqttSink;
 pub use nats::NatsSink;
 pub use postgres::PostgresSink;
+
+/// The source's consumer offsets that an exactly-once write commits in its own
+/// transaction (Kafka to Kafka): per partition the next record to read, and the
+/// consumer group they belong to.
+pub struct SourceOffsets {
+    /// `topic[partition]@next`.
+    pub offsets: rdkafka::TopicPartitionList,
+    /// The consumer's group and generation.
+    pub group: rdkafka::consumer::ConsumerGroupMetadata,
+}
 
 /// Why a write did not commit.
 #[derive(Debug, Clone)]
@@ -70,6 +82,11 @@ pub trait StreamSink: Send {
     ) -> BoxFuture<'a, Result<Vec<RefusedRow>, SinkFailure>>;
     /// The newest write whose rows are committed.
     fn committed(&self) -> u64;
+    /// For a sink whose writes are transactions (an exactly-once Kafka sink): the
+    /// source's offsets that the next write commits with its rows. Others ignore it.
+    fn commit_with(&mut self, offsets: std::sync::Arc<SourceOffsets>) {
+        let _ = offsets;
+    }
     /// Commits what is pending when it is due (or at once with `force`).
     fn flush(&mut self, force: bool) -> BoxFuture<'_, Result<(), SinkFailure>> {
         let _ = force;
@@ -103,7 +120,9 @@ pub fn build(
                 }
                 SinkSpec::Mqtt(m) => Box::new(MqttSink::new(m.clone(), schema, instance)?),
                 SinkSpec::Nats(n) => Box::new(NatsSink::new(n.clone(), schema, &pipeline.name)?),
-                SinkSpec::Kafka(k) => Box::new(KafkaSink::new(k.clone(), schema, &pipeline.name)?),
+                SinkSpec::Kafka(k) => {
+                    Box::new(KafkaSink::new(k.clone(), schema, &pipeline.name, instance)?)
+                }
                 SinkSpec::Stdout { .. } => {
                     return Err(format!(
                         "pipeline `{}`: stdout is not a stream sink",

@@ -10,6 +10,11 @@
 //! belong to an earlier assignment (its *generation*) and are dropped — the partition's
 //! new owner reads those records again (at least once, never lost).
 //!
+//! In an exactly-once pipeline (a Kafka sink with `exactly_once`) the consumer commits
+//! nothing itself: each write of the sink is a transaction that also commits the
+//! offsets after its records ([`Source::offsets_of`]), so that output and progress
+//! are one atomic step.
+//!
 //! Each partition in one assignment is a shard ([`super::Shard`]): a windowed pipeline
 //! keeps its windows apart and drops them when the partition is revoked
 //! ([`crate::window::Shards`]). A record handed out twice in one assignment (the client
@@ -80,13 +85,20 @@ struct Offsets {
     /// The generation of each owned partition by its shard name (`topic/partition`).
     by_name: HashMap<Arc<str>, u64>,
     generation: u64,
+    /// The sink commits the offsets in its transactions (exactly once): the consumer
+    /// commits none itself.
+    in_transactions: bool,
 }
 
 impl Offsets {
     /// What to commit: every owned partition acknowledged past its last commit (only
-    /// `only`'s partitions when given); marks them committed.
+    /// `only`'s partitions when given); marks them committed. Nothing when the sink
+    /// commits the offsets in its transactions.
     fn take_commit(&mut self, only: Option<&TopicPartitionList>) -> TopicPartitionList {
         let mut tpl = TopicPartitionList::new();
+        if self.in_transactions {
+            return tpl;
+        }
         for ((topic, partition), o) in &mut self.parts {
             if let Some(only) = only
                 && only.find_partition(topic, *partition).is_none()
@@ -309,6 +321,33 @@ impl Source for KafkaSource {
         })
     }
 
+    /// Per partition owned, the offset after the newest record of `acks`.
+    fn offsets_of(&self, acks: &[&Ack]) -> Option<crate::sinks::SourceOffsets> {
+        let mut next: HashMap<(&Arc<str>, i32), i64> = HashMap::new();
+        {
+            let o = lock(&self.consumer.context().offsets);
+            for a in acks {
+                if o.parts
+                    .get(&(a.topic.clone(), a.partition))
+                    .is_some_and(|p| p.generation == a.generation)
+                {
+                    let n = next.entry((&a.topic, a.partition)).or_insert(0);
+                    *n = (*n).max(a.offset + 1);
+                }
+            }
+        }
+        let mut offsets = TopicPartitionList::new();
+        for ((topic, partition), n) in next {
+            offsets
+                .add_partition_offset(topic, partition, Offset::Offset(n))
+                .ok()?;
+        }
+        Some(crate::sinks::SourceOffsets {
+            offsets,
+            group: self.consumer.group_metadata()?,
+        })
+    }
+
     fn owns(&self, shard: &super::Shard) -> bool {
         lock(&self.consumer.context().offsets)
             .by_name
@@ -528,16 +567,21 @@ fn set_paused(consumer: &StreamConsumer<Ctx>, pause: bool) {
 }
 
 /// Joins the group, checks the brokers and topics, and starts reading. Records arrive
-/// on the returned channel; the lag goes to `metrics`.
+/// on the returned channel; the lag goes to `metrics`. With `in_transactions` the
+/// consumer commits no offsets: the exactly-once sink commits them in its transactions.
 pub async fn open(
     spec: &KafkaSourceSpec,
     pipeline: &str,
     worker: &str,
     metrics: StreamMetrics,
+    in_transactions: bool,
 ) -> Result<(KafkaSource, mpsc::Receiver<Delivery<Ack>>, JoinHandle<()>), StreamError> {
     let ctx = Ctx {
         pipeline: pipeline.to_string(),
-        offsets: Arc::default(),
+        offsets: Arc::new(Mutex::new(Offsets {
+            in_transactions,
+            ..Offsets::default()
+        })),
         metrics,
         last_error: Mutex::new(None),
     };

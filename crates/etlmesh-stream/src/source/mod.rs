@@ -129,6 +129,12 @@ pub trait Source: Send + Sync + 'static {
         None
     }
 
+    /// What acknowledging `acks` would commit, for an exactly-once sink that commits it
+    /// in its own transaction (Kafka); `None` when the source has no such offsets.
+    fn offsets_of(&self, _acks: &[&Self::Ack]) -> Option<crate::sinks::SourceOffsets> {
+        None
+    }
+
     /// Whether this worker still owns `shard` (it was not revoked since).
     fn owns(&self, _shard: &Shard) -> bool {
         true

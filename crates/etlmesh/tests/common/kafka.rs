@@ -123,6 +123,23 @@ impl Broker {
         );
     }
 
+    /// Stops the broker answering (SIGSTOP), its state kept: to its clients, a broker
+    /// that hangs or a network that drops everything.
+    pub fn pause(&self) {
+        self.send(nix::sys::signal::Signal::SIGSTOP);
+    }
+
+    /// Lets a paused broker go on (SIGCONT).
+    pub fn resume(&self) {
+        self.send(nix::sys::signal::Signal::SIGCONT);
+    }
+
+    fn send(&self, sig: nix::sys::signal::Signal) {
+        let child = self.child.as_ref().expect("the broker runs");
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("pid"));
+        nix::sys::signal::kill(pid, sig).expect("signal the broker");
+    }
+
     pub fn down(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
@@ -144,13 +161,27 @@ pub struct Produced {
     pub failed: u64,
 }
 
+/// tansu 0.6 answers a fetch from inside a record batch with the batches after it (on
+/// Kafka the client skips the records before the offset it asked for): a test whose
+/// group resumes from a commit inside a batch (a partition moved, a worker killed)
+/// produces one record per batch.
+pub const ONE_PER_BATCH: &str = "--one-per-batch";
+
 fn script() -> &'static str {
     concat!(env!("CARGO_MANIFEST_DIR"), "/tests/kafka_produce.py")
 }
 
 /// Starts producing `count` readings of `devices` devices (keyed by device, a `trace`
-/// header each) at about `rate` per second (0: as fast as it can); `produced` waits.
-pub fn produce(brokers: &str, topic: &str, count: u64, devices: u32, rate: u32) -> Child {
+/// header each) at about `rate` per second (0: as fast as it can), with the script's
+/// `extra` flags; `produced` waits.
+pub fn produce(
+    brokers: &str,
+    topic: &str,
+    count: u64,
+    devices: u32,
+    rate: u32,
+    extra: &[&str],
+) -> Child {
     Command::new("python3")
         .arg(script())
         .args(["--brokers", brokers, "--topic", topic])
@@ -161,6 +192,7 @@ pub fn produce(brokers: &str, topic: &str, count: u64, devices: u32, rate: u32) 
             &devices.to_string(),
         ])
         .args(["--rate", &rate.to_string()])
+        .args(extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
