@@ -98,13 +98,7 @@ pub async fn run(file: &PipelineFile, name: &str, opts: &JobOptions) -> Result<S
             spec.source.infer_rows,
         )?,
     };
-    let engine = Engine::new(EngineConfig {
-        memory_limit: platform.memory_limit,
-        spill_dir: platform.spill_dir.clone(),
-        partitions: threads,
-        batch_size: platform.batch_size,
-        options: platform.sql_options.clone(),
-    })?;
+    let engine = Engine::new(EngineConfig::for_platform(&platform, threads))?;
     let transform = Arc::new(
         engine
             .compile(&spec.name, &spec.transform, schema.clone())

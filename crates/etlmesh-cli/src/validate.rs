@@ -19,12 +19,7 @@ pub(crate) fn validate(args: &ValidateArgs) -> Result<(), CliError> {
     let file = PipelineFile::load(&args.file)?;
     let rt = runtime(1)?;
     let mut diags: Vec<Diagnostic> = Vec::new();
-    let engine = Engine::new(EngineConfig {
-        partitions: 1,
-        options: file.spec.platform.sql_options.clone(),
-        ..EngineConfig::default()
-    })
-    .map_err(|e| {
+    let engine = Engine::new(EngineConfig::for_platform(&file.spec.platform, 1)).map_err(|e| {
         CliError::Config(file.located(vec![file.diagnostic("platform.sql_options", e.to_string())]))
     })?;
     for p in &file.spec.pipelines {

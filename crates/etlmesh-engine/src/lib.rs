@@ -84,6 +84,20 @@ pub struct EngineConfig {
     pub options: Vec<(String, String)>,
 }
 
+impl EngineConfig {
+    /// The engine a pipeline file's `platform` asks for, with `partitions` for
+    /// whole-input SQL (1 for per-batch transforms, the threads for a batch job).
+    pub fn for_platform(platform: &etlmesh_config::Platform, partitions: usize) -> Self {
+        Self {
+            memory_limit: platform.memory_limit,
+            spill_dir: platform.spill_dir.clone(),
+            partitions: partitions.max(1),
+            batch_size: platform.batch_size,
+            options: platform.sql_options.clone(),
+        }
+    }
+}
+
 impl Default for EngineConfig {
     fn default() -> Self {
         Self {

@@ -212,7 +212,9 @@ async fn stream(
                         .extend(refused.into_iter().map(|r| (r, Some(n))));
                 }
                 // What the watermark closed, as the runner closes it between batches.
-                let closed = w.due(Instant::now(), false).map_err(TestError::Input)?;
+                let closed = w
+                    .due(Instant::now(), false, &|_| false)
+                    .map_err(TestError::Input)?;
                 run_windows(&transform, closed, &mut out).await?;
             }
             None => {
@@ -232,7 +234,9 @@ async fn stream(
     }
     // The end of the input closes every window still open.
     if let Some(w) = &mut windows {
-        let closed = w.due(Instant::now(), true).map_err(TestError::Input)?;
+        let closed = w
+            .due(Instant::now(), true, &|_| false)
+            .map_err(TestError::Input)?;
         run_windows(&transform, closed, &mut out).await?;
     }
     Ok(out)

@@ -83,14 +83,8 @@ pub fn load(path: &Path) -> Result<TestFile, TestError> {
 pub async fn run(file: &PipelineFile, tests: &Path) -> Result<Vec<CaseReport>, TestError> {
     let cases = load(tests)?;
     let platform = &file.spec.platform;
-    let engine = Engine::new(EngineConfig {
-        memory_limit: platform.memory_limit,
-        spill_dir: platform.spill_dir.clone(),
-        partitions: 1,
-        batch_size: platform.batch_size,
-        options: platform.sql_options.clone(),
-    })
-    .map_err(|e| TestError::Pipeline(e.to_string()))?;
+    let engine = Engine::new(EngineConfig::for_platform(platform, 1))
+        .map_err(|e| TestError::Pipeline(e.to_string()))?;
     let limits = Limits {
         batch_size: platform.batch_size,
         max_record_bytes: platform.max_record_bytes,

@@ -118,6 +118,9 @@ struct Stream<S: Source> {
     writes: VecDeque<(u64, u64)>,
     /// Every message up to this one has its rows committed by every sink.
     committed_seq: u64,
+    /// Each write's transaction commits the source's offsets (a Kafka sink with
+    /// `exactly_once`).
+    exactly_once: bool,
 }
 
 /// Windows that closed and were written by write `at`: their messages (from
@@ -311,6 +314,7 @@ async fn drive<S: Source>(
     batch.records = batch.records.min(window / 2).max(1);
     tracing::info!(pipeline = %p.spec.name, window, micro_batch = batch.records, sinks = p.sinks.len(), windowed = p.windows.is_some(), "stream started");
     let mut s = Stream {
+        exactly_once: p.spec.exactly_once(),
         taps: p.taps,
         batch,
         window,
@@ -637,7 +641,7 @@ impl<S: Source> Stream<S> {
                 self.taps.offer_batch(&self.spec.name, TapStage::Output, b);
             }
         }
-        if self.spec.exactly_once() {
+        if self.exactly_once {
             // The write's transaction commits the offsets after its messages (and
             // those dead-lettered before it).
             let acks: Vec<&S::Ack> = self
@@ -740,7 +744,7 @@ impl<S: Source> Stream<S> {
             tracing::info!(pipeline = %self.spec.name, shard = %d.name, open_windows = d.windows, rows = d.rows, "partition given up: its open windows are dropped; its next owner rebuilds them from the records not committed");
         }
         let closed = w
-            .due(Instant::now(), false)
+            .due(Instant::now(), false, &|s| source.behind(s))
             .map_err(|m| StreamError::Pipeline {
                 pipeline: self.spec.name.clone(),
                 message: m,
@@ -748,6 +752,10 @@ impl<S: Source> Stream<S> {
         self.metrics.open_windows(&self.spec.name, w.open_count());
         if closed.is_empty() {
             return Ok(true);
+        }
+        if let Some(c) = closed.iter().find(|c| c.on_idle) {
+            let n = closed.iter().filter(|c| c.on_idle).count();
+            tracing::info!(pipeline = %self.spec.name, windows = n, shard = c.shard.as_deref().unwrap_or("-"), first = %fmt_ms(c.start), "windows closed on the idle timeout: no record came for them and the source has none waiting");
         }
         let mut outputs = Vec::new();
         let mut rejects = Vec::new();

@@ -70,6 +70,8 @@ pub struct Closed {
     pub end: i64,
     /// Its rows.
     pub batch: RecordBatch,
+    /// The idle timeout closed it (the watermark had not reached its end).
+    pub on_idle: bool,
 }
 
 /// What adding rows gave.
@@ -240,9 +242,11 @@ impl Windows {
     }
 
     /// Windows the watermark closed, and every open window after the idle timeout (or
-    /// when `all`: on shutdown, or to release held messages).
-    pub fn due(&mut self, now: Instant, all: bool) -> Result<Vec<Closed>, String> {
-        let idle = now.duration_since(self.last_arrival) >= self.spec.idle_timeout;
+    /// when `all`: on shutdown, or to release held messages). A stream `behind` (its
+    /// source has records it has not handed out yet) is slow, not idle: the idle
+    /// timeout does not close its windows.
+    pub fn due(&mut self, now: Instant, all: bool, behind: bool) -> Result<Vec<Closed>, String> {
+        let idle = !behind && now.duration_since(self.last_arrival) >= self.spec.idle_timeout;
         let size = self.size();
         let watermark = self.watermark;
         let closing: Vec<i64> = self
@@ -265,6 +269,7 @@ impl Windows {
                 shard: None,
                 end,
                 batch: self.with_bounds(w, start, end)?,
+                on_idle: !all && end > watermark,
             });
         }
         Ok(out)
@@ -283,15 +288,6 @@ impl Windows {
             ));
         }
         RecordBatch::try_new(self.schema.clone(), cols).map_err(|e| e.to_string())
-    }
-
-    /// How long until the idle timeout would close the open windows.
-    pub fn idle_in(&self, now: Instant) -> Option<Duration> {
-        (!self.open.is_empty()).then(|| {
-            self.spec
-                .idle_timeout
-                .saturating_sub(now.duration_since(self.last_arrival))
-        })
     }
 }
 
@@ -360,11 +356,11 @@ mod tests {
             .expect("add");
         assert!(a.late.is_empty());
         // watermark = 1200 - 500 = 700: nothing closes yet.
-        assert!(w.due(Instant::now(), false).expect("due").is_empty());
+        assert!(w.due(Instant::now(), false, false).expect("due").is_empty());
         assert_eq!(w.min_open_seq(), Some(1));
         w.add(&rows(&[1600]), &[4], &[], NOW).expect("add");
         // watermark 1100: [0, 1000) closes with two rows.
-        let closed = w.due(Instant::now(), false).expect("due");
+        let closed = w.due(Instant::now(), false, false).expect("due");
         assert_eq!(closed.len(), 1);
         assert_eq!(
             (closed[0].start, closed[0].end, closed[0].batch.num_rows()),
@@ -375,7 +371,7 @@ mod tests {
         // A row for the closed window is late; one for the open window is not.
         let a = w.add(&rows(&[999, 1001]), &[5, 6], &[], NOW).expect("add");
         assert_eq!(a.late, vec![0]);
-        let rest = w.due(Instant::now(), true).expect("all");
+        let rest = w.due(Instant::now(), true, false).expect("all");
         assert_eq!(rest.iter().map(|c| c.batch.num_rows()).sum::<usize>(), 3);
         assert_eq!(w.min_open_seq(), None);
     }
@@ -389,7 +385,7 @@ mod tests {
         assert_eq!(starts, vec![250, 500, 750, 1000]);
         // watermark 1100 closes nothing; 2300 closes all four.
         w.add(&rows(&[2300]), &[2], &[], NOW).expect("add");
-        let closed = w.due(Instant::now(), false).expect("due");
+        let closed = w.due(Instant::now(), false, false).expect("due");
         assert_eq!(
             closed.iter().map(|c| c.start).collect::<Vec<_>>(),
             vec![250, 500, 750, 1000]
@@ -402,7 +398,7 @@ mod tests {
         w.add(&rows(&[i64::MIN, i64::MAX, 0]), &[1, 2, 3], &[], i64::MAX)
             .expect("add");
         assert!(w.open_count() > 0);
-        let _ = w.due(Instant::now(), true).expect("due");
+        let _ = w.due(Instant::now(), true, false).expect("due");
     }
 
     #[test]
@@ -454,9 +450,11 @@ mod tests {
         s.idle_timeout = Duration::from_millis(10);
         let mut w = Windows::new(s, &input()).expect("windows");
         w.add(&rows(&[5]), &[1], &[], NOW).expect("add");
-        assert!(w.due(Instant::now(), false).expect("due").is_empty());
+        assert!(w.due(Instant::now(), false, false).expect("due").is_empty());
         let later = Instant::now() + Duration::from_millis(20);
-        assert_eq!(w.due(later, false).expect("due").len(), 1);
+        // A stream whose source has records not handed out yet is slow, not idle.
+        assert!(w.due(later, false, true).expect("due").is_empty());
+        assert_eq!(w.due(later, false, false).expect("due").len(), 1);
         // The window closed: its records are late now.
         assert_eq!(
             w.add(&rows(&[6]), &[2], &[], NOW).expect("add").late,

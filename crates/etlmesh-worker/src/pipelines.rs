@@ -83,14 +83,8 @@ impl Pipelines {
                 .map_err(|e| WorkerError::Pipeline(e.to_string()))?;
         }
         let platform = &file.spec.platform;
-        let engine = Engine::new(EngineConfig {
-            memory_limit: platform.memory_limit,
-            spill_dir: platform.spill_dir.clone(),
-            partitions: 1,
-            batch_size: platform.batch_size,
-            options: platform.sql_options.clone(),
-        })
-        .map_err(|e| WorkerError::Pipeline(e.to_string()))?;
+        let engine = Engine::new(EngineConfig::for_platform(platform, 1))
+            .map_err(|e| WorkerError::Pipeline(e.to_string()))?;
         let mut map = HashMap::new();
         let mut order = Vec::new();
         for spec in file

@@ -7,6 +7,9 @@ delivery report awaited). It prints one JSON line: {"acked": n, "failed": f}.
 
 `committed` mode (`--committed GROUP`): prints {"committed": c, "end": e, "lag": l}
 summed over the topic's partitions, as the group's coordinator says.
+
+`commit` mode (`--commit GROUP --offset N`): commits offset N of partition 0 for the
+group, as a consumer that stopped there would have.
 """
 
 import argparse
@@ -90,6 +93,16 @@ def committed(args) -> int:
     return 0
 
 
+def commit(args) -> int:
+    c = ck.Consumer(
+        {"bootstrap.servers": args.brokers, "group.id": args.commit, "enable.auto.commit": False}
+    )
+    c.commit(offsets=[ck.TopicPartition(args.topic, 0, args.offset)], asynchronous=False)
+    c.close()
+    print(json.dumps({"committed": args.offset}))
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--brokers", required=True)
@@ -100,7 +113,11 @@ def main() -> int:
     ap.add_argument("--step-ms", type=int, default=100, help="event time between readings")
     ap.add_argument("--one-per-batch", action="store_true", help="one record per record batch (see produce)")
     ap.add_argument("--committed", help="print the committed offsets of this group instead")
+    ap.add_argument("--commit", help="commit --offset of partition 0 for this group instead")
+    ap.add_argument("--offset", type=int, default=0)
     args = ap.parse_args()
+    if args.commit:
+        return commit(args)
     if args.committed:
         return committed(args)
     return produce(args)

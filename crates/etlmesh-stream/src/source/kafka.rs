@@ -46,6 +46,8 @@ use tokio::task::JoinHandle;
 use super::{Delivery, Meta, Outcome, Source};
 use crate::{StreamError, StreamMetrics};
 
+mod resume;
+
 /// Bytes of payload held unacknowledged, at most.
 const HELD_BYTES: usize = 256 << 20;
 /// Records read while paused (already fetched) kept for the runner, at most.
@@ -65,7 +67,7 @@ pub struct Ack {
 }
 
 /// A partition this worker owns.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct Owned {
     generation: u64,
     /// Where the group resumes once committed: the highest acknowledged offset + 1.
@@ -76,18 +78,36 @@ struct Owned {
     /// was read already (the client fetched again from an earlier position) and is
     /// skipped, so that no record is handed out twice in one assignment.
     next: Option<i64>,
+    /// The partition's end as the broker last said it (librdkafka's statistics).
+    high: Option<i64>,
+    /// Records fetched and not yet handed out (librdkafka's queue).
+    queued: bool,
+    /// The first record of the assignment was checked against the group's commit
+    /// ([`resume`]).
+    checked: bool,
+    /// Read again from before the commit ([`resume`]).
+    rewind: Option<resume::Rewind>,
+}
+
+impl Owned {
+    /// The broker has records of it that this worker has not handed out yet.
+    fn behind(&self) -> bool {
+        self.queued || self.high.zip(self.next).is_some_and(|(h, n)| h > n)
+    }
 }
 
 /// The partitions this worker owns and how far each is acknowledged.
 #[derive(Debug, Default)]
 struct Offsets {
     parts: HashMap<(Arc<str>, i32), Owned>,
-    /// The generation of each owned partition by its shard name (`topic/partition`).
-    by_name: HashMap<Arc<str>, u64>,
+    /// Each owned partition by its shard name (`topic/partition`).
+    by_name: HashMap<Arc<str>, (Arc<str>, i32)>,
     generation: u64,
     /// The sink commits the offsets in its transactions (exactly once): the consumer
     /// commits none itself.
     in_transactions: bool,
+    /// Fetching is paused because the worker holds all it may.
+    paused: bool,
 }
 
 impl Offsets {
@@ -119,6 +139,11 @@ impl Offsets {
 }
 
 impl Offsets {
+    /// The partition a shard name stands for, if owned.
+    fn by_name(&self, name: &str) -> Option<&Owned> {
+        self.parts.get(self.by_name.get(name)?)
+    }
+
     /// A commit of `tpl` failed: its partitions are committed again with the next
     /// acknowledgement.
     fn uncommit(&mut self, tpl: &TopicPartitionList) {
@@ -154,18 +179,22 @@ impl ClientContext for Ctx {
     }
 
     /// Per owned partition: its lag (high watermark − committed offset); their sum is
-    /// the backlog the autoscaler reads.
+    /// the backlog the autoscaler reads. And whether the worker is behind the partition's
+    /// end ([`Source::behind`]).
     fn stats(&self, statistics: Statistics) {
-        let owned: Vec<(Arc<str>, i32)> = lock(&self.offsets).parts.keys().cloned().collect();
         let mut total = 0i64;
+        let mut o = lock(&self.offsets);
         for (topic, t) in &statistics.topics {
             for (id, p) in &t.partitions {
                 if *id < 0 {
                     continue;
                 }
-                let mine = owned
-                    .iter()
-                    .any(|(ot, op)| ot.as_ref() == topic.as_str() && op == id);
+                let owned = o.parts.get_mut(&(Arc::from(topic.as_str()), *id));
+                let mine = owned.is_some();
+                if let Some(owned) = owned {
+                    owned.high = (p.hi_offset >= 0).then_some(p.hi_offset);
+                    owned.queued = p.fetchq_cnt > 0;
+                }
                 if mine && let Some(lag) = lag(p) {
                     total += lag;
                     self.metrics
@@ -226,13 +255,13 @@ impl ConsumerContext for Ctx {
                     (Arc::from(e.topic()), e.partition()),
                     Owned {
                         generation,
-                        acked: None,
-                        committed: None,
-                        next: None,
+                        ..Owned::default()
                     },
                 );
-                o.by_name
-                    .insert(Arc::from(shard_name(e.topic(), e.partition())), generation);
+                o.by_name.insert(
+                    Arc::from(shard_name(e.topic(), e.partition())),
+                    (Arc::from(e.topic()), e.partition()),
+                );
             }
             tracing::info!(pipeline = %self.pipeline, assigned = %describe(tpl), owned = o.parts.len(), "Kafka partitions assigned");
         }
@@ -350,9 +379,20 @@ impl Source for KafkaSource {
 
     fn owns(&self, shard: &super::Shard) -> bool {
         lock(&self.consumer.context().offsets)
-            .by_name
-            .get(&shard.name)
-            .is_some_and(|g| *g == shard.generation)
+            .by_name(&shard.name)
+            .is_some_and(|p| p.generation == shard.generation)
+    }
+
+    /// The partition's end (as the broker last said it, every 2 s) is past the newest
+    /// record handed out, or librdkafka holds fetched records of it — unless fetching
+    /// is paused because the worker holds all it may.
+    fn behind(&self, shard: Option<&super::Shard>) -> bool {
+        let o = lock(&self.consumer.context().offsets);
+        !o.paused
+            && shard.is_some_and(|s| {
+                o.by_name(&s.name)
+                    .is_some_and(|p| p.generation == s.generation && p.behind())
+            })
     }
 
     /// Kafka never sends a record again on its own: nothing to say.
@@ -479,6 +519,8 @@ struct Pending {
     place: Arc<str>,
     payload: Bytes,
     meta: Meta,
+    /// To be checked against where its partition resumes ([`resume::admit`]).
+    first: bool,
 }
 
 /// Names kept for the records read: topics and shards, made once each.
@@ -518,20 +560,25 @@ fn read(
                 .collect()
         })
         .unwrap_or_default();
-    let generation = {
+    let (generation, first) = {
         let mut o = lock(offsets);
         match o.parts.get_mut(&(topic.clone(), m.partition())) {
             Some(owned) => {
                 if owned.next.is_some_and(|n| m.offset() < n) {
+                    if let Some(r) = &mut owned.rewind {
+                        // Read back from before the commit: skipped quietly.
+                        r.found = true;
+                        return None;
+                    }
                     drop(o);
                     tracing::debug!(pipeline, topic = %topic, partition = m.partition(), offset = m.offset(), "a record read again in the same assignment: skipped");
                     metrics.messages(pipeline, "repeated", 1);
                     return None;
                 }
                 owned.next = Some(m.offset() + 1);
-                owned.generation
+                (owned.generation, !owned.checked || owned.rewind.is_some())
             }
-            None => 0,
+            None => (0, false),
         }
     };
     Some(Pending {
@@ -548,11 +595,13 @@ fn read(
             headers,
         },
         topic,
+        first,
     })
 }
 
 /// Pauses or resumes every partition owned.
 fn set_paused(consumer: &StreamConsumer<Ctx>, pause: bool) {
+    lock(&consumer.context().offsets).paused = pause;
     let Ok(a) = consumer.assignment() else {
         return;
     };
@@ -642,6 +691,19 @@ pub async fn open(
                     }
                 }
             };
+            let p = if p.first {
+                let key = (p.topic.clone(), p.meta.partition);
+                match resume::admit(&c, p).await {
+                    Some(p) => p,
+                    None => {
+                        // Read again from further back: what was read after it comes again.
+                        early.retain(|q| (&q.topic, q.meta.partition) != (&key.0, key.1));
+                        continue;
+                    }
+                }
+            } else {
+                p
+            };
             let kib = (p.payload.len() >> 10).clamp(1, HELD_BYTES >> 10) as u32;
             // Its share of the bounds; while the runner catches up, the partitions are
             // paused and the consumer kept polled (heartbeats, rebalances).
@@ -723,7 +785,7 @@ mod tests {
                     generation: 1,
                     acked,
                     committed,
-                    next: None,
+                    ..Owned::default()
                 },
             );
         }
@@ -745,5 +807,24 @@ mod tests {
             tpl.find_partition("r", 1).expect("p1").offset(),
             Offset::Offset(9)
         );
+    }
+
+    #[test]
+    fn a_partition_is_behind_while_the_broker_has_records_not_handed_out() {
+        let mut p = Owned {
+            generation: 1,
+            ..Owned::default()
+        };
+        // Nothing read, or the end not known yet: nothing to say it is behind.
+        assert!(!p.behind());
+        p.next = Some(10);
+        assert!(!p.behind());
+        p.high = Some(10);
+        assert!(!p.behind());
+        p.high = Some(12);
+        assert!(p.behind());
+        p.high = Some(10);
+        p.queued = true;
+        assert!(p.behind());
     }
 }

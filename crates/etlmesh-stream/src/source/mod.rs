@@ -135,6 +135,15 @@ pub trait Source: Send + Sync + 'static {
         None
     }
 
+    /// Whether the source knows of records of `shard` (`None`: the whole stream) that it
+    /// has not handed out yet — the broker has them and the worker will get them: the
+    /// shard is slow (a rebalance, a slow fetch), not idle, and its windows must not
+    /// close on the idle timeout. Not while the worker's own bounds hold the source
+    /// back: then the idle timeout is what releases held messages.
+    fn behind(&self, _shard: Option<&Shard>) -> bool {
+        false
+    }
+
     /// Whether this worker still owns `shard` (it was not revoked since).
     fn owns(&self, _shard: &Shard) -> bool {
         true

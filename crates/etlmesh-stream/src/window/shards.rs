@@ -183,11 +183,23 @@ impl Shards {
             .collect()
     }
 
-    /// Windows that closed, in every shard (see [`Windows::due`]).
-    pub fn due(&mut self, now: Instant, all: bool) -> Result<Vec<Closed>, String> {
+    /// Windows that closed, in every shard (see [`Windows::due`]); `behind` says which
+    /// shards (`None`: the unsharded stream) the source has records of that it has not
+    /// handed out yet: their windows do not close on the idle timeout.
+    pub fn due(
+        &mut self,
+        now: Instant,
+        all: bool,
+        behind: &dyn Fn(Option<&Shard>) -> bool,
+    ) -> Result<Vec<Closed>, String> {
         let mut out = Vec::new();
         for (shard, p) in &mut self.parts {
-            out.extend(p.windows.due(now, all)?.into_iter().map(|mut c| {
+            let s = shard.as_ref().map(|name| Shard {
+                name: name.clone(),
+                generation: p.generation,
+            });
+            let behind = behind(s.as_ref());
+            out.extend(p.windows.due(now, all, behind)?.into_iter().map(|mut c| {
                 c.shard.clone_from(shard);
                 c
             }));
@@ -322,9 +334,34 @@ mod tests {
             )
             .expect("add");
         assert_eq!(a.revoked, vec![1]);
-        let closed = w.due(Instant::now(), true).expect("due");
+        let closed = w.due(Instant::now(), true, &|_| false).expect("due");
         assert_eq!(closed.len(), 1);
         assert_eq!(closed[0].batch.num_rows(), 2);
+    }
+
+    #[test]
+    fn a_shard_whose_source_is_behind_is_not_idle() {
+        let mut s = spec();
+        s.idle_timeout = std::time::Duration::from_millis(10);
+        let mut w = Shards::new(s, &input()).expect("shards");
+        w.add(
+            &rows(&[100, 200]),
+            &[1, 2],
+            &[],
+            &[shard("t/0", 1), shard("t/1", 1)],
+            &|_| true,
+            NOW,
+        )
+        .expect("add");
+        let later = Instant::now() + std::time::Duration::from_millis(20);
+        // Partition 1 has records its owner has not read yet: its window stays open.
+        let behind = |s: Option<&Shard>| s.is_some_and(|s| s.name.as_ref() == "t/1");
+        let closed = w.due(later, false, &behind).expect("due");
+        assert_eq!(closed.len(), 1);
+        assert_eq!(closed[0].shard.as_deref(), Some("t/0"));
+        assert_eq!(w.open_count(), 1);
+        // Caught up, it is idle like the other.
+        assert_eq!(w.due(later, false, &|_| false).expect("due").len(), 1);
     }
 
     #[test]

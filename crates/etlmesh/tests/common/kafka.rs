@@ -210,6 +210,22 @@ pub fn produced(child: Child) -> Produced {
     serde_json::from_slice(out.stdout.trim_ascii()).expect("producer report")
 }
 
+/// Commits `offset` of `topic`'s partition 0 for `group`, as a consumer that stopped
+/// there would have (confluent-kafka).
+pub fn commit(brokers: &str, topic: &str, group: &str, offset: i64) {
+    let out = Command::new("python3")
+        .arg(script())
+        .args(["--brokers", brokers, "--topic", topic, "--commit", group])
+        .args(["--offset", &offset.to_string()])
+        .output()
+        .expect("python3 runs");
+    assert!(
+        out.status.success(),
+        "commit: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// A group's committed offsets of a topic, summed over its partitions, and the end.
 #[derive(Debug, serde::Deserialize)]
 pub struct Committed {

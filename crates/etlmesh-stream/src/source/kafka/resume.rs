@@ -1,0 +1,147 @@
+//! Where a partition resumes: the first record of an assignment must be the one at the
+//! group's commit.
+//!
+//! Kafka answers a fetch from an offset inside a record batch with that whole batch,
+//! and the client drops the records before the offset. A broker that answers with the
+//! batches *after* the offset instead (tansu 0.6 does) would make a new owner resuming
+//! from a commit inside a batch skip the rest of that batch — records lost, although
+//! never committed. So the first record of each assignment is checked against the
+//! group's committed offset: when it lies past the commit, the source seeks back
+//! (10,000 records, then 100,000, then 1,000,000) until the fetch starts at or before
+//! the commit, and skips what lies before the commit. On a broker that answers as
+//! Kafka does this costs one lookup of the committed offset per assignment; a
+//! partition whose records before the first one are really gone (compaction, control
+//! records, retention) costs one read back.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::consumer::{Consumer as _, StreamConsumer};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+
+use super::{Ctx, Pending, lock};
+
+/// How far back to seek, in turn.
+const SPANS: [i64; 3] = [10_000, 100_000, 1_000_000];
+
+/// A partition read again from before its commit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Rewind {
+    /// The group's committed offset: where the partition must resume.
+    pub commit: i64,
+    /// Which of [`SPANS`] the seek went back by.
+    pub attempt: usize,
+    /// A record before the commit came since: the fetch starts at or before it.
+    pub found: bool,
+}
+
+/// Whether `p` — the first record of its partition's assignment, or the first at or
+/// past the commit after a seek back ([`Pending::first`]) — may be handed out; `None`
+/// when the source sought back and it comes again in order.
+pub(super) async fn admit(c: &Arc<StreamConsumer<Ctx>>, p: Pending) -> Option<Pending> {
+    let (topic, partition) = (p.topic.clone(), p.meta.partition.unwrap_or(-1));
+    let offset = p.meta.offset.unwrap_or(-1);
+    let rewind = {
+        let o = lock(&c.context().offsets);
+        match o.parts.get(&(topic.clone(), partition)) {
+            // Checked already (read before the check was done, then held).
+            Some(owned) if owned.checked && owned.rewind.is_none() => return Some(p),
+            Some(owned) if owned.generation == p.generation => owned.rewind,
+            // Given up since it was read: the runner drops it.
+            _ => return Some(p),
+        }
+    };
+    let (commit, attempt) = match rewind {
+        // The fetch started at or before the commit: in order from here.
+        Some(r) if r.found || offset <= r.commit => {
+            settle(c, &p, None);
+            return Some(p);
+        }
+        Some(r) => (r.commit, r.attempt + 1),
+        None => match committed(c, &topic, partition).await {
+            Some(commit) if offset > commit => (commit, 0),
+            _ => {
+                settle(c, &p, None);
+                return Some(p);
+            }
+        },
+    };
+    let pipeline = c.context().pipeline.clone();
+    let Some(span) = SPANS.get(attempt) else {
+        tracing::warn!(%pipeline, %topic, partition, commit, first = offset, "Kafka partition resumes past its commit even read back {} records: the broker has no records between (compacted, or deleted by retention)", SPANS[SPANS.len() - 1]);
+        settle(c, &p, None);
+        return Some(p);
+    };
+    let from = commit.saturating_sub(*span).max(0);
+    tracing::info!(%pipeline, %topic, partition, commit, first = offset, from, "the broker answered past the group's commit: reading the partition again from further back (records before the commit skipped)");
+    let seek = {
+        let (c, topic) = (c.clone(), topic.clone());
+        tokio::task::spawn_blocking(move || {
+            c.seek(
+                &topic,
+                partition,
+                Offset::Offset(from),
+                Duration::from_secs(5),
+            )
+        })
+        .await
+    };
+    match seek {
+        Ok(Ok(())) => {
+            settle(
+                c,
+                &p,
+                Some(Rewind {
+                    commit,
+                    attempt,
+                    found: from == commit,
+                }),
+            );
+            None
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(%pipeline, %topic, partition, error = %e, "cannot seek back to the group's commit: records between it and the first one read may be missing");
+            settle(c, &p, None);
+            Some(p)
+        }
+        Err(_) => Some(p),
+    }
+}
+
+/// Notes the partition's state after the check: reading again from before the commit
+/// (the records before it skipped), or in order.
+fn settle(c: &StreamConsumer<Ctx>, p: &Pending, rewind: Option<Rewind>) {
+    let mut o = lock(&c.context().offsets);
+    let key = (p.topic.clone(), p.meta.partition.unwrap_or(-1));
+    if let Some(owned) = o.parts.get_mut(&key)
+        && owned.generation == p.generation
+    {
+        owned.checked = true;
+        owned.rewind = rewind;
+        if let Some(r) = rewind {
+            owned.next = Some(r.commit);
+        }
+    }
+}
+
+/// The group's committed offset of a partition; `None` when it has none (the
+/// partition starts where `auto.offset.reset` says) or the coordinator does not say.
+async fn committed(c: &Arc<StreamConsumer<Ctx>>, topic: &str, partition: i32) -> Option<i64> {
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition(topic, partition);
+    let c2 = c.clone();
+    let answer =
+        tokio::task::spawn_blocking(move || c2.committed_offsets(tpl, Duration::from_secs(5)))
+            .await
+            .ok()?;
+    match answer {
+        Ok(tpl) => match tpl.find_partition(topic, partition)?.offset() {
+            Offset::Offset(o) if o >= 0 => Some(o),
+            _ => None,
+        },
+        Err(e) => {
+            tracing::debug!(pipeline = %c.context().pipeline, topic, partition, error = %e, "cannot read the group's committed offset; not checking where the partition resumed");
+            None
+        }
+    }
+}
