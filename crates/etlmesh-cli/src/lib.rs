@@ -2,6 +2,7 @@
 //! binary only parses arguments, sets up logging and calls [`execute`].
 
 mod analytics;
+mod deadletters;
 mod demo;
 mod energy;
 mod generate;
@@ -77,6 +78,9 @@ pub enum Command {
     Subscribe(simulate::SubscribeArgs),
     /// The gateway: the front door, routing requests to workers.
     Gateway(mesh::GatewayArgs),
+    /// A pipeline's dead letters: list them by reason, show them, replay them through
+    /// the pipeline as it is now.
+    Deadletters(deadletters::DeadLettersArgs),
     /// Recent log lines of every process, collected by the control plane.
     Logs(logs::LogsArgs),
     /// Errors of every process, grouped by kind and pipeline.
@@ -145,6 +149,7 @@ pub fn execute(cli: Cli) -> ExitCode {
         Command::Gateway(a) => with_otlp("etlmesh-gateway", || mesh::gateway(&a)),
         Command::Simulate(a) => simulate::simulate(&a),
         Command::Subscribe(a) => simulate::subscribe(&a),
+        Command::Deadletters(a) => deadletters::deadletters(&a),
         Command::Logs(a) => logs::logs(&a),
         Command::Errors(a) => logs::errors(&a),
         Command::Top(a) => top::top(&a),

@@ -370,10 +370,11 @@ async fn a_group_resuming_from_a_commit_inside_a_record_batch_reads_every_record
         up.output()
     );
     assert_eq!(count("SELECT count(*) FROM {t}").await, want, "each once");
+    let out = up.output();
     eprintln!(
-        "resumed from {commit_at}: {got} records; read back: {}",
-        up.output()
-            .contains("the broker answered past the group's commit")
+        "resumed from {commit_at}: {got} records; read back after a record past the commit: {}, after a quiet partition: {}",
+        out.contains("the broker answered past the group's commit"),
+        out.contains("gave no record since its assignment")
     );
     drop(up);
     db.batch_execute(&format!("DROP TABLE IF EXISTS {table}"))

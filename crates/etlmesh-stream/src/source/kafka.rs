@@ -87,6 +87,9 @@ struct Owned {
     checked: bool,
     /// Read again from before the commit ([`resume`]).
     rewind: Option<resume::Rewind>,
+    /// When it was assigned (or last probed): a partition quiet since is probed
+    /// ([`resume::probe`]).
+    since: Option<std::time::Instant>,
 }
 
 impl Owned {
@@ -255,6 +258,7 @@ impl ConsumerContext for Ctx {
                     (Arc::from(e.topic()), e.partition()),
                     Owned {
                         generation,
+                        since: Some(std::time::Instant::now()),
                         ..Owned::default()
                     },
                 );
@@ -662,6 +666,8 @@ pub async fn open(
         let mut early: VecDeque<Pending> = VecDeque::new();
         let mut paused = false;
         let mut backoff = Duration::from_millis(100);
+        let mut quiet = tokio::time::interval(resume::QUIET);
+        quiet.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let p = match early.pop_front() {
                 Some(p) => p,
@@ -670,7 +676,14 @@ pub async fn open(
                         set_paused(&c, false);
                         paused = false;
                     }
-                    match c.recv().await {
+                    let got = tokio::select! {
+                        got = c.recv() => got,
+                        _ = quiet.tick() => {
+                            resume::probe(&c).await;
+                            continue;
+                        }
+                    };
+                    match got {
                         Ok(m) => {
                             backoff = Duration::from_millis(100);
                             let ctx = c.context();

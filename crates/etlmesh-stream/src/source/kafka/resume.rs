@@ -8,10 +8,13 @@
 //! never committed. So the first record of each assignment is checked against the
 //! group's committed offset: when it lies past the commit, the source seeks back
 //! (10,000 records, then 100,000, then 1,000,000) until the fetch starts at or before
-//! the commit, and skips what lies before the commit. On a broker that answers as
-//! Kafka does this costs one lookup of the committed offset per assignment; a
-//! partition whose records before the first one are really gone (compaction, control
-//! records, retention) costs one read back.
+//! the commit, and skips what lies before the commit. When the commit lies inside the
+//! partition's *last* batch, such a broker answers nothing at all: a partition that
+//! gives no record for [`QUIET`] after its assignment is probed ([`probe`]) — unless
+//! the broker says its end is at the commit, it is read again from before the commit
+//! in the same way. On a broker that answers as Kafka does this costs one lookup of
+//! the committed offset per assignment; a partition whose records before the first
+//! one are really gone (compaction, control records, retention) costs one read back.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,6 +23,9 @@ use rdkafka::consumer::{Consumer as _, StreamConsumer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
 use super::{Ctx, Pending, lock};
+
+/// How long an assigned partition may give no record before it is probed.
+pub(super) const QUIET: Duration = Duration::from_secs(2);
 
 /// How far back to seek, in turn.
 const SPANS: [i64; 3] = [10_000, 100_000, 1_000_000];
@@ -105,6 +111,87 @@ pub(super) async fn admit(c: &Arc<StreamConsumer<Ctx>>, p: Pending) -> Option<Pe
             Some(p)
         }
         Err(_) => Some(p),
+    }
+}
+
+/// Probes every partition that gave no record since it was assigned [`QUIET`] ago and
+/// was not checked: when the group committed past its start and the broker does not say
+/// its end is at the commit, the partition is read again from before the commit (the
+/// records before the commit skipped), as when its first record lies past the commit.
+pub(super) async fn probe(c: &Arc<StreamConsumer<Ctx>>) {
+    let quiet: Vec<_> = {
+        let o = lock(&c.context().offsets);
+        if o.paused {
+            return;
+        }
+        o.parts
+            .iter()
+            .filter(|(_, w)| {
+                !w.checked
+                    && w.rewind.is_none()
+                    && w.next.is_none()
+                    && w.since.is_some_and(|t| t.elapsed() >= QUIET)
+            })
+            .map(|((t, p), w)| (t.clone(), *p, w.generation))
+            .collect()
+    };
+    let pipeline = c.context().pipeline.clone();
+    for (topic, partition, generation) in quiet {
+        let commit = committed(c, &topic, partition).await;
+        let mark = |rewind: Option<Rewind>, checked: bool| {
+            let mut o = lock(&c.context().offsets);
+            if let Some(w) = o.parts.get_mut(&(topic.clone(), partition))
+                && w.generation == generation
+                && w.next.is_none()
+            {
+                w.checked = checked;
+                w.since = Some(std::time::Instant::now());
+                if let Some(r) = rewind {
+                    w.rewind = Some(r);
+                    w.next = Some(r.commit);
+                }
+            }
+        };
+        let high = {
+            let o = lock(&c.context().offsets);
+            o.parts
+                .get(&(topic.clone(), partition))
+                .and_then(|w| w.high)
+        };
+        let Some(commit) = commit.filter(|&k| k > 0 && high.is_none_or(|h| h > k)) else {
+            mark(None, true);
+            continue;
+        };
+        let from = commit.saturating_sub(SPANS[0]).max(0);
+        tracing::info!(%pipeline, %topic, partition, commit, ?high, from, "Kafka partition gave no record since its assignment although the group committed past its start: reading it again from before the commit (records before the commit skipped)");
+        let seek = {
+            let (c, topic) = (c.clone(), topic.clone());
+            tokio::task::spawn_blocking(move || {
+                c.seek(
+                    &topic,
+                    partition,
+                    Offset::Offset(from),
+                    Duration::from_secs(5),
+                )
+            })
+            .await
+        };
+        match seek {
+            Ok(Ok(())) => mark(
+                Some(Rewind {
+                    commit,
+                    attempt: 0,
+                    found: from == commit,
+                }),
+                true,
+            ),
+            // Not fetching yet: probed again after another quiet spell.
+            Ok(Err(e)) => {
+                tracing::debug!(%pipeline, %topic, partition, error = %e, "cannot seek the quiet partition yet; probing it again");
+                mark(None, false);
+            }
+            Err(_) => mark(None, false),
+        }
     }
 }
 

@@ -1,0 +1,139 @@
+//! Dead letters replayed with the real binary: a batch run dead-letters rows the
+//! pipeline cannot read, `etlmesh deadletters list` shows them, a replay through the
+//! unchanged pipeline fails again (new letters, nothing lost), and a replay through the
+//! fixed pipeline loads them into its sink once — a second replay finds nothing.
+
+mod common;
+
+use common::*;
+
+const INPUT: &str = "device_id,ts,temperature_c,humidity,battery_v,status
+d1,2026-11-26T08:00:00.001Z,21.5,40.0,3.9,ok
+d2,2026-11-26T08:00:00.002Z,n/a,41.0,3.9,ok
+d3,2026-11-26T08:00:00.003Z,22.5,42.0,3.9,ok
+d4,2026-11-26T08:00:00.004Z,n/a,43.0,3.9,ok
+d5,2026-11-26T08:00:00.005Z,23.5,44.0,3.9,ok,extra
+";
+
+const SQL: &str = "SELECT device_id, ts, CAST(temperature_c AS DOUBLE) AS temperature_c, humidity, status FROM input";
+
+/// The pipeline file, with `temperature_c` read as `temperature`'s type.
+fn pipeline(temperature: &str, sql: &str) -> String {
+    readings_yaml(
+        sql,
+        "{ type: parquet, path: out }",
+        "    dead_letter: { type: ndjson, path: dead }\n",
+    )
+    .replace(
+        "temperature_c: float64",
+        &format!("temperature_c: {temperature}"),
+    )
+}
+
+fn ok(s: &Scratch, args: &[&str]) -> String {
+    let o = s.etlmesh(args);
+    assert!(o.status.success(), "etlmesh {args:?}:\n{}", text(&o.stderr));
+    text(&o.stdout)
+}
+
+#[test]
+fn dead_letters_fail_again_until_the_pipeline_is_fixed_then_load_once() {
+    let s = Scratch::new();
+    s.write("in.csv", INPUT);
+    s.write("p.yaml", pipeline("float64", SQL));
+    let sum = s.run_ok("p.yaml", "p", &["in.csv"]);
+    assert_eq!((n(&sum["records_out"]), n(&sum["dead_lettered"])), (2, 3));
+
+    let list = ok(&s, &["deadletters", "list", "-c", "p.yaml", "p"]);
+    assert!(list.contains("3 dead letters of pipeline p"), "{list}");
+    assert!(list.contains("cannot read \"n/a\" as float64"), "{list}");
+
+    // The unchanged pipeline refuses them again: new letters, none lost.
+    let again = ok(
+        &s,
+        &[
+            "deadletters",
+            "replay",
+            "-c",
+            "p.yaml",
+            "p",
+            "--where",
+            "field=temperature_c",
+        ],
+    );
+    assert!(again.contains("0 replayed, 2 failed again"), "{again}");
+    let letters = read_ndjson_dir(&s.path("dead"));
+    let live: Vec<_> = letters
+        .iter()
+        .filter(|l| l.get("replay_run").is_none())
+        .collect();
+    assert_eq!(live.len(), 5, "3 first letters and 2 new ones: {letters:?}");
+
+    // Fixed: the temperature is read as text and cast by the SQL (NULL when not a number).
+    let fixed = "SELECT device_id, ts, TRY_CAST(temperature_c AS DOUBLE) AS temperature_c, humidity, status FROM input";
+    s.write("p.yaml", pipeline("utf8", fixed));
+    let dry = ok(
+        &s,
+        &[
+            "deadletters",
+            "replay",
+            "-c",
+            "p.yaml",
+            "p",
+            "--where",
+            "field=temperature_c",
+            "--dry-run",
+        ],
+    );
+    assert!(dry.contains("2 replayed"), "{dry}");
+    assert_eq!(
+        rows(&read_parquet_dir(&s.path("out"))),
+        2,
+        "a dry run loads nothing"
+    );
+    let done = ok(
+        &s,
+        &[
+            "deadletters",
+            "replay",
+            "-c",
+            "p.yaml",
+            "p",
+            "--where",
+            "field=temperature_c",
+        ],
+    );
+    assert!(done.contains("2 replayed, 0 failed again"), "{done}");
+    let out = read_parquet_dir(&s.path("out"));
+    assert_eq!(
+        rows(&out),
+        4,
+        "the two replayed rows joined the two first ones"
+    );
+
+    let twice = ok(
+        &s,
+        &[
+            "deadletters",
+            "replay",
+            "-c",
+            "p.yaml",
+            "p",
+            "--where",
+            "field=temperature_c",
+        ],
+    );
+    assert!(
+        twice.contains("no dead letters of pipeline p to replay"),
+        "{twice}"
+    );
+    assert_eq!(rows(&read_parquet_dir(&s.path("out"))), 4, "replayed once");
+    // The line with an extra field is still there, untouched.
+    let left = ok(&s, &["deadletters", "show", "-c", "p.yaml", "p"]);
+    assert!(left.contains("expected 6 fields, found 7"), "{left}");
+    assert_eq!(
+        left.lines().filter(|l| l.starts_with('{')).count(),
+        1,
+        "{left}"
+    );
+}
