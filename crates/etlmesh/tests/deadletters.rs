@@ -30,6 +30,21 @@ fn pipeline(temperature: &str, sql: &str) -> String {
     )
 }
 
+/// `etlmesh deadletters replay` of the temperature letters, with `extra` arguments.
+fn replay(s: &Scratch, extra: &[&str]) -> String {
+    let mut args = vec![
+        "deadletters",
+        "replay",
+        "-c",
+        "p.yaml",
+        "p",
+        "--where",
+        "field=temperature_c",
+    ];
+    args.extend_from_slice(extra);
+    ok(s, &args)
+}
+
 fn ok(s: &Scratch, args: &[&str]) -> String {
     let o = s.etlmesh(args);
     assert!(o.status.success(), "etlmesh {args:?}:\n{}", text(&o.stderr));
@@ -49,18 +64,7 @@ fn dead_letters_fail_again_until_the_pipeline_is_fixed_then_load_once() {
     assert!(list.contains("cannot read \"n/a\" as float64"), "{list}");
 
     // The unchanged pipeline refuses them again: new letters, none lost.
-    let again = ok(
-        &s,
-        &[
-            "deadletters",
-            "replay",
-            "-c",
-            "p.yaml",
-            "p",
-            "--where",
-            "field=temperature_c",
-        ],
-    );
+    let again = replay(&s, &[]);
     assert!(again.contains("0 replayed, 2 failed again"), "{again}");
     let letters = read_ndjson_dir(&s.path("dead"));
     let live: Vec<_> = letters
@@ -72,37 +76,14 @@ fn dead_letters_fail_again_until_the_pipeline_is_fixed_then_load_once() {
     // Fixed: the temperature is read as text and cast by the SQL (NULL when not a number).
     let fixed = "SELECT device_id, ts, TRY_CAST(temperature_c AS DOUBLE) AS temperature_c, humidity, status FROM input";
     s.write("p.yaml", pipeline("utf8", fixed));
-    let dry = ok(
-        &s,
-        &[
-            "deadletters",
-            "replay",
-            "-c",
-            "p.yaml",
-            "p",
-            "--where",
-            "field=temperature_c",
-            "--dry-run",
-        ],
-    );
+    let dry = replay(&s, &["--dry-run"]);
     assert!(dry.contains("2 replayed"), "{dry}");
     assert_eq!(
         rows(&read_parquet_dir(&s.path("out"))),
         2,
         "a dry run loads nothing"
     );
-    let done = ok(
-        &s,
-        &[
-            "deadletters",
-            "replay",
-            "-c",
-            "p.yaml",
-            "p",
-            "--where",
-            "field=temperature_c",
-        ],
-    );
+    let done = replay(&s, &[]);
     assert!(done.contains("2 replayed, 0 failed again"), "{done}");
     let out = read_parquet_dir(&s.path("out"));
     assert_eq!(
@@ -111,18 +92,7 @@ fn dead_letters_fail_again_until_the_pipeline_is_fixed_then_load_once() {
         "the two replayed rows joined the two first ones"
     );
 
-    let twice = ok(
-        &s,
-        &[
-            "deadletters",
-            "replay",
-            "-c",
-            "p.yaml",
-            "p",
-            "--where",
-            "field=temperature_c",
-        ],
-    );
+    let twice = replay(&s, &[]);
     assert!(
         twice.contains("no dead letters of pipeline p to replay"),
         "{twice}"

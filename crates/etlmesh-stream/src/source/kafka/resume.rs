@@ -80,18 +80,7 @@ pub(super) async fn admit(c: &Arc<StreamConsumer<Ctx>>, p: Pending) -> Option<Pe
     };
     let from = commit.saturating_sub(*span).max(0);
     tracing::info!(%pipeline, %topic, partition, commit, first = offset, from, "the broker answered past the group's commit: reading the partition again from further back (records before the commit skipped)");
-    let seek = {
-        let (c, topic) = (c.clone(), topic.clone());
-        tokio::task::spawn_blocking(move || {
-            c.seek(
-                &topic,
-                partition,
-                Offset::Offset(from),
-                Duration::from_secs(5),
-            )
-        })
-        .await
-    };
+    let seek = seek(c, &topic, partition, from).await;
     match seek {
         Ok(Ok(())) => {
             settle(
@@ -132,11 +121,11 @@ pub(super) async fn probe(c: &Arc<StreamConsumer<Ctx>>) {
                     && w.next.is_none()
                     && w.since.is_some_and(|t| t.elapsed() >= QUIET)
             })
-            .map(|((t, p), w)| (t.clone(), *p, w.generation))
+            .map(|((t, p), w)| (t.clone(), *p, w.generation, w.high))
             .collect()
     };
     let pipeline = c.context().pipeline.clone();
-    for (topic, partition, generation) in quiet {
+    for (topic, partition, generation, high) in quiet {
         let commit = committed(c, &topic, partition).await;
         let mark = |rewind: Option<Rewind>, checked: bool| {
             let mut o = lock(&c.context().offsets);
@@ -152,30 +141,13 @@ pub(super) async fn probe(c: &Arc<StreamConsumer<Ctx>>) {
                 }
             }
         };
-        let high = {
-            let o = lock(&c.context().offsets);
-            o.parts
-                .get(&(topic.clone(), partition))
-                .and_then(|w| w.high)
-        };
         let Some(commit) = commit.filter(|&k| k > 0 && high.is_none_or(|h| h > k)) else {
             mark(None, true);
             continue;
         };
         let from = commit.saturating_sub(SPANS[0]).max(0);
         tracing::info!(%pipeline, %topic, partition, commit, ?high, from, "Kafka partition gave no record since its assignment although the group committed past its start: reading it again from before the commit (records before the commit skipped)");
-        let seek = {
-            let (c, topic) = (c.clone(), topic.clone());
-            tokio::task::spawn_blocking(move || {
-                c.seek(
-                    &topic,
-                    partition,
-                    Offset::Offset(from),
-                    Duration::from_secs(5),
-                )
-            })
-            .await
-        };
+        let seek = seek(c, &topic, partition, from).await;
         match seek {
             Ok(Ok(())) => mark(
                 Some(Rewind {
@@ -193,6 +165,25 @@ pub(super) async fn probe(c: &Arc<StreamConsumer<Ctx>>) {
             Err(_) => mark(None, false),
         }
     }
+}
+
+/// Seeks `topic[partition]` to `from`, off the async threads (librdkafka blocks).
+async fn seek(
+    c: &Arc<StreamConsumer<Ctx>>,
+    topic: &str,
+    partition: i32,
+    from: i64,
+) -> Result<rdkafka::error::KafkaResult<()>, tokio::task::JoinError> {
+    let (c, topic) = (c.clone(), topic.to_string());
+    tokio::task::spawn_blocking(move || {
+        c.seek(
+            &topic,
+            partition,
+            Offset::Offset(from),
+            Duration::from_secs(5),
+        )
+    })
+    .await
 }
 
 /// Notes the partition's state after the check: reading again from before the commit
