@@ -223,6 +223,10 @@ pub struct ControlArgs {
     /// Who runs the workers when scaling.
     #[arg(long, value_enum, default_value_t = ScalerKind::Process)]
     pub scaler: ScalerKind,
+    /// Reload the pipeline file (-c) when it changes (SIGHUP and
+    /// `PUT /api/v1/pipelines` reload it too).
+    #[arg(long, requires = "config")]
+    pub watch_config: bool,
     /// Require mTLS in the mesh: the control plane becomes its certificate authority
     /// (the anchor and join token in the state directory's `mesh/`) and serves the
     /// worker protocol on this address only, to processes with its certificates.
@@ -290,6 +294,13 @@ pub(crate) fn control_plane(args: &ControlArgs) -> Result<(), CliError> {
         opts.heartbeat_timeout = args.heartbeat_timeout;
         if let (Some(path), Some(f)) = (&args.config, &file) {
             green_options(&mut opts, f, path, &args.state)?;
+            opts.reload = Some(etlmesh_control::reload::ReloadOptions {
+                path: path.clone(),
+                state_dir: args.state.state_dir.clone(),
+                fixed_workers: None,
+                watch: args.watch_config,
+                initial: f.spec.clone(),
+            });
         }
         let mesh_spec = file
             .as_ref()
@@ -495,6 +506,10 @@ pub struct UpArgs {
     /// control plane or a worker is trusted. For debugging only.
     #[arg(long)]
     pub insecure: bool,
+    /// Reload the pipeline file when it changes (SIGHUP and `PUT /api/v1/pipelines`
+    /// reload it too).
+    #[arg(long)]
+    pub watch_config: bool,
     #[command(flatten)]
     pub tuning: GatewayTuning,
     #[command(flatten)]
@@ -530,6 +545,7 @@ pub(crate) fn up(args: &UpArgs) -> Result<(), CliError> {
         gateway: gw,
         state_dir: args.state.state_dir.clone(),
         mesh: (!args.insecure).then(|| file.spec.platform.mesh.clone()),
+        watch_config: args.watch_config,
     };
     if args.insecure {
         eprintln!(

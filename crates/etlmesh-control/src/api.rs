@@ -42,6 +42,8 @@ pub struct ControlState {
     pub jobs: Option<Arc<crate::jobs::Jobs>>,
     /// The mesh's authority, when the mesh speaks mTLS.
     pub(crate) mesh: Option<Arc<crate::mesh::Mesh>>,
+    /// Reloads of the pipeline file, when the control plane scales its pools.
+    pub reloader: Option<Arc<crate::reload::Reloader>>,
 }
 
 /// The control plane's routes.
@@ -60,7 +62,11 @@ pub fn router(state: Arc<ControlState>) -> Router {
         .route("/v1/workers/{id}", axum::routing::delete(deregister))
         .route("/v1/endpoints/watch", get(watch))
         .route("/api/v1/workers", get(workers))
-        .route("/api/v1/pipelines", get(pipelines))
+        .route(
+            "/api/v1/pipelines",
+            get(pipelines).put(crate::reload::api::put_pipelines),
+        )
+        .route("/api/v1/reloads", get(crate::reload::api::reloads))
         .route("/v1/logs/{source}", post(ship_logs))
         .route("/api/v1/logs", get(logs))
         .route("/api/v1/logs/sources", get(log_sources))

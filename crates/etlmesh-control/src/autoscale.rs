@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use etlmesh_config::{PipelineFile, ScalingSpec};
-use etlmesh_proto::{GatewayLoad, PipelineInfo, ScaleEvent, WorkerState};
+use etlmesh_proto::{EndpointEvent, GatewayLoad, PipelineInfo, ScaleEvent, WorkerState};
 use etlmesh_scale::{Autoscaler, Observation, Scaler};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -405,6 +405,70 @@ impl Autoscaling {
                 });
             }
             if let Err(e) = self.scaler.set_replicas(&pool, d.to).await {
+                tracing::error!(pipeline = %pool, error = %e, "the scaler failed");
+            }
+        }
+    }
+
+    /// The scaler.
+    pub fn scaler(&self) -> &Arc<dyn Scaler> {
+        &self.scaler
+    }
+
+    /// Takes the pools of a reloaded file: new pools start at their minimum, pools
+    /// no longer declared are drained, the others take their new policy (and what
+    /// gateways are told of them); gateways learn the new set at once.
+    pub async fn reconfigure(&self, pools: Vec<(PipelineInfo, ScalingSpec)>, registry: &Registry) {
+        let now = Instant::now();
+        let mut moves = Vec::new();
+        {
+            let mut current = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+            let names: Vec<String> = current.keys().cloned().collect();
+            for name in names {
+                if !pools.iter().any(|(i, _)| i.name == name) {
+                    current.remove(&name);
+                    moves.push((name, 0));
+                }
+            }
+            for (info, spec) in pools {
+                let name = info.name.clone();
+                match current.get_mut(&name) {
+                    Some(p) => {
+                        let before = p.autoscaler.current();
+                        let after = p.autoscaler.set_spec(spec);
+                        p.info = info;
+                        if after != before {
+                            moves.push((name, after));
+                        }
+                    }
+                    None => {
+                        let autoscaler = Autoscaler::new(spec, now);
+                        moves.push((name.clone(), autoscaler.current()));
+                        current.insert(
+                            name,
+                            Pool {
+                                autoscaler,
+                                info,
+                                requests_seen: 0,
+                                rate: Rate::default(),
+                                panic: false,
+                            },
+                        );
+                    }
+                }
+            }
+        }
+        registry.announce(EndpointEvent::Pipelines {
+            pipelines: self.pipelines(),
+        });
+        for (pool, n) in moves {
+            tracing::info!(pipeline = %pool, replicas = n, "reload: the pool runs {n} workers");
+            self.replicas
+                .get_or_create(&PoolLabels {
+                    pipeline: pool.clone(),
+                })
+                .set(i64::from(n));
+            if let Err(e) = self.scaler.set_replicas(&pool, n).await {
                 tracing::error!(pipeline = %pool, error = %e, "the scaler failed");
             }
         }

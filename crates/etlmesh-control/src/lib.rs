@@ -18,6 +18,10 @@
 //!
 //! With a mesh ([`mesh::MeshOptions`]) it is the mesh's certificate authority and
 //! speaks the worker protocol over mTLS only, on a listener of its own ([`mesh`]).
+//!
+//! With a pipeline file it reloads it while running ([`reload`]): on SIGHUP, a change
+//! of the file, or `PUT /api/v1/pipelines`, changed pipelines get new workers and
+//! unchanged ones are not touched.
 
 mod api;
 pub mod autoscale;
@@ -27,6 +31,7 @@ pub mod logs;
 pub mod mesh;
 mod overview;
 pub mod registry;
+pub mod reload;
 mod tap;
 pub mod timeline;
 
@@ -86,6 +91,8 @@ pub struct ControlOptions {
     pub jobs: Option<jobs::JobsOptions>,
     /// mTLS in the mesh: the authority and the mesh listener.
     pub mesh: Option<mesh::MeshOptions>,
+    /// Reloading the pipeline file (with `autoscale` given to [`Bound::serve`]).
+    pub reload: Option<reload::ReloadOptions>,
 }
 
 impl ControlOptions {
@@ -99,6 +106,7 @@ impl ControlOptions {
             carbon: Default::default(),
             jobs: None,
             mesh: None,
+            reload: None,
         }
     }
 }
@@ -122,6 +130,7 @@ pub struct Bound {
     listener: TcpListener,
     mesh: Option<BoundMesh>,
     log_source: String,
+    reload: Option<reload::ReloadOptions>,
 }
 
 /// The mesh listener, bound, and the control plane's own identity on it.
@@ -242,6 +251,7 @@ pub async fn bind(options: &ControlOptions) -> Result<Bound, ControlError> {
         listener,
         mesh,
         log_source: options.log_source.clone(),
+        reload: options.reload.clone(),
     })
 }
 
@@ -260,6 +270,18 @@ impl Bound {
         let scaler_loop = autoscaling
             .clone()
             .map(|a| tokio::spawn(a.run(self.registry.clone())));
+        let reloader = match (self.reload, &autoscaling) {
+            (Some(o), Some(a)) => Some(Arc::new(reload::Reloader::new(
+                o,
+                a.clone(),
+                self.registry.clone(),
+            ))),
+            _ => None,
+        };
+        let reload_tasks = reloader
+            .as_ref()
+            .map(|r| reload::spawn_triggers(r.clone(), r.watches()))
+            .unwrap_or_default();
         let (closing_tx, closing) = tokio::sync::watch::channel(false);
         let state = Arc::new(ControlState {
             registry: self.registry.clone(),
@@ -270,6 +292,7 @@ impl Bound {
             meter: self.meter.clone(),
             jobs: self.jobs.clone(),
             mesh: self.mesh.as_ref().map(|m| m.state.clone()),
+            reloader,
         });
         let meter = tokio::spawn(energy::meter_forever(
             self.meter.clone(),
@@ -326,7 +349,7 @@ impl Bound {
             .with_graceful_shutdown(stopped(stop_rx))
             .await
             .map_err(|e| ControlError::Serve(e.to_string()));
-        for t in mesh_tasks {
+        for t in mesh_tasks.into_iter().chain(reload_tasks) {
             t.abort();
         }
         reaper.abort();

@@ -55,6 +55,8 @@ pub struct Overview {
     pub errors: Vec<etlmesh_telemetry::errors::ErrorGroup>,
     /// Energy and carbon since the control plane started.
     pub energy: etlmesh_proto::energy::EnergyReport,
+    /// The latest reloads of the pipeline file, newest last.
+    pub reloads: Vec<crate::reload::ReloadRecord>,
 }
 
 /// Builds the overview; the series holds points after `since` (unix ms).
@@ -107,5 +109,10 @@ pub fn build(st: &ControlState, since: i64) -> Overview {
         errors_total: st.logs.errors_total(),
         errors: groups.into_iter().take(ERROR_GROUPS).collect(),
         energy: st.meter.report(),
+        reloads: st
+            .reloader
+            .as_ref()
+            .map(|r| r.records())
+            .unwrap_or_default(),
     }
 }

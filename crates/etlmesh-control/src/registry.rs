@@ -236,6 +236,12 @@ impl Registry {
         (workers.values().map(Entry::endpoint).collect(), rx)
     }
 
+    /// Tells every gateway following the endpoint set (the pipelines after a reload).
+    pub fn announce(&self, event: EndpointEvent) {
+        let _held = self.lock();
+        let _ = self.events.send(event);
+    }
+
     /// The endpoint set.
     pub fn endpoints(&self) -> Vec<Endpoint> {
         self.lock().values().map(Entry::endpoint).collect()

@@ -35,6 +35,9 @@ struct Inner {
     endpoints: HashMap<String, EndpointInfo>,
     /// What the control plane says of the pipelines it scales.
     infos: HashMap<String, PipelineInfo>,
+    /// Pipelines it scaled and no longer declares (a reload removed them): their
+    /// routes go when their last worker has.
+    retired: std::collections::HashSet<String>,
 }
 
 impl Routes {
@@ -122,9 +125,25 @@ impl Routes {
         }
     }
 
-    /// Pipelines the control plane scales: their routes exist with no worker.
+    /// Pipelines the control plane scales (the whole set): their routes exist with no
+    /// worker. One it scaled and no longer lists is retired.
     fn scaled(&self, pipelines: Vec<PipelineInfo>) {
         let mut inner = self.lock();
+        let gone: Vec<String> = inner
+            .infos
+            .keys()
+            .filter(|n| !pipelines.iter().any(|p| &p.name == *n))
+            .cloned()
+            .collect();
+        for name in gone {
+            inner.infos.remove(&name);
+            if let Some(r) = inner.routes.get(&name) {
+                r.scalable
+                    .store(false, std::sync::atomic::Ordering::Relaxed);
+            }
+            tracing::info!(pipeline = %name, "the pipeline is no longer declared: its route goes with its last worker");
+            inner.retired.insert(name);
+        }
         for p in pipelines {
             let route = inner
                 .routes
@@ -134,7 +153,24 @@ impl Routes {
             route
                 .scalable
                 .store(true, std::sync::atomic::Ordering::Relaxed);
-            inner.infos.entry(p.name.clone()).or_insert(p);
+            inner.retired.remove(&p.name);
+            inner.infos.insert(p.name.clone(), p);
+        }
+        Self::drop_retired(&mut inner);
+    }
+
+    /// Removes the routes of retired pipelines that have no worker left.
+    fn drop_retired(inner: &mut Inner) {
+        let empty: Vec<String> = inner
+            .retired
+            .iter()
+            .filter(|n| inner.routes.get(*n).is_none_or(|r| r.ready() == 0))
+            .cloned()
+            .collect();
+        for name in empty {
+            inner.routes.remove(&name);
+            inner.retired.remove(&name);
+            tracing::info!(pipeline = %name, "route removed: the pipeline is no longer declared");
         }
     }
 
@@ -152,7 +188,9 @@ impl Routes {
                 r.remove(&e.id);
             }
         }
-        for p in &e.pipelines {
+        // A route is made by a ready worker (or the control plane's pipelines): a
+        // draining worker of a removed pipeline must not bring its route back.
+        for p in e.pipelines.iter().filter(|_| e.state == WorkerState::Ready) {
             if !inner.routes.contains_key(&p.name) {
                 inner
                     .routes
@@ -184,6 +222,7 @@ impl Routes {
             }
         }
         inner.endpoints.insert(e.id.clone(), e);
+        Self::drop_retired(&mut inner);
         self.publish_gauges(&inner);
     }
 
@@ -196,6 +235,7 @@ impl Routes {
                 tracing::info!(pipeline = %r.pipeline, worker = %id, "endpoint removed");
             }
         }
+        Self::drop_retired(&mut inner);
         self.publish_gauges(&inner);
     }
 }

@@ -7,12 +7,15 @@
 //! - [`Scaler`] carries a decision out: [`process::ProcessScaler`] runs workers as
 //!   local child processes (and restarts crashed ones); the Kubernetes scaler sets a
 //!   Deployment's replicas.
+//! - [`Rollouts`] replaces a pool's workers after a reload of the pipeline file (the
+//!   process scaler can; on Kubernetes a new ConfigMap rolls the Deployment).
 
 pub mod kubernetes;
 pub mod policy;
 pub mod process;
 
 use std::future::Future;
+use std::path::Path;
 use std::pin::Pin;
 
 pub use policy::{Autoscaler, Decision, Observation};
@@ -57,4 +60,25 @@ pub trait Scaler: Send + Sync {
     ) -> BoxFuture<'a, Result<(), ScaleError>>;
     /// Stops everything (draining workers) before the control plane exits.
     fn shutdown(&self) -> BoxFuture<'_, ()>;
+    /// How this scaler replaces workers when the pipeline file is reloaded, if it can.
+    fn rollouts(&self) -> Option<&dyn Rollouts> {
+        None
+    }
+}
+
+/// Replacing a pool's workers with workers that read another pipeline file (a reload).
+/// The caller watches the registry to learn when the new ones are ready.
+pub trait Rollouts: Send + Sync {
+    /// Workers of `pool` started from now on read `config`.
+    fn use_config(&self, pool: &str, config: &Path);
+    /// Starts as many workers as `pool` runs, beside them; the new workers' ids.
+    fn start_beside(&self, pool: &str) -> Vec<String>;
+    /// Ends a rollout: `keep_new` drains the old workers, otherwise the new ones.
+    fn finish(&self, pool: &str, keep_new: bool);
+    /// Restarts a worker in place with the pool's file: drained with SIGINT, it
+    /// comes back under the same id (so with the same stream sessions). `false` when
+    /// there is no such worker.
+    fn restart(&self, pool: &str, id: &str) -> bool;
+    /// The pool's running workers: id and process id.
+    fn workers(&self, pool: &str) -> Vec<(String, Option<u32>)>;
 }

@@ -72,6 +72,17 @@ impl Autoscaler {
         self.current
     }
 
+    /// Takes a new policy (a reload), keeping the replicas it runs when they are within
+    /// the new bounds; the replicas to run now.
+    pub fn set_spec(&mut self, spec: ScalingSpec) -> u32 {
+        self.current = self
+            .current
+            .clamp(spec.min_replicas, spec.max_replicas.max(spec.min_replicas));
+        self.spec = spec;
+        self.history.clear();
+        self.current
+    }
+
     /// The policy.
     pub fn spec(&self) -> &ScalingSpec {
         &self.spec
@@ -273,6 +284,42 @@ mod tests {
                 active: in_flight > 0.0,
             }
         }
+    }
+
+    #[test]
+    fn a_reloaded_policy_keeps_the_replicas_within_its_new_bounds() {
+        let start = Instant::now();
+        let mut a = Autoscaler::new(
+            ScalingSpec {
+                min_replicas: 3,
+                ..spec()
+            },
+            start,
+        );
+        assert_eq!(
+            a.set_spec(ScalingSpec {
+                min_replicas: 1,
+                ..spec()
+            }),
+            3,
+            "3 is within 1..=8"
+        );
+        assert_eq!(
+            a.set_spec(ScalingSpec {
+                min_replicas: 1,
+                max_replicas: 2,
+                ..spec()
+            }),
+            2
+        );
+        assert_eq!(
+            a.set_spec(ScalingSpec {
+                min_replicas: 4,
+                ..spec()
+            }),
+            4
+        );
+        assert_eq!(a.spec().min_replicas, 4);
     }
 
     #[test]

@@ -5,9 +5,13 @@
 //! is restarted at once when a signal killed it or it had run for a while (its stream
 //! session holds messages the broker drops past its queue limit), with backoff when
 //! it keeps failing at start. Their output is relayed with a `[worker-id]` prefix.
+//!
+//! A reload ([`Rollouts`]) gives a pool another pipeline file: new workers start beside
+//! the old ones, which drain once the new are ready, or a worker restarts in place
+//! (SIGINT, then again under the same id, so with the same stream sessions).
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -19,7 +23,7 @@ use tokio::process::{Child, Command};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::{BoxFuture, ScaleError, Scaler};
+use crate::{BoxFuture, Rollouts, ScaleError, Scaler};
 
 /// The first restart waits this long; each crash in a row doubles it.
 const FIRST_BACKOFF: Duration = Duration::from_millis(500);
@@ -67,18 +71,44 @@ impl std::fmt::Debug for WorkerCommand {
     }
 }
 
+/// What a slot's runner is told to do.
+#[derive(Debug, Clone, PartialEq)]
+enum Order {
+    Run,
+    /// Stop the worker with this signal, for good.
+    Stop(Signal),
+    /// Stop the worker with SIGINT (it drains and keeps its stream sessions) and start
+    /// it again, under the same id, with this pipeline file.
+    Restart(PathBuf),
+}
+
 struct Slot {
     id: String,
-    /// `Some(signal)` stops the slot's worker with that signal.
-    stop: watch::Sender<Option<Signal>>,
+    order: watch::Sender<Order>,
     task: JoinHandle<()>,
     pid: Arc<Mutex<Option<u32>>>,
+}
+
+impl Slot {
+    fn pid(&self) -> Option<u32> {
+        *self.pid.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Asks the worker to drain and leave; its task, to wait for.
+    fn stop(self, signal: Signal) -> JoinHandle<()> {
+        let _ = self.order.send(Order::Stop(signal));
+        self.task
+    }
 }
 
 #[derive(Default)]
 struct Pool {
     slots: Vec<Slot>,
+    /// A rollout's workers, started beside `slots` (see [`Rollouts::start_beside`]).
+    incoming: Vec<Slot>,
     next: u32,
+    /// The pipeline file its workers start with (`None`: the command's).
+    config: Option<PathBuf>,
     /// Workers draining after a scale-down.
     leaving: Vec<JoinHandle<()>>,
 }
@@ -106,17 +136,7 @@ impl ProcessScaler {
     pub fn pids(&self, pool: &str) -> Vec<(String, Option<u32>)> {
         self.lock()
             .get(pool)
-            .map(|p| {
-                p.slots
-                    .iter()
-                    .map(|s| {
-                        (
-                            s.id.clone(),
-                            *s.pid.lock().unwrap_or_else(|e| e.into_inner()),
-                        )
-                    })
-                    .collect()
-            })
+            .map(|p| p.slots.iter().map(|s| (s.id.clone(), s.pid())).collect())
             .unwrap_or_default()
     }
 
@@ -125,36 +145,103 @@ impl ProcessScaler {
         self.lock().get(pool).map_or(0, |p| p.slots.len())
     }
 
+    /// Starts a worker for `pool` in a new slot.
+    fn start(&self, p: &mut Pool, pool: &str) -> Slot {
+        p.next += 1;
+        let id = format!("{pool}-{}", p.next);
+        let (order, orders) = watch::channel(Order::Run);
+        let pid = Arc::new(Mutex::new(None));
+        let mut command = self.command.clone();
+        if let Some(c) = &p.config {
+            command.config = c.clone();
+        }
+        let runner = Runner {
+            id: id.clone(),
+            pool: pool.to_string(),
+            command,
+            pid: pid.clone(),
+        };
+        let task = tokio::spawn(runner.run(orders));
+        Slot {
+            id,
+            order,
+            task,
+            pid,
+        }
+    }
+
     fn scale(&self, pool: &str, replicas: u32) {
         let mut pools = self.lock();
         let p = pools.entry(pool.to_string()).or_default();
+        self.resize(p, pool, replicas as usize);
+    }
+
+    fn resize(&self, p: &mut Pool, pool: &str, replicas: usize) {
         p.leaving.retain(|t| !t.is_finished());
-        while p.slots.len() < replicas as usize {
-            p.next += 1;
-            let id = format!("{pool}-{}", p.next);
-            let (stop, stop_rx) = watch::channel(None);
-            let pid = Arc::new(Mutex::new(None));
-            let runner = Runner {
-                id: id.clone(),
-                pool: pool.to_string(),
-                command: self.command.clone(),
-                pid: pid.clone(),
-            };
-            let task = tokio::spawn(runner.run(stop_rx));
-            p.slots.push(Slot {
-                id,
-                stop,
-                task,
-                pid,
-            });
+        while p.slots.len() < replicas {
+            let slot = self.start(p, pool);
+            p.slots.push(slot);
         }
-        while p.slots.len() > replicas as usize {
+        while p.slots.len() > replicas {
             if let Some(slot) = p.slots.pop() {
                 tracing::info!(worker = %slot.id, pool, "scaling down: draining worker");
-                let _ = slot.stop.send(Some(Signal::SIGTERM));
-                p.leaving.push(slot.task);
+                p.leaving.push(slot.stop(Signal::SIGTERM));
             }
         }
+    }
+}
+
+impl Rollouts for ProcessScaler {
+    fn use_config(&self, pool: &str, config: &Path) {
+        self.lock().entry(pool.to_string()).or_default().config = Some(config.to_path_buf());
+    }
+
+    fn start_beside(&self, pool: &str) -> Vec<String> {
+        let mut pools = self.lock();
+        let p = pools.entry(pool.to_string()).or_default();
+        let n = p.slots.len();
+        for _ in 0..n {
+            let slot = self.start(p, pool);
+            p.incoming.push(slot);
+        }
+        p.incoming.iter().map(|s| s.id.clone()).collect()
+    }
+
+    fn finish(&self, pool: &str, keep_new: bool) {
+        let mut pools = self.lock();
+        let Some(p) = pools.get_mut(pool) else { return };
+        let incoming = std::mem::take(&mut p.incoming);
+        let leaving = if keep_new {
+            let old = std::mem::replace(&mut p.slots, incoming);
+            // The autoscaler may have resized the old set meanwhile.
+            self.resize(p, pool, old.len());
+            old
+        } else {
+            incoming
+        };
+        for slot in leaving {
+            tracing::info!(worker = %slot.id, pool, "reload: draining worker");
+            p.leaving.push(slot.stop(Signal::SIGTERM));
+        }
+    }
+
+    fn restart(&self, pool: &str, id: &str) -> bool {
+        let pools = self.lock();
+        let Some(p) = pools.get(pool) else {
+            return false;
+        };
+        let config = p
+            .config
+            .clone()
+            .unwrap_or_else(|| self.command.config.clone());
+        p.slots
+            .iter()
+            .find(|s| s.id == id)
+            .is_some_and(|s| s.order.send(Order::Restart(config)).is_ok())
+    }
+
+    fn workers(&self, pool: &str) -> Vec<(String, Option<u32>)> {
+        self.pids(pool)
     }
 }
 
@@ -174,15 +261,18 @@ impl Scaler for ProcessScaler {
         })
     }
 
+    fn rollouts(&self) -> Option<&dyn Rollouts> {
+        Some(self)
+    }
+
     fn shutdown(&self) -> BoxFuture<'_, ()> {
         Box::pin(async move {
             let tasks: Vec<JoinHandle<()>> = {
                 let mut pools = self.lock();
                 let mut tasks = Vec::new();
                 for p in pools.values_mut() {
-                    for s in p.slots.drain(..) {
-                        let _ = s.stop.send(Some(Signal::SIGINT));
-                        tasks.push(s.task);
+                    for s in p.slots.drain(..).chain(p.incoming.drain(..)) {
+                        tasks.push(s.stop(Signal::SIGINT));
                     }
                     tasks.append(&mut p.leaving);
                 }
@@ -252,7 +342,7 @@ impl Runner {
         *self.pid.lock().unwrap_or_else(|p| p.into_inner()) = pid;
     }
 
-    async fn run(self, mut stop: watch::Receiver<Option<Signal>>) {
+    async fn run(mut self, mut orders: watch::Receiver<Order>) {
         let mut backoff = FIRST_BACKOFF;
         loop {
             let started = Instant::now();
@@ -260,10 +350,11 @@ impl Runner {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::error!(worker = %self.id, error = %e, "cannot start the worker process");
-                    if wait_or_stop(&mut stop, backoff).await {
-                        return;
+                    match self.wait_or_order(&mut orders, backoff).await {
+                        Some(Order::Stop(_)) => return,
+                        Some(_) => backoff = QUICK_RESTART,
+                        None => backoff = (backoff * 2).min(MAX_BACKOFF),
                     }
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
                     continue;
                 }
             };
@@ -278,8 +369,11 @@ impl Runner {
             }
             let status = tokio::select! {
                 s = child.wait() => s,
-                () = stopped(&mut stop) => {
-                    let signal = (*stop.borrow()).unwrap_or(Signal::SIGTERM);
+                order = self.next_order(&mut orders) => {
+                    let signal = match &order {
+                        Order::Stop(signal) => *signal,
+                        _ => Signal::SIGINT,
+                    };
                     if let Some(pid) = pid {
                         let _ = kill(Pid::from_raw(pid as i32), signal);
                     }
@@ -291,15 +385,18 @@ impl Runner {
                             child.wait().await
                         }
                     };
-                    tracing::info!(worker = %self.id, status = ?s.as_ref().ok(), "worker stopped");
                     self.set_pid(None);
+                    if let Order::Restart(config) = order {
+                        tracing::info!(worker = %self.id, config = %config.display(), status = ?s.as_ref().ok(), "worker stopped; starting it again with the reloaded pipeline file");
+                        self.command.config = config;
+                        backoff = FIRST_BACKOFF;
+                        continue;
+                    }
+                    tracing::info!(worker = %self.id, status = ?s.as_ref().ok(), "worker stopped");
                     return;
                 }
             };
             self.set_pid(None);
-            if stop.borrow().is_some() {
-                return;
-            }
             let killed = status
                 .as_ref()
                 .ok()
@@ -313,11 +410,46 @@ impl Runner {
                 backoff = QUICK_RESTART;
             }
             tracing::warn!(worker = %self.id, status = ?status.ok(), restart_in_ms = backoff.as_millis() as u64, "worker exited; restarting");
-            if wait_or_stop(&mut stop, backoff).await {
-                return;
+            match self.wait_or_order(&mut orders, backoff).await {
+                Some(Order::Stop(_)) => return,
+                Some(_) => backoff = QUICK_RESTART,
+                None => backoff = (backoff * 2).min(MAX_BACKOFF),
             }
-            backoff = (backoff * 2).min(MAX_BACKOFF);
         }
+    }
+
+    /// The next order to act on: a stop, or a restart with another file. A restart
+    /// with the file this worker already runs is nothing to do.
+    async fn next_order(&self, orders: &mut watch::Receiver<Order>) -> Order {
+        loop {
+            let order = orders.borrow_and_update().clone();
+            match order {
+                Order::Stop(_) => return order,
+                Order::Restart(ref c) if *c != self.command.config => return order,
+                _ => {}
+            }
+            if orders.changed().await.is_err() {
+                // The scaler is gone: nothing will be asked of this worker again.
+                return std::future::pending().await;
+            }
+        }
+    }
+
+    /// Sleeps before a restart; an order that comes meanwhile ends the sleep (a
+    /// restart order also sets the file to start with).
+    async fn wait_or_order(
+        &mut self,
+        orders: &mut watch::Receiver<Order>,
+        d: Duration,
+    ) -> Option<Order> {
+        let order = tokio::select! {
+            () = tokio::time::sleep(d) => return None,
+            order = self.next_order(orders) => order,
+        };
+        if let Order::Restart(c) = &order {
+            self.command.config = c.clone();
+        }
+        Some(order)
     }
 }
 
@@ -342,19 +474,6 @@ pub async fn supervisor_gone() {
             );
             return;
         }
-    }
-}
-
-/// Completes once stopping was asked for.
-async fn stopped(rx: &mut watch::Receiver<Option<Signal>>) {
-    let _ = rx.wait_for(Option::is_some).await;
-}
-
-/// Sleeps; `true` when stopping was asked for meanwhile.
-async fn wait_or_stop(rx: &mut watch::Receiver<Option<Signal>>, d: Duration) -> bool {
-    tokio::select! {
-        () = tokio::time::sleep(d) => false,
-        () = stopped(rx) => true,
     }
 }
 

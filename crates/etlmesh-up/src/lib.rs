@@ -5,6 +5,9 @@
 //! scaler. The control plane meters energy and runs batch jobs (`/v1/jobs` on the
 //! gateway), kept in the state directory.
 //!
+//! The pipeline file is reloaded on SIGHUP, on `PUT /api/v1/pipelines` and, with
+//! `--watch-config`, when it changes (see `etlmesh_control::reload`).
+//!
 //! The mesh speaks mTLS by default: the control plane is its certificate authority,
 //! the gateway (in this process) shares the control plane's identity, and workers
 //! join with the join token, passed in their environment (`ETLMESH_JOIN_TOKEN`).
@@ -48,6 +51,8 @@ pub struct UpOptions {
     pub state_dir: PathBuf,
     /// mTLS in the mesh (`None`: plain HTTP inside the mesh, `--insecure`).
     pub mesh: Option<etlmesh_config::MeshSpec>,
+    /// Reload the pipeline file when it changes (SIGHUP and the API always do).
+    pub watch_config: bool,
 }
 
 /// The addresses `up` serves on.
@@ -88,6 +93,13 @@ pub async fn run(
             &options.state_dir,
             spec,
         )
+    });
+    cp_opts.reload = Some(etlmesh_control::reload::ReloadOptions {
+        path: options.config.clone(),
+        state_dir: options.state_dir.clone(),
+        fixed_workers: options.fixed_workers,
+        watch: options.watch_config,
+        initial: file.spec.clone(),
     });
     let control = etlmesh_control::bind(&cp_opts).await?;
     let admin = format!("http://{}", control.addr);
