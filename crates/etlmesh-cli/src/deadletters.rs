@@ -55,13 +55,21 @@ pub struct Picked {
     /// At most this many letters listed (list) or printed (show).
     #[arg(long, default_value_t = 20)]
     pub limit: usize,
+    /// Print one JSON document (list, replay): what the control plane's API and the
+    /// dashboard read.
+    #[arg(long)]
+    pub json: bool,
 }
 
 pub(crate) fn deadletters(args: &DeadLettersArgs) -> Result<(), CliError> {
     match &args.action {
         Action::List(p) => {
             let (_, store, picked) = open(p)?;
-            list(p, &store, &picked);
+            if p.json {
+                println!("{}", list_json(p, &store, &picked));
+            } else {
+                list(p, &store, &picked);
+            }
             Ok(())
         }
         Action::Show(p) => {
@@ -83,7 +91,14 @@ pub(crate) fn deadletters(args: &DeadLettersArgs) -> Result<(), CliError> {
         Action::Replay { picked: p, dry_run } => {
             let (file, store, picked) = open(p)?;
             if picked.is_empty() {
-                println!("no dead letters of pipeline {} to replay", p.pipeline);
+                if p.json {
+                    println!(
+                        "{}",
+                        serde_json::json!({ "pipeline": p.pipeline, "letters": 0, "replayed": 0, "failed": 0, "kept": 0, "rows_out": 0, "dry_run": dry_run })
+                    );
+                } else {
+                    println!("no dead letters of pipeline {} to replay", p.pipeline);
+                }
                 return Ok(());
             }
             let rt = runtime(2)?;
@@ -96,6 +111,10 @@ pub(crate) fn deadletters(args: &DeadLettersArgs) -> Result<(), CliError> {
                     *dry_run,
                 ))
                 .map_err(|e| CliError::Other(e.to_string()))?;
+            if p.json {
+                println!("{}", replay_json(&p.pipeline, &report));
+                return Ok(());
+            }
             let (replayed, failed, kept) = report.counts();
             let verb = if report.dry_run { "would be" } else { "were" };
             println!(
@@ -210,6 +229,71 @@ fn list(p: &Picked, store: &Store, picked: &[Stored]) {
     if picked.len() > p.limit {
         println!("  … {} older letters (--limit)", picked.len() - p.limit);
     }
+}
+
+/// Reasons by count and the newest letters, as `list` prints them.
+fn list_json(p: &Picked, store: &Store, picked: &[Stored]) -> serde_json::Value {
+    let mut by: BTreeMap<(String, String, String), usize> = BTreeMap::new();
+    for s in picked {
+        let l = &s.letter;
+        *by.entry((
+            l.stage.clone(),
+            l.field.clone().unwrap_or_default(),
+            l.reason.clone(),
+        ))
+        .or_default() += 1;
+    }
+    let mut groups: Vec<_> = by.into_iter().collect();
+    groups.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    let reasons: Vec<serde_json::Value> = groups
+        .iter()
+        .take(p.limit)
+        .map(|((stage, field, reason), n)| serde_json::json!({ "count": n, "stage": stage, "field": field, "reason": reason }))
+        .collect();
+    let letters: Vec<serde_json::Value> = picked
+        .iter()
+        .rev()
+        .take(p.limit)
+        .map(|s| serde_json::json!({ "id": s.id, "time": s.letter.time, "stage": s.letter.stage, "from": s.letter.place(), "reason": s.letter.reason }))
+        .collect();
+    serde_json::json!({
+        "pipeline": p.pipeline,
+        "dir": store.dir().display().to_string(),
+        "total": picked.len(),
+        "replayed_before": store.hidden(),
+        "reasons": reasons,
+        "reasons_more": groups.len().saturating_sub(p.limit),
+        "letters": letters,
+    })
+}
+
+/// A replay's report as one JSON document.
+fn replay_json(pipeline: &str, report: &etlmesh_deadletters::ReplayReport) -> serde_json::Value {
+    let (replayed, failed, kept) = report.counts();
+    let failures: Vec<serde_json::Value> = report
+        .outcomes
+        .iter()
+        .filter_map(|(s, o)| match o {
+            Outcome::Replayed => None,
+            Outcome::Failed { stage, reason } => Some(serde_json::json!({ "id": s.id, "from": s.letter.place(), "outcome": "failed", "stage": stage, "reason": reason })),
+            Outcome::Kept(why) => Some(serde_json::json!({ "id": s.id, "from": s.letter.place(), "outcome": "kept", "reason": why })),
+        })
+        .collect();
+    serde_json::json!({
+        "pipeline": pipeline,
+        "letters": report.outcomes.len(),
+        "replayed": replayed,
+        "failed": failed,
+        "kept": kept,
+        "rows_out": report.rows_out,
+        "rows_filtered": report.rows_filtered,
+        "rows_refused": report.rows_refused,
+        "sinks": report.sinks,
+        "dry_run": report.dry_run,
+        "failures": failures,
+        "dead_file": report.dead_file.as_ref().map(|d| d.display().to_string()),
+        "ledger": report.ledger.as_ref().map(|l| l.display().to_string()),
+    })
 }
 
 fn short(id: &str) -> &str {

@@ -44,6 +44,8 @@ pub struct ControlState {
     pub(crate) mesh: Option<Arc<crate::mesh::Mesh>>,
     /// Reloads of the pipeline file, when the control plane scales its pools.
     pub reloader: Option<Arc<crate::reload::Reloader>>,
+    /// Held while a dead-letter replay runs (one at a time).
+    pub replaying: tokio::sync::Mutex<()>,
 }
 
 /// The control plane's routes.
@@ -67,6 +69,14 @@ pub fn router(state: Arc<ControlState>) -> Router {
             get(pipelines).put(crate::reload::api::put_pipelines),
         )
         .route("/api/v1/reloads", get(crate::reload::api::reloads))
+        .route(
+            "/api/v1/deadletters/{pipeline}",
+            get(crate::deadletters::list),
+        )
+        .route(
+            "/api/v1/deadletters/{pipeline}/replay",
+            post(crate::deadletters::replay),
+        )
         .route("/v1/logs/{source}", post(ship_logs))
         .route("/api/v1/logs", get(logs))
         .route("/api/v1/logs/sources", get(log_sources))

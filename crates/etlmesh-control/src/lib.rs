@@ -25,6 +25,7 @@
 
 mod api;
 pub mod autoscale;
+mod deadletters;
 pub mod energy;
 pub mod jobs;
 pub mod logs;
@@ -293,6 +294,7 @@ impl Bound {
             jobs: self.jobs.clone(),
             mesh: self.mesh.as_ref().map(|m| m.state.clone()),
             reloader,
+            replaying: tokio::sync::Mutex::new(()),
         });
         let meter = tokio::spawn(energy::meter_forever(
             self.meter.clone(),

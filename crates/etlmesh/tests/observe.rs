@@ -321,20 +321,6 @@ async fn metrics_move_under_load_and_a_trace_id_reaches_every_log() {
     assert!(errors.contains("unsupported_media_type"), "{errors}");
 }
 
-/// Chromium, or why the browser test cannot run.
-fn chromium() -> Option<String> {
-    let path = std::env::var("ETLMESH_CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
-    if std::path::Path::new(&path).exists() {
-        return Some(path);
-    }
-    assert!(
-        std::env::var("ETLMESH_REQUIRE_SERVICES").as_deref() != Ok("1"),
-        "Chromium is required (install Debian's `chromium`, or set ETLMESH_CHROMIUM)"
-    );
-    eprintln!("skipped: no Chromium at {path} (install Debian's `chromium`)");
-    None
-}
-
 /// The number in `attr="N"` right after `anchor` in `html`.
 fn number_after(html: &str, anchor: &str, attr: &str) -> Option<f64> {
     let at = html.find(anchor)? + anchor.len();
@@ -350,37 +336,18 @@ fn number_after(html: &str, anchor: &str, attr: &str) -> Option<f64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dashboard_shows_live_figures_and_draws_charts_in_chromium() {
-    let Some(browser) = chromium() else { return };
+    let Some(browser) = common::chromium() else {
+        return;
+    };
     let _serial = SERIAL.lock().await;
     let mesh = Mesh::start(&[&[]], &[]).await;
     let stop = Arc::new(AtomicBool::new(false));
     let load = load(mesh.transform_url(), readings(300, 0.0, 5), 2, stop.clone());
     tokio::time::sleep(Duration::from_secs(4)).await;
 
-    let profile = tempfile::tempdir().expect("profile dir");
-    let out = tokio::process::Command::new(&browser)
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-dev-shm-usage",
-            &format!("--user-data-dir={}", profile.path().display()),
-            // Scripts run (and the page polls) for 4 s of virtual time before the dump.
-            "--virtual-time-budget=4000",
-            "--dump-dom",
-            &format!("{}/ui", mesh.cp_url),
-        ])
-        .output()
-        .await
-        .expect("chromium runs");
+    let html = common::dump_dom(&browser, &format!("{}/ui", mesh.cp_url)).await;
     stop.store(true, Ordering::Relaxed);
     assert_none_failed(&load.await.expect("load"));
-    let html = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && html.contains("<body"),
-        "chromium failed: {}\n{html}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 
     // The page fetched the overview at least once and drew it.
     let updates = number_after(&html, "<body", "data-updates=\"").unwrap_or(0.0);

@@ -154,6 +154,16 @@ fn now_ms() -> i64 {
 }
 
 impl Jobs {
+    /// The pipeline file jobs run with.
+    pub fn config(&self) -> &std::path::Path {
+        &self.opts.config
+    }
+
+    /// The `etlmesh` executable jobs run.
+    pub fn exe(&self) -> &std::path::Path {
+        &self.opts.exe
+    }
+
     /// Opens the job database in `opts.dir` and recovers the jobs a previous run left.
     pub fn open(opts: JobsOptions, meter: Arc<Meter>) -> Result<Arc<Self>, JobsError> {
         let open_err = |path: &Path, error: String| JobsError::Open {

@@ -206,3 +206,44 @@ pub fn service(name: &str, addr: &str) -> bool {
     }
     up
 }
+
+/// Chromium, or why the browser test cannot run.
+pub fn chromium() -> Option<String> {
+    let path = std::env::var("ETLMESH_CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    if std::path::Path::new(&path).exists() {
+        return Some(path);
+    }
+    assert!(
+        std::env::var("ETLMESH_REQUIRE_SERVICES").as_deref() != Ok("1"),
+        "Chromium is required (install Debian's `chromium`, or set ETLMESH_CHROMIUM)"
+    );
+    eprintln!("skipped: no Chromium at {path} (install Debian's `chromium`)");
+    None
+}
+
+/// The page at `url` as headless Chromium leaves it after 4 s of virtual time (its
+/// scripts run and poll meanwhile).
+pub async fn dump_dom(browser: &str, url: &str) -> String {
+    let profile = tempfile::tempdir().expect("profile dir");
+    let out = tokio::process::Command::new(browser)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            &format!("--user-data-dir={}", profile.path().display()),
+            "--virtual-time-budget=4000",
+            "--dump-dom",
+            url,
+        ])
+        .output()
+        .await
+        .expect("chromium runs");
+    let html = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success() && html.contains("<body"),
+        "chromium failed: {}\n{html}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    html
+}
