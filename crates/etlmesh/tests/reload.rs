@@ -460,6 +460,8 @@ async fn a_stream_reloaded_mid_stream_loses_no_reading() {
     let record = reloaded(&http, &admin, 1, &up).await;
     assert_eq!(record["outcome"], "applied", "{record:#}\n{}", up.output());
     assert_eq!(record["trigger"], "watch");
+    let how = record["pipelines"]["live"].as_str().unwrap_or_default();
+    assert!(how.contains("2 worker(s) restarted in place"), "{record:#}");
     let sent = tokio::task::spawn_blocking(move || paho_done(publisher))
         .await
         .expect("publisher");

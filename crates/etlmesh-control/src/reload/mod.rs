@@ -280,7 +280,10 @@ impl Reloader {
             let Some(p) = file.spec.pipelines.iter().find(|p| &p.name == name) else {
                 continue;
             };
-            let way = if p.one_worker() {
+            // A stream worker restarts under its id: its broker session (and the
+            // messages queued for it) stays its own, instead of being left behind
+            // under an id no worker will use again.
+            let way = if p.one_worker() || p.stream_source().is_some() {
                 rollout::Way::InPlace
             } else {
                 rollout::Way::Beside

@@ -5,9 +5,10 @@
 //!   (SIGTERM: they finish what they hold and leave); the rollout ends when they have
 //!   left the ready set. If the new ones are not ready in time they are stopped and
 //!   the old ones keep serving.
-//! - [`Way::InPlace`], for pipelines that must run on one worker at a time (windows
-//!   without Kafka partitions, exactly once): each worker drains with SIGINT, keeping
-//!   its stream session, and starts again under the same id with the new file.
+//! - [`Way::InPlace`], for stream pipelines (and those that must run on one worker at
+//!   a time: windows without Kafka partitions, exactly once): one worker after the
+//!   other drains with SIGINT, keeping its broker session, and starts again under the
+//!   same id with the new file; the others take the stream meanwhile.
 
 use std::time::{Duration, Instant};
 
