@@ -192,18 +192,7 @@ fn list(p: &Picked, store: &Store, picked: &[Stored]) {
     if picked.is_empty() {
         return;
     }
-    let mut by: BTreeMap<(String, String, String), usize> = BTreeMap::new();
-    for s in picked {
-        let l = &s.letter;
-        *by.entry((
-            l.stage.clone(),
-            l.field.clone().unwrap_or_default(),
-            l.reason.clone(),
-        ))
-        .or_default() += 1;
-    }
-    let mut groups: Vec<_> = by.into_iter().collect();
-    groups.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    let groups = by_reason(picked);
     println!("\n{:>7}  {:<9} {:<16} REASON", "COUNT", "STAGE", "FIELD");
     for ((stage, field, reason), n) in groups.iter().take(p.limit) {
         println!("{n:>7}  {stage:<9} {field:<16} {}", cut(reason, 100));
@@ -233,18 +222,7 @@ fn list(p: &Picked, store: &Store, picked: &[Stored]) {
 
 /// Reasons by count and the newest letters, as `list` prints them.
 fn list_json(p: &Picked, store: &Store, picked: &[Stored]) -> serde_json::Value {
-    let mut by: BTreeMap<(String, String, String), usize> = BTreeMap::new();
-    for s in picked {
-        let l = &s.letter;
-        *by.entry((
-            l.stage.clone(),
-            l.field.clone().unwrap_or_default(),
-            l.reason.clone(),
-        ))
-        .or_default() += 1;
-    }
-    let mut groups: Vec<_> = by.into_iter().collect();
-    groups.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    let groups = by_reason(picked);
     let reasons: Vec<serde_json::Value> = groups
         .iter()
         .take(p.limit)
@@ -294,6 +272,23 @@ fn replay_json(pipeline: &str, report: &etlmesh_deadletters::ReplayReport) -> se
         "dead_file": report.dead_file.as_ref().map(|d| d.display().to_string()),
         "ledger": report.ledger.as_ref().map(|l| l.display().to_string()),
     })
+}
+
+/// (stage, field, reason) with their letters' count, most frequent first.
+fn by_reason(picked: &[Stored]) -> Vec<((String, String, String), usize)> {
+    let mut by: BTreeMap<(String, String, String), usize> = BTreeMap::new();
+    for s in picked {
+        let l = &s.letter;
+        let key = (
+            l.stage.clone(),
+            l.field.clone().unwrap_or_default(),
+            l.reason.clone(),
+        );
+        *by.entry(key).or_default() += 1;
+    }
+    let mut groups: Vec<_> = by.into_iter().collect();
+    groups.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    groups
 }
 
 fn short(id: &str) -> &str {

@@ -198,15 +198,7 @@ fn refusal(config: &Path, headers: &HeaderMap, pipeline: &str) -> Option<Respons
     if tokens.is_empty() {
         return None;
     }
-    let presented = headers
-        .get(http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
-        .map(str::trim);
-    let Some(token) = presented else {
+    let Some(token) = etlmesh_http::bearer_token(headers) else {
         return Some(error_response(
             StatusCode::UNAUTHORIZED,
             "unauthorized",

@@ -154,15 +154,7 @@ impl Access {
         if !self.required() {
             return Ok(None);
         }
-        let presented = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| {
-                v.strip_prefix("Bearer ")
-                    .or_else(|| v.strip_prefix("bearer "))
-            })
-            .map(str::trim);
-        let Some(token) = presented else {
+        let Some(token) = etlmesh_http::bearer_token(headers) else {
             self.count("", "missing");
             return Err((
                 StatusCode::UNAUTHORIZED,

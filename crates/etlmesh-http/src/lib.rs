@@ -233,6 +233,17 @@ pub fn server_span(h: &http::HeaderMap) -> (etlmesh_telemetry::TraceContext, Opt
     }
 }
 
+/// The token of an `Authorization: Bearer TOKEN` header, if the request has one.
+pub fn bearer_token(h: &http::HeaderMap) -> Option<&str> {
+    h.get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(str::trim)
+}
+
 /// A JSON error response: `{"code", "message", "trace_id"}`.
 pub fn error_response(
     status: StatusCode,
