@@ -300,6 +300,7 @@ pub(crate) fn control_plane(args: &ControlArgs) -> Result<(), CliError> {
                 fixed_workers: None,
                 watch: args.watch_config,
                 initial: f.spec.clone(),
+                validate_with: Some(current_exe()?),
             });
         }
         let mesh_spec = file

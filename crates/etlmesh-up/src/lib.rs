@@ -100,6 +100,7 @@ pub async fn run(
         fixed_workers: options.fixed_workers,
         watch: options.watch_config,
         initial: file.spec.clone(),
+        validate_with: Some(options.exe.clone()),
     });
     let control = etlmesh_control::bind(&cp_opts).await?;
     let admin = format!("http://{}", control.addr);

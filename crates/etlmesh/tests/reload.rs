@@ -315,6 +315,37 @@ async fn a_reload_under_load_fails_no_request_and_only_the_new_transform_answers
         "still v2 after a refused reload"
     );
 
+    // A file that parses but whose SQL names no such column: `etlmesh validate` refuses
+    // it before any worker moves.
+    let bad_sql = pipelines("v3", FRESH).replace(
+        "SELECT device_id, 'v3' AS version",
+        "SELECT device_idd, 'v3' AS version",
+    );
+    let a = http
+        .send(
+            Method::PUT,
+            &format!("{admin}/api/v1/pipelines"),
+            &[],
+            Bytes::from(bad_sql),
+        )
+        .await
+        .expect("PUT");
+    assert_eq!(
+        a.status,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "{}",
+        String::from_utf8_lossy(&a.body)
+    );
+    let error = a.json()["error"].as_str().unwrap_or_default().to_string();
+    assert!(
+        error.contains("p.yaml") && error.contains("device_idd"),
+        "{error}"
+    );
+    assert!(
+        !error.contains("candidate"),
+        "the diagnostics name the pipeline file: {error}"
+    );
+
     // A good file through the API is applied and written to the file; the watch then
     // finds nothing to do.
     let a = http
@@ -368,11 +399,15 @@ async fn a_reload_under_load_fails_no_request_and_only_the_new_transform_answers
         .iter()
         .map(|r| r["outcome"].as_str().unwrap_or_default())
         .collect();
-    assert_eq!(outcomes, ["applied", "refused", "applied"], "{overview:#}");
+    assert_eq!(
+        outcomes,
+        ["applied", "refused", "refused", "applied"],
+        "{overview:#}"
+    );
     let metrics =
         String::from_utf8_lossy(&http.get(&format!("{admin}/metrics")).await.body).to_string();
     assert!(
-        metrics.contains("control_reloads_total{outcome=\"refused\"} 1"),
+        metrics.contains("control_reloads_total{outcome=\"refused\"} 2"),
         "{metrics}"
     );
 }

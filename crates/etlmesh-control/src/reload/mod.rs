@@ -1,8 +1,9 @@
 //! Reloading the pipeline file while the mesh runs: on SIGHUP, when the file changes
 //! (`--watch-config`), or with the file in `PUT /api/v1/pipelines`.
 //!
-//! A reload is checked first: a file with mistakes is refused with the same
-//! file:line diagnostics as at start, and nothing changes. Otherwise the new file is
+//! A reload is checked first — parsed, then `etlmesh validate` (SQL planned against
+//! the schemas, sinks writable) in a child process: a file with mistakes is refused
+//! with the same file:line diagnostics as at start, and nothing changes. Otherwise the new file is
 //! kept as a snapshot in the state directory (workers read the snapshot, so a later
 //! edit of the file cannot reach a worker that restarts), and the [`diff::Diff`] is
 //! carried out: added pipelines get pools, removed ones drain and leave the gateways'
@@ -36,6 +37,8 @@ pub(crate) use triggers::spawn as spawn_triggers;
 const RECORDS: usize = 50;
 /// Snapshots kept in the state directory (workers of the newest generations read them).
 const SNAPSHOTS: u64 = 4;
+/// `etlmesh validate` of a new file takes at most this long.
+const VALIDATE_LIMIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// How the running file is reloaded.
 #[derive(Debug, Clone)]
@@ -50,6 +53,9 @@ pub struct ReloadOptions {
     pub watch: bool,
     /// The file running now.
     pub initial: Spec,
+    /// The `etlmesh` executable: a new file must pass `etlmesh validate` (its SQL
+    /// planned against its schemas, its sinks writable) before anything moves.
+    pub validate_with: Option<PathBuf>,
 }
 
 /// What asked for a reload.
@@ -253,6 +259,9 @@ impl Reloader {
         if diff.is_empty() {
             return Ok(None);
         }
+        if let Some(exe) = &self.options.validate_with {
+            self.validate(exe, &file.text).await?;
+        }
         if trigger == Trigger::Api {
             write_atomically(path, &file.text)
                 .map_err(|e| format!("cannot write {}: {e}; nothing changed", path.display()))?;
@@ -303,9 +312,15 @@ impl Reloader {
                 }
                 Err(why) => {
                     tracing::warn!(pipeline = %name, "reload: {why}");
-                    // The old workers run on: the old file stays theirs.
+                    // The old workers run on: the old file stays theirs, and a worker
+                    // restarted in place with the new one goes back to it.
                     if let (Some(r), Some(old)) = (rollouts, current.configs.get(name)) {
                         r.use_config(name, old);
+                        if way == rollout::Way::InPlace {
+                            for (id, _) in r.workers(name) {
+                                r.restart(name, &id);
+                            }
+                        }
                     }
                     if let (Some(old), Some(new)) = (
                         current.spec.pipelines.iter().find(|o| &o.name == name),
@@ -327,6 +342,50 @@ impl Reloader {
             .retain(|k, _| file.spec.pipelines.iter().any(|p| &p.name == k));
         current.spec = spec;
         Ok(Some((diff, results)))
+    }
+
+    /// Runs `etlmesh validate` on the new file (as a candidate in the state directory,
+    /// its diagnostics then naming the pipeline file).
+    async fn validate(&self, exe: &Path, text: &str) -> Result<(), String> {
+        let dir = self.options.state_dir.join("reload");
+        let candidate = dir.join("candidate.yaml");
+        std::fs::create_dir_all(&dir)
+            .and_then(|()| write_atomically(&candidate, text))
+            .map_err(|e| {
+                format!(
+                    "cannot check the file in {}: {e}; nothing changed",
+                    dir.display()
+                )
+            })?;
+        let run = tokio::process::Command::new(exe)
+            .arg("validate")
+            .arg(&candidate)
+            .kill_on_drop(true)
+            .output();
+        let out = tokio::time::timeout(VALIDATE_LIMIT, run).await;
+        let _ = std::fs::remove_file(&candidate);
+        let out = match out {
+            Ok(Ok(out)) => out,
+            Ok(Err(e)) => {
+                return Err(format!(
+                    "cannot run {} validate: {e}; nothing changed",
+                    exe.display()
+                ));
+            }
+            Err(_) => {
+                return Err(format!(
+                    "etlmesh validate took more than {VALIDATE_LIMIT:?}; nothing changed"
+                ));
+            }
+        };
+        if out.status.success() {
+            return Ok(());
+        }
+        let said = String::from_utf8_lossy(&out.stderr).replace(
+            &candidate.display().to_string(),
+            &self.options.path.display().to_string(),
+        );
+        Err(said.trim().to_string())
     }
 
     /// Keeps the accepted file in the state directory; older snapshots go.
