@@ -139,8 +139,7 @@ fn metric(text: &str, name_and_labels: &str) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_members_with_certificates_of_the_control_plane_register_and_serve() {
-    if Command::new("openssl").arg("version").output().is_err() {
-        eprintln!("skipped: openssl is not installed");
+    if !common::have_programs(&[("openssl", "version")]) {
         return;
     }
     let scratch = Scratch::new();

@@ -441,9 +441,11 @@ struct TlsBroker {
 
 impl TlsBroker {
     fn start() -> Option<Self> {
-        let have = |p: &str| std::process::Command::new(p).arg("-h").output().is_ok();
-        if !have("openssl") || !have("mosquitto") || !have("mosquitto_pub") {
-            eprintln!("skipped: openssl, mosquitto or mosquitto_pub is not installed");
+        if !common::have_programs(&[
+            ("openssl", "version"),
+            ("mosquitto", "-h"),
+            ("mosquitto_pub", "--help"),
+        ]) {
             return None;
         }
         let dir = tempfile::tempdir().expect("tmp");

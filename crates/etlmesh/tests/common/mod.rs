@@ -247,3 +247,24 @@ pub async fn dump_dom(browser: &str, url: &str) -> String {
     );
     html
 }
+
+/// Whether every program runs (`name --version`-like `arg`). CI (`.ci/run` sets
+/// `ETLMESH_REQUIRE_SERVICES=1` after installing them) fails the test when one is
+/// missing; elsewhere the test is skipped, saying so.
+pub fn have_programs(programs: &[(&str, &str)]) -> bool {
+    let missing: Vec<&str> = programs
+        .iter()
+        .filter(|(p, arg)| std::process::Command::new(p).arg(arg).output().is_err())
+        .map(|(p, _)| *p)
+        .collect();
+    if missing.is_empty() {
+        return true;
+    }
+    assert!(
+        std::env::var("ETLMESH_REQUIRE_SERVICES").as_deref() != Ok("1"),
+        "{} required in this run (.ci/run installs them)",
+        missing.join(", ")
+    );
+    eprintln!("skipped: {} not installed", missing.join(", "));
+    false
+}

@@ -77,6 +77,10 @@ impl TempPostgres {
     /// programs are not installed.
     pub fn start() -> Option<Self> {
         let Some(bin) = bin_dir() else {
+            assert!(
+                std::env::var("ETLMESH_REQUIRE_SERVICES").as_deref() != Ok("1"),
+                "PostgreSQL's programs (initdb, pg_ctl under /usr/lib/postgresql/*/bin) are required in this run (.ci/run installs them)"
+            );
             eprintln!("skipped: PostgreSQL's programs (initdb, pg_ctl) are not installed");
             return None;
         };
