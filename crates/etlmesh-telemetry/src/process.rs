@@ -107,12 +107,24 @@ mod tests {
         assert!(cpu_seconds(None).is_some());
         assert!(rss_bytes().is_some_and(|r| r > 0));
         let mut m = CpuMeter::new();
+        // Busy for 200 ms of wall time: the meter must see this thread's work (a
+        // sleeping process reads about 0; a loaded 2-core machine still gives it a share).
+        let start = std::time::Instant::now();
         let mut x = 0u64;
-        for i in 0..3_000_000u64 {
-            x = x.wrapping_mul(31).wrapping_add(i);
+        while start.elapsed() < std::time::Duration::from_millis(200) {
+            for i in 0..100_000u64 {
+                x = x.wrapping_mul(31).wrapping_add(i);
+            }
         }
         assert!(x != 1);
-        assert!(m.sample() >= 0.0);
+        let busy = m.sample();
+        assert!(busy > 5.0, "a busy thread read as {busy} % of a core");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let idle = m.sample();
+        assert!(
+            idle < busy,
+            "sleeping ({idle} %) reads below busy ({busy} %)"
+        );
     }
 
     #[tokio::test]
