@@ -119,7 +119,6 @@ mod tests {
         assert!(x != 1);
         let busy = m.sample();
         assert!(busy > 5.0, "a busy thread read as {busy} % of a core");
-        let idle = m.sample();
         assert!(
             idle < busy,
             "sleeping ({idle} %) reads below busy ({busy} %)"
