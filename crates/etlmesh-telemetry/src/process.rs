@@ -119,10 +119,6 @@ mod tests {
         assert!(x != 1);
         let busy = m.sample();
         assert!(busy > 5.0, "a busy thread read as {busy} % of a core");
-        assert!(
-            idle < busy,
-            "sleeping ({idle} %) reads below busy ({busy} %)"
-        );
     }
 
     #[tokio::test]
