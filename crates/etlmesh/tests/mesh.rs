@@ -403,7 +403,9 @@ async fn arrow_flight_lists_pipelines_and_exchanges_tables() {
 async fn deadlines_load_shedding_tracing_and_metrics() {
     let _serial = SERIAL.lock().await;
     let mesh = Mesh::start(
-        &[&["--inject-latency", "400ms"]],
+        // The worker answers after 1.5 s: a 504 or a shed answer that comes well
+        // before it did not wait for the worker (generous on a loaded machine).
+        &[&["--inject-latency", "1500ms"]],
         &["--queue", "2", "--endpoint-concurrency", "1"],
     )
     .await;
@@ -430,8 +432,8 @@ async fn deadlines_load_shedding_tracing_and_metrics() {
     );
     assert_eq!(a.json()["code"], "deadline_exceeded");
     assert!(
-        started.elapsed() < Duration::from_millis(380),
-        "{:?}",
+        started.elapsed() < Duration::from_millis(1200),
+        "the deadline, not the worker's answer: {:?}",
         started.elapsed()
     );
 
@@ -478,8 +480,8 @@ async fn deadlines_load_shedding_tracing_and_metrics() {
             assert_eq!(a.json()["code"], "overloaded");
             assert_eq!(a.header("retry-after"), "1");
             assert!(
-                took < Duration::from_millis(300),
-                "shed at once, not queued: {took:?}"
+                took < Duration::from_millis(1200),
+                "shed at once, not queued behind a 1.5 s request: {took:?}"
             );
         } else {
             assert_eq!(a.status, StatusCode::OK);
