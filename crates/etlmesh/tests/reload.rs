@@ -115,22 +115,37 @@ async fn pool_workers(http: &Http, admin: &str, pool: &str) -> Vec<String> {
     ids
 }
 
-/// Waits until the reloads recorded number `n`; the last one.
-async fn reloaded(http: &Http, admin: &str, n: usize, up: &Proc) -> serde_json::Value {
+/// Polls `check` every 200 ms until it gives a value; past `within`, fails saying
+/// `what` with the output of `up`.
+async fn until<T>(
+    within: Duration,
+    up: &Proc,
+    what: impl Fn() -> String,
+    mut check: impl AsyncFnMut() -> Option<T>,
+) -> T {
     let start = Instant::now();
     loop {
-        let all = http.get(&format!("{admin}/api/v1/reloads")).await.json();
-        let all = all.as_array().expect("reloads").clone();
-        if all.len() >= n {
-            return all[n - 1].clone();
+        if let Some(v) = check().await {
+            return v;
         }
-        assert!(
-            start.elapsed() < Duration::from_secs(120),
-            "reload {n} not recorded:\n{}",
-            up.output()
-        );
+        assert!(start.elapsed() < within, "{}:\n{}", what(), up.output());
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// Waits until the reloads recorded number `n`; the last one.
+async fn reloaded(http: &Http, admin: &str, n: usize, up: &Proc) -> serde_json::Value {
+    let url = format!("{admin}/api/v1/reloads");
+    until(
+        Duration::from_secs(120),
+        up,
+        || format!("reload {n} not recorded"),
+        async || {
+            let all = http.get(&url).await.json();
+            all.as_array().and_then(|a| a.get(n - 1)).cloned()
+        },
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -164,26 +179,18 @@ async fn a_reload_under_load_fails_no_request_and_only_the_new_transform_answers
     let applied = Instant::now();
     assert_eq!(record["outcome"], "applied", "{record:#}\n{}", up.output());
     assert_eq!(record["trigger"], "signal");
-    assert_eq!(
-        record["diff"]["changed"],
-        serde_json::json!(["clean"]),
-        "{record:#}"
-    );
-    assert_eq!(
-        record["diff"]["added"],
-        serde_json::json!(["fresh"]),
-        "{record:#}"
-    );
-    assert_eq!(
-        record["diff"]["removed"],
-        serde_json::json!(["gone"]),
-        "{record:#}"
-    );
-    assert_eq!(
-        record["diff"]["unchanged"],
-        serde_json::json!(["other"]),
-        "{record:#}"
-    );
+    for (what, pipelines) in [
+        ("changed", "clean"),
+        ("added", "fresh"),
+        ("removed", "gone"),
+        ("unchanged", "other"),
+    ] {
+        assert_eq!(
+            record["diff"][what],
+            serde_json::json!([pipelines]),
+            "{record:#}"
+        );
+    }
     tokio::time::sleep(Duration::from_secs(5)).await;
     stop.store(true, Ordering::Relaxed);
     let mut seen = Vec::new();
@@ -253,23 +260,17 @@ async fn a_reload_under_load_fails_no_request_and_only_the_new_transform_answers
         "`other` untouched"
     );
     eventually_ok(&http, &format!("{gateway}/v1/pipelines/fresh"), &body, &up).await;
-    let start = Instant::now();
-    loop {
-        let a = http
-            .post_csv(&format!("{gateway}/v1/pipelines/gone"), body.clone())
-            .await
-            .expect("gateway answers");
-        if a.status == StatusCode::NOT_FOUND {
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "`gone` still answers {}:\n{}",
-            a.status,
-            up.output()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let gone = format!("{gateway}/v1/pipelines/gone");
+    until(
+        Duration::from_secs(60),
+        &up,
+        || "`gone` still answers".into(),
+        async || {
+            let a = http.post_csv(&gone, body.clone()).await.ok()?;
+            (a.status == StatusCode::NOT_FOUND).then_some(())
+        },
+    )
+    .await;
 
     // A bad file through the API is refused with its line; nothing changes, the file on
     // disk included.
@@ -414,37 +415,30 @@ async fn a_reload_under_load_fails_no_request_and_only_the_new_transform_answers
 
 /// Posts until `url` answers 200.
 async fn eventually_ok(http: &Http, url: &str, body: &Bytes, up: &Proc) {
-    let start = Instant::now();
-    loop {
-        if let Ok(a) = http.post_csv(url, body.clone()).await
-            && a.status == StatusCode::OK
-        {
-            return;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "{url} never answered 200:\n{}",
-            up.output()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    until(
+        Duration::from_secs(60),
+        up,
+        || format!("{url} never answered 200"),
+        async || {
+            let a = http.post_csv(url, body.clone()).await.ok()?;
+            (a.status == StatusCode::OK).then_some(())
+        },
+    )
+    .await
 }
 
 /// Waits until `pool` has `n` ready workers; their ids.
 async fn wait_pool(http: &Http, admin: &str, pool: &str, n: usize, up: &Proc) -> Vec<String> {
-    let start = Instant::now();
-    loop {
-        let ids = pool_workers(http, admin, pool).await;
-        if ids.len() == n {
-            return ids;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "{pool}: {ids:?}, want {n}:\n{}",
-            up.output()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    until(
+        Duration::from_secs(60),
+        up,
+        || format!("{pool} never had {n} ready workers"),
+        async || {
+            let ids = pool_workers(http, admin, pool).await;
+            (ids.len() == n).then_some(ids)
+        },
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
