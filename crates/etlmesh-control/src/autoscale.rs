@@ -79,6 +79,18 @@ struct Pool {
     panic: bool,
 }
 
+impl Pool {
+    fn new(info: PipelineInfo, spec: ScalingSpec, now: Instant) -> Self {
+        Self {
+            autoscaler: Autoscaler::new(spec, now),
+            info,
+            requests_seen: 0,
+            rate: Rate::default(),
+            panic: false,
+        }
+    }
+}
+
 /// The records a pool processes per second, from its workers' counters.
 #[derive(Debug, Default)]
 struct Rate {
@@ -151,19 +163,7 @@ impl Autoscaling {
         let pools = config
             .pools
             .into_iter()
-            .map(|(info, spec)| {
-                let name = info.name.clone();
-                (
-                    name,
-                    Pool {
-                        autoscaler: Autoscaler::new(spec, now),
-                        info,
-                        requests_seen: 0,
-                        rate: Rate::default(),
-                        panic: false,
-                    },
-                )
-            })
+            .map(|(info, spec)| (info.name.clone(), Pool::new(info, spec, now)))
             .collect();
         let (replicas, ready, decisions) =
             (Family::default(), Family::default(), Family::default());
@@ -442,18 +442,9 @@ impl Autoscaling {
                         }
                     }
                     None => {
-                        let autoscaler = Autoscaler::new(spec, now);
-                        moves.push((name.clone(), autoscaler.current()));
-                        current.insert(
-                            name,
-                            Pool {
-                                autoscaler,
-                                info,
-                                requests_seen: 0,
-                                rate: Rate::default(),
-                                panic: false,
-                            },
-                        );
+                        let pool = Pool::new(info, spec, now);
+                        moves.push((name.clone(), pool.autoscaler.current()));
+                        current.insert(name, pool);
                     }
                 }
             }

@@ -281,7 +281,7 @@ impl Bound {
         };
         let reload_tasks = reloader
             .as_ref()
-            .map(|r| reload::spawn_triggers(r.clone(), r.watches()))
+            .map(|r| reload::spawn_triggers(r.clone()))
             .unwrap_or_default();
         let (closing_tx, closing) = tokio::sync::watch::channel(false);
         let state = Arc::new(ControlState {

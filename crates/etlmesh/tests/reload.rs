@@ -278,15 +278,7 @@ async fn a_reload_under_load_fails_no_request_and_only_the_new_transform_answers
         "    transform: SELECT device_id FROM input\n",
         "    transfrom: SELECT device_id FROM input\n",
     );
-    let a = http
-        .send(
-            Method::PUT,
-            &format!("{admin}/api/v1/pipelines"),
-            &[("content-type", "application/yaml")],
-            Bytes::from(bad),
-        )
-        .await
-        .expect("PUT");
+    let a = put(&http, &admin, bad).await;
     assert_eq!(
         a.status,
         StatusCode::UNPROCESSABLE_ENTITY,
@@ -322,15 +314,7 @@ async fn a_reload_under_load_fails_no_request_and_only_the_new_transform_answers
         "SELECT device_id, 'v3' AS version",
         "SELECT device_idd, 'v3' AS version",
     );
-    let a = http
-        .send(
-            Method::PUT,
-            &format!("{admin}/api/v1/pipelines"),
-            &[],
-            Bytes::from(bad_sql),
-        )
-        .await
-        .expect("PUT");
+    let a = put(&http, &admin, bad_sql).await;
     assert_eq!(
         a.status,
         StatusCode::UNPROCESSABLE_ENTITY,
@@ -349,15 +333,7 @@ async fn a_reload_under_load_fails_no_request_and_only_the_new_transform_answers
 
     // A good file through the API is applied and written to the file; the watch then
     // finds nothing to do.
-    let a = http
-        .send(
-            Method::PUT,
-            &format!("{admin}/api/v1/pipelines"),
-            &[],
-            Bytes::from(pipelines("v3", FRESH)),
-        )
-        .await
-        .expect("PUT");
+    let a = put(&http, &admin, pipelines("v3", FRESH)).await;
     assert_eq!(
         a.status,
         StatusCode::OK,
@@ -411,6 +387,18 @@ async fn a_reload_under_load_fails_no_request_and_only_the_new_transform_answers
         metrics.contains("control_reloads_total{outcome=\"refused\"} 2"),
         "{metrics}"
     );
+}
+
+/// `PUT /api/v1/pipelines` with `file`.
+async fn put(http: &Http, admin: &str, file: impl Into<Bytes>) -> common::mesh::Answer {
+    http.send(
+        Method::PUT,
+        &format!("{admin}/api/v1/pipelines"),
+        &[("content-type", "application/yaml")],
+        file.into(),
+    )
+    .await
+    .expect("PUT")
 }
 
 /// Posts until `url` answers 200.

@@ -117,19 +117,12 @@ async fn in_place(
 
 /// Waits until none of `ids` is ready (draining, or gone).
 async fn until_not_ready(registry: &Registry, ids: &[String], deadline: Instant) -> bool {
-    loop {
-        let workers = registry.workers();
-        if !workers
+    until(registry, deadline, 50, |workers| {
+        !workers
             .iter()
             .any(|w| ids.contains(&w.id) && w.state == WorkerState::Ready)
-        {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await
 }
 
 /// Waits until every worker is ready, each in a process other than the pid given.
@@ -138,19 +131,30 @@ async fn until_ready(
     wanted: &[(String, Option<u32>)],
     deadline: Instant,
 ) -> bool {
-    loop {
-        let workers = registry.workers();
-        let ready = wanted.iter().all(|(id, old)| {
+    until(registry, deadline, 100, |workers| {
+        wanted.iter().all(|(id, old)| {
             workers
                 .iter()
                 .any(|w| &w.id == id && w.state == WorkerState::Ready && Some(w.pid) != *old)
-        });
-        if ready {
+        })
+    })
+    .await
+}
+
+/// Polls the registry's workers every `every_ms` until `holds`; `false` past `deadline`.
+async fn until(
+    registry: &Registry,
+    deadline: Instant,
+    every_ms: u64,
+    holds: impl Fn(&[crate::registry::WorkerView]) -> bool,
+) -> bool {
+    loop {
+        if holds(&registry.workers()) {
             return true;
         }
         if Instant::now() >= deadline {
             return false;
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(every_ms)).await;
     }
 }

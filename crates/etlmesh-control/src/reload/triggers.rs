@@ -18,10 +18,10 @@ const SETTLE: Duration = Duration::from_millis(300);
 /// A pipeline file larger than this is not a pipeline file.
 const MAX_FILE: u64 = 16 << 20;
 
-/// Starts the SIGHUP handler and, with `watch`, the file watch.
-pub(crate) fn spawn(reloader: Arc<Reloader>, watch: bool) -> Vec<JoinHandle<()>> {
+/// Starts the SIGHUP handler and, with `--watch-config`, the file watch.
+pub(crate) fn spawn(reloader: Arc<Reloader>) -> Vec<JoinHandle<()>> {
     let mut tasks = vec![tokio::spawn(on_hangup(reloader.clone()))];
-    if watch {
+    if reloader.watches() {
         tracing::info!(path = %reloader.path().display(), "watching the pipeline file: a change reloads it");
         tasks.push(tokio::spawn(watch_file(reloader)));
     }
