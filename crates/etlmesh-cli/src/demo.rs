@@ -33,25 +33,25 @@ const DEMO_POSTGRES: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 /// What the streaming part of the demo found.
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct DemoStream {
-    /// A broker answers: the stream pipelines run, fed by simulated devices.
+    /// The stream pipelines run, fed by simulated devices.
     pub broker: bool,
+    /// Nothing answered on 1883: `up` runs its own broker there.
+    pub embedded: bool,
     /// PostgreSQL answers: `live_readings` loads it too.
     pub postgres: bool,
 }
 
-/// The demo's pipeline file: the request pipelines, and the stream pipelines when a
-/// broker answers (without the PostgreSQL sink when PostgreSQL does not).
+/// The demo's pipeline file: the request pipelines and the stream pipelines (without
+/// the PostgreSQL sink when PostgreSQL does not answer). When no broker answers on
+/// 1883, `up` runs the embedded one there.
 fn demo_file() -> (String, DemoStream) {
-    let broker = DEMO_BROKER
+    let answers = DEMO_BROKER
         .parse()
         .ok()
         .and_then(|a| {
             std::net::TcpStream::connect_timeout(&a, std::time::Duration::from_secs(1)).ok()
         })
         .is_some();
-    if !broker {
-        return (EXAMPLE.to_string(), DemoStream::default());
-    }
     let postgres = etlmesh_stream::postgres_answers(DEMO_POSTGRES);
     let streams = STREAM_EXAMPLE
         .split_once("\npipelines:\n")
@@ -62,7 +62,11 @@ fn demo_file() -> (String, DemoStream) {
         .join("\n");
     (
         format!("{EXAMPLE}\n{streams}\n"),
-        DemoStream { broker, postgres },
+        DemoStream {
+            broker: true,
+            embedded: !answers,
+            postgres,
+        },
     )
 }
 

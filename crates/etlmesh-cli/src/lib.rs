@@ -2,6 +2,7 @@
 //! binary only parses arguments, sets up logging and calls [`execute`].
 
 mod analytics;
+mod broker;
 mod deadletters;
 mod demo;
 mod energy;
@@ -74,6 +75,9 @@ pub enum Command {
     ControlPlane(mesh::ControlArgs),
     /// Virtual IoT devices publishing readings to an MQTT broker.
     Simulate(simulate::SimulateArgs),
+    /// The embedded MQTT broker on its own (MQTT 3.1.1 and 5, persistent sessions,
+    /// shared subscriptions); `etlmesh up` runs it itself with `platform.broker`.
+    Broker(broker::BrokerArgs),
     /// Count the messages of an MQTT topic (a bare subscriber).
     Subscribe(simulate::SubscribeArgs),
     /// The gateway: the front door, routing requests to workers.
@@ -158,6 +162,7 @@ pub fn execute(cli: Cli) -> ExitCode {
         Command::Job(a) => job::job(&a),
         Command::Query(a) => query::query(&a),
         Command::Token(a) => token::token(&a),
+        Command::Broker(a) => broker::broker(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -547,6 +547,11 @@ pub(crate) fn up(args: &UpArgs) -> Result<(), CliError> {
         state_dir: args.state.state_dir.clone(),
         mesh: (!args.insecure).then(|| file.spec.platform.mesh.clone()),
         watch_config: args.watch_config,
+        broker: file.spec.platform.broker.clone().or_else(|| {
+            stream.embedded.then(|| {
+                etlmesh_config::BrokerSpec::new(std::net::SocketAddr::from(([127, 0, 0, 1], 1883)))
+            })
+        }),
     };
     if args.insecure {
         eprintln!(
@@ -604,6 +609,9 @@ pub(crate) fn up(args: &UpArgs) -> Result<(), CliError> {
                 (Some(m), Some(a)) => eprintln!("  mesh (mTLS)    {m}   (trust anchor {})", a.display()),
                 _ => eprintln!("  mesh           plain HTTP (--insecure): no mTLS"),
             }
+            if let Some(b) = &urls.broker {
+                eprintln!("  MQTT broker    {b}   (embedded: MQTT 3.1.1 and 5; metrics etlmesh_broker_*)");
+            }
             eprintln!("  metrics        {}/metrics  {}/metrics", urls.gateway, urls.admin);
             eprintln!("  scaling        {}/api/v1/scaling", urls.admin);
             eprintln!(
@@ -618,8 +626,6 @@ pub(crate) fn up(args: &UpArgs) -> Result<(), CliError> {
             }
             if stream.broker {
                 eprintln!("streaming: 20 simulated devices → mqtt://{} demo/+/reading → data/out/live, data/out/live_per_minute (Parquet){}", crate::demo::DEMO_BROKER, if stream.postgres { ", PostgreSQL table demo_readings" } else { "" });
-            } else if demo {
-                eprintln!("streaming: off (no MQTT broker answers on {}; start Mosquitto to see it)", crate::demo::DEMO_BROKER);
             }
             if demo {
                 eprintln!("try:");

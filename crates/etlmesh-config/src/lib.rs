@@ -10,6 +10,7 @@
 //! hint on how to fix it; [`PipelineFile::load`] returns all of them at once.
 
 pub mod access;
+pub mod broker;
 pub mod diag;
 pub mod energy;
 pub mod index;
@@ -29,6 +30,7 @@ pub mod units;
 use std::path::{Path, PathBuf};
 
 pub use access::{AccessSpec, TlsSpec, TokenSpec};
+pub use broker::{BrokerSpec, BrokerUser};
 pub use diag::{ConfigError, Diagnostic};
 pub use energy::{CarbonSpec, EnergySource, EnergySpec};
 pub use kafka::{KafkaSourceSpec, RecordField};

@@ -37,6 +37,7 @@ pub(crate) struct RawPlatform {
     pub query: Option<crate::query::RawQuery>,
     pub access: Option<crate::access::RawAccess>,
     pub mesh: Option<crate::mesh::RawMesh>,
+    pub broker: Option<crate::broker::RawBroker>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]

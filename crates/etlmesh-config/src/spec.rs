@@ -42,6 +42,8 @@ pub struct Platform {
     pub access: crate::access::AccessSpec,
     /// mTLS inside the mesh.
     pub mesh: crate::mesh::MeshSpec,
+    /// The MQTT broker run in etlmesh's own process, when asked for.
+    pub broker: Option<crate::broker::BrokerSpec>,
 }
 
 impl Default for Platform {
@@ -61,6 +63,7 @@ impl Default for Platform {
             query: crate::query::QuerySpec::default(),
             access: crate::access::AccessSpec::default(),
             mesh: crate::mesh::MeshSpec::default(),
+            broker: None,
         }
     }
 }
@@ -397,6 +400,7 @@ pub(crate) fn resolve(raw: RawFile, file: &Path, out: &mut Vec<Diagnostic>) -> S
             out,
         ),
         mesh: crate::mesh::resolve_mesh(p.mesh, file, out),
+        broker: crate::broker::resolve_broker(p.broker, file, out),
     };
     if platform.batch_size == 0 {
         out.push(

@@ -12,8 +12,6 @@ use etlmesh_config::TlsSpec;
 use etlmesh_tls::listener::TlsListener;
 use futures::Stream;
 use rustls::ServerConfig;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::server::TlsStream;
@@ -22,28 +20,12 @@ use tonic::transport::server::Connected;
 /// The server's TLS settings from PEM files, offering `alpn`; the error says which
 /// file and why.
 pub fn server_config(spec: &TlsSpec, alpn: &[&[u8]]) -> Result<Arc<ServerConfig>, String> {
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&spec.cert)
-        .and_then(|i| i.collect::<Result<_, _>>())
-        .map_err(|e| format!("platform.access.tls.cert `{}`: {e}", spec.cert.display()))?;
-    if certs.is_empty() {
-        return Err(format!(
-            "platform.access.tls.cert `{}` holds no certificate",
-            spec.cert.display()
-        ));
-    }
-    let key = PrivateKeyDer::from_pem_file(&spec.key)
-        .map_err(|e| format!("platform.access.tls.key `{}`: {e}", spec.key.display()))?;
-    let mut config =
-        ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .map_err(|e| e.to_string())?
-            .with_no_client_auth()
-            .with_single_cert(certs, key)
-            .map_err(|e| {
-                format!("platform.access.tls: the key does not fit the certificate: {e}")
-            })?;
-    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    Ok(Arc::new(config))
+    etlmesh_tls::listener::server_config_from_pem(
+        &spec.cert,
+        &spec.key,
+        alpn,
+        "platform.access.tls",
+    )
 }
 
 /// ALPN of the HTTP listener.

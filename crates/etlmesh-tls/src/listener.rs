@@ -16,6 +16,8 @@ use std::time::Duration;
 use axum::extract::connect_info::Connected;
 use axum::serve::IncomingStream;
 use rustls::ServerConfig;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
@@ -284,4 +286,35 @@ impl Connected<IncomingStream<'_, TlsListener>> for MeshPeer {
             identity: leaf.and_then(PeerIdentity::of),
         }
     }
+}
+
+/// A server's TLS settings from a certificate chain and a key in PEM files, offering
+/// `alpn`, without client certificates (a public listener); the error names the
+/// setting (`field`, e.g. `platform.access.tls`), the file and why.
+pub fn server_config_from_pem(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+    alpn: &[&[u8]],
+    field: &str,
+) -> Result<Arc<ServerConfig>, String> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .and_then(|i| i.collect::<Result<_, _>>())
+        .map_err(|e| format!("{field}.cert `{}`: {e}", cert.display()))?;
+    if certs.is_empty() {
+        return Err(format!(
+            "{field}.cert `{}` holds no certificate",
+            cert.display()
+        ));
+    }
+    let key = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| format!("{field}.key `{}`: {e}", key.display()))?;
+    let mut config =
+        ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .map_err(|e| format!("{field}: the key does not fit the certificate: {e}"))?;
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(Arc::new(config))
 }

@@ -8,6 +8,10 @@
 //! The pipeline file is reloaded on SIGHUP, on `PUT /api/v1/pipelines` and, with
 //! `--watch-config`, when it changes (see `etlmesh_control::reload`).
 //!
+//! With `platform.broker` (or `up --demo` on a machine where nothing answers on 1883)
+//! the MQTT broker runs here too (`etlmesh_broker`): bound before the workers start,
+//! stopped after they drained, so that their last acknowledgements reach it.
+//!
 //! The mesh speaks mTLS by default: the control plane is its certificate authority,
 //! the gateway (in this process) shares the control plane's identity, and workers
 //! join with the join token, passed in their environment (`ETLMESH_JOIN_TOKEN`).
@@ -30,6 +34,9 @@ pub enum UpError {
     /// The gateway.
     #[error("{0}")]
     Gateway(#[from] etlmesh_gateway::GatewayError),
+    /// The embedded MQTT broker.
+    #[error("{0}")]
+    Broker(#[from] etlmesh_broker::BrokerError),
 }
 
 /// How `up` runs.
@@ -53,6 +60,8 @@ pub struct UpOptions {
     pub mesh: Option<etlmesh_config::MeshSpec>,
     /// Reload the pipeline file when it changes (SIGHUP and the API always do).
     pub watch_config: bool,
+    /// The MQTT broker to run in this process, if any.
+    pub broker: Option<etlmesh_config::BrokerSpec>,
 }
 
 /// The addresses `up` serves on.
@@ -68,6 +77,8 @@ pub struct Urls {
     pub mesh: Option<String>,
     /// The trust anchor's file, when the control plane made it.
     pub anchor: Option<PathBuf>,
+    /// The embedded MQTT broker (`mqtt://` or `mqtts://`), when it runs.
+    pub broker: Option<String>,
 }
 
 /// Starts everything, calls `ready` with the URLs, and runs until `shutdown`.
@@ -102,7 +113,21 @@ pub async fn run(
         initial: file.spec.clone(),
         validate_with: Some(options.exe.clone()),
     });
+    // The broker first: workers of stream pipelines connect to it as they start.
+    let broker = match &options.broker {
+        Some(spec) => Some(etlmesh_broker::bind(spec).await?),
+        None => None,
+    };
     let control = etlmesh_control::bind(&cp_opts).await?;
+    if let Some(b) = &broker {
+        b.metrics().register(
+            &mut control
+                .registry
+                .metrics
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
+    }
     let admin = format!("http://{}", control.addr);
     // Processes of the mesh talk to the control plane on its mesh listener when it
     // has one.
@@ -129,6 +154,10 @@ pub async fn run(
             )),
             _ => None,
         },
+        broker: broker.as_ref().map(|b| {
+            let tls = options.broker.as_ref().is_some_and(|s| s.tls.is_some());
+            format!("{}://{}", if tls { "mqtts" } else { "mqtt" }, b.addr())
+        }),
     };
     let mut env = Vec::new();
     let join_token = etlmesh_control::worker_join_tokens(control.authority.clone());
@@ -153,6 +182,12 @@ pub async fn run(
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
+    let (broker_stop_tx, broker_stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let broker_task = broker.map(|b| {
+        tokio::spawn(b.serve(async {
+            let _ = broker_stop_rx.await;
+        }))
+    });
     // The control plane drains the workers first; the gateway stops after it.
     let cp_task = tokio::spawn(control.serve(Some(autoscale), stopped(stop_rx.clone())));
     let (gw_stop_tx, gw_stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -165,6 +200,10 @@ pub async fn run(
     let _ = stop_tx.send(true);
     let cp = cp_task.await;
     let _ = gw_stop_tx.send(());
+    let _ = broker_stop_tx.send(());
+    if let Some(t) = broker_task {
+        let _ = t.await;
+    }
     if let Ok(r) = gw_task.await {
         r?;
     }

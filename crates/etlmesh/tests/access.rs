@@ -11,7 +11,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::mesh::{MESH_YAML, Proc};
-use common::{Scratch, have_programs, text};
+use common::{Scratch, have_programs, server_cert, text};
 
 /// A new token: (the token, its file entry).
 fn new_token(s: &Scratch, args: &[&str]) -> (String, String) {
@@ -130,33 +130,7 @@ fn tokens_rates_cors_and_tls_guard_the_gateway() {
         return;
     }
     let s = Scratch::new();
-    let out = Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=localhost",
-        ])
-        .args([
-            "-addext",
-            "subjectAltName=DNS:localhost,IP:127.0.0.1",
-            // A server certificate, not a CA (rustls refuses a CA as the end entity).
-            "-addext",
-            "basicConstraints=critical,CA:FALSE",
-            "-keyout",
-            "key.pem",
-            "-out",
-            "cert.pem",
-        ])
-        .current_dir(s.dir.path())
-        .output()
-        .expect("openssl");
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    server_cert(s.dir.path());
     let (ci, ci_entry) = new_token(
         &s,
         &["ci", "--pipelines", "clean", "--rate", "4", "--no-query"],

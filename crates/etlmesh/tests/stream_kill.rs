@@ -2,7 +2,8 @@
 //! kill -9 mid-stream (rolling Parquet files, the MQTT sink, an event-time windowed
 //! pipeline), a worker drained with SIGTERM, and a windowed worker stopped with
 //! SIGTERM mid-window and started again. Readings come from paho-mqtt at a steady rate
-//! through the machine's stock Mosquitto; what arrived is counted by key.
+//! through the machine's stock Mosquitto (the Parquet kill test also through the
+//! embedded broker, `platform.broker`); what arrived is counted by key.
 
 mod common;
 
@@ -69,24 +70,47 @@ fn source_at(broker: &str, prefix: &str, extra: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_loses_nothing_into_rolling_parquet_files() {
+    kill_9_into_parquet(None).await;
+}
+
+/// The same through the broker `up` runs itself (`platform.broker`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_loses_nothing_through_the_embedded_broker() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port");
+    kill_9_into_parquet(Some(port)).await;
+}
+
+/// 10,000 readings from paho into rolling Parquet files through two workers, one
+/// killed with kill -9 mid-stream: every reading lands. Through the stock Mosquitto,
+/// or through the embedded broker on `embedded`.
+async fn kill_9_into_parquet(embedded: Option<u16>) {
     if !ready() {
         return;
     }
     let _serial = SERIAL.lock().await;
     let scratch = Scratch::new();
     let prefix = format!("etlmesh-test-k9pq-{}", std::process::id());
+    let (platform, source) = match embedded {
+        Some(port) => (
+            format!("platform:\n  broker: {{ listen: \"127.0.0.1:{port}\" }}\n"),
+            source_at(&format!("127.0.0.1:{port}"), &prefix, ""),
+        ),
+        None => (String::new(), source(&prefix)),
+    };
     scratch.write(
         "s.yaml",
         format!(
-            "pipelines:\n  live:\n{}    sinks: [{{ type: parquet, path: out/rows, roll_interval: 1s }}]\n    dead_letter: {{ type: ndjson, path: out/dead }}\n",
-            source(&prefix)
+            "{platform}pipelines:\n  live:\n{source}    sinks: [{{ type: parquet, path: out/rows, roll_interval: 1s }}]\n    dead_letter: {{ type: ndjson, path: out/dead }}\n",
         ),
     );
     let up = Proc::up(scratch.dir.path(), &["-c", "s.yaml", "--workers", "2"]);
     let admin = up.url("control plane");
     streams_started(&up, 2).await;
     let log = scratch.path("sent.log");
-    let publisher = publish(&prefix, 10_000, 1000, &log);
+    let publisher = publish_to(embedded.unwrap_or(1883), &prefix, 10_000, 1000, &log);
     tokio::time::sleep(Duration::from_secs(4)).await;
     let victim = up_workers(&admin, 2).await[0].clone();
     signal(victim.1, Signal::SIGKILL);
@@ -104,7 +128,12 @@ async fn kill_9_loses_nothing_into_rolling_parquet_files() {
     .await;
     let missing: Vec<_> = want.difference(&keys).take(5).collect();
     eprintln!(
-        "parquet: {} distinct keys of {}, {repeats} repeated rows",
+        "parquet ({}): {} distinct keys of {}, {repeats} repeated rows",
+        if embedded.is_some() {
+            "embedded broker"
+        } else {
+            "Mosquitto"
+        },
         keys.len(),
         want.len()
     );
@@ -118,6 +147,18 @@ async fn kill_9_loses_nothing_into_rolling_parquet_files() {
         up.output().contains("restarting"),
         "the killed worker came back"
     );
+    if embedded.is_some() {
+        let page = common::mesh::Http::new()
+            .get(&format!("{admin}/metrics"))
+            .await
+            .body;
+        let page = String::from_utf8_lossy(&page);
+        eprintln!(
+            "embedded broker: {:?} messages sent again to the restarted worker, {:?} dropped",
+            metric(&page, "etlmesh_broker_messages_redelivered_total"),
+            metric(&page, "etlmesh_broker_messages_dropped_total"),
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

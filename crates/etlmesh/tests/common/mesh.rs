@@ -45,7 +45,19 @@ impl Proc {
 
     /// Starts `etlmesh ARGS` in `dir` with `env` set.
     pub fn start_env(dir: &Path, args: &[&str], env: &[(String, String)]) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_etlmesh"))
+        Self::spawn(Command::new(env!("CARGO_BIN_EXE_etlmesh")), dir, args, env)
+    }
+
+    /// Starts `etlmesh ARGS` in `dir` inside the network namespace `ns` (a host of
+    /// its own, with only a loopback).
+    pub fn start_in_netns(ns: &str, dir: &Path, args: &[&str]) -> Self {
+        let mut ip = Command::new("ip");
+        ip.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_etlmesh")]);
+        Self::spawn(ip, dir, args, &[])
+    }
+
+    fn spawn(mut command: Command, dir: &Path, args: &[&str], env: &[(String, String)]) -> Self {
+        let mut child = command
             .args(args)
             .envs(env.iter().map(|(k, v)| (k, v)))
             .current_dir(dir)

@@ -268,3 +268,28 @@ pub fn have_programs(programs: &[(&str, &str)]) -> bool {
     eprintln!("skipped: {} not installed", missing.join(", "));
     false
 }
+
+/// A self-signed server certificate for `localhost` and 127.0.0.1 in `dir`
+/// (`cert.pem`, `key.pem`), made by openssl (check `have_programs` first).
+pub fn server_cert(dir: &Path) {
+    let out = Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        ])
+        .args(["-subj", "/CN=localhost"])
+        .args([
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+            // A server certificate, not a CA (rustls refuses a CA as the end entity).
+            "-addext",
+            "basicConstraints=critical,CA:FALSE",
+            "-keyout",
+            "key.pem",
+            "-out",
+            "cert.pem",
+        ])
+        .current_dir(dir)
+        .output()
+        .expect("openssl");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
