@@ -10,13 +10,14 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use etlmesh_scale::Scaler;
-use etlmesh_scale::kubernetes::{KubernetesOptions, KubernetesScaler};
+use etlmesh_scale::kubernetes::{ClusterConfig, KubernetesOptions, KubernetesScaler};
 
 #[derive(Debug, Clone)]
 struct Seen {
     method: Method,
     uri: String,
     content_type: String,
+    authorization: String,
     body: serde_json::Value,
 }
 
@@ -36,6 +37,11 @@ async fn scale(
         uri: uri.to_string(),
         content_type: headers
             .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string(),
+        authorization: headers
+            .get("authorization")
             .and_then(|v| v.to_str().ok())
             .unwrap_or("")
             .to_string(),
@@ -78,7 +84,7 @@ async fn fake_api_server() -> (String, Log) {
 }
 
 fn scaler(url: &str, namespace: Option<&str>) -> KubernetesScaler {
-    let mut config = kube::Config::new(url.parse().expect("url"));
+    let mut config = ClusterConfig::new(url);
     config.default_namespace = "etlmesh".into();
     KubernetesScaler::with_config(
         config,
@@ -124,7 +130,7 @@ async fn patches_the_scale_subresource_of_the_pipelines_deployment() {
 #[tokio::test]
 async fn the_namespace_and_deployment_names_are_configurable() {
     let (url, log) = fake_api_server().await;
-    let mut config = kube::Config::new(url.parse().expect("url"));
+    let mut config = ClusterConfig::new(&url);
     config.default_namespace = "default".into();
     let s = KubernetesScaler::with_config(
         config,
@@ -174,4 +180,73 @@ async fn an_unreachable_api_server_is_an_error_not_a_hang() {
     .expect("no hang")
     .expect_err("unreachable");
     assert!(e.to_string().contains("etlmesh-worker-clean"), "{e}");
+}
+
+#[tokio::test]
+async fn a_token_file_is_read_at_every_request_as_the_kubelet_rotates_it() {
+    let (url, log) = fake_api_server().await;
+    let dir = tempfile::tempdir().expect("tmp");
+    let token = dir.path().join("token");
+    std::fs::write(&token, "first\n").expect("token");
+    let mut config = ClusterConfig::new(&url);
+    config.credentials = etlmesh_scale::kubernetes::Credentials::TokenFile(token.clone());
+    let s = KubernetesScaler::with_config(config, KubernetesOptions::default()).expect("client");
+    s.set_replicas("a", 1).await.expect("scaled");
+    std::fs::write(&token, "second").expect("rotated");
+    s.set_replicas("a", 2).await.expect("scaled");
+    let seen = log.lock().expect("log").clone();
+    assert_eq!(seen[0].authorization, "Bearer first");
+    assert_eq!(seen[1].authorization, "Bearer second");
+}
+
+/// The fake API server behind TLS with a certificate of its own CA (as in a cluster),
+/// and that certificate's PEM.
+async fn fake_api_server_tls() -> (String, String, Log) {
+    let log: Log = Arc::default();
+    let app = Router::new()
+        .route(
+            "/apis/apps/v1/namespaces/{ns}/deployments/{name}/scale",
+            axum::routing::any(scale),
+        )
+        .with_state(log.clone());
+    let key = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("cert");
+    let dir = tempfile::tempdir().expect("tmp");
+    let (cert, keyf) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+    std::fs::write(&cert, key.cert.pem()).expect("cert");
+    std::fs::write(&keyf, key.signing_key.serialize_pem()).expect("key");
+    let config =
+        etlmesh_tls::listener::server_config_from_pem(&cert, &keyf, &[b"http/1.1"], "test")
+            .expect("tls config");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let tls = etlmesh_tls::listener::TlsListener::new(listener, config, None).expect("tls");
+    tokio::spawn(async move {
+        let _ = axum::serve(tls, app).await;
+    });
+    (format!("https://localhost:{port}"), key.cert.pem(), log)
+}
+
+#[tokio::test]
+async fn over_tls_the_server_is_checked_against_the_clusters_ca() {
+    let (url, ca, log) = fake_api_server_tls().await;
+    let mut config = ClusterConfig::new(&url);
+    config.ca = Some(ca.into_bytes());
+    config.credentials = etlmesh_scale::kubernetes::Credentials::Token("t0k".into());
+    let s = KubernetesScaler::with_config(config, KubernetesOptions::default()).expect("client");
+    s.set_replicas("a", 2).await.expect("scaled over TLS");
+    assert_eq!(log.lock().expect("log")[0].authorization, "Bearer t0k");
+    // Another CA: the server is not trusted.
+    let other = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("cert");
+    let mut config = ClusterConfig::new(&url);
+    config.ca = Some(other.cert.pem().into_bytes());
+    let s = KubernetesScaler::with_config(config, KubernetesOptions::default()).expect("client");
+    let e = s.set_replicas("a", 3).await.expect_err("untrusted");
+    assert!(e.to_string().contains("does not answer"), "{e}");
+    assert_eq!(
+        log.lock().expect("log").len(),
+        1,
+        "nothing sent to an untrusted server"
+    );
 }

@@ -143,6 +143,12 @@ pub fn connector_trusting(ca: &Path, connect_timeout: Duration) -> Result<MeshCo
     Ok(with_config(config, connect_timeout, false))
 }
 
+/// A connector with the given TLS settings (a server outside the mesh with its own
+/// CA, such as the Kubernetes API): `https://` with `config`, `http://` in plain text.
+pub fn connector_with_config(config: ClientConfig, connect_timeout: Duration) -> MeshConnector {
+    with_config(config, connect_timeout, false)
+}
+
 fn with_config(config: ClientConfig, connect_timeout: Duration, h2_only: bool) -> MeshConnector {
     let b = HttpsConnectorBuilder::new()
         .with_tls_config(config)

@@ -36,7 +36,7 @@ use std::sync::{Arc, OnceLock};
 pub use authority::{Authority, AuthorityFiles, Issued, Role};
 pub use client::{
     CertificateRequest, JoinRequest, JoinResponse, MeshConnector, connector, connector_trusting,
-    join, renew_forever,
+    connector_with_config, join, renew_forever,
 };
 pub use identity::{ClientAuth, Identity};
 pub use revoked::{is_revoked, serial_of, set_revoked};
@@ -92,8 +92,8 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-/// The crypto provider every TLS config of etlmesh uses (ring: the one rustls and kube
-/// already build).
+/// The crypto provider every TLS config of etlmesh uses (ring: the one rustls already
+/// builds).
 pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }

@@ -5,10 +5,14 @@
 //! pod gets SIGTERM on scale-down and the worker drains before it exits.
 //!
 //! The client comes from the in-cluster service account, or from the kubeconfig
-//! (`KUBECONFIG`, `~/.kube/config`) outside a cluster.
+//! (`KUBECONFIG`, `~/.kube/config`) outside a cluster (`config`); the one request it
+//! makes goes over the hyper and rustls the mesh uses (`api`) — no Kubernetes client
+//! library, whose build cost more than the rest of the scaling crate for this PATCH.
 
-use k8s_openapi::api::apps::v1::Deployment;
-use kube::api::{Api, Patch, PatchParams};
+mod api;
+pub mod config;
+
+pub use config::{ClusterConfig, Credentials};
 
 use crate::{BoxFuture, ScaleError, Scaler};
 
@@ -36,14 +40,15 @@ impl Default for KubernetesOptions {
 
 /// Deployments scaled through the Kubernetes API.
 pub struct KubernetesScaler {
-    deployments: Api<Deployment>,
+    api: api::ApiClient,
+    namespace: String,
     template: String,
 }
 
 impl KubernetesScaler {
     /// Connects with the in-cluster config or the kubeconfig.
     pub async fn connect(options: KubernetesOptions) -> Result<Self, ScaleError> {
-        let config = kube::Config::infer().await.map_err(|e| ScaleError::Connect {
+        let config = ClusterConfig::infer().map_err(|e| ScaleError::Connect {
             scaler: "kubernetes",
             message: format!(
                 "{e}; run inside a cluster with a service account, or point KUBECONFIG at a kubeconfig"
@@ -54,20 +59,21 @@ impl KubernetesScaler {
 
     /// Uses the given client configuration (a fake API server in tests).
     pub fn with_config(
-        config: kube::Config,
+        config: ClusterConfig,
         options: KubernetesOptions,
     ) -> Result<Self, ScaleError> {
         let namespace = options
             .namespace
             .clone()
             .unwrap_or_else(|| config.default_namespace.clone());
-        let client = kube::Client::try_from(config).map_err(|e| ScaleError::Connect {
+        let api = api::ApiClient::new(&config).map_err(|message| ScaleError::Connect {
             scaler: "kubernetes",
-            message: e.to_string(),
+            message,
         })?;
-        tracing::info!(namespace = %namespace, deployments = %options.deployment, "kubernetes scaler ready");
+        tracing::info!(server = %config.server, namespace = %namespace, deployments = %options.deployment, "kubernetes scaler ready");
         Ok(Self {
-            deployments: Api::namespaced(client, &namespace),
+            api,
+            namespace,
             template: options.deployment,
         })
     }
@@ -94,13 +100,13 @@ impl Scaler for KubernetesScaler {
         Box::pin(async move {
             let name = self.deployment_name(pool);
             let patch = serde_json::json!({ "spec": { "replicas": replicas } });
-            let params = PatchParams {
-                field_manager: Some(FIELD_MANAGER.into()),
-                ..PatchParams::default()
-            };
+            let path = format!(
+                "/apis/apps/v1/namespaces/{}/deployments/{name}/scale?fieldManager={FIELD_MANAGER}",
+                self.namespace
+            );
             let scale = self
-                .deployments
-                .patch_scale(&name, &params, &Patch::Merge(&patch))
+                .api
+                .merge_patch(&path, &patch)
                 .await
                 .map_err(|e| ScaleError::Failed {
                     scaler: "kubernetes",
@@ -110,7 +116,7 @@ impl Scaler for KubernetesScaler {
                         "PATCH the scale of Deployment `{name}`: {e}; check that it exists and that the service account may patch deployments/scale"
                     ),
                 })?;
-            let now = scale.status.map_or(0, |s| s.replicas);
+            let now = scale["status"]["replicas"].as_u64().unwrap_or(0);
             tracing::info!(pipeline = pool, deployment = %name, replicas, running = now, "deployment scaled");
             Ok(())
         })
