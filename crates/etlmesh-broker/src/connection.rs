@@ -79,7 +79,13 @@ where
     })
     .await
     .map_err(|_| End::Slow)?
-    .inspect_err(|_| core.metrics.refused("protocol"))?;
+    .inspect_err(|e| {
+        // Bytes that are not MQTT; a socket closed before its CONNECT (a port probe)
+        // is not a refusal.
+        if matches!(e, End::Wire(_)) {
+            core.metrics.refused("protocol");
+        }
+    })?;
     let Some(Inbound::Connect(connect)) = wire::decode(version, &mut inbuf, max)? else {
         return Err(End::Protocol("the first packet is not a CONNECT".into()));
     };

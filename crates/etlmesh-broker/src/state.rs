@@ -13,8 +13,9 @@
 //! - a message that came through a shared subscription and was not acknowledged when
 //!   its session ends goes to another member of the group.
 
+use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -176,14 +177,9 @@ impl Core {
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
-        // A panic while holding the lock leaves plain data behind; keep serving.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     /// Attaches a connection to its session (new, resumed or taken over).
     pub fn connect(&self, c: &Connect) -> Result<Attached, Refusal> {
-        let mut st = self.lock();
+        let mut st = self.state.lock();
         if st.connections >= self.limits.max_connections {
             return Err(Refusal::Unavailable);
         }
@@ -249,7 +245,7 @@ impl Core {
 
     /// The connection `conn` of `client` ended; `graceful`: with a DISCONNECT (no will).
     pub fn disconnect(&self, client: &str, conn: u64, graceful: bool, expiry: Option<u32>) {
-        let mut st = self.lock();
+        let mut st = self.state.lock();
         let Some(s) = st.sessions.get_mut(client) else {
             return;
         };
@@ -286,7 +282,7 @@ impl Core {
 
     /// Drops sessions whose expiry passed.
     pub fn reap(&self) {
-        let mut st = self.lock();
+        let mut st = self.state.lock();
         let now = Instant::now();
         let expired: Vec<String> = st
             .sessions
@@ -338,7 +334,7 @@ impl Core {
             return false;
         }
         self.metrics.received.inc();
-        let mut st = self.lock();
+        let mut st = self.state.lock();
         self.route(&mut st, p);
         true
     }
@@ -455,7 +451,7 @@ impl Core {
     /// Subscribes `client` (owned by `conn`); the granted QoS per filter, `None` for a
     /// refused one. Retained messages matching a plain filter are queued for it.
     pub fn subscribe(&self, client: &str, filters: &[(String, u8)]) -> Vec<Option<u8>> {
-        let mut st = self.lock();
+        let mut st = self.state.lock();
         let mut granted = Vec::with_capacity(filters.len());
         let mut retained = Vec::new();
         for (text, qos) in filters {
@@ -504,7 +500,7 @@ impl Core {
     /// queued for this client and not yet sent go to the rest of its group (a worker
     /// leaving its group on a scale-down keeps only what it already received).
     pub fn unsubscribe(&self, client: &str, filters: &[String]) -> usize {
-        let mut st = self.lock();
+        let mut st = self.state.lock();
         for f in filters {
             let Some(s) = st.sessions.get_mut(client) else {
                 break;
@@ -538,7 +534,7 @@ impl Core {
 
     /// A PUBACK from `client`: the message is delivered.
     pub fn acked(&self, client: &str, pkid: u16) {
-        let mut st = self.lock();
+        let mut st = self.state.lock();
         if let Some(s) = st.sessions.get_mut(client)
             && let Some(m) = s.inflight.remove(&pkid)
         {
@@ -550,7 +546,7 @@ impl Core {
 
     /// A QoS 2 PUBLISH: `true` the first time its packet id is seen (route it).
     pub fn qos2_received(&self, client: &str, pkid: u16) -> bool {
-        let mut st = self.lock();
+        let mut st = self.state.lock();
         st.sessions
             .get_mut(client)
             .is_some_and(|s| s.qos2.insert(pkid))
@@ -558,7 +554,7 @@ impl Core {
 
     /// A PUBREL: the QoS 2 exchange ends.
     pub fn qos2_released(&self, client: &str, pkid: u16) {
-        let mut st = self.lock();
+        let mut st = self.state.lock();
         if let Some(s) = st.sessions.get_mut(client) {
             s.qos2.remove(&pkid);
         }
@@ -575,7 +571,7 @@ impl Core {
         out: &mut Vec<Publish>,
         budget: usize,
     ) -> Option<()> {
-        let mut st = self.lock();
+        let mut st = self.state.lock();
         let s = st.sessions.get_mut(client)?;
         if s.owner != Some(conn) {
             return None;

@@ -46,9 +46,7 @@ pub(crate) fn broker(args: &BrokerArgs) -> Result<(), CliError> {
             .map_err(|e| CliError::Other(e.to_string()))?;
         if let Some(addr) = args.metrics {
             let registry = etlmesh_telemetry::metrics::registry();
-            server
-                .metrics()
-                .register(&mut registry.lock().unwrap_or_else(|p| p.into_inner()));
+            server.metrics().register(&mut registry.lock());
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
                 .map_err(|e| CliError::Other(format!("--metrics {addr}: {e}")))?;

@@ -3,8 +3,9 @@
 //! gateways have in flight or held — goes through its [`Autoscaler`]; a decision is
 //! carried out by the [`Scaler`], logged, counted, and kept for the admin API.
 
+use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use etlmesh_config::{PipelineFile, ScalingSpec};
@@ -168,7 +169,7 @@ impl Autoscaling {
         let (replicas, ready, decisions) =
             (Family::default(), Family::default(), Family::default());
         {
-            let mut r = registry.metrics.lock().unwrap_or_else(|p| p.into_inner());
+            let mut r = registry.metrics.lock();
             r.register(
                 "autoscaler_desired_replicas",
                 "Workers the autoscaler wants, by pipeline",
@@ -204,12 +205,7 @@ impl Autoscaling {
 
     /// The scaled pipelines, for gateways.
     pub fn pipelines(&self) -> Vec<PipelineInfo> {
-        self.pools
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .map(|p| p.info.clone())
-            .collect()
+        self.pools.lock().values().map(|p| p.info.clone()).collect()
     }
 
     /// Records a gateway's load; wakes the loop when requests are held or the load is
@@ -217,7 +213,7 @@ impl Autoscaling {
     /// wait for the next tick.
     pub fn report(&self, gateway: &str, load: GatewayLoad) {
         let urgent = {
-            let pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+            let pools = self.pools.lock();
             load.pipelines.iter().any(|(name, l)| {
                 l.held > 0
                     || pools
@@ -227,7 +223,6 @@ impl Autoscaling {
         };
         self.gateways
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
             .insert(gateway.to_string(), (Instant::now(), load));
         if urgent {
             self.wake.notify_one();
@@ -236,11 +231,7 @@ impl Autoscaling {
 
     /// Asks for an evaluation now (a gateway holds requests for `pipeline`).
     pub fn activate(&self, pipeline: &str) -> bool {
-        let known = self
-            .pools
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains_key(pipeline);
+        let known = self.pools.lock().contains_key(pipeline);
         if known {
             self.wake.notify_one();
         }
@@ -249,12 +240,7 @@ impl Autoscaling {
 
     /// Recent decisions, newest last.
     pub fn events(&self) -> Vec<ScaleEvent> {
-        self.events
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .cloned()
-            .collect()
+        self.events.lock().iter().cloned().collect()
     }
 
     /// The pools.
@@ -262,7 +248,6 @@ impl Autoscaling {
         let workers = registry.workers();
         self.pools
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
             .iter()
             .map(|(name, p)| {
                 let spec = p.autoscaler.spec();
@@ -288,7 +273,6 @@ impl Autoscaling {
         let initial: Vec<(String, u32)> = self
             .pools
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
             .iter()
             .map(|(n, p)| (n.clone(), p.autoscaler.current()))
             .collect();
@@ -317,13 +301,13 @@ impl Autoscaling {
         let now = Instant::now();
         let workers = registry.workers();
         let gateways: Vec<GatewayLoad> = {
-            let mut g = self.gateways.lock().unwrap_or_else(|p| p.into_inner());
+            let mut g = self.gateways.lock();
             g.retain(|_, (t, _)| now.duration_since(*t) < REPORT_TTL);
             g.values().map(|(_, l)| l.clone()).collect()
         };
         let mut decisions = Vec::new();
         {
-            let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+            let mut pools = self.pools.lock();
             for (name, pool) in pools.iter_mut() {
                 let mine = workers.iter().filter(|w| w.pipelines.contains(name));
                 let (mut w_in_flight, mut cpu, mut w_requests, mut ready) = (0u64, 0.0, 0u64, 0i64);
@@ -392,7 +376,7 @@ impl Autoscaling {
                 })
                 .set(i64::from(d.to));
             {
-                let mut ev = self.events.lock().unwrap_or_else(|p| p.into_inner());
+                let mut ev = self.events.lock();
                 if ev.len() >= EVENTS {
                     ev.pop_front();
                 }
@@ -422,7 +406,7 @@ impl Autoscaling {
         let now = Instant::now();
         let mut moves = Vec::new();
         {
-            let mut current = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+            let mut current = self.pools.lock();
             let names: Vec<String> = current.keys().cloned().collect();
             for name in names {
                 if !pools.iter().any(|(i, _)| i.name == name) {

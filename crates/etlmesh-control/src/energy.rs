@@ -4,8 +4,9 @@
 //! [`etlmesh_energy::Ledger`]. `/api/v1/energy`, `etlmesh energy`, the dashboard and
 //! `/metrics` read the ledger.
 
+use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use etlmesh_config::{CarbonSpec, EnergySource, EnergySpec};
@@ -133,30 +134,23 @@ impl Meter {
 
     /// The grid's intensity (for placing jobs).
     pub fn intensity(&self) -> Intensity {
-        self.ledger
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .intensity()
-            .clone()
+        self.ledger.lock().intensity().clone()
     }
 
     /// Charges `cpu` seconds of a batch job to its pipeline (at the next tick) and
     /// returns their joules and gCO2e at the current rate.
     pub fn charge_job(&self, id: &str, pipeline: &str, cpu: f64) -> (f64, f64) {
         let (per_cpu, g_per_kwh) = {
-            let l = self.ledger.lock().unwrap_or_else(|p| p.into_inner());
+            let l = self.ledger.lock();
             let now = chrono::Utc::now().timestamp_millis();
             (l.joules_per_cpu_second(), l.intensity().at(now))
         };
-        self.jobs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(ProcessSample {
-                id: format!("job:{id}"),
-                pipelines: vec![(pipeline.to_string(), 1.0)],
-                cpu_seconds: cpu,
-                ..Default::default()
-            });
+        self.jobs.lock().push(ProcessSample {
+            id: format!("job:{id}"),
+            pipelines: vec![(pipeline.to_string(), 1.0)],
+            cpu_seconds: cpu,
+            ..Default::default()
+        });
         let joules = cpu * per_cpu;
         (joules, joules * g_per_kwh / etlmesh_energy::JOULES_PER_KWH)
     }
@@ -166,30 +160,23 @@ impl Meter {
         *self
             .job_records
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
             .entry(pipeline.to_string())
             .or_default() += n;
     }
 
     /// The totals.
     pub fn report(&self) -> EnergyReport {
-        self.ledger
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .report()
+        self.ledger.lock().report()
     }
 
     /// Reads everything once and adds a tick.
     pub fn tick(&self, registry: &Registry, autoscaling: Option<&Autoscaling>) {
         let tick = self.observe(registry, autoscaling);
-        self.ledger
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .record(&tick);
+        self.ledger.lock().record(&tick);
     }
 
     fn observe(&self, registry: &Registry, autoscaling: Option<&Autoscaling>) -> Tick {
-        let mut r = self.readings.lock().unwrap_or_else(|p| p.into_inner());
+        let mut r = self.readings.lock();
         let now = Instant::now();
         let seconds = now.duration_since(r.at).as_secs_f64();
         r.at = now;
@@ -263,10 +250,8 @@ impl Meter {
             );
         }
         r.workers = live;
-        processes.append(&mut self.jobs.lock().unwrap_or_else(|p| p.into_inner()));
-        for (name, n) in
-            std::mem::take(&mut *self.job_records.lock().unwrap_or_else(|p| p.into_inner()))
-        {
+        processes.append(&mut self.jobs.lock());
+        for (name, n) in std::mem::take(&mut *self.job_records.lock()) {
             *records.entry(name).or_default() += n;
         }
         let scaled_to_zero = autoscaling

@@ -229,7 +229,7 @@ pub async fn bind(options: &ControlOptions) -> Result<Bound, ControlError> {
         .map(|o| jobs::Jobs::open(o, meter.clone()))
         .transpose()?;
     {
-        let mut m = registry.metrics.lock().unwrap_or_else(|p| p.into_inner());
+        let mut m = registry.metrics.lock();
         m.register_collector(Box::new(energy::EnergyCollector(meter.clone())));
         if let Some(j) = &jobs {
             m.register_collector(Box::new(jobs::JobsCollector(j.clone())));

@@ -3,8 +3,8 @@
 //! --follow` can ask for what came after the last line it printed; and the error
 //! groups built from them (`/api/v1/errors`).
 
+use parking_lot::Mutex;
 use std::collections::{HashMap, VecDeque};
-use std::sync::Mutex;
 use std::time::Instant;
 
 use etlmesh_telemetry::errors::{ErrorGroup, ErrorGroups};
@@ -85,7 +85,7 @@ impl LogStore {
     /// A store whose error counts are also served as `etlmesh_errors_total{pipeline,kind}`.
     pub fn new(registry: &etlmesh_telemetry::metrics::SharedRegistry) -> Self {
         let store = Self::default();
-        registry.lock().unwrap_or_else(|p| p.into_inner()).register(
+        registry.lock().register(
             "errors",
             "Errors collected from every process, by pipeline and kind (see /api/v1/errors)",
             store.errors_metric.clone(),
@@ -95,7 +95,7 @@ impl LogStore {
 
     /// Takes a shipment from `source`.
     pub fn ingest(&self, source: &str, batch: LogBatch) {
-        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut g = self.inner.lock();
         if !g.sources.contains_key(source) && g.sources.len() >= MAX_SOURCES {
             let oldest = g
                 .sources
@@ -147,7 +147,7 @@ impl LogStore {
 
     /// Lines matching `q`, oldest first.
     pub fn query(&self, q: &LogQuery) -> LogPage {
-        let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let g = self.inner.lock();
         let mut lines: Vec<LogLine> = g
             .sources
             .iter()
@@ -168,25 +168,17 @@ impl LogStore {
 
     /// The error groups, most recently seen first.
     pub fn errors(&self) -> Vec<ErrorGroup> {
-        self.inner
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .errors
-            .list()
+        self.inner.lock().errors.list()
     }
 
     /// Errors counted so far.
     pub fn errors_total(&self) -> u64 {
-        self.inner
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .errors
-            .total()
+        self.inner.lock().errors.total()
     }
 
     /// The processes heard from.
     pub fn sources(&self) -> Vec<SourceInfo> {
-        let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let g = self.inner.lock();
         let mut v: Vec<SourceInfo> = g
             .sources
             .iter()

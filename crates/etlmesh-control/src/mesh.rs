@@ -80,7 +80,7 @@ impl Mesh {
         refused: Arc<std::sync::atomic::AtomicU64>,
     ) -> Self {
         let issued = Family::<IssueLabels, Counter>::default();
-        let mut r = registry.lock().unwrap_or_else(|p| p.into_inner());
+        let mut r = registry.lock();
         r.register(
             "mesh_certificates",
             "Certificate requests to the mesh's authority, by kind (join, renew) and outcome",

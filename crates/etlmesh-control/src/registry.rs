@@ -1,7 +1,7 @@
 //! The registry of workers, and the stream of endpoint changes it publishes.
 
+use parking_lot::Mutex;
 use std::collections::BTreeMap;
-use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
 use etlmesh_proto::{
@@ -105,7 +105,7 @@ impl Registry {
             Gauge::default(),
         );
         {
-            let mut r = metrics.lock().unwrap_or_else(|p| p.into_inner());
+            let mut r = metrics.lock();
             r.register(
                 "control_worker_removals",
                 "Workers removed, by reason",
@@ -139,10 +139,6 @@ impl Registry {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Entry>> {
-        self.workers.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     fn publish(&self, ev: EndpointEvent) {
         // No receiver is fine: no gateway yet.
         let _ = self.events.send(ev);
@@ -172,7 +168,7 @@ impl Registry {
             load: Load::default(),
         };
         let endpoint = entry.endpoint();
-        let mut workers = self.lock();
+        let mut workers = self.workers.lock();
         workers.insert(id.clone(), entry);
         self.update_gauges(&workers);
         self.publish(EndpointEvent::Upsert {
@@ -185,7 +181,7 @@ impl Registry {
 
     /// Records a heartbeat; `false` when the worker is unknown (it must register again).
     pub fn heartbeat(&self, id: &str, beat: Heartbeat) -> bool {
-        let mut workers = self.lock();
+        let mut workers = self.workers.lock();
         let Some(e) = workers.get_mut(id) else {
             return false;
         };
@@ -203,7 +199,7 @@ impl Registry {
 
     /// Removes a worker.
     pub fn remove(&self, id: &str, reason: &'static str) -> bool {
-        let mut workers = self.lock();
+        let mut workers = self.workers.lock();
         let removed = workers.remove(id).is_some();
         if removed {
             self.update_gauges(&workers);
@@ -217,6 +213,7 @@ impl Registry {
     pub fn reap(&self) {
         let now = Instant::now();
         let silent: Vec<(String, Duration)> = self
+            .workers
             .lock()
             .iter()
             .map(|(id, e)| (id.clone(), now.duration_since(e.last_seen)))
@@ -231,26 +228,27 @@ impl Registry {
 
     /// The endpoint set and a subscription to its changes, taken together.
     pub fn subscribe(&self) -> (Vec<Endpoint>, broadcast::Receiver<EndpointEvent>) {
-        let workers = self.lock();
+        let workers = self.workers.lock();
         let rx = self.events.subscribe();
         (workers.values().map(Entry::endpoint).collect(), rx)
     }
 
     /// Tells every gateway following the endpoint set (the pipelines after a reload).
     pub fn announce(&self, event: EndpointEvent) {
-        let _held = self.lock();
+        let _held = self.workers.lock();
         let _ = self.events.send(event);
     }
 
     /// The endpoint set.
     pub fn endpoints(&self) -> Vec<Endpoint> {
-        self.lock().values().map(Entry::endpoint).collect()
+        self.workers.lock().values().map(Entry::endpoint).collect()
     }
 
     /// The workers, for the admin API.
     pub fn workers(&self) -> Vec<WorkerView> {
         let now = Instant::now();
-        self.lock()
+        self.workers
+            .lock()
             .values()
             .map(|e| WorkerView {
                 id: e.registration.id.clone(),
@@ -273,7 +271,7 @@ impl Registry {
     /// The pipelines the workers serve, for the admin API.
     pub fn pipelines(&self) -> Vec<PipelineView> {
         let mut out: BTreeMap<String, PipelineView> = BTreeMap::new();
-        for e in self.lock().values() {
+        for e in self.workers.lock().values() {
             for p in &e.registration.pipelines {
                 let v = out.entry(p.name.clone()).or_insert_with(|| PipelineView {
                     info: p.clone(),

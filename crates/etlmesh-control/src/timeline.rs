@@ -3,8 +3,9 @@
 //! bucket counts, in flight, held) and what the workers reported (records per
 //! second), and keeps a bounded series of points per pipeline.
 
+use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use etlmesh_proto::{GatewayLoad, WorkerState};
@@ -76,13 +77,13 @@ pub struct Timeline {
 impl Timeline {
     /// Keeps a gateway's latest report.
     pub fn gateway_report(&self, id: &str, load: GatewayLoad) {
-        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut g = self.inner.lock();
         g.gateways.insert(id.to_string(), (Instant::now(), load));
     }
 
     /// Gateways heard from lately.
     pub fn gateways(&self) -> usize {
-        let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let g = self.inner.lock();
         g.gateways
             .values()
             .filter(|(t, _)| t.elapsed() < GATEWAY_STALE)
@@ -91,13 +92,13 @@ impl Timeline {
 
     /// Points after `since` (unix ms), oldest first.
     pub fn points(&self, since: i64) -> Vec<Point> {
-        let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let g = self.inner.lock();
         g.points.iter().filter(|p| p.t > since).cloned().collect()
     }
 
     /// The newest point.
     pub fn latest(&self) -> Option<Point> {
-        let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let g = self.inner.lock();
         g.points.back().cloned()
     }
 
@@ -105,7 +106,7 @@ impl Timeline {
     pub fn sample(&self, registry: &Registry, autoscaling: Option<&Autoscaling>) {
         let now = Instant::now();
         let t = chrono::Utc::now().timestamp_millis();
-        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut g = self.inner.lock();
         g.gateways
             .retain(|_, (t, _)| t.elapsed() < GATEWAY_STALE * 12);
         let mut stats: BTreeMap<String, PipelineStats> = BTreeMap::new();

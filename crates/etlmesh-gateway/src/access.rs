@@ -7,8 +7,9 @@
 //! not use, 429 with `Retry-After` past its rate. Health, readiness, metrics and the
 //! OpenAPI document stay open.
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::Body;
@@ -105,7 +106,7 @@ impl Access {
     /// The rules of `spec`, counting decisions in `registry`.
     pub fn new(spec: &AccessSpec, registry: &etlmesh_telemetry::metrics::SharedRegistry) -> Self {
         let decisions = Family::<AuthLabels, Counter>::default();
-        registry.lock().unwrap_or_else(|p| p.into_inner()).register(
+        registry.lock().register(
             "gateway_auth",
             "Requests by token and access decision",
             decisions.clone(),
@@ -202,7 +203,7 @@ impl Access {
             ));
         }
         if spec.rate > 0.0 {
-            let mut b = holder.bucket.lock().unwrap_or_else(|p| p.into_inner());
+            let mut b = holder.bucket.lock();
             let now = Instant::now();
             b.tokens =
                 (b.tokens + now.duration_since(b.at).as_secs_f64() * spec.rate).min(spec.burst);

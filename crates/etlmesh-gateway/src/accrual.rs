@@ -3,9 +3,10 @@
 //! at `first` and doubles, with jitter, up to `max`, each time its probation request
 //! fails. One success resets it.
 
+use parking_lot::Mutex;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -127,11 +128,7 @@ where
     type Future = BoxFuture<'static, Result<WorkerResponse, BoxError>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        let until = self
-            .state
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .ejected_until;
+        let until = self.state.lock().ejected_until;
         if let Some(until) = until {
             if Instant::now() < until {
                 let sleep = self
@@ -145,7 +142,7 @@ where
                 }
             }
             // Probation: the next request decides.
-            let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            let mut st = self.state.lock();
             st.ejected_until = None;
             st.probation = true;
             self.sleep = None;
@@ -162,7 +159,7 @@ where
         let on_eject = self.on_eject.clone();
         Box::pin(async move {
             let r = fut.await;
-            let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
+            let mut st = state.lock();
             let v = verdict(&r);
             if v != Verdict::Success {
                 st.failures += 1;
@@ -229,7 +226,7 @@ mod tests {
         let calls = Arc::new(AtomicU32::new(0));
         let ejections = Arc::new(Mutex::new(Vec::new()));
         let log = ejections.clone();
-        let on_eject: OnEject = Arc::new(move |_, d| log.lock().expect("lock").push(d));
+        let on_eject: OnEject = Arc::new(move |_, d| log.lock().push(d));
         let mut svc = Accrual::new(
             Failing(calls.clone()),
             Arc::from("w1"),
@@ -239,7 +236,7 @@ mod tests {
         for _ in 0..7 {
             let _ = svc.ready().await.expect("ready").call(req()).await;
         }
-        assert_eq!(ejections.lock().expect("lock").len(), 1);
+        assert_eq!(ejections.lock().len(), 1);
         // Ejected: not ready until about a second has passed.
         let waker = futures::task::noop_waker();
         let mut cx = Context::from_waker(&waker);
@@ -247,7 +244,7 @@ mod tests {
         tokio::time::advance(Duration::from_millis(1200)).await;
         // Probation: one failure ejects again, for about twice as long.
         let _ = svc.ready().await.expect("ready").call(req()).await;
-        let e = ejections.lock().expect("lock").clone();
+        let e = ejections.lock().clone();
         assert_eq!(e.len(), 2);
         assert!(
             e[0] < Duration::from_millis(1200) && e[0] > Duration::from_millis(800),
@@ -256,7 +253,7 @@ mod tests {
         assert_eq!(calls.load(Ordering::Relaxed), 8);
         let _ = svc.ready().await;
         let _ = svc.call(req()).await;
-        let e = ejections.lock().expect("lock").clone();
+        let e = ejections.lock().clone();
         assert!(
             e[2] > Duration::from_millis(1600),
             "the backoff grows: {e:?}"

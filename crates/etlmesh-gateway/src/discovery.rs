@@ -2,8 +2,9 @@
 //! events) and keeping every pipeline's route in step. While the control plane is
 //! unreachable the last known set stays in use, and the gateway reconnects with backoff.
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
@@ -51,18 +52,14 @@ impl Routes {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     /// The route of a pipeline, if any worker ever served it.
     pub fn get(&self, pipeline: &str) -> Option<Arc<Route>> {
-        self.lock().routes.get(pipeline).cloned()
+        self.inner.lock().routes.get(pipeline).cloned()
     }
 
     /// Pipelines known, with what workers say about them and their ready workers.
     pub fn pipelines(&self) -> Vec<(PipelineInfo, usize)> {
-        let inner = self.lock();
+        let inner = self.inner.lock();
         let mut out: Vec<(PipelineInfo, usize)> = Vec::new();
         let mut names: Vec<&String> = inner.routes.keys().collect();
         names.sort();
@@ -108,7 +105,7 @@ impl Routes {
     pub fn apply(&self, ev: EndpointEvent) {
         match ev {
             EndpointEvent::Snapshot { endpoints } => {
-                let known: Vec<String> = self.lock().endpoints.keys().cloned().collect();
+                let known: Vec<String> = self.inner.lock().endpoints.keys().cloned().collect();
                 for id in known {
                     if !endpoints.iter().any(|e| e.id == id) {
                         self.remove(&id);
@@ -128,7 +125,7 @@ impl Routes {
     /// Pipelines the control plane scales (the whole set): their routes exist with no
     /// worker. One it scaled and no longer lists is retired.
     fn scaled(&self, pipelines: Vec<PipelineInfo>) {
-        let mut inner = self.lock();
+        let mut inner = self.inner.lock();
         let gone: Vec<String> = inner
             .infos
             .keys()
@@ -176,11 +173,11 @@ impl Routes {
 
     /// Every route, for load reports.
     pub fn all(&self) -> Vec<Arc<Route>> {
-        self.lock().routes.values().cloned().collect()
+        self.inner.lock().routes.values().cloned().collect()
     }
 
     fn upsert(&self, e: EndpointInfo) {
-        let mut inner = self.lock();
+        let mut inner = self.inner.lock();
         if let Some(old) = inner.endpoints.get(&e.id)
             && old.address != e.address
         {
@@ -227,7 +224,7 @@ impl Routes {
     }
 
     fn remove(&self, id: &str) {
-        let mut inner = self.lock();
+        let mut inner = self.inner.lock();
         inner.endpoints.remove(id);
         for r in inner.routes.values() {
             if r.contains(id) {

@@ -1,7 +1,8 @@
 //! One worker as a tower service: a request to `POST /v1/transform/{pipeline}` over
 //! a shared HTTP/2 client (one multiplexed connection per worker).
 
-use std::sync::{Arc, Mutex};
+use parking_lot::Mutex;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -65,15 +66,11 @@ impl WorkerRequest {
             Payload::Buffered(b) => http_body_util::Full::new(b.clone())
                 .map_err(|e| match e {})
                 .boxed_unsync(),
-            Payload::Streaming(s) => s
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .take()
-                .unwrap_or_else(|| {
-                    http_body_util::Empty::new()
-                        .map_err(|e| match e {})
-                        .boxed_unsync()
-                }),
+            Payload::Streaming(s) => s.lock().take().unwrap_or_else(|| {
+                http_body_util::Empty::new()
+                    .map_err(|e| match e {})
+                    .boxed_unsync()
+            }),
         }
     }
 }

@@ -193,7 +193,7 @@ impl FlightGateway {
             let full = http_body_util::Full::new(Bytes::from(body))
                 .map_err(|e| match e {})
                 .boxed_unsync();
-            Payload::Streaming(std::sync::Mutex::new(Some(full)))
+            Payload::Streaming(parking_lot::Mutex::new(Some(full)))
         };
         let resp = self
             .gw

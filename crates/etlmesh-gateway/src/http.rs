@@ -284,7 +284,7 @@ fn streaming(body: Body, max: usize) -> Payload {
     fn boxed(e: Box<dyn std::error::Error + Send + Sync>) -> BoxError {
         e
     }
-    Payload::Streaming(std::sync::Mutex::new(Some(
+    Payload::Streaming(parking_lot::Mutex::new(Some(
         Limited::new(body, max).map_err(boxed).boxed_unsync(),
     )))
 }

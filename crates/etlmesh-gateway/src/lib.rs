@@ -13,6 +13,7 @@
 pub mod access;
 pub mod accrual;
 pub mod analytics_process;
+mod api;
 pub mod discovery;
 mod dispatch;
 pub mod endpoint;
@@ -31,9 +32,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Router;
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{get, post};
 use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -229,17 +228,8 @@ impl Bound {
                 gw.options.id.clone(),
             ))
         });
-        let router = Router::new()
-            .route("/v1/pipelines/{name}", post(http::transform))
-            .route("/v1/pipelines", get(http::list))
-            .route("/v1/jobs", post(jobs::submit).get(jobs::list))
-            .route("/v1/jobs/{id}", get(jobs::status).delete(jobs::cancel))
-            .route("/v1/query", post(query::query))
-            .route("/v1/datasets", get(query::datasets))
-            .route("/healthz", get(http::healthz))
-            .route("/readyz", get(http::readyz))
-            .route("/metrics", get(http::metrics))
-            .route("/openapi.json", get(openapi::openapi))
+        let router = api::api()
+            .router
             .layer(axum::middleware::from_fn_with_state(
                 gw.clone(),
                 access::layer,

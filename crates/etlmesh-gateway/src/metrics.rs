@@ -107,7 +107,7 @@ impl GatewayMetrics {
             records: Family::default(),
             endpoints: Family::default(),
         };
-        let mut r = registry.lock().unwrap_or_else(|p| p.into_inner());
+        let mut r = registry.lock();
         r.register(
             "gateway_requests",
             "Requests by pipeline and status",

@@ -56,7 +56,7 @@ impl QueryMetrics {
             duration: etlmesh_telemetry::metrics::latency_histogram(),
             rows: Counter::default(),
         };
-        let mut r = registry.lock().unwrap_or_else(|p| p.into_inner());
+        let mut r = registry.lock();
         r.register(
             "queries",
             "Analytics queries by outcome (ok or the error code)",

@@ -2,11 +2,12 @@
 //! balancer over peak-EWMA load, each with a concurrency limit and failure accrual,
 //! in front of a bounded queue that sheds load when full; and the retry policy.
 
+use parking_lot::Mutex;
 use std::collections::HashSet;
 use std::convert::Infallible;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -155,16 +156,13 @@ impl Route {
 
     /// Whether `id` is in the route.
     pub fn contains(&self, id: &str) -> bool {
-        self.members
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains(id)
+        self.members.lock().contains(id)
     }
 
     /// Adds an endpoint.
     pub fn insert(&self, endpoint: Endpoint, on_eject: OnEject) {
         let id = endpoint.id.to_string();
-        let mut members = self.members.lock().unwrap_or_else(|p| p.into_inner());
+        let mut members = self.members.lock();
         if !members.insert(id.clone()) {
             return;
         }
@@ -189,7 +187,7 @@ impl Route {
 
     /// Removes an endpoint (requests in flight to it finish).
     pub fn remove(&self, id: &str) {
-        let mut members = self.members.lock().unwrap_or_else(|p| p.into_inner());
+        let mut members = self.members.lock();
         if !members.remove(id) {
             return;
         }

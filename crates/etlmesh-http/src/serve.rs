@@ -5,10 +5,11 @@
 //! task, so none waits on another. On shutdown the server stops accepting and lets
 //! the connections finish what they serve.
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
@@ -32,7 +33,7 @@ struct Peers(Mutex<HashMap<IpAddr, usize>>);
 
 impl Peers {
     fn admit(&self, ip: IpAddr) -> bool {
-        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut m = self.0.lock();
         let n = m.entry(ip).or_insert(0);
         if *n >= PER_PEER {
             return false;
@@ -42,7 +43,7 @@ impl Peers {
     }
 
     fn leave(&self, ip: IpAddr) {
-        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut m = self.0.lock();
         if let Some(n) = m.get_mut(&ip) {
             *n = n.saturating_sub(1);
             if *n == 0 {

@@ -10,10 +10,11 @@
 //! the old ones, which drain once the new are ready, or a worker restarts in place
 //! (SIGINT, then again under the same id, so with the same stream sessions).
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
@@ -91,7 +92,7 @@ struct Slot {
 
 impl Slot {
     fn pid(&self) -> Option<u32> {
-        *self.pid.lock().unwrap_or_else(|e| e.into_inner())
+        *self.pid.lock()
     }
 
     /// Asks the worker to drain and leave; its task, to wait for.
@@ -128,13 +129,10 @@ impl ProcessScaler {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Pool>> {
-        self.pools.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     /// Process ids of a pool's running workers, by worker id.
     pub fn pids(&self, pool: &str) -> Vec<(String, Option<u32>)> {
-        self.lock()
+        self.pools
+            .lock()
             .get(pool)
             .map(|p| p.slots.iter().map(|s| (s.id.clone(), s.pid())).collect())
             .unwrap_or_default()
@@ -142,7 +140,7 @@ impl ProcessScaler {
 
     /// Workers running in a pool.
     pub fn running(&self, pool: &str) -> usize {
-        self.lock().get(pool).map_or(0, |p| p.slots.len())
+        self.pools.lock().get(pool).map_or(0, |p| p.slots.len())
     }
 
     /// Starts a worker for `pool` in a new slot.
@@ -171,7 +169,7 @@ impl ProcessScaler {
     }
 
     fn scale(&self, pool: &str, replicas: u32) {
-        let mut pools = self.lock();
+        let mut pools = self.pools.lock();
         let p = pools.entry(pool.to_string()).or_default();
         self.resize(p, pool, replicas as usize);
     }
@@ -193,11 +191,15 @@ impl ProcessScaler {
 
 impl Rollouts for ProcessScaler {
     fn use_config(&self, pool: &str, config: &Path) {
-        self.lock().entry(pool.to_string()).or_default().config = Some(config.to_path_buf());
+        self.pools
+            .lock()
+            .entry(pool.to_string())
+            .or_default()
+            .config = Some(config.to_path_buf());
     }
 
     fn start_beside(&self, pool: &str) -> Vec<String> {
-        let mut pools = self.lock();
+        let mut pools = self.pools.lock();
         let p = pools.entry(pool.to_string()).or_default();
         let n = p.slots.len();
         for _ in 0..n {
@@ -208,7 +210,7 @@ impl Rollouts for ProcessScaler {
     }
 
     fn finish(&self, pool: &str, keep_new: bool) {
-        let mut pools = self.lock();
+        let mut pools = self.pools.lock();
         let Some(p) = pools.get_mut(pool) else { return };
         let incoming = std::mem::take(&mut p.incoming);
         let leaving = if keep_new {
@@ -226,7 +228,7 @@ impl Rollouts for ProcessScaler {
     }
 
     fn restart(&self, pool: &str, id: &str) -> bool {
-        let pools = self.lock();
+        let pools = self.pools.lock();
         let Some(p) = pools.get(pool) else {
             return false;
         };
@@ -268,7 +270,7 @@ impl Scaler for ProcessScaler {
     fn shutdown(&self) -> BoxFuture<'_, ()> {
         Box::pin(async move {
             let tasks: Vec<JoinHandle<()>> = {
-                let mut pools = self.lock();
+                let mut pools = self.pools.lock();
                 let mut tasks = Vec::new();
                 for p in pools.values_mut() {
                     for s in p.slots.drain(..).chain(p.incoming.drain(..)) {
@@ -339,7 +341,7 @@ impl Runner {
     }
 
     fn set_pid(&self, pid: Option<u32>) {
-        *self.pid.lock().unwrap_or_else(|p| p.into_inner()) = pid;
+        *self.pid.lock() = pid;
     }
 
     async fn run(mut self, mut orders: watch::Receiver<Order>) {

@@ -65,14 +65,19 @@ async fn scale(
     .into_response()
 }
 
-async fn fake_api_server() -> (String, Log) {
-    let log: Log = Arc::default();
-    let app = Router::new()
+/// The fake API server's routes, recording into `log`.
+fn app(log: &Log) -> Router {
+    Router::new()
         .route(
             "/apis/apps/v1/namespaces/{ns}/deployments/{name}/scale",
             axum::routing::any(scale),
         )
-        .with_state(log.clone());
+        .with_state(log.clone())
+}
+
+async fn fake_api_server() -> (String, Log) {
+    let log: Log = Arc::default();
+    let app = app(&log);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -203,12 +208,7 @@ async fn a_token_file_is_read_at_every_request_as_the_kubelet_rotates_it() {
 /// and that certificate's PEM.
 async fn fake_api_server_tls() -> (String, String, Log) {
     let log: Log = Arc::default();
-    let app = Router::new()
-        .route(
-            "/apis/apps/v1/namespaces/{ns}/deployments/{name}/scale",
-            axum::routing::any(scale),
-        )
-        .with_state(log.clone());
+    let app = app(&log);
     let key = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("cert");
     let dir = tempfile::tempdir().expect("tmp");
     let (cert, keyf) = (dir.path().join("c.pem"), dir.path().join("k.pem"));

@@ -1,11 +1,12 @@
 //! Files in a directory, one set per worker thread, renamed into place at commit.
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::BufWriter;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 
 use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
@@ -168,15 +169,15 @@ impl Sink for FileSink {
     }
 
     fn commit(&self) -> Result<Committed, SinkError> {
-        let pending = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()));
+        let pending = std::mem::take(&mut *self.pending.lock());
         commit_files(&self.describe, pending)
     }
 
     fn abort(&self) {
-        for p in std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner())) {
+        for p in std::mem::take(&mut *self.pending.lock()) {
             let _ = std::fs::remove_file(p.tmp);
         }
-        for p in std::mem::take(&mut *self.open_tmp.lock().unwrap_or_else(|p| p.into_inner())) {
+        for p in std::mem::take(&mut *self.open_tmp.lock()) {
             let _ = std::fs::remove_file(p);
         }
     }
@@ -224,10 +225,7 @@ impl FileSinkWriter {
             self.seq += 1;
             let tmp = tmp_name(&target);
             let file = File::create(&tmp).map_err(|e| io_error(&self.sink, &tmp, e))?;
-            self.open_tmp
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(tmp.clone());
+            self.open_tmp.lock().push(tmp.clone());
             let w = writer(
                 BufWriter::with_capacity(1 << 20, file),
                 &self.schema,
@@ -275,17 +273,11 @@ impl FileSinkWriter {
             sink: self.sink.clone(),
             error,
         })?;
-        self.open_tmp
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .retain(|p| *p != f.tmp);
-        self.pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(Pending {
-                tmp: f.tmp,
-                target: f.target,
-            });
+        self.open_tmp.lock().retain(|p| *p != f.tmp);
+        self.pending.lock().push(Pending {
+            tmp: f.tmp,
+            target: f.target,
+        });
         Ok(())
     }
 }

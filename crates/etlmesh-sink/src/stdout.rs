@@ -1,11 +1,12 @@
 //! Rows on standard output. They are spooled to a temporary file while the run goes
 //! on and copied out at commit, so that a failed run prints nothing.
 
+use parking_lot::Mutex;
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 
 use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
@@ -54,7 +55,7 @@ struct Shared {
 
 impl SinkWriter for Shared {
     fn write(&mut self, batch: &RecordBatch) -> Result<(), SinkError> {
-        let mut guard = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let mut guard = self.writer.lock();
         match guard.as_mut() {
             Some(w) => w.write(batch).map_err(|error| SinkError::Encode {
                 sink: self.sink.clone(),
@@ -82,7 +83,7 @@ impl Sink for StdoutSink {
     }
 
     fn commit(&self) -> Result<Committed, SinkError> {
-        let w = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let w = self.writer.lock().take();
         if let Some(w) = w {
             w.finish().map_err(|error| SinkError::Encode {
                 sink: self.describe.clone(),
@@ -105,7 +106,7 @@ impl Sink for StdoutSink {
     }
 
     fn abort(&self) {
-        self.writer.lock().unwrap_or_else(|p| p.into_inner()).take();
+        self.writer.lock().take();
         let _ = std::fs::remove_file(&self.path);
     }
 }

@@ -6,8 +6,9 @@
 //! channel: when the listener is slower than the pipeline, rows are skipped, never
 //! queued without bound and never slowing the pipeline down.
 
+use parking_lot::Mutex;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 
 use arrow::array::RecordBatch;
 use etlmesh_codec::Reject;
@@ -111,7 +112,7 @@ impl TapHub {
     pub fn open(self: &Arc<Self>, pipeline: &str, stage: TapStage, limit: usize) -> TapReceiver {
         let (tx, rx) = mpsc::channel(CHANNEL);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        self.lock().push(Arc::new(Tap {
+        self.taps.lock().push(Arc::new(Tap {
             id,
             pipeline: pipeline.to_string(),
             stage,
@@ -127,12 +128,8 @@ impl TapHub {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Arc<Tap>>> {
-        self.taps.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     fn close(&self, id: u64) {
-        let mut taps = self.lock();
+        let mut taps = self.taps.lock();
         let before = taps.len();
         taps.retain(|t| t.id != id);
         if taps.len() < before {
@@ -142,7 +139,8 @@ impl TapHub {
 
     /// The taps listening to `pipeline` at `stage`.
     fn listeners(&self, pipeline: &str, stage: TapStage) -> Vec<Arc<Tap>> {
-        self.lock()
+        self.taps
+            .lock()
             .iter()
             .filter(|t| t.stage == stage && t.pipeline == pipeline)
             .cloned()

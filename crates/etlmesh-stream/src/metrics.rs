@@ -55,7 +55,7 @@ pub struct StreamMetrics {
 /// The lag of each partition a worker owns, by (topic, partition): the worker's load
 /// report reads it.
 pub type PartitionLags =
-    std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<(String, i32), i64>>>;
+    std::sync::Arc<parking_lot::Mutex<std::collections::BTreeMap<(String, i32), i64>>>;
 
 impl StreamMetrics {
     /// Registers the families.
@@ -76,7 +76,7 @@ impl StreamMetrics {
             source_pending_out: std::sync::Arc::new(std::sync::atomic::AtomicI64::new(-1)),
             partitions_out: PartitionLags::default(),
         };
-        let mut r = registry.lock().unwrap_or_else(|p| p.into_inner());
+        let mut r = registry.lock();
         r.register(
             "stream_messages",
             "Stream messages by outcome (received, redelivered, repeated, acknowledged, terminated)",
@@ -231,10 +231,7 @@ impl StreamMetrics {
             topic: topic.to_string(),
             partition,
         };
-        let mut out = self
-            .partitions_out
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut out = self.partitions_out.lock();
         match lag {
             Some(l) => {
                 self.partition_lag.get_or_create(&label).set(l);

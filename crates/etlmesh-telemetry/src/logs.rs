@@ -7,9 +7,10 @@
 //! the control plane; it keeps a ring per process (`etlmesh logs`) and groups the
 //! errors ([`crate::errors`]).
 
+use parking_lot::Mutex;
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt::Write as _;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 
 use serde::{Deserialize, Serialize};
 use tracing::field::{Field, Visit};
@@ -121,7 +122,7 @@ impl LogRing {
 
     /// Adds a line, numbering it; the oldest goes when the ring is full.
     pub fn push(&self, mut line: LogLine) -> u64 {
-        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut g = self.inner.lock();
         line.seq = g.next_seq;
         g.next_seq += 1;
         if g.lines.len() == self.capacity {
@@ -134,7 +135,7 @@ impl LogRing {
     /// Up to `max` lines numbered after `after`, and how many between were lost
     /// (pushed out of the ring before they were read).
     pub fn since(&self, after: u64, max: usize) -> (Vec<LogLine>, u64) {
-        let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let g = self.inner.lock();
         let first = g.lines.front().map_or(g.next_seq, |l| l.seq);
         let lost = first.saturating_sub(after + 1);
         let start = g.lines.partition_point(|l| l.seq <= after);
@@ -144,7 +145,7 @@ impl LogRing {
 
     /// The number of the newest line (0: none yet).
     pub fn last_seq(&self) -> u64 {
-        let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let g = self.inner.lock();
         g.next_seq - 1
     }
 }

@@ -19,14 +19,14 @@ pub fn latency_histogram() -> Histogram {
 }
 
 /// The process's registry, shared.
-pub type SharedRegistry = Arc<std::sync::Mutex<Registry>>;
+pub type SharedRegistry = Arc<parking_lot::Mutex<Registry>>;
 
 /// A new registry with the `etlmesh` prefix, holding this process's CPU time and
 /// memory (`etlmesh_process_cpu_seconds_total`, `etlmesh_process_resident_memory_bytes`).
 pub fn registry() -> SharedRegistry {
     let mut r = Registry::with_prefix("etlmesh");
     r.register_collector(Box::new(ProcessCollector));
-    Arc::new(std::sync::Mutex::new(r))
+    Arc::new(parking_lot::Mutex::new(r))
 }
 
 /// Reads `/proc/self` at each scrape.
@@ -62,7 +62,7 @@ impl prometheus_client::collector::Collector for ProcessCollector {
 /// The registry in the Prometheus text format.
 pub fn render(registry: &SharedRegistry) -> String {
     let mut out = String::new();
-    let reg = registry.lock().unwrap_or_else(|p| p.into_inner());
+    let reg = registry.lock();
     if encode(&mut out, &reg).is_err() {
         out.clear();
     }

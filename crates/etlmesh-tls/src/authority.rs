@@ -76,7 +76,7 @@ pub struct Authority {
     tokens: crate::grants::JoinTokens,
     revocations: crate::grants::Revocations,
     /// The revoked serials, and when their file last changed.
-    revoked: std::sync::Mutex<(
+    revoked: parking_lot::Mutex<(
         Option<std::time::SystemTime>,
         Arc<std::collections::HashSet<String>>,
     )>,
@@ -179,7 +179,7 @@ impl Authority {
             issued: AtomicU64::new(0),
             tokens: crate::grants::JoinTokens::in_dir(dir),
             revocations: crate::grants::Revocations::in_dir(dir),
-            revoked: std::sync::Mutex::default(),
+            revoked: parking_lot::Mutex::default(),
             host_suffixes: Vec::new(),
         })
     }
@@ -233,7 +233,7 @@ impl Authority {
     /// The revoked serials (read again when their file changed).
     pub fn revoked(&self) -> Arc<std::collections::HashSet<String>> {
         let modified = self.revocations.modified();
-        let mut cur = self.revoked.lock().unwrap_or_else(|e| e.into_inner());
+        let mut cur = self.revoked.lock();
         if cur.0 != modified {
             match self.revocations.serials() {
                 Ok(set) => *cur = (modified, Arc::new(set)),

@@ -13,9 +13,9 @@
 //! writer's own; in one process, changes (read, change, write) go one at a time, so
 //! that workers started together each get a token that the file keeps.
 
+use parking_lot::Mutex;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
@@ -75,8 +75,8 @@ fn file_error(path: &Path, e: impl std::fmt::Display) -> TlsError {
 /// Held while a file of grants is read, changed and written back.
 static CHANGES: Mutex<()> = Mutex::new(());
 
-fn changing() -> std::sync::MutexGuard<'static, ()> {
-    CHANGES.lock().unwrap_or_else(|p| p.into_inner())
+fn changing() -> parking_lot::MutexGuard<'static, ()> {
+    CHANGES.lock()
 }
 
 fn save<T: Serialize>(path: &Path, value: &T) -> Result<(), TlsError> {

@@ -2,7 +2,8 @@
 //! anchor, and the TLS configurations built on them. Renewal replaces the certificate
 //! in place; every later handshake, as server or client, uses the new one.
 
-use std::sync::{Arc, RwLock};
+use parking_lot::RwLock;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use rcgen::KeyPair;
@@ -105,7 +106,7 @@ impl Identity {
     /// Puts a renewed certificate in place.
     pub fn replace(&self, key: &KeyPair, issued: &Issued) -> Result<(), TlsError> {
         let key = certified(key, issued)?;
-        let mut c = self.current.write().unwrap_or_else(|p| p.into_inner());
+        let mut c = self.current.write();
         *c = Current {
             key,
             issued: SystemTime::now(),
@@ -131,15 +132,12 @@ impl Identity {
 
     /// When the current certificate expires.
     pub fn not_after(&self) -> SystemTime {
-        self.current
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .not_after
+        self.current.read().not_after
     }
 
     /// When to renew: at 70 % of the current certificate's life.
     pub fn renew_at(&self) -> SystemTime {
-        let c = self.current.read().unwrap_or_else(|p| p.into_inner());
+        let c = self.current.read();
         let life = c.not_after.duration_since(c.issued).unwrap_or_default();
         c.issued + life.mul_f64(0.7)
     }
@@ -155,7 +153,6 @@ impl Identity {
     pub fn certificate(&self) -> CertificateDer<'static> {
         self.current
             .read()
-            .unwrap_or_else(|p| p.into_inner())
             .key
             .cert
             .first()
@@ -212,7 +209,7 @@ impl std::fmt::Debug for Resolver {
 
 impl Resolver {
     fn key(&self) -> Arc<CertifiedKey> {
-        self.0.read().unwrap_or_else(|p| p.into_inner()).key.clone()
+        self.0.read().key.clone()
     }
 }
 

@@ -88,10 +88,6 @@ impl Pending {
     }
 }
 
-fn lock(p: &std::sync::Mutex<Pending>) -> std::sync::MutexGuard<'_, Pending> {
-    p.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 /// Accepted connections whose handshake succeeded.
 pub struct TlsListener {
     ready: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
@@ -119,7 +115,7 @@ impl TlsListener {
         let addr = listener.local_addr()?;
         let (tx, ready) = mpsc::channel(64);
         let acceptor = TlsAcceptor::from(config);
-        let pending = Arc::new(std::sync::Mutex::new(Pending::default()));
+        let pending = Arc::new(parking_lot::Mutex::new(Pending::default()));
         let refused = Arc::new(AtomicU64::new(0));
         let counter = refused.clone();
         let mesh = mesh.map(str::to_string);
@@ -137,16 +133,16 @@ impl TlsListener {
                 let (acceptor, ready) = (acceptor.clone(), tx.clone());
                 let (mesh, counter, book) = (mesh.clone(), counter.clone(), pending.clone());
                 // Held until the handshake is recorded: its task may end at once.
-                let mut book_now = lock(&pending);
+                let mut book_now = pending.lock();
                 let id = book_now.next_id();
                 let task = tokio::spawn(async move {
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                         Ok(Ok(tls)) => {
-                            lock(&book).done(id, peer.ip());
+                            book.lock().done(id, peer.ip());
                             let _ = ready.send((tls, peer)).await;
                         }
                         Ok(Err(e)) => {
-                            lock(&book).done(id, peer.ip());
+                            book.lock().done(id, peer.ip());
                             counter.fetch_add(1, Ordering::Relaxed);
                             match &mesh {
                                 Some(m) => {
@@ -156,7 +152,7 @@ impl TlsListener {
                             }
                         }
                         Err(_) => {
-                            lock(&book).done(id, peer.ip());
+                            book.lock().done(id, peer.ip());
                             tracing::debug!(%peer, "TLS handshake timed out");
                         }
                     }

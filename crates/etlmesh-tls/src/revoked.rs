@@ -3,8 +3,9 @@
 //! them with its answers to their heartbeats and load reports. Every handshake of the
 //! mesh checks the peer's certificate against them.
 
+use parking_lot::RwLock;
 use std::collections::HashSet;
-use std::sync::{Arc, OnceLock, RwLock};
+use std::sync::{Arc, OnceLock};
 
 use rustls::pki_types::CertificateDer;
 
@@ -19,7 +20,7 @@ pub fn set_revoked(serials: impl IntoIterator<Item = String>) -> bool {
         .into_iter()
         .map(|s| s.to_ascii_lowercase())
         .collect();
-    let mut cur = set().write().unwrap_or_else(|e| e.into_inner());
+    let mut cur = set().write();
     if **cur == new {
         return false;
     }
@@ -30,7 +31,7 @@ pub fn set_revoked(serials: impl IntoIterator<Item = String>) -> bool {
 
 /// Whether the certificate with this serial (hex) is revoked.
 pub fn is_revoked(serial: &str) -> bool {
-    let cur = set().read().unwrap_or_else(|e| e.into_inner()).clone();
+    let cur = set().read().clone();
     !cur.is_empty() && cur.contains(&serial.to_ascii_lowercase())
 }
 
@@ -42,7 +43,7 @@ pub fn serial_of(der: &CertificateDer<'_>) -> Option<String> {
 
 /// Refuses a revoked certificate in a handshake.
 pub(crate) fn check(der: &CertificateDer<'_>) -> Result<(), rustls::Error> {
-    if set().read().unwrap_or_else(|e| e.into_inner()).is_empty() {
+    if set().read().is_empty() {
         return Ok(());
     }
     match serial_of(der) {

@@ -120,13 +120,7 @@ pub async fn run(
     };
     let control = etlmesh_control::bind(&cp_opts).await?;
     if let Some(b) = &broker {
-        b.metrics().register(
-            &mut control
-                .registry
-                .metrics
-                .lock()
-                .unwrap_or_else(|p| p.into_inner()),
-        );
+        b.metrics().register(&mut control.registry.metrics.lock());
     }
     let admin = format!("http://{}", control.addr);
     // Processes of the mesh talk to the control plane on its mesh listener when it

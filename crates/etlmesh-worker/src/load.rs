@@ -1,9 +1,10 @@
 //! The worker's load: in-flight requests, an EWMA of latency, records per second, and
 //! the records and CPU time of each pipeline's work.
 
+use parking_lot::Mutex;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use etlmesh_proto::{Load, PartitionLag, PipelineUsage};
@@ -73,7 +74,7 @@ impl LoadTracker {
 
     /// The latency EWMA, in milliseconds.
     pub fn ewma_ms(&self) -> f64 {
-        *self.ewma_ms.lock().unwrap_or_else(|p| p.into_inner())
+        *self.ewma_ms.lock()
     }
 
     /// The load since the last call.
@@ -93,7 +94,6 @@ impl LoadTracker {
                             partitions: u
                                 .partitions
                                 .lock()
-                                .unwrap_or_else(|p| p.into_inner())
                                 .iter()
                                 .map(|((topic, partition), lag)| PartitionLag {
                                     topic: topic.clone(),
@@ -108,7 +108,7 @@ impl LoadTracker {
             })
             .unwrap_or_default();
         let records: u64 = pipelines.values().map(|u| u.records_total).sum();
-        let mut window = self.window.lock().unwrap_or_else(|p| p.into_inner());
+        let mut window = self.window.lock();
         let (rps, cpu) = match window.as_mut() {
             Some((t, r, meter)) => {
                 let secs = now
@@ -128,7 +128,7 @@ impl LoadTracker {
         };
         Load {
             in_flight: self.in_flight(),
-            ewma_latency_ms: *self.ewma_ms.lock().unwrap_or_else(|p| p.into_inner()),
+            ewma_latency_ms: *self.ewma_ms.lock(),
             records_per_sec: rps,
             cpu_percent: cpu,
             rss_bytes: etlmesh_telemetry::process::rss_bytes().unwrap_or(0),
@@ -142,7 +142,7 @@ impl LoadTracker {
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         let ms = self.1.elapsed().as_secs_f64() * 1000.0;
-        let mut e = self.0.ewma_ms.lock().unwrap_or_else(|p| p.into_inner());
+        let mut e = self.0.ewma_ms.lock();
         *e = if *e == 0.0 {
             ms
         } else {

@@ -83,7 +83,7 @@ impl WorkerMetrics {
             enabled: true,
             dead_letters: Family::default(),
         };
-        let mut r = registry.lock().unwrap_or_else(|p| p.into_inner());
+        let mut r = registry.lock();
         r.register(
             "worker_requests",
             "Transform requests served, by pipeline and status",

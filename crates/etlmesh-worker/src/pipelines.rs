@@ -1,8 +1,9 @@
 //! The pipelines a worker serves: compiled once when their schema is declared, per
 //! distinct body schema (a small cache) when it is inferred.
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use arrow::datatypes::SchemaRef;
 use etlmesh_codec::Limits;
@@ -39,13 +40,7 @@ impl Pipeline {
         if let Some(t) = &self.transform {
             return Ok(t.clone());
         }
-        if let Some((_, t)) = self
-            .inferred
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .find(|(s, _)| s == schema)
-        {
+        if let Some((_, t)) = self.inferred.lock().iter().find(|(s, _)| s == schema) {
             return Ok(t.clone());
         }
         let t = Arc::new(
@@ -53,7 +48,7 @@ impl Pipeline {
                 .compile(&self.spec.name, &self.spec.transform, schema.clone())
                 .await?,
         );
-        let mut cache = self.inferred.lock().unwrap_or_else(|p| p.into_inner());
+        let mut cache = self.inferred.lock();
         if cache.len() >= INFERRED_CACHE {
             cache.remove(0);
         }

@@ -11,7 +11,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::mesh::Proc;
-use common::{Scratch, have_programs, text};
+use common::{Scratch, have_programs, server_cert, text};
 
 const YAML: &str = r#"platform:
   threads: 1
@@ -227,28 +227,7 @@ async fn six_hundred_silent_tls_sockets_do_not_lock_out_the_next_client() {
         return;
     }
     let s = Scratch::new();
-    let out = Command::new("openssl")
-        .args([
-            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-        ])
-        .args([
-            "-subj",
-            "/CN=localhost",
-            "-addext",
-            "subjectAltName=DNS:localhost,IP:127.0.0.1",
-        ])
-        .args([
-            "-addext",
-            "basicConstraints=critical,CA:FALSE",
-            "-keyout",
-            "key.pem",
-            "-out",
-            "cert.pem",
-        ])
-        .current_dir(s.dir.path())
-        .output()
-        .expect("openssl");
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    server_cert(s.dir.path());
     s.write(
         "mesh.yaml",
         YAML.replace(

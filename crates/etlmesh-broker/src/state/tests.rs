@@ -129,7 +129,7 @@ fn a_full_session_drops_new_messages_and_keeps_the_old() {
     for i in 0..5 {
         publish(&c, "t", &i.to_string());
     }
-    let st = c.lock();
+    let st = c.state.lock();
     let s = &st.sessions["slow"];
     assert_eq!(
         s.queue.iter().map(|m| &*m.payload).collect::<Vec<_>>(),
@@ -150,8 +150,8 @@ fn a_second_connection_takes_the_session_over() {
     assert!(c.fill("x", new.conn, &mut out, 1).is_some());
     // The old connection's end does not end the new one's session.
     c.disconnect("x", old.conn, false, None);
-    assert_eq!(c.lock().sessions["x"].owner, Some(new.conn));
-    assert_eq!(c.lock().connections, 1);
+    assert_eq!(c.state.lock().sessions["x"].owner, Some(new.conn));
+    assert_eq!(c.state.lock().connections, 1);
 }
 
 #[test]

@@ -18,9 +18,10 @@ pub(crate) mod api;
 mod runner;
 pub mod store;
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use etlmesh_config::PipelineFile;
@@ -210,8 +211,8 @@ impl Jobs {
         Ok(jobs)
     }
 
-    fn store(&self) -> std::sync::MutexGuard<'_, Store> {
-        self.store.lock().unwrap_or_else(|p| p.into_inner())
+    fn store(&self) -> parking_lot::MutexGuard<'_, Store> {
+        self.store.lock()
     }
 
     /// The log file of a job.
@@ -236,14 +237,8 @@ impl Jobs {
                 .filter(|&pid| runner::is_our_child(pid, &self.summary_path(&r.id)));
             if let Some(pid) = alive {
                 tracing::info!(job = %r.id, pid, "job still running after a restart: watching it again");
-                self.running
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(r.id.clone(), pid);
-                self.adopted
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push((r, pid));
+                self.running.lock().insert(r.id.clone(), pid);
+                self.adopted.lock().push((r, pid));
                 continue;
             }
             if let Some(summary) = runner::read_summary(&self.summary_path(&r.id)) {
@@ -417,10 +412,7 @@ impl Jobs {
                 tracing::info!(job = %id, "job cancelled before it ran");
             }
             JobState::Running => {
-                self.cancelling
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(id.to_string());
+                self.cancelling.lock().insert(id.to_string());
                 if let Some(pid) = r.pid {
                     runner::terminate(pid);
                 }
@@ -438,7 +430,7 @@ impl Jobs {
 
     /// Starts jobs when their time comes; runs until aborted.
     pub async fn run_forever(self: Arc<Self>) {
-        let adopted = std::mem::take(&mut *self.adopted.lock().unwrap_or_else(|p| p.into_inner()));
+        let adopted = std::mem::take(&mut *self.adopted.lock());
         for (row, pid) in adopted {
             tokio::spawn(runner::watch(
                 self.clone(),
@@ -472,8 +464,7 @@ impl Jobs {
             if r.scheduled_ms > now {
                 return Some(r.scheduled_ms - now);
             }
-            if self.running.lock().unwrap_or_else(|p| p.into_inner()).len() >= self.opts.max_running
-            {
+            if self.running.lock().len() >= self.opts.max_running {
                 return Some(1000);
             }
             if let Err(e) = runner::start(self, r.clone()) {

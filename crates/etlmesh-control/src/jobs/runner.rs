@@ -105,10 +105,7 @@ pub(super) fn start(jobs: &Arc<Jobs>, mut row: Row) -> Result<(), JobsError> {
     row.pid = child.id();
     jobs.store().save(&row)?;
     if let Some(pid) = row.pid {
-        jobs.running
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(row.id.clone(), pid);
+        jobs.running.lock().insert(row.id.clone(), pid);
     }
     tracing::info!(job = %row.id, pipeline = %row.pipeline, pid = ?row.pid, attempt = row.attempts, "job started");
     tokio::spawn(watch(jobs.clone(), row, Handle::Child(child)));
@@ -167,15 +164,8 @@ pub(super) async fn watch(jobs: Arc<Jobs>, mut row: Row, handle: Handle) {
             }
         },
     };
-    jobs.running
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .remove(&row.id);
-    let cancelled = jobs
-        .cancelling
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .remove(&row.id);
+    jobs.running.lock().remove(&row.id);
+    let cancelled = jobs.cancelling.lock().remove(&row.id);
     let summary = read_summary(&jobs.summary_path(&row.id));
     row.finished_ms = Some(now_ms());
     row.pid = None;

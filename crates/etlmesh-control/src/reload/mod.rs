@@ -17,9 +17,10 @@ pub mod diff;
 pub mod rollout;
 mod triggers;
 
+use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 use etlmesh_config::{PipelineFile, Spec};
@@ -150,7 +151,7 @@ impl Reloader {
     ) -> Self {
         let (outcomes, generation) = (Family::default(), Gauge::default());
         {
-            let mut m = registry.metrics.lock().unwrap_or_else(|p| p.into_inner());
+            let mut m = registry.metrics.lock();
             m.register(
                 "control_reloads",
                 "Reloads of the pipeline file, by outcome (applied, partial, refused, unchanged)",
@@ -195,12 +196,7 @@ impl Reloader {
 
     /// Recent reloads, newest last.
     pub fn records(&self) -> Vec<ReloadRecord> {
-        self.records
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .cloned()
-            .collect()
+        self.records.lock().iter().cloned().collect()
     }
 
     /// Reloads: the file's text when given (the API; it is written to the file once
@@ -429,7 +425,7 @@ impl Reloader {
                 tracing::info!(trigger = ?record.trigger, outcome = record.outcome.label(), generation = record.generation, took_ms = record.took_ms, changes = %record.diff.summary(), "reload {}", record.outcome.label())
             }
         }
-        let mut records = self.records.lock().unwrap_or_else(|p| p.into_inner());
+        let mut records = self.records.lock();
         if records.len() >= RECORDS {
             records.pop_front();
         }

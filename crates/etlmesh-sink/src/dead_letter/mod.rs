@@ -10,10 +10,10 @@ mod route;
 
 pub use route::{DeadLetterRoute, DeadLetterWrite, Routed, first};
 
+use parking_lot::Mutex;
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::PathBuf;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use base64::Engine as _;
@@ -121,7 +121,7 @@ impl DeadLetterSink {
             return Ok(());
         }
         let tmp = tmp_name(&self.target);
-        let mut guard = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        let mut guard = self.file.lock();
         if guard.is_none() {
             let f = File::create(&tmp).map_err(|e| io_error(&self.describe, &tmp, e))?;
             *guard = Some(BufWriter::new(f));
@@ -142,7 +142,7 @@ impl DeadLetterSink {
 
     /// Makes the dead letters visible.
     pub fn commit(&self) -> Result<Committed, SinkError> {
-        let Some(mut w) = self.file.lock().unwrap_or_else(|p| p.into_inner()).take() else {
+        let Some(mut w) = self.file.lock().take() else {
             return Ok(Committed::default());
         };
         let tmp = tmp_name(&self.target);
@@ -159,13 +159,7 @@ impl DeadLetterSink {
 
     /// Removes what was written.
     pub fn abort(&self) {
-        if self
-            .file
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-            .is_some()
-        {
+        if self.file.lock().take().is_some() {
             let _ = std::fs::remove_file(tmp_name(&self.target));
         }
     }
@@ -266,7 +260,7 @@ impl DeadLetterLog {
                 .map_err(|e| io_error(&self.describe, &self.path, e.into()))?;
             buf.push(b'\n');
         }
-        let mut guard = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        let mut guard = self.file.lock();
         if guard.is_none() {
             *guard = Some(self.open_current()?);
         }

@@ -24,8 +24,9 @@
 //! either, the source pauses its partitions and keeps polling (so that the group does
 //! not think it dead and rebalances are served), and resumes when the runner caught up.
 
+use parking_lot::Mutex;
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -158,10 +159,6 @@ impl Offsets {
     }
 }
 
-fn lock(o: &Mutex<Offsets>) -> std::sync::MutexGuard<'_, Offsets> {
-    o.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 /// librdkafka's callbacks: logs, statistics (the lag), rebalances and commits.
 struct Ctx {
     pipeline: String,
@@ -178,7 +175,7 @@ impl ClientContext for Ctx {
 
     fn error(&self, error: KafkaError, reason: &str) {
         tracing::debug!(pipeline = %self.pipeline, %error, "librdkafka: {reason}");
-        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason.to_string());
+        *self.last_error.lock() = Some(reason.to_string());
     }
 
     /// Per owned partition: its lag (high watermark − committed offset); their sum is
@@ -186,7 +183,7 @@ impl ClientContext for Ctx {
     /// end ([`Source::behind`]).
     fn stats(&self, statistics: Statistics) {
         let mut total = 0i64;
-        let mut o = lock(&self.offsets);
+        let mut o = self.offsets.lock();
         for (topic, t) in &statistics.topics {
             for (id, p) in &t.partitions {
                 if *id < 0 {
@@ -226,14 +223,14 @@ impl ConsumerContext for Ctx {
     fn pre_rebalance(&self, base: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Revoke(tpl) => {
-                let commit = lock(&self.offsets).take_commit(Some(tpl));
+                let commit = self.offsets.lock().take_commit(Some(tpl));
                 let committed = describe(&commit);
                 if commit.count() > 0
                     && let Err(e) = base.commit(&commit, CommitMode::Sync)
                 {
                     tracing::warn!(pipeline = %self.pipeline, error = %e, offsets = %committed, "cannot commit the offsets of revoked partitions: their next owner reads from the last commit (records repeated, none lost)");
                 }
-                let mut o = lock(&self.offsets);
+                let mut o = self.offsets.lock();
                 for e in tpl.elements() {
                     o.parts.remove(&(Arc::from(e.topic()), e.partition()));
                     o.by_name
@@ -250,7 +247,7 @@ impl ConsumerContext for Ctx {
 
     fn post_rebalance(&self, _base: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
-            let mut o = lock(&self.offsets);
+            let mut o = self.offsets.lock();
             for e in tpl.elements() {
                 o.generation += 1;
                 let generation = o.generation;
@@ -279,7 +276,7 @@ impl ConsumerContext for Ctx {
     ) {
         if let Err(e) = result {
             tracing::warn!(pipeline = %self.pipeline, error = %e, offsets = %describe(offsets), "cannot commit offsets; committing again with the next acknowledgement");
-            lock(&self.offsets).uncommit(offsets);
+            self.offsets.lock().uncommit(offsets);
         }
     }
 }
@@ -310,13 +307,13 @@ pub struct KafkaSource {
 
 impl KafkaSource {
     fn commit(&self, mode: CommitMode) {
-        let tpl = lock(&self.consumer.context().offsets).take_commit(None);
+        let tpl = self.consumer.context().offsets.lock().take_commit(None);
         if tpl.count() == 0 {
             return;
         }
         if let Err(e) = self.consumer.commit(&tpl, mode) {
             tracing::warn!(pipeline = %self.consumer.context().pipeline, error = %e, offsets = %describe(&tpl), "cannot commit offsets; committing again with the next acknowledgement");
-            lock(&self.consumer.context().offsets).uncommit(&tpl);
+            self.consumer.context().offsets.lock().uncommit(&tpl);
         }
     }
 }
@@ -333,7 +330,7 @@ impl Source for KafkaSource {
     async fn ack(&self, acks: Vec<(Ack, Outcome)>) -> Result<u64, StreamError> {
         let mut n = 0;
         {
-            let mut o = lock(&self.consumer.context().offsets);
+            let mut o = self.consumer.context().offsets.lock();
             for (a, _) in &acks {
                 if let Some(p) = o.parts.get_mut(&(a.topic.clone(), a.partition))
                     && p.generation == a.generation
@@ -358,7 +355,7 @@ impl Source for KafkaSource {
     fn offsets_of(&self, acks: &[&Ack]) -> Option<crate::sinks::SourceOffsets> {
         let mut next: HashMap<(&Arc<str>, i32), i64> = HashMap::new();
         {
-            let o = lock(&self.consumer.context().offsets);
+            let o = self.consumer.context().offsets.lock();
             for a in acks {
                 if o.parts
                     .get(&(a.topic.clone(), a.partition))
@@ -382,7 +379,10 @@ impl Source for KafkaSource {
     }
 
     fn owns(&self, shard: &super::Shard) -> bool {
-        lock(&self.consumer.context().offsets)
+        self.consumer
+            .context()
+            .offsets
+            .lock()
             .by_name(&shard.name)
             .is_some_and(|p| p.generation == shard.generation)
     }
@@ -391,7 +391,7 @@ impl Source for KafkaSource {
     /// record handed out, or librdkafka holds fetched records of it — unless fetching
     /// is paused because the worker holds all it may.
     fn behind(&self, shard: Option<&super::Shard>) -> bool {
-        let o = lock(&self.consumer.context().offsets);
+        let o = self.consumer.context().offsets.lock();
         !o.paused
             && shard.is_some_and(|s| {
                 o.by_name(&s.name)
@@ -425,7 +425,7 @@ impl Source for KafkaSource {
         self.pump.abort();
         let this = self.consumer.clone();
         let _ = tokio::task::spawn_blocking(move || {
-            let tpl = lock(&this.context().offsets).take_commit(None);
+            let tpl = this.context().offsets.lock().take_commit(None);
             if tpl.count() > 0
                 && let Err(e) = this.commit(&tpl, CommitMode::Sync)
             {
@@ -495,7 +495,6 @@ async fn check(
             .context()
             .last_error
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
             .clone();
         err(format!(
             "cannot reach the brokers within 10 s: {}; check `brokers` and that Kafka runs (and `options` for TLS/SASL)",
@@ -565,7 +564,7 @@ fn read(
         })
         .unwrap_or_default();
     let (generation, first) = {
-        let mut o = lock(offsets);
+        let mut o = offsets.lock();
         match o.parts.get_mut(&(topic.clone(), m.partition())) {
             Some(owned) => {
                 if owned.next.is_some_and(|n| m.offset() < n) {
@@ -605,7 +604,7 @@ fn read(
 
 /// Pauses or resumes every partition owned.
 fn set_paused(consumer: &StreamConsumer<Ctx>, pause: bool) {
-    lock(&consumer.context().offsets).paused = pause;
+    consumer.context().offsets.lock().paused = pause;
     let Ok(a) = consumer.assignment() else {
         return;
     };

@@ -22,7 +22,7 @@ use std::time::Duration;
 use rdkafka::consumer::{Consumer as _, StreamConsumer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
-use super::{Ctx, Pending, lock};
+use super::{Ctx, Pending};
 
 /// How long an assigned partition may give no record before it is probed.
 pub(super) const QUIET: Duration = Duration::from_secs(2);
@@ -48,7 +48,7 @@ pub(super) async fn admit(c: &Arc<StreamConsumer<Ctx>>, p: Pending) -> Option<Pe
     let (topic, partition) = (p.topic.clone(), p.meta.partition.unwrap_or(-1));
     let offset = p.meta.offset.unwrap_or(-1);
     let rewind = {
-        let o = lock(&c.context().offsets);
+        let o = c.context().offsets.lock();
         match o.parts.get(&(topic.clone(), partition)) {
             // Checked already (read before the check was done, then held).
             Some(owned) if owned.checked && owned.rewind.is_none() => return Some(p),
@@ -109,7 +109,7 @@ pub(super) async fn admit(c: &Arc<StreamConsumer<Ctx>>, p: Pending) -> Option<Pe
 /// records before the commit skipped), as when its first record lies past the commit.
 pub(super) async fn probe(c: &Arc<StreamConsumer<Ctx>>) {
     let quiet: Vec<_> = {
-        let o = lock(&c.context().offsets);
+        let o = c.context().offsets.lock();
         if o.paused {
             return;
         }
@@ -128,7 +128,7 @@ pub(super) async fn probe(c: &Arc<StreamConsumer<Ctx>>) {
     for (topic, partition, generation, high) in quiet {
         let commit = committed(c, &topic, partition).await;
         let mark = |rewind: Option<Rewind>, checked: bool| {
-            let mut o = lock(&c.context().offsets);
+            let mut o = c.context().offsets.lock();
             if let Some(w) = o.parts.get_mut(&(topic.clone(), partition))
                 && w.generation == generation
                 && w.next.is_none()
@@ -189,7 +189,7 @@ async fn seek(
 /// Notes the partition's state after the check: reading again from before the commit
 /// (the records before it skipped), or in order.
 fn settle(c: &StreamConsumer<Ctx>, p: &Pending, rewind: Option<Rewind>) {
-    let mut o = lock(&c.context().offsets);
+    let mut o = c.context().offsets.lock();
     let key = (p.topic.clone(), p.meta.partition.unwrap_or(-1));
     if let Some(owned) = o.parts.get_mut(&key)
         && owned.generation == p.generation
