@@ -28,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 
+from machine import machine
+
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "out"
 BIN = Path(os.environ.get("ETLMESH_BIN", ROOT / "target" / "release" / "etlmesh"))
@@ -74,18 +76,6 @@ def duck_cmd(sql: str):
         f"t = time.perf_counter(); con.execute({sql!r}); print(time.perf_counter() - t)"
     )
     return [sys.executable, "-c", script]
-
-
-def machine() -> str:
-    model = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{os.cpu_count()} cores, {model}"
 
 
 def generate(rows: int):

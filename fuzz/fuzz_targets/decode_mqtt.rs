@@ -17,7 +17,7 @@ fn decoder(format: &str) -> MessageDecoder {
     let p = &f.spec.pipelines[0];
     let schema = etlmesh_codec::schema::arrow_schema(p.schema.as_ref().expect("schema"));
     let limits = Limits { batch_size: 7, max_record_bytes: 512 };
-    MessageDecoder::new(p.mqtt().expect("mqtt"), &schema, &CsvOptions::default(), limits)
+    MessageDecoder::new(p.stream_source().expect("mqtt"), &schema, &CsvOptions::default(), limits)
 }
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {

@@ -71,11 +71,11 @@ impl Login {
         let Some((user, password)) = given else {
             return Err(wire::Refusal::BadLogin);
         };
-        let digest = ring::digest::digest(&ring::digest::SHA256, password.as_bytes());
+        let digest = etlmesh_tls::sha256(password.as_bytes());
         let ok = self
             .users
             .iter()
-            .any(|u| &u.username == user && u.sha256.as_slice() == digest.as_ref());
+            .any(|u| &u.username == user && u.sha256 == digest);
         if ok {
             Ok(())
         } else {

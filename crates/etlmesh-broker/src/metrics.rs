@@ -67,9 +67,15 @@ impl Metrics {
     }
 
     pub(crate) fn dropped(&self, reason: &str) {
-        self.dropped
-            .get_or_create(&vec![("reason".into(), reason.into())])
-            .inc();
+        self.dropped_n(reason, 1);
+    }
+
+    pub(crate) fn dropped_n(&self, reason: &str, n: u64) {
+        if n > 0 {
+            self.dropped
+                .get_or_create(&vec![("reason".into(), reason.into())])
+                .inc_by(n);
+        }
     }
 
     pub(crate) fn refused(&self, reason: &str) {

@@ -604,9 +604,7 @@ impl Core {
                 s.inflight.insert(id, m);
             }
         }
-        for _ in 0..dropped {
-            self.metrics.dropped("too_large_for_client");
-        }
+        self.metrics.dropped_n("too_large_for_client", dropped);
         Some(())
     }
 }

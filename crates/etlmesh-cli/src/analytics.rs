@@ -49,7 +49,7 @@ pub(crate) fn analytics(args: &AnalyticsArgs) -> Result<(), CliError> {
             })?;
         let addr = listener
             .local_addr()
-            .map_err(|e| CliError::Other(e.to_string()))?;
+            .map_err(|e| CliError::Other(format!("analytics: the listener has no address: {e}")))?;
         tracing::info!(%addr, process_memory = cap, "analytics listening on http://{addr}");
         let stop = async {
             tokio::select! {
@@ -57,13 +57,13 @@ pub(crate) fn analytics(args: &AnalyticsArgs) -> Result<(), CliError> {
                 () = etlmesh_scale::process::supervisor_gone() => {}
             }
         };
-        axum::serve(
-            listener,
+        etlmesh_http::serve::serve(
+            etlmesh_http::serve::Listen::Plain(listener),
             etlmesh_gateway::analytics_process::router(service, key),
+            stop,
         )
-        .with_graceful_shutdown(stop)
-        .await
-        .map_err(|e| CliError::Other(e.to_string()))
+        .await;
+        Ok(())
     })
 }
 

@@ -41,30 +41,18 @@ pub(crate) fn broker(args: &BrokerArgs) -> Result<(), CliError> {
     }
     let rt = runtime(2)?;
     rt.block_on(async {
-        let server = etlmesh_broker::bind(&spec)
-            .await
-            .map_err(|e| CliError::Other(e.to_string()))?;
+        let server = etlmesh_broker::bind(&spec).await.map_err(CliError::from)?;
         if let Some(addr) = args.metrics {
             let registry = etlmesh_telemetry::metrics::registry();
             server.metrics().register(&mut registry.lock());
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
                 .map_err(|e| CliError::Other(format!("--metrics {addr}: {e}")))?;
-            let app =
-                axum::Router::new().route(
-                    "/metrics",
-                    axum::routing::get(move || {
-                        let r = registry.clone();
-                        async move {
-                            etlmesh_http::metrics_response(etlmesh_telemetry::metrics::render(&r))
-                        }
-                    }),
-                );
-            tokio::spawn(async move {
-                if let Err(e) = axum::serve(listener, app).await {
-                    tracing::warn!(error = %e, "broker metrics listener stopped");
-                }
-            });
+            tokio::spawn(etlmesh_http::serve::serve(
+                etlmesh_http::serve::Listen::Plain(listener),
+                etlmesh_http::metrics_router(registry),
+                std::future::pending(),
+            ));
         }
         eprintln!(
             "MQTT broker on {}://{} (MQTT 3.1.1 and 5){}; Ctrl-C stops it",

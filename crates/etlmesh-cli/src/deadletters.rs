@@ -75,8 +75,7 @@ pub(crate) fn deadletters(args: &DeadLettersArgs) -> Result<(), CliError> {
         Action::Show(p) => {
             let (_, _, picked) = open(p)?;
             for s in picked.iter().rev().take(p.limit).rev() {
-                let mut v =
-                    serde_json::to_value(&s.letter).map_err(|e| CliError::Other(e.to_string()))?;
+                let mut v = serde_json::to_value(&s.letter).map_err(CliError::from)?;
                 if let Some(o) = v.as_object_mut() {
                     o.insert("id".into(), s.id.clone().into());
                     o.insert(
@@ -110,7 +109,7 @@ pub(crate) fn deadletters(args: &DeadLettersArgs) -> Result<(), CliError> {
                     picked,
                     *dry_run,
                 ))
-                .map_err(|e| CliError::Other(e.to_string()))?;
+                .map_err(CliError::from)?;
             if p.json {
                 println!("{}", replay_json(&p.pipeline, &report));
                 return Ok(());
@@ -166,9 +165,9 @@ fn open(p: &Picked) -> Result<(PipelineFile, Store, Vec<Stored>), CliError> {
             p.pipeline
         )));
     };
-    let store = Store::open(&dl.path, &p.pipeline).map_err(|e| CliError::Other(e.to_string()))?;
+    let store = Store::open(&dl.path, &p.pipeline).map_err(CliError::from)?;
     let select = Selection::parse(p.since.as_deref(), &p.wheres, &p.ids, chrono::Utc::now())
-        .map_err(|e| CliError::Other(e.to_string()))?;
+        .map_err(CliError::from)?;
     for u in store.unreadable() {
         eprintln!("warning: {u}");
     }

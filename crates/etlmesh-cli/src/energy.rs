@@ -28,8 +28,7 @@ pub(crate) fn energy(args: &EnergyArgs) -> Result<(), CliError> {
             .map_err(|e| crate::logs::unreachable(&base, e))
     })?;
     if args.json {
-        let text =
-            serde_json::to_string_pretty(&report).map_err(|e| CliError::Other(e.to_string()))?;
+        let text = serde_json::to_string_pretty(&report).map_err(CliError::from)?;
         println!("{text}");
     } else {
         print!("{}", render(&report));

@@ -91,7 +91,8 @@ fn deadline(s: &str) -> Result<String, CliError> {
         ))
     })?;
     let at = chrono::Utc::now()
-        + chrono::Duration::from_std(d).map_err(|e| CliError::Other(e.to_string()))?;
+        + chrono::Duration::from_std(d)
+            .map_err(|e| CliError::Other(format!("--deadline `{s}` is too far away: {e}")))?;
     Ok(at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
 }
 
@@ -121,7 +122,7 @@ async fn call(
     let bytes = body
         .map(serde_json::to_vec)
         .transpose()
-        .map_err(|e| CliError::Other(e.to_string()))?
+        .map_err(CliError::from)?
         .unwrap_or_default();
     let (status, body) = client
         .send(method, url, bytes.into())

@@ -121,6 +121,33 @@ pub enum CliError {
     /// MQTT.
     #[error("{0}")]
     Mqtt(#[from] etlmesh_mqtt::MqttError),
+    /// A worker stopped with an error.
+    #[error("{0}")]
+    Worker(#[from] etlmesh_worker::WorkerError),
+    /// The gateway stopped with an error.
+    #[error("{0}")]
+    Gateway(#[from] etlmesh_gateway::GatewayError),
+    /// `etlmesh up` stopped with an error.
+    #[error("{0}")]
+    Up(#[from] etlmesh_up::UpError),
+    /// The embedded MQTT broker.
+    #[error("{0}")]
+    Broker(#[from] etlmesh_broker::BrokerError),
+    /// Certificates, join tokens, revocations.
+    #[error("{0}")]
+    Tls(#[from] etlmesh_tls::TlsError),
+    /// An analytics query.
+    #[error("{0}")]
+    Query(#[from] etlmesh_query::QueryError),
+    /// Dead letters: the store, a selection, a replay.
+    #[error("{0}")]
+    DeadLetters(#[from] etlmesh_deadletters::DeadLetterError),
+    /// Pipeline tests.
+    #[error("{0}")]
+    PipelineTest(#[from] etlmesh_pipetest::TestError),
+    /// JSON that could not be written.
+    #[error("cannot write JSON: {0}")]
+    Json(#[from] serde_json::Error),
     /// Something else, with what to do.
     #[error("{0}")]
     Other(String),

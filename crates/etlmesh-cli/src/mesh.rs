@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use etlmesh_config::PipelineFile;
-use etlmesh_scale::kubernetes::{KubernetesOptions, KubernetesScaler};
+use etlmesh_scale::kubernetes::{KubernetesOptions, KubernetesScaler, WorkloadKind};
 use etlmesh_scale::process::{ProcessScaler, WorkerCommand};
 
 use crate::{CliError, runtime};
@@ -140,7 +140,7 @@ async fn join_mesh(
             ))
         })?
         .parse()
-        .map_err(|e: etlmesh_tls::TlsError| CliError::Other(e.to_string()))?;
+        .map_err(CliError::from)?;
     let hosts: Vec<String> = if listen.ip().is_unspecified() {
         Vec::new()
     } else {
@@ -204,7 +204,7 @@ pub(crate) fn worker(args: &WorkerArgs) -> Result<(), CliError> {
         }
         etlmesh_worker::run(file, opts, stop)
             .await
-            .map_err(|e| CliError::Other(e.to_string()))
+            .map_err(CliError::from)
     })
 }
 
@@ -232,12 +232,23 @@ pub struct ControlArgs {
     /// worker protocol on this address only, to processes with its certificates.
     #[arg(long, value_name = "ADDR")]
     pub mesh_listen: Option<SocketAddr>,
-    /// Kubernetes: the namespace of the worker Deployments (the client's default).
+    /// The mesh's trust anchor (PEM certificate) instead of one made on first start or
+    /// the file's `platform.mesh.ca` (with --mesh-ca-key; the Helm chart's Secret).
+    #[arg(long, value_name = "FILE", requires_all = ["mesh_ca_key", "mesh_listen"])]
+    pub mesh_ca_cert: Option<PathBuf>,
+    /// The trust anchor's private key (PEM), with --mesh-ca-cert.
+    #[arg(long, value_name = "FILE", requires = "mesh_ca_cert")]
+    pub mesh_ca_key: Option<PathBuf>,
+    /// Kubernetes: the namespace of the worker workloads (the client's default).
     #[arg(long, value_name = "NS")]
     pub k8s_namespace: Option<String>,
-    /// Kubernetes: the Deployment of each pipeline; `{pipeline}` is its name, `_` as `-`.
+    /// Kubernetes: the workload of each pipeline; `{pipeline}` is its name, `_` as `-`.
     #[arg(long, value_name = "NAME", default_value = "etlmesh-worker-{pipeline}")]
     pub k8s_deployment: String,
+    /// Kubernetes: the kind of those workloads (a StatefulSet keeps a pod's name, and
+    /// so its stream sessions, with its slot).
+    #[arg(long, value_enum, default_value_t = WorkloadArg::Deployment)]
+    pub k8s_kind: WorkloadArg,
     #[command(flatten)]
     pub state: StateDirArg,
 }
@@ -272,6 +283,15 @@ fn green_options(
     Ok(())
 }
 
+/// Kubernetes workload kinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum WorkloadArg {
+    /// Deployments.
+    Deployment,
+    /// StatefulSets.
+    Statefulset,
+}
+
 /// Scalers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum ScalerKind {
@@ -303,10 +323,16 @@ pub(crate) fn control_plane(args: &ControlArgs) -> Result<(), CliError> {
                 validate_with: Some(current_exe()?),
             });
         }
-        let mesh_spec = file
+        let mut mesh_spec = file
             .as_ref()
             .map(|f| f.spec.platform.mesh.clone())
             .unwrap_or_default();
+        if let (Some(cert), Some(key)) = (&args.mesh_ca_cert, &args.mesh_ca_key) {
+            mesh_spec.ca = Some(etlmesh_config::TlsSpec {
+                cert: cert.clone(),
+                key: key.clone(),
+            });
+        }
         opts.mesh = args.mesh_listen.map(|listen| {
             etlmesh_control::mesh::MeshOptions::new(listen, &args.state.state_dir, &mesh_spec)
         });
@@ -345,8 +371,11 @@ pub(crate) fn control_plane(args: &ControlArgs) -> Result<(), CliError> {
                     KubernetesScaler::connect(KubernetesOptions {
                         namespace: args.k8s_namespace.clone(),
                         deployment: args.k8s_deployment.clone(),
-                    })
-                    .await?,
+                        kind: match args.k8s_kind {
+                            WorkloadArg::Deployment => WorkloadKind::Deployment,
+                            WorkloadArg::Statefulset => WorkloadKind::StatefulSet,
+                        },
+                    })?,
                 ),
             };
             autoscale = Some(etlmesh_control::AutoscaleConfig { pools, scaler });
@@ -441,7 +470,7 @@ pub(crate) fn analytics(
     let catalog = etlmesh_query::Catalog::from_spec(&file.spec);
     etlmesh_query::Analytics::new(catalog, file.spec.platform.query.clone())
         .map(std::sync::Arc::new)
-        .map_err(|e| CliError::Other(e.to_string()))
+        .map_err(CliError::from)
 }
 
 pub(crate) fn gateway(args: &GatewayArgs) -> Result<(), CliError> {
@@ -463,13 +492,8 @@ pub(crate) fn gateway(args: &GatewayArgs) -> Result<(), CliError> {
             args.listen,
         )
         .await?;
-        let bound = etlmesh_gateway::bind(opts)
-            .await
-            .map_err(|e| CliError::Other(e.to_string()))?;
-        bound
-            .serve(shutdown_signal())
-            .await
-            .map_err(|e| CliError::Other(e.to_string()))
+        let bound = etlmesh_gateway::bind(opts).await.map_err(CliError::from)?;
+        bound.serve(shutdown_signal()).await.map_err(CliError::from)
     })
 }
 
@@ -578,8 +602,8 @@ pub(crate) fn up(args: &UpArgs) -> Result<(), CliError> {
         .collect();
     if stream.broker {
         // Simulated devices feed the stream pipelines until etlmesh stops.
-        let broker = etlmesh_mqtt::Broker::parse(crate::demo::DEMO_BROKER)
-            .map_err(|e| CliError::Other(e.to_string()))?;
+        let broker =
+            etlmesh_mqtt::Broker::parse(crate::demo::DEMO_BROKER).map_err(CliError::from)?;
         let mut sim = etlmesh_mqtt::simulate::SimulateOptions::new(broker);
         sim.topic = "demo/{device_id}/reading".into();
         sim.devices = 20;
@@ -641,5 +665,5 @@ pub(crate) fn up(args: &UpArgs) -> Result<(), CliError> {
         },
         shutdown_signal(),
     ))
-    .map_err(|e| CliError::Other(e.to_string()))
+    .map_err(CliError::from)
 }

@@ -113,7 +113,7 @@ pub(crate) fn query(args: &QueryArgs) -> Result<(), CliError> {
         } else {
             std::io::stdout()
                 .write_all(b)
-                .map_err(|e| CliError::Other(e.to_string()))?;
+                .map_err(|e| CliError::Other(format!("cannot write the answer: {e}")))?;
         }
         let truncated = if header("etlmesh-truncated") == "true" {
             " (cut at the row limit: more rows match; narrow the query or pass --limit)"

@@ -80,12 +80,11 @@ pub(crate) fn run(args: &RunArgs) -> Result<(), CliError> {
     );
     if let Some(path) = &args.summary_json {
         // The run's CPU time rides along: a job's energy is charged from it.
-        let mut value =
-            serde_json::to_value(&summary).map_err(|e| CliError::Other(e.to_string()))?;
+        let mut value = serde_json::to_value(&summary).map_err(CliError::from)?;
         if let Some(cpu) = etlmesh_telemetry::process::cpu_seconds(None) {
             value["cpu_seconds"] = serde_json::json!(cpu);
         }
-        let json = serde_json::to_vec_pretty(&value).map_err(|e| CliError::Other(e.to_string()))?;
+        let json = serde_json::to_vec_pretty(&value).map_err(CliError::from)?;
         std::fs::write(path, json).map_err(|e| {
             CliError::Other(format!(
                 "cannot write the summary to {}: {e}",

@@ -37,7 +37,7 @@ pub(crate) fn test(args: &TestArgs) -> Result<(), CliError> {
     for t in &tests {
         let reports = rt
             .block_on(etlmesh_pipetest::run(&file, t))
-            .map_err(|e| CliError::Other(e.to_string()))?;
+            .map_err(CliError::from)?;
         for r in reports {
             let head = format!("test {}: {} (pipeline {})", t.display(), r.name, r.pipeline);
             match &r.result {

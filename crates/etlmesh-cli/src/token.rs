@@ -65,13 +65,9 @@ pub enum TokenCommand {
     },
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// The hex SHA-256 of a token, as the file holds it.
 pub(crate) fn hash(token: &str) -> String {
-    hex(ring::digest::digest(&ring::digest::SHA256, token.as_bytes()).as_ref())
+    etlmesh_tls::hex(&etlmesh_tls::sha256(token.as_bytes()))
 }
 
 /// The `platform.access.tokens` entry for a token.
@@ -124,7 +120,7 @@ pub(crate) fn token(args: &TokenArgs) -> Result<(), CliError> {
             ring::rand::SystemRandom::new()
                 .fill(&mut bytes)
                 .map_err(|_| CliError::Other("the system's random source failed".into()))?;
-            let token = format!("etm_{}", hex(&bytes));
+            let token = format!("etm_{}", etlmesh_tls::hex(&bytes));
             println!("{token}");
             eprintln!(
                 "the token (shown once; give it to {name}, e.g. as ETLMESH_TOKEN) is above. Add this to the pipeline file:"
@@ -151,7 +147,7 @@ pub(crate) fn token(args: &TokenArgs) -> Result<(), CliError> {
                 *ttl,
                 (*uses > 0).then_some(*uses),
             )
-            .map_err(|e| CliError::Other(e.to_string()))?;
+            .map_err(CliError::from)?;
             println!("{token}");
             eprintln!(
                 "join token `{name}`: {} for {}s (give it as ETLMESH_JOIN_TOKEN; the control plane keeps only its digest)",
@@ -167,7 +163,7 @@ pub(crate) fn token(args: &TokenArgs) -> Result<(), CliError> {
         TokenCommand::Revoke { serial, state_dir } => {
             etlmesh_tls::grants::Revocations::in_dir(&state_dir.join("mesh"))
                 .revoke(serial)
-                .map_err(|e| CliError::Other(e.to_string()))?;
+                .map_err(CliError::from)?;
             eprintln!("certificate {serial} revoked");
             Ok(())
         }

@@ -82,6 +82,9 @@ impl Format {
         }
     }
 
+    /// The content types of every format, for messages that say what to send.
+    pub const CONTENT_TYPES: &'static str = "text/csv, application/x-ndjson, application/json, application/vnd.apache.parquet or application/vnd.apache.arrow.stream";
+
     /// The format of an HTTP content type (parameters such as `; charset=utf-8` are ignored).
     pub fn from_content_type(ct: &str) -> Option<Format> {
         let base = ct.split(';').next()?.trim().to_ascii_lowercase();
@@ -245,6 +248,20 @@ pub struct FieldSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_help_names_every_format_that_reads_back() {
+        for f in [
+            Format::Csv,
+            Format::Ndjson,
+            Format::Json,
+            Format::Parquet,
+            Format::Arrow,
+        ] {
+            assert!(Format::CONTENT_TYPES.contains(f.content_type()), "{f:?}");
+            assert_eq!(Format::from_content_type(f.content_type()), Some(f));
+        }
+    }
 
     #[test]
     fn formats_from_paths_and_content_types() {

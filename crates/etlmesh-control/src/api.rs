@@ -7,17 +7,18 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{Json, Path, Query, State};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use bytes::Bytes;
-use etlmesh_http::{error_response, json_response};
+use etlmesh_http::json_response;
 use etlmesh_proto::{EndpointEvent, Heartbeat, Registration};
-use http::{HeaderValue, StatusCode, header};
+use http::{HeaderValue, header};
 use tokio::sync::broadcast::error::RecvError;
 
 use crate::Registry;
 use crate::autoscale::Autoscaling;
 use crate::logs::{LogQuery, LogStore};
+use crate::refusal::Refusal;
 use crate::timeline::Timeline;
 
 /// A keepalive line goes out when nothing else did for this long.
@@ -130,12 +131,7 @@ async fn activate(State(st): State<Arc<ControlState>>, Path(pipeline): Path<Stri
         Some(a) if a.activate(&pipeline) => {
             json_response(&serde_json::json!({ "activating": pipeline }))
         }
-        _ => error_response(
-            StatusCode::NOT_FOUND,
-            "not_scaled",
-            format!("`{pipeline}` is not a pipeline this control plane scales"),
-            None,
-        ),
+        _ => Refusal::NotScaled(pipeline).into_response(),
     }
 }
 
@@ -152,12 +148,7 @@ async fn scaling(State(st): State<Arc<ControlState>>) -> Response {
 
 async fn register(State(st): State<Arc<ControlState>>, Json(reg): Json<Registration>) -> Response {
     if reg.id.is_empty() || reg.address.is_empty() {
-        return error_response(
-            StatusCode::BAD_REQUEST,
-            "bad_registration",
-            "a registration needs an id and an address",
-            None,
-        );
+        return Refusal::BadRegistration.into_response();
     }
     st.registry.register(reg);
     json_response(&serde_json::json!({ "heartbeat_ms": 1000 }))
@@ -171,12 +162,7 @@ async fn heartbeat(
     if st.registry.heartbeat(&id, beat) {
         json_response(&revoked_answer(&st))
     } else {
-        error_response(
-            StatusCode::NOT_FOUND,
-            "unknown_worker",
-            format!("no worker `{id}`; register first"),
-            None,
-        )
+        Refusal::UnknownWorker(id).into_response()
     }
 }
 
@@ -266,7 +252,7 @@ async fn healthz(State(st): State<Arc<ControlState>>) -> Response {
 }
 
 async fn metrics(State(st): State<Arc<ControlState>>) -> Response {
-    etlmesh_http::metrics_response(etlmesh_telemetry::metrics::render(&st.registry.metrics))
+    etlmesh_http::metrics_response(&st.registry.metrics)
 }
 
 async fn ship_logs(
@@ -293,12 +279,7 @@ async fn logs(State(st): State<Arc<ControlState>>, Query(p): Query<LogParams>) -
         None => None,
         Some(Some(l)) => Some(l),
         Some(None) => {
-            return error_response(
-                StatusCode::BAD_REQUEST,
-                "bad_level",
-                "level must be one of error, warn, info, debug, trace",
-                None,
-            );
+            return Refusal::BadLevel.into_response();
         }
     };
     let q = LogQuery {

@@ -458,6 +458,115 @@ impl Autoscaling {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use futures::future::BoxFuture;
+
+    /// A scaler that records what it was asked, in order.
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<(String, u32)>>);
+
+    impl Scaler for Recorder {
+        fn name(&self) -> &'static str {
+            "recorder"
+        }
+        fn set_replicas<'a>(
+            &'a self,
+            pool: &'a str,
+            replicas: u32,
+        ) -> BoxFuture<'a, Result<(), etlmesh_scale::ScaleError>> {
+            self.0.lock().push((pool.to_string(), replicas));
+            Box::pin(async { Ok(()) })
+        }
+        fn shutdown(&self) -> BoxFuture<'_, ()> {
+            Box::pin(async {})
+        }
+    }
+
+    fn pool(name: &str, min: u32) -> (PipelineInfo, ScalingSpec) {
+        let info = PipelineInfo {
+            name: name.into(),
+            ..Default::default()
+        };
+        let spec = ScalingSpec {
+            min_replicas: min,
+            ..Default::default()
+        };
+        (info, spec)
+    }
+
+    fn started(
+        pools: Vec<(PipelineInfo, ScalingSpec)>,
+    ) -> (Arc<Autoscaling>, Arc<Recorder>, tokio::task::JoinHandle<()>) {
+        let recorder = Arc::new(Recorder::default());
+        let registry = Arc::new(Registry::new(Duration::from_secs(5)));
+        let scaling = Arc::new(Autoscaling::new(
+            AutoscaleConfig {
+                pools,
+                scaler: recorder.clone(),
+            },
+            &registry,
+        ));
+        let task = tokio::spawn(scaling.clone().run(registry));
+        (scaling, recorder, task)
+    }
+
+    /// Lets the loop run until it waits again (time stays where it is).
+    async fn settle() {
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn every_pool_starts_at_its_minimum() {
+        let (_, recorder, task) = started(vec![pool("a", 2), pool("b", 0)]);
+        settle().await;
+        assert_eq!(
+            *recorder.0.lock(),
+            [("a".to_string(), 2), ("b".to_string(), 0)]
+        );
+        task.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn held_requests_scale_a_pool_from_zero_without_waiting_for_the_tick() {
+        let (scaling, recorder, task) = started(vec![pool("p", 0)]);
+        settle().await;
+        let before = tokio::time::Instant::now();
+        let mut load = GatewayLoad::default();
+        load.pipelines.insert(
+            "p".into(),
+            etlmesh_proto::PipelineLoad {
+                held: 3,
+                requests_total: 3,
+                ..Default::default()
+            },
+        );
+        scaling.report("gw-1", load);
+        settle().await;
+        assert_eq!(
+            recorder.0.lock().last(),
+            Some(&("p".to_string(), 1)),
+            "a held request asks for a worker"
+        );
+        assert_eq!(
+            before.elapsed(),
+            Duration::ZERO,
+            "at once, not at the next tick"
+        );
+        assert_eq!(
+            scaling.view(&Registry::new(Duration::from_secs(5)))[0].desired,
+            1
+        );
+        task.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn only_pools_it_scales_can_be_activated() {
+        let (scaling, _, task) = started(vec![pool("p", 0)]);
+        assert!(scaling.activate("p"));
+        assert!(!scaling.activate("other"));
+        task.abort();
+    }
 
     #[test]
     fn the_rate_follows_the_counters_and_starts_again_when_a_worker_goes() {

@@ -14,13 +14,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{Path as UrlPath, Query, State};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::{Json, http::HeaderMap};
-use etlmesh_http::{error_response, json_response};
-use http::StatusCode;
+use etlmesh_http::json_response;
 use serde::Deserialize;
 
 use crate::ControlState;
+use crate::refusal::Refusal;
 
 /// A replay that takes longer is stopped.
 pub const REPLAY_LIMIT: Duration = Duration::from_secs(600);
@@ -82,15 +82,10 @@ pub(crate) async fn replay(
     if let Some(config) = st.jobs.as_ref().map(|j| j.config().to_path_buf())
         && let Some(refusal) = refusal(&config, &headers, &pipeline)
     {
-        return refusal;
+        return refusal.into_response();
     }
     let Ok(_one) = st.replaying.try_lock() else {
-        return error_response(
-            StatusCode::CONFLICT,
-            "replay_running",
-            "a dead-letter replay is running; try again when it has finished",
-            None,
-        );
+        return Refusal::ReplayRunning.into_response();
     };
     tracing::info!(%pipeline, dry_run = body.dry_run, "dead letters: replay asked through the API");
     run(
@@ -114,12 +109,10 @@ async fn run(
     limit: Duration,
 ) -> Response {
     let Some(jobs) = &st.jobs else {
-        return error_response(
-            StatusCode::NOT_FOUND,
-            "no_pipeline_file",
-            "this control plane runs without a pipeline file: start it with -c FILE (or use etlmesh up) to see dead letters",
-            None,
-        );
+        return Refusal::NoPipelineFile {
+            what: "see dead letters",
+        }
+        .into_response();
     };
     let mut cmd = tokio::process::Command::new(jobs.exe());
     cmd.args(["deadletters", action, "--json", "-c"])
@@ -142,22 +135,14 @@ async fn run(
     let out = match tokio::time::timeout(limit, cmd.output()).await {
         Ok(Ok(out)) => out,
         Ok(Err(e)) => {
-            return error_response(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "deadletters_failed",
-                format!("cannot run etlmesh deadletters: {e}"),
-                None,
-            );
+            return Refusal::DeadLettersFailed(e).into_response();
         }
         Err(_) => {
-            return error_response(
-                StatusCode::GATEWAY_TIMEOUT,
-                "deadletters_timeout",
-                format!(
-                    "etlmesh deadletters {action} took more than {limit:?} and was stopped; pick fewer letters (since, where, ids)"
-                ),
-                None,
-            );
+            return Refusal::DeadLettersTimeout {
+                action: action.to_string(),
+                limit,
+            }
+            .into_response();
         }
     };
     let stdout = &out.stdout[..out.stdout.len().min(MAX_ANSWER)];
@@ -174,61 +159,39 @@ async fn run(
         _ => {
             let err = String::from_utf8_lossy(&out.stderr);
             let msg = err.trim();
-            let status = if msg.contains("no pipeline named") || msg.contains("no dead_letter sink")
-            {
-                StatusCode::NOT_FOUND
-            } else {
-                StatusCode::UNPROCESSABLE_ENTITY
-            };
-            error_response(
-                status,
-                "deadletters_refused",
-                msg.chars().take(4000).collect::<String>(),
-                None,
-            )
+            Refusal::DeadLettersRefused {
+                message: msg.chars().take(4000).collect(),
+                not_found: msg.contains("no pipeline named") || msg.contains("no dead_letter sink"),
+            }
+            .into_response()
         }
     }
 }
 
 /// With tokens in the file, only one that may run jobs of `pipeline` may replay: the
 /// answer to anyone else.
-fn refusal(config: &Path, headers: &HeaderMap, pipeline: &str) -> Option<Response> {
+fn refusal(config: &Path, headers: &HeaderMap, pipeline: &str) -> Option<Refusal> {
     let file = etlmesh_config::PipelineFile::load(config).ok()?;
     let tokens = &file.spec.platform.access.tokens;
     if tokens.is_empty() {
         return None;
     }
     let Some(token) = etlmesh_http::bearer_token(headers) else {
-        return Some(error_response(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
+        return Some(Refusal::Unauthorized(
             "replaying dead letters needs an API token that may run jobs of this pipeline: send `Authorization: Bearer TOKEN`",
-            None,
         ));
     };
-    let digest = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
-    let holder = tokens
-        .iter()
-        .find(|t| t.sha256.as_slice() == digest.as_ref());
+    let digest = etlmesh_tls::sha256(token.as_bytes());
+    let holder = tokens.iter().find(|t| t.sha256 == digest);
     match holder {
         Some(t) if t.jobs && t.allows(pipeline) => {
             tracing::info!(token = %t.name, %pipeline, "dead-letter replay authorized");
             None
         }
-        Some(t) => Some(error_response(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            format!(
-                "token `{}` may not run jobs of pipeline `{pipeline}`: give it `jobs: true` and the pipeline in platform.access.tokens",
-                t.name
-            ),
-            None,
-        )),
-        None => Some(error_response(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "unknown API token",
-            None,
-        )),
+        Some(t) => Some(Refusal::Forbidden(format!(
+            "token `{}` may not run jobs of pipeline `{pipeline}`: give it `jobs: true` and the pipeline in platform.access.tokens",
+            t.name
+        ))),
+        None => Some(Refusal::Unauthorized("unknown API token")),
     }
 }

@@ -31,6 +31,7 @@ pub mod jobs;
 pub mod logs;
 pub mod mesh;
 mod overview;
+mod refusal;
 pub mod registry;
 pub mod reload;
 mod tap;
@@ -41,7 +42,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::serve::ListenerExt;
+use etlmesh_http::serve::{Listen, serve};
+use etlmesh_http::shutdown::{self, Tasks};
 use tokio::net::TcpListener;
 
 pub use api::{ControlState, router};
@@ -264,8 +266,12 @@ impl Bound {
         autoscale: Option<AutoscaleConfig>,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ControlError> {
-        let reaper = tokio::spawn(registry::reap_forever(self.registry.clone()));
-        let collector = tokio::spawn(logs::collect_local(self.logs.clone(), self.log_source));
+        let mut tasks = Tasks::default();
+        tasks.spawn("reaper", registry::reap_forever(self.registry.clone()));
+        tasks.spawn(
+            "log collector",
+            logs::collect_local(self.logs.clone(), self.log_source),
+        );
         let timeline = Arc::new(timeline::Timeline::default());
         let autoscaling = autoscale.map(|c| Arc::new(Autoscaling::new(c, &self.registry)));
         let scaler_loop = autoscaling
@@ -279,10 +285,13 @@ impl Bound {
             ))),
             _ => None,
         };
-        let reload_tasks = reloader
+        for t in reloader
             .as_ref()
             .map(|r| reload::spawn_triggers(r.clone()))
-            .unwrap_or_default();
+            .unwrap_or_default()
+        {
+            tasks.adopt("reload trigger", t);
+        }
         let (closing_tx, closing) = tokio::sync::watch::channel(false);
         let state = Arc::new(ControlState {
             registry: self.registry.clone(),
@@ -296,71 +305,51 @@ impl Bound {
             reloader,
             replaying: tokio::sync::Mutex::new(()),
         });
-        let meter = tokio::spawn(energy::meter_forever(
-            self.meter.clone(),
-            self.registry.clone(),
-            autoscaling.clone(),
-        ));
-        let job_loop = self.jobs.clone().map(|j| tokio::spawn(j.run_forever()));
-        let sampler = tokio::spawn(timeline::sample_forever(
-            timeline,
-            self.registry.clone(),
-            autoscaling.clone(),
-        ));
-        tracing::info!(addr = %self.addr, "control plane listening on http://{}", self.addr);
-        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-            let _ = rx.wait_for(|s| *s).await;
-        };
-        let scaling = autoscaling.clone();
-        let loop_task = scaler_loop;
+        tasks.spawn(
+            "energy meter",
+            energy::meter_forever(
+                self.meter.clone(),
+                self.registry.clone(),
+                autoscaling.clone(),
+            ),
+        );
+        if let Some(j) = self.jobs.clone() {
+            tasks.spawn("job runner", j.run_forever());
+        }
+        tasks.spawn(
+            "timeline",
+            timeline::sample_forever(timeline, self.registry.clone(), autoscaling.clone()),
+        );
+        let (trigger, stop) = shutdown::channel();
         tokio::spawn(async move {
             shutdown.await;
             // Workers drain while the control plane still answers them.
-            if let Some(t) = loop_task {
+            if let Some(t) = scaler_loop {
                 t.abort();
             }
-            if let Some(a) = scaling {
+            if let Some(a) = autoscaling {
                 a.shutdown().await;
             }
             let _ = closing_tx.send(true);
-            let _ = stop_tx.send(true);
+            trigger.fire();
         });
         let mut admin = router(state.clone());
-        let mut mesh_tasks = Vec::new();
         if let Some(m) = self.mesh {
             admin = admin.layer(axum::middleware::from_fn(mesh::admin_only));
-            let members = router(state)
-                .layer(axum::middleware::from_fn(mesh::members_only))
-                .into_make_service_with_connect_info::<etlmesh_tls::listener::MeshPeer>();
+            let members = router(state).layer(axum::middleware::from_fn(mesh::members_only));
             tracing::info!(addr = ?self.mesh_addr, "control plane mesh listening on https://{} (mTLS)", self.mesh_addr.map(|a| a.to_string()).unwrap_or_default());
-            let rx = stop_rx.clone();
-            mesh_tasks.push(tokio::spawn(async move {
-                if let Err(e) = axum::serve(m.listener, members)
-                    .with_graceful_shutdown(stopped(rx))
-                    .await
-                {
-                    tracing::error!(error = %e, "the mesh listener stopped");
-                }
-            }));
-            mesh_tasks.push(tokio::spawn(
+            tasks.spawn(
+                "mesh listener",
+                serve(Listen::Tls(m.listener), members, stop.clone().fired()),
+            );
+            tasks.spawn(
+                "certificate renewal",
                 m.state.authority.clone().renew_local_forever(m.identity),
-            ));
+            );
         }
-        let result = axum::serve(self.listener.tap_io(etlmesh_http::no_delay), admin)
-            .with_graceful_shutdown(stopped(stop_rx))
-            .await
-            .map_err(|e| ControlError::Serve(e.to_string()));
-        for t in mesh_tasks.into_iter().chain(reload_tasks) {
-            t.abort();
-        }
-        reaper.abort();
-        collector.abort();
-        sampler.abort();
-        meter.abort();
-        if let Some(j) = job_loop {
-            j.abort();
-        }
-        result
+        tracing::info!(addr = %self.addr, "control plane listening on http://{}", self.addr);
+        serve(Listen::Plain(self.listener), admin, stop.fired()).await;
+        tasks.stop().await;
+        Ok(())
     }
 }

@@ -15,16 +15,16 @@ use std::time::Duration;
 
 use axum::extract::{ConnectInfo, Json, Request, State};
 use axum::middleware::Next;
-use axum::response::Response;
-use etlmesh_http::{error_response, json_response};
+use axum::response::{IntoResponse, Response};
+use etlmesh_http::json_response;
 use etlmesh_tls::listener::MeshPeer;
 use etlmesh_tls::{Authority, CertificateRequest, JoinRequest, JoinResponse};
-use http::StatusCode;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 
 use crate::api::ControlState;
+use crate::refusal::Refusal;
 
 /// How the control plane runs the mesh's mTLS.
 #[derive(Debug, Clone)]
@@ -143,12 +143,7 @@ fn issue_response(
         }
         Err(e) => {
             mesh.count(kind, "invalid");
-            error_response(
-                StatusCode::BAD_REQUEST,
-                "bad_certificate_request",
-                e.to_string(),
-                None,
-            )
+            Refusal::BadCertificateRequest(e).into_response()
         }
     }
 }
@@ -171,14 +166,7 @@ pub(crate) async fn join(
             mesh.count("join", "refused");
             let c = &req.certificate;
             tracing::warn!(peer = %peer.addr, name = %c.name, role = c.role.as_str(), reason = %refusal, "refused to join the mesh");
-            return error_response(
-                StatusCode::UNAUTHORIZED,
-                "bad_join_token",
-                format!(
-                    "{refusal}; use the one in the control plane's state directory (mesh/join-token), or mint one with `etlmesh token join`"
-                ),
-                None,
-            );
+            return Refusal::BadJoinToken(refusal.to_string()).into_response();
         }
     }
     issue_response(mesh, "join", &req.certificate, peer.addr)
@@ -197,40 +185,25 @@ pub(crate) async fn renew(
     };
     let Some(who) = peer.identity.clone() else {
         mesh.count("renew", "refused");
-        return error_response(
-            StatusCode::UNAUTHORIZED,
-            "no_mesh_certificate",
+        return Refusal::NoMeshCertificate(
             "renewing takes the certificate to renew: present it in the TLS handshake",
-            None,
-        );
+        )
+        .into_response();
     };
     if mesh.authority.revoked().contains(&who.serial) {
         mesh.count("renew", "refused");
         tracing::warn!(peer = %peer.addr, name = %who.name, serial = %who.serial, "refused to renew a revoked certificate");
-        return error_response(
-            StatusCode::FORBIDDEN,
-            "certificate_revoked",
-            format!(
-                "certificate {} is revoked; join again with a join token",
-                who.serial
-            ),
-            None,
-        );
+        return Refusal::RenewRevoked(who.serial).into_response();
     }
     if req.name != who.name || req.role != who.role || req.hosts != who.hosts {
         mesh.count("renew", "refused");
         tracing::warn!(peer = %peer.addr, name = %who.name, asked = %req.name, "refused a renewal for another identity than the certificate presented");
-        return error_response(
-            StatusCode::FORBIDDEN,
-            "identity_mismatch",
-            format!(
-                "a certificate renews itself only: this one is `{}` ({}, hosts {:?}); join with a join token for another identity",
-                who.name,
-                who.role.as_str(),
-                who.hosts
-            ),
-            None,
-        );
+        return Refusal::IdentityMismatch {
+            name: who.name,
+            role: who.role.as_str(),
+            hosts: who.hosts,
+        }
+        .into_response();
     }
     let same = CertificateRequest {
         name: who.name,
@@ -242,12 +215,7 @@ pub(crate) async fn renew(
 }
 
 fn no_mesh() -> Response {
-    error_response(
-        StatusCode::NOT_FOUND,
-        "no_mesh",
-        "this control plane runs without mTLS: there is nothing to join",
-        None,
-    )
+    Refusal::NoMesh.into_response()
 }
 
 /// Requests of the worker protocol (processes of the mesh, not people): registering,
@@ -290,23 +258,16 @@ pub(crate) async fn members_only(req: Request, next: Next) -> Response {
         Some(p) if revoked => {
             tracing::warn!(peer = %p.addr, %path, "refused: the certificate is revoked");
             drain(req).await;
-            error_response(
-                StatusCode::UNAUTHORIZED,
-                "certificate_revoked",
-                "this certificate is revoked: join again with a join token",
-                None,
-            )
+            Refusal::Revoked.into_response()
         }
         Some(p) if p.verified || open => next.run(req).await,
         _ => {
             tracing::warn!(peer = ?peer.map(|p| p.addr), %path, "refused: no certificate from this mesh");
             drain(req).await;
-            error_response(
-                StatusCode::UNAUTHORIZED,
-                "no_mesh_certificate",
+            Refusal::NoMeshCertificate(
                 "this listener serves members of the mesh only: join first (POST /v1/mesh/join with the join token)",
-                None,
             )
+            .into_response()
         }
     }
 }
@@ -316,12 +277,7 @@ pub(crate) async fn members_only(req: Request, next: Next) -> Response {
 pub(crate) async fn admin_only(req: Request, next: Next) -> Response {
     if mesh_request(req.method(), req.uri().path()) {
         drain(req).await;
-        return error_response(
-            StatusCode::FORBIDDEN,
-            "mesh_listener_only",
-            "the worker protocol is served on the control plane's mesh listener, over mTLS; join the mesh and use its https:// address",
-            None,
-        );
+        return Refusal::MeshListenerOnly.into_response();
     }
     next.run(req).await
 }

@@ -11,17 +11,18 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use bytes::{Bytes, BytesMut};
-use etlmesh_http::{encode_component, error_response};
+use etlmesh_http::encode_component;
 use etlmesh_proto::tap::TapQuery;
-use http::{HeaderValue, StatusCode, header};
+use http::{HeaderValue, header};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tokio::sync::mpsc;
 
 use crate::api::ControlState;
+use crate::refusal::Refusal;
 
 /// A line longer than this from a worker is dropped (a record is at most 1 MiB).
 const MAX_LINE: usize = 2 << 20;
@@ -39,14 +40,7 @@ pub(crate) async fn tap(
         .map(|e| (e.id, e.address))
         .collect();
     if serving.is_empty() {
-        return error_response(
-            StatusCode::NOT_FOUND,
-            "no_worker",
-            format!(
-                "no worker serves `{pipeline}` now; check the name at /api/v1/pipelines (a pipeline scaled to zero starts on its next request)"
-            ),
-            None,
-        );
+        return Refusal::NoWorker(pipeline).into_response();
     }
     let (stage, limit, timeout) = (q.stage(), q.limit(), q.wait());
     let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new())

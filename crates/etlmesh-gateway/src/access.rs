@@ -17,13 +17,14 @@ use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::Response;
 use etlmesh_config::{AccessSpec, TokenSpec};
-use etlmesh_http::error_response;
+use etlmesh_http::ApiError;
 use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 
 use crate::Gateway;
+use crate::refusal::ApiRefusal;
 
 /// What a request wants to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,9 +100,6 @@ impl std::fmt::Debug for Access {
     }
 }
 
-/// Why a request is refused: status, code, message, seconds to wait.
-type Refusal = (StatusCode, &'static str, String, Option<u64>);
-
 impl Access {
     /// The rules of `spec`, counting decisions in `registry`.
     pub fn new(spec: &AccessSpec, registry: &etlmesh_telemetry::metrics::SharedRegistry) -> Self {
@@ -147,34 +145,24 @@ impl Access {
     }
 
     /// Lets a request in, or says why not. `Ok(None)`: open gateway.
-    pub fn authorize(
+    pub(crate) fn authorize(
         &self,
         headers: &HeaderMap,
         action: Action<'_>,
-    ) -> Result<Option<Client>, Refusal> {
+    ) -> Result<Option<Client>, ApiRefusal> {
         if !self.required() {
             return Ok(None);
         }
         let Some(token) = etlmesh_http::bearer_token(headers) else {
             self.count("", "missing");
-            return Err((
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                "this gateway needs an API token\n  help: send `Authorization: Bearer TOKEN` (etlmesh: --token or ETLMESH_TOKEN); `etlmesh token new NAME` makes one for the file's platform.access.tokens".into(),
-                None,
+            return Err(ApiRefusal::Unauthorized(
+                "this gateway needs an API token\n  help: send `Authorization: Bearer TOKEN` (etlmesh: --token or ETLMESH_TOKEN); `etlmesh token new NAME` makes one for the file's platform.access.tokens",
             ));
         };
-        let digest = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
-        let Some(holder) = <[u8; 32]>::try_from(digest.as_ref())
-            .ok()
-            .and_then(|h| self.tokens.get(&h))
-        else {
+        let Some(holder) = self.tokens.get(&etlmesh_tls::sha256(token.as_bytes())) else {
             self.count("", "invalid");
-            return Err((
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                "the API token is not known to this gateway\n  help: check the token, and that its SHA-256 is in platform.access.tokens".into(),
-                None,
+            return Err(ApiRefusal::Unauthorized(
+                "the API token is not known to this gateway\n  help: check the token, and that its SHA-256 is in platform.access.tokens",
             ));
         };
         let spec = &holder.spec;
@@ -192,15 +180,10 @@ impl Access {
                 Action::Jobs => "batch jobs".into(),
                 Action::List => "this".into(),
             };
-            return Err((
-                StatusCode::FORBIDDEN,
-                "forbidden",
-                format!(
-                    "token `{}` may not use {what}\n  help: add it to the token's entry in platform.access.tokens",
-                    spec.name
-                ),
-                None,
-            ));
+            return Err(ApiRefusal::Forbidden {
+                token: spec.name.clone(),
+                what,
+            });
         }
         if spec.rate > 0.0 {
             let mut b = holder.bucket.lock();
@@ -212,15 +195,12 @@ impl Access {
                 let wait = ((1.0 - b.tokens) / spec.rate).ceil().max(1.0) as u64;
                 drop(b);
                 self.count(&spec.name, "rate_limited");
-                return Err((
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "rate_limited",
-                    format!(
-                        "token `{}` is over its rate of {} requests per second (burst {})\n  help: retry after the Retry-After seconds, or raise the token's rate",
-                        spec.name, spec.rate, spec.burst
-                    ),
-                    Some(wait),
-                ));
+                return Err(ApiRefusal::RateLimited {
+                    token: spec.name.clone(),
+                    rate: spec.rate,
+                    burst: spec.burst,
+                    wait,
+                });
             }
             b.tokens -= 1.0;
         }
@@ -240,19 +220,6 @@ impl Access {
             .any(|c| c == "*" || c == o)
             .then(|| origin.clone())
     }
-}
-
-fn refuse((status, code, message, wait): Refusal) -> Response {
-    let mut r = error_response(status, code, message, None);
-    if status == StatusCode::UNAUTHORIZED {
-        r.headers_mut()
-            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-    }
-    if let Some(s) = wait {
-        r.headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from(s));
-    }
-    r
 }
 
 const CORS_HEADERS: &str = "authorization, content-type, accept, traceparent, etlmesh-timeout-ms";
@@ -308,7 +275,7 @@ pub(crate) async fn layer(
             Err(refusal) => {
                 let span = tracing::info_span!("request", path = %req.uri().path());
                 let _e = span.enter();
-                refuse(refusal)
+                refusal.respond(None)
             }
         },
     };
@@ -360,7 +327,7 @@ mod tests {
     #[test]
     fn tokens_permissions_and_rates() {
         let a = access(0.0, 1.0);
-        let code = |r: Result<Option<Client>, Refusal>| r.err().map(|e| e.0.as_u16());
+        let code = |r: Result<Option<Client>, ApiRefusal>| r.err().map(|e| e.status().as_u16());
         assert_eq!(
             code(a.authorize(&HeaderMap::new(), Action::List)),
             Some(401)
@@ -386,7 +353,7 @@ mod tests {
         let e = a
             .authorize(&bearer("s3cret"), Action::List)
             .expect_err("over the rate");
-        assert_eq!((e.0.as_u16(), e.3), (429, Some(1)));
+        assert_eq!((e.status().as_u16(), e.retry_after()), (429, Some(1)));
     }
 
     #[test]

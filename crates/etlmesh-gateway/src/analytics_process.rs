@@ -13,13 +13,15 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::response::Response;
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, StatusCode, header};
+use http::{HeaderMap, HeaderValue, header};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
-use crate::query::{Failure, MAX_QUERY_BODY, answer_here};
+use crate::query::{MAX_QUERY_BODY, answer_here};
+use crate::refusal::ApiRefusal;
+use etlmesh_http::ApiError;
 
 /// The header carrying the key.
 const KEY: &str = "etlmesh-analytics-key";
@@ -67,18 +69,14 @@ pub(crate) async fn forward(
     h: &HeaderMap,
     body: Body,
     pipelines: Option<Vec<String>>,
-) -> Result<Response, Failure> {
+) -> Result<Response, ApiRefusal> {
     let bytes = Limited::new(body, MAX_QUERY_BODY)
         .collect()
         .await
         .map_err(|e| {
-            (
-                StatusCode::BAD_REQUEST,
-                "bad_request",
-                format!(
-                    "cannot read the request: {e}\n  help: a query request holds at most {MAX_QUERY_BODY} bytes"
-                ),
-            )
+            ApiRefusal::BadRequest(format!(
+                "cannot read the request: {e}\n  help: a query request holds at most {MAX_QUERY_BODY} bytes"
+            ))
         })?
         .to_bytes();
     let mut req = http::Request::post(format!("{}/v1/query", p.url)).header(KEY, p.key.as_str());
@@ -93,42 +91,23 @@ pub(crate) async fn forward(
             serde_json::to_string(list).unwrap_or_else(|_| "[]".into()),
         );
     }
-    let req = req.body(Full::new(bytes)).map_err(|e| {
-        (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "query_failed",
-            e.to_string(),
-        )
-    })?;
-    let unavailable = |e: String| {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "analytics_unavailable",
-            format!(
-                "the analytics process does not answer ({e}); it is restarting: retry in a second"
-            ),
-        )
-    };
+    let req = req
+        .body(Full::new(bytes))
+        .map_err(|e| ApiRefusal::QueryFailed(e.to_string()))?;
     let died = || {
         tracing::error!(
             error_kind = "analytics_process_died",
             "a query took the analytics process down (past its memory cap?); it restarts"
         );
-        (
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "query_too_large",
-            "the query took the analytics process past its memory cap (platform.query.process_memory) and ended it; it restarts — ask for less".to_string(),
-        )
+        ApiRefusal::AnalyticsDied
     };
     let resp = match tokio::time::timeout(p.timeout, p.client.request(req)).await {
         Err(_) => {
-            return Err((
-                StatusCode::GATEWAY_TIMEOUT,
-                "query_timeout",
-                "the analytics process did not answer in time".into(),
-            ));
+            return Err(ApiRefusal::AnalyticsTimeout);
         }
-        Ok(Err(e)) if e.is_connect() => return Err(unavailable(e.to_string())),
+        Ok(Err(e)) if e.is_connect() => {
+            return Err(ApiRefusal::AnalyticsUnavailable(e.to_string()));
+        }
         Ok(Err(_)) => return Err(died()),
         Ok(Ok(r)) => r,
     };
@@ -170,21 +149,15 @@ pub fn router(analytics: Arc<etlmesh_query::Analytics>, key: String) -> Router {
 async fn serve_query(State(s): State<Arc<Served>>, h: HeaderMap, body: Body) -> Response {
     let presented = h.get(KEY).map(HeaderValue::as_bytes).unwrap_or_default();
     // Digests compared: the time taken says nothing about the key.
-    let digest = |b: &[u8]| ring::digest::digest(&ring::digest::SHA256, b);
-    let same = digest(presented).as_ref() == digest(s.key.as_bytes()).as_ref();
+    let same = etlmesh_tls::sha256(presented) == etlmesh_tls::sha256(s.key.as_bytes());
     if !same {
-        return etlmesh_http::error_response(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            "this process answers its gateway only",
-            None,
-        );
+        return ApiRefusal::NotItsGateway.respond(None);
     }
     let pipelines = h
         .get(PIPELINES)
         .and_then(|v| serde_json::from_slice::<Vec<String>>(v.as_bytes()).ok());
     match answer_here(&s.analytics, &h, body, pipelines).await {
         Ok(r) => r,
-        Err((status, code, message)) => etlmesh_http::error_response(status, code, message, None),
+        Err(refusal) => refusal.respond(None),
     }
 }

@@ -237,8 +237,23 @@ impl Routes {
     }
 }
 
-/// Follows the control plane forever; `connected` says whether the stream is up.
-pub async fn follow(control_plane: String, routes: Arc<Routes>, connected: watch::Sender<bool>) {
+/// The gateway's link to the control plane.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ControlLink {
+    /// No endpoint set yet: nothing to serve from.
+    Never,
+    /// Following the endpoint stream.
+    Up,
+    /// The stream is down: serving from the last endpoint set while it reconnects.
+    Lost,
+}
+
+/// Follows the control plane forever; `connected` says how the stream is.
+pub async fn follow(
+    control_plane: String,
+    routes: Arc<Routes>,
+    connected: watch::Sender<ControlLink>,
+) {
     // `https://`: mTLS with this process's mesh identity.
     let client: Client<_, http_body_util::Empty<bytes::Bytes>> =
         Client::builder(TokioExecutor::new())
@@ -252,7 +267,12 @@ pub async fn follow(control_plane: String, routes: Arc<Routes>, connected: watch
                 tracing::warn!(url = %url, error = %e, "cannot follow the control plane; retrying in {backoff:?} with the last known endpoints")
             }
         }
-        connected.send_replace(false);
+        connected.send_modify(|l| {
+            if *l == ControlLink::Up {
+                *l = ControlLink::Lost;
+            }
+        });
+        routes.metrics.control_plane.set(0);
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(2));
     }
@@ -262,7 +282,7 @@ async fn watch_once(
     client: &Client<etlmesh_tls::MeshConnector, http_body_util::Empty<bytes::Bytes>>,
     url: &str,
     routes: &Routes,
-    connected: &watch::Sender<bool>,
+    connected: &watch::Sender<ControlLink>,
 ) -> Result<(), String> {
     let uri: http::Uri = url
         .parse()
@@ -292,7 +312,8 @@ async fn watch_once(
             match serde_json::from_slice::<EndpointEvent>(&line[..nl]) {
                 Ok(ev) => {
                     if matches!(ev, EndpointEvent::Snapshot { .. }) {
-                        connected.send_replace(true);
+                        connected.send_replace(ControlLink::Up);
+                        routes.metrics.control_plane.set(1);
                     }
                     routes.apply(ev);
                 }

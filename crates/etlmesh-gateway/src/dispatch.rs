@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
+use etlmesh_http::ApiError;
 use etlmesh_telemetry::TraceContext;
 use http::{HeaderMap, HeaderValue, StatusCode};
 use tower::{BoxError, ServiceExt};
@@ -15,70 +16,52 @@ use crate::metrics::PipelineLabels;
 use crate::route::{RetryPolicy, Route};
 
 /// Why a request got no worker's answer.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub(crate) enum Refusal {
     /// No worker ever served the pipeline.
+    #[error("no pipeline named `{name}`; the mesh serves: {}", if known.is_empty() { "nothing yet".to_string() } else { known.join(", ") })]
     UnknownPipeline { name: String, known: Vec<String> },
     /// None of its workers is ready.
+    #[error("no worker of `{0}` is ready; retry after the Retry-After delay")]
     NoWorker(String),
     /// Every worker is busy and the queue is full.
+    #[error(
+        "every worker of `{0}` is busy and the queue is full; retry after the Retry-After delay"
+    )]
     Overloaded(String),
     /// The deadline passed.
+    #[error("no answer within the deadline of {} ms; give a longer one with `etlmesh-timeout-ms`, or send fewer records", .0.as_millis())]
     Deadline(Duration),
     /// The workers could not be reached, retries included.
+    #[error("the workers of `{0}` could not be reached ({1}); retry later")]
     Unreachable(String, String),
     /// Too many requests already wait for a worker to start.
+    #[error(
+        "`{0}` has no worker yet and {1} requests already wait for one to start; retry after the Retry-After delay"
+    )]
     ActivationFull(String, usize),
 }
 
-impl Refusal {
-    /// HTTP status, machine-readable code, and a message that says what to do.
-    pub fn parts(&self) -> (StatusCode, &'static str, String) {
+impl ApiError for Refusal {
+    fn status(&self) -> StatusCode {
         match self {
-            Refusal::UnknownPipeline { name, known } => (
-                StatusCode::NOT_FOUND,
-                "unknown_pipeline",
-                format!(
-                    "no pipeline named `{name}`; the mesh serves: {}",
-                    if known.is_empty() {
-                        "nothing yet".to_string()
-                    } else {
-                        known.join(", ")
-                    }
-                ),
-            ),
-            Refusal::NoWorker(name) => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "no_ready_worker",
-                format!("no worker of `{name}` is ready; retry after the Retry-After delay"),
-            ),
-            Refusal::Overloaded(name) => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "overloaded",
-                format!(
-                    "every worker of `{name}` is busy and the queue is full; retry after the Retry-After delay"
-                ),
-            ),
-            Refusal::Deadline(d) => (
-                StatusCode::GATEWAY_TIMEOUT,
-                "deadline_exceeded",
-                format!(
-                    "no answer within the deadline of {} ms; give a longer one with `etlmesh-timeout-ms`, or send fewer records",
-                    d.as_millis()
-                ),
-            ),
-            Refusal::ActivationFull(name, n) => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "activation_queue_full",
-                format!(
-                    "`{name}` has no worker yet and {n} requests already wait for one to start; retry after the Retry-After delay"
-                ),
-            ),
-            Refusal::Unreachable(name, e) => (
-                StatusCode::BAD_GATEWAY,
-                "worker_unreachable",
-                format!("the workers of `{name}` could not be reached ({e}); retry later"),
-            ),
+            Refusal::UnknownPipeline { .. } => StatusCode::NOT_FOUND,
+            Refusal::NoWorker(_) | Refusal::Overloaded(_) | Refusal::ActivationFull(..) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            Refusal::Deadline(_) => StatusCode::GATEWAY_TIMEOUT,
+            Refusal::Unreachable(..) => StatusCode::BAD_GATEWAY,
+        }
+    }
+
+    fn code(&self) -> &'static str {
+        match self {
+            Refusal::UnknownPipeline { .. } => "unknown_pipeline",
+            Refusal::NoWorker(_) => "no_ready_worker",
+            Refusal::Overloaded(_) => "overloaded",
+            Refusal::Deadline(_) => "deadline_exceeded",
+            Refusal::ActivationFull(..) => "activation_queue_full",
+            Refusal::Unreachable(..) => "worker_unreachable",
         }
     }
 }
@@ -246,4 +229,125 @@ fn send(
     req: WorkerRequest,
 ) -> futures::future::BoxFuture<'static, Result<WorkerResponse, BoxError>> {
     Box::pin(tower::retry::Retry::new(policy, service).oneshot(req))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    use crate::route::RouteOptions;
+    use crate::{Bound, GatewayOptions};
+
+    async fn gateway(tune: impl FnOnce(&mut GatewayOptions)) -> Bound {
+        let mut o = GatewayOptions::new("127.0.0.1:0".parse().expect("addr"), "http://127.0.0.1:9");
+        o.flight = None;
+        tune(&mut o);
+        crate::bind(o).await.expect("binds")
+    }
+
+    async fn send_to(gw: &Arc<Gateway>, route: Arc<Route>, timeout: Duration) -> Refusal {
+        let payload = Payload::Buffered(Bytes::from_static(b"a\n1\n"));
+        match gw
+            .dispatch(
+                route,
+                HeaderMap::new(),
+                payload,
+                &TraceContext::new_root(),
+                timeout,
+            )
+            .await
+        {
+            Ok(_) => panic!("no worker answered, yet the request got an answer"),
+            Err(r) => r,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pipeline_without_workers_is_activated_and_fails_at_the_activation_wait() {
+        let mut bound = gateway(|o| o.activation_wait = Duration::from_secs(2)).await;
+        let route = Arc::new(Route::new("p", RouteOptions::default()));
+        let started = tokio::time::Instant::now();
+        let refusal = send_to(&bound.gateway, route.clone(), Duration::from_secs(10)).await;
+        assert!(
+            matches!(refusal, Refusal::NoWorker(ref p) if p == "p"),
+            "{refusal:?}"
+        );
+        assert_eq!(started.elapsed(), Duration::from_secs(2));
+        assert_eq!(
+            bound.activations.try_recv().ok().as_deref(),
+            Some("p"),
+            "the control plane is asked for a worker at once"
+        );
+        assert_eq!(route.held.load(Ordering::Relaxed), 0, "nothing stays held");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_deadline_shorter_than_the_activation_wait_is_a_deadline() {
+        let bound = gateway(|o| o.activation_wait = Duration::from_secs(30)).await;
+        let route = Arc::new(Route::new("p", RouteOptions::default()));
+        let started = tokio::time::Instant::now();
+        let refusal = send_to(&bound.gateway, route, Duration::from_millis(300)).await;
+        assert!(
+            matches!(refusal, Refusal::Deadline(d) if d == Duration::from_millis(300)),
+            "{refusal:?}"
+        );
+        assert_eq!(started.elapsed(), Duration::from_millis(300));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn held_requests_past_the_activation_queue_are_refused_at_once() {
+        let bound = gateway(|o| {
+            o.activation_queue = 1;
+            o.activation_wait = Duration::from_secs(5);
+        })
+        .await;
+        let route = Arc::new(Route::new("p", RouteOptions::default()));
+        let gw = bound.gateway.clone();
+        let first = tokio::spawn({
+            let (gw, route) = (gw.clone(), route.clone());
+            async move { send_to(&gw, route, Duration::from_secs(10)).await }
+        });
+        let second = tokio::spawn({
+            let (gw, route) = (gw.clone(), route.clone());
+            async move { send_to(&gw, route, Duration::from_secs(10)).await }
+        });
+        // Both are held before either times out.
+        tokio::task::yield_now().await;
+        let started = tokio::time::Instant::now();
+        let third = send_to(&gw, route.clone(), Duration::from_secs(10)).await;
+        assert!(matches!(third, Refusal::ActivationFull(_, 1)), "{third:?}");
+        assert_eq!(started.elapsed(), Duration::ZERO, "refused without waiting");
+        let (a, b) = (first.await.expect("first"), second.await.expect("second"));
+        let full = [&a, &b]
+            .iter()
+            .filter(|r| matches!(r, Refusal::ActivationFull(..)))
+            .count();
+        assert_eq!(
+            full, 1,
+            "one of two is held, the other refused: {a:?} {b:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_worker_that_cannot_be_reached_is_unreachable_after_its_retries() {
+        let bound = gateway(|o| o.max_retries = 2).await;
+        let route = Arc::new(Route::new("p", RouteOptions::default()));
+        // Nothing listens on port 9 of the loopback: every attempt is refused.
+        route.insert(
+            crate::endpoint::Endpoint::new(
+                "w1",
+                "http://127.0.0.1:9",
+                crate::endpoint::h2_client(),
+                Default::default(),
+            ),
+            Arc::new(|_, _| {}),
+        );
+        let refusal = send_to(&bound.gateway, route, Duration::from_secs(10)).await;
+        assert!(
+            matches!(refusal, Refusal::Unreachable(ref p, _) if p == "p"),
+            "{refusal:?}"
+        );
+        assert_eq!(refusal.status(), StatusCode::BAD_GATEWAY);
+    }
 }

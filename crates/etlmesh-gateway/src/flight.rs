@@ -31,6 +31,7 @@ use crate::Gateway;
 use crate::dispatch::Refusal;
 use crate::endpoint::Payload;
 use crate::metrics::{PipelineLabels, RequestLabels};
+use etlmesh_http::ApiError;
 
 const ARROW_STREAM: &str = "application/vnd.apache.arrow.stream";
 
@@ -49,9 +50,8 @@ impl FlightGateway {
 type Stream_<T> = BoxStream<'static, Result<T, Status>>;
 
 fn refusal(r: Refusal) -> Status {
-    let (status, code, message) = r.parts();
-    let msg = format!("{code}: {message}");
-    match status.as_u16() {
+    let msg = format!("{}: {r}", r.code());
+    match r.status().as_u16() {
         404 => Status::not_found(msg),
         503 => Status::unavailable(msg),
         504 => Status::deadline_exceeded(msg),
@@ -116,14 +116,14 @@ impl FlightGateway {
         let headers = metadata.clone().into_headers();
         match self.gw.access.authorize(&headers, action) {
             Ok(_) => Ok(()),
-            Err((status, code, message, wait)) => {
-                let m = format!("{code}: {message}");
-                Err(match status.as_u16() {
+            Err(refusal) => {
+                let m = format!("{}: {refusal}", refusal.code());
+                Err(match refusal.status().as_u16() {
                     401 => Status::unauthenticated(m),
                     403 => Status::permission_denied(m),
                     _ => Status::resource_exhausted(format!(
                         "{m} (retry after {} s)",
-                        wait.unwrap_or(1)
+                        refusal.retry_after().unwrap_or(1)
                     )),
                 })
             }

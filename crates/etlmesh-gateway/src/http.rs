@@ -7,22 +7,23 @@ use std::time::{Duration, Instant};
 use axum::body::Body;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use etlmesh_config::Format;
-use etlmesh_http::{error_response, json_response};
+use etlmesh_http::{ApiError, json_response};
 use etlmesh_proto::headers;
 use etlmesh_telemetry::TraceContext;
 use etlmesh_telemetry::context::{self, RequestContext};
-use http::{HeaderMap, HeaderValue, StatusCode, header};
+use etlmesh_telemetry::otlp::KeyValue;
+use etlmesh_telemetry::served::Served;
+use http::{HeaderMap, HeaderValue, header};
 use http_body_util::{BodyExt, Limited};
 use tower::BoxError;
 
 use crate::Gateway;
-use crate::dispatch::Refusal;
+use crate::discovery::ControlLink;
 use crate::endpoint::{Payload, WorkerResponse};
 use crate::metrics::{EndpointLabels, PipelineHandles, RequestLabels};
-
-const FORMATS: &str = "text/csv, application/x-ndjson, application/json, application/vnd.apache.parquet or application/vnd.apache.arrow.stream";
+use crate::refusal::ApiRefusal;
 
 /// Query parameters of a transform request.
 #[derive(Debug, Default, serde::Deserialize)]
@@ -35,25 +36,27 @@ pub(crate) async fn healthz() -> Response {
     json_response(&serde_json::json!({ "status": "ok" }))
 }
 
+/// Ready once it has had an endpoint set: while the control plane is away (a restart,
+/// a partition) it keeps serving from the last one, and says so.
 pub(crate) async fn readyz(State(gw): State<Arc<Gateway>>) -> Response {
-    let connected = *gw.connected.borrow();
+    let link = *gw.connected.borrow();
     let ready: usize = gw.routes.pipelines().iter().map(|(_, n)| *n).sum();
-    if connected {
-        json_response(
+    match link {
+        ControlLink::Never => ApiRefusal::NotReady.into_response(),
+        ControlLink::Up => json_response(
             &serde_json::json!({ "status": "ready", "control_plane": true, "ready_endpoints": ready }),
-        )
-    } else {
-        error_response(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not_ready",
-            "the gateway has not received the endpoint set from the control plane yet",
-            None,
-        )
+        ),
+        ControlLink::Lost => json_response(&serde_json::json!({
+            "status": "ready",
+            "control_plane": false,
+            "ready_endpoints": ready,
+            "serving": "the last endpoint set, while the control plane is unreachable",
+        })),
     }
 }
 
 pub(crate) async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {
-    etlmesh_http::metrics_response(etlmesh_telemetry::metrics::render(&gw.registry))
+    etlmesh_http::metrics_response(&gw.registry)
 }
 
 pub(crate) async fn list(State(gw): State<Arc<Gateway>>) -> Response {
@@ -85,21 +88,17 @@ pub(crate) async fn transform(
         Ok(Query(TransformQuery {
             timeout_ms: Some(0),
         })) => {
-            return error_response(
-                StatusCode::BAD_REQUEST,
-                "bad_query",
-                "timeout_ms is 0\n  help: give the deadline in milliseconds, at least 1",
-                None,
-            );
+            return ApiRefusal::BadQuery(
+                "timeout_ms is 0\n  help: give the deadline in milliseconds, at least 1".into(),
+            )
+            .into_response();
         }
         Ok(q) => q,
         Err(e) => {
-            return error_response(
-                StatusCode::BAD_REQUEST,
-                "bad_query",
-                format!("{e}\n  help: the only parameter is timeout_ms, in milliseconds"),
-                None,
-            );
+            return ApiRefusal::BadQuery(format!(
+                "{e}\n  help: the only parameter is timeout_ms, in milliseconds"
+            ))
+            .into_response();
         }
     };
     let started = Instant::now();
@@ -164,30 +163,18 @@ pub(crate) async fn transform(
     {
         h.insert(headers::TRACE_ID, v);
     }
-    tracing::debug!(
-        pipeline = %name,
-        trace_id = %trace_id,
-        status = code,
-        elapsed_ms = elapsed * 1000.0,
-        "request served"
-    );
-    if etlmesh_telemetry::otlp::enabled() {
-        etlmesh_telemetry::otlp::record(etlmesh_telemetry::otlp::SpanRecord {
-            name: "gateway.request",
-            context: &trace,
+    etlmesh_telemetry::served!(
+        Served {
+            span: "gateway.request",
+            trace: &trace,
             parent,
             start: wall_start,
-            attributes: vec![
-                etlmesh_telemetry::otlp::KeyValue::new("pipeline", name.clone()),
-                etlmesh_telemetry::otlp::KeyValue::new(
-                    "http.response.status_code",
-                    i64::from(code),
-                ),
-                etlmesh_telemetry::otlp::KeyValue::new("etlmesh.gateway", gw.options.id.clone()),
-            ],
-            error: (code >= 500).then(|| format!("answered {code}")),
-        });
-    }
+            pipeline: &name,
+            status: code,
+            elapsed: started.elapsed(),
+        },
+        |a| a.push(KeyValue::new("etlmesh.gateway", gw.options.id.clone()))
+    );
     resp
 }
 
@@ -212,26 +199,25 @@ async fn route(
     trace_id: &str,
 ) -> Response {
     // Only error answers need the trace id as a string of their own.
-    let tid = || Some(trace_id.to_string());
-    let refused = |r: Refusal| {
-        let (status, code, message) = r.parts();
-        error_response(status, code, message, tid())
-    };
-    let route = match gw.lookup(name) {
-        Ok(r) => r,
-        Err(r) => return refused(r),
-    };
+    route_or_refuse(gw, name, q, h, body, &trace)
+        .await
+        .unwrap_or_else(|r| r.respond(Some(trace_id.to_string())))
+}
+
+async fn route_or_refuse(
+    gw: &Arc<Gateway>,
+    name: &str,
+    q: TransformQuery,
+    h: HeaderMap,
+    body: Body,
+    trace: &TraceContext,
+) -> Result<Response, ApiRefusal> {
+    let route = gw.lookup(name)?;
     let ct = h.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
     if ct.and_then(Format::from_content_type).is_none() {
-        return error_response(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_media_type",
-            format!(
-                "set Content-Type to one of {FORMATS} (got {})",
-                ct.unwrap_or("none")
-            ),
-            tid(),
-        );
+        return Err(ApiRefusal::UnsupportedMediaType(
+            ct.unwrap_or("none").to_string(),
+        ));
     }
     let max = gw.options.max_body_bytes;
     let length = h
@@ -239,23 +225,16 @@ async fn route(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok());
     if length.is_some_and(|l| l > max) {
-        return too_large(max, tid());
+        return Err(ApiRefusal::TooLarge(max));
     }
     let payload = match length {
         Some(l) if l <= gw.options.retry_buffer_bytes => {
             match Limited::new(body, max).collect().await {
                 Ok(b) => Payload::Buffered(b.to_bytes()),
                 Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-                    return too_large(max, tid());
+                    return Err(ApiRefusal::TooLarge(max));
                 }
-                Err(_) => {
-                    return error_response(
-                        StatusCode::BAD_REQUEST,
-                        "bad_body",
-                        "the body could not be read",
-                        tid(),
-                    );
-                }
+                Err(_) => return Err(ApiRefusal::Unreadable),
             }
         }
         _ => streaming(body, max),
@@ -268,15 +247,13 @@ async fn route(
     }
     let timeout = deadline(gw, &q, &h);
     let held = route.clone();
-    match gw.dispatch(route, out, payload, &trace, timeout).await {
-        Ok(r) => relay(
-            gw,
-            name,
-            held.metrics.get_or_init(|| gw.metrics.handles(name)),
-            r,
-        ),
-        Err(r) => refused(r),
-    }
+    let r = gw.dispatch(route, out, payload, trace, timeout).await?;
+    Ok(relay(
+        gw,
+        name,
+        held.metrics.get_or_init(|| gw.metrics.handles(name)),
+        r,
+    ))
 }
 
 /// A body passed through once, cut at `max` bytes.
@@ -287,17 +264,6 @@ fn streaming(body: Body, max: usize) -> Payload {
     Payload::Streaming(parking_lot::Mutex::new(Some(
         Limited::new(body, max).map_err(boxed).boxed_unsync(),
     )))
-}
-
-fn too_large(max: usize, tid: Option<String>) -> Response {
-    error_response(
-        StatusCode::PAYLOAD_TOO_LARGE,
-        "payload_too_large",
-        format!(
-            "the body is over the gateway's limit of {max} bytes; split it into smaller requests"
-        ),
-        tid,
-    )
 }
 
 fn count(h: &HeaderMap, name: &str) -> u64 {

@@ -5,12 +5,12 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{Path, RawQuery, State};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use etlmesh_http::error_response;
 use http::{Method, StatusCode, header};
 
 use crate::Gateway;
+use crate::refusal::ApiRefusal;
 
 /// Largest job request accepted.
 pub const MAX_JOB_BODY: usize = 64 << 10;
@@ -23,12 +23,7 @@ async fn pass(
     body: Bytes,
 ) -> Response {
     if body.len() > MAX_JOB_BODY {
-        return error_response(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "too_large",
-            format!("a job request holds at most {MAX_JOB_BODY} bytes"),
-            None,
-        );
+        return ApiRefusal::JobTooLarge.into_response();
     }
     let mut url = format!("{}/api/v1/jobs{path}", gw.options.control_plane);
     if let Some(q) = query.filter(|q| !q.is_empty()) {
@@ -44,33 +39,14 @@ async fn pass(
                 .body(Body::from(body))
                 .unwrap_or_default()
         }
-        Err(e) => {
-            let mut r = error_response(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "control_plane_unavailable",
-                format!(
-                    "the control plane, which keeps the jobs, does not answer: {e}\n  help: retry shortly; check that the control plane runs"
-                ),
-                None,
-            );
-            r.headers_mut()
-                .insert(header::RETRY_AFTER, http::HeaderValue::from_static("5"));
-            r
-        }
+        Err(e) => ApiRefusal::ControlPlaneUnavailable(e.to_string()).into_response(),
     }
 }
 
 /// The job request's body, read up to [`MAX_JOB_BODY`]: a larger one is refused
 /// before it is read (by its length) or as soon as it passes the bound.
-async fn read_body(headers: &http::HeaderMap, body: Body) -> Result<Bytes, Response> {
-    let too_large = || {
-        error_response(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "too_large",
-            format!("a job request holds at most {MAX_JOB_BODY} bytes"),
-            None,
-        )
-    };
+async fn read_body(headers: &http::HeaderMap, body: Body) -> Result<Bytes, ApiRefusal> {
+    let too_large = || ApiRefusal::JobTooLarge;
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -91,12 +67,7 @@ fn pipeline_of(job: &serde_json::Value) -> &str {
 
 /// A job of a pipeline the token may not see is, for it, no job at all.
 fn no_job(id: &str) -> Response {
-    error_response(
-        StatusCode::NOT_FOUND,
-        "unknown_job",
-        format!("no job `{id}`\n  help: `etlmesh job list` shows the jobs"),
-        None,
-    )
+    ApiRefusal::UnknownJob(id.to_string()).into_response()
 }
 
 /// `POST /v1/jobs`: submit.
@@ -108,7 +79,7 @@ pub(crate) async fn submit(
 ) -> Response {
     let body = match read_body(&headers, body).await {
         Ok(b) => b,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     // A token may submit jobs of its own pipelines only.
     if let Some(axum::Extension(c)) = client {
@@ -117,15 +88,11 @@ pub(crate) async fn submit(
             .and_then(|v| v["pipeline"].as_str().map(String::from))
             .unwrap_or_default();
         if !c.spec.allows(&pipeline) {
-            return error_response(
-                StatusCode::FORBIDDEN,
-                "forbidden",
-                format!(
-                    "token `{}` may not run jobs of pipeline `{pipeline}`",
-                    c.name
-                ),
-                None,
-            );
+            return ApiRefusal::JobForbidden {
+                token: c.name,
+                pipeline,
+            }
+            .into_response();
         }
     }
     pass(&gw, Method::POST, "", None, body).await
@@ -155,12 +122,7 @@ pub(crate) async fn list(
 }
 
 fn no_answer() -> Response {
-    error_response(
-        StatusCode::BAD_GATEWAY,
-        "control_plane_answer",
-        "the control plane's answer could not be read; retry",
-        None,
-    )
+    ApiRefusal::ControlPlaneAnswer.into_response()
 }
 
 /// With a token: whether job `id` is of a pipeline it may see (`Err`: the answer).

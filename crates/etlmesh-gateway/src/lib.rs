@@ -23,6 +23,7 @@ mod jobs;
 mod metrics;
 pub mod openapi;
 mod query;
+mod refusal;
 mod report;
 pub mod route;
 pub mod tls;
@@ -33,7 +34,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::DefaultBodyLimit;
-use axum::serve::ListenerExt;
+use etlmesh_http::serve::Listen;
+use etlmesh_http::shutdown::{self, Shutdown, Tasks};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tower::retry::budget::TpsBudget;
@@ -131,7 +133,7 @@ pub struct Gateway {
     query_metrics: query::QueryMetrics,
     access: access::Access,
     registry: etlmesh_telemetry::metrics::SharedRegistry,
-    connected: watch::Receiver<bool>,
+    connected: watch::Receiver<discovery::ControlLink>,
     activations: tokio::sync::mpsc::Sender<String>,
     /// Passes job requests to the control plane.
     control: etlmesh_http::JsonClient,
@@ -146,7 +148,7 @@ pub struct Bound {
     listener: TcpListener,
     flight: Option<TcpListener>,
     gateway: Arc<Gateway>,
-    connected: watch::Sender<bool>,
+    connected: watch::Sender<discovery::ControlLink>,
     activations: tokio::sync::mpsc::Receiver<String>,
 }
 
@@ -178,7 +180,7 @@ pub async fn bind(options: GatewayOptions) -> Result<Bound, GatewayError> {
         options.route,
         metrics.clone(),
     ));
-    let (connected, connected_rx) = watch::channel(false);
+    let (connected, connected_rx) = watch::channel(discovery::ControlLink::Never);
     let (activations_tx, activations) = tokio::sync::mpsc::channel(64);
     let access = access::Access::new(&options.access, &registry);
     let gateway = Arc::new(Gateway {
@@ -211,23 +213,33 @@ impl Bound {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), GatewayError> {
         let gw = self.gateway;
-        let follower = tokio::spawn(discovery::follow(
-            gw.options.control_plane.clone(),
-            gw.routes.clone(),
-            self.connected,
-        ));
-        let reporter = tokio::spawn(report::report(
-            gw.options.control_plane.clone(),
-            gw.options.id.clone(),
-            gw.routes.clone(),
-            self.activations,
-        ));
-        let shipper = gw.options.ship_logs.then(|| {
-            tokio::spawn(etlmesh_http::logship::ship_logs(
+        let mut tasks = Tasks::default();
+        tasks.spawn(
+            "discovery",
+            discovery::follow(
+                gw.options.control_plane.clone(),
+                gw.routes.clone(),
+                self.connected,
+            ),
+        );
+        tasks.spawn(
+            "load report",
+            report::report(
                 gw.options.control_plane.clone(),
                 gw.options.id.clone(),
-            ))
-        });
+                gw.routes.clone(),
+                self.activations,
+            ),
+        );
+        if gw.options.ship_logs {
+            tasks.spawn(
+                "log shipper",
+                etlmesh_http::logship::ship_logs(
+                    gw.options.control_plane.clone(),
+                    gw.options.id.clone(),
+                ),
+            );
+        }
         let router = api::api()
             .router
             .layer(axum::middleware::from_fn_with_state(
@@ -238,64 +250,61 @@ impl Bound {
             // max body; query and jobs: 64 KiB); anything else is refused past 64 KiB.
             .layer(DefaultBodyLimit::max(jobs::MAX_JOB_BODY))
             .with_state(gw.clone());
-        let (stop_tx, stop_rx) = watch::channel(false);
+        let (trigger, stop) = shutdown::channel();
         tokio::spawn(async move {
             shutdown.await;
-            let _ = stop_tx.send(true);
+            trigger.fire();
         });
-        let stopped = |mut rx: watch::Receiver<bool>| async move {
-            let _ = rx.wait_for(|s| *s).await;
-        };
-        let flight_task = self.flight.map(|listener| {
-            let addr = self.flight_addr;
-            let svc = arrow_flight::flight_service_server::FlightServiceServer::new(flight::FlightGateway::new(gw.clone()))
-                .max_decoding_message_size(gw.options.max_body_bytes)
-                .max_encoding_message_size(gw.options.max_body_bytes);
-            let addr = addr.map(|a| a.to_string()).unwrap_or_default();
-            let server = tonic::transport::Server::builder().add_service(svc);
-            let stop = stopped(stop_rx.clone());
-            match &gw.options.access.tls {
-                Some(spec) => {
-                    let incoming = tls::flight_incoming(listener, spec).map_err(GatewayError::Serve)?;
-                    tracing::info!(%addr, "gateway Arrow Flight listening on grpc+tls://{addr}");
-                    Ok(tokio::spawn(server.serve_with_incoming_shutdown(incoming, stop)))
-                }
-                None => {
-                    tracing::info!(%addr, "gateway Arrow Flight listening on grpc://{addr}");
-                    Ok(tokio::spawn(server.serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener), stop)))
-                }
-            }
-        }).transpose()?;
-        match &gw.options.access.tls {
+        let flight_task = self
+            .flight
+            .map(|listener| serve_flight(&gw, listener, self.flight_addr, stop.clone()))
+            .transpose()?;
+        let listen = match &gw.options.access.tls {
             Some(spec) => {
                 let config =
                     tls::server_config(spec, tls::HTTP_ALPN).map_err(GatewayError::Serve)?;
-                let listener = etlmesh_tls::listener::TlsListener::new(self.listener, config, None)
-                    .map_err(|e| GatewayError::Serve(e.to_string()))?;
-                tracing::info!(addr = %self.addr, control_plane = %gw.options.control_plane, "gateway listening on https://{}", self.addr);
-                etlmesh_http::serve::serve(listener, router, stopped(stop_rx)).await;
+                Listen::tls(self.listener, config, None)
+                    .map_err(|e| GatewayError::Serve(e.to_string()))?
             }
-            None => {
-                tracing::info!(addr = %self.addr, control_plane = %gw.options.control_plane, "gateway listening on http://{}", self.addr);
-                etlmesh_http::serve::serve(
-                    self.listener.tap_io(etlmesh_http::no_delay),
-                    router,
-                    stopped(stop_rx),
-                )
-                .await;
-            }
-        }
-        let result: Result<(), GatewayError> = Ok(());
+            None => Listen::Plain(self.listener),
+        };
+        tracing::info!(addr = %self.addr, control_plane = %gw.options.control_plane, "gateway listening on {}://{}", listen.scheme(), self.addr);
+        etlmesh_http::serve::serve(listen, router, stop.fired()).await;
         if let Some(t) = flight_task
             && let Ok(Err(e)) = t.await
         {
             tracing::warn!(error = %e, "Arrow Flight server stopped with an error");
         }
-        follower.abort();
-        reporter.abort();
-        if let Some(s) = shipper {
-            s.abort();
-        }
-        result
+        tasks.stop().await;
+        Ok(())
     }
+}
+
+/// Serves Arrow Flight on `listener` (over TLS when the gateway's API has it) until
+/// `stop` fires.
+fn serve_flight(
+    gw: &Arc<Gateway>,
+    listener: TcpListener,
+    addr: Option<SocketAddr>,
+    stop: Shutdown,
+) -> Result<tokio::task::JoinHandle<Result<(), tonic::transport::Error>>, GatewayError> {
+    let svc = arrow_flight::flight_service_server::FlightServiceServer::new(
+        flight::FlightGateway::new(gw.clone()),
+    )
+    .max_decoding_message_size(gw.options.max_body_bytes)
+    .max_encoding_message_size(gw.options.max_body_bytes);
+    let addr = addr.map(|a| a.to_string()).unwrap_or_default();
+    let server = tonic::transport::Server::builder().add_service(svc);
+    Ok(match &gw.options.access.tls {
+        Some(spec) => {
+            let incoming = tls::flight_incoming(listener, spec).map_err(GatewayError::Serve)?;
+            tracing::info!(%addr, "gateway Arrow Flight listening on grpc+tls://{addr}");
+            tokio::spawn(server.serve_with_incoming_shutdown(incoming, stop.fired()))
+        }
+        None => {
+            tracing::info!(%addr, "gateway Arrow Flight listening on grpc://{addr}");
+            let incoming = tonic::transport::server::TcpIncoming::from(listener);
+            tokio::spawn(server.serve_with_incoming_shutdown(incoming, stop.fired()))
+        }
+    })
 }

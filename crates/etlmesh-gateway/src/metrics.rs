@@ -64,6 +64,9 @@ pub struct GatewayMetrics {
     pub ejections: Family<WorkerLabels, Counter>,
     pub records: Family<RecordLabels, Counter>,
     pub endpoints: Family<PipelineLabels, Gauge>,
+    /// 1 while the endpoint stream from the control plane is up, 0 while the gateway
+    /// serves from the last endpoint set it had.
+    pub control_plane: Gauge,
 }
 
 impl GatewayMetrics {
@@ -106,6 +109,7 @@ impl GatewayMetrics {
             ejections: Family::default(),
             records: Family::default(),
             endpoints: Family::default(),
+            control_plane: Gauge::default(),
         };
         let mut r = registry.lock();
         r.register(
@@ -157,6 +161,11 @@ impl GatewayMetrics {
             "gateway_endpoints",
             "Ready workers by pipeline",
             m.endpoints.clone(),
+        );
+        r.register(
+            "gateway_control_plane_connected",
+            "1 while the gateway follows the control plane, 0 while it serves from its last endpoint set",
+            m.control_plane.clone(),
         );
         m
     }

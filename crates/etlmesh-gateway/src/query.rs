@@ -7,12 +7,14 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::State;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use etlmesh_codec::encode::{EncodeOptions, encode_to_vec};
 use etlmesh_config::Format;
-use etlmesh_http::{error_response, json_response};
-use etlmesh_query::{QueryError, QueryRequest};
-use http::{HeaderMap, HeaderValue, StatusCode, header};
+use etlmesh_http::{ApiError, json_response};
+use etlmesh_query::QueryRequest;
+
+use crate::refusal::ApiRefusal;
+use http::{HeaderMap, HeaderValue, header};
 use http_body_util::{BodyExt, Limited};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -76,27 +78,13 @@ impl QueryMetrics {
     }
 }
 
-fn status_of(e: &QueryError) -> StatusCode {
-    match e {
-        QueryError::Refused(_) | QueryError::Forbidden(_) => StatusCode::FORBIDDEN,
-        QueryError::Invalid(_) => StatusCode::BAD_REQUEST,
-        QueryError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
-        QueryError::Memory { .. } => StatusCode::UNPROCESSABLE_ENTITY,
-        QueryError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
-        QueryError::Unavailable(_) => StatusCode::BAD_GATEWAY,
-        QueryError::Failed(_) => StatusCode::INTERNAL_SERVER_ERROR,
-    }
-}
-
-const NO_ANALYTICS: &str = "this gateway serves no analytics: it was started without a pipeline file\n  help: start it with -c FILE (etlmesh up does), so that the file's Parquet and PostgreSQL sinks are datasets";
-
 /// `GET /v1/datasets`: what a query may read (with a token: of its pipelines).
 pub(crate) async fn datasets(
     State(gw): State<Arc<Gateway>>,
     client: Option<axum::Extension<crate::access::Client>>,
 ) -> Response {
     let Some(a) = &gw.options.analytics else {
-        return error_response(StatusCode::NOT_FOUND, "no_analytics", NO_ANALYTICS, None);
+        return ApiRefusal::NoAnalytics.into_response();
     };
     let list: Vec<_> = a
         .catalog()
@@ -105,9 +93,6 @@ pub(crate) async fn datasets(
         .collect();
     json_response(&list)
 }
-
-/// Why a query request got no answer: status, code, message.
-pub(crate) type Failure = (StatusCode, &'static str, String);
 
 /// `POST /v1/query`.
 pub(crate) async fn query(
@@ -124,7 +109,7 @@ pub(crate) async fn query(
     let result = answer(&gw, &req_headers, body, pipelines)
         .instrument(span.clone())
         .await;
-    let outcome = result.as_ref().map_or_else(|(_, code, _)| *code, |_| "ok");
+    let outcome = result.as_ref().map_or_else(ApiError::code, |_| "ok");
     gw.query_metrics
         .queries
         .get_or_create(&OutcomeLabels { outcome })
@@ -134,9 +119,9 @@ pub(crate) async fn query(
         .observe(started.elapsed().as_secs_f64());
     let mut resp = match result {
         Ok(r) => r,
-        Err((status, code, message)) => {
+        Err(refusal) => {
             let _entered = span.enter();
-            error_response(status, code, message, Some(trace_id.clone()))
+            refusal.respond(Some(trace_id.clone()))
         }
     };
     if let Ok(v) = HeaderValue::from_str(&trace_id) {
@@ -155,12 +140,12 @@ async fn answer(
     h: &HeaderMap,
     body: Body,
     pipelines: Option<Vec<String>>,
-) -> Result<Response, Failure> {
+) -> Result<Response, ApiRefusal> {
     let resp = match (&gw.options.analytics_process, &gw.options.analytics) {
         (Some(p), _) => crate::analytics_process::forward(p, h, body, pipelines).await?,
         (None, Some(analytics)) => answer_here(analytics, h, body, pipelines).await?,
         (None, None) => {
-            return Err((StatusCode::NOT_FOUND, "no_analytics", NO_ANALYTICS.into()));
+            return Err(ApiRefusal::NoAnalytics);
         }
     };
     let rows = resp
@@ -179,19 +164,13 @@ pub(crate) async fn answer_here(
     h: &HeaderMap,
     body: Body,
     pipelines: Option<Vec<String>>,
-) -> Result<Response, Failure> {
-    let bad = |m: String| (StatusCode::BAD_REQUEST, "bad_request", m);
+) -> Result<Response, ApiRefusal> {
+    let bad = ApiRefusal::BadRequest;
     let format = Format::from_accept(
         h.get(header::ACCEPT).and_then(|v| v.to_str().ok()),
         Format::Json,
     )
-    .map_err(|accept| {
-        (
-            StatusCode::NOT_ACCEPTABLE,
-            "not_acceptable",
-            format!("cannot answer in `{accept}`; ask for JSON, NDJSON, CSV, Parquet or Arrow"),
-        )
-    })?;
+    .map_err(ApiRefusal::NotAcceptable)?;
     let bytes = Limited::new(body, MAX_QUERY_BODY)
         .collect()
         .await
@@ -238,10 +217,7 @@ pub(crate) async fn answer_here(
     if request.timeout == Some(Duration::ZERO) || request.max_rows == Some(0) {
         return Err(bad("limit and timeout_ms must be at least 1".into()));
     }
-    let a = analytics
-        .run(request)
-        .await
-        .map_err(|e| (status_of(&e), e.code(), e.to_string()))?;
+    let a = analytics.run(request).await?;
     tracing::info!(
         rows = a.rows,
         truncated = a.truncated,
@@ -250,11 +226,7 @@ pub(crate) async fn answer_here(
         "query answered"
     );
     let body = encode_to_vec(&a.batches, &a.schema, &EncodeOptions::new(format)).map_err(|e| {
-        (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "query_failed",
-            format!("cannot encode the answer as {format}: {e}"),
-        )
+        ApiRefusal::QueryFailed(format!("cannot encode the answer as {format}: {e}"))
     })?;
     let mut resp = Response::new(Body::from(body));
     let hs = resp.headers_mut();

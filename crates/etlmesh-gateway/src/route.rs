@@ -259,3 +259,146 @@ impl tower::retry::Policy<WorkerRequest, WorkerResponse, BoxError> for RetryPoli
         req.try_clone()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use http_body_util::BodyExt;
+    use tower::retry::Policy;
+
+    use crate::endpoint::Payload;
+
+    fn request(payload: Payload, deadline_in: Duration) -> WorkerRequest {
+        WorkerRequest {
+            pipeline: Arc::from("p"),
+            headers: http::HeaderMap::new(),
+            payload,
+            attempt: 0,
+            deadline: tokio::time::Instant::now() + deadline_in,
+            hold_answer: 1 << 20,
+        }
+    }
+
+    fn answered(status: u16) -> Result<WorkerResponse, BoxError> {
+        let body = http_body_util::Empty::<Bytes>::new()
+            .map_err(|e| match e {})
+            .boxed_unsync();
+        let mut response = http::Response::new(body);
+        *response.status_mut() = http::StatusCode::from_u16(status).expect("status");
+        Ok(WorkerResponse {
+            response,
+            worker: Arc::from("w1"),
+            ok: Default::default(),
+        })
+    }
+
+    /// A policy with `left` retries over `budget`, recording what it told the metrics.
+    fn policy(left: u32, budget: Arc<TpsBudget>) -> (RetryPolicy, Arc<Mutex<Vec<bool>>>) {
+        let said = Arc::new(Mutex::new(Vec::new()));
+        let log = said.clone();
+        let p = RetryPolicy {
+            budget,
+            left,
+            on_retry: Arc::new(move |granted| log.lock().push(granted)),
+        };
+        (p, said)
+    }
+
+    fn buffered() -> Payload {
+        Payload::Buffered(Bytes::from_static(b"a,b\n1,2\n"))
+    }
+
+    #[tokio::test]
+    async fn only_gateway_errors_and_transport_failures_are_retried() {
+        for (status, retried) in [
+            (200, false),
+            (400, false),
+            (422, false),
+            (500, false),
+            (502, true),
+            (503, true),
+            (504, true),
+        ] {
+            let (mut p, _) = policy(2, RetryPolicy::budget());
+            let mut req = request(buffered(), Duration::from_secs(5));
+            let got = p.retry(&mut req, &mut answered(status)).is_some();
+            assert_eq!(got, retried, "status {status}");
+        }
+        let transport: BoxError = "connection reset".into();
+        assert!(retryable(&Err(transport)));
+        let shed: BoxError = Box::new(tower::load_shed::error::Overloaded::new());
+        assert!(
+            !retryable(&Err(shed)),
+            "a shed request is not sent again into the same full queue"
+        );
+    }
+
+    #[tokio::test]
+    async fn retries_stop_when_none_are_left() {
+        let (mut p, said) = policy(2, RetryPolicy::budget());
+        let mut req = request(buffered(), Duration::from_secs(5));
+        assert!(p.retry(&mut req, &mut answered(503)).is_some());
+        assert!(p.retry(&mut req, &mut answered(503)).is_some());
+        assert!(p.retry(&mut req, &mut answered(503)).is_none());
+        assert_eq!(req.attempt, 2);
+        assert_eq!(*said.lock(), [true, true]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_retry_past_the_deadline() {
+        let (mut p, said) = policy(3, RetryPolicy::budget());
+        let mut req = request(buffered(), Duration::from_millis(100));
+        tokio::time::advance(Duration::from_millis(100)).await;
+        assert!(p.retry(&mut req, &mut answered(503)).is_none());
+        assert!(said.lock().is_empty(), "not a budget refusal either");
+    }
+
+    #[tokio::test]
+    async fn an_empty_budget_refuses_and_says_so() {
+        // No deposits, no minimum per second, nothing to withdraw.
+        let budget = Arc::new(TpsBudget::new(Duration::from_secs(10), 0, 0.0));
+        let (mut p, said) = policy(3, budget);
+        let mut req = request(buffered(), Duration::from_secs(5));
+        assert!(p.retry(&mut req, &mut answered(503)).is_none());
+        assert_eq!(*said.lock(), [false]);
+        assert_eq!(req.attempt, 0);
+    }
+
+    #[tokio::test]
+    async fn a_streamed_body_is_never_sent_twice() {
+        let body = http_body_util::Full::new(Bytes::from_static(b"x"))
+            .map_err(|e| match e {})
+            .boxed_unsync();
+        let (mut p, _) = policy(3, RetryPolicy::budget());
+        let req = request(
+            Payload::Streaming(Mutex::new(Some(body))),
+            Duration::from_secs(5),
+        );
+        assert!(p.clone_request(&req).is_none());
+        let req = request(buffered(), Duration::from_secs(5));
+        assert!(p.clone_request(&req).is_some());
+    }
+
+    #[tokio::test]
+    async fn membership_drives_the_ready_count_and_its_watchers() {
+        let route = Route::new("p", RouteOptions::default());
+        let mut ready = route.watch_ready();
+        let client = crate::endpoint::h2_client();
+        let endpoint =
+            |id: &str| Endpoint::new(id, "http://127.0.0.1:9", client.clone(), Default::default());
+        let on_eject: OnEject = Arc::new(|_, _| {});
+        route.insert(endpoint("w1"), on_eject.clone());
+        route.insert(endpoint("w1"), on_eject.clone());
+        assert_eq!(route.ready(), 1, "a worker inserted twice counts once");
+        route.insert(endpoint("w2"), on_eject);
+        assert_eq!((route.ready(), *ready.borrow_and_update()), (2, 2));
+        assert!(route.contains("w2"));
+        route.remove("w1");
+        route.remove("w1");
+        assert_eq!(route.ready(), 1);
+        route.remove("w2");
+        assert_eq!(*ready.borrow_and_update(), 0);
+        assert!(!route.contains("w2"));
+    }
+}

@@ -1,10 +1,14 @@
 //! HTTP plumbing shared by the mesh's processes: a small JSON client ([`JsonClient`])
-//! for the control-plane protocol, JSON error responses ([`error_response`]), and the
-//! log shipper ([`logship`]).
+//! for the control-plane protocol, API errors ([`ApiError`]: status, code and JSON answer decided per variant), serving
+//! ([`serve`]) and stopping in order ([`shutdown`]), and the log shipper ([`logship`]).
 
+mod error;
 pub mod logship;
 pub mod serve;
+pub mod shutdown;
 
+pub use error::ApiError;
+use error::error_response;
 pub use etlmesh_tls::error_chain;
 
 use std::time::Duration;
@@ -12,7 +16,6 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::response::Response;
 use bytes::Bytes;
-use etlmesh_proto::ErrorBody;
 use http::{HeaderValue, Method, Request, StatusCode, header};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
@@ -244,38 +247,6 @@ pub fn bearer_token(h: &http::HeaderMap) -> Option<&str> {
         .map(str::trim)
 }
 
-/// A JSON error response: `{"code", "message", "trace_id"}`.
-pub fn error_response(
-    status: StatusCode,
-    code: &str,
-    message: impl Into<String>,
-    trace_id: Option<String>,
-) -> Response {
-    let message = message.into();
-    // Every error answer is an event for exception tracking (`/api/v1/errors`); the
-    // request's context (task-local or span) adds its trace id and pipeline.
-    if status.is_server_error() {
-        tracing::warn!(error_kind = code, status = status.as_u16(), "{message}");
-    } else {
-        tracing::info!(error_kind = code, status = status.as_u16(), "{message}");
-    }
-    let body = ErrorBody::new(code, message, trace_id).to_json();
-    let mut resp = Response::new(Body::from(body));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    if matches!(
-        status,
-        StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS
-    ) {
-        resp.headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-    }
-    resp
-}
-
 /// A JSON response.
 pub fn json_response<T: Serialize>(value: &T) -> Response {
     match serde_json::to_vec(value) {
@@ -296,8 +267,18 @@ pub fn json_response<T: Serialize>(value: &T) -> Response {
     }
 }
 
-/// A Prometheus `/metrics` response.
-pub fn metrics_response(text: String) -> Response {
+/// A router that serves only `GET /metrics` from `registry` (for a process whose API
+/// is not HTTP, such as the broker).
+pub fn metrics_router(registry: etlmesh_telemetry::metrics::SharedRegistry) -> axum::Router {
+    axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || std::future::ready(metrics_response(&registry))),
+    )
+}
+
+/// A Prometheus `/metrics` response: `registry` in the OpenMetrics text format.
+pub fn metrics_response(registry: &etlmesh_telemetry::metrics::SharedRegistry) -> Response {
+    let text = etlmesh_telemetry::metrics::render(registry);
     let mut resp = Response::new(Body::from(text));
     resp.headers_mut().insert(
         header::CONTENT_TYPE,

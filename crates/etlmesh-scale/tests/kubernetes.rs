@@ -72,6 +72,10 @@ fn app(log: &Log) -> Router {
             "/apis/apps/v1/namespaces/{ns}/deployments/{name}/scale",
             axum::routing::any(scale),
         )
+        .route(
+            "/apis/apps/v1/namespaces/{ns}/statefulsets/{name}/scale",
+            axum::routing::any(scale),
+        )
         .with_state(log.clone())
 }
 
@@ -142,6 +146,7 @@ async fn the_namespace_and_deployment_names_are_configurable() {
         KubernetesOptions {
             namespace: Some("data".into()),
             deployment: "prod-{pipeline}-workers".into(),
+            ..KubernetesOptions::default()
         },
     )
     .expect("client");
@@ -154,6 +159,35 @@ async fn the_namespace_and_deployment_names_are_configurable() {
         "{}",
         seen[0].uri
     );
+}
+
+#[tokio::test]
+async fn statefulsets_are_scaled_through_their_own_subresource() {
+    let (url, log) = fake_api_server().await;
+    let mut config = ClusterConfig::new(&url);
+    config.default_namespace = "etlmesh".into();
+    let s = KubernetesScaler::with_config(
+        config,
+        KubernetesOptions {
+            kind: etlmesh_scale::kubernetes::WorkloadKind::StatefulSet,
+            ..KubernetesOptions::default()
+        },
+    )
+    .expect("client");
+    s.set_replicas("clean_readings", 2).await.expect("scaled");
+    let e = s
+        .set_replicas("missing", 1)
+        .await
+        .expect_err("no such workload");
+    let seen = log.lock().expect("log").clone();
+    assert!(
+        seen[0].uri.starts_with(
+            "/apis/apps/v1/namespaces/etlmesh/statefulsets/etlmesh-worker-clean-readings/scale?"
+        ),
+        "{}",
+        seen[0].uri
+    );
+    assert!(e.to_string().contains("statefulsets/scale"), "{e}");
 }
 
 #[tokio::test]

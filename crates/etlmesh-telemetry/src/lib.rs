@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod otlp;
 pub mod process;
 pub mod sampler;
+pub mod served;
 pub mod trace;
 
 #[cfg(test)]

@@ -40,7 +40,7 @@ pub use client::{
 };
 pub use identity::{ClientAuth, Identity};
 pub use revoked::{is_revoked, serial_of, set_revoked};
-pub use token::JoinToken;
+pub use token::{JoinToken, hex, sha256};
 
 /// Errors of the mesh's TLS.
 #[derive(Debug, thiserror::Error)]

@@ -272,15 +272,22 @@ impl PeerIdentity {
     }
 }
 
-impl Connected<IncomingStream<'_, TlsListener>> for MeshPeer {
-    fn connect_info(stream: IncomingStream<'_, TlsListener>) -> Self {
-        let (_, conn) = stream.io().get_ref();
+impl MeshPeer {
+    /// The peer of an accepted TLS connection from `addr`.
+    pub fn of(io: &TlsStream<TcpStream>, addr: SocketAddr) -> Self {
+        let (_, conn) = io.get_ref();
         let leaf = conn.peer_certificates().and_then(|c| c.first());
         Self {
-            addr: *stream.remote_addr(),
+            addr,
             verified: leaf.is_some(),
             identity: leaf.and_then(PeerIdentity::of),
         }
+    }
+}
+
+impl Connected<IncomingStream<'_, TlsListener>> for MeshPeer {
+    fn connect_info(stream: IncomingStream<'_, TlsListener>) -> Self {
+        Self::of(stream.io(), *stream.remote_addr())
     }
 }
 

@@ -91,14 +91,16 @@ impl JoinToken {
     }
 }
 
-pub(crate) fn sha256(data: &[u8]) -> [u8; 32] {
+/// The SHA-256 digest of `data` (tokens, passwords and keys are compared by it).
+pub fn sha256(data: &[u8]) -> [u8; 32] {
     let d = ring::digest::digest(&ring::digest::SHA256, data);
     let mut out = [0u8; 32];
     out.copy_from_slice(d.as_ref());
     out
 }
 
-pub(crate) fn hex(bytes: &[u8]) -> String {
+/// `bytes` in lower-case hex.
+pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 

@@ -13,11 +13,13 @@ use etlmesh_codec::encode::{EncodeOptions, encode_to_vec};
 use etlmesh_codec::{DecodeOutput, Reject};
 use etlmesh_config::Format;
 use etlmesh_engine::Kind;
-use etlmesh_http::error_response;
+use etlmesh_http::ApiError;
 use etlmesh_proto::headers;
 use etlmesh_telemetry::context::{self, RequestContext};
+use etlmesh_telemetry::otlp::KeyValue;
 use etlmesh_telemetry::process::cpu_timed;
-use http::{HeaderMap, HeaderValue, StatusCode, header};
+use etlmesh_telemetry::served::Served;
+use http::{HeaderMap, HeaderValue, header};
 
 use etlmesh_sink::dead_letter::{DeadLetterRoute, DeadLetterWrite, Routed};
 use etlmesh_sink::tap::TapStage;
@@ -25,6 +27,7 @@ use etlmesh_sink::tap::TapStage;
 use crate::App;
 use crate::metrics::{PipelineLabels, RequestLabels};
 use crate::pipelines::Pipeline;
+use crate::refusal::Refusal;
 
 /// Bodies larger than this are decoded off the async threads.
 const BLOCKING_DECODE_BYTES: usize = 256 << 10;
@@ -41,12 +44,7 @@ struct Counts {
 
 pub(crate) async fn healthz(State(app): State<Arc<App>>) -> Response {
     if *app.draining.borrow() {
-        return error_response(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "draining",
-            "the worker is draining",
-            None,
-        );
+        return Refusal::Draining.respond(None);
     }
     etlmesh_http::json_response(&serde_json::json!({ "status": "ok", "worker": app.id }))
 }
@@ -55,7 +53,7 @@ pub(crate) async fn metrics(State(app): State<Arc<App>>) -> Response {
     for (name, dead) in app.pipelines.dead_letter_logs() {
         app.metrics.dead_letter_stats(name, dead.stats());
     }
-    etlmesh_http::metrics_response(etlmesh_telemetry::metrics::render(&app.registry))
+    etlmesh_http::metrics_response(&app.registry)
 }
 
 pub(crate) async fn transform(
@@ -125,49 +123,33 @@ pub(crate) async fn transform(
         }
     }
     app.metrics.ewma_latency.set(app.load.ewma_ms() / 1000.0);
-    tracing::debug!(
-        pipeline = %name,
-        trace_id = %trace_id,
-        status = code,
-        elapsed_ms = started.elapsed().as_secs_f64() * 1000.0,
-        "transform served"
-    );
-    if etlmesh_telemetry::otlp::enabled() {
-        let records = |h: &str| {
-            resp.headers()
-                .get(h)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse::<i64>().ok())
-                .unwrap_or(0)
-        };
-        etlmesh_telemetry::otlp::record(etlmesh_telemetry::otlp::SpanRecord {
-            name: "worker.transform",
-            context: &trace,
+    let records = |h: &str| {
+        resp.headers()
+            .get(h)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<i64>().ok())
+            .unwrap_or(0)
+    };
+    etlmesh_telemetry::served!(
+        Served {
+            span: "worker.transform",
+            trace: &trace,
             parent,
             start: wall_start,
-            attributes: vec![
-                etlmesh_telemetry::otlp::KeyValue::new("pipeline", name.clone()),
-                etlmesh_telemetry::otlp::KeyValue::new("etlmesh.worker", app.id.clone()),
-                etlmesh_telemetry::otlp::KeyValue::new(
-                    "http.response.status_code",
-                    i64::from(code),
-                ),
-                etlmesh_telemetry::otlp::KeyValue::new(
-                    "etlmesh.records_in",
-                    records(headers::RECORDS_IN),
-                ),
-                etlmesh_telemetry::otlp::KeyValue::new(
-                    "etlmesh.records_out",
-                    records(headers::RECORDS_OUT),
-                ),
-                etlmesh_telemetry::otlp::KeyValue::new(
-                    "etlmesh.records_dead_lettered",
-                    records(headers::RECORDS_DEAD_LETTERED),
-                ),
-            ],
-            error: (code >= 500).then(|| format!("answered {code}")),
-        });
-    }
+            pipeline: &name,
+            status: code,
+            elapsed: started.elapsed(),
+        },
+        |a| a.extend([
+            KeyValue::new("etlmesh.worker", app.id.clone()),
+            KeyValue::new("etlmesh.records_in", records(headers::RECORDS_IN)),
+            KeyValue::new("etlmesh.records_out", records(headers::RECORDS_OUT)),
+            KeyValue::new(
+                "etlmesh.records_dead_lettered",
+                records(headers::RECORDS_DEAD_LETTERED),
+            ),
+        ])
+    );
     resp
 }
 
@@ -187,193 +169,146 @@ fn response_format(h: &HeaderMap, request: Format) -> Result<Format, String> {
     Format::from_accept(h.get(header::ACCEPT).and_then(|v| v.to_str().ok()), request)
 }
 
-const FORMATS: &str = "text/csv, application/x-ndjson, application/json, application/vnd.apache.parquet or application/vnd.apache.arrow.stream";
-
-/// 404 for a pipeline this worker does not serve, listing those it does.
-pub(crate) fn unknown_pipeline(app: &App, name: &str, tid: Option<String>) -> Response {
-    error_response(
-        StatusCode::NOT_FOUND,
-        "unknown_pipeline",
-        format!(
-            "no pipeline named `{name}`; this worker serves: {}",
-            app.pipelines.names().join(", ")
-        ),
-        tid,
-    )
+/// The refusal for a pipeline this worker does not serve, listing those it does.
+pub(crate) fn unknown_pipeline(app: &App, name: &str) -> Refusal {
+    Refusal::UnknownPipeline {
+        name: name.to_string(),
+        serves: app.pipelines.names().join(", "),
+    }
 }
 
 async fn serve(app: &Arc<App>, name: &str, h: &HeaderMap, body: Body, trace_id: &str) -> Response {
     let tid = Some(trace_id.to_string());
-    let Some(pipeline) = app.pipelines.get(name) else {
-        return unknown_pipeline(app, name, tid);
-    };
-    let Some(_in_flight) = app.load.try_start(app.options.max_in_flight) else {
-        return error_response(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "overloaded",
-            format!(
-                "the worker already serves {} requests; retry shortly",
-                app.options.max_in_flight
-            ),
-            tid,
-        );
-    };
+    serve_within_deadline(app, name, h, body)
+        .await
+        .unwrap_or_else(|refusal| refusal.respond(tid))
+}
+
+async fn serve_within_deadline(
+    app: &Arc<App>,
+    name: &str,
+    h: &HeaderMap,
+    body: Body,
+) -> Result<Response, Refusal> {
+    let pipeline = app
+        .pipelines
+        .get(name)
+        .ok_or_else(|| unknown_pipeline(app, name))?;
+    let _in_flight = app
+        .load
+        .try_start(app.options.max_in_flight)
+        .ok_or(Refusal::Overloaded(app.options.max_in_flight))?;
     if app.metrics.enabled {
         app.metrics.in_flight.set(i64::from(app.load.in_flight()));
     }
-    let format = match h
+    let format = h
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .and_then(Format::from_content_type)
-    {
-        Some(f) => f,
-        None => {
-            return error_response(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "unsupported_media_type",
-                format!("set Content-Type to one of {FORMATS}"),
-                tid,
-            );
-        }
-    };
-    let out_format = match response_format(h, format) {
-        Ok(f) => f,
-        Err(accept) => {
-            return error_response(
-                StatusCode::NOT_ACCEPTABLE,
-                "not_acceptable",
-                format!("cannot answer in `{accept}`; ask for one of {FORMATS}"),
-                tid,
-            );
-        }
-    };
+        .ok_or(Refusal::UnsupportedMediaType)?;
+    let out_format = response_format(h, format).map_err(Refusal::NotAcceptable)?;
     let deadline = deadline(h, app.options.default_deadline);
-    let work = run(app, &pipeline, format, out_format, body, tid.clone());
-    match tokio::time::timeout(deadline, work).await {
-        Ok(resp) => resp,
-        Err(_) => error_response(
-            StatusCode::GATEWAY_TIMEOUT,
-            "deadline_exceeded",
-            format!(
-                "the transform did not finish within its deadline of {} ms; send fewer records per request or a longer deadline",
-                deadline.as_millis()
-            ),
-            tid,
-        ),
-    }
+    let work = run(app, &pipeline, format, out_format, body);
+    tokio::time::timeout(deadline, work)
+        .await
+        .map_err(|_| Refusal::Deadline(deadline))?
 }
 
+/// Reads, decodes, transforms and answers one request's body.
 async fn run(
     app: &Arc<App>,
     p: &Arc<Pipeline>,
     format: Format,
     out_format: Format,
     body: Body,
-    tid: Option<String>,
-) -> Response {
+) -> Result<Response, Refusal> {
     if let Some(delay) = app.options.inject_latency {
         tokio::time::sleep(delay).await;
     }
-    let limit = app.options.max_body_bytes;
-    let bytes = match axum::body::to_bytes(body, limit).await {
-        Ok(b) => b,
-        Err(e) => {
-            let too_large = e.into_inner().is::<http_body_util::LengthLimitError>();
-            return if too_large {
-                error_response(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "payload_too_large",
-                    format!(
-                        "the body is over the worker's limit of {limit} bytes; split it into smaller requests"
-                    ),
-                    tid,
-                )
-            } else {
-                error_response(
-                    StatusCode::BAD_REQUEST,
-                    "bad_body",
-                    "the body could not be read",
-                    tid,
-                )
-            };
-        }
-    };
+    let bytes = read_body(body, app.options.max_body_bytes).await?;
     let handles = p.metrics.get_or_init(|| app.metrics.handles(&p.spec.name));
     if app.metrics.enabled {
         handles.bytes[0].inc_by(bytes.len() as u64);
     }
-    let decoded = match decode(app, p, format, bytes).await {
-        Ok(d) => d,
-        Err(message) => {
-            return error_response(StatusCode::BAD_REQUEST, "bad_body", message, tid);
-        }
-    };
-    let (schema, decoded) = decoded;
+    let (schema, decoded) = decode(app, p, format, bytes)
+        .await
+        .map_err(Refusal::BadBody)?;
     let mut counts = Counts {
         records_in: decoded.records,
         ..Default::default()
     };
-    let decoded_rows = decoded.rows() as u64;
     if app.taps.is_tapped() {
         for b in &decoded.batches {
             app.taps
                 .offer_batch(&p.spec.name, TapStage::Input, &b.batch);
         }
     }
-    if let Some(resp) = rejects(app, p, &mut counts, decoded.rejects, &tid) {
-        return resp;
-    }
-    let transform = match p.transform_for(&app.pipelines.engine, &schema).await {
-        Ok(t) => t,
-        Err(e) => {
-            return error_response(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "sql_does_not_plan",
-                format!(
-                    "the pipeline's SQL does not plan for this body's columns ({}): {e}",
-                    etlmesh_codec::schema::describe(&schema)
-                ),
-                tid,
-            );
-        }
-    };
-    let mut outputs: Vec<RecordBatch> = Vec::new();
-    match transform.kind() {
+    let decoded_rows = decoded.rows() as u64;
+    rejects(app, p, &mut counts, decoded.rejects)?;
+    let transform = p
+        .transform_for(&app.pipelines.engine, &schema)
+        .await
+        .map_err(|source| Refusal::SqlDoesNotPlan {
+            columns: etlmesh_codec::schema::describe(&schema),
+            source: Box::new(source),
+        })?;
+    let outputs = match transform.kind() {
         Kind::RowWise => {
+            let mut outputs = Vec::new();
             for batch in &decoded.batches {
-                match transform.apply(batch).await {
-                    Ok(r) => {
-                        counts.out += r.rows_out;
-                        counts.filtered += r.filtered();
-                        let failed = r.rejects;
-                        outputs.extend(r.batches);
-                        if let Some(resp) = rejects(app, p, &mut counts, failed, &tid) {
-                            return resp;
-                        }
-                    }
-                    Err(e) => return execution_failed(&e.to_string(), tid),
-                }
+                let r = transform
+                    .apply(batch)
+                    .await
+                    .map_err(|e| Refusal::TransformFailed(e.to_string()))?;
+                counts.out += r.rows_out;
+                counts.filtered += r.filtered();
+                outputs.extend(r.batches);
+                rejects(app, p, &mut counts, r.rejects)?;
             }
+            outputs
         }
         Kind::WholeInput => {
             let batches = decoded.batches.into_iter().map(|b| b.batch).collect();
-            match transform.run_all(batches).await {
-                Ok((out, into_state)) => {
-                    let passed = into_state.unwrap_or(decoded_rows).min(decoded_rows);
-                    counts.out = passed;
-                    counts.filtered = decoded_rows - passed;
-                    outputs = out;
-                }
-                Err(e) => return execution_failed(&e.to_string(), tid),
-            }
+            let (out, into_state) = transform
+                .run_all(batches)
+                .await
+                .map_err(|e| Refusal::TransformFailed(e.to_string()))?;
+            let passed = into_state.unwrap_or(decoded_rows).min(decoded_rows);
+            counts.out = passed;
+            counts.filtered = decoded_rows - passed;
+            out
         }
-    }
-    let name = &p.spec.name;
+    };
     if app.taps.is_tapped() {
         for b in &outputs {
-            app.taps.offer_batch(name, TapStage::Output, b);
+            app.taps.offer_batch(&p.spec.name, TapStage::Output, b);
         }
     }
+    count(app, p, handles, &counts);
+    answer(
+        app,
+        handles,
+        &counts,
+        outputs,
+        transform.output_schema(),
+        out_format,
+    )
+}
+
+/// The body, bounded by the worker's limit.
+async fn read_body(body: Body, limit: usize) -> Result<Bytes, Refusal> {
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        let inner = e.into_inner();
+        if inner.is::<http_body_util::LengthLimitError>() {
+            Refusal::TooLarge(limit)
+        } else {
+            Refusal::Unreadable(Box::new(axum::Error::new(inner)))
+        }
+    })
+}
+
+/// Counts the request's records in the pipeline's usage and metrics.
+fn count(app: &App, p: &Pipeline, handles: &crate::metrics::PipelineHandles, counts: &Counts) {
     p.usage
         .records
         .fetch_add(counts.records_in, std::sync::atomic::Ordering::Relaxed);
@@ -389,17 +324,26 @@ async fn run(
             }
         }
     }
-    let schema = transform.output_schema().clone();
+}
+
+/// The answer: the output in `out_format`, the counts in headers.
+fn answer(
+    app: &App,
+    handles: &crate::metrics::PipelineHandles,
+    counts: &Counts,
+    outputs: Vec<RecordBatch>,
+    schema: &arrow::datatypes::SchemaRef,
+    out_format: Format,
+) -> Result<Response, Refusal> {
+    let schema = schema.clone();
     let encode = move || encode_to_vec(&outputs, &schema, &EncodeOptions::new(out_format));
     let encoded = if counts.records_in as usize > 10_000 {
         tokio::task::block_in_place(encode)
     } else {
         encode()
     };
-    let bytes = match encoded {
-        Ok(b) => b,
-        Err(e) => return execution_failed(&format!("encoding the answer failed: {e}"), tid),
-    };
+    let bytes = encoded
+        .map_err(|e| Refusal::TransformFailed(format!("encoding the answer failed: {e}")))?;
     if app.metrics.enabled {
         handles.bytes[1].inc_by(bytes.len() as u64);
     }
@@ -420,7 +364,7 @@ async fn run(
     {
         h.insert(headers::FIRST_ERROR, e);
     }
-    resp
+    Ok(resp)
 }
 
 async fn decode(
@@ -454,14 +398,13 @@ async fn decode(
 }
 
 /// Dead-letters rejects; with `on_error: fail` (or when dead letters cannot be
-/// written), the response that refuses the request.
+/// written), the refusal of the request.
 fn rejects(
     app: &App,
     p: &Pipeline,
     counts: &mut Counts,
     rejects: Vec<Reject>,
-    tid: &Option<String>,
-) -> Option<Response> {
+) -> Result<(), Refusal> {
     let route = DeadLetterRoute {
         pipeline: &p.spec.name,
         on_error: p.spec.on_error,
@@ -477,33 +420,15 @@ fn rejects(
     match routed {
         Ok(Routed::DeadLettered(n)) => {
             counts.dead += n as u64;
-            None
+            Ok(())
         }
-        Ok(Routed::Refused(first)) => Some(error_response(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "bad_record",
-            format!(
-                "{first}; the pipeline refuses bad records (on_error: fail): fix the record, or give the pipeline a dead_letter sink"
-            ),
-            tid.clone(),
-        )),
+        Ok(Routed::Refused(first)) => Err(Refusal::BadRecord(first.to_string())),
         Err(e) => {
             tracing::error!(pipeline = %p.spec.name, error = %e, "dead letters could not be written");
-            Some(error_response(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "dead_letter_failed",
-                format!("bad records could not be dead-lettered, so the request is refused: {e}"),
-                tid.clone(),
-            ))
+            Err(Refusal::DeadLetterFailed(Box::new(e)))
         }
     }
 }
 
-fn execution_failed(message: &str, tid: Option<String>) -> Response {
-    error_response(
-        StatusCode::INTERNAL_SERVER_ERROR,
-        "transform_failed",
-        message.to_string(),
-        tid,
-    )
-}
+#[cfg(test)]
+mod tests;

@@ -15,6 +15,7 @@ mod handler;
 mod load;
 mod metrics;
 mod pipelines;
+mod refusal;
 mod register;
 mod streams;
 mod tap;
@@ -26,8 +27,9 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::routing::{get, post};
-use axum::serve::ListenerExt;
 use etlmesh_config::PipelineFile;
+use etlmesh_http::serve::Listen;
+use etlmesh_http::shutdown::Shutdown;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -142,175 +144,50 @@ pub async fn run(
                 addr: options.listen,
                 error,
             })?;
-    let local = listener
-        .local_addr()
-        .map_err(|e| WorkerError::Serve(e.to_string()))?;
-    let scheme = if options.mesh.is_some() {
-        "https"
-    } else {
-        "http"
-    };
-    let address = options
-        .advertise
-        .clone()
-        .unwrap_or_else(|| format!("{scheme}://{local}"));
-    let registry = etlmesh_telemetry::metrics::registry();
-    let mut metrics = metrics::WorkerMetrics::register(&registry);
-    metrics.enabled = options.telemetry;
-    let pipelines = pipelines::Pipelines::compile(&file, &options.id, &options.pipelines).await?;
-    let load = Arc::new(LoadTracker::default());
-    load.track(pipelines.usage());
-    let taps = Arc::new(etlmesh_sink::tap::TapHub::default());
+    let address = advertised(&listener, &options)?;
     let (drain_tx, drain_rx) = watch::channel(false);
+    let app = Arc::new(App::start(&file, &options, drain_rx.clone()).await?);
     let streams = streams::start(
         &file,
         &options.id,
-        &pipelines,
-        &registry,
+        &app.pipelines,
+        &app.registry,
         streams::Shared {
-            taps: taps.clone(),
+            taps: app.taps.clone(),
             state_dir: options.state_dir.clone(),
             leaving: options.leave_on_stop.clone(),
             linger: options.drain_grace,
         },
         drain_rx.clone(),
     );
-    let app = Arc::new(App {
-        id: options.id.clone(),
-        options: options.clone(),
-        pipelines,
-        load: load.clone(),
-        metrics,
-        registry,
-        draining: drain_rx.clone(),
-        taps,
-    });
-    let router = Router::new()
-        .route("/v1/transform/{pipeline}", post(handler::transform))
-        .route("/v1/tap/{pipeline}", get(tap::tap))
-        .route("/healthz", get(handler::healthz))
-        .route("/metrics", get(handler::metrics))
-        .with_state(app.clone());
-
-    let registration = etlmesh_proto::Registration {
-        id: options.id.clone(),
-        address: address.clone(),
-        pipelines: app.pipelines.infos(),
-        pid: std::process::id(),
-        version: env!("CARGO_PKG_VERSION").to_string(),
-    };
-    // The reporter has a thread and runtime of its own: request handlers busy on the
-    // CPU never delay a heartbeat.
-    let (reporter_stop, reporter_stopped) = tokio::sync::oneshot::channel::<()>();
-    let reporter = match options.control_plane.clone() {
-        Some(cp) => {
-            let (load, drain) = (load.clone(), drain_rx.clone());
-            Some(
-                std::thread::Builder::new()
-                    .name("etlmesh-heartbeat".into())
-                    .spawn(move || {
-                        let rt = tokio::runtime::Builder::new_current_thread()
-                            .enable_all()
-                            .build();
-                        if let Ok(rt) = rt {
-                            let source = registration.id.clone();
-                            rt.block_on(async {
-                                tokio::select! {
-                                    _ = register::report(cp.clone(), registration, load, drain) => {}
-                                    _ = etlmesh_http::logship::ship_logs(cp, source) => {}
-                                    _ = reporter_stopped => {}
-                                }
-                            });
-                        }
-                    })
-                    .map_err(|e| {
-                        WorkerError::Serve(format!("cannot start the heartbeat thread: {e}"))
-                    })?,
-            )
-        }
+    let heartbeat = match &options.control_plane {
+        Some(cp) => Some(register::Reporter::start(
+            cp.clone(),
+            app.registration(&address),
+            app.load.clone(),
+            drain_rx.clone(),
+        )?),
         None => None,
     };
-    tracing::info!(worker = %options.id, %address, pipelines = app.pipelines.len(), "worker listening on {address}");
-
-    // Shutdown: say we drain, keep serving for the grace period, then stop taking
-    // connections and finish in-flight requests.
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let grace = options.drain_grace;
-    let worker_id = options.id.clone();
-    let in_flight = load.clone();
-    tokio::spawn(async move {
-        shutdown.await;
-        tracing::info!(worker = %worker_id, in_flight = in_flight.in_flight(), "draining: no new work; finishing what is held");
-        let _ = drain_tx.send(true);
-        tokio::time::sleep(grace).await;
-        let _ = stop_tx.send(());
-    });
-    let stopped = async {
-        let _ = stop_rx.await;
-    };
-    let serve: futures::future::BoxFuture<'static, std::io::Result<()>> = match &options.mesh {
+    let listen = match &options.mesh {
         Some(identity) => {
             let config = identity
                 .server_config(etlmesh_tls::ClientAuth::Required)
                 .map_err(|e| WorkerError::Serve(e.to_string()))?;
-            let listener =
-                etlmesh_tls::listener::TlsListener::new(listener, config, Some("worker"))
-                    .map_err(|e| WorkerError::Serve(e.to_string()))?;
-            Box::pin(
-                axum::serve(listener, router)
-                    .with_graceful_shutdown(stopped)
-                    .into_future(),
-            )
+            Listen::tls(listener, config, Some("worker"))
+                .map_err(|e| WorkerError::Serve(e.to_string()))?
         }
-        None => Box::pin(
-            axum::serve(listener.tap_io(etlmesh_http::no_delay), router)
-                .with_graceful_shutdown(stopped)
-                .into_future(),
-        ),
+        None => Listen::Plain(listener),
     };
-    let drain_timeout = options.drain_timeout;
-    let (stream_failed_tx, mut stream_failed) = tokio::sync::mpsc::channel::<WorkerError>(1);
-    let mut stream_tasks = Vec::new();
-    for (name, task) in streams {
-        let tx = stream_failed_tx.clone();
-        stream_tasks.push(tokio::spawn(async move {
-            if let Ok(Err(e)) = task.await {
-                let _ = tx
-                    .send(WorkerError::Stream(format!("pipeline `{name}`: {e}")))
-                    .await;
-            }
-        }));
+    tracing::info!(worker = %options.id, %address, pipelines = app.pipelines.len(), "worker listening on {address}");
+    let stop = drain_on(shutdown, drain_tx, &options, app.load.clone());
+    let serving = etlmesh_http::serve::serve(listen, router(app.clone()), stop.fired());
+    let (failure, streams) =
+        serve_until_drained(serving, streams, &options, drain_rx, &app.load).await;
+    if let Some(h) = heartbeat {
+        h.stop(&options.id).await;
     }
-    drop(stream_failed_tx);
-    let served = async {
-        serve.await.map_err(|e| WorkerError::Serve(e.to_string()))?;
-        Ok::<(), WorkerError>(())
-    };
-    // The server returns once its connections are done; bound the wait.
-    let mut drained = std::pin::pin!(served);
-    let mut draining = drain_rx.clone();
-    let mut failure = None;
-    tokio::select! {
-        r = &mut drained => r?,
-        Some(e) = stream_failed.recv() => {
-            tracing::error!(worker = %options.id, error = %e, "a stream failed: the worker stops (its unacknowledged messages come again)");
-            failure = Some(e);
-        }
-        _ = async {
-            let _ = draining.wait_for(|d| *d).await;
-            tokio::time::sleep(grace + drain_timeout).await;
-        } => {
-            tracing::warn!(worker = %options.id, in_flight = load.in_flight(), "drain timeout: exiting with requests in flight");
-        }
-    }
-    if let Some(r) = reporter {
-        let _ = reporter_stop.send(());
-        let _ = tokio::task::spawn_blocking(move || r.join()).await;
-        if let Some(cp) = &options.control_plane {
-            register::deregister(cp, &options.id).await;
-        }
-    }
-    for t in stream_tasks {
+    for t in streams {
         if failure.is_some() {
             t.abort();
         } else {
@@ -322,4 +199,128 @@ pub async fn run(
     }
     tracing::info!(worker = %options.id, "worker stopped");
     Ok(())
+}
+
+/// The address gateways reach it at: `--advertise`, or the socket's own.
+fn advertised(listener: &TcpListener, options: &WorkerOptions) -> Result<String, WorkerError> {
+    let local = listener
+        .local_addr()
+        .map_err(|e| WorkerError::Serve(e.to_string()))?;
+    let scheme = if options.mesh.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    Ok(options
+        .advertise
+        .clone()
+        .unwrap_or_else(|| format!("{scheme}://{local}")))
+}
+
+impl App {
+    /// Compiles the pipelines and registers the metrics.
+    async fn start(
+        file: &PipelineFile,
+        options: &WorkerOptions,
+        draining: watch::Receiver<bool>,
+    ) -> Result<Self, WorkerError> {
+        let registry = etlmesh_telemetry::metrics::registry();
+        let mut metrics = metrics::WorkerMetrics::register(&registry);
+        metrics.enabled = options.telemetry;
+        let pipelines =
+            pipelines::Pipelines::compile(file, &options.id, &options.pipelines).await?;
+        let load = Arc::new(LoadTracker::default());
+        load.track(pipelines.usage());
+        Ok(Self {
+            id: options.id.clone(),
+            options: options.clone(),
+            pipelines,
+            load,
+            metrics,
+            registry,
+            draining,
+            taps: Arc::default(),
+        })
+    }
+
+    /// What it tells the control plane when it registers.
+    fn registration(&self, address: &str) -> etlmesh_proto::Registration {
+        etlmesh_proto::Registration {
+            id: self.id.clone(),
+            address: address.to_string(),
+            pipelines: self.pipelines.infos(),
+            pid: std::process::id(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+        }
+    }
+}
+
+fn router(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/v1/transform/{pipeline}", post(handler::transform))
+        .route("/v1/tap/{pipeline}", get(tap::tap))
+        .route("/healthz", get(handler::healthz))
+        .route("/metrics", get(handler::metrics))
+        .with_state(app)
+}
+
+/// Once `shutdown` completes: says it drains (gateways stop sending), keeps serving for
+/// the grace period, then stops taking connections — the signal returned.
+fn drain_on(
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    drain: watch::Sender<bool>,
+    options: &WorkerOptions,
+    load: Arc<LoadTracker>,
+) -> Shutdown {
+    let (trigger, stop) = etlmesh_http::shutdown::channel();
+    let grace = options.drain_grace;
+    let worker = options.id.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        tracing::info!(%worker, in_flight = load.in_flight(), "draining: no new work; finishing what is held");
+        let _ = drain.send(true);
+        tokio::time::sleep(grace).await;
+        trigger.fire();
+    });
+    stop
+}
+
+/// Serves until the server has drained (bounded by the drain timeout) or a stream
+/// fails (the error returned), with the streams' tasks to finish.
+async fn serve_until_drained(
+    serving: impl Future<Output = ()>,
+    streams: Vec<streams::Running>,
+    options: &WorkerOptions,
+    mut draining: watch::Receiver<bool>,
+    load: &LoadTracker,
+) -> (Option<WorkerError>, Vec<tokio::task::JoinHandle<()>>) {
+    let (failed_tx, mut failed) = tokio::sync::mpsc::channel::<WorkerError>(1);
+    let mut tasks = Vec::new();
+    for (name, task) in streams {
+        let tx = failed_tx.clone();
+        tasks.push(tokio::spawn(async move {
+            if let Ok(Err(e)) = task.await {
+                let _ = tx
+                    .send(WorkerError::Stream(format!("pipeline `{name}`: {e}")))
+                    .await;
+            }
+        }));
+    }
+    drop(failed_tx);
+    let limit = options.drain_grace + options.drain_timeout;
+    let mut failure = None;
+    tokio::select! {
+        () = serving => {}
+        Some(e) = failed.recv() => {
+            tracing::error!(worker = %options.id, error = %e, "a stream failed: the worker stops (its unacknowledged messages come again)");
+            failure = Some(e);
+        }
+        _ = async {
+            let _ = draining.wait_for(|d| *d).await;
+            tokio::time::sleep(limit).await;
+        } => {
+            tracing::warn!(worker = %options.id, in_flight = load.in_flight(), "drain timeout: exiting with requests in flight");
+        }
+    }
+    (failure, tasks)
 }

@@ -88,7 +88,7 @@ pub(crate) async fn report(
 }
 
 /// Tells the control plane this worker is gone.
-pub(crate) async fn deregister(control_plane: &str, id: &str) {
+async fn deregister(control_plane: &str, id: &str) {
     let client = JsonClient::new(Duration::from_secs(2));
     let url = format!("{}/v1/workers/{id}", control_plane.trim_end_matches('/'));
     if let Err(e) = client
@@ -96,5 +96,59 @@ pub(crate) async fn deregister(control_plane: &str, id: &str) {
         .await
     {
         tracing::warn!(worker = %id, error = %e, "deregistering failed; the control plane will time the worker out");
+    }
+}
+
+/// The heartbeat and the log shipper, on a thread and runtime of their own: request
+/// handlers busy on the CPU never delay a heartbeat.
+pub(crate) struct Reporter {
+    control_plane: String,
+    stop: tokio::sync::oneshot::Sender<()>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Reporter {
+    /// Registers with `control_plane` and reports until stopped.
+    pub(crate) fn start(
+        control_plane: String,
+        registration: Registration,
+        load: Arc<LoadTracker>,
+        draining: watch::Receiver<bool>,
+    ) -> Result<Self, crate::WorkerError> {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let cp = control_plane.clone();
+        let thread = std::thread::Builder::new()
+            .name("etlmesh-heartbeat".into())
+            .spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build();
+                if let Ok(rt) = rt {
+                    let source = registration.id.clone();
+                    rt.block_on(async {
+                        tokio::select! {
+                            () = report(cp.clone(), registration, load, draining) => {}
+                            () = etlmesh_http::logship::ship_logs(cp, source) => {}
+                            _ = stopped => {}
+                        }
+                    });
+                }
+            })
+            .map_err(|e| {
+                crate::WorkerError::Serve(format!("cannot start the heartbeat thread: {e}"))
+            })?;
+        Ok(Self {
+            control_plane,
+            stop,
+            thread,
+        })
+    }
+
+    /// Stops reporting and deregisters `id`.
+    pub(crate) async fn stop(self, id: &str) {
+        let _ = self.stop.send(());
+        let thread = self.thread;
+        let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        deregister(&self.control_plane, id).await;
     }
 }

@@ -11,12 +11,13 @@ use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::response::Response;
 use bytes::Bytes;
-use etlmesh_http::error_response;
+use etlmesh_http::ApiError;
 use etlmesh_proto::tap::TapQuery;
 use etlmesh_sink::tap::TapStage;
-use http::{HeaderValue, StatusCode, header};
+use http::{HeaderValue, header};
 
 use crate::App;
+use crate::refusal::Refusal;
 
 pub(crate) async fn tap(
     State(app): State<Arc<App>>,
@@ -24,16 +25,11 @@ pub(crate) async fn tap(
     Query(q): Query<TapQuery>,
 ) -> Response {
     if app.pipelines.get(&pipeline).is_none() {
-        return crate::handler::unknown_pipeline(&app, &pipeline, None);
+        return crate::handler::unknown_pipeline(&app, &pipeline).respond(None);
     }
     let stage_name = q.stage();
     let Some(stage) = TapStage::parse(stage_name) else {
-        return error_response(
-            StatusCode::BAD_REQUEST,
-            "bad_stage",
-            format!("no stage `{stage_name}`; tap one of input, output, dead_letter"),
-            None,
-        );
+        return Refusal::BadStage(stage_name.to_string()).respond(None);
     };
     let (limit, wait) = (q.limit(), q.wait());
     let rx = app.taps.open(&pipeline, stage, limit);

@@ -474,32 +474,8 @@ async fn separate_processes_join_with_the_token() {
     assert!(!out.status.success() && err.contains("join token"), "{err}");
 
     let env = [("ETLMESH_JOIN_TOKEN".to_string(), token)];
-    let gw = Proc::start_env(
-        dir,
-        &[
-            "gateway",
-            "--listen",
-            "127.0.0.1:0",
-            "--flight",
-            "off",
-            "--control-plane",
-            &mesh,
-        ],
-        &env,
-    );
-    let _worker = Proc::start_env(
-        dir,
-        &[
-            "worker",
-            "-c",
-            "mesh.yaml",
-            "--id",
-            "w1",
-            "--control-plane",
-            &mesh,
-        ],
-        &env,
-    );
+    let gw = Proc::gateway(dir, &mesh, &env);
+    let _worker = Proc::worker(dir, "mesh.yaml", "w1", &mesh, &env);
     let gw_url = gw.url("gateway");
     eventually(
         Duration::from_secs(20),
@@ -515,22 +491,10 @@ async fn separate_processes_join_with_the_token() {
     )
     .await;
     let http = Http::new();
-    let mut answered = None;
-    for _ in 0..50 {
-        let a = http
-            .post_csv(
-                &format!("{gw_url}/v1/pipelines/clean"),
-                readings(10, 0.0, 3),
-            )
-            .await
-            .expect("answer");
-        if a.status == StatusCode::OK {
-            answered = Some(a);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let a = answered.expect("the gateway reaches the worker over mTLS");
+    let a = http
+        .post_until_ok(&format!("{gw_url}/v1/pipelines/clean"), 50)
+        .await
+        .expect("the gateway reaches the worker over mTLS");
     assert_eq!(a.header("etlmesh-worker"), "w1");
     let metrics =
         String::from_utf8_lossy(&http.get(&format!("{admin}/metrics")).await.body).into_owned();

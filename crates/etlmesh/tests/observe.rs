@@ -224,7 +224,7 @@ async fn metrics_move_under_load_and_a_trace_id_reaches_every_log() {
     let gw_line = gateway.wait_for(trace, Duration::from_secs(5));
     assert!(gw_line.contains("request served"), "{gw_line}");
     let w_line = mesh.workers[0].wait_for(trace, Duration::from_secs(5));
-    assert!(w_line.contains("transform served"), "{w_line}");
+    assert!(w_line.contains("request served"), "{w_line}");
 
     // An error answer carries its trace id, and is grouped by kind and pipeline.
     let bad_trace = "0af7651916cd43dd8448eb211c80319c";
@@ -316,7 +316,7 @@ async fn metrics_move_under_load_and_a_trace_id_reaches_every_log() {
         "4000".into(),
     ])
     .await;
-    assert!(!warnings.contains("transform served"), "{warnings}");
+    assert!(!warnings.contains("request served"), "{warnings}");
     let errors = etlmesh(vec!["errors".into(), "--control-plane".into(), cp.clone()]).await;
     assert!(errors.contains("unsupported_media_type"), "{errors}");
 }

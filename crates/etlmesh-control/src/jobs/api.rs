@@ -6,76 +6,29 @@ use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::response::Response;
 use bytes::Bytes;
-use etlmesh_http::{error_response, json_response};
+use etlmesh_http::json_response;
 use etlmesh_proto::jobs::{JobRequest, JobState};
 use http::StatusCode;
 
-use super::{Jobs, JobsError};
+use super::Jobs;
 use crate::api::ControlState;
+use crate::refusal::Refusal;
 
-fn jobs(st: &ControlState) -> Result<&Arc<Jobs>, Box<Response>> {
-    st.jobs.as_ref().ok_or_else(|| {
-        Box::new(error_response(
-            StatusCode::NOT_FOUND,
-            "jobs_disabled",
-            "this control plane runs no batch jobs\n  help: start it with a pipeline file (-c FILE) to run jobs",
-            None,
-        ))
-    })
-}
-
-fn failed(e: JobsError) -> Response {
-    let (status, code) = match &e {
-        JobsError::Invalid(_) => (StatusCode::BAD_REQUEST, "bad_job"),
-        JobsError::NotFound(_) => (StatusCode::NOT_FOUND, "unknown_job"),
-        JobsError::Conflict(_) => (StatusCode::CONFLICT, "job_state"),
-        JobsError::Full(_) => {
-            let mut r = error_response(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "jobs_full",
-                e.to_string(),
-                None,
-            );
-            r.headers_mut().insert(
-                http::header::RETRY_AFTER,
-                http::HeaderValue::from_static("60"),
-            );
-            return r;
-        }
-        JobsError::Db(_) | JobsError::Open { .. } => {
-            (StatusCode::INTERNAL_SERVER_ERROR, "jobs_store")
-        }
-    };
-    error_response(status, code, e.to_string(), None)
+fn jobs(st: &ControlState) -> Result<&Arc<Jobs>, Refusal> {
+    st.jobs.as_ref().ok_or(Refusal::JobsDisabled)
 }
 
 /// `POST /api/v1/jobs`.
-pub(crate) async fn submit(State(st): State<Arc<ControlState>>, body: Bytes) -> Response {
-    let j = match jobs(&st) {
-        Ok(j) => j,
-        Err(r) => return *r,
-    };
-    let req: JobRequest = match serde_json::from_slice(&body) {
-        Ok(r) => r,
-        Err(e) => {
-            return error_response(
-                StatusCode::BAD_REQUEST,
-                "bad_job",
-                format!(
-                    "the job is not valid JSON: {e}\n  help: send {{\"pipeline\": \"…\", \"inputs\": [\"data/*.csv\"], \"deadline\": \"RFC 3339\", \"expected_duration_secs\": 600}}"
-                ),
-                None,
-            );
-        }
-    };
-    match j.submit(req) {
-        Ok(job) => {
-            let mut r = json_response(&job);
-            *r.status_mut() = StatusCode::CREATED;
-            r
-        }
-        Err(e) => failed(e),
-    }
+pub(crate) async fn submit(
+    State(st): State<Arc<ControlState>>,
+    body: Bytes,
+) -> Result<Response, Refusal> {
+    let j = jobs(&st)?;
+    let req: JobRequest = serde_json::from_slice(&body).map_err(Refusal::BadJobJson)?;
+    let job = j.submit(req)?;
+    let mut r = json_response(&job);
+    *r.status_mut() = StatusCode::CREATED;
+    Ok(r)
 }
 
 /// Filters of `GET /api/v1/jobs`.
@@ -89,60 +42,30 @@ pub(crate) struct ListParams {
 pub(crate) async fn list(
     State(st): State<Arc<ControlState>>,
     p: Result<Query<ListParams>, QueryRejection>,
-) -> Response {
-    let j = match jobs(&st) {
-        Ok(j) => j,
-        Err(r) => return *r,
-    };
+) -> Result<Response, Refusal> {
+    let j = jobs(&st)?;
     // A malformed query gets the JSON error body every error has.
-    let Query(p) = match p {
-        Ok(p) => p,
-        Err(e) => {
-            return error_response(
-                StatusCode::BAD_REQUEST,
-                "bad_query",
-                format!(
-                    "{e}\n  help: give at most one `state` (scheduled, running, succeeded, failed, cancelled) and one `limit` (a number)"
-                ),
-                None,
-            );
-        }
-    };
-    let state = match p.state.as_deref().map(|s| (s, JobState::parse(s))) {
+    let Query(p) = p.map_err(|e| Refusal::BadQuery(e.to_string()))?;
+    let state = match p.state {
         None => None,
-        Some((_, Some(s))) => Some(s),
-        Some((s, None)) => {
-            return error_response(
-                StatusCode::BAD_REQUEST,
-                "bad_state",
-                format!(
-                    "no job state `{s}`; use scheduled, running, succeeded, failed or cancelled"
-                ),
-                None,
-            );
-        }
+        Some(s) => Some(JobState::parse(&s).ok_or(Refusal::BadState(s))?),
     };
-    match j.list(state, p.limit.unwrap_or(100)) {
-        Ok(list) => json_response(&serde_json::json!({ "jobs": list })),
-        Err(e) => failed(e),
-    }
+    let list = j.list(state, p.limit.unwrap_or(100))?;
+    Ok(json_response(&serde_json::json!({ "jobs": list })))
 }
 
 /// `GET /api/v1/jobs/{id}`.
-pub(crate) async fn get(State(st): State<Arc<ControlState>>, Path(id): Path<String>) -> Response {
-    match jobs(&st) {
-        Ok(j) => j.get(&id).map_or_else(failed, |job| json_response(&job)),
-        Err(r) => *r,
-    }
+pub(crate) async fn get(
+    State(st): State<Arc<ControlState>>,
+    Path(id): Path<String>,
+) -> Result<Response, Refusal> {
+    Ok(json_response(&jobs(&st)?.get(&id)?))
 }
 
 /// `DELETE /api/v1/jobs/{id}`: cancel.
 pub(crate) async fn cancel(
     State(st): State<Arc<ControlState>>,
     Path(id): Path<String>,
-) -> Response {
-    match jobs(&st) {
-        Ok(j) => j.cancel(&id).map_or_else(failed, |job| json_response(&job)),
-        Err(r) => *r,
-    }
+) -> Result<Response, Refusal> {
+    Ok(json_response(&jobs(&st)?.cancel(&id)?))
 }

@@ -4,19 +4,18 @@ use std::sync::Arc;
 
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
-use etlmesh_http::{error_response, json_response};
+use etlmesh_http::json_response;
 use http::StatusCode;
 
 use super::{Outcome, Trigger};
 use crate::ControlState;
+use crate::refusal::Refusal;
 
 fn no_file() -> Response {
-    error_response(
-        StatusCode::NOT_FOUND,
-        "no_pipeline_file",
-        "this control plane runs without a pipeline file: start it with -c FILE (or use etlmesh up) to reload pipelines",
-        None,
-    )
+    Refusal::NoPipelineFile {
+        what: "reload pipelines",
+    }
+    .into_response()
 }
 
 /// Reloads with the file in the body: 200 with the reload's record, 422 with the

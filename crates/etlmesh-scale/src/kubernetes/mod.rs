@@ -1,7 +1,8 @@
-//! The `kubernetes` scaler: each pipeline's workers are a Deployment, and scaling sets
-//! its replicas through the `scale` subresource (`PATCH
-//! /apis/apps/v1/namespaces/{ns}/deployments/{name}/scale`), which needs only the
-//! `deployments/scale` permission. Kubernetes starts, restarts and stops the pods; a
+//! The `kubernetes` scaler: each pipeline's workers are a Deployment or a StatefulSet
+//! (the Helm chart's: a pod's name, which names its stream sessions, then belongs to
+//! its slot), and scaling sets its replicas through the `scale` subresource (`PATCH
+//! /apis/apps/v1/namespaces/{ns}/{deployments|statefulsets}/{name}/scale`), which needs
+//! only the `…/scale` permission. Kubernetes starts, restarts and stops the pods; a
 //! pod gets SIGTERM on scale-down and the worker drains before it exits.
 //!
 //! The client comes from the in-cluster service account, or from the kubeconfig
@@ -19,14 +20,44 @@ use crate::{BoxFuture, ScaleError, Scaler};
 /// Field manager named in every patch, so that `kubectl` shows who set the replicas.
 const FIELD_MANAGER: &str = "etlmesh-autoscaler";
 
-/// Where the Deployments are.
+/// What kind of workload runs a pipeline's workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WorkloadKind {
+    /// Pods named at random: a new name after every reschedule.
+    #[default]
+    Deployment,
+    /// Pods named by their ordinal: the name stays with the slot.
+    StatefulSet,
+}
+
+impl WorkloadKind {
+    /// The resource in the API's paths.
+    fn resource(self) -> &'static str {
+        match self {
+            Self::Deployment => "deployments",
+            Self::StatefulSet => "statefulsets",
+        }
+    }
+
+    /// The kind, as Kubernetes names it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Deployment => "Deployment",
+            Self::StatefulSet => "StatefulSet",
+        }
+    }
+}
+
+/// Where the workloads are.
 #[derive(Debug, Clone)]
 pub struct KubernetesOptions {
     /// The namespace (the client's default when `None`).
     pub namespace: Option<String>,
-    /// The Deployment of a pipeline: `{pipeline}` is replaced by the pipeline's name,
+    /// The workload of a pipeline: `{pipeline}` is replaced by the pipeline's name,
     /// with `_` turned into `-` (Kubernetes names allow no `_`).
     pub deployment: String,
+    /// Deployments or StatefulSets.
+    pub kind: WorkloadKind,
 }
 
 impl Default for KubernetesOptions {
@@ -34,6 +65,7 @@ impl Default for KubernetesOptions {
         Self {
             namespace: None,
             deployment: "etlmesh-worker-{pipeline}".into(),
+            kind: WorkloadKind::Deployment,
         }
     }
 }
@@ -43,11 +75,13 @@ pub struct KubernetesScaler {
     api: api::ApiClient,
     namespace: String,
     template: String,
+    kind: WorkloadKind,
 }
 
 impl KubernetesScaler {
-    /// Connects with the in-cluster config or the kubeconfig.
-    pub async fn connect(options: KubernetesOptions) -> Result<Self, ScaleError> {
+    /// Connects with the in-cluster config or the kubeconfig (read now; the API server
+    /// is first asked at the first scaling decision).
+    pub fn connect(options: KubernetesOptions) -> Result<Self, ScaleError> {
         let config = ClusterConfig::infer().map_err(|e| ScaleError::Connect {
             scaler: "kubernetes",
             message: format!(
@@ -75,10 +109,11 @@ impl KubernetesScaler {
             api,
             namespace,
             template: options.deployment,
+            kind: options.kind,
         })
     }
 
-    /// The Deployment that runs `pipeline`.
+    /// The workload that runs `pipeline`.
     pub fn deployment_name(&self, pipeline: &str) -> String {
         self.template
             .replace("{pipeline}", pipeline)
@@ -101,8 +136,9 @@ impl Scaler for KubernetesScaler {
             let name = self.deployment_name(pool);
             let patch = serde_json::json!({ "spec": { "replicas": replicas } });
             let path = format!(
-                "/apis/apps/v1/namespaces/{}/deployments/{name}/scale?fieldManager={FIELD_MANAGER}",
-                self.namespace
+                "/apis/apps/v1/namespaces/{}/{}/{name}/scale?fieldManager={FIELD_MANAGER}",
+                self.namespace,
+                self.kind.resource()
             );
             let scale = self
                 .api
@@ -113,11 +149,13 @@ impl Scaler for KubernetesScaler {
                     pool: pool.to_string(),
                     replicas,
                     message: format!(
-                        "PATCH the scale of Deployment `{name}`: {e}; check that it exists and that the service account may patch deployments/scale"
+                        "PATCH the scale of {} `{name}`: {e}; check that it exists and that the service account may patch {}/scale",
+                        self.kind.as_str(),
+                        self.kind.resource()
                     ),
                 })?;
             let now = scale["status"]["replicas"].as_u64().unwrap_or(0);
-            tracing::info!(pipeline = pool, deployment = %name, replicas, running = now, "deployment scaled");
+            tracing::info!(pipeline = pool, workload = %name, kind = self.kind.as_str(), replicas, running = now, "workload scaled");
             Ok(())
         })
     }

@@ -48,6 +48,47 @@ impl Proc {
         Self::spawn(Command::new(env!("CARGO_BIN_EXE_etlmesh")), dir, args, env)
     }
 
+    /// `etlmesh gateway` on a free port, Arrow Flight off, following `control_plane`
+    /// (`env`: the join token, for a mesh with mTLS).
+    pub fn gateway(dir: &Path, control_plane: &str, env: &[(String, String)]) -> Self {
+        Self::start_env(
+            dir,
+            &[
+                "gateway",
+                "--listen",
+                "127.0.0.1:0",
+                "--flight",
+                "off",
+                "--control-plane",
+                control_plane,
+            ],
+            env,
+        )
+    }
+
+    /// `etlmesh worker -c CONFIG --id ID` registering with `control_plane`.
+    pub fn worker(
+        dir: &Path,
+        config: &str,
+        id: &str,
+        control_plane: &str,
+        env: &[(String, String)],
+    ) -> Self {
+        Self::start_env(
+            dir,
+            &[
+                "worker",
+                "-c",
+                config,
+                "--id",
+                id,
+                "--control-plane",
+                control_plane,
+            ],
+            env,
+        )
+    }
+
     /// Starts `etlmesh ARGS` in `dir` inside the network namespace `ns` (a host of
     /// its own, with only a loopback).
     pub fn start_in_netns(ns: &str, dir: &Path, args: &[&str]) -> Self {
@@ -222,6 +263,24 @@ impl Http {
         self.send(Method::GET, url, &[], Bytes::new())
             .await
             .expect("GET")
+    }
+
+    /// Posts readings to `url` until one is answered 200 (within `tries`, 100 ms
+    /// apart): that answer, or the last status.
+    pub async fn post_until_ok(&self, url: &str, tries: usize) -> Result<Answer, StatusCode> {
+        let mut last = StatusCode::SERVICE_UNAVAILABLE;
+        for _ in 0..tries {
+            let a = self
+                .post_csv(url, readings(10, 0.0, 3))
+                .await
+                .expect("an answer");
+            if a.status == StatusCode::OK {
+                return Ok(a);
+            }
+            last = a.status;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Err(last)
     }
 
     pub async fn post_csv(&self, url: &str, body: Bytes) -> Result<Answer, String> {

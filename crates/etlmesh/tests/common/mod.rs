@@ -200,7 +200,7 @@ pub fn service(name: &str, addr: &str) -> bool {
     if !up {
         assert!(
             std::env::var("ETLMESH_REQUIRE_SERVICES").as_deref() != Ok("1"),
-            "{name} does not answer at {addr}, and this run requires it (ETLMESH_REQUIRE_SERVICES=1); see ../shared/services.md to start it"
+            "{name} does not answer at {addr}, and this run requires it (ETLMESH_REQUIRE_SERVICES=1); start it (see the README's Set-up) or unset ETLMESH_REQUIRE_SERVICES"
         );
         eprintln!("skipped: {name} does not answer at {addr}");
     }

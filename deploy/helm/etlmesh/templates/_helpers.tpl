@@ -20,3 +20,29 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- define "etlmesh.image" -}}
 {{- printf "%s:%s" .Values.image.repository .Values.image.tag -}}
 {{- end -}}
+
+{{/* The Secret holding the mesh's trust anchor and join token. */}}
+{{- define "etlmesh.meshSecret" -}}
+{{- default (printf "%s-mesh" (include "etlmesh.fullname" .)) .Values.mesh.existingSecret -}}
+{{- end -}}
+
+{{/* The control plane's address for workers and gateways: its mesh listener
+(mTLS) when the mesh is on, else its admin listener. */}}
+{{- define "etlmesh.memberUrl" -}}
+{{- if .Values.mesh.enabled -}}
+{{- printf "https://%s-control-plane:%v" (include "etlmesh.fullname" .) .Values.mesh.port -}}
+{{- else -}}
+{{- include "etlmesh.controlPlaneUrl" . -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The join token, for a process joining the mesh. */}}
+{{- define "etlmesh.joinTokenEnv" -}}
+{{- if .Values.mesh.enabled }}
+- name: ETLMESH_JOIN_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "etlmesh.meshSecret" . }}
+      key: join-token
+{{- end }}
+{{- end -}}
