@@ -243,15 +243,15 @@ def main():
 
         d, g, t, n = "direct to one worker", "etlmesh gateway", "etlmesh gateway, mTLS", "nginx"
         print(f"gateway over direct, 1 connection (median of {args.rounds} paired differences): "
-              f"p50 +{paired(g, d, lambda x, y: x[0]['p50'] - y[0]['p50']):.2f} ms, "
-              f"p99 +{paired(g, d, lambda x, y: x[0]['p99'] - y[0]['p99']):.2f} ms (goal: at most +0.3 ms and +1 ms)")
+              f"p50 {paired(g, d, lambda x, y: x[0]['p50'] - y[0]['p50']):+.2f} ms, "
+              f"p99 {paired(g, d, lambda x, y: x[0]['p99'] - y[0]['p99']):+.2f} ms (goal: at most +0.3 ms and +1 ms)")
         print(f"gateway over nginx, 16 connections: "
               f"{paired(g, n, lambda x, y: x[1]['rps'] / y[1]['rps']):.2f}x the 2xx answers per second (goal: at least 1.0)")
         print(f"mTLS over plain, through the gateway: 16 connections "
               f"{paired(t, g, lambda x, y: x[1]['rps'] / y[1]['rps']):.2f}x the answers per second, "
-              f"1 connection p50 +{paired(t, g, lambda x, y: x[0]['p50'] - y[0]['p50']):.2f} ms")
-        print(f"nginx over direct, 1 connection: p50 +{paired(n, d, lambda x, y: x[0]['p50'] - y[0]['p50']):.2f} ms, "
-              f"p99 +{paired(n, d, lambda x, y: x[0]['p99'] - y[0]['p99']):.2f} ms")
+              f"1 connection p50 {paired(t, g, lambda x, y: x[0]['p50'] - y[0]['p50']):+.2f} ms")
+        print(f"nginx over direct, 1 connection: p50 {paired(n, d, lambda x, y: x[0]['p50'] - y[0]['p50']):+.2f} ms, "
+              f"p99 {paired(n, d, lambda x, y: x[0]['p99'] - y[0]['p99']):+.2f} ms")
         if failed:
             sys.exit(f"{failed} requests failed (non-2xx or socket errors): the figures above do not count")
     finally:

@@ -199,7 +199,7 @@ def parquet_rows(d):
     if not files:
         return 0, 0
     q = (f"SELECT count(*), count(DISTINCT (device_id, seq)) FROM read_parquet({[str(f) for f in files]!r})")
-    return duckdb.sql(q).fetchone()
+    return duckdb.sql(q).fetchall()[0]
 
 
 def table_rows(table):
