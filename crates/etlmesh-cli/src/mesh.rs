@@ -477,13 +477,29 @@ pub(crate) fn gateway(args: &GatewayArgs) -> Result<(), CliError> {
     let mut opts = etlmesh_gateway::GatewayOptions::new(args.listen, args.control_plane.clone());
     opts.flight = args.flight.0;
     args.tuning.apply(&mut opts);
-    if let Some(path) = &args.config {
-        let file = PipelineFile::load(path)?;
-        opts.analytics = Some(analytics(&file)?);
-        opts.access = file.spec.platform.access.clone();
+    let file = match &args.config {
+        Some(path) => Some((path, PipelineFile::load(path)?)),
+        None => None,
+    };
+    if let Some((_, f)) = &file {
+        opts.analytics = Some(analytics(f)?);
+        opts.access = f.spec.platform.access.clone();
     }
     let rt = runtime(args.threads.unwrap_or_else(threads_default))?;
+    if let Some((path, f)) = &file {
+        // Queries run in a process of their own, as under `up`: the worst one ends
+        // that process (capped at `platform.query.process_memory`), not the gateway.
+        let _in_runtime = rt.enter();
+        opts.analytics_process = Some(crate::analytics::spawn(&current_exe()?, path, f)?);
+    }
     rt.block_on(async {
+        if let Some(p) = &opts.analytics_process
+            && !p.wait_ready(Duration::from_secs(15)).await
+        {
+            tracing::warn!(
+                "the analytics process is not ready yet: queries answer 503 until it is"
+            );
+        }
         join_mesh(
             &args.control_plane,
             &args.join,

@@ -61,6 +61,27 @@ impl AnalyticsProcess {
             client: Client::builder(TokioExecutor::new()).build_http(),
         }
     }
+
+    /// Waits until the process answers its health check, for at most `within`:
+    /// whether it does.
+    pub async fn wait_ready(&self, within: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + within;
+        let Ok(uri) = format!("{}/healthz", self.url).parse::<http::Uri>() else {
+            return false;
+        };
+        while tokio::time::Instant::now() < deadline {
+            let req = http::Request::get(uri.clone()).body(Full::new(Bytes::new()));
+            if let Ok(req) = req
+                && let Ok(Ok(resp)) =
+                    tokio::time::timeout(Duration::from_secs(1), self.client.request(req)).await
+                && resp.status().is_success()
+            {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
+    }
 }
 
 /// Passes a query request on to the analytics process and its answer back.
@@ -117,6 +138,18 @@ pub(crate) async fn forward(
         .await
         .map_err(|_| died())?
         .to_bytes();
+    if !parts.status.is_success() {
+        // The process's own refusal, as the gateway would have said it (and counted
+        // under its code, not as an answer).
+        let said: etlmesh_proto::ErrorBody = serde_json::from_slice(&body).unwrap_or_else(|_| {
+            etlmesh_proto::ErrorBody::new("query_failed", String::from_utf8_lossy(&body), None)
+        });
+        return Err(ApiRefusal::Relayed {
+            status: parts.status,
+            code: ApiRefusal::known_code(&said.code),
+            message: said.message,
+        });
+    }
     let mut out = Response::new(Body::from(body));
     *out.status_mut() = parts.status;
     for name in [

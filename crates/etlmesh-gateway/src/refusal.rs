@@ -79,6 +79,13 @@ pub(crate) enum ApiRefusal {
         "the query took the analytics process past its memory cap (platform.query.process_memory) and ended it; it restarts — ask for less"
     )]
     AnalyticsDied,
+    /// What the analytics process refused, as it said it.
+    #[error("{message}")]
+    Relayed {
+        status: StatusCode,
+        code: &'static str,
+        message: String,
+    },
     /// Someone other than its gateway asked the analytics process.
     #[error("this process answers its gateway only")]
     NotItsGateway,
@@ -131,6 +138,7 @@ impl ApiError for ApiRefusal {
             Self::AnalyticsTimeout => StatusCode::GATEWAY_TIMEOUT,
             Self::AnalyticsDied => StatusCode::UNPROCESSABLE_ENTITY,
             Self::ControlPlaneAnswer => StatusCode::BAD_GATEWAY,
+            Self::Relayed { status, .. } => *status,
         }
     }
 
@@ -157,6 +165,7 @@ impl ApiError for ApiRefusal {
             Self::UnknownJob(_) => "unknown_job",
             Self::ControlPlaneUnavailable(_) => "control_plane_unavailable",
             Self::ControlPlaneAnswer => "control_plane_answer",
+            Self::Relayed { code, .. } => code,
         }
     }
 
@@ -171,6 +180,31 @@ impl ApiError for ApiRefusal {
 
     fn challenge(&self) -> Option<&'static str> {
         matches!(self, Self::Unauthorized(_)).then_some("Bearer")
+    }
+}
+
+impl ApiRefusal {
+    /// The code the analytics process answered with, among those its refusals have
+    /// (metric labels stay a closed set): `query_failed` for any other.
+    pub(crate) fn known_code(code: &str) -> &'static str {
+        const KNOWN: [&str; 12] = [
+            "query_refused",
+            "query_invalid",
+            "forbidden",
+            "query_timeout",
+            "query_memory",
+            "query_busy",
+            "dataset_unavailable",
+            "query_failed",
+            "bad_request",
+            "not_acceptable",
+            "no_analytics",
+            "query_too_large",
+        ];
+        KNOWN
+            .into_iter()
+            .find(|k| *k == code)
+            .unwrap_or("query_failed")
     }
 }
 
@@ -203,6 +237,20 @@ mod tests {
         let r = ApiRefusal::Unauthorized("send a token").into_response();
         assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
         assert_eq!(r.headers()[header::WWW_AUTHENTICATE], "Bearer");
+    }
+
+    #[test]
+    fn a_relayed_refusal_keeps_its_status_and_a_known_code() {
+        let r = ApiRefusal::Relayed {
+            status: StatusCode::FORBIDDEN,
+            code: ApiRefusal::known_code("query_refused"),
+            message: "only SELECT".into(),
+        };
+        assert_eq!(
+            (r.status(), r.code()),
+            (StatusCode::FORBIDDEN, "query_refused")
+        );
+        assert_eq!(ApiRefusal::known_code("anything else"), "query_failed");
     }
 
     #[test]
