@@ -67,9 +67,27 @@ pub(crate) fn analytics(args: &AnalyticsArgs) -> Result<(), CliError> {
     })
 }
 
+/// Starts the analytics process on `rt` ([`spawn`]) and waits (15 s at most) until it
+/// answers: a gateway serves queries from its first request on.
+pub(crate) fn start(
+    rt: &tokio::runtime::Runtime,
+    exe: &Path,
+    config: &Path,
+    file: &PipelineFile,
+) -> Result<Arc<AnalyticsProcess>, CliError> {
+    let process = {
+        let _in_runtime = rt.enter();
+        spawn(exe, config, file)?
+    };
+    if !rt.block_on(process.wait_ready(Duration::from_secs(15))) {
+        tracing::warn!("the analytics process is not ready yet: queries answer 503 until it is");
+    }
+    Ok(process)
+}
+
 /// Starts `etlmesh analytics` for `config` and keeps it running (restarted at once
 /// when it ends: a query took it past its cap); the gateway's handle to it.
-pub(crate) fn spawn(
+fn spawn(
     exe: &Path,
     config: &Path,
     file: &PipelineFile,

@@ -489,17 +489,9 @@ pub(crate) fn gateway(args: &GatewayArgs) -> Result<(), CliError> {
     if let Some((path, f)) = &file {
         // Queries run in a process of their own, as under `up`: the worst one ends
         // that process (capped at `platform.query.process_memory`), not the gateway.
-        let _in_runtime = rt.enter();
-        opts.analytics_process = Some(crate::analytics::spawn(&current_exe()?, path, f)?);
+        opts.analytics_process = Some(crate::analytics::start(&rt, &current_exe()?, path, f)?);
     }
     rt.block_on(async {
-        if let Some(p) = &opts.analytics_process
-            && !p.wait_ready(Duration::from_secs(15)).await
-        {
-            tracing::warn!(
-                "the analytics process is not ready yet: queries answer 503 until it is"
-            );
-        }
         join_mesh(
             &args.control_plane,
             &args.join,
@@ -573,10 +565,7 @@ pub(crate) fn up(args: &UpArgs) -> Result<(), CliError> {
     gw.access = file.spec.platform.access.clone();
     let rt = runtime(threads_default())?;
     // Queries run in a process of their own: the worst one ends it, not this one.
-    gw.analytics_process = Some({
-        let _in_runtime = rt.enter();
-        crate::analytics::spawn(&exe, &config, &file)?
-    });
+    gw.analytics_process = Some(crate::analytics::start(&rt, &exe, &config, &file)?);
     let options = etlmesh_up::UpOptions {
         config,
         fixed_workers: args.workers,

@@ -332,3 +332,6 @@ async fn ui() -> Response {
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     resp
 }
+
+#[cfg(test)]
+mod tests;

@@ -5,7 +5,7 @@
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
 use etlmesh_proto::{Endpoint as EndpointInfo, EndpointEvent, PipelineInfo, WorkerState};
@@ -21,6 +21,11 @@ use crate::route::{Route, RouteOptions};
 
 /// A line must arrive this often (the control plane sends keepalives every 3 s).
 const SILENCE: Duration = Duration::from_secs(10);
+
+/// How long an endpoint missing from the snapshot of a control plane followed again
+/// keeps serving: a control plane that restarted knows no worker until each registers
+/// again (within a heartbeat or two), and its first snapshot must not empty the routes.
+const RESYNC_GRACE: Duration = Duration::from_secs(5);
 
 /// Every pipeline's route, and the endpoints behind them.
 pub struct Routes {
@@ -39,6 +44,9 @@ struct Inner {
     /// Pipelines it scaled and no longer declares (a reload removed them): their
     /// routes go when their last worker has.
     retired: std::collections::HashSet<String>,
+    /// Endpoints the snapshot of a resync did not list, since when: removed past
+    /// [`RESYNC_GRACE`] unless the control plane lists them again.
+    unconfirmed: HashMap<String, Instant>,
 }
 
 impl Routes {
@@ -103,11 +111,25 @@ impl Routes {
 
     /// Applies an event.
     pub fn apply(&self, ev: EndpointEvent) {
+        self.apply_after(ev, false);
+    }
+
+    /// Applies an event; `resync`: it came on a stream that follows the control plane
+    /// again after losing it, so that a snapshot's missing endpoints are kept for
+    /// [`RESYNC_GRACE`] (the control plane may have restarted and not know them yet).
+    pub fn apply_after(&self, ev: EndpointEvent, resync: bool) {
+        self.expire_unconfirmed(Instant::now());
         match ev {
             EndpointEvent::Snapshot { endpoints } => {
                 let known: Vec<String> = self.inner.lock().endpoints.keys().cloned().collect();
                 for id in known {
-                    if !endpoints.iter().any(|e| e.id == id) {
+                    if endpoints.iter().any(|e| e.id == id) {
+                        continue;
+                    }
+                    if resync {
+                        tracing::info!(worker = %id, grace = ?RESYNC_GRACE, "endpoint not in the control plane's snapshot: kept while it registers again");
+                        self.inner.lock().unconfirmed.insert(id, Instant::now());
+                    } else {
                         self.remove(&id);
                     }
                 }
@@ -119,6 +141,23 @@ impl Routes {
             EndpointEvent::Remove { id } => self.remove(&id),
             EndpointEvent::Pipelines { pipelines } => self.scaled(pipelines),
             EndpointEvent::Keepalive => {}
+        }
+    }
+
+    /// Removes the endpoints a resync did not confirm within [`RESYNC_GRACE`].
+    pub fn expire_unconfirmed(&self, now: Instant) {
+        let expired: Vec<String> = {
+            let inner = self.inner.lock();
+            inner
+                .unconfirmed
+                .iter()
+                .filter(|(_, since)| now.saturating_duration_since(**since) >= RESYNC_GRACE)
+                .map(|(id, _)| id.clone())
+                .collect()
+        };
+        for id in expired {
+            tracing::info!(worker = %id, "endpoint not registered again after a resync: removed");
+            self.remove(&id);
         }
     }
 
@@ -178,6 +217,7 @@ impl Routes {
 
     fn upsert(&self, e: EndpointInfo) {
         let mut inner = self.inner.lock();
+        inner.unconfirmed.remove(&e.id);
         if let Some(old) = inner.endpoints.get(&e.id)
             && old.address != e.address
         {
@@ -225,6 +265,7 @@ impl Routes {
 
     fn remove(&self, id: &str) {
         let mut inner = self.inner.lock();
+        inner.unconfirmed.remove(id);
         inner.endpoints.remove(id);
         for r in inner.routes.values() {
             if r.contains(id) {
@@ -311,11 +352,12 @@ async fn watch_once(
             buf.advance(0);
             match serde_json::from_slice::<EndpointEvent>(&line[..nl]) {
                 Ok(ev) => {
+                    let mut resync = false;
                     if matches!(ev, EndpointEvent::Snapshot { .. }) {
-                        connected.send_replace(ControlLink::Up);
+                        resync = connected.send_replace(ControlLink::Up) == ControlLink::Lost;
                         routes.metrics.control_plane.set(1);
                     }
-                    routes.apply(ev);
+                    routes.apply_after(ev, resync);
                 }
                 Err(e) => tracing::warn!(error = %e, "ignoring a malformed endpoint event"),
             }
@@ -323,5 +365,66 @@ async fn watch_once(
         if buf.len() > 16 << 20 {
             return Err("an endpoint event is over 16 MiB".into());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn routes() -> Routes {
+        let registry = etlmesh_telemetry::metrics::registry();
+        Routes::new(
+            crate::endpoint::h2_client(),
+            RouteOptions::default(),
+            GatewayMetrics::register(&registry),
+        )
+    }
+
+    fn worker(id: &str) -> EndpointInfo {
+        EndpointInfo {
+            id: id.into(),
+            address: "http://127.0.0.1:9".into(),
+            pipelines: vec![PipelineInfo {
+                name: "clean".into(),
+                ..PipelineInfo::default()
+            }],
+            state: WorkerState::Ready,
+        }
+    }
+
+    fn ready(r: &Routes) -> usize {
+        r.get("clean").map_or(0, |r| r.ready())
+    }
+
+    fn snapshot(ids: &[&str]) -> EndpointEvent {
+        EndpointEvent::Snapshot {
+            endpoints: ids.iter().map(|id| worker(id)).collect(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_first_snapshot_is_the_whole_truth() {
+        let r = routes();
+        r.apply(snapshot(&["w1", "w2"]));
+        assert_eq!(ready(&r), 2);
+        r.apply(snapshot(&["w2"]));
+        assert_eq!(ready(&r), 1, "a snapshot on a live stream removes at once");
+    }
+
+    #[tokio::test]
+    async fn a_resync_keeps_the_endpoints_it_misses_until_they_register_again_or_the_grace_ends() {
+        let r = routes();
+        r.apply(snapshot(&["w1", "w2"]));
+        // A restarted control plane knows no worker yet.
+        r.apply_after(snapshot(&[]), true);
+        assert_eq!(ready(&r), 2, "kept while they register again");
+        // w1 registers again; w2 never does (it died meanwhile).
+        r.apply(EndpointEvent::Upsert {
+            endpoint: worker("w1"),
+        });
+        r.expire_unconfirmed(Instant::now() + RESYNC_GRACE);
+        assert_eq!(ready(&r), 1);
+        assert!(r.get("clean").is_some_and(|route| route.contains("w1")));
     }
 }

@@ -78,6 +78,13 @@ impl WorkerRequest {
 /// The HTTP/2 client shared by every endpoint.
 pub type H2Client = Client<etlmesh_tls::MeshConnector, StreamBody>;
 
+/// How often a connection to a worker is pinged, and how long the answer may take: a
+/// worker whose link went silent (cut, host gone — no reset comes) is known dead
+/// within their sum, and the requests on it fail then and are retried elsewhere,
+/// instead of waiting out their deadline.
+const PING_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+const PING_ANSWER_WITHIN: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// A client speaking HTTP/2: over mTLS with this process's mesh identity to
 /// `https://` workers, with prior knowledge (h2c) to `http://` ones.
 pub fn h2_client() -> H2Client {
@@ -85,7 +92,8 @@ pub fn h2_client() -> H2Client {
     Client::builder(TokioExecutor::new())
         .timer(hyper_util::rt::TokioTimer::new())
         .http2_only(true)
-        .http2_keep_alive_interval(std::time::Duration::from_secs(10))
+        .http2_keep_alive_interval(PING_EVERY)
+        .http2_keep_alive_timeout(PING_ANSWER_WITHIN)
         .http2_keep_alive_while_idle(true)
         .build(connector)
 }

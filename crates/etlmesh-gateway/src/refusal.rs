@@ -187,22 +187,16 @@ impl ApiRefusal {
     /// The code the analytics process answered with, among those its refusals have
     /// (metric labels stay a closed set): `query_failed` for any other.
     pub(crate) fn known_code(code: &str) -> &'static str {
-        const KNOWN: [&str; 12] = [
-            "query_refused",
-            "query_invalid",
-            "forbidden",
-            "query_timeout",
-            "query_memory",
-            "query_busy",
-            "dataset_unavailable",
-            "query_failed",
+        /// The analytics process's own refusals besides its queries' ([`QueryError::CODES`]).
+        const OWN: [&str; 4] = [
             "bad_request",
             "not_acceptable",
             "no_analytics",
             "query_too_large",
         ];
-        KNOWN
+        QueryError::CODES
             .into_iter()
+            .chain(OWN)
             .find(|k| *k == code)
             .unwrap_or("query_failed")
     }

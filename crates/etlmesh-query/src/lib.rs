@@ -65,6 +65,19 @@ pub enum QueryError {
 }
 
 impl QueryError {
+    /// Every code [`QueryError::code`] gives: a closed set, so that a process relaying
+    /// another's answer keeps metric labels bounded.
+    pub const CODES: [&'static str; 8] = [
+        "query_refused",
+        "query_invalid",
+        "forbidden",
+        "query_timeout",
+        "query_memory",
+        "query_busy",
+        "dataset_unavailable",
+        "query_failed",
+    ];
+
     /// A short, stable code for error bodies and metrics.
     pub fn code(&self) -> &'static str {
         match self {
@@ -83,4 +96,29 @@ impl QueryError {
 /// DataFusion's message without its nesting prefixes.
 pub(crate) fn message(e: &datafusion::error::DataFusionError) -> String {
     e.find_root().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_code_is_in_the_closed_set() {
+        let all = [
+            QueryError::Refused(String::new()),
+            QueryError::Invalid(String::new()),
+            QueryError::Forbidden(String::new()),
+            QueryError::Timeout(Default::default()),
+            QueryError::Memory {
+                limit: 0,
+                message: String::new(),
+            },
+            QueryError::Busy(0),
+            QueryError::Unavailable(String::new()),
+            QueryError::Failed(String::new()),
+        ];
+        for e in &all {
+            assert!(QueryError::CODES.contains(&e.code()), "{}", e.code());
+        }
+    }
 }

@@ -27,7 +27,7 @@
 use parking_lot::Mutex;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use etlmesh_config::KafkaSourceSpec;
@@ -53,6 +53,9 @@ mod resume;
 const HELD_BYTES: usize = 256 << 20;
 /// Records read while paused (already fetched) kept for the runner, at most.
 const EARLY_MAX: usize = 10_000;
+/// How long a partition whose end the statistics have not said since its last record
+/// counts as behind ([`Owned::behind`]): a few statistics intervals.
+const UNKNOWN_END: Duration = Duration::from_secs(30);
 
 /// A record's position.
 pub struct Ack {
@@ -81,6 +84,11 @@ struct Owned {
     next: Option<i64>,
     /// The partition's end as the broker last said it (librdkafka's statistics).
     high: Option<i64>,
+    /// When the statistics last said `high`.
+    high_at: Option<Instant>,
+    /// When a record of it last came in this assignment (handed out or skipped), or
+    /// when it was assigned: statistics older than this do not say where it ends.
+    read_at: Option<Instant>,
     /// Records fetched and not yet handed out (librdkafka's queue).
     queued: bool,
     /// The first record of the assignment was checked against the group's commit
@@ -94,9 +102,28 @@ struct Owned {
 }
 
 impl Owned {
-    /// The broker has records of it that this worker has not handed out yet.
-    fn behind(&self) -> bool {
-        self.queued || self.high.zip(self.next).is_some_and(|(h, n)| h > n)
+    /// The broker has (or may have) records of it that this worker has not handed out
+    /// yet: records fetched and queued, a read back to the commit not finished, or an
+    /// end past the next record — unless statistics newer than the last record say
+    /// where the partition ends, it counts as behind (a newly assigned partition's end
+    /// is not known until its first fetch answers). Past [`UNKNOWN_END`] without such
+    /// statistics it counts as caught up, so that a broker that never says its end
+    /// cannot hold windows open for ever.
+    fn behind(&self, now: Instant) -> bool {
+        if self.queued || self.rewind.is_some_and(|r| !r.found) {
+            return true;
+        }
+        let fresh = match (self.high_at, self.read_at) {
+            (Some(h), Some(r)) => h > r,
+            (Some(_), None) => true,
+            (None, _) => false,
+        };
+        match (self.high, self.next) {
+            (Some(h), Some(n)) if fresh => h > n,
+            _ => self
+                .read_at
+                .is_none_or(|r| now.saturating_duration_since(r) < UNKNOWN_END),
+        }
     }
 }
 
@@ -193,6 +220,7 @@ impl ClientContext for Ctx {
                 let mine = owned.is_some();
                 if let Some(owned) = owned {
                     owned.high = (p.hi_offset >= 0).then_some(p.hi_offset);
+                    owned.high_at = owned.high.map(|_| Instant::now());
                     owned.queued = p.fetchq_cnt > 0;
                 }
                 if mine && let Some(lag) = lag(p) {
@@ -255,7 +283,8 @@ impl ConsumerContext for Ctx {
                     (Arc::from(e.topic()), e.partition()),
                     Owned {
                         generation,
-                        since: Some(std::time::Instant::now()),
+                        since: Some(Instant::now()),
+                        read_at: Some(Instant::now()),
                         ..Owned::default()
                     },
                 );
@@ -395,7 +424,7 @@ impl Source for KafkaSource {
         !o.paused
             && shard.is_some_and(|s| {
                 o.by_name(&s.name)
-                    .is_some_and(|p| p.generation == s.generation && p.behind())
+                    .is_some_and(|p| p.generation == s.generation && p.behind(Instant::now()))
             })
     }
 
@@ -567,6 +596,7 @@ fn read(
         let mut o = offsets.lock();
         match o.parts.get_mut(&(topic.clone(), m.partition())) {
             Some(owned) => {
+                owned.read_at = Some(Instant::now());
                 if owned.next.is_some_and(|n| m.offset() < n) {
                     if let Some(r) = &mut owned.rewind {
                         // Read back from before the commit: skipped quietly.
@@ -823,20 +853,42 @@ mod tests {
 
     #[test]
     fn a_partition_is_behind_while_the_broker_has_records_not_handed_out() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
         let mut p = Owned {
             generation: 1,
+            read_at: Some(at(0)),
             ..Owned::default()
         };
-        // Nothing read, or the end not known yet: nothing to say it is behind.
-        assert!(!p.behind());
+        // Just assigned, its end not said yet: it may have records.
+        assert!(p.behind(at(10)));
         p.next = Some(10);
-        assert!(!p.behind());
+        p.read_at = Some(at(100));
         p.high = Some(10);
-        assert!(!p.behind());
+        // The end said before the last record came: stale.
+        p.high_at = Some(at(50));
+        assert!(p.behind(at(200)));
+        // Said since: caught up.
+        p.high_at = Some(at(150));
+        assert!(!p.behind(at(200)));
         p.high = Some(12);
-        assert!(p.behind());
+        assert!(p.behind(at(200)));
         p.high = Some(10);
         p.queued = true;
-        assert!(p.behind());
+        assert!(p.behind(at(200)));
+        p.queued = false;
+        // Reading back to the commit, nothing before it came yet.
+        p.rewind = Some(resume::Rewind {
+            commit: 10,
+            attempt: 0,
+            found: false,
+        });
+        assert!(p.behind(at(200)));
+        p.rewind = None;
+        // A broker that never says the end holds it behind only for a while.
+        p.high = None;
+        p.high_at = None;
+        assert!(p.behind(at(200)));
+        assert!(!p.behind(at(100) + UNKNOWN_END));
     }
 }

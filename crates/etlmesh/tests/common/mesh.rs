@@ -92,9 +92,19 @@ impl Proc {
     /// Starts `etlmesh ARGS` in `dir` inside the network namespace `ns` (a host of
     /// its own, with only a loopback).
     pub fn start_in_netns(ns: &str, dir: &Path, args: &[&str]) -> Self {
+        Self::start_in_netns_env(ns, dir, args, &[])
+    }
+
+    /// [`Proc::start_in_netns`] with `env` set.
+    pub fn start_in_netns_env(
+        ns: &str,
+        dir: &Path,
+        args: &[&str],
+        env: &[(String, String)],
+    ) -> Self {
         let mut ip = Command::new("ip");
         ip.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_etlmesh")]);
-        Self::spawn(ip, dir, args, &[])
+        Self::spawn(ip, dir, args, env)
     }
 
     fn spawn(mut command: Command, dir: &Path, args: &[&str], env: &[(String, String)]) -> Self {

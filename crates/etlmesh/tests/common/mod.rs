@@ -2,6 +2,7 @@
 
 #![allow(dead_code)]
 
+pub mod hosts;
 pub mod jetstream;
 pub mod kafka;
 pub mod mesh;

@@ -65,23 +65,42 @@ pub(super) async fn admit(c: &Arc<StreamConsumer<Ctx>>, p: Pending) -> Option<Pe
         }
         Some(r) => (r.commit, r.attempt + 1),
         None => match committed(c, &topic, partition).await {
-            Some(commit) if offset > commit => (commit, 0),
-            _ => {
+            Ok(Some(commit)) if offset > commit => (commit, 0),
+            Ok(_) => {
                 settle(c, &p, None);
                 return Some(p);
             }
+            // Not knowing the commit, the partition is read again from a span before
+            // its first record with nothing skipped: records repeated, none lost.
+            Err(e) => {
+                let from = offset.saturating_sub(SPANS[0]).max(0);
+                tracing::warn!(pipeline = %c.context().pipeline, %topic, partition, first = offset, from, error = %e, "the group's committed offset is not known: reading the partition again from further back, nothing skipped (records may repeat)");
+                let last = SPANS.len() - 1;
+                return read_back(c, p, from, from, last).await;
+            }
         },
     };
-    let pipeline = c.context().pipeline.clone();
     let Some(span) = SPANS.get(attempt) else {
-        tracing::warn!(%pipeline, %topic, partition, commit, first = offset, "Kafka partition resumes past its commit even read back {} records: the broker has no records between (compacted, or deleted by retention)", SPANS[SPANS.len() - 1]);
+        tracing::warn!(pipeline = %c.context().pipeline, %topic, partition, commit, first = offset, "Kafka partition resumes past its commit even read back {} records: the broker has no records between (compacted, or deleted by retention)", SPANS[SPANS.len() - 1]);
         settle(c, &p, None);
         return Some(p);
     };
     let from = commit.saturating_sub(*span).max(0);
-    tracing::info!(%pipeline, %topic, partition, commit, first = offset, from, "the broker answered past the group's commit: reading the partition again from further back (records before the commit skipped)");
-    let seek = seek(c, &topic, partition, from).await;
-    match seek {
+    tracing::info!(pipeline = %c.context().pipeline, %topic, partition, commit, first = offset, from, "the broker answered past the group's commit: reading the partition again from further back (records before the commit skipped)");
+    read_back(c, p, commit, from, attempt).await
+}
+
+/// Seeks `p`'s partition back to `from`, to hand out its records from `commit` on;
+/// `None` when the seek was made (the records come again), else `p` to hand out.
+async fn read_back(
+    c: &Arc<StreamConsumer<Ctx>>,
+    p: Pending,
+    commit: i64,
+    from: i64,
+    attempt: usize,
+) -> Option<Pending> {
+    let partition = p.meta.partition.unwrap_or(-1);
+    match seek(c, &p.topic, partition, from).await {
         Ok(Ok(())) => {
             settle(
                 c,
@@ -95,7 +114,7 @@ pub(super) async fn admit(c: &Arc<StreamConsumer<Ctx>>, p: Pending) -> Option<Pe
             None
         }
         Ok(Err(e)) => {
-            tracing::warn!(%pipeline, %topic, partition, error = %e, "cannot seek back to the group's commit: records between it and the first one read may be missing");
+            tracing::warn!(pipeline = %c.context().pipeline, topic = %p.topic, partition, error = %e, "cannot seek back to the group's commit: records between it and the first one read may be missing");
             settle(c, &p, None);
             Some(p)
         }
@@ -126,7 +145,20 @@ pub(super) async fn probe(c: &Arc<StreamConsumer<Ctx>>) {
     };
     let pipeline = c.context().pipeline.clone();
     for (topic, partition, generation, high) in quiet {
-        let commit = committed(c, &topic, partition).await;
+        let commit = match committed(c, &topic, partition).await {
+            Ok(commit) => commit,
+            // Probed again after another quiet spell.
+            Err(e) => {
+                tracing::debug!(%pipeline, %topic, partition, error = %e, "cannot read the quiet partition's commit yet; probing it again");
+                let mut o = c.context().offsets.lock();
+                if let Some(w) = o.parts.get_mut(&(topic.clone(), partition))
+                    && w.generation == generation
+                {
+                    w.since = Some(std::time::Instant::now());
+                }
+                continue;
+            }
+        };
         let mark = |rewind: Option<Rewind>, checked: bool| {
             let mut o = c.context().offsets.lock();
             if let Some(w) = o.parts.get_mut(&(topic.clone(), partition))
@@ -202,24 +234,38 @@ fn settle(c: &StreamConsumer<Ctx>, p: &Pending, rewind: Option<Rewind>) {
     }
 }
 
-/// The group's committed offset of a partition; `None` when it has none (the
-/// partition starts where `auto.offset.reset` says) or the coordinator does not say.
-async fn committed(c: &Arc<StreamConsumer<Ctx>>, topic: &str, partition: i32) -> Option<i64> {
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition(topic, partition);
-    let c2 = c.clone();
-    let answer =
-        tokio::task::spawn_blocking(move || c2.committed_offsets(tpl, Duration::from_secs(5)))
-            .await
-            .ok()?;
-    match answer {
-        Ok(tpl) => match tpl.find_partition(topic, partition)?.offset() {
-            Offset::Offset(o) if o >= 0 => Some(o),
-            _ => None,
-        },
-        Err(e) => {
-            tracing::debug!(pipeline = %c.context().pipeline, topic, partition, error = %e, "cannot read the group's committed offset; not checking where the partition resumed");
-            None
+/// The group's committed offset of a partition: `Ok(None)` when it has none (the
+/// partition starts where `auto.offset.reset` says); an error when the coordinator did
+/// not say, asked three times (a rebalance in progress, the coordinator moving).
+async fn committed(
+    c: &Arc<StreamConsumer<Ctx>>,
+    topic: &str,
+    partition: i32,
+) -> Result<Option<i64>, String> {
+    let mut last = String::new();
+    for attempt in 1..=3u32 {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(topic, partition);
+        let c2 = c.clone();
+        let answer =
+            tokio::task::spawn_blocking(move || c2.committed_offsets(tpl, Duration::from_secs(5)))
+                .await
+                .map_err(|e| e.to_string())?;
+        match answer {
+            Ok(tpl) => {
+                return Ok(tpl
+                    .find_partition(topic, partition)
+                    .and_then(|p| match p.offset() {
+                        Offset::Offset(o) if o >= 0 => Some(o),
+                        _ => None,
+                    }));
+            }
+            Err(e) => {
+                tracing::debug!(pipeline = %c.context().pipeline, topic, partition, attempt, error = %e, "cannot read the group's committed offset yet");
+                last = e.to_string();
+                tokio::time::sleep(Duration::from_millis(250) * attempt).await;
+            }
         }
     }
+    Err(last)
 }
