@@ -20,6 +20,8 @@ use crate::state::{SlotState, StateFile};
 use crate::window::{Shards, fmt_ms};
 use crate::{StreamError, StreamMetrics};
 
+mod frontier;
+
 /// What a stream needs from the worker that runs it.
 #[derive(Clone)]
 pub struct StreamOptions {
@@ -868,7 +870,10 @@ impl<S: Source> Stream<S> {
                 message: format!("cannot write the stream's state: {e}"),
             })?;
         }
-        let acks = self.acknowledgeable(upto, &holding);
+        let source = &self.source;
+        let acks = frontier::take(&mut self.held, upto, &holding, |a| {
+            source.shard(a).map(|s| s.name)
+        });
         if !acks.is_empty() {
             let n = acks.len() as u64;
             let terminated = acks
@@ -884,49 +889,6 @@ impl<S: Source> Stream<S> {
         self.metrics
             .held(&self.spec.name, self.held.len() + self.queued);
         Ok(())
-    }
-}
-
-impl<S: Source> Stream<S> {
-    /// Takes from `held` the messages up to `upto` that no window holds: per shard,
-    /// those before the oldest message its windows hold (`holding`).
-    fn acknowledgeable(
-        &mut self,
-        upto: u64,
-        holding: &HashMap<Option<Arc<str>>, u64>,
-    ) -> Vec<(S::Ack, Outcome)> {
-        let limit = |shard: &Option<Arc<str>>| {
-            holding
-                .get(shard)
-                .map_or(upto, |m| upto.min(m.saturating_sub(1)))
-        };
-        let mut acks = Vec::new();
-        if holding.keys().all(Option::is_none) {
-            // One shard: a prefix.
-            let upto = limit(&None);
-            while self.held.front().is_some_and(|(seq, _, _)| *seq <= upto) {
-                if let Some((_, a, o)) = self.held.pop_front() {
-                    acks.push((a, o));
-                }
-            }
-            return acks;
-        }
-        let mut kept = VecDeque::with_capacity(self.held.len());
-        while let Some((seq, a, o)) = self.held.pop_front() {
-            if seq > upto {
-                kept.push_back((seq, a, o));
-                break;
-            }
-            let shard = self.source.shard(&a).map(|s| s.name);
-            if seq <= limit(&shard) {
-                acks.push((a, o));
-            } else {
-                kept.push_back((seq, a, o));
-            }
-        }
-        kept.append(&mut self.held);
-        self.held = kept;
-        acks
     }
 }
 
