@@ -60,8 +60,11 @@ pub(crate) fn take<A>(
 mod tests {
     use super::*;
 
+    /// A message in a test: its sequence number and shard.
+    type Msg = (u64, Option<Arc<str>>);
+
     /// Messages 1..=n, message i of shard `shards[i % shards.len()]`.
-    fn held(n: u64, shards: &[&str]) -> VecDeque<(u64, (u64, Option<Arc<str>>), Outcome)> {
+    fn held(n: u64, shards: &[&str]) -> VecDeque<(u64, Msg, Outcome)> {
         (1..=n)
             .map(|i| {
                 let shard =
@@ -75,7 +78,7 @@ mod tests {
         acks.iter().map(|((s, _), _)| *s).collect()
     }
 
-    fn shard(a: &(u64, Option<Arc<str>>)) -> Option<Arc<str>> {
+    fn shard(a: &Msg) -> Option<Arc<str>> {
         a.1.clone()
     }
 
