@@ -270,21 +270,14 @@ impl Autoscaling {
 
     /// Starts every pool at its minimum, then decides every second, or at once when woken.
     pub async fn run(self: Arc<Self>, registry: Arc<Registry>) {
-        let initial: Vec<(String, u32)> = self
-            .pools
-            .lock()
-            .iter()
-            .map(|(n, p)| (n.clone(), p.autoscaler.current()))
-            .collect();
-        for (pool, n) in initial {
+        let names: Vec<String> = self.pools.lock().keys().cloned().collect();
+        for pool in names {
+            let n = self.resume(&pool).await;
             self.replicas
                 .get_or_create(&PoolLabels {
                     pipeline: pool.clone(),
                 })
                 .set(i64::from(n));
-            if let Err(e) = self.scaler.set_replicas(&pool, n).await {
-                tracing::error!(pipeline = %pool, error = %e, "cannot start the pool's workers");
-            }
         }
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -295,6 +288,38 @@ impl Autoscaling {
             }
             self.evaluate(&registry).await;
         }
+    }
+
+    /// Where a pool starts: the workers it runs already when the scaler can tell
+    /// (pods outlive a control plane that restarts: adopted within the pool's bounds,
+    /// untouched when within them), else its minimum, started now.
+    async fn resume(&self, pool: &str) -> u32 {
+        let running = match self.scaler.running(pool).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(pipeline = %pool, error = %e, "cannot read how many workers the pool runs: starting it at its minimum");
+                None
+            }
+        };
+        let (n, adopted) = {
+            let mut pools = self.pools.lock();
+            let Some(p) = pools.get_mut(pool) else {
+                return 0;
+            };
+            match running {
+                Some(r) => (p.autoscaler.adopt(r), Some(r)),
+                None => (p.autoscaler.current(), None),
+            }
+        };
+        if let Some(r) = adopted {
+            tracing::info!(pipeline = %pool, running = r, replicas = n, "resuming the pool from the workers it runs");
+        }
+        if adopted != Some(n)
+            && let Err(e) = self.scaler.set_replicas(pool, n).await
+        {
+            tracing::error!(pipeline = %pool, error = %e, "cannot start the pool's workers");
+        }
+        n
     }
 
     async fn evaluate(&self, registry: &Registry) {
@@ -460,13 +485,21 @@ mod tests {
     use super::*;
     use futures::future::BoxFuture;
 
-    /// A scaler that records what it was asked, in order.
+    /// A scaler that records what it was asked, in order; pools named in `running`
+    /// run that many workers already.
     #[derive(Default)]
-    struct Recorder(Mutex<Vec<(String, u32)>>);
+    struct Recorder(Mutex<Vec<(String, u32)>>, HashMap<String, u32>);
 
     impl Scaler for Recorder {
         fn name(&self) -> &'static str {
             "recorder"
+        }
+        fn running<'a>(
+            &'a self,
+            pool: &'a str,
+        ) -> BoxFuture<'a, Result<Option<u32>, etlmesh_scale::ScaleError>> {
+            let n = self.1.get(pool).copied();
+            Box::pin(async move { Ok(n) })
         }
         fn set_replicas<'a>(
             &'a self,
@@ -496,7 +529,15 @@ mod tests {
     fn started(
         pools: Vec<(PipelineInfo, ScalingSpec)>,
     ) -> (Arc<Autoscaling>, Arc<Recorder>, tokio::task::JoinHandle<()>) {
-        let recorder = Arc::new(Recorder::default());
+        started_beside(pools, HashMap::new())
+    }
+
+    /// With workers running already (`running`: per pool).
+    fn started_beside(
+        pools: Vec<(PipelineInfo, ScalingSpec)>,
+        running: HashMap<String, u32>,
+    ) -> (Arc<Autoscaling>, Arc<Recorder>, tokio::task::JoinHandle<()>) {
+        let recorder = Arc::new(Recorder(Mutex::default(), running));
         let registry = Arc::new(Registry::new(Duration::from_secs(5)));
         let scaling = Arc::new(Autoscaling::new(
             AutoscaleConfig {
@@ -524,6 +565,26 @@ mod tests {
             *recorder.0.lock(),
             [("a".to_string(), 2), ("b".to_string(), 0)]
         );
+        task.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_restarted_control_plane_adopts_the_workers_that_run_without_scaling_them() {
+        let mut wide = pool("a", 1);
+        wide.1.max_replicas = 5;
+        let mut narrow = pool("b", 1);
+        narrow.1.max_replicas = 2;
+        let running = HashMap::from([("a".to_string(), 4), ("b".to_string(), 7)]);
+        let (scaling, recorder, task) = started_beside(vec![wide, narrow], running);
+        settle().await;
+        assert_eq!(
+            *recorder.0.lock(),
+            [("b".to_string(), 2)],
+            "a's 4 are within its bounds and left alone; b's 7 are past its maximum"
+        );
+        let view = scaling.view(&Registry::new(Duration::from_secs(5)));
+        let desired: Vec<u32> = view.iter().map(|p| p.desired).collect();
+        assert_eq!(desired, [4, 2]);
         task.abort();
     }
 

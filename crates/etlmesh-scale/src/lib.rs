@@ -43,6 +43,16 @@ pub enum ScaleError {
         /// Why.
         message: String,
     },
+    /// The scaler could not say how many workers a pool runs.
+    #[error("scaler {scaler}: cannot read how many workers `{pool}` runs: {message}")]
+    Read {
+        /// The scaler.
+        scaler: &'static str,
+        /// The pipeline's pool.
+        pool: String,
+        /// Why, and what to do.
+        message: String,
+    },
 }
 
 /// A boxed future, for the object-safe [`Scaler`] trait.
@@ -58,6 +68,12 @@ pub trait Scaler: Send + Sync {
         pool: &'a str,
         replicas: u32,
     ) -> BoxFuture<'a, Result<(), ScaleError>>;
+    /// How many workers `pool` runs now, when the scaler can tell: workers that outlive
+    /// the control plane (pods) are adopted by a control plane that starts again, not
+    /// scaled back to the minimum. `None` (the default): it runs none until told.
+    fn running<'a>(&'a self, _pool: &'a str) -> BoxFuture<'a, Result<Option<u32>, ScaleError>> {
+        Box::pin(async { Ok(None) })
+    }
     /// Stops everything (draining workers) before the control plane exits.
     fn shutdown(&self) -> BoxFuture<'_, ()>;
     /// How this scaler replaces workers when the pipeline file is reloaded, if it can.

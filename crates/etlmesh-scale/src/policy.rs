@@ -72,6 +72,16 @@ impl Autoscaler {
         self.current
     }
 
+    /// Takes the replicas a pool runs already (a control plane started again beside
+    /// running workers), within its bounds; the replicas to run now.
+    pub fn adopt(&mut self, running: u32) -> u32 {
+        self.current = running.clamp(
+            self.spec.min_replicas,
+            self.spec.max_replicas.max(self.spec.min_replicas),
+        );
+        self.current
+    }
+
     /// Takes a new policy (a reload), keeping the replicas it runs when they are within
     /// the new bounds; the replicas to run now.
     pub fn set_spec(&mut self, spec: ScalingSpec) -> u32 {

@@ -32,6 +32,16 @@ async fn scale(
     body: Bytes,
 ) -> Response {
     let body: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    // What the workload runs: its last patch, or 3 (as the cluster had it before).
+    let patched = log
+        .lock()
+        .expect("log")
+        .iter()
+        .rev()
+        .find(|s| s.method == Method::PATCH && s.uri.contains(&format!("/{name}/scale")))
+        .and_then(|s| s.body["spec"]["replicas"].as_i64())
+        .unwrap_or(3);
+    let get = method == Method::GET;
     log.lock().expect("log").push(Seen {
         method,
         uri: uri.to_string(),
@@ -55,7 +65,11 @@ async fn scale(
         });
         return (StatusCode::NOT_FOUND, axum::Json(status)).into_response();
     }
-    let replicas = body["spec"]["replicas"].as_i64().unwrap_or(0);
+    let replicas = if get {
+        patched
+    } else {
+        body["spec"]["replicas"].as_i64().unwrap_or(0)
+    };
     axum::Json(serde_json::json!({
         "kind": "Scale", "apiVersion": "autoscaling/v1",
         "metadata": { "name": name, "namespace": ns },
@@ -282,5 +296,25 @@ async fn over_tls_the_server_is_checked_against_the_clusters_ca() {
         log.lock().expect("log").len(),
         1,
         "nothing sent to an untrusted server"
+    );
+}
+
+#[tokio::test]
+async fn reads_what_the_workload_runs_from_its_scale_subresource() {
+    let (url, log) = fake_api_server().await;
+    let s = scaler(&url, None);
+    assert_eq!(s.running("clean_readings").await.expect("read"), Some(3));
+    s.set_replicas("clean_readings", 5).await.expect("scaled");
+    assert_eq!(s.running("clean_readings").await.expect("read"), Some(5));
+    let seen = log.lock().expect("log").clone();
+    assert_eq!(seen[0].method, Method::GET);
+    assert_eq!(
+        seen[0].uri,
+        "/apis/apps/v1/namespaces/etlmesh/deployments/etlmesh-worker-clean-readings/scale"
+    );
+    let e = s.running("missing").await.expect_err("no such workload");
+    assert!(
+        e.to_string().contains("may get deployments/scale"),
+        "says what to check: {e}"
     );
 }

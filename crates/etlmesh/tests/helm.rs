@@ -151,7 +151,9 @@ fn the_chart_renders_the_mesh_with_mtls_by_default() {
     let role = named(&objects, "Role", "scaler");
     let rules = serde_json::to_string(&role["rules"]).expect("rules");
     assert!(
-        rules.contains("statefulsets/scale") && rules.contains("patch"),
+        rules.contains("statefulsets/scale")
+            && rules.contains("patch")
+            && rules.contains("\"get\""),
         "{rules}"
     );
 

@@ -1,5 +1,6 @@
-//! The one call the scaler makes to the Kubernetes API — a merge patch — over the
-//! hyper and rustls that the mesh already uses, with a bounded time for each request.
+//! The two calls the scaler makes to the Kubernetes API — read a scale, merge-patch
+//! it — over the hyper and rustls that the mesh already uses, with a bounded time for
+//! each request.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,6 +36,11 @@ impl ApiClient {
         })
     }
 
+    /// `GET path`; the answer's JSON, or what the API server said.
+    pub async fn get(&self, path: &str) -> Result<serde_json::Value, String> {
+        self.call(http::Method::GET, path, None).await
+    }
+
     /// `PATCH path` with a JSON merge patch; the answer's JSON, or what the API server
     /// said (its `Status` message) with the HTTP status.
     pub async fn merge_patch(
@@ -42,9 +48,22 @@ impl ApiClient {
         path: &str,
         body: &serde_json::Value,
     ) -> Result<serde_json::Value, String> {
-        let mut req = http::Request::patch(format!("{}{path}", self.server))
-            .header(http::header::CONTENT_TYPE, "application/merge-patch+json")
+        self.call(http::Method::PATCH, path, Some(body)).await
+    }
+
+    async fn call(
+        &self,
+        method: http::Method,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> Result<serde_json::Value, String> {
+        let mut req = http::Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.server))
             .header(http::header::ACCEPT, "application/json");
+        if body.is_some() {
+            req = req.header(http::header::CONTENT_TYPE, "application/merge-patch+json");
+        }
         match &self.credentials {
             Credentials::Token(t) => {
                 req = req.header(http::header::AUTHORIZATION, format!("Bearer {t}"))
@@ -57,7 +76,9 @@ impl ApiClient {
             Credentials::None | Credentials::ClientCertificate { .. } => {}
         }
         let req = req
-            .body(Full::new(Bytes::from(body.to_string())))
+            .body(Full::new(
+                body.map_or_else(Bytes::new, |b| Bytes::from(b.to_string())),
+            ))
             .map_err(|e| e.to_string())?;
         let answer = tokio::time::timeout(REQUEST_TIMEOUT, async {
             let resp = self

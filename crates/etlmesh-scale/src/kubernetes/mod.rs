@@ -127,6 +127,30 @@ impl Scaler for KubernetesScaler {
         "kubernetes"
     }
 
+    /// The workload's `spec.replicas`, read from its scale subresource.
+    fn running<'a>(&'a self, pool: &'a str) -> BoxFuture<'a, Result<Option<u32>, ScaleError>> {
+        Box::pin(async move {
+            let name = self.deployment_name(pool);
+            let path = format!(
+                "/apis/apps/v1/namespaces/{}/{}/{name}/scale",
+                self.namespace,
+                self.kind.resource()
+            );
+            let scale = self.api.get(&path).await.map_err(|e| ScaleError::Read {
+                scaler: "kubernetes",
+                pool: pool.to_string(),
+                message: format!(
+                    "GET the scale of {} `{name}`: {e}; check that it exists and that the service account may get {}/scale",
+                    self.kind.as_str(),
+                    self.kind.resource()
+                ),
+            })?;
+            Ok(scale["spec"]["replicas"]
+                .as_u64()
+                .map(|n| u32::try_from(n).unwrap_or(u32::MAX)))
+        })
+    }
+
     fn set_replicas<'a>(
         &'a self,
         pool: &'a str,
