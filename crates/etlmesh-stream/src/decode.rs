@@ -303,94 +303,100 @@ impl MessageDecoder {
     }
 
     fn decode_messages<A>(&self, messages: &[Delivery<A>]) -> Decoded {
+        let (buf, mut out) = self.frame(messages);
+        if !buf.is_empty() {
+            self.decode_chunk(buf, messages, &mut out);
+        }
+        out
+    }
+
+    /// Every message's records as the lines of one chunk, with the map from its lines
+    /// back to the messages; a message that gives no record is rejected whole here.
+    fn frame<A>(&self, messages: &[Delivery<A>]) -> (Vec<u8>, Decoded) {
         let mut out = Decoded::default();
-        let max = self.decoder.limits.max_record_bytes as usize;
         let mut buf: Vec<u8> =
             Vec::with_capacity(messages.iter().map(|m| m.payload.len() + 1).sum());
         let mut line = 0u64;
         for (i, m) in messages.iter().enumerate() {
             let topic: Arc<str> = Arc::from(format!("{}:{}", self.scheme, m.topic));
             let first = line + 1;
-            let reject = |stage: Stage, reason: String| {
-                Reject::new(&topic, stage, reason, m.payload.clone())
+            let (n, array) = match self.frame_one(&m.payload, &mut buf) {
+                Ok(framed) => framed,
+                Err((stage, reason)) => {
+                    out.records += 1;
+                    out.rejects
+                        .push(Reject::new(&topic, stage, reason, m.payload.clone()));
+                    (0, false)
+                }
             };
-            let mut array = false;
-            if m.payload.len() > max {
-                out.records += 1;
-                out.rejects.push(reject(
-                    Stage::Limit,
-                    format!(
-                        "the message is {} bytes, over max_record_bytes ({max})",
-                        m.payload.len()
-                    ),
-                ));
-            } else if self.decoder.format == Format::Csv {
-                let p = trim_end(&m.payload);
-                if p.is_empty() {
-                    out.records += 1;
-                    out.rejects
-                        .push(reject(Stage::Decode, "empty message".into()));
-                } else {
-                    buf.extend_from_slice(p);
-                    buf.push(b'\n');
-                    line += 1 + memchr::memchr_iter(b'\n', p).count() as u64;
-                }
-            } else {
-                let p = trim_end(trim_start(&m.payload));
-                if p.first() == Some(&b'[') {
-                    array = true;
-                    match serde_json::from_slice::<Vec<serde_json::Value>>(p) {
-                        Ok(items) if !items.is_empty() => {
-                            for item in items {
-                                // Writing JSON into a Vec cannot fail.
-                                let _ = serde_json::to_writer(&mut buf, &item);
-                                buf.push(b'\n');
-                                line += 1;
-                            }
-                        }
-                        Ok(_) => {
-                            out.records += 1;
-                            out.rejects
-                                .push(reject(Stage::Decode, "empty JSON array".into()));
-                        }
-                        Err(e) => {
-                            out.records += 1;
-                            out.rejects.push(reject(
-                                Stage::Decode,
-                                format!("not a JSON array of records: {e}"),
-                            ));
-                        }
-                    }
-                } else if p.is_empty() {
-                    out.records += 1;
-                    out.rejects
-                        .push(reject(Stage::Decode, "empty message".into()));
-                } else {
-                    buf.extend(
-                        p.iter()
-                            .map(|&b| if b == b'\n' || b == b'\r' { b' ' } else { b }),
-                    );
-                    buf.push(b'\n');
-                    line += 1;
-                }
-            }
-            let n = line + 1 - first;
-            for _ in 0..n {
-                out.lines.line_msg.push(i as u32);
-            }
-            out.lines.first_line.push(first);
-            out.lines.lines.push(n as u32);
-            out.lines.topics.push(topic);
-            out.lines.arrays.push(array);
-            out.lines.seqs.push(m.seq);
-            out.lines.redelivered.push(m.redelivered);
+            line += n;
+            let lines = &mut out.lines;
+            lines.line_msg.extend((0..n).map(|_| i as u32));
+            lines.first_line.push(first);
+            lines.lines.push(n as u32);
+            lines.topics.push(topic);
+            lines.arrays.push(array);
+            lines.seqs.push(m.seq);
+            lines.redelivered.push(m.redelivered);
             if self.has_meta {
-                out.lines.metas.push(m.meta.clone());
+                lines.metas.push(m.meta.clone());
             }
         }
-        if buf.is_empty() {
-            return out;
+        (buf, out)
+    }
+
+    /// Appends one message's records to `buf`, a line each: a CSV payload as it is, an
+    /// NDJSON record on one line, a JSON array's elements one per line. The lines
+    /// added and whether it was an array; or why the message gives no record.
+    fn frame_one(&self, payload: &[u8], buf: &mut Vec<u8>) -> Result<(u64, bool), (Stage, String)> {
+        let max = self.decoder.limits.max_record_bytes as usize;
+        if payload.len() > max {
+            return Err((
+                Stage::Limit,
+                format!(
+                    "the message is {} bytes, over max_record_bytes ({max})",
+                    payload.len()
+                ),
+            ));
         }
+        if self.decoder.format == Format::Csv {
+            let p = trim_end(payload);
+            if p.is_empty() {
+                return Err((Stage::Decode, "empty message".into()));
+            }
+            buf.extend_from_slice(p);
+            buf.push(b'\n');
+            return Ok((1 + memchr::memchr_iter(b'\n', p).count() as u64, false));
+        }
+        let p = trim_end(trim_start(payload));
+        if p.is_empty() {
+            return Err((Stage::Decode, "empty message".into()));
+        }
+        if p.first() != Some(&b'[') {
+            buf.extend(
+                p.iter()
+                    .map(|&b| if b == b'\n' || b == b'\r' { b' ' } else { b }),
+            );
+            buf.push(b'\n');
+            return Ok((1, false));
+        }
+        match serde_json::from_slice::<Vec<serde_json::Value>>(p) {
+            Ok(items) if !items.is_empty() => {
+                for item in &items {
+                    // Writing JSON into a Vec cannot fail.
+                    let _ = serde_json::to_writer(&mut *buf, item);
+                    buf.push(b'\n');
+                }
+                Ok((items.len() as u64, true))
+            }
+            Ok(_) => Err((Stage::Decode, "empty JSON array".into())),
+            Err(e) => Err((Stage::Decode, format!("not a JSON array of records: {e}"))),
+        }
+    }
+
+    /// Decodes the framed chunk into rows (topic and metadata columns added), placing
+    /// each reject at its message. A failure of the whole chunk rejects every message.
+    fn decode_chunk<A>(&self, buf: Vec<u8>, messages: &[Delivery<A>], out: &mut Decoded) {
         let chunk = Chunk {
             source: Arc::from(self.scheme),
             data: Bytes::from(buf),
@@ -419,7 +425,6 @@ impl MessageDecoder {
                 }
             }
             Err(e) => {
-                // A chunk-level failure: every message is dead-lettered with the reason.
                 for m in messages {
                     out.records += 1;
                     out.rejects.push(Reject::new(
@@ -431,7 +436,6 @@ impl MessageDecoder {
                 }
             }
         }
-        out
     }
 
     fn with_topic_columns(
