@@ -77,57 +77,11 @@ pub struct JobOptions {
 /// Runs pipeline `name` of `file` as a batch job.
 pub async fn run(file: &PipelineFile, name: &str, opts: &JobOptions) -> Result<Summary, JobError> {
     let started = Instant::now();
-    let spec = file.pipeline(name)?.clone();
-    let platform = file.spec.platform.clone();
-    let threads = platform.effective_threads();
-    let limits = Limits {
-        batch_size: platform.batch_size,
-        max_record_bytes: platform.max_record_bytes,
-    };
-    let read_chunk = platform.read_chunk as usize;
-    let inputs = inputs::resolve(&spec, &opts.inputs)?;
-    inputs::check_under(&inputs, &opts.inputs_under)?;
-
-    let (schema, prefetched) = match &spec.schema {
-        Some(fields) => (etlmesh_codec::schema::arrow_schema(fields), None),
-        None => infer(
-            &inputs,
-            &spec.source.csv,
-            &limits,
-            read_chunk,
-            spec.source.infer_rows,
-        )?,
-    };
-    let engine = Engine::new(EngineConfig::for_platform(&platform, threads))?;
-    let transform = Arc::new(
-        engine
-            .compile(&spec.name, &spec.transform, schema.clone())
-            .await?,
-    );
-    tracing::info!(
-        pipeline = %spec.name,
-        inputs = inputs.len(),
-        mode = mode_name(transform.kind()),
-        threads,
-        "running: {} input(s), {} SQL, {threads} threads",
-        inputs.len(),
-        mode_name(transform.kind())
-    );
-
-    let run_id = etlmesh_sink::run_id();
-    let sinks: Vec<Arc<dyn Sink>> = spec
-        .sinks
-        .iter()
-        .map(|s| etlmesh_sink::build(s, transform.output_schema(), &run_id))
-        .collect::<Result<_, _>>()?;
-    let dead = spec
-        .dead_letter
-        .as_ref()
-        .map(|d| DeadLetterSink::create(d, &spec.name, &run_id).map(Arc::new))
-        .transpose()?;
-
+    let job = Job::prepare(file, name, opts).await?;
+    let outputs = Outputs::open(&job.spec, &job.transform)?;
     let counters = Arc::new(Counters::default());
-    let total = inputs
+    let total = job
+        .inputs
         .iter()
         .map(|i| match i {
             Input::File { size, .. } => Some(*size),
@@ -135,60 +89,45 @@ pub async fn run(file: &PipelineFile, name: &str, opts: &JobOptions) -> Result<S
         })
         .sum::<Option<u64>>();
     let reporter = Reporter::start(
-        &spec.name,
+        &job.spec.name,
         counters.clone(),
         total,
         opts.progress,
-        platform.progress_interval,
+        job.platform.progress_interval,
     );
     let shared = Arc::new(Shared {
-        pipeline: spec.name.clone(),
-        transform: transform.clone(),
-        dead: dead.clone(),
-        on_error: spec.on_error,
+        pipeline: job.spec.name.clone(),
+        transform: job.transform.clone(),
+        dead: outputs.dead.clone(),
+        on_error: job.spec.on_error,
         counters: counters.clone(),
         cancel: Arc::new(AtomicBool::new(false)),
     });
     let setup = ReaderSetup {
-        inputs: inputs.clone(),
-        schema,
-        csv: spec.source.csv.clone(),
-        limits,
-        read_chunk,
-        prefetched,
+        inputs: job.inputs.clone(),
+        schema: job.schema.clone(),
+        csv: job.spec.source.csv.clone(),
+        limits: job.limits,
+        read_chunk: job.read_chunk,
+        prefetched: job.prefetched,
         counters: counters.clone(),
         cancel: shared.cancel.clone(),
     };
-    let result = execute(setup, shared, &sinks, threads).await;
+    let result = execute(setup, shared, &outputs.sinks, job.threads).await;
     reporter.finish().await;
-
     let (rows_into_state, spilled) = match result {
         Ok(r) => r,
         Err(e) => {
-            for s in &sinks {
-                s.abort();
-            }
-            if let Some(d) = &dead {
-                d.abort();
-            }
+            outputs.abort();
             return Err(e);
         }
     };
-    let mut files = Vec::new();
-    let mut bytes_out = 0;
-    for s in &sinks {
-        let done = s.commit()?;
-        bytes_out += done.bytes;
-        files.extend(done.files);
-    }
-    let dead_file = match &dead {
-        Some(d) => d.commit()?.files.into_iter().next(),
-        None => None,
-    };
+    let (files, bytes_out, dead_file) = outputs.commit()?;
+    let mode = mode_name(job.transform.kind());
     let summary = Summary::new(
-        &spec.name,
-        mode_name(transform.kind()),
-        inputs.len(),
+        &job.spec.name,
+        mode,
+        job.inputs.len(),
         &counters,
         rows_into_state,
         bytes_out,
@@ -199,6 +138,125 @@ pub async fn run(file: &PipelineFile, name: &str, opts: &JobOptions) -> Result<S
     );
     summary.check_invariant();
     Ok(summary)
+}
+
+/// A job ready to run: its inputs found, its schema known, its SQL compiled.
+struct Job {
+    spec: etlmesh_config::PipelineSpec,
+    platform: etlmesh_config::Platform,
+    threads: usize,
+    limits: Limits,
+    read_chunk: usize,
+    inputs: Vec<Input>,
+    schema: SchemaRef,
+    /// What schema inference read already, handed to the reader.
+    prefetched: Option<Prefetched>,
+    transform: Arc<etlmesh_engine::Transform>,
+}
+
+impl Job {
+    async fn prepare(file: &PipelineFile, name: &str, opts: &JobOptions) -> Result<Self, JobError> {
+        let spec = file.pipeline(name)?.clone();
+        let platform = file.spec.platform.clone();
+        let threads = platform.effective_threads();
+        let limits = Limits {
+            batch_size: platform.batch_size,
+            max_record_bytes: platform.max_record_bytes,
+        };
+        let read_chunk = platform.read_chunk as usize;
+        let inputs = inputs::resolve(&spec, &opts.inputs)?;
+        inputs::check_under(&inputs, &opts.inputs_under)?;
+        let (schema, prefetched) = match &spec.schema {
+            Some(fields) => (etlmesh_codec::schema::arrow_schema(fields), None),
+            None => infer(
+                &inputs,
+                &spec.source.csv,
+                &limits,
+                read_chunk,
+                spec.source.infer_rows,
+            )?,
+        };
+        let engine = Engine::new(EngineConfig::for_platform(&platform, threads))?;
+        let transform = Arc::new(
+            engine
+                .compile(&spec.name, &spec.transform, schema.clone())
+                .await?,
+        );
+        let mode = mode_name(transform.kind());
+        tracing::info!(
+            pipeline = %spec.name,
+            inputs = inputs.len(),
+            mode,
+            threads,
+            "running: {} input(s), {mode} SQL, {threads} threads",
+            inputs.len(),
+        );
+        Ok(Self {
+            spec,
+            platform,
+            threads,
+            limits,
+            read_chunk,
+            inputs,
+            schema,
+            prefetched,
+            transform,
+        })
+    }
+}
+
+/// A job's sinks and dead-letter sink: nothing they write is visible before
+/// [`Outputs::commit`], and [`Outputs::abort`] removes it.
+struct Outputs {
+    sinks: Vec<Arc<dyn Sink>>,
+    dead: Option<Arc<DeadLetterSink>>,
+}
+
+impl Outputs {
+    fn open(
+        spec: &etlmesh_config::PipelineSpec,
+        transform: &etlmesh_engine::Transform,
+    ) -> Result<Self, JobError> {
+        let run_id = etlmesh_sink::run_id();
+        let sinks = spec
+            .sinks
+            .iter()
+            .map(|s| etlmesh_sink::build(s, transform.output_schema(), &run_id))
+            .collect::<Result<_, _>>()?;
+        let dead = spec
+            .dead_letter
+            .as_ref()
+            .map(|d| DeadLetterSink::create(d, &spec.name, &run_id).map(Arc::new))
+            .transpose()?;
+        Ok(Self { sinks, dead })
+    }
+
+    fn abort(&self) {
+        for s in &self.sinks {
+            s.abort();
+        }
+        if let Some(d) = &self.dead {
+            d.abort();
+        }
+    }
+
+    /// Makes every output visible: the files written, their bytes, the dead-letter file.
+    fn commit(
+        &self,
+    ) -> Result<(Vec<std::path::PathBuf>, u64, Option<std::path::PathBuf>), JobError> {
+        let mut files = Vec::new();
+        let mut bytes = 0;
+        for s in &self.sinks {
+            let done = s.commit()?;
+            bytes += done.bytes;
+            files.extend(done.files);
+        }
+        let dead_file = match &self.dead {
+            Some(d) => d.commit()?.files.into_iter().next(),
+            None => None,
+        };
+        Ok((files, bytes, dead_file))
+    }
 }
 
 fn mode_name(k: Kind) -> &'static str {

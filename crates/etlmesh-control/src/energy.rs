@@ -304,4 +304,3 @@ impl std::fmt::Debug for Meter {
             .finish()
     }
 }
-
