@@ -32,8 +32,15 @@ pub struct TransformQuery {
     pub timeout_ms: Option<u64>,
 }
 
-pub(crate) async fn healthz() -> Response {
-    json_response(&serde_json::json!({ "status": "ok" }))
+/// Alive; and whether it follows the control plane now (`control_plane`: `false` while
+/// it serves from its last endpoint set, `null` before it ever had one).
+pub(crate) async fn healthz(State(gw): State<Arc<Gateway>>) -> Response {
+    let control_plane = match *gw.connected.borrow() {
+        ControlLink::Never => serde_json::Value::Null,
+        ControlLink::Up => true.into(),
+        ControlLink::Lost => false.into(),
+    };
+    json_response(&serde_json::json!({ "status": "ok", "control_plane": control_plane }))
 }
 
 /// Ready once it has had an endpoint set: while the control plane is away (a restart,

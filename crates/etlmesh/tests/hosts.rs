@@ -298,6 +298,8 @@ async fn a_gateway_cut_off_from_the_control_plane_serves_its_last_endpoints_and_
         .await;
         let r = s.readyz().await;
         assert_eq!(r["status"], "ready", "{r}");
+        let h = s.http.get(&format!("{}/healthz", s.gw_url)).await.json();
+        assert_eq!(h["control_plane"], false, "{h}");
         let page =
             String::from_utf8_lossy(&s.http.get(&format!("{}/metrics", s.gw_url)).await.body)
                 .into_owned();
