@@ -99,6 +99,10 @@ struct Owned {
     /// When it was assigned (or last probed): a partition quiet since is probed
     /// ([`resume::probe`]).
     since: Option<std::time::Instant>,
+    /// Fetching was resumed after a pause and no record came since: the client fetches
+    /// again from where the application read to, which may lie inside a record batch,
+    /// so the next record is checked against `next` ([`resume::gap`]).
+    resumed: bool,
 }
 
 impl Owned {
@@ -553,6 +557,9 @@ struct Pending {
     meta: Meta,
     /// To be checked against where its partition resumes ([`resume::admit`]).
     first: bool,
+    /// The first record after fetching resumed came past this offset, where the
+    /// partition was read to: the records between are read again ([`resume::gap`]).
+    gap_from: Option<i64>,
 }
 
 /// Names kept for the records read: topics and shards, made once each.
@@ -592,7 +599,7 @@ fn read(
                 .collect()
         })
         .unwrap_or_default();
-    let (generation, first) = {
+    let (generation, first, gap_from) = {
         let mut o = offsets.lock();
         match o.parts.get_mut(&(topic.clone(), m.partition())) {
             Some(owned) => {
@@ -608,10 +615,18 @@ fn read(
                     metrics.messages(pipeline, "repeated", 1);
                     return None;
                 }
+                let gap_from = owned
+                    .next
+                    .filter(|&n| owned.resumed && owned.rewind.is_none() && m.offset() > n);
+                owned.resumed = false;
                 owned.next = Some(m.offset() + 1);
-                (owned.generation, !owned.checked || owned.rewind.is_some())
+                (
+                    owned.generation,
+                    !owned.checked || owned.rewind.is_some(),
+                    gap_from,
+                )
             }
-            None => (0, false),
+            None => (0, false, None),
         }
     };
     Some(Pending {
@@ -629,12 +644,22 @@ fn read(
         },
         topic,
         first,
+        gap_from,
     })
 }
 
 /// Pauses or resumes every partition owned.
 fn set_paused(consumer: &StreamConsumer<Ctx>, pause: bool) {
-    consumer.context().offsets.lock().paused = pause;
+    {
+        let mut o = consumer.context().offsets.lock();
+        o.paused = pause;
+        if !pause {
+            for owned in o.parts.values_mut() {
+                owned.resumed = true;
+            }
+        }
+    }
+    tracing::debug!(pipeline = %consumer.context().pipeline, pause, "Kafka partitions paused or resumed");
     let Ok(a) = consumer.assignment() else {
         return;
     };
@@ -733,18 +758,16 @@ pub async fn open(
                     }
                 }
             };
-            let p = if p.first {
-                let key = (p.topic.clone(), p.meta.partition);
-                match resume::admit(&c, p).await {
-                    Some(p) => p,
-                    None => {
-                        // Read again from further back: what was read after it comes again.
-                        early.retain(|q| (&q.topic, q.meta.partition) != (&key.0, key.1));
-                        continue;
-                    }
-                }
-            } else {
-                p
+            let key = (p.topic.clone(), p.meta.partition);
+            let checked = match p.gap_from {
+                Some(expected) => resume::gap(&c, p, expected).await,
+                None if p.first => resume::admit(&c, p).await,
+                None => Some(p),
+            };
+            let Some(p) = checked else {
+                // Read again from further back: what was read after it comes again.
+                early.retain(|q| (&q.topic, q.meta.partition) != (&key.0, key.1));
+                continue;
             };
             let kib = (p.payload.len() >> 10).clamp(1, HELD_BYTES >> 10) as u32;
             // Its share of the bounds; while the runner catches up, the partitions are

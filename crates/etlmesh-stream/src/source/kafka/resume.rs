@@ -12,8 +12,10 @@
 //! partition's *last* batch, such a broker answers nothing at all: a partition that
 //! gives no record for [`QUIET`] after its assignment is probed ([`probe`]) — unless
 //! the broker says its end is at the commit, it is read again from before the commit
-//! in the same way. On a broker that answers as Kafka does this costs one lookup of
-//! the committed offset per assignment; a partition whose records before the first
+//! in the same way. The same holds after a pause: the client fetches again from where
+//! the application read to, and the first record after it is checked against that
+//! ([`gap`]). On a broker that answers as Kafka does this costs one lookup of the
+//! committed offset per assignment; a partition whose records before the first
 //! one are really gone (compaction, control records, retention) costs one read back.
 
 use std::sync::Arc;
@@ -88,6 +90,22 @@ pub(super) async fn admit(c: &Arc<StreamConsumer<Ctx>>, p: Pending) -> Option<Pe
     let from = commit.saturating_sub(*span).max(0);
     tracing::info!(pipeline = %c.context().pipeline, %topic, partition, commit, first = offset, from, "the broker answered past the group's commit: reading the partition again from further back (records before the commit skipped)");
     read_back(c, p, commit, from, attempt).await
+}
+
+/// `p` came past `expected`, where its partition was read to, as the first record
+/// after fetching resumed from a pause (the client fetches again from the
+/// application's position, which may lie inside a record batch, and such a broker
+/// answers with the batches after it): the partition is read again from before
+/// `expected`, the records before it skipped. A gap the broker really has (compaction,
+/// transaction markers) costs one read back.
+pub(super) async fn gap(
+    c: &Arc<StreamConsumer<Ctx>>,
+    p: Pending,
+    expected: i64,
+) -> Option<Pending> {
+    let from = expected.saturating_sub(SPANS[0]).max(0);
+    tracing::info!(pipeline = %c.context().pipeline, topic = %p.topic, partition = p.meta.partition.unwrap_or(-1), expected, first = p.meta.offset.unwrap_or(-1), from, "after a pause the broker answered past where the partition was read to: reading it again from further back (records read already skipped)");
+    read_back(c, p, expected, from, 0).await
 }
 
 /// Seeks `p`'s partition back to `from`, to hand out its records from `commit` on;
