@@ -100,8 +100,8 @@ struct Owned {
     /// ([`resume::probe`]).
     since: Option<std::time::Instant>,
     /// Fetching was resumed after a pause and no record came since: the client fetches
-    /// again from where the application read to, which may lie inside a record batch,
-    /// so the next record is checked against `next` ([`resume::gap`]).
+    /// again from where the application read to, which may lie inside a record batch
+    /// ([`resume::gap`]).
     resumed: bool,
 }
 
@@ -557,9 +557,9 @@ struct Pending {
     meta: Meta,
     /// To be checked against where its partition resumes ([`resume::admit`]).
     first: bool,
-    /// The first record after fetching resumed came past this offset, where the
-    /// partition was read to: the records between are read again ([`resume::gap`]).
-    gap_from: Option<i64>,
+    /// It came past where its partition was read to: the records between are asked
+    /// for again ([`resume::gap`]).
+    gap: Option<resume::Gap>,
 }
 
 /// Names kept for the records read: topics and shards, made once each.
@@ -599,7 +599,7 @@ fn read(
                 .collect()
         })
         .unwrap_or_default();
-    let (generation, first, gap_from) = {
+    let (generation, first, gap) = {
         let mut o = offsets.lock();
         match o.parts.get_mut(&(topic.clone(), m.partition())) {
             Some(owned) => {
@@ -615,15 +615,19 @@ fn read(
                     metrics.messages(pipeline, "repeated", 1);
                     return None;
                 }
-                let gap_from = owned
+                let gap = owned
                     .next
-                    .filter(|&n| owned.resumed && owned.rewind.is_none() && m.offset() > n);
+                    .filter(|&n| owned.rewind.is_none() && m.offset() > n)
+                    .map(|expected| resume::Gap {
+                        expected,
+                        after_pause: owned.resumed,
+                    });
                 owned.resumed = false;
                 owned.next = Some(m.offset() + 1);
                 (
                     owned.generation,
                     !owned.checked || owned.rewind.is_some(),
-                    gap_from,
+                    gap,
                 )
             }
             None => (0, false, None),
@@ -644,7 +648,7 @@ fn read(
         },
         topic,
         first,
-        gap_from,
+        gap,
     })
 }
 
@@ -759,8 +763,8 @@ pub async fn open(
                 }
             };
             let key = (p.topic.clone(), p.meta.partition);
-            let checked = match p.gap_from {
-                Some(expected) => resume::gap(&c, p, expected).await,
+            let checked = match p.gap {
+                Some(g) => resume::gap(&c, p, g).await,
                 None if p.first => resume::admit(&c, p).await,
                 None => Some(p),
             };

@@ -92,20 +92,36 @@ pub(super) async fn admit(c: &Arc<StreamConsumer<Ctx>>, p: Pending) -> Option<Pe
     read_back(c, p, commit, from, attempt).await
 }
 
-/// `p` came past `expected`, where its partition was read to, as the first record
-/// after fetching resumed from a pause (the client fetches again from the
-/// application's position, which may lie inside a record batch, and such a broker
-/// answers with the batches after it): the partition is read again from before
-/// `expected`, the records before it skipped. A gap the broker really has (compaction,
-/// transaction markers) costs one read back.
-pub(super) async fn gap(
-    c: &Arc<StreamConsumer<Ctx>>,
-    p: Pending,
-    expected: i64,
-) -> Option<Pending> {
-    let from = expected.saturating_sub(SPANS[0]).max(0);
-    tracing::info!(pipeline = %c.context().pipeline, topic = %p.topic, partition = p.meta.partition.unwrap_or(-1), expected, first = p.meta.offset.unwrap_or(-1), from, "after a pause the broker answered past where the partition was read to: reading it again from further back (records read already skipped)");
-    read_back(c, p, expected, from, 0).await
+/// A record that came past where its partition was read to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Gap {
+    /// The offset after the newest record read: where the partition was read to.
+    pub expected: i64,
+    /// The first record since fetching resumed from a pause.
+    pub after_pause: bool,
+}
+
+/// `p` came past `g.expected`, where its partition was read to. After a pause the
+/// client fetches again from the application's position, which may lie inside a
+/// record batch, and a broker that answers such a fetch with the batches after it
+/// skipped the rest of the batch: the partition is read again from further back, the
+/// records read already skipped. Any other gap (a record batch the broker skipped, or
+/// offsets it really does not have: transaction markers, compaction) costs one fetch
+/// from exactly where it was read to, and what comes then is taken in order.
+pub(super) async fn gap(c: &Arc<StreamConsumer<Ctx>>, p: Pending, g: Gap) -> Option<Pending> {
+    let (topic, partition, first) = (
+        p.topic.clone(),
+        p.meta.partition.unwrap_or(-1),
+        p.meta.offset.unwrap_or(-1),
+    );
+    let pipeline = &c.context().pipeline;
+    if g.after_pause {
+        let from = g.expected.saturating_sub(SPANS[0]).max(0);
+        tracing::info!(%pipeline, %topic, partition, expected = g.expected, first, from, "after a pause the broker answered past where the partition was read to: reading it again from further back (records read already skipped)");
+        return read_back(c, p, g.expected, from, 0).await;
+    }
+    tracing::debug!(%pipeline, %topic, partition, expected = g.expected, first, "a gap in the partition's offsets: fetching again from where it was read to");
+    read_back(c, p, g.expected, g.expected, SPANS.len() - 1).await
 }
 
 /// Seeks `p`'s partition back to `from`, to hand out its records from `commit` on;
