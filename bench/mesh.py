@@ -71,7 +71,7 @@ http {{
   server {{
     listen 127.0.0.1:{port};
     location /v1/pipelines/ {{
-      proxy_pass http://workers/v1/transform/;
+      proxy_pass http://workers/v1/pipelines/;
       proxy_http_version 1.1;
       proxy_set_header Connection "";
       proxy_buffering off;
@@ -209,7 +209,7 @@ def main():
         time.sleep(0.5)
 
         targets = [
-            ("direct to one worker", f"http://127.0.0.1:{workers[0]}/v1/transform/clean"),
+            ("direct to one worker", f"http://127.0.0.1:{workers[0]}/v1/pipelines/clean"),
             ("etlmesh gateway", f"http://127.0.0.1:{gw}/v1/pipelines/clean"),
             ("etlmesh gateway, mTLS", f"http://127.0.0.1:{gw_tls}/v1/pipelines/clean"),
             ("nginx", f"http://127.0.0.1:{ng}/v1/pipelines/clean"),

@@ -1,4 +1,4 @@
-//! One worker as a tower service: a request to `POST /v1/transform/{pipeline}` over
+//! One worker as a tower service: a request to `POST /v1/pipelines/{pipeline}` over
 //! a shared HTTP/2 client (one multiplexed connection per worker).
 
 use parking_lot::Mutex;
@@ -144,7 +144,7 @@ impl Service<WorkerRequest> for Endpoint {
     }
 
     fn call(&mut self, req: WorkerRequest) -> Self::Future {
-        let uri: Result<Uri, _> = format!("{}/v1/transform/{}", self.base, req.pipeline).parse();
+        let uri: Result<Uri, _> = format!("{}/v1/pipelines/{}", self.base, req.pipeline).parse();
         let client = self.client.clone();
         let worker = self.id.clone();
         let ok = self.ok.clone();

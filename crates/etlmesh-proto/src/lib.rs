@@ -5,7 +5,7 @@
 //!   `DELETE /v1/workers/{id}` when it leaves;
 //! - control plane → gateway: `GET /v1/endpoints/watch`, a long-lived response of
 //!   NDJSON [`EndpointEvent`]s (a snapshot, then changes; no polling);
-//! - gateway → worker: `POST /v1/transform/{pipeline}` with the request's bytes, and
+//! - gateway → worker: `POST /v1/pipelines/{pipeline}` (the gateway's own path) with the request's bytes, and
 //!   the [`headers`] below;
 //! - anyone → worker or control plane: a tap's query ([`tap::TapQuery`]);
 //! - every error: an [`ErrorBody`].

@@ -1,4 +1,4 @@
-//! `POST /v1/transform/{pipeline}`: decode the body, run the pipeline's SQL, encode
+//! `POST /v1/pipelines/{pipeline}`: decode the body, run the pipeline's SQL, encode
 //! the answer in the format asked for, and say what happened to every record.
 
 use std::sync::Arc;

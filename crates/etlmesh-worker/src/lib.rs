@@ -1,10 +1,11 @@
 //! The ETL worker: `etlmesh worker`.
 //!
-//! It serves `POST /v1/transform/{pipeline}` for every pipeline of its file — the body
-//! in any supported format, the answer in the format asked for (`Accept`), the counts in
-//! response headers — and `/metrics`, `/healthz`. It registers with the control plane,
-//! reports its load every second, and on shutdown drains: it tells the control plane
-//! it is draining (gateways stop sending to it), keeps serving what arrives for a grace
+//! It serves `POST /v1/pipelines/{pipeline}` (the gateway's path for the same thing)
+//! for every pipeline of its file — the body in any supported format, the answer in
+//! the format asked for (`Accept`), the counts in response headers — and `/metrics`,
+//! `/healthz`. It registers with the control plane, reports its load every second,
+//! and on shutdown drains: it tells the control plane it is draining (gateways stop
+//! sending to it), keeps serving what arrives for a grace
 //! period, finishes what it holds, deregisters and exits.
 //!
 //! For each of its pipelines whose source is MQTT it also runs the stream ([`streams`]):
@@ -257,6 +258,8 @@ impl App {
 
 fn router(app: Arc<App>) -> Router {
     Router::new()
+        .route("/v1/pipelines/{pipeline}", post(handler::transform))
+        // The path earlier gateways call: kept so that a mesh can be upgraded in place.
         .route("/v1/transform/{pipeline}", post(handler::transform))
         .route("/v1/tap/{pipeline}", get(tap::tap))
         .route("/healthz", get(handler::healthz))

@@ -45,7 +45,7 @@ async fn worker(tune: impl FnOnce(&mut WorkerOptions)) -> Worker {
 }
 
 async fn post(w: &Worker, pipeline: &str, headers: &[(&str, &str)], body: &str) -> Answer {
-    let mut req = Request::post(format!("/v1/transform/{pipeline}"));
+    let mut req = Request::post(format!("/v1/pipelines/{pipeline}"));
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
