@@ -7,16 +7,16 @@
 //! from a commit inside a batch skip the rest of that batch — records lost, although
 //! never committed. So the first record of each assignment is checked against the
 //! group's committed offset: when it lies past the commit, the source seeks back
-//! (10,000 records, then 100,000, then 1,000,000) until the fetch starts at or before
+//! (1,000 records, then 10,000, 100,000, 1,000,000) until the fetch starts at or before
 //! the commit, and skips what lies before the commit. When the commit lies inside the
 //! partition's *last* batch, such a broker answers nothing at all: a partition that
 //! gives no record for [`QUIET`] after its assignment is probed ([`probe`]) — unless
 //! the broker says its end is at the commit, it is read again from before the commit
-//! in the same way. The same holds after a pause: the client fetches again from where
-//! the application read to, and the first record after it is checked against that
-//! ([`gap`]). On a broker that answers as Kafka does this costs one lookup of the
-//! committed offset per assignment; a partition whose records before the first
-//! one are really gone (compaction, control records, retention) costs one read back.
+//! in the same way. The same holds inside an assignment: a record that comes past
+//! where its partition was read to (a fetch from inside a batch: after a pause, or a
+//! rebalance) is read again the same way ([`gap`]). On a broker that answers as Kafka
+//! does this costs one lookup of the committed offset per assignment; a gap the broker
+//! really has (compaction, transaction markers, retention) costs one read back.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,7 +30,7 @@ use super::{Ctx, Pending};
 pub(super) const QUIET: Duration = Duration::from_secs(2);
 
 /// How far back to seek, in turn.
-const SPANS: [i64; 3] = [10_000, 100_000, 1_000_000];
+const SPANS: [i64; 4] = [1_000, 10_000, 100_000, 1_000_000];
 
 /// A partition read again from before its commit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,7 +75,7 @@ pub(super) async fn admit(c: &Arc<StreamConsumer<Ctx>>, p: Pending) -> Option<Pe
             // Not knowing the commit, the partition is read again from a span before
             // its first record with nothing skipped: records repeated, none lost.
             Err(e) => {
-                let from = offset.saturating_sub(SPANS[0]).max(0);
+                let from = offset.saturating_sub(SPANS[1]).max(0);
                 tracing::warn!(pipeline = %c.context().pipeline, %topic, partition, first = offset, from, error = %e, "the group's committed offset is not known: reading the partition again from further back, nothing skipped (records may repeat)");
                 let last = SPANS.len() - 1;
                 return read_back(c, p, from, from, last).await;
@@ -101,13 +101,13 @@ pub(super) struct Gap {
     pub after_pause: bool,
 }
 
-/// `p` came past `g.expected`, where its partition was read to. After a pause the
-/// client fetches again from the application's position, which may lie inside a
-/// record batch, and a broker that answers such a fetch with the batches after it
-/// skipped the rest of the batch: the partition is read again from further back, the
-/// records read already skipped. Any other gap (a record batch the broker skipped, or
-/// offsets it really does not have: transaction markers, compaction) costs one fetch
-/// from exactly where it was read to, and what comes then is taken in order.
+/// `p` came past `g.expected`, where its partition was read to: the client fetched
+/// from inside a record batch (after a pause it fetches again from the application's
+/// position; librdkafka on some brokers also after a rebalance) and a broker that
+/// answers such a fetch with the batches after it skipped the rest of the batch. The
+/// partition is read again from further back, the records read already skipped, as on
+/// a resume from a commit ([`admit`] widens the read back while it comes past again).
+/// A gap the broker really has (transaction markers, compaction) costs one read back.
 pub(super) async fn gap(c: &Arc<StreamConsumer<Ctx>>, p: Pending, g: Gap) -> Option<Pending> {
     let (topic, partition, first) = (
         p.topic.clone(),
@@ -115,13 +115,9 @@ pub(super) async fn gap(c: &Arc<StreamConsumer<Ctx>>, p: Pending, g: Gap) -> Opt
         p.meta.offset.unwrap_or(-1),
     );
     let pipeline = &c.context().pipeline;
-    if g.after_pause {
-        let from = g.expected.saturating_sub(SPANS[0]).max(0);
-        tracing::info!(%pipeline, %topic, partition, expected = g.expected, first, from, "after a pause the broker answered past where the partition was read to: reading it again from further back (records read already skipped)");
-        return read_back(c, p, g.expected, from, 0).await;
-    }
-    tracing::debug!(%pipeline, %topic, partition, expected = g.expected, first, "a gap in the partition's offsets: fetching again from where it was read to");
-    read_back(c, p, g.expected, g.expected, SPANS.len() - 1).await
+    let from = g.expected.saturating_sub(SPANS[0]).max(0);
+    tracing::info!(%pipeline, %topic, partition, expected = g.expected, first, from, after_pause = g.after_pause, "a gap in the partition's offsets: reading it again from further back (records read already skipped)");
+    read_back(c, p, g.expected, from, 0).await
 }
 
 /// Seeks `p`'s partition back to `from`, to hand out its records from `commit` on;
