@@ -206,13 +206,35 @@ async fn all_loaded(
     let start = Instant::now();
     let distinct = format!("SELECT count(DISTINCT {key}) FROM {table}");
     while common::pg::count(db, &distinct).await < total as i64 {
-        assert!(
-            start.elapsed() < within,
-            "every record in PostgreSQL: {} of {total}\n{}",
-            common::pg::count(db, &distinct).await,
-            up.output()
-        );
+        if start.elapsed() >= within {
+            panic!(
+                "every record in PostgreSQL: {} of {total}; offsets missing: {}\n{}",
+                common::pg::count(db, &distinct).await,
+                offset_holes(db, table).await,
+                up.output()
+            );
+        }
         tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// Per partition, the offsets below its highest loaded one that no row came from (the
+/// table's `part` and `off` columns): where records went missing.
+async fn offset_holes(db: &tokio_postgres::Client, table: &str) -> String {
+    let q = format!(
+        "SELECT format('partition %s: %s offsets from %s to %s', part, count(*), min(g), max(g))
+         FROM (SELECT p.part, g FROM (SELECT part, max(off) AS m FROM {table} GROUP BY part) p,
+                    generate_series(0, p.m) g
+               WHERE NOT EXISTS (SELECT 1 FROM {table} t WHERE t.part = p.part AND t.off = g)) h
+         GROUP BY part ORDER BY part"
+    );
+    match db.query(&q, &[]).await {
+        Ok(rows) => rows
+            .iter()
+            .map(|r| r.get::<_, String>(0))
+            .collect::<Vec<_>>()
+            .join("; "),
+        Err(e) => format!("(cannot tell: {e})"),
     }
 }
 
