@@ -7,7 +7,7 @@
 //! from a commit inside a batch skip the rest of that batch — records lost, although
 //! never committed. So the first record of each assignment is checked against the
 //! group's committed offset: when it lies past the commit, the source seeks back
-//! (1,000 records, then 10,000, 100,000, 1,000,000) until the fetch starts at or before
+//! (10,000 records, then 100,000, then 1,000,000) until the fetch starts at or before
 //! the commit, and skips what lies before the commit. When the commit lies inside the
 //! partition's *last* batch, such a broker answers nothing at all: a partition that
 //! gives no record for [`QUIET`] after its assignment is probed ([`probe`]) — unless
@@ -30,7 +30,7 @@ use super::{Ctx, Pending};
 pub(super) const QUIET: Duration = Duration::from_secs(2);
 
 /// How far back to seek, in turn.
-const SPANS: [i64; 4] = [1_000, 10_000, 100_000, 1_000_000];
+const SPANS: [i64; 3] = [10_000, 100_000, 1_000_000];
 
 /// A partition read again from before its commit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,7 +75,7 @@ pub(super) async fn admit(c: &Arc<StreamConsumer<Ctx>>, p: Pending) -> Option<Pe
             // Not knowing the commit, the partition is read again from a span before
             // its first record with nothing skipped: records repeated, none lost.
             Err(e) => {
-                let from = offset.saturating_sub(SPANS[1]).max(0);
+                let from = offset.saturating_sub(SPANS[0]).max(0);
                 tracing::warn!(pipeline = %c.context().pipeline, %topic, partition, first = offset, from, error = %e, "the group's committed offset is not known: reading the partition again from further back, nothing skipped (records may repeat)");
                 let last = SPANS.len() - 1;
                 return read_back(c, p, from, from, last).await;
