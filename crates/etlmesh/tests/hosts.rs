@@ -157,6 +157,17 @@ impl Spread {
         .await;
     }
 
+    /// Waits until the gateway's `/readyz` says it follows the control plane (`true`) or
+    /// serves from its last endpoint set (`false`).
+    async fn follows_control_plane(&self, follows: bool) {
+        eventually(
+            Duration::from_secs(30),
+            &format!("the gateway's /readyz says control_plane: {follows}"),
+            async || self.readyz().await["control_plane"] == follows,
+        )
+        .await;
+    }
+
     async fn readyz(&self) -> serde_json::Value {
         self.http
             .get(&format!("{}/readyz", self.gw_url))
@@ -290,12 +301,7 @@ async fn a_gateway_cut_off_from_the_control_plane_serves_its_last_endpoints_and_
     let outcomes = under_load(s.url(), 4, async || {
         s.gw_host.partition_from(&s.cp_host);
         partitioned_at = Instant::now();
-        eventually(
-            Duration::from_secs(20),
-            "the gateway says it lost the control plane",
-            async || s.readyz().await["control_plane"] == false,
-        )
-        .await;
+        s.follows_control_plane(false).await;
         let r = s.readyz().await;
         assert_eq!(r["status"], "ready", "{r}");
         let h = s.http.get(&format!("{}/healthz", s.gw_url)).await.json();
@@ -319,12 +325,7 @@ async fn a_gateway_cut_off_from_the_control_plane_serves_its_last_endpoints_and_
         tokio::time::sleep(Duration::from_secs(2)).await;
         s.gw_host.heal_from(&s.cp_host);
         healed_at = Instant::now();
-        eventually(
-            Duration::from_secs(30),
-            "the gateway follows the control plane again",
-            async || s.readyz().await["control_plane"] == true,
-        )
-        .await;
+        s.follows_control_plane(true).await;
         s.serves("w2", Duration::from_secs(30)).await;
         w2_seen = Instant::now();
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -357,10 +358,7 @@ async fn a_control_plane_killed_and_started_again_on_its_state_loses_no_request(
         tokio::time::sleep(Duration::from_secs(1)).await;
         s.cp.signal(nix::sys::signal::Signal::SIGKILL);
         s.cp.exit_within(Duration::from_secs(5)).await;
-        eventually(Duration::from_secs(20), "the gateway notices", async || {
-            s.readyz().await["control_plane"] == false
-        })
-        .await;
+        s.follows_control_plane(false).await;
         s.cp = control_plane(&s.cp_host, &s.scratch);
         restarted_at = Instant::now();
         eventually(
@@ -372,12 +370,7 @@ async fn a_control_plane_killed_and_started_again_on_its_state_loses_no_request(
             },
         )
         .await;
-        eventually(
-            Duration::from_secs(30),
-            "the gateway follows the control plane again",
-            async || s.readyz().await["control_plane"] == true,
-        )
-        .await;
+        s.follows_control_plane(true).await;
         // The trust anchor came back from the state directory: a worker that joins the
         // restarted control plane is trusted by the gateway, which joined the first.
         s.add_worker("w3");

@@ -99,10 +99,6 @@ struct Owned {
     /// When it was assigned (or last probed): a partition quiet since is probed
     /// ([`resume::probe`]).
     since: Option<std::time::Instant>,
-    /// Fetching was resumed after a pause and no record came since: the client fetches
-    /// again from where the application read to, which may lie inside a record batch
-    /// ([`resume::gap`]).
-    resumed: bool,
 }
 
 impl Owned {
@@ -557,9 +553,9 @@ struct Pending {
     meta: Meta,
     /// To be checked against where its partition resumes ([`resume::admit`]).
     first: bool,
-    /// It came past where its partition was read to: the records between are asked
-    /// for again ([`resume::gap`]).
-    gap: Option<resume::Gap>,
+    /// It came past this offset, where its partition was read to: the records between
+    /// are asked for again ([`resume::gap`]).
+    gap: Option<i64>,
 }
 
 /// Names kept for the records read: topics and shards, made once each.
@@ -617,12 +613,7 @@ fn read(
                 }
                 let gap = owned
                     .next
-                    .filter(|&n| owned.rewind.is_none() && m.offset() > n)
-                    .map(|expected| resume::Gap {
-                        expected,
-                        after_pause: owned.resumed,
-                    });
-                owned.resumed = false;
+                    .filter(|&n| owned.rewind.is_none() && m.offset() > n);
                 owned.next = Some(m.offset() + 1);
                 (
                     owned.generation,
@@ -654,15 +645,7 @@ fn read(
 
 /// Pauses or resumes every partition owned.
 fn set_paused(consumer: &StreamConsumer<Ctx>, pause: bool) {
-    {
-        let mut o = consumer.context().offsets.lock();
-        o.paused = pause;
-        if !pause {
-            for owned in o.parts.values_mut() {
-                owned.resumed = true;
-            }
-        }
-    }
+    consumer.context().offsets.lock().paused = pause;
     tracing::debug!(pipeline = %consumer.context().pipeline, pause, "Kafka partitions paused or resumed");
     let Ok(a) = consumer.assignment() else {
         return;
@@ -764,7 +747,7 @@ pub async fn open(
             };
             let key = (p.topic.clone(), p.meta.partition);
             let checked = match p.gap {
-                Some(g) => resume::gap(&c, p, g).await,
+                Some(expected) => resume::gap(&c, p, expected).await,
                 None if p.first => resume::admit(&c, p).await,
                 None => Some(p),
             };

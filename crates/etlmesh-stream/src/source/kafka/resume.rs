@@ -92,32 +92,27 @@ pub(super) async fn admit(c: &Arc<StreamConsumer<Ctx>>, p: Pending) -> Option<Pe
     read_back(c, p, commit, from, attempt).await
 }
 
-/// A record that came past where its partition was read to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct Gap {
-    /// The offset after the newest record read: where the partition was read to.
-    pub expected: i64,
-    /// The first record since fetching resumed from a pause.
-    pub after_pause: bool,
-}
-
-/// `p` came past `g.expected`, where its partition was read to: the client fetched
+/// `p` came past `expected`, where its partition was read to: the client fetched
 /// from inside a record batch (after a pause it fetches again from the application's
 /// position; librdkafka on some brokers also after a rebalance) and a broker that
 /// answers such a fetch with the batches after it skipped the rest of the batch. The
 /// partition is read again from further back, the records read already skipped, as on
 /// a resume from a commit ([`admit`] widens the read back while it comes past again).
 /// A gap the broker really has (transaction markers, compaction) costs one read back.
-pub(super) async fn gap(c: &Arc<StreamConsumer<Ctx>>, p: Pending, g: Gap) -> Option<Pending> {
+pub(super) async fn gap(
+    c: &Arc<StreamConsumer<Ctx>>,
+    p: Pending,
+    expected: i64,
+) -> Option<Pending> {
     let (topic, partition, first) = (
         p.topic.clone(),
         p.meta.partition.unwrap_or(-1),
         p.meta.offset.unwrap_or(-1),
     );
     let pipeline = &c.context().pipeline;
-    let from = g.expected.saturating_sub(SPANS[0]).max(0);
-    tracing::info!(%pipeline, %topic, partition, expected = g.expected, first, from, after_pause = g.after_pause, "a gap in the partition's offsets: reading it again from further back (records read already skipped)");
-    read_back(c, p, g.expected, from, 0).await
+    let from = expected.saturating_sub(SPANS[0]).max(0);
+    tracing::info!(%pipeline, %topic, partition, expected, first, from, "a gap in the partition's offsets: reading it again from further back (records read already skipped)");
+    read_back(c, p, expected, from, 0).await
 }
 
 /// Seeks `p`'s partition back to `from`, to hand out its records from `commit` on;
