@@ -125,6 +125,7 @@ pub(crate) struct RawDeadLetter {
     pub path: PathBuf,
     pub max_size: Option<ByteSize>,
     pub max_files: Option<usize>,
+    pub s3: Option<crate::object::S3Options>,
 }
 
 #[derive(Debug, Default, Deserialize)]

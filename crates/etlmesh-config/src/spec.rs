@@ -123,7 +123,7 @@ impl PipelineSpec {
     pub fn describe_sinks(&self) -> Vec<String> {
         let mut v: Vec<String> = self.sinks.iter().map(SinkSpec::describe).collect();
         if let Some(d) = &self.dead_letter {
-            v.push(format!("dead_letter:{}", d.path.display()));
+            v.push(format!("dead_letter:{}", d.location()));
         }
         v
     }
@@ -274,7 +274,7 @@ impl SinkSpec {
     /// A short description for logs: `parquet:out/clean` or `stdout:ndjson`.
     pub fn describe(&self) -> String {
         match self {
-            SinkSpec::File(f) => format!("{}:{}", f.format, f.path.display()),
+            SinkSpec::File(f) => format!("{}:{}", f.format, f.location()),
             SinkSpec::Stdout { format } => format!("stdout:{format}"),
             SinkSpec::Postgres(p) => format!("postgres:{}", p.table),
             SinkSpec::Mqtt(m) => format!("mqtt:{}", m.topic),
@@ -315,6 +315,19 @@ pub struct FileSinkSpec {
     pub max_open_files: usize,
     /// In streams: when a file is finished and the next begins.
     pub rolling: Rolling,
+    /// With `path: s3://…`: the bucket the files are uploaded to at commit; `path` is
+    /// then the local staging directory.
+    pub object: Option<crate::object::ObjectTarget>,
+}
+
+impl FileSinkSpec {
+    /// Where the files end up, for people: the directory, or the `s3://` URL.
+    pub fn location(&self) -> String {
+        match &self.object {
+            Some(o) => o.url.clone(),
+            None => self.path.display().to_string(),
+        }
+    }
 }
 
 /// Where bad records go: NDJSON files in a directory.
@@ -327,15 +340,28 @@ pub struct DeadLetterSpec {
     /// Rotated files kept per pipeline and worker; older ones are removed (counted,
     /// logged as an error). Together with `max_size`, the most disk dead letters take.
     pub max_files: usize,
+    /// With `path: s3://…`: the bucket that dead letters are uploaded to (a batch run's
+    /// file at commit, a worker's files as they rotate); `path` is then the local
+    /// staging directory.
+    pub object: Option<crate::object::ObjectTarget>,
 }
 
 impl DeadLetterSpec {
+    /// Where the dead letters end up, for people: the directory, or the `s3://` URL.
+    pub fn location(&self) -> String {
+        match &self.object {
+            Some(o) => o.url.clone(),
+            None => self.path.display().to_string(),
+        }
+    }
+
     /// Dead letters in `path` with the default bounds (64 MiB a file, 4 rotated files).
     pub fn new(path: impl Into<PathBuf>) -> Self {
         Self {
             path: path.into(),
             max_size: 64 << 20,
             max_files: 4,
+            object: None,
         }
     }
 }
@@ -528,10 +554,32 @@ fn resolve_pipeline(
                 .with_help("give at least 4KiB, for example 64MiB"),
             );
         }
+        let (path, object) = if crate::object::is_object_url(&dl.path) {
+            let url = dl.path.to_string_lossy().into_owned();
+            match crate::object::parse_url(&url, dl.s3.unwrap_or_default()) {
+                Ok(t) => (crate::object::staging_dir(&t), Some(t)),
+                Err(message) => {
+                    out.push(d("dead_letter.path", message));
+                    (dl.path, None)
+                }
+            }
+        } else {
+            if dl.s3.is_some() {
+                out.push(
+                    d(
+                        "dead_letter.s3",
+                        "is only for a path in object storage".into(),
+                    )
+                    .with_help("remove it, or write `path: s3://bucket/prefix`"),
+                );
+            }
+            (dl.path, None)
+        };
         DeadLetterSpec {
-            path: dl.path,
+            path,
             max_size: max_size.max(4096),
             max_files: dl.max_files.unwrap_or(def.max_files),
+            object,
         }
     });
     let jobs = rp.jobs.map_or_else(JobsSpec::default, |j| JobsSpec {

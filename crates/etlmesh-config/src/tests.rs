@@ -226,3 +226,42 @@ fn an_alias_bomb_is_refused_not_expanded() {
     let e = err(&text);
     assert!(e.diagnostics[0].line.is_some(), "{e}");
 }
+
+#[test]
+fn object_storage_paths_are_checked_where_they_are_written() {
+    let ok = GOOD.replace(
+        "{ type: parquet, path: out/clean,",
+        "{ type: parquet, path: \"s3://lake/clean\", s3: { region: eu-west-1 },",
+    );
+    let f = PipelineFile::parse("etl.yaml", &ok).expect("valid");
+    let p = f.pipeline("clean").expect("pipeline");
+    let crate::SinkSpec::File(sink) = &p.sinks[0] else {
+        panic!("a file sink: {:?}", p.sinks[0]);
+    };
+    let target = sink.object.as_ref().expect("an object target");
+    assert_eq!(
+        (target.bucket.as_str(), target.prefix.as_str()),
+        ("lake", "clean")
+    );
+    assert_eq!(target.s3.region.as_deref(), Some("eu-west-1"));
+    assert_eq!(sink.location(), "s3://lake/clean");
+    assert!(
+        sink.path.ends_with("etlmesh-staging/lake/clean"),
+        "{:?}",
+        sink.path
+    );
+
+    let e = err(&GOOD.replace("path: out/clean,", "path: \"gs://lake/clean\","));
+    assert_eq!(
+        e.diagnostics[0].field, "pipelines.clean.sinks[0].path",
+        "{e}"
+    );
+    assert!(e.to_string().contains("`gs://` is not a storage"), "{e}");
+    let e = err(&GOOD.replace("path: out/clean,", "path: out/clean, s3: { region: x },"));
+    assert_eq!(e.diagnostics[0].field, "pipelines.clean.sinks[0].s3", "{e}");
+    let e = err(&GOOD.replace(
+        "path: out/clean,",
+        "path: \"s3://lake\", s3: { regoin: x },",
+    ));
+    assert!(e.to_string().contains("regoin"), "{e}");
+}

@@ -4,19 +4,23 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use etlmesh_config::{Format, SinkSpec, Spec};
+use etlmesh_config::{Format, ObjectTarget, SinkSpec, Spec};
 use serde::Serialize;
 
 /// Where a dataset's rows are.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum DatasetSource {
-    /// A directory of Parquet files, with Hive partitions (`col=value/`).
+    /// A directory of Parquet files, with Hive partitions (`col=value/`), on the local
+    /// disk or in a bucket.
     Parquet {
-        /// The directory.
+        /// The directory, or the `s3://` URL.
         path: PathBuf,
         /// The partition columns, outermost first (read as text).
         partition_by: Vec<String>,
+        /// The bucket, when the files are in object storage.
+        #[serde(skip)]
+        object: Option<ObjectTarget>,
     },
     /// A PostgreSQL table, read through a read-only transaction.
     Postgres {
@@ -64,8 +68,9 @@ impl Catalog {
                             format!("{}_{parquet}", p.name)
                         };
                         let source = DatasetSource::Parquet {
-                            path: f.path.clone(),
+                            path: f.location().into(),
                             partition_by: f.partition_by.clone(),
+                            object: f.object.clone(),
                         };
                         (name, source)
                     }
@@ -147,7 +152,8 @@ pipelines:
             c.get("clean").map(|d| &d.source),
             Some(&DatasetSource::Parquet {
                 path: "out/clean".into(),
-                partition_by: vec!["status".into()]
+                partition_by: vec!["status".into()],
+                object: None,
             })
         );
         match c.get("readings").map(|d| &d.source) {

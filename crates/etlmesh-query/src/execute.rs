@@ -304,10 +304,18 @@ async fn register(
 ) -> Result<(), QueryError> {
     let name = &dataset.name;
     match &dataset.source {
-        DatasetSource::Parquet { path, partition_by } => {
+        DatasetSource::Parquet {
+            path,
+            partition_by,
+            object,
+        } => {
             // The schema of one file, so that planning opens no other file: a filter
             // on partition columns then reads only the directories it keeps.
-            let Some(schema) = first_parquet_schema(path) else {
+            let (schema, url) = match object {
+                Some(target) => crate::object::locate(ctx, target, name).await?,
+                None => (first_parquet_schema(path), local_url(name, path)?),
+            };
+            let Some(schema) = schema else {
                 return Err(QueryError::Invalid(format!(
                     "dataset `{name}` has no Parquet files in {} yet; its pipeline `{}` writes them (etlmesh run -c FILE --pipeline {} INPUTS)",
                     path.display(),
@@ -315,13 +323,6 @@ async fn register(
                     dataset.pipeline
                 )));
             };
-            let dir = std::path::absolute(path).map_err(|e| {
-                QueryError::Unavailable(format!("dataset `{name}`: {}: {e}", path.display()))
-            })?;
-            let mut url = dir.to_string_lossy().into_owned();
-            if !url.ends_with('/') {
-                url.push('/');
-            }
             let options = ParquetReadOptions::default()
                 .schema(&schema)
                 .table_partition_cols(
@@ -349,6 +350,18 @@ async fn register(
         }
     }
     Ok(())
+}
+
+/// A local directory as the URL of a listing table (absolute, ending in `/`).
+fn local_url(name: &str, path: &Path) -> Result<String, QueryError> {
+    let dir = std::path::absolute(path).map_err(|e| {
+        QueryError::Unavailable(format!("dataset `{name}`: {}: {e}", path.display()))
+    })?;
+    let mut url = dir.to_string_lossy().into_owned();
+    if !url.ends_with('/') {
+        url.push('/');
+    }
+    Ok(url)
 }
 
 /// The schema of the first readable Parquet file in `dir` (looked for depth first,
@@ -434,6 +447,7 @@ mod tests {
             source: DatasetSource::Parquet {
                 path: root,
                 partition_by: vec!["status".into()],
+                object: None,
             },
         });
         catalog.add(Dataset {
@@ -442,6 +456,7 @@ mod tests {
             source: DatasetSource::Parquet {
                 path: dir.join("nothing"),
                 partition_by: vec![],
+                object: None,
             },
         });
         Analytics::new(catalog, spec).expect("service")

@@ -3,8 +3,8 @@
 //!
 //! The [`Catalog`] is built from the pipeline file: every Parquet file sink is a table
 //! (a [`ListingTable`](datafusion::datasource::listing::ListingTable) over its
-//! directory, with its `partition_by` columns as Hive partitions, so a filter on them
-//! skips whole directories), every PostgreSQL sink a table read through a read-only
+//! directory or its `s3://` prefix ([`object`]), with its `partition_by` columns as
+//! Hive partitions, so a filter on them skips whole directories), every PostgreSQL sink a table read through a read-only
 //! transaction ([`postgres`]). Nothing else is a table: URL tables are off, and
 //! `CREATE EXTERNAL TABLE`, `COPY`, DDL, DML and `SET` are refused ([`guard`]), so a
 //! query cannot read a file outside the datasets' directories.
@@ -19,6 +19,7 @@ mod bounded;
 mod catalog;
 mod execute;
 mod guard;
+mod object;
 mod postgres;
 
 use std::time::Duration;

@@ -13,6 +13,7 @@ use arrow::datatypes::SchemaRef;
 use etlmesh_codec::encode::{BatchWriter, EncodeOptions, writer};
 use etlmesh_config::FileSinkSpec;
 
+use crate::object::Bucket;
 use crate::partition::Partitioner;
 use crate::{Committed, Sink, SinkError, SinkWriter, io_error};
 
@@ -82,9 +83,10 @@ pub(crate) fn tmp_name(target: &Path) -> PathBuf {
     target.with_file_name(format!(".{name}.tmp"))
 }
 
-/// A directory of files.
+/// A directory of files (or a bucket's prefix, staged in a local directory).
 pub struct FileSink {
     spec: FileSinkSpec,
+    bucket: Option<Arc<Bucket>>,
     describe: String,
     options: EncodeOptions,
     partitioner: Option<Partitioner>,
@@ -96,9 +98,14 @@ pub struct FileSink {
 }
 
 impl FileSink {
-    /// Creates the directory (and checks it is writable) for rows of `schema`.
+    /// Creates the directory (and checks it is writable) for rows of `schema`; with an
+    /// object target, the staging directory, and checks that the bucket answers.
     pub fn create(spec: FileSinkSpec, schema: SchemaRef, run_id: &str) -> Result<Self, SinkError> {
-        let describe = format!("{}:{}", spec.format, spec.path.display());
+        let describe = format!("{}:{}", spec.format, spec.location());
+        let bucket = match &spec.object {
+            Some(target) => Some(Bucket::open(target, &describe)?),
+            None => None,
+        };
         std::fs::create_dir_all(&spec.path).map_err(|e| io_error(&describe, &spec.path, e))?;
         let probe = spec.path.join(format!(".etlmesh-probe-{run_id}"));
         File::create(&probe).map_err(|e| io_error(&describe, &spec.path, e))?;
@@ -125,6 +132,7 @@ impl FileSink {
         };
         Ok(Self {
             spec,
+            bucket,
             describe,
             options,
             partitioner,
@@ -170,7 +178,16 @@ impl Sink for FileSink {
 
     fn commit(&self) -> Result<Committed, SinkError> {
         let pending = std::mem::take(&mut *self.pending.lock());
-        commit_files(&self.describe, pending)
+        match &self.bucket {
+            None => commit_files(&self.describe, pending),
+            // What is not uploaded stays pending: the next commit goes on from there.
+            Some(bucket) => bucket
+                .upload_pending(&self.describe, &self.spec.path, pending)
+                .map_err(|(error, left)| {
+                    self.pending.lock().extend(left);
+                    error
+                }),
+        }
     }
 
     fn abort(&self) {
@@ -337,6 +354,7 @@ mod tests {
             delimiter: b',',
             max_open_files: 2,
             rolling: etlmesh_config::Rolling::default(),
+            object: None,
         }
     }
 

@@ -6,7 +6,8 @@
 //! half-written file under a final name.
 //!
 //! - [`file::FileSink`]: CSV, NDJSON, Parquet or Arrow files in a directory,
-//!   optionally Hive-partitioned (`device_id=d1/part-….parquet`).
+//!   optionally Hive-partitioned (`device_id=d1/part-….parquet`), or in a bucket
+//!   (`s3://…`): staged locally, uploaded at commit ([`object`]).
 //! - [`stdout::StdoutSink`]: the encoded rows on standard output, written at commit.
 //! - [`dead_letter::DeadLetterSink`]: rejected records as NDJSON with their origin
 //!   and reason.
@@ -17,6 +18,7 @@
 
 pub mod dead_letter;
 pub mod file;
+pub mod object;
 mod partition;
 pub mod stdout;
 pub mod tap;
@@ -51,6 +53,20 @@ pub enum SinkError {
         /// What is wrong, and what to do.
         message: String,
     },
+    /// Object storage refused or failed a request (an upload at commit, or the check
+    /// when the sink starts). The files not uploaded stay for the next commit.
+    #[error("sink {sink}: object storage {url}: {error}\n  help: {help}")]
+    Store {
+        /// The sink.
+        sink: String,
+        /// The sink's `s3://` URL.
+        url: String,
+        /// The error.
+        #[source]
+        error: Box<object_store::Error>,
+        /// What to do.
+        help: String,
+    },
     /// Encoding failed.
     #[error("sink {sink}: {error}")]
     Encode {
@@ -80,10 +96,18 @@ pub(crate) fn io_error(sink: &str, path: &Path, error: std::io::Error) -> SinkEr
     }
 }
 
+impl SinkError {
+    /// Whether trying again later may succeed (object storage unavailable or refusing):
+    /// a stream holds its messages instead of stopping.
+    pub fn is_outage(&self) -> bool {
+        matches!(self, SinkError::Store { .. })
+    }
+}
+
 /// What a commit made visible.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Committed {
-    /// Files now under their final names.
+    /// Files now under their final names (`s3://bucket/key` for objects).
     pub files: Vec<PathBuf>,
     /// Bytes in them.
     pub bytes: u64,

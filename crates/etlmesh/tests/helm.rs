@@ -196,6 +196,12 @@ fn the_optional_parts_render_and_the_mesh_can_be_turned_off() {
         "serviceMonitor": { "enabled": true },
         "mesh": { "enabled": false },
         "gateway": { "podDisruptionBudget": { "enabled": false } },
+        "objectStorage": {
+            "endpoint": "http://minio.storage:9000",
+            "region": "eu-west-1",
+            "allowHttp": true,
+            "existingSecret": "lake-credentials",
+        },
     });
     let Some(objects) = render(&values) else {
         return;
@@ -227,6 +233,23 @@ fn the_optional_parts_render_and_the_mesh_can_be_turned_off() {
         "without mTLS the workers are scraped: {scraped}"
     );
     assert!(args(named(&objects, "Deployment", "broker")).contains("--metrics="));
+    // Workers upload to the bucket and gateways read it: both get its settings.
+    for (kind, name) in [
+        ("StatefulSet", "worker-clean-readings"),
+        ("Deployment", "gateway"),
+    ] {
+        let env = serde_json::to_string(
+            &named(&objects, kind, name)["spec"]["template"]["spec"]["containers"][0]["env"],
+        )
+        .expect("env");
+        for needle in [
+            r#"{"name":"AWS_ENDPOINT_URL","value":"http://minio.storage:9000"}"#,
+            r#"{"name":"AWS_REGION","value":"eu-west-1"}"#,
+            r#""secretKeyRef":{"key":"secret-access-key","name":"lake-credentials"}"#,
+        ] {
+            assert!(env.contains(needle), "{name}: {needle} in {env}");
+        }
+    }
 }
 
 /// The mesh Secret the chart makes, as files: `ca.crt`, `ca.key`, and the token.

@@ -8,6 +8,7 @@ use serde::Deserialize;
 
 use super::Place;
 use crate::diag::Diagnostic;
+use crate::object::{self, S3Options};
 use crate::spec::{Compression, FileSinkSpec, SinkSpec, parse_compression, single_byte};
 use crate::stream::Rolling;
 use crate::types::Format;
@@ -27,6 +28,7 @@ pub(crate) struct RawFileSink {
     row_group_rows: Option<usize>,
     roll_interval: Option<Span>,
     roll_size: Option<ByteSize>,
+    s3: Option<S3Options>,
 }
 
 pub(crate) fn resolve(
@@ -68,6 +70,24 @@ pub(crate) fn resolve(
         );
         return None;
     };
+    let (path, object) = if object::is_object_url(&path) {
+        let url = path.to_string_lossy().into_owned();
+        match object::parse_url(&url, s.s3.unwrap_or_default()) {
+            Ok(target) => (object::staging_dir(&target), Some(target)),
+            Err(message) => {
+                out.push(at.diag("path", message));
+                return None;
+            }
+        }
+    } else {
+        if s.s3.is_some() {
+            out.push(
+                at.diag("s3", "is only for a path in object storage")
+                    .with_help("remove it, or write `path: s3://bucket/prefix`"),
+            );
+        }
+        (path, None)
+    };
     let partition_by = s.partition_by.unwrap_or_default();
     for (i, col) in partition_by.iter().enumerate() {
         if col.is_empty() || partition_by[..i].contains(col) {
@@ -106,5 +126,6 @@ pub(crate) fn resolve(
             }),
             size: s.roll_size.map_or(Rolling::default().size, |b| b.0.max(1)),
         },
+        object,
     }))
 }

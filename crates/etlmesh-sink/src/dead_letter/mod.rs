@@ -4,16 +4,20 @@
 //!
 //! [`route`] is the one way bad records leave a pipeline — batch runs, requests and
 //! streams alike; [`DeadLetterSink`] (a batch run's file, committed with the run) and
-//! [`DeadLetterLog`] (a service's log, fsynced per write) are where they land.
+//! [`DeadLetterLog`] (a service's log, fsynced per write) are where they land. With
+//! `path: s3://…` both stage locally: the batch file is uploaded at its commit, a
+//! service's files as they rotate (the open file stays on the local disk until then).
 
 mod route;
 
 pub use route::{DeadLetterRoute, DeadLetterWrite, Routed, first};
 
 use parking_lot::Mutex;
+use std::collections::HashSet;
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use base64::Engine as _;
@@ -22,6 +26,7 @@ use etlmesh_config::DeadLetterSpec;
 use serde::Serialize;
 
 use crate::file::{Pending, commit_files, sync_dir, tmp_name};
+use crate::object::Bucket;
 use crate::{Committed, SinkError, io_error};
 
 /// One dead letter, as written.
@@ -83,6 +88,8 @@ impl<'a> DeadLetter<'a> {
 pub struct DeadLetterSink {
     pipeline: String,
     describe: String,
+    dir: PathBuf,
+    bucket: Option<Arc<Bucket>>,
     target: PathBuf,
     file: Mutex<Option<BufWriter<File>>>,
     count: AtomicU64,
@@ -91,7 +98,11 @@ pub struct DeadLetterSink {
 impl DeadLetterSink {
     /// Creates the directory; the file itself appears with the first dead letter.
     pub fn create(spec: &DeadLetterSpec, pipeline: &str, run_id: &str) -> Result<Self, SinkError> {
-        let describe = format!("dead_letter:{}", spec.path.display());
+        let describe = format!("dead_letter:{}", spec.location());
+        let bucket = match &spec.object {
+            Some(t) => Some(Bucket::open(t, &describe)?),
+            None => None,
+        };
         std::fs::create_dir_all(&spec.path).map_err(|e| io_error(&describe, &spec.path, e))?;
         let probe = spec.path.join(format!(".etlmesh-probe-{run_id}"));
         File::create(&probe).map_err(|e| io_error(&describe, &spec.path, e))?;
@@ -99,6 +110,8 @@ impl DeadLetterSink {
         Ok(Self {
             pipeline: pipeline.to_string(),
             describe,
+            dir: spec.path.clone(),
+            bucket,
             target: spec.path.join(format!("dead-{pipeline}-{run_id}.ndjson")),
             file: Mutex::new(None),
             count: AtomicU64::new(0),
@@ -148,13 +161,16 @@ impl DeadLetterSink {
         let tmp = tmp_name(&self.target);
         w.flush().map_err(|e| io_error(&self.describe, &tmp, e))?;
         drop(w);
-        commit_files(
-            &self.describe,
-            vec![Pending {
-                tmp,
-                target: self.target.clone(),
-            }],
-        )
+        let pending = vec![Pending {
+            tmp,
+            target: self.target.clone(),
+        }];
+        match &self.bucket {
+            None => commit_files(&self.describe, pending),
+            Some(b) => b
+                .upload_pending(&self.describe, &self.dir, pending)
+                .map_err(|(error, _)| error),
+        }
     }
 
     /// Removes what was written.
@@ -182,6 +198,9 @@ pub struct DeadLetterLog {
     max_size: u64,
     max_files: usize,
     file: Mutex<Option<Current>>,
+    /// With an object target: where rotated files go, and those already there.
+    bucket: Option<Arc<Bucket>>,
+    uploaded: Arc<Mutex<HashSet<PathBuf>>>,
     count: AtomicU64,
     rotations: AtomicU64,
     dropped_files: AtomicU64,
@@ -209,7 +228,11 @@ pub struct DeadLetterStats {
 impl DeadLetterLog {
     /// Creates the directory; the file appears with the first dead letter.
     pub fn open(spec: &DeadLetterSpec, pipeline: &str, instance: &str) -> Result<Self, SinkError> {
-        let describe = format!("dead_letter:{}", spec.path.display());
+        let describe = format!("dead_letter:{}", spec.location());
+        let bucket = match &spec.object {
+            Some(t) => Some(Bucket::unchecked(t, &describe)?),
+            None => None,
+        };
         std::fs::create_dir_all(&spec.path).map_err(|e| io_error(&describe, &spec.path, e))?;
         let stem = format!("dead-{pipeline}-{instance}");
         Ok(Self {
@@ -221,6 +244,8 @@ impl DeadLetterLog {
             max_size: spec.max_size,
             max_files: spec.max_files,
             file: Mutex::new(None),
+            bucket,
+            uploaded: Arc::default(),
             count: AtomicU64::new(0),
             rotations: AtomicU64::new(0),
             dropped_files: AtomicU64::new(0),
@@ -319,8 +344,14 @@ impl DeadLetterLog {
         self.rotations.fetch_add(1, Ordering::Relaxed);
         rotated.push((next, to));
         tracing::info!(pipeline = %self.pipeline, file = %self.path.display(), max_size = self.max_size, "dead letters rotated");
+        self.upload_rotated(&rotated);
         while rotated.len() > self.max_files {
             let (_, oldest) = rotated.remove(0);
+            if self.uploaded.lock().remove(&oldest) {
+                // In the bucket already: the local copy goes, nothing is lost.
+                let _ = std::fs::remove_file(&oldest);
+                continue;
+            }
             let bytes = std::fs::metadata(&oldest).map(|m| m.len()).unwrap_or(0);
             if std::fs::remove_file(&oldest).is_ok() {
                 self.dropped_files.fetch_add(1, Ordering::Relaxed);
@@ -329,6 +360,35 @@ impl DeadLetterLog {
             }
         }
         Ok(())
+    }
+
+    /// With an object target, uploads in the background every rotated file not in the
+    /// bucket yet (a file that failed is tried again at the next rotation). A rotated
+    /// file never changes, so uploading one twice (after a restart) writes the same.
+    fn upload_rotated(&self, rotated: &[(u64, PathBuf)]) {
+        let Some(bucket) = &self.bucket else {
+            return;
+        };
+        for (_, path) in rotated {
+            if self.uploaded.lock().contains(path) {
+                continue;
+            }
+            let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+            let key = bucket
+                .target()
+                .key(std::path::Path::new(&name.unwrap_or_default()));
+            let (uploaded, file, pipeline) =
+                (self.uploaded.clone(), path.clone(), self.pipeline.clone());
+            bucket.spawn_upload(path.clone(), key.clone(), move |outcome| match outcome {
+                Ok(bytes) => {
+                    tracing::info!(pipeline, key, bytes, "dead letters uploaded");
+                    uploaded.lock().insert(file);
+                }
+                Err(e) => {
+                    tracing::warn!(pipeline, key, error_kind = "dead_letters_not_uploaded", error = %e, "dead letters not uploaded yet: kept on the local disk and tried again at the next rotation");
+                }
+            });
+        }
     }
 
     /// Rotated files of this log, by number.
@@ -357,7 +417,6 @@ impl DeadLetterLog {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
 
     use bytes::Bytes;
     use etlmesh_codec::Stage;

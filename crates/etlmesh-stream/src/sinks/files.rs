@@ -25,12 +25,21 @@ struct Current {
     bytes: u64,
 }
 
+/// A rolled file set whose commit failed on an outage (object storage refusing or
+/// away): its rows are written, not yet visible; the next write or flush tries again.
+struct Sealed {
+    sink: Arc<FileSink>,
+    /// Newest write in it.
+    upto: u64,
+}
+
 /// Files rolled by time and size.
 pub struct RollingFiles {
     spec: FileSinkSpec,
     schema: SchemaRef,
     instance: String,
     current: Option<Current>,
+    sealed: Option<Sealed>,
     /// Newest write into `current`.
     pending: u64,
     committed: u64,
@@ -44,6 +53,7 @@ impl RollingFiles {
             schema,
             instance: instance.to_string(),
             current: None,
+            sealed: None,
             pending: 0,
             committed: 0,
         }
@@ -60,30 +70,60 @@ impl RollingFiles {
         SinkFailure::Fatal(format!("{}: {e}", self.describe()))
     }
 
-    fn roll(&mut self) -> Result<(), SinkFailure> {
+    /// Finishes the current files and commits them (see [`RollingFiles::commit_sealed`]).
+    async fn roll(&mut self) -> Result<(), SinkFailure> {
         if let Some(c) = self.current.take() {
             let sink = c.sink.clone();
             if let Err(e) = c.writer.close() {
                 sink.abort();
                 return Err(SinkFailure::Fatal(format!("{}: {e}", self.describe())));
             }
-            let done = match sink.commit() {
-                Ok(d) => d,
-                Err(e) => {
-                    sink.abort();
-                    return Err(SinkFailure::Fatal(format!("{}: {e}", self.describe())));
-                }
-            };
-            tracing::debug!(sink = %self.describe(), files = done.files.len(), bytes = done.bytes, "rolled");
+            self.sealed = Some(Sealed {
+                sink,
+                upto: self.pending,
+            });
+            return self.commit_sealed().await;
         }
-        self.committed = self.pending;
+        if self.sealed.is_none() {
+            self.committed = self.pending;
+        }
         Ok(())
+    }
+
+    /// Commits the sealed files: renamed into place, or uploaded (on a blocking thread:
+    /// an upload takes a while). An outage keeps them sealed and says `Retry`; any
+    /// other failure loses them (`Fatal`: the stream restarts, its messages come again).
+    async fn commit_sealed(&mut self) -> Result<(), SinkFailure> {
+        let Some(sealed) = self.sealed.take() else {
+            return Ok(());
+        };
+        let sink = sealed.sink.clone();
+        let done = tokio::task::spawn_blocking(move || sink.commit())
+            .await
+            .map_err(|e| {
+                SinkFailure::Fatal(format!("{}: the commit task failed: {e}", self.describe()))
+            })?;
+        match done {
+            Ok(d) => {
+                tracing::debug!(sink = %self.describe(), files = d.files.len(), bytes = d.bytes, "rolled");
+                self.committed = sealed.upto;
+                Ok(())
+            }
+            Err(e) if e.is_outage() => {
+                self.sealed = Some(sealed);
+                Err(self.retry(e))
+            }
+            Err(e) => {
+                sealed.sink.abort();
+                Err(SinkFailure::Fatal(format!("{}: {e}", self.describe())))
+            }
+        }
     }
 }
 
 impl StreamSink for RollingFiles {
     fn describe(&self) -> String {
-        format!("{}:{}", self.spec.format, self.spec.path.display())
+        format!("{}:{}", self.spec.format, self.spec.location())
     }
 
     fn write<'a>(
@@ -92,6 +132,9 @@ impl StreamSink for RollingFiles {
         write: u64,
     ) -> BoxFuture<'a, Result<Vec<RefusedRow>, SinkFailure>> {
         Box::pin(async move {
+            // Files sealed by an earlier roll go first: while they cannot commit, this
+            // write is refused whole (the runner holds it and sends it again).
+            self.commit_sealed().await?;
             if batches.iter().all(|b| b.num_rows() == 0) {
                 self.pending = write;
                 if self.current.is_none() {
@@ -102,8 +145,13 @@ impl StreamSink for RollingFiles {
             if self.current.is_none() {
                 let n = ROLLS.fetch_add(1, Ordering::Relaxed);
                 let run = format!("{}-{}-{n:04}", etlmesh_sink::run_id(), self.instance);
-                let sink = FileSink::create(self.spec.clone(), self.schema.clone(), &run)
-                    .map_err(|e| self.retry(e))?;
+                // Blocking: with object storage, the first sink checks the bucket.
+                let (spec, schema) = (self.spec.clone(), self.schema.clone());
+                let sink =
+                    tokio::task::spawn_blocking(move || FileSink::create(spec, schema, &run))
+                        .await
+                        .map_err(|e| self.retry(e))?
+                        .map_err(|e| self.retry(e))?;
                 let sink = Arc::new(sink);
                 let writer = sink.writer().map_err(|e| self.retry(e))?;
                 self.current = Some(Current {
@@ -126,7 +174,16 @@ impl StreamSink for RollingFiles {
             }
             self.pending = write;
             if bytes >= self.spec.rolling.size {
-                self.roll()?;
+                // The rows are written either way: an outage now leaves them sealed
+                // (not committed, so not acknowledged) for the next write or flush.
+                if let Err(e) = self.roll().await {
+                    match e {
+                        SinkFailure::Retry(m) => {
+                            tracing::warn!(sink = %self.describe(), error = %m, "rolled files wait for their commit")
+                        }
+                        fatal => return Err(fatal),
+                    }
+                }
             }
             Ok(Vec::new())
         })
@@ -138,11 +195,12 @@ impl StreamSink for RollingFiles {
 
     fn flush(&mut self, force: bool) -> BoxFuture<'_, Result<(), SinkFailure>> {
         Box::pin(async move {
+            self.commit_sealed().await?;
             let due = self
                 .current
                 .as_ref()
                 .is_some_and(|c| force || c.opened.elapsed() >= self.spec.rolling.interval);
-            if due { self.roll() } else { Ok(()) }
+            if due { self.roll().await } else { Ok(()) }
         })
     }
 }

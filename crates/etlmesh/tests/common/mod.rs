@@ -7,6 +7,7 @@ pub mod jetstream;
 pub mod kafka;
 pub mod mesh;
 pub mod pg;
+pub mod s3;
 pub mod stream;
 
 use std::path::{Path, PathBuf};

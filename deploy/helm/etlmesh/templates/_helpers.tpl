@@ -46,3 +46,29 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
       key: join-token
 {{- end }}
 {{- end -}}
+
+{{/* The object-storage settings as the AWS tools' environment (workers and gateways). */}}
+{{- define "etlmesh.objectStorageEnv" -}}
+{{- with .Values.objectStorage }}
+{{- if .endpoint }}
+- name: AWS_ENDPOINT_URL
+  value: {{ .endpoint | quote }}
+{{- end }}
+{{- if .region }}
+- name: AWS_REGION
+  value: {{ .region | quote }}
+{{- end }}
+{{- if .allowHttp }}
+- name: AWS_ALLOW_HTTP
+  value: "true"
+{{- end }}
+{{- if .existingSecret }}
+- name: AWS_ACCESS_KEY_ID
+  valueFrom:
+    secretKeyRef: { name: {{ .existingSecret | quote }}, key: access-key-id }
+- name: AWS_SECRET_ACCESS_KEY
+  valueFrom:
+    secretKeyRef: { name: {{ .existingSecret | quote }}, key: secret-access-key }
+{{- end }}
+{{- end }}
+{{- end -}}
