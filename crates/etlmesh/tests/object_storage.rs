@@ -205,6 +205,25 @@ pipelines:
         text(&w.body)
     );
     assert_eq!(w.json()[0]["s"].as_u64(), Some(1));
+
+    // Pruning: a partition holding an object that is not Parquet breaks any query that
+    // reads it; one filtered to another partition never lists it.
+    moto.client(&[
+        "put",
+        "lake",
+        "readings/clean/status=zzz/part-bad.parquet",
+        "not parquet",
+    ]);
+    let pruned = ask("SELECT count(*) AS n FROM clean WHERE status = 'warn'").await;
+    assert_eq!(pruned.status, StatusCode::OK, "{}", text(&pruned.body));
+    assert_eq!(pruned.json()[0]["n"].as_u64(), warn["rows"].as_u64());
+    let unpruned = ask("SELECT count(*) AS n FROM clean").await;
+    assert_ne!(
+        unpruned.status,
+        StatusCode::OK,
+        "reading every partition reads the bad object: {}",
+        text(&unpruned.body)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,6 +4,7 @@ what the files hold. Used by the object-storage tests against a moto server.
     s3_client.py ENDPOINT mkbucket BUCKET
     s3_client.py ENDPOINT list BUCKET PREFIX      -> [{"key": ..., "size": ...}, ...]
     s3_client.py ENDPOINT uploads BUCKET          -> [{"key": ..., "upload_id": ...}, ...] (unfinished)
+    s3_client.py ENDPOINT put BUCKET KEY TEXT     -> {"put": KEY}
     s3_client.py ENDPOINT lines BUCKET PREFIX     -> {"lines": n, "files": n} over every object under PREFIX
     s3_client.py ENDPOINT kill-during-upload BUCKET PID SECONDS
         -> {"killed": true, "waited_s": ...}: watches the unfinished uploads and kills
@@ -102,6 +103,9 @@ def main():
     elif cmd == "uploads":
         listed = s3.list_multipart_uploads(Bucket=bucket)
         out = [{"key": u["Key"], "upload_id": u["UploadId"]} for u in listed.get("Uploads", [])]
+    elif cmd == "put":
+        s3.put_object(Bucket=bucket, Key=sys.argv[4], Body=sys.argv[5].encode())
+        out = {"put": sys.argv[4]}
     elif cmd == "lines":
         found = objects(s3, bucket, sys.argv[4])
         lines = sum(
