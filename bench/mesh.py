@@ -99,6 +99,17 @@ end
 """
 
 
+def stop(procs):
+    """SIGTERM to every process, then waits for each (killing one that takes 10 s)."""
+    for p in procs:
+        p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -131,9 +142,11 @@ def wrk(url, lua, connections, seconds):
     return dict(p50=p50 / 1000, p99=p99 / 1000, rps=(n - non2xx) / seconds, failed=errors + non2xx)
 
 
-def start_mesh(work, env, procs, mtls):
+def start_mesh(work, env, procs, mtls, gateway_defaults=False):
     """A control plane, two workers and a gateway; with `mtls`, on the control plane's
-    mesh listener with the join token. The gateway's and the first worker's URLs."""
+    mesh listener with the join token. The gateway's and the first worker's URLs.
+    Gateway and workers run on one thread each with wide limits, or with their
+    defaults (`gateway_defaults`: a thread per core, the default queue and limits)."""
 
     def start(*argv, extra_env=None):
         p = subprocess.Popen([BIN, *argv], cwd=work, env=dict(env, **(extra_env or {})),
@@ -161,12 +174,13 @@ def start_mesh(work, env, procs, mtls):
         token_env = {"ETLMESH_JOIN_TOKEN": token_file.read_text().strip()}
     workers = [free_port(), free_port()]
     for i, port in enumerate(workers):
+        tuning = [] if gateway_defaults else ["--threads", "1", "--max-in-flight", "256"]
         start("worker", "-c", "mesh.yaml", "--listen", f"127.0.0.1:{port}", "--id", f"w{i + 1}",
-              "--control-plane", members, "--threads", "1", "--max-in-flight", "256",
-              "--state-dir", str(state), extra_env=token_env)
+              "--control-plane", members, *tuning, "--state-dir", str(state), extra_env=token_env)
     gw = free_port()
+    tuning = [] if gateway_defaults else ["--threads", "1", "--endpoint-concurrency", "256", "--queue", "1024"]
     start("gateway", "--listen", f"127.0.0.1:{gw}", "--flight", "off", "--control-plane", members,
-          "--threads", "1", "--endpoint-concurrency", "256", "--queue", "1024", extra_env=token_env)
+          *tuning, extra_env=token_env)
     start_wait = time.time()
     while True:
         pipes = json.loads(wait_http(f"http://127.0.0.1:{gw}/v1/pipelines"))
@@ -255,13 +269,7 @@ def main():
         if failed:
             sys.exit(f"{failed} requests failed (non-2xx or socket errors): the figures above do not count")
     finally:
-        for p in procs:
-            p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop(procs)
         shutil.rmtree(work, ignore_errors=True)
 
 

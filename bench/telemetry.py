@@ -25,7 +25,6 @@ import json
 import os
 import shutil
 import statistics
-import signal
 import subprocess
 import sys
 import tempfile
@@ -35,7 +34,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mesh import BIN, LUA, PIPELINES, free_port, wait_http, wrk  # noqa: E402
+from mesh import BIN, LUA, PIPELINES, free_port, stop, wait_http, wrk  # noqa: E402
 
 
 class Collector(BaseHTTPRequestHandler):
@@ -106,13 +105,7 @@ def run_mesh(work, lua, mode, seconds, collector, otlp_ratio):
         r["worker_us"], r["gateway_us"] = ((a - b) / served * 1e6 for a, b in zip(after, before))
         return r
     finally:
-        for p in procs:
-            p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop(procs)
 
 
 def main():

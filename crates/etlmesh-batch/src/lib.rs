@@ -2,7 +2,7 @@
 //! pipeline's SQL and the sinks, on every core, with a progress display and a summary.
 //!
 //! ```text
-//! reader thread ──chunks / row groups (bounded)──▶ N workers: decode ─▶ rejects ─▶ dead letters
+//! reader thread ──chunks / row groups (bounded)──▶ N lanes: decode ─▶ rejects ─▶ dead letters
 //!                                                        │
 //!                       per-batch SQL ─▶ sink writers ◀──┤ (row-wise SQL)
 //!                       whole-input SQL (N partitions) ◀─┘ (aggregates…) ─▶ sink writers
@@ -15,10 +15,10 @@
 //! - every record read is counted once: `records_in = out + filtered + dead_lettered`.
 
 mod inputs;
+mod lanes;
 pub mod progress;
 mod reader;
 mod summary;
-mod worker;
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -37,9 +37,9 @@ pub use inputs::{Input, resolve as resolve_inputs};
 pub use progress::{Counters, ProgressMode};
 pub use summary::Summary;
 
+use crate::lanes::{Output, Shared};
 use crate::progress::Reporter;
 use crate::reader::{Prefetched, ReaderSetup};
-use crate::worker::{Output, Shared};
 
 /// Why a job failed.
 #[derive(Debug, thiserror::Error)]
@@ -336,7 +336,7 @@ fn infer(
     }
 }
 
-/// Runs reader and workers; returns rows that reached the whole-input SQL's state, and
+/// Runs the reader and the lanes; returns rows that reached the whole-input SQL's state, and
 /// bytes it spilled.
 async fn execute(
     setup: ReaderSetup,
@@ -371,7 +371,7 @@ async fn execute(
             let mut tasks = Vec::new();
             for _ in 0..threads {
                 let output = Output::PerBatch(writers(sinks)?);
-                tasks.push(tokio::spawn(worker::run(
+                tasks.push(tokio::spawn(lanes::drive(
                     rx.clone(),
                     shared.clone(),
                     output,
@@ -383,7 +383,7 @@ async fn execute(
             }
         }
         Kind::WholeInput => {
-            let mut job = shared.transform.start_stream().await?;
+            let mut job = shared.transform.start_whole_input().await?;
             let input = job
                 .input
                 .take()
@@ -399,8 +399,8 @@ async fn execute(
             }
             let mut feeders = Vec::new();
             for _ in 0..threads {
-                let output = Output::Stream(input.clone());
-                feeders.push(tokio::spawn(worker::run(
+                let output = Output::WholeInput(input.clone());
+                feeders.push(tokio::spawn(lanes::drive(
                     rx.clone(),
                     shared.clone(),
                     output,
@@ -428,7 +428,7 @@ async fn execute(
 }
 
 fn joined(r: Result<Result<(), JobError>, tokio::task::JoinError>) -> Result<(), JobError> {
-    r.unwrap_or_else(|e| Err(JobError::Input(format!("a worker failed: {e}"))))
+    r.unwrap_or_else(|e| Err(JobError::Input(format!("a lane failed: {e}"))))
 }
 
 /// Writes one output partition of the whole-input SQL.

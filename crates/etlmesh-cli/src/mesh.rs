@@ -202,7 +202,7 @@ pub(crate) fn worker(args: &WorkerArgs) -> Result<(), CliError> {
             )
             .await?;
         }
-        etlmesh_worker::run(file, opts, stop)
+        etlmesh_worker::serve(file, opts, stop)
             .await
             .map_err(CliError::from)
     })

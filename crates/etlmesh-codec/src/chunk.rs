@@ -131,27 +131,21 @@ impl<R: Read> Chunker<R> {
 
     fn fill(&mut self) -> Result<(), CodecError> {
         let start = self.buf.len();
-        self.buf.resize(start + self.chunk_size, 0);
-        let mut filled = start;
-        while filled < self.buf.len() {
-            match self.reader.read(&mut self.buf[filled..]) {
-                Ok(0) => {
-                    self.eof = true;
-                    break;
-                }
-                Ok(n) => filled += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    self.buf.truncate(filled);
-                    return Err(CodecError::Io {
-                        input: self.source.to_string(),
-                        error: e,
-                    });
-                }
-            }
+        // Read into the buffer's spare capacity: a file reads straight into it, with no
+        // pass that zeroes the chunk first.
+        self.buf.reserve_exact(self.chunk_size);
+        let want = self.chunk_size as u64;
+        let read = (&mut self.reader)
+            .take(want)
+            .read_to_end(&mut self.buf)
+            .map_err(|error| CodecError::Io {
+                input: self.source.to_string(),
+                error,
+            })?;
+        if (read as u64) < want {
+            self.eof = true;
         }
-        self.buf.truncate(filled);
-        self.bytes_read += (filled - start) as u64;
+        self.bytes_read += (self.buf.len() - start) as u64;
         Ok(())
     }
 

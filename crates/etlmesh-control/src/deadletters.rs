@@ -69,7 +69,7 @@ pub(crate) async fn list(
         ids: Vec::new(),
         limit: q.limit,
     };
-    run(&st, "list", &pipeline, &picked, false, LIST_LIMIT).await
+    deadletters_command(&st, "list", &pipeline, &picked, false, LIST_LIMIT).await
 }
 
 pub(crate) async fn replay(
@@ -88,7 +88,7 @@ pub(crate) async fn replay(
         return Refusal::ReplayRunning.into_response();
     };
     tracing::info!(%pipeline, dry_run = body.dry_run, "dead letters: replay asked through the API");
-    run(
+    deadletters_command(
         &st,
         "replay",
         &pipeline,
@@ -100,7 +100,7 @@ pub(crate) async fn replay(
 }
 
 /// Runs `etlmesh deadletters ACTION … --json` and answers with its JSON.
-async fn run(
+async fn deadletters_command(
     st: &ControlState,
     action: &str,
     pipeline: &str,

@@ -8,7 +8,7 @@
 //!   each batch is transformed on its own, which is what requests and streams need. A
 //!   row the SQL cannot evaluate (a failed cast, a division by zero) is isolated by
 //!   bisection and returned as a [`Reject`] with its origin; the other rows go on.
-//! - **whole input** ([`Transform::start_stream`]), for SQL that needs to see every row
+//! - **whole input** ([`Transform::start_whole_input`]), for SQL that needs to see every row
 //!   (GROUP BY, ORDER BY, DISTINCT, window functions, LIMIT): batches are fed into one
 //!   streaming table with one partition per thread; DataFusion spills to disk past the
 //!   memory limit, so a GROUP BY over an input larger than memory still completes.
@@ -17,8 +17,8 @@
 
 mod diagnostics;
 mod input;
-mod stream;
 mod transform;
+mod whole_input;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -30,8 +30,8 @@ use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
 pub use datafusion::execution::SendableRecordBatchStream;
 pub use diagnostics::SqlPosition;
 pub use etlmesh_codec::{DecodedBatch, Reject};
-pub use stream::StreamJob;
 pub use transform::{BatchResult, Kind, Transform};
+pub use whole_input::WholeInputRun;
 
 /// Errors at the engine's boundary.
 #[derive(Debug, thiserror::Error)]

@@ -91,6 +91,39 @@ async fn row_wise_sql_filters_and_projects() {
     );
 }
 
+/// Metrics held by every node of a plan.
+fn plan_metrics(plan: &Arc<dyn datafusion::physical_plan::ExecutionPlan>) -> usize {
+    plan.metrics().map_or(0, |m| m.iter().count())
+        + plan
+            .children()
+            .iter()
+            .map(|c| plan_metrics(c))
+            .sum::<usize>()
+}
+
+#[tokio::test]
+async fn a_transform_run_many_times_keeps_nothing_per_run() {
+    let t = engine()
+        .compile(
+            "p",
+            "SELECT device_id, temperature_c * 9 / 5 + 32 AS f FROM input WHERE temperature_c > 0",
+            schema(),
+        )
+        .await
+        .expect("plans");
+    let before = plan_metrics(&t.row_plan);
+    for _ in 0..50 {
+        let r = t
+            .apply(&batch(&[("a", 10.0, "1"), ("b", -5.0, "2")]))
+            .await
+            .expect("runs");
+        assert_eq!(r.rows_out, 1);
+    }
+    // DataFusion adds each execution's metrics to the nodes it ran: a plan executed
+    // for every request grew by ~5 KB a request.
+    assert_eq!(plan_metrics(&t.row_plan), before);
+}
+
 #[tokio::test]
 async fn rows_the_sql_cannot_evaluate_are_rejected_alone() {
     let t = engine()
@@ -177,7 +210,7 @@ async fn a_group_by_larger_than_memory_spills_and_completes() {
         )
         .await
         .expect("plans");
-    let mut job = t.start_stream().await.expect("starts");
+    let mut job = t.start_whole_input().await.expect("starts");
     let input = job.input.take().expect("input");
     let outputs = std::mem::take(&mut job.outputs);
     let keys: i64 = 1_500_000;

@@ -208,14 +208,14 @@ async fn serve_within_deadline(
         .ok_or(Refusal::UnsupportedMediaType)?;
     let out_format = response_format(h, format).map_err(Refusal::NotAcceptable)?;
     let deadline = deadline(h, app.options.default_deadline);
-    let work = run(app, &pipeline, format, out_format, body);
+    let work = serve_body(app, &pipeline, format, out_format, body);
     tokio::time::timeout(deadline, work)
         .await
         .map_err(|_| Refusal::Deadline(deadline))?
 }
 
 /// Reads, decodes, transforms and answers one request's body.
-async fn run(
+async fn serve_body(
     app: &Arc<App>,
     p: &Arc<Pipeline>,
     format: Format,

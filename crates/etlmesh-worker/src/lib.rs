@@ -133,7 +133,7 @@ pub(crate) struct App {
 }
 
 /// Runs a worker until `shutdown` completes, then drains and returns.
-pub async fn run(
+pub async fn serve(
     file: PipelineFile,
     options: WorkerOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,

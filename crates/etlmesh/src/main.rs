@@ -12,6 +12,8 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer, Registry};
 
+mod alloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // A static per-target filter when ETLMESH_LOG is one (the usual case): it costs

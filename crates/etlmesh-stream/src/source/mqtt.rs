@@ -525,9 +525,15 @@ pub async fn start(
                     backoff = Duration::ZERO;
                     epoch.fetch_add(1, Ordering::AcqRel);
                     tracing::info!(broker = %address, session_present, "reconnected to the broker");
-                    if let Err(e) = subscribe(&client, &filter, qos).await {
-                        tracing::warn!(error = %e, "cannot subscribe again");
-                    }
+                    // Not awaited here: the client's request queue drains only while this
+                    // loop polls, and the acknowledgements can fill it (a stall seen after
+                    // a broker restart under load).
+                    let (client, filter) = (client.clone(), filter.clone());
+                    tokio::spawn(async move {
+                        if let Err(e) = subscribe(&client, &filter, qos).await {
+                            tracing::warn!(error = %e, "cannot subscribe again");
+                        }
+                    });
                 }
                 Ok(Polled::Other) => {}
                 Err(e) => {

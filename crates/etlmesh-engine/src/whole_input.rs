@@ -18,7 +18,7 @@ use crate::{EngineError, Transform};
 
 /// A running whole-input transform: take `input`, feed batches into it and drop it
 /// at the end of the input, and drive every stream of `outputs` at the same time.
-pub struct StreamJob {
+pub struct WholeInputRun {
     /// Where input batches go (bounded: sending waits while the engine is busy).
     pub input: Option<mpsc::Sender<RecordBatch>>,
     /// The output partitions.
@@ -27,9 +27,9 @@ pub struct StreamJob {
     rx: Arc<tokio::sync::Mutex<mpsc::Receiver<RecordBatch>>>,
 }
 
-impl std::fmt::Debug for StreamJob {
+impl std::fmt::Debug for WholeInputRun {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("StreamJob")
+        f.debug_struct("WholeInputRun")
             .field("outputs", &self.outputs.len())
             .finish()
     }
@@ -37,7 +37,7 @@ impl std::fmt::Debug for StreamJob {
 
 impl Transform {
     /// Starts the SQL over a stream of batches (whole-input mode).
-    pub async fn start_stream(&self) -> Result<StreamJob, EngineError> {
+    pub async fn start_whole_input(&self) -> Result<WholeInputRun, EngineError> {
         let partitions = self.engine.config().partitions.max(1);
         let ctx = self.engine.session(partitions);
         let (tx, rx) = mpsc::channel(partitions * 2);
@@ -65,7 +65,7 @@ impl Transform {
                 message: message(&e),
             }
         })?;
-        Ok(StreamJob {
+        Ok(WholeInputRun {
             input: Some(tx),
             outputs,
             plan,
@@ -82,7 +82,7 @@ impl Transform {
         batches: Vec<RecordBatch>,
     ) -> Result<(Vec<RecordBatch>, Option<u64>), EngineError> {
         use futures::StreamExt;
-        let mut job = self.start_stream().await?;
+        let mut job = self.start_whole_input().await?;
         let input = job.input.take().ok_or_else(|| EngineError::Execution {
             pipeline: self.pipeline.clone(),
             message: "internal: the stream has no input".into(),
@@ -129,7 +129,7 @@ const ROW_WISE: &[&str] = &[
     "CooperativeExec",
 ];
 
-impl StreamJob {
+impl WholeInputRun {
     /// Refuses further input: senders get an error. Call it once the outputs are
     /// drained, so that feeders blocked on a SQL that stopped reading (a LIMIT) are
     /// released.

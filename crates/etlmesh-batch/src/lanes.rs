@@ -1,6 +1,7 @@
-//! Workers: decode a unit of work, send rejects to the dead-letter sink (or stop the
-//! run), then either transform each batch and write it (per-batch mode) or feed it to
-//! the whole-input SQL.
+//! Lanes: the tasks of a batch run that each take a unit of work from the reader,
+//! decode it, send rejects to the dead-letter sink (or stop the run), then either
+//! transform each batch and write it (per-batch mode) or feed it to the whole-input SQL.
+//! (Not to be confused with the mesh's ETL workers, `etlmesh-worker`.)
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,7 +18,7 @@ use crate::JobError;
 use crate::progress::Counters;
 use crate::reader::Work;
 
-/// What every worker shares.
+/// What every lane shares.
 pub(crate) struct Shared {
     /// The pipeline's name, for its dead letters.
     pub pipeline: String,
@@ -28,12 +29,12 @@ pub(crate) struct Shared {
     pub cancel: Arc<AtomicBool>,
 }
 
-/// Where a worker's decoded batches go.
+/// Where a lane's decoded batches go.
 pub(crate) enum Output {
     /// Transform here and write to these sink writers.
     PerBatch(Vec<Box<dyn SinkWriter>>),
     /// Feed the whole-input SQL.
-    Stream(mpsc::Sender<RecordBatch>),
+    WholeInput(mpsc::Sender<RecordBatch>),
 }
 
 impl Shared {
@@ -99,8 +100,8 @@ fn decode(work: Work) -> Result<DecodeOutput, JobError> {
     }
 }
 
-/// Runs one worker until the work runs out.
-pub(crate) async fn run(
+/// Runs one lane until the work runs out.
+pub(crate) async fn drive(
     rx: Arc<Mutex<mpsc::Receiver<Result<Work, JobError>>>>,
     shared: Arc<Shared>,
     mut output: Output,
@@ -148,7 +149,7 @@ async fn work_loop(
                         Counters::add(&c.rows_written, out.num_rows() as u64);
                     }
                 }
-                Output::Stream(tx) => {
+                Output::WholeInput(tx) => {
                     if tx.send(batch.batch).await.is_err() {
                         // The SQL stopped reading (a LIMIT was reached, or it failed).
                         return Ok(());
