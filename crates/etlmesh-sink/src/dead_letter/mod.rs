@@ -201,6 +201,8 @@ pub struct DeadLetterLog {
     /// With an object target: where rotated files go, and those already there.
     bucket: Option<Arc<Bucket>>,
     uploaded: Arc<Mutex<HashSet<PathBuf>>>,
+    /// Rotated files whose upload is under way: kept past `max_files` until it ends.
+    uploading: Arc<Mutex<HashSet<PathBuf>>>,
     count: AtomicU64,
     rotations: AtomicU64,
     dropped_files: AtomicU64,
@@ -246,6 +248,7 @@ impl DeadLetterLog {
             file: Mutex::new(None),
             bucket,
             uploaded: Arc::default(),
+            uploading: Arc::default(),
             count: AtomicU64::new(0),
             rotations: AtomicU64::new(0),
             dropped_files: AtomicU64::new(0),
@@ -345,11 +348,15 @@ impl DeadLetterLog {
         rotated.push((next, to));
         tracing::info!(pipeline = %self.pipeline, file = %self.path.display(), max_size = self.max_size, "dead letters rotated");
         self.upload_rotated(&rotated);
-        while rotated.len() > self.max_files {
-            let (_, oldest) = rotated.remove(0);
+        let excess = rotated.len().saturating_sub(self.max_files);
+        for (_, oldest) in rotated.drain(..excess) {
             if self.uploaded.lock().remove(&oldest) {
                 // In the bucket already: the local copy goes, nothing is lost.
                 let _ = std::fs::remove_file(&oldest);
+                continue;
+            }
+            if self.uploading.lock().contains(&oldest) {
+                // On its way to the bucket: removed at a later rotation, once there.
                 continue;
             }
             let bytes = std::fs::metadata(&oldest).map(|m| m.len()).unwrap_or(0);
@@ -370,21 +377,27 @@ impl DeadLetterLog {
             return;
         };
         for (_, path) in rotated {
-            if self.uploaded.lock().contains(path) {
+            if self.uploaded.lock().contains(path) || !self.uploading.lock().insert(path.clone()) {
                 continue;
             }
             let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
             let key = bucket
                 .target()
                 .key(std::path::Path::new(&name.unwrap_or_default()));
-            let (uploaded, file, pipeline) =
-                (self.uploaded.clone(), path.clone(), self.pipeline.clone());
+            let (uploaded, uploading, file, pipeline) = (
+                self.uploaded.clone(),
+                self.uploading.clone(),
+                path.clone(),
+                self.pipeline.clone(),
+            );
             bucket.spawn_upload(path.clone(), key.clone(), move |outcome| match outcome {
                 Ok(bytes) => {
                     tracing::info!(pipeline, key, bytes, "dead letters uploaded");
-                    uploaded.lock().insert(file);
+                    uploaded.lock().insert(file.clone());
+                    uploading.lock().remove(&file);
                 }
                 Err(e) => {
+                    uploading.lock().remove(&file);
                     tracing::warn!(pipeline, key, error_kind = "dead_letters_not_uploaded", error = %e, "dead letters not uploaded yet: kept on the local disk and tried again at the next rotation");
                 }
             });
