@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import machine, version  # noqa: E402
-from mesh import BIN, LUA, PIPELINES, start_mesh, stop  # noqa: E402
+from mesh import BIN, LUA, PIPELINES, prepare, start_mesh, stop  # noqa: E402
 
 
 def wrk(url, lua, connections, seconds):
@@ -56,12 +56,7 @@ def main():
     print(f"etlmesh: {version([BIN, '--version'])}; wrk: {version(['wrk', '--version'])}")
 
     work = Path(tempfile.mkdtemp(prefix="etlmesh-bench-"))
-    (work / "mesh.yaml").write_text(PIPELINES)
-    body = work / "body.ndjson"
-    subprocess.run([BIN, "generate", "--rows", "1000", "--bad-fraction", "0", "--format", "ndjson", "-o", body],
-                   check=True, capture_output=True)
-    lua = work / "post.lua"
-    lua.write_text(LUA.format(body=body))
+    lua = prepare(work, PIPELINES, "mesh.yaml", 1000, "ndjson", LUA)
     procs = []
     env = dict(os.environ, ETLMESH_LOG="warn")
     try:

@@ -110,6 +110,18 @@ def stop(procs):
             p.kill()
 
 
+def prepare(work, pipelines, name, rows, fmt, lua):
+    """Writes the pipeline file `name`, a body of `rows` generated readings in `fmt` and
+    the wrk script `lua` posting it into `work`; returns the script's path."""
+    (work / name).write_text(pipelines)
+    body = work / f"body.{fmt}"
+    subprocess.run([BIN, "generate", "--rows", str(rows), "--bad-fraction", "0", "--format", fmt, "-o", body],
+                   check=True, capture_output=True)
+    script = work / "post.lua"
+    script.write_text(lua.format(body=body))
+    return script
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -206,11 +218,7 @@ def main():
     print(f"etlmesh: {version([BIN, '--version'])}; nginx: {version(['nginx', '-v'])}; wrk: {version(['wrk', '--version'])}")
 
     work = Path(tempfile.mkdtemp(prefix="etlmesh-bench-"))
-    (work / "mesh.yaml").write_text(PIPELINES)
-    body = work / "body.ndjson"
-    subprocess.run([BIN, "generate", "--rows", "1000", "--bad-fraction", "0", "--format", "ndjson", "-o", body], check=True, capture_output=True)
-    lua = work / "post.lua"
-    lua.write_text(LUA.format(body=body))
+    lua = prepare(work, PIPELINES, "mesh.yaml", 1000, "ndjson", LUA)
 
     procs = []
     env = dict(os.environ, ETLMESH_LOG="warn")

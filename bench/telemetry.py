@@ -34,7 +34,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mesh import BIN, LUA, PIPELINES, free_port, stop, wait_http, wrk  # noqa: E402
+from mesh import BIN, LUA, PIPELINES, free_port, prepare, stop, wait_http, wrk  # noqa: E402
 
 
 class Collector(BaseHTTPRequestHandler):
@@ -121,12 +121,7 @@ def main():
     if not BIN.exists():
         sys.exit(f"{BIN} is missing: cargo build --release")
     work = Path(tempfile.mkdtemp(prefix="etlmesh-bench-"))
-    (work / "mesh.yaml").write_text(PIPELINES)
-    body = work / "body.ndjson"
-    subprocess.run([BIN, "generate", "--rows", "20", "--bad-fraction", "0", "--format", "ndjson", "-o", body],
-                   check=True, capture_output=True)
-    lua = work / "post.lua"
-    lua.write_text(LUA.format(body=body))
+    lua = prepare(work, PIPELINES, "mesh.yaml", 20, "ndjson", LUA)
     server = ThreadingHTTPServer(("127.0.0.1", 0), Collector)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     collector = f"http://127.0.0.1:{server.server_address[1]}"

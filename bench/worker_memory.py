@@ -38,7 +38,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import machine, version  # noqa: E402
 import mesh  # noqa: E402
-from mesh import BIN, free_port, stop, wait_http  # noqa: E402
+from mesh import BIN, free_port, prepare, stop, wait_http  # noqa: E402
 
 # mesh.py's clean pipeline, on the worker's default threads; 200-row CSV bodies.
 PIPELINES = mesh.PIPELINES.replace("threads: 1, ", "")
@@ -143,12 +143,7 @@ def main():
 
     work = Path(tempfile.mkdtemp(prefix="etlmesh-bench-"))
     try:
-        (work / "pipelines.yaml").write_text(PIPELINES)
-        body = work / "body.csv"
-        subprocess.run([BIN, "generate", "--rows", "200", "--bad-fraction", "0", "--format", "csv", "-o", body],
-                       check=True, capture_output=True)
-        lua = work / "post.lua"
-        lua.write_text(LUA.format(body=body))
+        lua = prepare(work, PIPELINES, "pipelines.yaml", 200, "csv", LUA)
         results = {name: [] for name, _, _ in settings}
         for r in range(args.rounds):
             order = settings if r % 2 == 0 else list(reversed(settings))
