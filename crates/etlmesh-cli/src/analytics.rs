@@ -30,26 +30,27 @@ pub struct AnalyticsArgs {
 
 pub(crate) fn analytics(args: &AnalyticsArgs) -> Result<(), CliError> {
     let key = std::env::var(KEY_ENV).map_err(|_| {
-        CliError::Other(format!(
-            "{KEY_ENV} is required: the key its gateway sends (etlmesh up sets it)"
-        ))
+        CliError::argument(
+            KEY_ENV,
+            "is required: the key its gateway sends (etlmesh up sets it)",
+        )
     })?;
     let file = PipelineFile::load(&args.config)?;
     let cap = file.spec.platform.query.process_memory;
-    nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_AS, cap, cap).map_err(
-        |e| CliError::Other(format!("cannot cap the address space at {cap} bytes: {e}")),
-    )?;
+    nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_AS, cap, cap)
+        .map_err(|e| CliError::io(format!("cap the address space at {cap} bytes"))(e.into()))?;
     let service = crate::mesh::analytics(&file)?;
     let rt = runtime(2)?;
     rt.block_on(async {
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
-            .map_err(|e| {
-                CliError::Other(format!("analytics: cannot listen on {}: {e}", args.listen))
-            })?;
+            .map_err(CliError::io(format!(
+                "listen on {} (analytics)",
+                args.listen
+            )))?;
         let addr = listener
             .local_addr()
-            .map_err(|e| CliError::Other(format!("analytics: the listener has no address: {e}")))?;
+            .map_err(CliError::io("read the analytics listener's address"))?;
         tracing::info!(%addr, process_memory = cap, "analytics listening on http://{addr}");
         let stop = async {
             tokio::select! {
@@ -95,10 +96,10 @@ fn spawn(
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
-        .map_err(|e| CliError::Other(format!("no free port for the analytics process: {e}")))?;
+        .map_err(CliError::io("find a free port for the analytics process"))?;
     let mut secret = [0u8; 24];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut secret)
-        .map_err(|_| CliError::Other("the system's random source failed".into()))?;
+        .map_err(|_| CliError::Random)?;
     let key: String = secret.iter().map(|b| format!("{b:02x}")).collect();
     let q = &file.spec.platform.query;
     let process = Arc::new(AnalyticsProcess::new(

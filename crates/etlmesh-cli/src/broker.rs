@@ -28,10 +28,11 @@ pub(crate) fn broker(args: &BrokerArgs) -> Result<(), CliError> {
         Some(path) => {
             let file = PipelineFile::load(path)?;
             file.spec.platform.broker.clone().ok_or_else(|| {
-                CliError::Other(format!(
-                    "{}: no `platform.broker`; add `platform: {{ broker: {{ listen: 127.0.0.1:1883 }} }}` or give --listen without -c",
-                    path.display()
-                ))
+                CliError::Missing {
+                    file: path.display().to_string(),
+                    missing: "no `platform.broker`".into(),
+                    help: "add `platform: { broker: { listen: 127.0.0.1:1883 } }` or give --listen without -c".into(),
+                }
             })?
         }
         None => BrokerSpec::new(SocketAddr::from(([127, 0, 0, 1], 1883))),
@@ -47,7 +48,7 @@ pub(crate) fn broker(args: &BrokerArgs) -> Result<(), CliError> {
             server.metrics().register(&mut registry.lock());
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
-                .map_err(|e| CliError::Other(format!("--metrics {addr}: {e}")))?;
+                .map_err(CliError::io(format!("listen on --metrics {addr}")))?;
             tokio::spawn(etlmesh_http::serve::serve(
                 etlmesh_http::serve::Listen::Plain(listener),
                 etlmesh_http::metrics_router(registry),

@@ -160,10 +160,11 @@ fn open(p: &Picked) -> Result<(PipelineFile, Store, Vec<Stored>), CliError> {
     let file = PipelineFile::load(&p.config.config)?;
     let spec = file.pipeline(&p.pipeline)?;
     let Some(dl) = &spec.dead_letter else {
-        return Err(CliError::Other(format!(
-            "pipeline `{}` has no dead_letter sink, so it keeps no dead letters\n  help: add `dead_letter: {{ type: ndjson, path: out/dead }}` to it",
-            p.pipeline
-        )));
+        return Err(CliError::Missing {
+            file: format!("pipeline `{}`", p.pipeline),
+            missing: "no dead_letter sink, so it keeps no dead letters".into(),
+            help: "add `dead_letter: { type: ndjson, path: out/dead }` to it".into(),
+        });
     };
     let store = Store::open(&dl.path, &p.pipeline).map_err(CliError::from)?;
     let select = Selection::parse(p.since.as_deref(), &p.wheres, &p.ids, chrono::Utc::now())

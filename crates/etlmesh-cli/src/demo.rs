@@ -72,13 +72,12 @@ fn demo_file() -> (String, DemoStream) {
 
 /// Writes `data/iot.yaml` and a small sample for `etlmesh up --demo`; returns the file.
 pub(crate) fn prepare_mesh_demo() -> Result<(PathBuf, DemoStream), CliError> {
-    let io = |what: &str, e: std::io::Error| CliError::Other(format!("demo: cannot {what}: {e}"));
-    std::fs::create_dir_all("data").map_err(|e| io("create data/", e))?;
+    std::fs::create_dir_all("data").map_err(CliError::io("create data/"))?;
     let config = PathBuf::from("data/iot.yaml");
     let (text, stream) = demo_file();
-    std::fs::write(&config, text).map_err(|e| io("write data/iot.yaml", e))?;
+    std::fs::write(&config, text).map_err(CliError::io("write data/iot.yaml"))?;
     let sample =
-        std::fs::File::create("data/sample.csv").map_err(|e| io("write data/sample.csv", e))?;
+        std::fs::File::create("data/sample.csv").map_err(CliError::io("write data/sample.csv"))?;
     etlmesh_datagen::generate(
         sample,
         &GenOptions {
@@ -87,18 +86,17 @@ pub(crate) fn prepare_mesh_demo() -> Result<(PathBuf, DemoStream), CliError> {
             ..Default::default()
         },
     )
-    .map_err(|e| io("generate data/sample.csv", e))?;
+    .map_err(CliError::io("generate data/sample.csv"))?;
     Ok((config, stream))
 }
 
 pub(crate) fn demo(args: &DemoArgs) -> Result<(), CliError> {
-    let io = |what: &str, e: std::io::Error| CliError::Other(format!("demo: cannot {what}: {e}"));
-    std::fs::create_dir_all(args.dir.join("data")).map_err(|e| io("create data/", e))?;
-    std::env::set_current_dir(&args.dir).map_err(|e| io("enter the demo directory", e))?;
+    std::fs::create_dir_all(args.dir.join("data")).map_err(CliError::io("create data/"))?;
+    std::env::set_current_dir(&args.dir).map_err(CliError::io("enter the demo directory"))?;
     let config = PathBuf::from("data/iot.yaml");
-    std::fs::write(&config, EXAMPLE).map_err(|e| io("write data/iot.yaml", e))?;
+    std::fs::write(&config, EXAMPLE).map_err(CliError::io("write data/iot.yaml"))?;
     let readings = PathBuf::from("data/readings.csv");
-    let file = std::fs::File::create(&readings).map_err(|e| io("write data/readings.csv", e))?;
+    let file = std::fs::File::create(&readings).map_err(CliError::io("write data/readings.csv"))?;
     let stats = etlmesh_datagen::generate(
         file,
         &GenOptions {
@@ -107,7 +105,7 @@ pub(crate) fn demo(args: &DemoArgs) -> Result<(), CliError> {
             ..Default::default()
         },
     )
-    .map_err(|e| io("generate readings", e))?;
+    .map_err(CliError::io("generate readings"))?;
     eprintln!(
         "generated {} readings ({} malformed) into {}\n",
         stats.rows,

@@ -41,8 +41,9 @@ pub struct GenerateArgs {
 
 pub(crate) fn generate(args: &GenerateArgs) -> Result<(), CliError> {
     if !(0.0..=1.0).contains(&args.bad_fraction) {
-        return Err(CliError::Other(
-            "--bad-fraction must be between 0 and 1".into(),
+        return Err(CliError::argument(
+            "--bad-fraction",
+            format!("{} is not between 0 and 1", args.bad_fraction),
         ));
     }
     let format = match args.format {
@@ -69,17 +70,16 @@ pub(crate) fn generate(args: &GenerateArgs) -> Result<(), CliError> {
     let stats = match &args.output {
         Some(path) => {
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                std::fs::create_dir_all(dir).map_err(|e| {
-                    CliError::Other(format!("cannot create {}: {e}", dir.display()))
-                })?;
+                std::fs::create_dir_all(dir)
+                    .map_err(CliError::io(format!("create {}", dir.display())))?;
             }
             let f = std::fs::File::create(path)
-                .map_err(|e| CliError::Other(format!("cannot write {}: {e}", path.display())))?;
+                .map_err(CliError::io(format!("write {}", path.display())))?;
             etlmesh_datagen::generate(f, &opts)
         }
         None => etlmesh_datagen::generate(std::io::stdout().lock(), &opts),
     }
-    .map_err(|e| CliError::Other(format!("writing readings failed: {e}")))?;
+    .map_err(CliError::io("write the readings"))?;
     eprintln!(
         "wrote {} readings ({} malformed) from {} devices, {} bytes{}",
         stats.rows,

@@ -7,7 +7,7 @@ use etlmesh_http::JsonClient;
 use etlmesh_proto::jobs::{Job, JobRequest};
 use http::Method;
 
-use crate::CliError;
+use crate::{CliError, Peer};
 
 /// Where the gateway answers.
 #[derive(Debug, clap::Args)]
@@ -86,13 +86,14 @@ fn deadline(s: &str) -> Result<String, CliError> {
         return Ok(s.to_string());
     }
     let d = crate::mesh::duration(s).map_err(|e| {
-        CliError::Other(format!(
-            "--deadline `{s}`: {e}\n  help: give an RFC 3339 time (2026-11-27T08:00:00Z) or a duration from now (12h)"
-        ))
+        CliError::argument(
+            "--deadline",
+            format!("`{s}`: {e}\n  help: give an RFC 3339 time (2026-11-27T08:00:00Z) or a duration from now (12h)"),
+        )
     })?;
     let at = chrono::Utc::now()
         + chrono::Duration::from_std(d)
-            .map_err(|e| CliError::Other(format!("--deadline `{s}` is too far away: {e}")))?;
+            .map_err(|e| CliError::argument("--deadline", format!("`{s}` is too far away: {e}")))?;
     Ok(at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
 }
 
@@ -127,18 +128,11 @@ async fn call(
     let (status, body) = client
         .send(method, url, bytes.into())
         .await
-        .map_err(|e| {
-            CliError::Other(format!(
-                "cannot reach the gateway: {e}\n  help: start the mesh with `etlmesh up`, or pass --gateway URL"
-            ))
-        })?;
-    let v: serde_json::Value = serde_json::from_slice(&body)
-        .unwrap_or_else(|_| serde_json::json!({ "message": String::from_utf8_lossy(&body) }));
+        .map_err(|e| CliError::unreachable(Peer::Gateway, url, e))?;
     if !status.is_success() {
-        let msg = v["message"].as_str().unwrap_or("no message").to_string();
-        return Err(CliError::Other(format!("{status}: {msg}")));
+        return Err(CliError::refused(Peer::Gateway, status, &body));
     }
-    Ok(v)
+    serde_json::from_slice(&body).map_err(|e| CliError::unreadable(Peer::Gateway, e))
 }
 
 /// One job in a few lines.
@@ -185,7 +179,7 @@ fn print(v: &serde_json::Value, json: bool) -> Result<(), CliError> {
         Some(list) => serde_json::from_value(list.clone()),
         None => serde_json::from_value(v.clone()).map(|j| vec![j]),
     }
-    .map_err(|e| CliError::Other(format!("unexpected answer from the gateway: {e}")))?;
+    .map_err(|e| CliError::unreadable(Peer::Gateway, e))?;
     if jobs.is_empty() {
         println!("no jobs");
     }

@@ -6,6 +6,7 @@ mod broker;
 mod deadletters;
 mod demo;
 mod energy;
+mod error;
 mod generate;
 mod job;
 mod logs;
@@ -26,6 +27,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
+
+pub use error::{BoxError, CliError, Peer};
 
 /// etlmesh: an ETL platform with its own service mesh.
 #[derive(Debug, Parser)]
@@ -103,65 +106,12 @@ pub enum Command {
     Token(token::TokenArgs),
 }
 
-/// Errors a subcommand reports before exiting non-zero.
-#[derive(Debug, thiserror::Error)]
-pub enum CliError {
-    /// A pipeline file problem.
-    #[error("{0}")]
-    Config(#[from] etlmesh_config::ConfigError),
-    /// A job failed.
-    #[error("{0}")]
-    Job(#[from] etlmesh_batch::JobError),
-    /// The control plane.
-    #[error("{0}")]
-    Control(#[from] etlmesh_control::ControlError),
-    /// A scaler could not be set up.
-    #[error("{0}")]
-    Scale(#[from] etlmesh_scale::ScaleError),
-    /// MQTT.
-    #[error("{0}")]
-    Mqtt(#[from] etlmesh_mqtt::MqttError),
-    /// A worker stopped with an error.
-    #[error("{0}")]
-    Worker(#[from] etlmesh_worker::WorkerError),
-    /// The gateway stopped with an error.
-    #[error("{0}")]
-    Gateway(#[from] etlmesh_gateway::GatewayError),
-    /// `etlmesh up` stopped with an error.
-    #[error("{0}")]
-    Up(#[from] etlmesh_up::UpError),
-    /// The embedded MQTT broker.
-    #[error("{0}")]
-    Broker(#[from] etlmesh_broker::BrokerError),
-    /// Certificates, join tokens, revocations.
-    #[error("{0}")]
-    Tls(#[from] etlmesh_tls::TlsError),
-    /// An analytics query.
-    #[error("{0}")]
-    Query(#[from] etlmesh_query::QueryError),
-    /// Dead letters: the store, a selection, a replay.
-    #[error("{0}")]
-    DeadLetters(#[from] etlmesh_deadletters::DeadLetterError),
-    /// Pipeline tests.
-    #[error("{0}")]
-    PipelineTest(#[from] etlmesh_pipetest::TestError),
-    /// JSON that could not be written.
-    #[error("cannot write JSON: {0}")]
-    Json(#[from] serde_json::Error),
-    /// Something else, with what to do.
-    #[error("{0}")]
-    Other(String),
-}
-
 /// Runs a mesh process, exporting its spans over OTLP when
 /// `OTEL_EXPORTER_OTLP_ENDPOINT` is set (flushed when it returns), sampled as
 /// `OTEL_TRACES_SAMPLER` says.
 fn with_otlp(service: &str, run: impl FnOnce() -> Result<(), CliError>) -> Result<(), CliError> {
-    let _flush_at_end = etlmesh_telemetry::otlp::init_from_env(service).map_err(|e| {
-        CliError::Other(format!(
-            "{e}\n  help: fix or unset OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_EXPORTER_OTLP_PROTOCOL, OTEL_TRACES_SAMPLER and OTEL_TRACES_SAMPLER_ARG"
-        ))
-    })?;
+    let _flush_at_end =
+        etlmesh_telemetry::otlp::init_from_env(service).map_err(CliError::Telemetry)?;
     run()
 }
 
@@ -207,7 +157,7 @@ pub(crate) fn runtime(threads: usize) -> Result<tokio::runtime::Runtime, CliErro
         .thread_name("etlmesh")
         .enable_all()
         .build()
-        .map_err(|e| CliError::Other(format!("cannot start the async runtime: {e}")))
+        .map_err(CliError::io("start the async runtime"))
 }
 
 /// A client for the gateway's public side at `gateway`, with its API token; an
@@ -220,11 +170,12 @@ pub(crate) fn gateway_client(
 ) -> Result<etlmesh_http::JsonClient, CliError> {
     let client = match ca_cert {
         Some(ca) => etlmesh_http::JsonClient::trusting(timeout, ca)
-            .map_err(|e| CliError::Other(format!("--ca-cert {e}")))?,
+            .map_err(|e| CliError::argument("--ca-cert", e.to_string()))?,
         None if gateway.starts_with("https://") => {
-            return Err(CliError::Other(format!(
-                "{gateway} speaks TLS, and no certificate to trust was given\n  help: pass the PEM certificate the gateway serves (or its CA) with --ca-cert FILE or ETLMESH_CA_CERT"
-            )));
+            return Err(CliError::argument(
+                gateway,
+                "it speaks TLS, and no certificate to trust was given\n  help: pass the PEM certificate the gateway serves (or its CA) with --ca-cert FILE or ETLMESH_CA_CERT",
+            ));
         }
         None => etlmesh_http::JsonClient::new(timeout),
     };

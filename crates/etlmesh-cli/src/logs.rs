@@ -64,10 +64,8 @@ struct Page {
     next: u64,
 }
 
-pub(crate) fn unreachable(base: &str, e: impl std::fmt::Display) -> CliError {
-    CliError::Other(format!(
-        "cannot reach the control plane at {base}: {e}\n  help: start one with `etlmesh up`, or pass --control-plane URL"
-    ))
+pub(crate) fn unreachable(base: &str, e: impl Into<crate::BoxError>) -> CliError {
+    CliError::unreachable(crate::Peer::ControlPlane, base, e)
 }
 
 pub(crate) fn logs(args: &LogsArgs) -> Result<(), CliError> {

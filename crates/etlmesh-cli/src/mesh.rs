@@ -135,9 +135,10 @@ async fn join_mesh(
         .join_token
         .as_deref()
         .ok_or_else(|| {
-            CliError::Other(format!(
-                "the control plane {control_plane} speaks mTLS: give its join token with --join-token or ETLMESH_JOIN_TOKEN (its state directory's mesh/join-token)"
-            ))
+            CliError::argument(
+                "--join-token",
+                format!("the control plane {control_plane} speaks mTLS: give its join token with --join-token or ETLMESH_JOIN_TOKEN (its state directory's mesh/join-token)"),
+            )
         })?
         .parse()
         .map_err(CliError::from)?;
@@ -155,7 +156,10 @@ async fn join_mesh(
         Duration::from_secs(30),
     )
     .await
-    .map_err(|e| CliError::Other(format!("{name}: {e}")))?;
+    .map_err(|source| CliError::Join {
+        name: name.to_string(),
+        source,
+    })?;
     etlmesh_tls::install(identity.clone());
     tokio::spawn(etlmesh_tls::renew_forever(
         identity.clone(),
@@ -262,8 +266,7 @@ pub struct StateDirArg {
 }
 
 fn current_exe() -> Result<PathBuf, CliError> {
-    std::env::current_exe()
-        .map_err(|e| CliError::Other(format!("cannot find the etlmesh executable: {e}")))
+    std::env::current_exe().map_err(CliError::io("find the etlmesh executable"))
 }
 
 /// The control plane's energy, carbon and jobs settings from the pipeline file.
@@ -556,8 +559,7 @@ pub(crate) fn up(args: &UpArgs) -> Result<(), CliError> {
     };
     // Fail early, with line numbers, if the file is wrong.
     let file = PipelineFile::load(&config)?;
-    let exe = std::env::current_exe()
-        .map_err(|e| CliError::Other(format!("cannot find the etlmesh executable: {e}")))?;
+    let exe = current_exe()?;
     let mut gw = etlmesh_gateway::GatewayOptions::new(args.http, String::new());
     gw.flight = args.flight.0;
     args.tuning.apply(&mut gw);

@@ -9,7 +9,7 @@ use arrow::util::display::{ArrayFormatter, FormatOptions};
 use etlmesh_config::Format;
 use http::Method;
 
-use crate::CliError;
+use crate::{CliError, Peer};
 
 /// Arguments of `query`.
 #[derive(Debug, clap::Args)]
@@ -58,7 +58,7 @@ pub(crate) fn query(args: &QueryArgs) -> Result<(), CliError> {
                 Default::default(),
                 None,
             ))
-            .map_err(unreachable)?;
+            .map_err(|e| CliError::unreachable(Peer::Gateway, &base, e))?;
         return answer_or_error(status, &body, |b| {
             let list: Vec<serde_json::Value> = serde_json::from_slice(b).unwrap_or_default();
             for d in list {
@@ -79,10 +79,13 @@ pub(crate) fn query(args: &QueryArgs) -> Result<(), CliError> {
         Format::Arrow
     } else {
         Format::from_name(&args.format).ok_or_else(|| {
-            CliError::Other(format!(
-                "--format {}: not a format\n  help: table, csv, json, ndjson, parquet or arrow",
-                args.format
-            ))
+            CliError::argument(
+                "--format",
+                format!(
+                    "`{}` is not a format\n  help: table, csv, json, ndjson, parquet or arrow",
+                    args.format
+                ),
+            )
         })?
     };
     let mut request = serde_json::json!({ "sql": args.sql.clone().unwrap_or_default() });
@@ -99,7 +102,7 @@ pub(crate) fn query(args: &QueryArgs) -> Result<(), CliError> {
             request.to_string().into(),
             Some(format.content_type()),
         ))
-        .map_err(unreachable)?;
+        .map_err(|e| CliError::unreachable(Peer::Gateway, &base, e))?;
     let header = |name: &str| {
         headers
             .get(name)
@@ -113,7 +116,7 @@ pub(crate) fn query(args: &QueryArgs) -> Result<(), CliError> {
         } else {
             std::io::stdout()
                 .write_all(b)
-                .map_err(|e| CliError::Other(format!("cannot write the answer: {e}")))?;
+                .map_err(CliError::io("write the answer"))?;
         }
         let truncated = if header("etlmesh-truncated") == "true" {
             " (cut at the row limit: more rows match; narrow the query or pass --limit)"
@@ -130,12 +133,6 @@ pub(crate) fn query(args: &QueryArgs) -> Result<(), CliError> {
     })
 }
 
-fn unreachable(e: etlmesh_http::HttpError) -> CliError {
-    CliError::Other(format!(
-        "cannot reach the gateway: {e}\n  help: start the mesh with `etlmesh up`, or pass --gateway URL"
-    ))
-}
-
 fn answer_or_error(
     status: http::StatusCode,
     body: &[u8],
@@ -144,24 +141,17 @@ fn answer_or_error(
     if status.is_success() {
         return ok(body);
     }
-    let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
-    let msg = v["message"]
-        .as_str()
-        .map_or_else(|| String::from_utf8_lossy(body).into_owned(), String::from);
-    Err(CliError::Other(format!(
-        "{status} {}: {msg}",
-        v["code"].as_str().unwrap_or("")
-    )))
+    Err(CliError::refused(Peer::Gateway, status, body))
 }
 
 /// An Arrow IPC stream as an aligned text table.
 fn print_table(ipc: &[u8]) -> Result<(), CliError> {
     let reader = arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(ipc), None)
-        .map_err(|e| CliError::Other(format!("unexpected answer from the gateway: {e}")))?;
+        .map_err(|e| CliError::unreadable(Peer::Gateway, e))?;
     let schema = reader.schema();
     let batches: Vec<RecordBatch> = reader
         .collect::<Result<_, _>>()
-        .map_err(|e| CliError::Other(format!("unexpected answer from the gateway: {e}")))?;
+        .map_err(|e| CliError::unreadable(Peer::Gateway, e))?;
     print!("{}", render(&schema, &batches));
     Ok(())
 }

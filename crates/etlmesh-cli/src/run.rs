@@ -85,12 +85,10 @@ pub(crate) fn run(args: &RunArgs) -> Result<(), CliError> {
             value["cpu_seconds"] = serde_json::json!(cpu);
         }
         let json = serde_json::to_vec_pretty(&value).map_err(CliError::from)?;
-        std::fs::write(path, json).map_err(|e| {
-            CliError::Other(format!(
-                "cannot write the summary to {}: {e}",
-                path.display()
-            ))
-        })?;
+        std::fs::write(path, json).map_err(CliError::io(format!(
+            "write the summary to {}",
+            path.display()
+        )))?;
     }
     Ok(())
 }

@@ -22,7 +22,7 @@ pub(crate) async fn simulate(
     stop: impl Future<Output = ()>,
 ) -> Result<SimulateStats, CliError> {
     opts.check()?;
-    let fail = |m: String| CliError::Other(format!("NATS {url}: {m}"));
+    let fail = CliError::client("NATS", url);
     let client = etlmesh_stream::source::nats::connect(url, &opts.client_id)
         .await
         .map_err(|e| {
@@ -110,10 +110,10 @@ pub(crate) async fn count(
     subscribed: impl FnOnce(),
 ) -> Result<Counted, CliError> {
     use async_nats::jetstream::consumer::{AckPolicy, pull};
-    let fail = |m: String| CliError::Other(format!("NATS {url}: {m}"));
+    let fail = CliError::client("NATS", url);
     let client = etlmesh_stream::source::nats::connect(url, "etlmesh-subscribe")
         .await
-        .map_err(fail)?;
+        .map_err(&fail)?;
     let js = jetstream::new(client.clone());
     let s = js
         .get_stream(stream)

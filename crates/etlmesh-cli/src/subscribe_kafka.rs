@@ -18,6 +18,7 @@ use crate::simulate_nats::Counted;
 const COMMIT_EVERY: u64 = 10_000;
 
 fn commit(
+    fail: &impl Fn(String) -> CliError,
     c: &StreamConsumer,
     topic: &str,
     next: &HashMap<i32, i64>,
@@ -26,11 +27,11 @@ fn commit(
     let mut tpl = TopicPartitionList::new();
     for (p, o) in next {
         tpl.add_partition_offset(topic, *p, Offset::Offset(*o))
-            .map_err(|e| CliError::Other(format!("Kafka: {e}")))?;
+            .map_err(|e| fail(e.to_string()))?;
     }
     if tpl.count() > 0 {
         c.commit(&tpl, mode)
-            .map_err(|e| CliError::Other(format!("Kafka: cannot commit: {e}")))?;
+            .map_err(|e| fail(format!("cannot commit: {e}")))?;
     }
     Ok(())
 }
@@ -45,7 +46,7 @@ pub(crate) async fn count(
     idle: Duration,
     subscribed: impl FnOnce(),
 ) -> Result<Counted, CliError> {
-    let fail = |m: String| CliError::Other(format!("Kafka {brokers}: {m}"));
+    let fail = CliError::client("Kafka", brokers);
     let consumer: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", group)
@@ -78,12 +79,12 @@ pub(crate) async fn count(
                 next.insert(m.partition(), m.offset() + 1);
                 last = Instant::now();
                 if got.messages.is_multiple_of(COMMIT_EVERY) {
-                    commit(&consumer, topic, &next, CommitMode::Async)?;
+                    commit(&fail, &consumer, topic, &next, CommitMode::Async)?;
                 }
             }
         }
     }
-    commit(&consumer, topic, &next, CommitMode::Sync)?;
+    commit(&fail, &consumer, topic, &next, CommitMode::Sync)?;
     got.elapsed = start.map_or(Duration::ZERO, |s| last.duration_since(s));
     Ok(got)
 }

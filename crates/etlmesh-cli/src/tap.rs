@@ -10,8 +10,8 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
-use crate::CliError;
 use crate::logs::ControlPlaneArg;
+use crate::{CliError, Peer};
 
 /// `etlmesh tap`.
 #[derive(Debug, clap::Args)]
@@ -34,10 +34,13 @@ pub struct TapArgs {
 
 pub(crate) fn tap(args: &TapArgs) -> Result<(), CliError> {
     let Some(stage) = TapStage::parse(&args.stage) else {
-        return Err(CliError::Other(format!(
-            "no stage `{}`\n  help: tap one of input, output, dead_letter",
-            args.stage
-        )));
+        return Err(CliError::argument(
+            "--stage",
+            format!(
+                "no stage `{}`\n  help: tap one of input, output, dead_letter",
+                args.stage
+            ),
+        ));
     };
     let base = args.cp.base();
     let url = format!(
@@ -52,13 +55,11 @@ pub(crate) fn tap(args: &TapArgs) -> Result<(), CliError> {
         let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
         let uri: http::Uri = url
             .parse()
-            .map_err(|e| CliError::Other(format!("bad control plane URL {base}: {e}")))?;
-        let resp = client.get(uri).await.map_err(|e| {
-            CliError::Other(format!(
-                "cannot reach the control plane at {base}: {}\n  help: start one with `etlmesh up`, or pass --control-plane URL",
-                etlmesh_http::error_chain(&e)
-            ))
-        })?;
+            .map_err(|e| CliError::argument("--control-plane", format!("{base}: {e}")))?;
+        let resp = client
+            .get(uri)
+            .await
+            .map_err(|e| CliError::unreachable(Peer::ControlPlane, &base, e))?;
         let status = resp.status();
         let workers = resp
             .headers()
@@ -68,10 +69,12 @@ pub(crate) fn tap(args: &TapArgs) -> Result<(), CliError> {
             .to_string();
         let mut body = resp.into_body();
         if !status.is_success() {
-            let bytes = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
-            let message = serde_json::from_slice::<etlmesh_proto::ErrorBody>(&bytes)
-                .map_or_else(|_| String::from_utf8_lossy(&bytes).into_owned(), |e| e.message);
-            return Err(CliError::Other(format!("{}: {message}", args.pipeline)));
+            let bytes = body
+                .collect()
+                .await
+                .map(|c| c.to_bytes())
+                .unwrap_or_default();
+            return Err(CliError::refused(Peer::ControlPlane, status, &bytes));
         }
         eprintln!(
             "tapping {} ({}) on worker(s) {workers}",
@@ -102,7 +105,11 @@ pub(crate) fn tap(args: &TapArgs) -> Result<(), CliError> {
                 let text = String::from_utf8_lossy(&line[..line.len() - 1]).into_owned();
                 if let Some(e) = serde_json::from_str::<serde_json::Value>(&text)
                     .ok()
-                    .and_then(|v| v.get("tap_error").and_then(|e| e.as_str()).map(str::to_string))
+                    .and_then(|v| {
+                        v.get("tap_error")
+                            .and_then(|e| e.as_str())
+                            .map(str::to_string)
+                    })
                 {
                     eprintln!("{e}");
                     continue;

@@ -22,11 +22,10 @@ pub(crate) fn test(args: &TestArgs) -> Result<(), CliError> {
     let tests = if args.tests.is_empty() {
         let beside = etlmesh_pipetest::beside(&args.config.config);
         if !beside.exists() {
-            return Err(CliError::Other(format!(
-                "no tests for {}: write {} (see the README's \"Pipeline tests\"), or name test files after the pipeline file",
-                args.config.config.display(),
-                beside.display()
-            )));
+            return Err(CliError::NoTests {
+                config: args.config.config.clone(),
+                beside,
+            });
         }
         vec![beside]
     } else {
@@ -65,7 +64,7 @@ pub(crate) fn test(args: &TestArgs) -> Result<(), CliError> {
         passed + failed
     );
     if failed > 0 {
-        return Err(CliError::Other(format!("{failed} pipeline tests failed")));
+        return Err(CliError::TestsFailed { failed });
     }
     Ok(())
 }

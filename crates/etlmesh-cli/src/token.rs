@@ -119,7 +119,7 @@ pub(crate) fn token(args: &TokenArgs) -> Result<(), CliError> {
             let mut bytes = [0u8; 24];
             ring::rand::SystemRandom::new()
                 .fill(&mut bytes)
-                .map_err(|_| CliError::Other("the system's random source failed".into()))?;
+                .map_err(|_| CliError::Random)?;
             let token = format!("etm_{}", etlmesh_tls::hex(&bytes));
             println!("{token}");
             eprintln!(

@@ -459,9 +459,9 @@ pub(crate) fn draw(f: &mut ratatui::Frame<'_>, s: &TopState) {
 /// The frame as text, one line per row (what `--once` prints).
 pub(crate) fn render_text(s: &TopState, width: u16, height: u16) -> Result<String, CliError> {
     let mut term = Terminal::new(TestBackend::new(width, height))
-        .map_err(|e| CliError::Other(format!("cannot draw: {e}")))?;
+        .map_err(|e| CliError::Draw(e.to_string()))?;
     term.draw(|f| draw(f, s))
-        .map_err(|e| CliError::Other(format!("cannot draw: {e}")))?;
+        .map_err(|e| CliError::Draw(e.to_string()))?;
     let buf = term.backend().buffer();
     let mut out = String::new();
     for y in 0..buf.area.height {
@@ -488,11 +488,9 @@ pub(crate) fn top(args: &TopArgs) -> Result<(), CliError> {
     let client = JsonClient::new(Duration::from_secs(3));
     let mut state = TopState::default();
     if args.once {
-        let o = rt.block_on(fetch(&client, &base, 0)).map_err(|e| {
-            CliError::Other(format!(
-                "cannot reach the control plane at {base}: {e}\n  help: start one with `etlmesh up`, or pass --control-plane URL"
-            ))
-        })?;
+        let o = rt
+            .block_on(fetch(&client, &base, 0))
+            .map_err(|e| crate::logs::unreachable(&base, e))?;
         state.update(o);
         print!("{}", render_text(&state, args.width, args.height)?);
         return Ok(());
@@ -519,7 +517,7 @@ fn run<B: Backend>(
     state: &mut TopState,
 ) -> Result<(), CliError> {
     use ratatui::crossterm::event::{self, Event, KeyCode, KeyModifiers};
-    let draw_err = |e: B::Error| CliError::Other(format!("cannot draw: {e}"));
+    let draw_err = |e: B::Error| CliError::Draw(e.to_string());
     loop {
         match rt.block_on(fetch(client, base, state.last_t)) {
             Ok(o) => state.update(o),
@@ -528,8 +526,7 @@ fn run<B: Backend>(
         terminal.draw(|f| draw(f, state)).map_err(draw_err)?;
         let until = Instant::now() + interval;
         while let Some(left) = until.checked_duration_since(Instant::now()) {
-            let ready = event::poll(left)
-                .map_err(|e| CliError::Other(format!("cannot read the terminal: {e}")))?;
+            let ready = event::poll(left).map_err(CliError::io("read the terminal"))?;
             if !ready {
                 break;
             }
