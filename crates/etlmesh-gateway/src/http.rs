@@ -82,6 +82,8 @@ pub(crate) async fn list(State(gw): State<Arc<Gateway>>) -> Response {
     json_response(&list)
 }
 
+/// `POST /v1/pipelines/{name}`: the request routed to a worker of the pipeline, with
+/// its metrics, log context and span when telemetry is on.
 pub(crate) async fn transform(
     State(gw): State<Arc<Gateway>>,
     Path(name): Path<String>,
@@ -90,35 +92,67 @@ pub(crate) async fn transform(
     req_headers: HeaderMap,
     body: Body,
 ) -> Response {
-    // A malformed query gets the JSON error body every error has.
-    let Query(q) = match q {
-        Ok(Query(TransformQuery {
-            timeout_ms: Some(0),
-        })) => {
-            return ApiRefusal::BadQuery(
-                "timeout_ms is 0\n  help: give the deadline in milliseconds, at least 1".into(),
-            )
-            .into_response();
-        }
+    let q = match transform_query(q) {
         Ok(q) => q,
-        Err(e) => {
-            return ApiRefusal::BadQuery(format!(
-                "{e}\n  help: the only parameter is timeout_ms, in milliseconds"
-            ))
-            .into_response();
-        }
+        Err(refusal) => return refusal.into_response(),
     };
-    let started = Instant::now();
-    let wall_start = std::time::SystemTime::now();
     let (trace, parent) = etlmesh_http::server_span(&req_headers);
     let trace_id = trace.trace_id_hex();
-    if !gw.options.telemetry {
-        return route(&gw, &name, q, req_headers, body, trace, &trace_id).await;
+    let routed = route(&gw, &name, q, req_headers, body, trace, &trace_id);
+    let mut resp = if gw.options.telemetry {
+        measured(&gw, &name, trace, parent, routed).await
+    } else {
+        routed.await
+    };
+    let refused_unread = resp.status() == http::StatusCode::PAYLOAD_TOO_LARGE;
+    let h = resp.headers_mut();
+    // An HTTP/1 body refused unread leaves the connection unusable: say so,
+    // or a client may reuse it and lose its next request.
+    if refused_unread && version < http::Version::HTTP_2 {
+        h.insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
-    let known_route = gw.routes.get(&name);
+    if !h.contains_key(headers::TRACE_ID)
+        && let Ok(v) = HeaderValue::from_str(&trace_id)
+    {
+        h.insert(headers::TRACE_ID, v);
+    }
+    resp
+}
+
+/// The query string, or the refusal a malformed one gets (the JSON error body every
+/// error has).
+fn transform_query(
+    q: Result<Query<TransformQuery>, QueryRejection>,
+) -> Result<TransformQuery, ApiRefusal> {
+    match q {
+        Ok(Query(TransformQuery {
+            timeout_ms: Some(0),
+        })) => Err(ApiRefusal::BadQuery(
+            "timeout_ms is 0\n  help: give the deadline in milliseconds, at least 1".into(),
+        )),
+        Ok(Query(q)) => Ok(q),
+        Err(e) => Err(ApiRefusal::BadQuery(format!(
+            "{e}\n  help: the only parameter is timeout_ms, in milliseconds"
+        ))),
+    }
+}
+
+/// Awaits `routed` counted in the pipeline's metrics (in flight, requests by code,
+/// latency; the route's own latency and errors for the balancer), with the request's
+/// trace and pipeline on its log lines, and ends with its one `served!` event.
+async fn measured(
+    gw: &Gateway,
+    name: &str,
+    trace: TraceContext,
+    parent: Option<u64>,
+    routed: impl Future<Output = Response>,
+) -> Response {
+    let started = Instant::now();
+    let wall_start = std::time::SystemTime::now();
+    let known_route = gw.routes.get(name);
     let unknown;
     let handles = match &known_route {
-        Some(r) => r.metrics.get_or_init(|| gw.metrics.handles(&name)),
+        Some(r) => r.metrics.get_or_init(|| gw.metrics.handles(name)),
         None => {
             unknown = gw.metrics.handles("unknown");
             &unknown
@@ -128,12 +162,7 @@ pub(crate) async fn transform(
     in_flight.inc();
     // Log lines of the request name its trace and pipeline (no span: see
     // `etlmesh_telemetry::context`).
-    let ctx = RequestContext::new(trace.trace_id, &name);
-    let mut resp = context::scope(
-        ctx,
-        route(&gw, &name, q, req_headers, body, trace, &trace_id),
-    )
-    .await;
+    let resp = context::scope(RequestContext::new(trace.trace_id, name), routed).await;
     in_flight.dec();
     let code = resp.status().as_u16();
     if code == 200 {
@@ -143,7 +172,7 @@ pub(crate) async fn transform(
             .requests
             .get_or_create(&RequestLabels {
                 pipeline: if known_route.is_some() {
-                    name.clone()
+                    name.to_string()
                 } else {
                     "unknown".into()
                 },
@@ -159,24 +188,13 @@ pub(crate) async fn transform(
             r.errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
     }
-    let h = resp.headers_mut();
-    // An HTTP/1 body refused unread leaves the connection unusable: say so,
-    // or a client may reuse it and lose its next request.
-    if code == 413 && version < http::Version::HTTP_2 {
-        h.insert(header::CONNECTION, HeaderValue::from_static("close"));
-    }
-    if !h.contains_key(headers::TRACE_ID)
-        && let Ok(v) = HeaderValue::from_str(&trace_id)
-    {
-        h.insert(headers::TRACE_ID, v);
-    }
     etlmesh_telemetry::served!(
         Served {
             span: "gateway.request",
             trace: &trace,
             parent,
             start: wall_start,
-            pipeline: &name,
+            pipeline: name,
             status: code,
             elapsed: started.elapsed(),
         },

@@ -177,6 +177,9 @@ fn classify(e: DataFusionError, spec: &QuerySpec) -> QueryError {
     }
 }
 
+/// One query, from its SQL to its capped answer: a session of its own, the datasets
+/// it names (checked against the token's pipelines), the plan (checked against the
+/// guard), then its rows up to the caps.
 async fn execute(
     catalog: Arc<Catalog>,
     spec: QuerySpec,
@@ -185,56 +188,13 @@ async fn execute(
     pipelines: Option<Vec<String>>,
 ) -> Result<Answer, QueryError> {
     let start = Instant::now();
-    let runtime = RuntimeEnvBuilder::new()
-        .with_memory_pool(Arc::new(GreedyMemoryPool::new(spec.memory_limit as usize)))
-        .with_disk_manager_builder(
-            DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled),
-        )
-        .build_arc()
-        .map_err(|e| QueryError::Failed(message(&e)))?;
-    let config = SessionConfig::new()
-        .with_target_partitions(spec.concurrency.max(2))
-        .with_parquet_pruning(true);
-    let ctx = SessionContext::new_with_config_rt(config, runtime);
-    // Functions that build what they are asked for may build a quarter of the pool.
-    crate::bounded::install(&ctx, (spec.memory_limit as usize / 4).max(1 << 20));
+    let ctx = session(&spec)?;
     let state = ctx.state();
     let statement = state
         .sql_to_statement(&sql, &Dialect::Generic)
         .map_err(|e| QueryError::Invalid(format!("the SQL does not parse: {}", message(&e))))?;
     guard::check_statement(&statement)?;
-    let references = state
-        .resolve_table_references(&statement)
-        .map_err(|e| classify(e, &spec))?;
-    let mut datasets = Vec::new();
-    for r in references {
-        if r.schema().is_none() && state.table_functions().contains_key(r.table()) {
-            continue; // generate_series, range: they read no file
-        }
-        let in_default_schema = matches!(r.schema(), None | Some("public"))
-            && matches!(r.catalog(), None | Some("datafusion"));
-        let dataset = in_default_schema
-            .then(|| catalog.get(r.table()))
-            .flatten()
-            .ok_or_else(|| {
-                QueryError::Invalid(format!(
-                    "`{r}` is not a dataset; the datasets are: {} (GET /v1/datasets describes them)",
-                    catalog.names()
-                ))
-            })?;
-        if let Some(allowed) = &pipelines
-            && !allowed.iter().any(|p| p == "*" || *p == dataset.pipeline)
-        {
-            return Err(QueryError::Forbidden(format!(
-                "dataset `{}` belongs to pipeline `{}`, which this token may not use",
-                dataset.name, dataset.pipeline
-            )));
-        }
-        if !datasets.contains(&dataset.name) {
-            register(&ctx, dataset, &spec).await?;
-            datasets.push(dataset.name.clone());
-        }
-    }
+    let datasets = register_named(&ctx, &statement, &catalog, &spec, pipelines.as_deref()).await?;
     let plan = state
         .statement_to_plan(statement)
         .await
@@ -252,16 +212,110 @@ async fn execute(
         }
         other => other,
     };
-    let mut stream = df.execute_stream().await.map_err(running)?;
-    let max_bytes = spec.max_result_bytes as usize;
-    let (mut batches, mut rows, mut bytes, mut truncated) = (Vec::new(), 0usize, 0usize, false);
+    let stream = df.execute_stream().await.map_err(running)?;
+    let capped = collect_capped(stream, max_rows, spec.max_result_bytes as usize, running).await?;
+    Ok(Answer {
+        schema,
+        batches: capped.batches,
+        rows: capped.rows,
+        truncated: capped.truncated,
+        elapsed: start.elapsed(),
+        datasets,
+    })
+}
+
+/// A session of the query's own: its memory pool, no spill to disk, and table
+/// functions that may build at most a quarter of the pool.
+fn session(spec: &QuerySpec) -> Result<SessionContext, QueryError> {
+    let runtime = RuntimeEnvBuilder::new()
+        .with_memory_pool(Arc::new(GreedyMemoryPool::new(spec.memory_limit as usize)))
+        .with_disk_manager_builder(
+            DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled),
+        )
+        .build_arc()
+        .map_err(|e| QueryError::Failed(message(&e)))?;
+    let config = SessionConfig::new()
+        .with_target_partitions(spec.concurrency.max(2))
+        .with_parquet_pruning(true);
+    let ctx = SessionContext::new_with_config_rt(config, runtime);
+    crate::bounded::install(&ctx, (spec.memory_limit as usize / 4).max(1 << 20));
+    Ok(ctx)
+}
+
+/// Registers each dataset the statement names (table functions read no file) and
+/// returns their names; a name that is no dataset, or a dataset of a pipeline outside
+/// `pipelines`, refuses the query.
+async fn register_named(
+    ctx: &SessionContext,
+    statement: &datafusion::sql::parser::Statement,
+    catalog: &Catalog,
+    spec: &QuerySpec,
+    pipelines: Option<&[String]>,
+) -> Result<Vec<String>, QueryError> {
+    let state = ctx.state();
+    let references = state
+        .resolve_table_references(statement)
+        .map_err(|e| classify(e, spec))?;
+    let mut datasets = Vec::new();
+    for r in references {
+        if r.schema().is_none() && state.table_functions().contains_key(r.table()) {
+            continue; // generate_series, range: they read no file
+        }
+        let in_default_schema = matches!(r.schema(), None | Some("public"))
+            && matches!(r.catalog(), None | Some("datafusion"));
+        let dataset = in_default_schema
+            .then(|| catalog.get(r.table()))
+            .flatten()
+            .ok_or_else(|| {
+                QueryError::Invalid(format!(
+                    "`{r}` is not a dataset; the datasets are: {} (GET /v1/datasets describes them)",
+                    catalog.names()
+                ))
+            })?;
+        if let Some(allowed) = pipelines
+            && !allowed.iter().any(|p| p == "*" || *p == dataset.pipeline)
+        {
+            return Err(QueryError::Forbidden(format!(
+                "dataset `{}` belongs to pipeline `{}`, which this token may not use",
+                dataset.name, dataset.pipeline
+            )));
+        }
+        if !datasets.contains(&dataset.name) {
+            register(ctx, dataset, spec).await?;
+            datasets.push(dataset.name.clone());
+        }
+    }
+    Ok(datasets)
+}
+
+/// An answer's rows, cut at the caps.
+struct Capped {
+    batches: Vec<RecordBatch>,
+    rows: usize,
+    truncated: bool,
+}
+
+/// Reads `stream` until `max_rows` rows or about `max_bytes` bytes (by the mean row
+/// size of the batch that crosses it), saying whether more were there.
+async fn collect_capped(
+    mut stream: datafusion::physical_plan::SendableRecordBatchStream,
+    max_rows: usize,
+    max_bytes: usize,
+    running: impl Fn(DataFusionError) -> QueryError,
+) -> Result<Capped, QueryError> {
+    let mut out = Capped {
+        batches: Vec::new(),
+        rows: 0,
+        truncated: false,
+    };
+    let mut bytes = 0usize;
     while let Some(batch) = stream.next().await {
-        let batch = batch.map_err(running)?;
+        let batch = batch.map_err(&running)?;
         if batch.num_rows() == 0 {
             continue;
         }
-        if rows == max_rows {
-            truncated = true;
+        if out.rows == max_rows {
+            out.truncated = true;
             break;
         }
         let size: usize = batch
@@ -269,32 +323,25 @@ async fn execute(
             .iter()
             .map(|c| c.to_data().get_slice_memory_size().unwrap_or(0))
             .sum();
-        let mut take = batch.num_rows().min(max_rows - rows);
+        let mut take = batch.num_rows().min(max_rows - out.rows);
         if bytes + size > max_bytes {
             // Keep the rows that fit, by their mean size.
             let per_row = size.div_ceil(batch.num_rows()).max(1);
             take = take.min(max_bytes.saturating_sub(bytes) / per_row);
         }
         if take < batch.num_rows() {
-            truncated = true;
+            out.truncated = true;
         }
         if take > 0 {
             bytes += size * take / batch.num_rows();
-            rows += take;
-            batches.push(batch.slice(0, take));
+            out.rows += take;
+            out.batches.push(batch.slice(0, take));
         }
         if take < batch.num_rows() {
             break;
         }
     }
-    Ok(Answer {
-        schema,
-        batches,
-        rows,
-        truncated,
-        elapsed: start.elapsed(),
-        datasets,
-    })
+    Ok(out)
 }
 
 async fn register(
