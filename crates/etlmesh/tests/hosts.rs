@@ -286,14 +286,7 @@ async fn a_worker_whose_link_is_cut_is_ejected_without_a_failed_request_and_come
         })
         .await;
         rounds += 1;
-        let failed = failures(&round);
-        assert!(
-            failed.is_empty(),
-            "after the link came back, {} of {} requests failed, first {:?}",
-            failed.len(),
-            round.len(),
-            &failed[..failed.len().min(3)]
-        );
+        assert_none_failed(&round);
         if round.iter().any(|o| o.worker == "w1") {
             break true;
         }
