@@ -277,7 +277,7 @@ impl DeadLetterLog {
     }
 
     /// Appends rejects, flushes and fsyncs; rotates first when the file would pass
-    /// `max_size`.
+    /// `max_size`, and after, when the write filled it.
     pub fn write(&self, rejects: &[Reject]) -> Result<(), SinkError> {
         if rejects.is_empty() {
             return Ok(());
@@ -318,6 +318,14 @@ impl DeadLetterLog {
         c.bytes += buf.len() as u64;
         self.count
             .fetch_add(rejects.len() as u64, Ordering::Relaxed);
+        if c.bytes >= self.max_size {
+            // Full now (one batch can be larger than the bound): rotated at once, so its
+            // letters reach the bucket without waiting for the next reject.
+            *guard = None;
+            if let Err(e) = self.rotate() {
+                tracing::warn!(pipeline = %self.pipeline, error_kind = "dead_letters_not_rotated", error = %e, "a full dead-letter file was not rotated; tried again at the next write");
+            }
+        }
         Ok(())
     }
 
@@ -482,6 +490,37 @@ mod tests {
                 .count(),
             3
         );
+    }
+
+    #[test]
+    fn one_write_past_the_bound_is_rotated_at_once() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let spec = DeadLetterSpec {
+            max_size: 4096,
+            ..DeadLetterSpec::new(dir.path().join("dl"))
+        };
+        let log = DeadLetterLog::open(&spec, "p", "w1").expect("log");
+        let src: Arc<str> = Arc::from("mqtt:t");
+        let many: Vec<Reject> = (0..40)
+            .map(|i| {
+                Reject::new(
+                    &src,
+                    Stage::Decode,
+                    "bad",
+                    Bytes::from(format!("not json {i} {}", "x".repeat(100))),
+                )
+            })
+            .collect();
+        log.write(&many).expect("write");
+        assert_eq!(log.stats().rotations, 1, "{:?}", log.stats());
+        let rotated = dir.path().join("dl").join("dead-p-w1.1.ndjson");
+        let text = std::fs::read_to_string(&rotated).expect("the rotated file");
+        assert_eq!(text.lines().count(), 40);
+        assert!(!dir.path().join("dl").join("dead-p-w1.ndjson").exists());
+        // The next letter opens a new current file.
+        log.write(&many[..1]).expect("write");
+        assert!(dir.path().join("dl").join("dead-p-w1.ndjson").exists());
+        assert_eq!(log.stats().written, 41);
     }
 
     #[test]
