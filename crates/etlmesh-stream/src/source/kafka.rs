@@ -47,6 +47,7 @@ use tokio::task::JoinHandle;
 use super::{Delivery, Meta, Outcome, Source};
 use crate::{StreamError, StreamMetrics};
 
+mod end;
 mod resume;
 
 /// Bytes of payload held unacknowledged, at most.
@@ -82,10 +83,13 @@ struct Owned {
     /// was read already (the client fetched again from an earlier position) and is
     /// skipped, so that no record is handed out twice in one assignment.
     next: Option<i64>,
-    /// The partition's end as the broker last said it (librdkafka's statistics).
+    /// The partition's end as the broker last said it (librdkafka's statistics: the
+    /// end of the last fetch answered, which a fetch the broker is slow to answer
+    /// leaves stale — it can say that there are more records, never that there are none).
     high: Option<i64>,
-    /// When the statistics last said `high`.
-    high_at: Option<Instant>,
+    /// The end the broker answered when asked directly ([`end::check`]), and when the
+    /// question was sent.
+    end: Option<(i64, Instant)>,
     /// When a record of it last came in this assignment (handed out or skipped), or
     /// when it was assigned: statistics older than this do not say where it ends.
     read_at: Option<Instant>,
@@ -104,22 +108,22 @@ struct Owned {
 impl Owned {
     /// The broker has (or may have) records of it that this worker has not handed out
     /// yet: records fetched and queued, a read back to the commit not finished, or an
-    /// end past the next record — unless statistics newer than the last record say
-    /// where the partition ends, it counts as behind (a newly assigned partition's end
-    /// is not known until its first fetch answers). Past [`UNKNOWN_END`] without such
-    /// statistics it counts as caught up, so that a broker that never says its end
-    /// cannot hold windows open for ever.
+    /// end past the next record. It is caught up only when the broker, asked after the
+    /// last record came, says it ends there ([`end::check`]): statistics say the end of
+    /// the last fetch answered, stale while the broker is slow to answer the next.
+    /// Past [`UNKNOWN_END`] without an answer it counts as caught up, so that a broker
+    /// that never says its end cannot hold windows open for ever.
     fn behind(&self, now: Instant) -> bool {
         if self.queued || self.rewind.is_some_and(|r| !r.found) {
             return true;
         }
-        let fresh = match (self.high_at, self.read_at) {
-            (Some(h), Some(r)) => h > r,
-            (Some(_), None) => true,
-            (None, _) => false,
-        };
-        match (self.high, self.next) {
-            (Some(h), Some(n)) if fresh => h > n,
+        if let (Some(h), Some(n)) = (self.high, self.next)
+            && h > n
+        {
+            return true;
+        }
+        match (self.end, self.next, self.read_at) {
+            (Some((end, asked)), Some(n), Some(r)) if asked > r => end > n,
             _ => self
                 .read_at
                 .is_none_or(|r| now.saturating_duration_since(r) < UNKNOWN_END),
@@ -220,7 +224,6 @@ impl ClientContext for Ctx {
                 let mine = owned.is_some();
                 if let Some(owned) = owned {
                     owned.high = (p.hi_offset >= 0).then_some(p.hi_offset);
-                    owned.high_at = owned.high.map(|_| Instant::now());
                     owned.queued = p.fetchq_cnt > 0;
                 }
                 if mine && let Some(lag) = lag(p) {
@@ -721,6 +724,7 @@ pub async fn open(
                         got = c.recv() => got,
                         _ = quiet.tick() => {
                             resume::probe(&c).await;
+                            end::check(&c).await;
                             continue;
                         }
                     };
@@ -874,13 +878,20 @@ mod tests {
         assert!(p.behind(at(10)));
         p.next = Some(10);
         p.read_at = Some(at(100));
+        // Statistics saying the end is the next record do not say the broker has no more
+        // (a fetch slow to answer leaves them stale).
         p.high = Some(10);
-        // The end said before the last record came: stale.
-        p.high_at = Some(at(50));
         assert!(p.behind(at(200)));
-        // Said since: caught up.
-        p.high_at = Some(at(150));
+        // The broker, asked before the last record came: stale too.
+        p.end = Some((10, at(50)));
+        assert!(p.behind(at(200)));
+        // Asked since: caught up.
+        p.end = Some((10, at(150)));
         assert!(!p.behind(at(200)));
+        // The broker has more, said by either.
+        p.end = Some((12, at(150)));
+        assert!(p.behind(at(200)));
+        p.end = Some((10, at(150)));
         p.high = Some(12);
         assert!(p.behind(at(200)));
         p.high = Some(10);
@@ -897,7 +908,7 @@ mod tests {
         p.rewind = None;
         // A broker that never says the end holds it behind only for a while.
         p.high = None;
-        p.high_at = None;
+        p.end = None;
         assert!(p.behind(at(200)));
         assert!(!p.behind(at(100) + UNKNOWN_END));
     }
