@@ -146,6 +146,18 @@ struct Offsets {
 }
 
 impl Offsets {
+    /// The owned partitions `pick` takes something from, with their generation; none
+    /// while fetching is paused (the runner holds all it may: nothing is quiet).
+    fn select<T>(&self, pick: impl Fn(&Owned) -> Option<T>) -> Vec<(Arc<str>, i32, u64, T)> {
+        if self.paused {
+            return Vec::new();
+        }
+        self.parts
+            .iter()
+            .filter_map(|((t, p), w)| pick(w).map(|x| (t.clone(), *p, w.generation, x)))
+            .collect()
+    }
+
     /// What to commit: every owned partition acknowledged past its last commit (only
     /// `only`'s partitions when given); marks them committed. Nothing when the sink
     /// commits the offsets in its transactions.

@@ -22,23 +22,14 @@ const ANSWER: Duration = Duration::from_secs(2);
 /// Asks the broker where each owned partition ends that gave no record for [`QUIET`]
 /// and was not asked since its last record.
 pub(super) async fn check(c: &Arc<StreamConsumer<Ctx>>) {
-    let quiet: Vec<_> = {
-        let o = c.context().offsets.lock();
-        if o.paused {
-            return;
-        }
-        o.parts
-            .iter()
-            .filter(|(_, w)| {
-                w.next.is_some()
-                    && w.read_at.is_some_and(|r| r.elapsed() >= QUIET)
-                    && w.end
-                        .is_none_or(|(_, asked)| w.read_at.is_none_or(|r| asked <= r))
-            })
-            .map(|((t, p), w)| (t.clone(), *p, w.generation))
-            .collect()
-    };
-    for (topic, partition, generation) in quiet {
+    let quiet = c.context().offsets.lock().select(|w| {
+        let read = w.read_at?;
+        (w.next.is_some()
+            && read.elapsed() >= QUIET
+            && w.end.is_none_or(|(_, asked)| asked <= read))
+        .then_some(())
+    });
+    for (topic, partition, generation, ()) in quiet {
         let asked = Instant::now();
         let c2 = c.clone();
         let t2 = topic.clone();

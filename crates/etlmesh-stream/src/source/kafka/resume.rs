@@ -152,22 +152,13 @@ async fn read_back(
 /// its end is at the commit, the partition is read again from before the commit (the
 /// records before the commit skipped), as when its first record lies past the commit.
 pub(super) async fn probe(c: &Arc<StreamConsumer<Ctx>>) {
-    let quiet: Vec<_> = {
-        let o = c.context().offsets.lock();
-        if o.paused {
-            return;
-        }
-        o.parts
-            .iter()
-            .filter(|(_, w)| {
-                !w.checked
-                    && w.rewind.is_none()
-                    && w.next.is_none()
-                    && w.since.is_some_and(|t| t.elapsed() >= QUIET)
-            })
-            .map(|((t, p), w)| (t.clone(), *p, w.generation, w.high))
-            .collect()
-    };
+    let quiet = c.context().offsets.lock().select(|w| {
+        (!w.checked
+            && w.rewind.is_none()
+            && w.next.is_none()
+            && w.since.is_some_and(|t| t.elapsed() >= QUIET))
+        .then_some(w.high)
+    });
     let pipeline = c.context().pipeline.clone();
     for (topic, partition, generation, high) in quiet {
         let commit = match committed(c, &topic, partition).await {
